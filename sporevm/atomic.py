@@ -1,0 +1,59 @@
+"""Atomic publication of files: temp file in the target directory, fsync, rename.
+
+Nothing half-written is ever visible under a final name, and a crash leaves at
+worst a ``.tmp-*`` file that the store's prune removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``dest`` only if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(dest: Path, data: bytes, mode: int = 0o644) -> None:
+    with atomic_output(dest, mode) as fh:
+        fh.write(data)
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished file (already in ``dest``'s filesystem) into place durably."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)

@@ -1,0 +1,44 @@
+"""Error types shared by every floor of the package.
+
+Every error a user can cause carries one line that names the file, field or
+member, says what is wrong and what to do. The CLI prints ``str(error)`` and
+exits non-zero; it never prints a traceback for these.
+"""
+
+
+class SporeError(Exception):
+    """Base class for errors reported to the user as one clear line."""
+
+    exit_code = 1
+
+
+class UsageError(SporeError):
+    """Bad command-line usage."""
+
+    exit_code = 2
+
+
+class SporefileError(SporeError):
+    """The Sporefile (or its lock file) is malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class StoreError(SporeError):
+    """The content-addressed store is corrupt or cannot be written."""
+
+
+class OCIError(SporeError):
+    """A registry, OCI layout, manifest, index, config or blob was rejected."""
+
+
+class LayerError(SporeError):
+    """A layer tar was rejected while being applied."""
+
+
+class RootfsError(SporeError):
+    """The ext4 root filesystem could not be built."""
+
+
+class LockMismatchError(SporefileError):
+    """``--locked`` was given and resolution would change Sporefile.lock."""
