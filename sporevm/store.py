@@ -164,6 +164,16 @@ class Store:
     def ingest_blob_bytes(self, digest: str, data: bytes, *, what: str) -> Path:
         return self.ingest_blob(digest, [data], max_size=len(data), what=what)
 
+    def evict_if_corrupt(self, digest: str) -> bool:
+        """Re-hash a cached blob; remove it (and say so) if it does not match its digest."""
+        path = self.blob_path(digest)
+        if not self.has_blob(digest):
+            return False
+        if sha256_file(path)[0] == digest:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
     def read_blob(self, digest: str, *, max_size: int, what: str) -> bytes:
         """Read a small blob (manifest, config) and re-verify it."""
         path = self.blob_path(digest)

@@ -1,0 +1,267 @@
+"""The build as a doit task graph generated from a Sporefile.
+
+Every task is up to date exactly when the content it would produce is already
+in the store under its content key; doit's own database only remembers task
+history, never results, so a stale doit database cannot yield stale output.
+
+    resolve:base ─► fetch:base ─► rootfs ─► boot ─► step:<name> … ─► snapshot
+
+``boot``, ``step:*`` and ``snapshot`` are the seam for the VMM and spore
+issues: they appear in ``spore graph`` and are reported as not available yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from doit.cmd_base import TaskLoader2
+from doit.doit_cmd import DoitMain
+from doit.exceptions import TaskFailed
+from doit.task import Task, dict_to_task
+
+from sporevm import sporefile as sporefile_mod
+from sporevm.build import lockfile
+from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
+from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
+from sporevm.build.progress import Reporter
+from sporevm.errors import LockMismatchError, SporeError
+from sporevm.sporefile import Sporefile
+from sporevm.store import Store
+
+PENDING_STAGES = ("boot", "steps", "snapshot")
+
+
+@dataclass
+class BuildOptions:
+    locked: bool = False
+    no_cache: bool = False
+    update_lock: bool = False
+    insecure_registries: frozenset[str] = frozenset()
+
+
+@dataclass
+class BuildResult:
+    sporefile: Path
+    lock: Path
+    image: str = ""
+    manifest: str = ""
+    rootfs: RootfsRecord | None = None
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> executed | up-to-date | failed
+    pending: tuple[str, ...] = PENDING_STAGES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sporefile": str(self.sporefile),
+            "lock": str(self.lock),
+            "image": self.image,
+            "manifest": self.manifest,
+            "rootfs": self.rootfs.to_json() if self.rootfs else None,
+            "tasks": self.tasks,
+            "pending": list(self.pending),
+        }
+
+
+class _Build:
+    """State shared by the tasks of one build (the doit actions close over it)."""
+
+    def __init__(self, sf: Sporefile, store: Store, options: BuildOptions, reporter: Reporter):
+        self.sf = sf
+        self.store = store
+        self.options = options
+        self.reporter = reporter
+        self.lock_path = lockfile.lock_path(sf.path)
+        self.ref = parse_ref(sf.base.image, sf.context)
+        self.platform = sf.base.platform
+        self.client = OCIClient(store, insecure_registries=options.insecure_registries)
+        self.result = BuildResult(sporefile=sf.path, lock=self.lock_path)
+        self.error: SporeError | None = None
+
+    # -- lock ------------------------------------------------------------
+    def locked_entry(self) -> lockfile.LockedImage | None:
+        entry = lockfile.load(self.lock_path).find(self.sf.base.image, self.platform)
+        if entry is not None and self.ref.digest and self.ref.digest != entry.digest:
+            return None  # the Sporefile pins another digest than the lock: re-resolve
+        return entry
+
+    def resolve_uptodate(self) -> bool:
+        return not self.options.update_lock and self.locked_entry() is not None
+
+    def resolve(self) -> None:
+        old = self.locked_entry() if not self.options.update_lock else None
+        digest = self.client.resolve(self.ref, self.platform)
+        image = self.client.fetch(self.ref, digest, self.platform, self.reporter.fetch_progress)
+        entry = lockfile.LockedImage(self.sf.base.image, self.platform, digest, image.manifest_digest)
+        lock = lockfile.load(self.lock_path)
+        if lock.find(entry.image, entry.platform) == entry:
+            return
+        if self.options.locked:
+            was = old.digest if old else "nothing"
+            raise LockMismatchError(
+                f"{self.lock_path}: --locked, but {self.sf.base.image} ({self.platform}) resolves to "
+                f"{digest} and the lock has {was}; run without --locked to update the lock"
+            )
+        lockfile.save(self.lock_path, lock.with_image(entry))
+
+    # -- fetch -----------------------------------------------------------
+    def entry(self) -> lockfile.LockedImage:
+        entry = self.locked_entry()
+        if entry is None:
+            raise LockMismatchError(f"{self.lock_path}: no entry for {self.sf.base.image}; "
+                                    "run without --locked to resolve it")
+        return entry
+
+    def image(self) -> ResolvedImage:
+        return self.client.load_cached(self.entry().digest, self.platform)
+
+    def fetch_uptodate(self) -> bool:
+        try:
+            image = self.image()
+        except SporeError:
+            return False
+        return all(self.store.has_blob(layer.digest) for layer in image.layers)
+
+    def fetch(self) -> None:
+        entry = self.entry()
+        pinned = self.ref.pinned(entry.digest)
+        if self.options.no_cache:
+            self.reverify_cached()
+        image = self.client.fetch(pinned, entry.digest, self.platform, self.reporter.fetch_progress)
+        if image.manifest_digest != entry.manifest:
+            raise LockMismatchError(f"{self.lock_path}: {entry.digest} selects manifest "
+                                    f"{image.manifest_digest} for {self.platform}, the lock says "
+                                    f"{entry.manifest}; delete the lock entry to re-resolve")
+
+    def reverify_cached(self) -> None:
+        """--no-cache: re-hash every cached blob of the image; drop any that no longer match."""
+        try:
+            image = self.image()
+        except SporeError:
+            return
+        for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
+            if self.store.evict_if_corrupt(digest):
+                self.reporter.warn(f"store entry {digest} was corrupt; fetching it again")
+
+    # -- rootfs ----------------------------------------------------------
+    def rootfs_uptodate(self) -> bool:
+        try:
+            key = rootfs_key(self.image())
+        except SporeError:
+            return False
+        record = RootfsRecord.lookup(self.store, key)
+        return record is not None
+
+    def rootfs(self) -> None:
+        image = self.image()
+        self.result.rootfs = ensure_rootfs(self.store, image, self.reporter,
+                                           force=self.options.no_cache)
+
+    # -- doit glue -------------------------------------------------------
+    def action(self, fn: Callable[[], None]) -> Callable[[], TaskFailed | None]:
+        def run() -> TaskFailed | None:
+            try:
+                fn()
+            except SporeError as exc:
+                self.error = exc
+                return TaskFailed(str(exc))
+            return None
+
+        return run
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": "resolve:base",
+                "doc": f"resolve {self.sf.base.image} ({self.platform}) to a digest; record it in the lock",
+                "actions": [self.action(self.resolve)],
+                "uptodate": [self.resolve_uptodate],
+            },
+            {
+                "name": "fetch:base",
+                "doc": "fetch manifest, config and layers into the store, sha256-verified",
+                "actions": [self.action(self.fetch)],
+                "uptodate": [self.fetch_uptodate],
+                "task_dep": ["resolve:base"],
+            },
+            {
+                "name": "rootfs",
+                "doc": "apply the layers path-safely and build the reproducible ext4 rootfs",
+                "actions": [self.action(self.rootfs)],
+                "uptodate": [self.rootfs_uptodate],
+                "task_dep": ["fetch:base"],
+            },
+        ]
+
+
+def pending_tasks(sf: Sporefile) -> list[tuple[str, str, list[str]]]:
+    """The stages after the rootfs, shown by `spore graph` until they are implemented."""
+    out: list[tuple[str, str, list[str]]] = [("boot", "boot the VM on the rootfs", ["rootfs"])]
+    prev = "boot"
+    for step in sf.steps:
+        out.append((f"step:{step.name}", "run the step; snapshot its result", [prev]))
+        prev = f"step:{step.name}"
+    out.append(("snapshot", f"seal the spore after {sf.snapshot_after or prev}", [prev]))
+    return out
+
+
+class _Loader(TaskLoader2):  # type: ignore[misc]
+    def __init__(self, build: _Build, dep_file: Path):
+        super().__init__()
+        self.build = build
+        self.dep_file = dep_file
+
+    def load_doit_config(self) -> dict[str, Any]:
+        build = self.build
+
+        class BoundReporter(build.reporter.doit_reporter_class()):  # type: ignore[misc]
+            pass
+
+        return {
+            "dep_file": str(self.dep_file),
+            "backend": "json",
+            "reporter": BoundReporter,
+            "verbosity": 0,
+        }
+
+    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Task]:
+        return [dict_to_task(t) for t in self.build.tasks()]
+
+
+def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -> BuildResult:
+    sf = sporefile_mod.load(path)
+    b = _Build(sf, store, options, reporter)
+    state = store.root / "state"
+    state.mkdir(exist_ok=True)
+    ident = hashlib.sha256(str(sf.path.resolve()).encode()).hexdigest()[:24]
+    argv = ["run"] + (["--always-execute"] if options.no_cache else [])
+    if options.locked and lockfile.load(b.lock_path).find(sf.base.image, sf.base.platform) is None:
+        raise LockMismatchError(f"{b.lock_path}: --locked, but the lock has no entry for "
+                                f"{sf.base.image} ({sf.base.platform}); run without --locked first")
+    with store.lock():
+        code = DoitMain(_Loader(b, state / f"{ident}.doit.json")).run(argv)
+    b.result.tasks = dict(reporter.statuses)
+    if b.error is not None:
+        raise b.error
+    if code != 0:
+        raise SporeError(f"build of {sf.path} failed in the task graph (doit exit {code})")
+    entry = b.entry()
+    b.result.image, b.result.manifest = entry.digest, entry.manifest
+    if b.result.rootfs is None:
+        b.result.rootfs = RootfsRecord.lookup(store, rootfs_key(b.image()))
+    return b.result
+
+
+def describe(path: Path, store: Store) -> dict[str, Any]:
+    """The DAG for `spore graph`: tasks, their docs and dependencies."""
+    sf = sporefile_mod.load(path)
+    b = _Build(sf, store, BuildOptions(), Reporter.quiet())
+    nodes: list[dict[str, Any]] = [
+        {"name": t["name"], "doc": t["doc"], "deps": t.get("task_dep", []), "available": True}
+        for t in b.tasks()
+    ]
+    nodes += [{"name": n, "doc": d, "deps": deps, "available": False}
+              for n, d, deps in pending_tasks(sf)]
+    return {"sporefile": str(sf.path), "tasks": nodes}

@@ -1,0 +1,121 @@
+"""From a fetched image to a published rootfs: apply layers, make ext4, record the key.
+
+The rootfs key names everything the image bytes depend on; when any of it
+changes, the key changes and the rootfs is rebuilt (a conservative miss,
+never a stale hit).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from sporevm.atomic import atomic_output
+from sporevm.build.layers import Layer, apply_layers
+from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
+from sporevm.build.progress import Reporter
+from sporevm.build.rootfs import ROOTFS_EPOCH, make_ext4, tool_versions
+from sporevm.errors import StoreError
+from sporevm.store import BLAKE3_DIGEST, SHA256_DIGEST, Store
+
+# Bump whenever the bytes of a rootfs can change for the same image and tools.
+ROOTFS_BUILDER = "spore-rootfs/1"
+
+
+@dataclass(frozen=True)
+class RootfsRecord:
+    digest: str  # blake3:<hex> of the ext4 bytes
+    size: int
+    path: Path
+    image: str  # the image manifest digest it was built from
+    key: str
+    builder: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"digest": self.digest, "size": self.size, "path": str(self.path),
+                "image": self.image, "key": self.key, "builder": self.builder}
+
+    @classmethod
+    def lookup(cls, store: Store, key: str) -> RootfsRecord | None:
+        """The cached rootfs for ``key``, or None if absent or inconsistent."""
+        rec = store.get_key("rootfs", key)
+        if rec is None or set(rec) != {"digest", "size", "image", "builder"}:
+            return None
+        digest, size = rec["digest"], rec["size"]
+        if not (isinstance(digest, str) and BLAKE3_DIGEST.fullmatch(digest)):
+            return None
+        if not (isinstance(size, int) and isinstance(rec["image"], str)
+                and SHA256_DIGEST.fullmatch(rec["image"]) and isinstance(rec["builder"], str)):
+            return None
+        path = store.rootfs_path(digest)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        if not path.is_file() or path.is_symlink() or st.st_size != size:
+            return None
+        store.touch(path)
+        return cls(digest, size, path, rec["image"], key, rec["builder"])
+
+
+def rootfs_key(image: ResolvedImage) -> str:
+    material = {
+        "domain": "spore/rootfs-key/v1",
+        "builder": ROOTFS_BUILDER,
+        "e2fsprogs": tool_versions(),
+        "epoch": ROOTFS_EPOCH,
+        "manifest": image.manifest_digest,
+        "layers": [[d.digest, d.media_type] for d in image.layers],
+    }
+    return blake3.blake3(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def ensure_rootfs(store: Store, image: ResolvedImage, reporter: Reporter,
+                  *, force: bool = False) -> RootfsRecord:
+    key = rootfs_key(image)
+    previous = RootfsRecord.lookup(store, key)
+    if previous is not None and not force:
+        return previous
+    layers = [Layer(d.digest, d.media_type, store.blob_path(d.digest)) for d in image.layers]
+    for layer in layers:
+        if not store.has_blob(layer.digest):
+            raise StoreError(f"layer {layer.digest} of {image.manifest_digest} is not in the store; "
+                             "rerun the build to fetch it")
+    total = sum(d.size for d in image.layers)
+    with store.staging_dir("rootfs") as stage:
+        tree = stage / "tree"
+        apply_layers(layers, tree, progress=reporter.byte_counter("apply layers", total))
+        out = stage / "rootfs.ext4"
+        make_ext4(tree, image.manifest_digest, out)
+        digest, size = store.install_rootfs(out)
+    if previous is not None and previous.digest != digest:
+        reporter.warn(f"rebuilt rootfs {digest} differs from the cached {previous.digest} for the "
+                      "same inputs: the rootfs build is not reproducible on this host")
+    store.put_key("rootfs", key, {"digest": digest, "size": size,
+                                  "image": image.manifest_digest, "builder": ROOTFS_BUILDER})
+    return RootfsRecord(digest, size, store.rootfs_path(digest), image.manifest_digest, key,
+                        ROOTFS_BUILDER)
+
+
+def export_rootfs(record: RootfsRecord, dest: Path) -> None:
+    """Copy a store rootfs to a user path atomically (``spore rootfs -o``)."""
+    with open(record.path, "rb") as src, atomic_output(dest) as out:
+        while block := src.read(1 << 20):
+            out.write(block)
+
+
+def build_rootfs(ref_text: str, dest: Path, store: Store, reporter: Reporter, *, platform: str,
+                 insecure_registries: frozenset[str] = frozenset()) -> RootfsRecord:
+    """`spore rootfs REF -o FILE`: resolve, fetch, build (cached) and export one rootfs."""
+    ref = parse_ref(ref_text, Path.cwd())
+    client = OCIClient(store, insecure_registries=insecure_registries)
+    with store.lock():
+        digest = client.resolve(ref, platform)
+        image = client.fetch(ref.pinned(digest), digest, platform, reporter.fetch_progress)
+        record = ensure_rootfs(store, image, reporter)
+        export_rootfs(record, dest)
+    return record

@@ -1,0 +1,193 @@
+"""`spore` command line: parse arguments, call one function per command, print results.
+
+Errors the user can cause are printed as one line (``spore: error: …``) with a
+non-zero exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sporevm import __version__
+from sporevm.errors import SporeError, UsageError
+from sporevm.sporefile import parse_duration
+from sporevm.store import Store
+
+
+def _sporefile_path(arg: str | None) -> Path:
+    path = Path(arg or "Sporefile")
+    if path.is_dir():
+        path = path / "Sporefile"
+    if not path.is_file():
+        raise UsageError(f"{path}: no Sporefile here; pass its path (spore build path/to/Sporefile)")
+    return path
+
+
+def _emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from sporevm.build.graph import BuildOptions, build
+    from sporevm.build.progress import Reporter
+
+    if args.file and args.path:
+        raise UsageError("give the Sporefile either as PATH or with -f, not both")
+    started = time.monotonic()
+    reporter = Reporter(enabled=not args.json)
+    options = BuildOptions(
+        locked=args.locked,
+        no_cache=args.no_cache,
+        update_lock=args.update_lock,
+        insecure_registries=frozenset(args.insecure_registry),
+    )
+    result = build(_sporefile_path(args.file or args.path), Store(), options, reporter)
+    took = time.monotonic() - started
+    if args.json:
+        doc = result.to_json()
+        doc["seconds"] = round(took, 3)
+        doc["warnings"] = reporter.warnings
+        _emit_json(doc)
+        return 0
+    assert result.rootfs is not None
+    reporter.info(f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  "
+                  f"{result.rootfs.path}")
+    reporter.info(f"image   {result.image} (manifest {result.manifest})")
+    reporter.info(f"[yellow]boot is not available yet:[/yellow] this spore build stops after the "
+                  f"rootfs; {', '.join(result.pending)} come with the VMM. ({took:.2f} s)")
+    return 0
+
+
+def cmd_rootfs(args: argparse.Namespace) -> int:
+    from sporevm.build.imagefs import build_rootfs
+    from sporevm.build.progress import Reporter
+
+    reporter = Reporter(enabled=not args.json)
+    record = build_rootfs(args.ref, Path(args.output), Store(), reporter, platform=args.platform,
+                          insecure_registries=frozenset(args.insecure_registry))
+    if args.json:
+        doc = record.to_json()
+        doc["output"] = args.output
+        _emit_json(doc)
+    else:
+        reporter.info(f"{args.output}: {record.digest} ({record.size} bytes)")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from sporevm.build.graph import describe
+
+    dag = describe(_sporefile_path(args.file or args.path), Store())
+    if args.json:
+        _emit_json(dag)
+        return 0
+    for node in dag["tasks"]:
+        deps = ", ".join(node["deps"]) or "-"
+        mark = "" if node["available"] else "  (not available yet)"
+        print(f"{node['name']:<24} <- {deps:<24} {node['doc']}{mark}")
+    return 0
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    entries = Store().entries()
+    if args.json:
+        _emit_json([{"kind": e.kind, "name": e.name, "size": e.size, "last_used": e.last_used}
+                    for e in entries])
+        return 0
+    total = 0
+    for e in entries:
+        total += e.size
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"{e.kind:<12} {e.name[:71]:<71} {e.size:>12} {used}")
+    print(f"{len(entries)} entries, {total} bytes in {Store().root}")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    if args.all and args.older_than:
+        raise UsageError("--all and --older-than exclude each other")
+    older = None if args.all else parse_duration(args.older_than or "168h")
+    removed = Store().prune(older)
+    freed = sum(e.size for e in removed)
+    if args.json:
+        _emit_json({"removed": len(removed), "bytes": freed})
+    else:
+        print(f"removed {len(removed)} entries, {freed} bytes")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spore", description="Build and run spores: sealed, "
+                                "content-addressed checkpoints of warm Linux microVMs.")
+    p.add_argument("--version", action="version", version=f"spore {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_json(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    def add_insecure(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--insecure-registry", metavar="HOST", action="append", default=[],
+                        help="allow plain HTTP to HOST[:PORT] (loopback registries always may)")
+
+    b = sub.add_parser("build", help="build a Sporefile (resolve, fetch, rootfs, …)")
+    b.add_argument("path", nargs="?", help="Sporefile or its directory (default ./Sporefile)")
+    b.add_argument("-f", "--file", help="the Sporefile")
+    b.add_argument("--locked", action="store_true",
+                   help="fail instead of changing Sporefile.lock")
+    b.add_argument("--update-lock", action="store_true",
+                   help="re-resolve tags even if the lock records them")
+    b.add_argument("--no-cache", action="store_true",
+                   help="re-verify cached blobs and rebuild every task")
+    add_insecure(b)
+    add_json(b)
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("rootfs", help="build the ext4 rootfs of an image, nothing else")
+    r.add_argument("ref", help="image reference (registry ref or oci-layout:PATH[:TAG|@DIGEST])")
+    r.add_argument("-o", "--output", required=True, help="where to write the ext4 file")
+    r.add_argument("--platform", default="linux/amd64")
+    add_insecure(r)
+    add_json(r)
+    r.set_defaults(func=cmd_rootfs)
+
+    g = sub.add_parser("graph", help="print the task graph of a Sporefile")
+    g.add_argument("path", nargs="?")
+    g.add_argument("-f", "--file")
+    add_json(g)
+    g.set_defaults(func=cmd_graph)
+
+    c = sub.add_parser("cache", help="inspect and prune the local store ($SPORE_HOME)")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    ls = csub.add_parser("ls", help="list store entries")
+    add_json(ls)
+    ls.set_defaults(func=cmd_cache_ls)
+    pr = csub.add_parser("prune", help="remove staging leftovers and unused entries")
+    pr.add_argument("--older-than", metavar="DURATION",
+                    help="remove entries unused for this long (default 168h)")
+    pr.add_argument("--all", action="store_true", help="remove every entry")
+    add_json(pr)
+    pr.set_defaults(func=cmd_cache_prune)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SporeError as exc:
+        print(f"spore: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("spore: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
