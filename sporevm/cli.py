@@ -25,7 +25,9 @@ def _sporefile_path(arg: str | None) -> Path:
     if path.is_dir():
         path = path / "Sporefile"
     if not path.is_file():
-        raise UsageError(f"{path}: no Sporefile here; pass its path (spore build path/to/Sporefile)")
+        raise UsageError(
+            f"{path}: no Sporefile here; pass its path (spore build path/to/Sporefile)"
+        )
     return path
 
 
@@ -56,11 +58,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         _emit_json(doc)
         return 0
     assert result.rootfs is not None
-    reporter.info(f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  "
-                  f"{result.rootfs.path}")
+    reporter.info(
+        f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  {result.rootfs.path}"
+    )
     reporter.info(f"image   {result.image} (manifest {result.manifest})")
-    reporter.info(f"[yellow]boot is not available yet:[/yellow] this spore build stops after the "
-                  f"rootfs; {', '.join(result.pending)} come with the VMM. ({took:.2f} s)")
+    reporter.info(
+        f"[yellow]boot is not available yet:[/yellow] this spore build stops after the "
+        f"rootfs; {', '.join(result.pending)} come with the VMM. ({took:.2f} s)"
+    )
     return 0
 
 
@@ -69,8 +74,14 @@ def cmd_rootfs(args: argparse.Namespace) -> int:
     from sporevm.build.progress import Reporter
 
     reporter = Reporter(enabled=not args.json)
-    record = build_rootfs(args.ref, Path(args.output), Store(), reporter, platform=args.platform,
-                          insecure_registries=frozenset(args.insecure_registry))
+    record = build_rootfs(
+        args.ref,
+        Path(args.output),
+        Store(),
+        reporter,
+        platform=args.platform,
+        insecure_registries=frozenset(args.insecure_registry),
+    )
     if args.json:
         doc = record.to_json()
         doc["output"] = args.output
@@ -97,8 +108,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_cache_ls(args: argparse.Namespace) -> int:
     entries = Store().entries()
     if args.json:
-        _emit_json([{"kind": e.kind, "name": e.name, "size": e.size, "last_used": e.last_used}
-                    for e in entries])
+        _emit_json(
+            [
+                {"kind": e.kind, "name": e.name, "size": e.size, "last_used": e.last_used}
+                for e in entries
+            ]
+        )
         return 0
     total = 0
     for e in entries:
@@ -123,8 +138,11 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spore", description="Build and run spores: sealed, "
-                                "content-addressed checkpoints of warm Linux microVMs.")
+    p = argparse.ArgumentParser(
+        prog="spore",
+        description="Build and run spores: sealed, "
+        "content-addressed checkpoints of warm Linux microVMs.",
+    )
     p.add_argument("--version", action="version", version=f"spore {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -132,18 +150,24 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     def add_insecure(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--insecure-registry", metavar="HOST", action="append", default=[],
-                        help="allow plain HTTP to HOST[:PORT] (loopback registries always may)")
+        sp.add_argument(
+            "--insecure-registry",
+            metavar="HOST",
+            action="append",
+            default=[],
+            help="allow plain HTTP to HOST[:PORT] (loopback registries always may)",
+        )
 
     b = sub.add_parser("build", help="build a Sporefile (resolve, fetch, rootfs, …)")
     b.add_argument("path", nargs="?", help="Sporefile or its directory (default ./Sporefile)")
     b.add_argument("-f", "--file", help="the Sporefile")
-    b.add_argument("--locked", action="store_true",
-                   help="fail instead of changing Sporefile.lock")
-    b.add_argument("--update-lock", action="store_true",
-                   help="re-resolve tags even if the lock records them")
-    b.add_argument("--no-cache", action="store_true",
-                   help="re-verify cached blobs and rebuild every task")
+    b.add_argument("--locked", action="store_true", help="fail instead of changing Sporefile.lock")
+    b.add_argument(
+        "--update-lock", action="store_true", help="re-resolve tags even if the lock records them"
+    )
+    b.add_argument(
+        "--no-cache", action="store_true", help="re-verify cached blobs and rebuild every task"
+    )
     add_insecure(b)
     add_json(b)
     b.set_defaults(func=cmd_build)
@@ -168,8 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     add_json(ls)
     ls.set_defaults(func=cmd_cache_ls)
     pr = csub.add_parser("prune", help="remove staging leftovers and unused entries")
-    pr.add_argument("--older-than", metavar="DURATION",
-                    help="remove entries unused for this long (default 168h)")
+    pr.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        help="remove entries unused for this long (default 168h)",
+    )
     pr.add_argument("--all", action="store_true", help="remove every entry")
     add_json(pr)
     pr.set_defaults(func=cmd_cache_prune)

@@ -51,13 +51,17 @@ def default_root() -> Path:
 
 def check_sha256(digest: str, what: str) -> str:
     if not SHA256_DIGEST.fullmatch(digest):
-        raise StoreError(f"{what}: {digest!r} is not a sha256 digest (expected sha256:<64 lowercase hex>)")
+        raise StoreError(
+            f"{what}: {digest!r} is not a sha256 digest (expected sha256:<64 lowercase hex>)"
+        )
     return digest[len("sha256:") :]
 
 
 def check_blake3(digest: str, what: str) -> str:
     if not BLAKE3_DIGEST.fullmatch(digest):
-        raise StoreError(f"{what}: {digest!r} is not a blake3 digest (expected blake3:<64 lowercase hex>)")
+        raise StoreError(
+            f"{what}: {digest!r} is not a blake3 digest (expected blake3:<64 lowercase hex>)"
+        )
     return digest[len("blake3:") :]
 
 
@@ -97,8 +101,10 @@ class Store:
             try:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise StoreError(f"store {self.root}: cannot create {sub}/: {exc.strerror}; "
-                                 "set SPORE_HOME to a writable directory") from exc
+                raise StoreError(
+                    f"store {self.root}: cannot create {sub}/: {exc.strerror}; "
+                    "set SPORE_HOME to a writable directory"
+                ) from exc
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
@@ -136,7 +142,9 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def ingest_blob(self, digest: str, chunks: Iterable[bytes], *, max_size: int, what: str) -> Path:
+    def ingest_blob(
+        self, digest: str, chunks: Iterable[bytes], *, max_size: int, what: str
+    ) -> Path:
         """Stream bytes into the store, verifying size bound and sha256 before publishing."""
         dest = self.blob_path(digest)
         tmp = self.temp_path("blob")
@@ -147,14 +155,18 @@ class Store:
                 for chunk in chunks:
                     size += len(chunk)
                     if size > max_size:
-                        raise StoreError(f"{what}: more than {max_size} bytes received; "
-                                         "refusing (raise the limit only if the blob is expected to be this big)")
+                        raise StoreError(
+                            f"{what}: more than {max_size} bytes received; "
+                            "refusing (raise the limit only if the blob is expected to be this big)"
+                        )
                     h.update(chunk)
                     fh.write(chunk)
             got = "sha256:" + h.hexdigest()
             if got != digest:
-                raise StoreError(f"{what}: content digest is {got}, expected {digest}; "
-                                 "the source served corrupt or substituted bytes")
+                raise StoreError(
+                    f"{what}: content digest is {got}, expected {digest}; "
+                    "the source served corrupt or substituted bytes"
+                )
             publish(tmp, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -185,8 +197,10 @@ class Store:
         if len(data) > max_size:
             raise StoreError(f"{what}: blob {digest} is larger than {max_size} bytes")
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise StoreError(f"{what}: store entry {path} does not match its digest; "
-                             "run `spore cache prune --all` and rebuild")
+            raise StoreError(
+                f"{what}: store entry {path} does not match its digest; "
+                "run `spore cache prune --all` and rebuild"
+            )
         return data
 
     # -- rootfs (blake3) -------------------------------------------------

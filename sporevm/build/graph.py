@@ -94,15 +94,18 @@ class _Build:
         old = self.locked_entry() if not self.options.update_lock else None
         digest = self.client.resolve(self.ref, self.platform)
         image = self.client.fetch(self.ref, digest, self.platform, self.reporter.fetch_progress)
-        entry = lockfile.LockedImage(self.sf.base.image, self.platform, digest, image.manifest_digest)
+        entry = lockfile.LockedImage(
+            self.sf.base.image, self.platform, digest, image.manifest_digest
+        )
         lock = lockfile.load(self.lock_path)
         if lock.find(entry.image, entry.platform) == entry:
             return
         if self.options.locked:
             was = old.digest if old else "nothing"
             raise LockMismatchError(
-                f"{self.lock_path}: --locked, but {self.sf.base.image} ({self.platform}) resolves to "
-                f"{digest} and the lock has {was}; run without --locked to update the lock"
+                f"{self.lock_path}: --locked, but {self.sf.base.image} ({self.platform}) "
+                f"resolves to {digest} and the lock has {was}; "
+                "run without --locked to update the lock"
             )
         lockfile.save(self.lock_path, lock.with_image(entry))
 
@@ -110,8 +113,10 @@ class _Build:
     def entry(self) -> lockfile.LockedImage:
         entry = self.locked_entry()
         if entry is None:
-            raise LockMismatchError(f"{self.lock_path}: no entry for {self.sf.base.image}; "
-                                    "run without --locked to resolve it")
+            raise LockMismatchError(
+                f"{self.lock_path}: no entry for {self.sf.base.image}; "
+                "run without --locked to resolve it"
+            )
         return entry
 
     def image(self) -> ResolvedImage:
@@ -131,9 +136,11 @@ class _Build:
             self.reverify_cached()
         image = self.client.fetch(pinned, entry.digest, self.platform, self.reporter.fetch_progress)
         if image.manifest_digest != entry.manifest:
-            raise LockMismatchError(f"{self.lock_path}: {entry.digest} selects manifest "
-                                    f"{image.manifest_digest} for {self.platform}, the lock says "
-                                    f"{entry.manifest}; delete the lock entry to re-resolve")
+            raise LockMismatchError(
+                f"{self.lock_path}: {entry.digest} selects manifest "
+                f"{image.manifest_digest} for {self.platform}, the lock says "
+                f"{entry.manifest}; delete the lock entry to re-resolve"
+            )
 
     def reverify_cached(self) -> None:
         """--no-cache: re-hash every cached blob of the image; drop any that no longer match."""
@@ -156,8 +163,9 @@ class _Build:
 
     def rootfs(self) -> None:
         image = self.image()
-        self.result.rootfs = ensure_rootfs(self.store, image, self.reporter,
-                                           force=self.options.no_cache)
+        self.result.rootfs = ensure_rootfs(
+            self.store, image, self.reporter, force=self.options.no_cache
+        )
 
     # -- doit glue -------------------------------------------------------
     def action(self, fn: Callable[[], None]) -> Callable[[], TaskFailed | None]:
@@ -175,7 +183,7 @@ class _Build:
         return [
             {
                 "name": "resolve:base",
-                "doc": f"resolve {self.sf.base.image} ({self.platform}) to a digest; record it in the lock",
+                "doc": f"resolve {self.sf.base.image} ({self.platform}) to a digest, lock it",
                 "actions": [self.action(self.resolve)],
                 "uptodate": [self.resolve_uptodate],
             },
@@ -238,8 +246,10 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
     ident = hashlib.sha256(str(sf.path.resolve()).encode()).hexdigest()[:24]
     argv = ["run"] + (["--always-execute"] if options.no_cache else [])
     if options.locked and lockfile.load(b.lock_path).find(sf.base.image, sf.base.platform) is None:
-        raise LockMismatchError(f"{b.lock_path}: --locked, but the lock has no entry for "
-                                f"{sf.base.image} ({sf.base.platform}); run without --locked first")
+        raise LockMismatchError(
+            f"{b.lock_path}: --locked, but the lock has no entry for "
+            f"{sf.base.image} ({sf.base.platform}); run without --locked first"
+        )
     with store.lock():
         code = DoitMain(_Loader(b, state / f"{ident}.doit.json")).run(argv)
     b.result.tasks = dict(reporter.statuses)
@@ -262,6 +272,7 @@ def describe(path: Path, store: Store) -> dict[str, Any]:
         {"name": t["name"], "doc": t["doc"], "deps": t.get("task_dep", []), "available": True}
         for t in b.tasks()
     ]
-    nodes += [{"name": n, "doc": d, "deps": deps, "available": False}
-              for n, d, deps in pending_tasks(sf)]
+    nodes += [
+        {"name": n, "doc": d, "deps": deps, "available": False} for n, d, deps in pending_tasks(sf)
+    ]
     return {"sporefile": str(sf.path), "tasks": nodes}

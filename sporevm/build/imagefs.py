@@ -36,8 +36,14 @@ class RootfsRecord:
     builder: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"digest": self.digest, "size": self.size, "path": str(self.path),
-                "image": self.image, "key": self.key, "builder": self.builder}
+        return {
+            "digest": self.digest,
+            "size": self.size,
+            "path": str(self.path),
+            "image": self.image,
+            "key": self.key,
+            "builder": self.builder,
+        }
 
     @classmethod
     def lookup(cls, store: Store, key: str) -> RootfsRecord | None:
@@ -48,8 +54,12 @@ class RootfsRecord:
         digest, size = rec["digest"], rec["size"]
         if not (isinstance(digest, str) and BLAKE3_DIGEST.fullmatch(digest)):
             return None
-        if not (isinstance(size, int) and isinstance(rec["image"], str)
-                and SHA256_DIGEST.fullmatch(rec["image"]) and isinstance(rec["builder"], str)):
+        if not (
+            isinstance(size, int)
+            and isinstance(rec["image"], str)
+            and SHA256_DIGEST.fullmatch(rec["image"])
+            and isinstance(rec["builder"], str)
+        ):
             return None
         path = store.rootfs_path(digest)
         try:
@@ -74,8 +84,9 @@ def rootfs_key(image: ResolvedImage) -> str:
     return blake3.blake3(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def ensure_rootfs(store: Store, image: ResolvedImage, reporter: Reporter,
-                  *, force: bool = False) -> RootfsRecord:
+def ensure_rootfs(
+    store: Store, image: ResolvedImage, reporter: Reporter, *, force: bool = False
+) -> RootfsRecord:
     key = rootfs_key(image)
     previous = RootfsRecord.lookup(store, key)
     if previous is not None and not force:
@@ -83,8 +94,10 @@ def ensure_rootfs(store: Store, image: ResolvedImage, reporter: Reporter,
     layers = [Layer(d.digest, d.media_type, store.blob_path(d.digest)) for d in image.layers]
     for layer in layers:
         if not store.has_blob(layer.digest):
-            raise StoreError(f"layer {layer.digest} of {image.manifest_digest} is not in the store; "
-                             "rerun the build to fetch it")
+            raise StoreError(
+                f"layer {layer.digest} of {image.manifest_digest} is not in the store; "
+                "rerun the build to fetch it"
+            )
     total = sum(d.size for d in image.layers)
     with store.staging_dir("rootfs") as stage:
         tree = stage / "tree"
@@ -93,12 +106,18 @@ def ensure_rootfs(store: Store, image: ResolvedImage, reporter: Reporter,
         make_ext4(tree, image.manifest_digest, out)
         digest, size = store.install_rootfs(out)
     if previous is not None and previous.digest != digest:
-        reporter.warn(f"rebuilt rootfs {digest} differs from the cached {previous.digest} for the "
-                      "same inputs: the rootfs build is not reproducible on this host")
-    store.put_key("rootfs", key, {"digest": digest, "size": size,
-                                  "image": image.manifest_digest, "builder": ROOTFS_BUILDER})
-    return RootfsRecord(digest, size, store.rootfs_path(digest), image.manifest_digest, key,
-                        ROOTFS_BUILDER)
+        reporter.warn(
+            f"rebuilt rootfs {digest} differs from the cached {previous.digest} for the "
+            "same inputs: the rootfs build is not reproducible on this host"
+        )
+    store.put_key(
+        "rootfs",
+        key,
+        {"digest": digest, "size": size, "image": image.manifest_digest, "builder": ROOTFS_BUILDER},
+    )
+    return RootfsRecord(
+        digest, size, store.rootfs_path(digest), image.manifest_digest, key, ROOTFS_BUILDER
+    )
 
 
 def export_rootfs(record: RootfsRecord, dest: Path) -> None:
@@ -108,8 +127,15 @@ def export_rootfs(record: RootfsRecord, dest: Path) -> None:
             out.write(block)
 
 
-def build_rootfs(ref_text: str, dest: Path, store: Store, reporter: Reporter, *, platform: str,
-                 insecure_registries: frozenset[str] = frozenset()) -> RootfsRecord:
+def build_rootfs(
+    ref_text: str,
+    dest: Path,
+    store: Store,
+    reporter: Reporter,
+    *,
+    platform: str,
+    insecure_registries: frozenset[str] = frozenset(),
+) -> RootfsRecord:
     """`spore rootfs REF -o FILE`: resolve, fetch, build (cached) and export one rootfs."""
     ref = parse_ref(ref_text, Path.cwd())
     client = OCIClient(store, insecure_registries=insecure_registries)

@@ -55,7 +55,12 @@ class Lock:
         doc = {
             "lockVersion": LOCK_VERSION,
             "images": [
-                {"image": e.image, "platform": e.platform, "digest": e.digest, "manifest": e.manifest}
+                {
+                    "image": e.image,
+                    "platform": e.platform,
+                    "digest": e.digest,
+                    "manifest": e.manifest,
+                }
                 for e in self.images
             ],
         }
@@ -67,8 +72,10 @@ def lock_path(sporefile: Path) -> Path:
 
 
 def _fail(path: Path, where: str, what: str) -> SporefileError:
-    return SporefileError(f"{path}: {where}: {what}; fix it or delete the lock and rebuild "
-                          "without --locked to re-resolve")
+    return SporefileError(
+        f"{path}: {where}: {what}; fix it or delete the lock and rebuild "
+        "without --locked to re-resolve"
+    )
 
 
 def decode(data: bytes, path: Path) -> Lock:
@@ -85,7 +92,9 @@ def decode(data: bytes, path: Path) -> Lock:
         raise _fail(path, unknown[0], "unknown key")
     version = doc.get("lockVersion")
     if type(version) is not int or version != LOCK_VERSION:
-        raise _fail(path, "lockVersion", f"{version!r} is not supported (this spore writes {LOCK_VERSION})")
+        raise _fail(
+            path, "lockVersion", f"{version!r} is not supported (this spore writes {LOCK_VERSION})"
+        )
     images = doc.get("images")
     if not isinstance(images, list):
         raise _fail(path, "images", "must be a list")

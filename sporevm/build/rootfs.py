@@ -99,7 +99,9 @@ def size_policy(stats: TreeStats) -> tuple[int, int]:
     size = raw + raw // 10 + 8 * _MIB
     size = max(MIN_SIZE, (size + _MIB - 1) // _MIB * _MIB)
     if size > MAX_SIZE:
-        raise RootfsError(f"image tree needs {size >> 20} MiB; the rootfs limit is {MAX_SIZE >> 30} GiB")
+        raise RootfsError(
+            f"image tree needs {size >> 20} MiB; the rootfs limit is {MAX_SIZE >> 30} GiB"
+        )
     return size, inodes
 
 
@@ -136,10 +138,29 @@ def make_ext4(tree: Path, image_digest: str, out: Path) -> None:
         fh.truncate(size)
     _run(
         [
-            "mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE),
-            "-N", str(inodes), "-m", "0", "-L", "spore-rootfs", "-U", fs_uuid,
-            "-E", f"hash_seed={seed},root_owner=0:0,nodiscard,lazy_itable_init=0",
-            "-d", str(tree), str(out), f"{size // 1024}k",
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            str(BLOCK),
+            "-I",
+            str(INODE_SIZE),
+            "-N",
+            str(inodes),
+            "-m",
+            "0",
+            "-L",
+            "spore-rootfs",
+            "-U",
+            fs_uuid,
+            "-E",
+            f"hash_seed={seed},root_owner=0:0,nodiscard,lazy_itable_init=0",
+            "-d",
+            str(tree),
+            str(out),
+            f"{size // 1024}k",
         ],
         "mke2fs",
     )
