@@ -51,7 +51,8 @@ class LocalRegistry:
         config.write_text(
             "version: 0.1\n"
             "log: {level: error, accesslog: {disabled: true}}\n"
-            f"storage: {{filesystem: {{rootdirectory: {self.storage}}}, delete: {{enabled: true}}}}\n"
+            f"storage: {{filesystem: {{rootdirectory: {self.storage}}},"
+            " delete: {enabled: true}}\n"
             f"http: {{addr: '{bind}:{self.port}'}}\n"
         )
         self._log = open(workdir / "registry.log", "wb")
