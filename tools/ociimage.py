@@ -138,7 +138,7 @@ def minbase_rootfs(cache_dir: Path) -> Path:
 def minbase_layers(cache_dir: Path) -> list[Path]:
     """The minbase rootfs as ONE uncompressed tar on disk (~80 MB), cached next to it."""
     root = minbase_rootfs(cache_dir)
-    out = cache_dir / "minbase" / "layer.tar"
+    out = cache_dir / "minbase" / "layer-v2.tar"  # bump the name when the tar options change
     if out.is_file():
         return [out]
     tmp = out.with_suffix(".tmp")
@@ -146,6 +146,8 @@ def minbase_layers(cache_dir: Path) -> list[Path]:
         ["tar", "--create", "--file", str(tmp), "--directory", str(root), "--numeric-owner",
          "--xattrs", "--xattrs-include=*", "--sort=name", "--mtime=@0", "--format=posix",
          "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+         # debootstrap keeps the downloaded .debs; an image does not need them
+         "--exclude=var/cache/apt/archives/*.deb", "--exclude=var/lib/apt/lists/*_*",
          *sorted(os.listdir(root))],
         check=True)
     os.replace(tmp, out)

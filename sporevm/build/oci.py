@@ -383,16 +383,12 @@ class _RegistrySource(_Source):
 
     def resolve_tag(self, tag: str, what: str) -> str:
         resp = self.request("HEAD", f"manifests/{tag}", what=what, accept=ACCEPT)
-        if resp.status_code == 200:
-            resp.close()
-            header = resp.headers.get("Docker-Content-Digest", "")
-            if header.startswith("sha256:"):
-                return check_digest(header, what)
-        else:
-            resp.close()
-            if resp.status_code != 405 and resp.status_code not in range(500, 600):
-                self.check_status(resp, what)
-        # No usable HEAD answer: GET the document and hash it ourselves.
+        resp.close()
+        header = resp.headers.get("Docker-Content-Digest", "")
+        if resp.status_code == 200 and header.startswith("sha256:"):
+            return check_digest(header, what)
+        # No usable HEAD answer (or an error, whose JSON body only a GET carries):
+        # GET the document and hash it ourselves.
         resp = self.request("GET", f"manifests/{tag}", what=what, accept=ACCEPT)
         self.check_status(resp, what)
         body = b"".join(self.stream(resp, MAX_DOC_SIZE, what, None))

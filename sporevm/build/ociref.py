@@ -79,7 +79,7 @@ def parse_ref(text: str, base_dir: Path) -> ImageRef:
     """Parse a registry ref or ``oci-layout:PATH[:TAG][@DIGEST]`` (PATH relative to base_dir)."""
     if len(text) > MAX_REF_LEN:
         raise OCIError(f"image reference {text[:60]!r}...: longer than {MAX_REF_LEN} characters")
-    if not text or not text.isprintable() or text != text.strip():
+    if not text or not text.isprintable() or any(ch.isspace() for ch in text):
         raise OCIError(f"image reference {text[:200]!r}: empty or contains whitespace/control "
                        "characters; write it as [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]")
     if text.startswith(LAYOUT_PREFIX):
