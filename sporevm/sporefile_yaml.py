@@ -188,7 +188,7 @@ class Doc:
         node = self.nodes.get(path)
         if isinstance(node, yaml.ScalarNode):
             text = str(node.value)
-            return show(text) if node.style is not None or len(text) > 60 else text
+            return show(text) if node.tag == _T + "str" or len(text) > 60 else text
         return "this value"
 
     def _convert(self, node: yaml.Node, path: DocPath) -> Any:
