@@ -112,6 +112,8 @@ def test_parse_layout_refs(tmp_path: Path) -> None:
     odd = parse_ref("oci-layout:/a:b/c", tmp_path)  # ':' inside the path, no tag
     assert (odd.layout_path, odd.tag) == (Path("/a:b/c"), "latest")
     assert parse_ref("oci-layout:/a@x/c", tmp_path).layout_path == Path("/a@x/c")
+    with pytest.raises(OCIError, match="contains .:. or .@."):
+        parse_ref("oci-layout:/a/b@c/", tmp_path)
     both = ref.pinned(D2)
     assert str(both).endswith(f"bb:latest@{D2}") and parse_ref(str(both), tmp_path) == both
     with pytest.raises(OCIError, match="missing layout directory"):
@@ -224,16 +226,19 @@ def test_platform_selection() -> None:
 
 
 def test_config_decoding() -> None:
-    cfg: dict[str, Any] = {"architecture": "amd64", "os": "linux",
-           "config": {"Env": ["PATH=/bin"], "WorkingDir": "/w", "Cmd": None},
-           "rootfs": {"type": "layers", "diff_ids": [D1]}}
+    cfg: dict[str, Any] = {
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/w", "Cmd": None},
+        "rootfs": {"type": "layers", "diff_ids": [D1]},
+    }
     got = decode_config(js(cfg), what="c")
     assert (got.env, got.working_dir, got.cmd, got.diff_ids) == (("PATH=/bin",), "/w", (), (D1,))
     cases: list[tuple[dict[str, Any], str]] = [
-                           ({"rootfs": {"type": "x", "diff_ids": []}}, "rootfs.type"),
-                           ({"rootfs": {"type": "layers", "diff_ids": ["md5:x"]}}, "digest"),
-                           ({"config": {"Env": ["NOEQUALS"]}}, "KEY=VALUE"),
-                           ({"os": 3}, "must be a string")]
+        ({"rootfs": {"type": "x", "diff_ids": []}}, "rootfs.type"),
+        ({"rootfs": {"type": "layers", "diff_ids": ["md5:x"]}}, "digest"),
+        ({"config": {"Env": ["NOEQUALS"]}}, "KEY=VALUE"),
+        ({"os": 3}, "must be a string"),
+    ]
     for change, needle in cases:
         with pytest.raises(OCIError, match=needle):
             decode_config(js({**cfg, **change}), what="c")

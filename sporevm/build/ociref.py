@@ -110,6 +110,10 @@ def _parse_layout(text: str, base_dir: Path) -> ImageRef:
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     path = Path(os.path.normpath(Path(base_dir, rest).absolute()))
+    if ":" in path.name or "@" in path.name:
+        # The canonical form PATH:TAG / PATH@DIGEST would read back differently.
+        raise OCIError(f"image reference {text!r}: the layout directory name {path.name!r} "
+                       "contains ':' or '@'; rename the directory")
     return ImageRef("oci-layout", None, None, tag, digest, path)
 
 
