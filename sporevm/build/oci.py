@@ -456,7 +456,7 @@ class OCIClient:
     # -- internals -----------------------------------------------------------------
     def _load(self, source: _Source, ref: ImageRef | None, digest: str, platform: str,
               progress: Progress | None) -> ResolvedImage:
-        name = str(ref) if ref is not None else digest
+        name = str(ref) if ref is not None else "local store"
         check_digest(digest, name)
         plat = parse_platform(platform)
         top_what = f"{name}: manifest {digest}"
