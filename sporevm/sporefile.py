@@ -204,7 +204,9 @@ def canonical_step(step: Step) -> bytes:
 
 def canonical_machine(m: Machine) -> bytes:
     """Canonical JSON of the machine shape (a custom kernel's bytes are keyed by digest)."""
-    return _canon({"v": 1, "memory": m.memory, "vcpus": m.vcpus, "kernel": m.kernel})
+    # Tagged, so a custom kernel file that happens to be named "managed" cannot collide.
+    kernel: object = "managed" if m.kernel_path is None else {"file": m.kernel}
+    return _canon({"v": 1, "memory": m.memory, "vcpus": m.vcpus, "kernel": kernel})
 
 
 # -- semantic checks and the model -------------------------------------------------------------
@@ -318,16 +320,16 @@ class _Builder:
                     self.duration((*p, "timeout"), data.get("timeout")),
                     data.get("background", False), ready)
 
-    def output(self, data: dict[str, Any], name: str) -> Output:
-        paths: list[Path] = []
+    def output(self, data: dict[str, Any], name: str, sporefile: Path) -> Output:
+        paths: list[Path] = [self.context, sporefile]  # never the directory or the Sporefile
         for key in ("spore", "bundle"):
             rel = data.get(key, f"out/{name}.{key}")
             resolved, _ = self.context_path(("output", key), rel, must_exist=False)
-            if resolved == self.context or resolved in paths:
+            if resolved in paths or resolved.is_dir():
                 self.fail(("output", key), f"{show(rel)} cannot be used as an output path; "
                           "expected a distinct file path such as out/NAME.spore")
             paths.append(resolved)
-        return Output(paths[0], paths[1])
+        return Output(paths[2], paths[3])
 
     def build(self, data: dict[str, Any], path: Path, digest: str) -> Sporefile:
         env: dict[str, str] = data.get("env", {})
@@ -359,7 +361,7 @@ class _Builder:
             machine=self.machine(data.get("machine", {})),
             env=tuple(env.items()), workdir=workdir, files=files, steps=tuple(steps),
             snapshot_after=after, verify=verify,
-            output=self.output(data.get("output", {}), data["name"]),
+            output=self.output(data.get("output", {}), data["name"], path.resolve()),
             path=path, context=self.context, digest=digest)
 
 

@@ -18,6 +18,7 @@ import yaml.reader
 from sporevm.errors import SporefileError
 
 MAX_DEPTH = 16  # the schema needs 6 levels; the bound keeps the recursive composer safe
+MAX_NODES = 10_000  # keys + values; bounds pure-Python parse and validation time to ~1 s
 _MAX_NUMBER_CHARS = 64  # YAML ints like 1:2:3:... (sexagesimal) grow without bound
 
 Seg = str | int
@@ -74,6 +75,7 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self._path: list[Seg] = []
+        self._nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         seg: Seg | None = None
@@ -89,6 +91,10 @@ class _Loader(yaml.SafeLoader):
         if isinstance(event, yaml.NodeEvent) and event.anchor is not None:
             raise _Reject(event.start_mark, here, "YAML anchors (&name) are not allowed; "
                           "write each value out in full")
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Reject(event.start_mark, here, f"the document has more than {MAX_NODES} "
+                          "keys and values; a Sporefile needs far fewer")
         if len(self._path) >= MAX_DEPTH:
             raise _Reject(event.start_mark, here, f"nested deeper than {MAX_DEPTH} levels; "
                           "a Sporefile needs far fewer")

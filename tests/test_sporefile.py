@@ -194,6 +194,17 @@ def test_canonical_machine() -> None:
     a = sporefile.Machine(512 << 20, 1, "managed")
     assert canonical_machine(a) == b'{"kernel":"managed","memory":536870912,"v":1,"vcpus":1}'
     assert canonical_machine(sporefile.Machine(512 << 20, 2, "managed")) != canonical_machine(a)
+    assert canonical_machine(sporefile.Machine(1 << 30, 1, "managed")) != canonical_machine(a)
+    # a kernel file that happens to be called "managed" is not the managed kernel
+    named = sporefile.Machine(512 << 20, 1, "managed", Path("/ctx/managed"))
+    assert canonical_machine(named) != canonical_machine(a)
+
+
+def test_kernel_file_named_managed(ctx: Path) -> None:
+    (ctx / "managed").write_bytes(b"k")
+    sf = load(write(ctx, HEAD + "machine: {kernel: ./managed}\n"))
+    assert sf.machine.kernel_path == (ctx / "managed").resolve()
+    assert load(write(ctx, HEAD + "machine: {kernel: managed}\n")).machine.kernel_path is None
 
 
 # -- sizes and durations ---------------------------------------------------------------------
@@ -357,6 +368,8 @@ BAD = [
     (HEAD + "output: {bundle: /tmp/x}\n", 'output.bundle: "/tmp/x" is not a relative path'),
     (HEAD + "output: {spore: out/a, bundle: out/a}\n", "4:32: output.bundle: \"out/a\" cannot be"),
     (HEAD + "output: {spore: ./}\n", 'output.spore: "./" cannot be used as an output path'),
+    (HEAD + "output: {spore: Sporefile}\n", 'output.spore: "Sporefile" cannot be used as an'),
+    (HEAD + "output: {bundle: app}\n", 'output.bundle: "app" cannot be used as an output path'),
     # YAML constructs
     (HEAD + "env:\n  A: x\n  A: y\n", '6:3: env.A: duplicate key "A" (first at line 5)'),
     (HEAD + "env: {A: &v x, B: y}\n", "4:10: env.A: YAML anchors (&name) are not allowed"),
@@ -379,6 +392,7 @@ BAD = [
     ("# only a comment\n", "1:1: the file is empty"),
     ("- a\n", "1:1: (document): the document is a list, not a mapping"),
     (HEAD + "env: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 16 levels"),
+    (HEAD + "env: [" + "a, " * 10_001 + "]\n", "more than 10000 keys and values"),
 ]
 
 
