@@ -144,7 +144,8 @@ def format_size(n: int) -> str:
 
 
 def parse_duration(s: str) -> float:
-    """Seconds from ``1h2m3s4ms``-style text; integers only, each unit once, 0 < d <= 24h."""
+    """Seconds from ``1h2m3s4ms``-style text: integers only, units in this order, each at most
+    once, > 0. Sporefile fields are further bounded to 24h (MAX_DURATION_MS) by the loader."""
     m = _DURATION.fullmatch(s) if isinstance(s, str) and s else None
     if m is None:
         raise SporefileError(f"{show(s)} is not a duration; {_DURATION_EXPECTED}")
@@ -152,8 +153,6 @@ def parse_duration(s: str) -> float:
     total = ((h * 60 + mi) * 60 + sec) * 1000 + ms
     if total == 0:
         raise SporefileError(f"{show(s)} is zero; durations must be positive, e.g. 30s")
-    if total > MAX_DURATION_MS:
-        raise SporefileError(f"{show(s)} is longer than 24h; {_DURATION_EXPECTED}")
     return total / 1000
 
 
@@ -228,9 +227,12 @@ class _Builder:
         if value is None:
             return None
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except SporefileError as exc:
             self.fail(path, str(exc))
+        if seconds * 1000 > MAX_DURATION_MS:
+            self.fail(path, f"{show(value)} is longer than 24h; {_DURATION_EXPECTED}")
+        return seconds
 
     def guest_path(self, path: DocPath, value: str) -> str:
         if ".." in PurePosixPath(value).parts:
