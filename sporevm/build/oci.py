@@ -55,11 +55,21 @@ from sporevm.build.ocimanifest import (
     parse_platform,
     select_platform,
 )
-from sporevm.build.ociref import ImageRef, api_host, check_digest, host_name, is_loopback
+from sporevm.build.ociref import (
+    ImageRef,
+    api_host,
+    check_digest,
+    host_name,
+    is_loopback,
+    parse_ref,
+)
 from sporevm.errors import OCIError, StoreError
 from sporevm.store import Store
 
-__all__ = ["ImageRef", "LayerDesc", "OCIClient", "Progress", "ResolvedImage"]
+# The public API other floors use; refs and layer descriptors are re-exported from here.
+__all__ = [
+    "ImageConfig", "ImageRef", "LayerDesc", "OCIClient", "Progress", "ResolvedImage", "parse_ref",
+]
 
 Progress = Callable[[str, int, int], None]  # (blob digest, bytes done, bytes total)
 _CHUNK = 1 << 16
