@@ -465,3 +465,13 @@ def test_first_error_in_document_order(ctx: Path) -> None:
 
 def test_schema_is_valid_2020_12() -> None:
     jsonschema.Draft202012Validator.check_schema(sporefile.schema())
+
+
+def test_docs_example_loads(ctx: Path) -> None:
+    docs = Path(__file__).resolve().parent.parent / "docs" / "sporefile.md"
+    example = docs.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    (ctx / "bin").mkdir()
+    (ctx / "bin" / "serve").write_text("#!/bin/sh\n")
+    sf = load(write(ctx, example))
+    assert [s.name for s in sf.steps] == ["deps", "build", "server"]
+    assert sf.files[1].mode == 0o755 and sf.snapshot_after == "server"
