@@ -71,9 +71,9 @@ class LocalRegistry:
                 pytest.fail(f"docker-registry did not come up on port {self.port}:\n{log}")
             time.sleep(0.05)
 
-    def push(self, layout: Path, tag: str, repo: str) -> str:
-        """Push ``layout:tag`` as ``repo:tag``; returns the ref string."""
-        ref = f"{self.host}/{repo}:{tag}"
+    def push(self, layout: Path, dest: str, *, tag: str = "latest") -> str:
+        """Push the layout's ``tag`` as ``dest`` (REPO:TAG here); returns the full ref."""
+        ref = f"{self.host}/{dest}"
         ociimage.push_layout(layout, tag, ref)
         return ref
 
@@ -112,8 +112,33 @@ def busybox_image(registry: LocalRegistry,
                   tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
     layout = tmp_path_factory.mktemp("busybox") / "layout"
     digest = ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
-    ref = registry.push(layout, "latest", "library/busybox")
+    ref = registry.push(layout, "library/busybox:latest")
     return PushedImage(ref, layout, "latest", digest)
+
+
+@pytest.fixture(scope="session")
+def multilayer_image(registry: LocalRegistry,
+                     tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
+    """tests/layer_cases' three-layer image (every layer semantic), one compression each."""
+    from tests.layer_cases import multi_layer_case
+
+    layout = tmp_path_factory.mktemp("multilayer") / "layout"
+    layers, _ = multi_layer_case()
+    compressions: list[ociimage.Compression] = ["none", "gzip", "zstd"]
+    digest = ociimage.write_layout(layout, list(layers), tag="latest",
+                                   compression=compressions[:len(layers)])
+    ref = registry.push(layout, "library/multilayer:latest")
+    return PushedImage(ref, layout, "latest", digest)
+
+
+@pytest.fixture
+def throwaway_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    """A private registry for one test, which may stop() it (e.g. to test offline builds)."""
+    reg = LocalRegistry(tmp_path / "throwaway-registry")
+    try:
+        yield reg
+    finally:
+        reg.stop()
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +149,7 @@ def minbase_image(registry: LocalRegistry,
     layout = tmp_path_factory.mktemp("minbase") / "layout"
     tag = "bookworm-minbase"
     digest = ociimage.write_layout(layout, list(ociimage.minbase_layers(MINBASE_CACHE)), tag=tag)
-    ref = registry.push(layout, tag, "library/debian")
+    ref = registry.push(layout, f"library/debian:{tag}", tag=tag)
     return PushedImage(ref, layout, tag, digest)
 
 
@@ -137,7 +162,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests using the image fixtures need the registry; mark them so `-m 'not registry'` works.
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"registry", "busybox_image", "minbase_image"}:
+        if names & {"registry", "busybox_image", "minbase_image", "multilayer_image",
+                    "throwaway_registry"}:
             item.add_marker(pytest.mark.registry)
         if "minbase_image" in names:
             item.add_marker(pytest.mark.minbase)

@@ -366,10 +366,10 @@ def test_resolve_and_fetch(registry: LocalRegistry, busybox_image: PushedImage,
 
 
 def test_cached_fetch_with_registry_down(busybox_image: PushedImage, store: Store,
-                                         tmp_path: Path) -> None:
-    reg = LocalRegistry(tmp_path / "reg")
+                                         throwaway_registry: LocalRegistry) -> None:
+    reg = throwaway_registry
     try:
-        ref = parse_ref(reg.push(busybox_image.layout, "latest", "x/bb"), Path("/"))
+        ref = parse_ref(reg.push(busybox_image.layout, "x/bb:latest"), Path("/"))
         client = OCIClient(store)
         digest = client.resolve(ref, AMD64)
         first = client.fetch(ref, digest, AMD64)
@@ -388,6 +388,17 @@ def test_cached_fetch_with_registry_down(busybox_image: PushedImage, store: Stor
     assert "\n" not in msg
 
 
+def test_every_layer_compression(multilayer_image: PushedImage, store: Store) -> None:
+    from tests.layer_cases import multi_layer_case
+
+    client = OCIClient(store)
+    ref = parse_ref(multilayer_image.ref, Path("/"))
+    img = client.fetch(ref, client.resolve(ref, AMD64), AMD64)
+    assert [layer.media_type.rsplit(".", 1)[1] for layer in img.layers] == [
+        "tar", "tar+gzip", "tar+zstd"]
+    assert list(img.diff_ids) == [sha(tar) for tar in multi_layer_case()[0]]
+
+
 def test_multi_platform_index(registry: LocalRegistry, store: Store, tmp_path: Path) -> None:
     layout = tmp_path / "multi"
     index_digest = ociimage.write_index_layout(layout, {
@@ -395,7 +406,7 @@ def test_multi_platform_index(registry: LocalRegistry, store: Store, tmp_path: P
         "linux/arm64": [ociimage.tar_layer({"arch": b"arm64\n"}),
                         ociimage.tar_layer({"extra": b"x"})],
     }, tag="multi")
-    ref = parse_ref(registry.push(layout, "multi", "test/multi"), Path("/"))
+    ref = parse_ref(registry.push(layout, "test/multi:multi", tag="multi"), Path("/"))
     client = OCIClient(store)
     assert client.resolve(ref, "linux/arm64") == index_digest
     arm = client.fetch(ref, index_digest, "linux/arm64")
@@ -412,7 +423,7 @@ def test_corrupt_blob_is_rejected(registry: LocalRegistry, store: Store, tmp_pat
     layout = tmp_path / "corrupt"
     payload = hashlib.sha256(str(tmp_path).encode()).digest() * 512  # unique to this test
     digest = ociimage.write_layout(layout, [ociimage.tar_layer({"data": payload})], tag="c")
-    ref = parse_ref(registry.push(layout, "c", "test/corrupt"), Path("/"))
+    ref = parse_ref(registry.push(layout, "test/corrupt:c", tag="c"), Path("/"))
     manifest = json.loads((layout / "blobs/sha256" / digest[7:]).read_bytes())
     layer = manifest["layers"][0]["digest"]
     blob = registry.blob_file(layer)

@@ -224,13 +224,17 @@ def _init_layout(layout: Path) -> None:
     (layout / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
 
 
-def _write_image(layout: Path, layers: list[Layer], platform: str, compression: Compression,
+def _write_image(layout: Path, layers: list[Layer], platform: str,
+                 compression: Compression | list[Compression],
                  config_extra: dict[str, Any] | None) -> dict[str, Any]:
     """Blobs for one image; returns the manifest descriptor (with platform)."""
     os_, arch, *variant = platform.split("/")
+    per_layer = compression if isinstance(compression, list) else [compression] * len(layers)
+    if len(per_layer) != len(layers):
+        raise ValueError(f"{len(per_layer)} compressions given for {len(layers)} layers")
     descs, diff_ids = [], []
-    for layer in layers:
-        desc, diff_id = _put_layer(layout, layer, compression)
+    for layer, comp in zip(layers, per_layer, strict=True):
+        desc, diff_id = _put_layer(layout, layer, comp)
         descs.append(desc)
         diff_ids.append(diff_id)
     config: dict[str, Any] = {
@@ -267,9 +271,12 @@ def _tag(layout: Path, desc: dict[str, Any], tag: str) -> None:
 
 
 def write_layout(layout: Path, layers: list[Layer], *, tag: str,
-                 compression: Compression = "gzip", platform: str = "linux/amd64",
+                 compression: Compression | list[Compression] = "gzip",
+                 platform: str = "linux/amd64",
                  config_extra: dict[str, Any] | None = None) -> str:
-    """Write (or add a tag to) an OCI image layout; returns the manifest digest."""
+    """Write (or add a tag to) an OCI image layout; returns the manifest digest.
+
+    ``compression`` is one for all layers or one per layer."""
     _init_layout(layout)
     desc = _write_image(layout, layers, platform, compression, config_extra)
     desc.pop("platform")
