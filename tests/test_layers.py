@@ -531,13 +531,14 @@ def test_special_files(tmp_path: Path) -> None:
     assert tree["p"]["mode"] == 0o4640
 
 
-def test_stream_reader_reads_bytes_io() -> None:
-    # The zstd path hands HashingSource to zstandard; it must behave like a file.
+def test_reader_hands_out_bounded_slices() -> None:
     data = zstandard.ZstdCompressor().compress(b"x" * 100_000)
-    src = tarsafety.HashingSource(io.BytesIO(data), None)
-    reader = tarsafety.DecompressingReader(src, "zstd", lambda n: None)
-    out = b""
-    while chunk := reader.read(4096):
-        assert len(chunk) <= 4096
-        out += chunk
+    src = tarsafety.HashingSource(io.BytesIO(data))
+    seen: list[int] = []
+    with tarsafety.DecompressingReader(src, "zstd", seen.append) as reader:
+        out = b""
+        while chunk := reader.read(4096):
+            assert len(chunk) <= 4096
+            out += chunk
     assert out == b"x" * 100_000
+    assert sum(seen) == len(out)

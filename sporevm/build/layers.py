@@ -471,13 +471,15 @@ def _apply_layer(tree: _Tree, layer: Layer, index: int,
     except OSError as exc:
         raise LayerError(f"{where}: cannot read blob {layer.path}: {exc.strerror}") from None
     with fh:
-        src = HashingSource(fh, progress)
+        src = HashingSource(fh)
         complaint = check_magic(src.peek(10), fmt)
         if complaint:
             raise LayerError(f"{where}: {complaint}; the manifest and blob disagree")
-        reader = DecompressingReader(src, fmt, budget)
-        entries, applier = _read_members(tree, reader, state, where)
+        with DecompressingReader(src, fmt, budget, progress) as reader:
+            entries, applier = _read_members(tree, reader, state, where)
         src.drain()
+        if progress is not None and src.consumed > reader.reported:
+            progress(src.consumed - reader.reported)
         got = src.hexdigest()
         if got != layer.digest:
             raise LayerError(f"{where}: blob sha256 is {got}, expected {layer.digest}; the "

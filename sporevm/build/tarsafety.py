@@ -10,8 +10,10 @@ to a directory tree is ``sporevm.build.layers``' job.
 from __future__ import annotations
 
 import hashlib
+import queue
 import re
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,13 +76,12 @@ def display(raw: bytes) -> str:
 
 
 class HashingSource:
-    """Reads a blob file, hashing every byte exactly once and reporting progress."""
+    """Reads a blob file, hashing every byte exactly once."""
 
-    def __init__(self, fh: BinaryIO, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, fh: BinaryIO) -> None:
         self._fh = fh
-        self._progress = progress
         self._hash = hashlib.sha256()
-        self.consumed = 0
+        self.consumed = 0  # read by the consumer thread for progress; int reads are atomic
         self._head = b""  # bytes peeked for the magic check, not yet handed out
 
     def peek(self, n: int) -> bytes:
@@ -96,8 +97,6 @@ class HashingSource:
         if block:
             self._hash.update(block)
             self.consumed += len(block)
-            if self._progress is not None:
-                self._progress(len(block))
         return block
 
     def read(self, n: int = CHUNK) -> bytes:
@@ -117,37 +116,49 @@ class HashingSource:
 
 
 class _GzipDecoder:
-    """gzip (multi-member, trailing zero padding allowed) with bounded output pieces."""
+    """gzip (multi-member, trailing zero padding allowed) with bounded output pieces.
+
+    Input is fed in 64 KiB slices: zlib copies the unconsumed input on every
+    bounded call, so feeding 1 MiB at once would copy it over and over.
+    """
+
+    _SLICE = 64 << 10
 
     def __init__(self, src: HashingSource) -> None:
         self._src = src
         self._z: Any = None  # zlib decompress object of the current member, None between members
-        self._pending = b""
+        self._buf = b""
+        self._pos = 0
+        self._tail = b""  # input given to zlib but not consumed yet, fed first
         self._padding = False
 
     def read(self, n: int) -> bytes:
         while True:
-            if not self._pending:
-                self._pending = self._src.read(CHUNK)
-                if not self._pending:
-                    if self._z is not None:
-                        raise ValueError("gzip stream is truncated")
-                    return b""
+            if self._tail:
+                data, self._tail = self._tail, b""
+            else:
+                if self._pos >= len(self._buf):
+                    self._buf, self._pos = self._src.read(CHUNK), 0
+                    if not self._buf:
+                        if self._z is not None:
+                            raise ValueError("gzip stream is truncated")
+                        return b""
+                data = self._buf[self._pos : self._pos + self._SLICE]
+                self._pos += len(data)
             if self._z is None:
-                if self._padding or self._pending[0] == 0:
+                if self._padding or data[0] == 0:
                     # Zero padding after the last member (as gzip(1) accepts); nothing else.
-                    if self._pending.count(0) != len(self._pending):
+                    if data.count(0) != len(data):
                         raise ValueError("data after gzip padding")
                     self._padding = True
-                    self._pending = b""
                     continue
                 self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out: bytes = self._z.decompress(self._pending, n)
+            out: bytes = self._z.decompress(data, n)
             if self._z.eof:
-                self._pending = self._z.unused_data
+                self._tail = self._z.unused_data
                 self._z = None
             else:
-                self._pending = self._z.unconsumed_tail
+                self._tail = self._z.unconsumed_tail
             if out:
                 return out
 
@@ -198,31 +209,102 @@ class _ZstdDecoder:
 
 
 class DecompressingReader:
-    """File-like ``read(n)`` over a blob's decompressed tar stream, counting output bytes."""
+    """File-like ``read(n)`` over a blob's decompressed tar stream, counting output bytes.
 
-    def __init__(self, src: HashingSource, fmt: str, budget: Callable[[int], None]) -> None:
+    A read-ahead thread reads, hashes and decompresses (zlib, zstd and sha256
+    release the GIL) while the caller creates files, so the two overlap. At most
+    DEPTH pieces of PIECE bytes wait in the queue, so a decompression bomb is
+    still caught by ``budget`` long before memory matters. ``budget`` and
+    ``progress`` run in the caller's thread. Use as a context manager.
+    """
+
+    PIECE = 256 << 10
+    DEPTH = 8
+
+    def __init__(self, src: HashingSource, fmt: str, budget: Callable[[int], None],
+                 progress: Callable[[int], None] | None = None) -> None:
+        self._src = src
         self._budget = budget
+        self._progress = progress
+        self.reported = 0
         self.total_out = 0
-        self._read: Callable[[int], bytes]
+        self._fmt = fmt
+        decode: Callable[[int], bytes]
         if fmt == "tar":
-            self._read = src.read
+            decode, size = src.read, CHUNK
         elif fmt == "gzip":
-            self._read = _GzipDecoder(src).read
+            decode, size = _GzipDecoder(src).read, self.PIECE
         elif fmt == "zstd":
-            self._read = _ZstdDecoder(src).read
+            decode, size = _ZstdDecoder(src).read, self.PIECE
         else:  # pragma: no cover - callers only pass MEDIA_TYPES values
             raise AssertionError(fmt)
-        self._fmt = fmt
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(decode, size),
+                                        name="layer-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _produce(self, decode: Callable[[int], bytes], size: int) -> None:
+        item: bytes | BaseException
+        while not self._stop.is_set():
+            try:
+                item = decode(size)
+            except (zlib.error, zstandard.ZstdError, ValueError) as exc:
+                item = tarfile.ReadError(f"corrupt {self._fmt} data: {exc}")
+            except OSError as exc:
+                item = tarfile.ReadError(f"cannot read the blob: {exc.strerror or exc}")
+            except BaseException as exc:  # a bug: hand it to the caller's thread
+                item = exc
+            self._queue.put(item)
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        self._report()
+
+    def __enter__(self) -> DecompressingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _report(self) -> None:
+        if self._progress is not None:
+            consumed = self._src.consumed
+            if consumed > self.reported:
+                self._progress(consumed - self.reported)
+                self.reported = consumed
 
     def read(self, n: int = CHUNK) -> bytes:
-        n = max(1, min(n, CHUNK))
-        try:
-            out = self._read(n)
-        except (zlib.error, zstandard.ZstdError, ValueError) as exc:
-            raise tarfile.ReadError(f"corrupt {self._fmt} data: {exc}") from None
-        if out:
-            self.total_out += len(out)
-            self._budget(len(out))
+        if self._pos >= len(self._buf):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            self._report()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            self.total_out += len(item)
+            self._budget(len(item))
+            self._buf, self._pos = item, 0
+        if self._pos == 0 and n >= len(self._buf):
+            out = self._buf  # the whole piece: no copy
+        else:
+            out = self._buf[self._pos : self._pos + max(1, n)]
+        self._pos += len(out)
         return out
 
 
