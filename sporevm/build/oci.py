@@ -183,6 +183,10 @@ class _LayoutSource(_Source):
              what: str) -> tuple[Iterator[bytes], str | None, int | None]:
         fd = self._open(("blobs", "sha256", digest[len("sha256:"):]), what)
         size = os.fstat(fd).st_size
+        if size_hint is not None and size != size_hint:
+            os.close(fd)
+            raise OCIError(f"{what}: {self.name} has {size} bytes, its descriptor says "
+                           f"{size_hint}; the layout is inconsistent")
 
         def chunks() -> Iterator[bytes]:
             with os.fdopen(fd, "rb") as fh:
@@ -258,8 +262,13 @@ class _RegistrySource(_Source):
                 return resp
             location = resp.headers.get("Location", "")
             resp.close()
-            url = urllib.parse.urljoin(url, location)
-            parts = urllib.parse.urlsplit(url)
+            try:
+                url = urllib.parse.urljoin(url, location)
+                parts = urllib.parse.urlsplit(url)
+                parts.port  # noqa: B018  (raises ValueError on a malformed port)
+            except ValueError:
+                raise OCIError(f"{what}: registry {self.host} redirected to a malformed URL "
+                               f"{location[:100]!r}") from None
             if parts.scheme != "https" and not (
                     parts.scheme == "http" and self.client.plain_http_allowed(parts.netloc)):
                 raise OCIError(f"{what}: registry {self.host} redirected to {parts.scheme}://"
@@ -306,7 +315,12 @@ class _RegistrySource(_Source):
 
     def _token(self, params: dict[str, str], creds: str | None, what: str) -> str:
         realm = params.get("realm", "")
-        parts = urllib.parse.urlsplit(realm)
+        try:
+            parts = urllib.parse.urlsplit(realm)
+            parts.port  # noqa: B018  (raises ValueError on a malformed port)
+        except ValueError:
+            raise OCIError(f"{what}: registry {self.host} sent a malformed token realm "
+                           f"{realm[:100]!r}") from None
         if not parts.netloc or not (parts.scheme == "https" or (
                 parts.scheme == "http" and self.client.plain_http_allowed(parts.netloc))):
             raise OCIError(f"{what}: registry {self.host} sent token realm {realm[:100]!r}; "
