@@ -93,7 +93,7 @@ class _Build:
     def resolve(self) -> None:
         old = self.locked_entry() if not self.options.update_lock else None
         digest = self.client.resolve(self.ref, self.platform)
-        image = self.client.fetch(self.ref, digest, self.platform, self.reporter.fetch_progress)
+        image = self.client.fetch(self.ref, digest, self.platform, layers=False)
         entry = lockfile.LockedImage(
             self.sf.base.image, self.platform, digest, image.manifest_digest
         )

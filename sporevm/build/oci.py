@@ -468,18 +468,20 @@ class OCIClient:
         return source.resolve_tag(ref.tag, str(ref))
 
     def fetch(self, ref: ImageRef, digest: str, platform: str,
-              progress: Progress | None = None) -> ResolvedImage:
-        """Fetch everything the image for ``platform`` needs into the store and decode it."""
-        return self._load(self._source(ref), ref, digest, platform, progress)
+              progress: Progress | None = None, *, layers: bool = True) -> ResolvedImage:
+        """Fetch everything the image for ``platform`` needs into the store and decode it.
+
+        ``layers=False`` stops after manifests and config (what resolution needs)."""
+        return self._load(self._source(ref), ref, digest, platform, progress, layers)
 
     def load_cached(self, digest: str, platform: str,
                     ref: ImageRef | None = None) -> ResolvedImage:
         """Decode an image purely from the store; raises if any blob is missing."""
-        return self._load(_StoreOnly("store"), ref, digest, platform, None)
+        return self._load(_StoreOnly("store"), ref, digest, platform, None, True)
 
     # -- internals -----------------------------------------------------------------
     def _load(self, source: _Source, ref: ImageRef | None, digest: str, platform: str,
-              progress: Progress | None) -> ResolvedImage:
+              progress: Progress | None, layers: bool) -> ResolvedImage:
         name = str(ref) if ref is not None else "local store"
         check_digest(digest, name)
         plat = parse_platform(platform)
@@ -503,7 +505,7 @@ class OCIClient:
                                      cfg_what, manifest=False)
         config = decode_config(cfg_data, what=cfg_what)
         check_config(config, manifest, plat, what=cfg_what)
-        for layer in manifest.layers:
+        for layer in manifest.layers if layers else ():
             self._layer(source, name, layer, progress)
         return ResolvedImage(ref=ref, index_digest=index_digest, manifest_digest=manifest_digest,
                              platform=str(plat), config_digest=manifest.config.digest,
