@@ -261,6 +261,13 @@ def test_whiteout_escapes(tmp_path: Path, sentinel: Path) -> None:
     _rejected(tmp_path, sentinel, [make_tar([file("a/.wh.b/c")])], r"whiteout name")
 
 
+@pytest.mark.parametrize("name", [".", "/", "./", "a/.."])
+def test_symlink_named_root(tmp_path: Path, sentinel: Path, name: str) -> None:
+    # umoci CVE-2021-29136: a symlink named "." replaced the rootfs itself.
+    tars = [make_tar([symlink(name, str(sentinel))]), make_tar([file("passwd", b"pwned")])]
+    _rejected(tmp_path, sentinel, tars, r"names the root but is not a directory|'\.\.'")
+
+
 def test_parent_not_a_directory(tmp_path: Path, sentinel: Path) -> None:
     _rejected(tmp_path, sentinel, [make_tar([file("f"), file("f/g")])],
               r"parent 'f' is not a directory")
