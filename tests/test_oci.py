@@ -24,6 +24,7 @@ from typing import Any
 import ociimage
 import pytest
 import requests
+from registry import LocalRegistry, free_port
 
 from sporevm.build.oci import OCIClient
 from sporevm.build.ociauth import (
@@ -43,7 +44,7 @@ from sporevm.build.ocimanifest import (
 from sporevm.build.ociref import is_loopback, parse_ref
 from sporevm.errors import OCIError
 from sporevm.store import Store
-from tests.conftest import LocalRegistry, PushedImage, free_port
+from tests.conftest import PushedImage
 
 AMD64 = "linux/amd64"
 D1 = "sha256:" + "a" * 64
