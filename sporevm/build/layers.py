@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import shutil
 import stat
@@ -22,15 +21,20 @@ from typing import TypeVar
 
 from sporevm.build.tarsafety import (
     CHUNK,
+    MAX_ID,
     MEDIA_TYPES,
     DecompressingReader,
     HashingSource,
     Limits,
     ParseState,
+    Reject,
     check_magic,
     display,
+    member_xattrs,
+    mtime_ns,
     open_tar,
     short_digest,
+    split_name,
 )
 from sporevm.errors import LayerError
 from sporevm.store import SHA256_DIGEST
@@ -42,9 +46,6 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _WH = b".wh."
 _WH_META = b".wh..wh."  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs): skipped like containerd
 _OPAQUE = b".wh..wh..opq"
-_XATTR_NAMESPACES = ("security.", "trusted.", "user.")
-_MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown, so it is not an id
-_NS_LIMIT = 2**63
 _T = TypeVar("_T")
 DEFAULT_LIMITS = Limits()
 _SPECIAL = (tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
@@ -73,59 +74,8 @@ class ApplyStats:
     layers: tuple[LayerStats, ...]
 
 
-class _Reject(Exception):
-    """A member problem; the caller adds the layer digest and member name."""
-
-
-def _norm(raw: bytes, limits: Limits, what: str) -> tuple[bytes, ...]:
-    """Split a member or hardlink name into literal components, rejecting unsafe ones."""
-    if not raw:
-        raise _Reject(f"{what} is empty")
-    if b"\0" in raw:
-        raise _Reject(f"{what} contains a NUL byte")
-    if len(raw) > limits.max_name_bytes:
-        raise _Reject(f"{what} is {len(raw)} bytes, over the limit of {limits.max_name_bytes}")
-    # A leading "/" is dropped like every OCI tool does; "." and empty parts are no-ops.
-    comps = tuple(c for c in raw.split(b"/") if c and c != b".")
-    for comp in comps:
-        if comp == b"..":
-            raise _Reject(f"{what} contains '..'; layers must name paths inside the root")
-        if len(comp) > limits.max_component_bytes:
-            raise _Reject(f"{what} has a component of {len(comp)} bytes, over the limit of "
-                          f"{limits.max_component_bytes}")
-    if len(comps) > limits.max_depth:
-        raise _Reject(f"{what} is {len(comps)} levels deep, over the limit of {limits.max_depth}")
-    return comps
-
-
 def _rel(comps: Sequence[bytes]) -> bytes:
     return b"/".join(comps)
-
-
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    mtime = member.mtime
-    if isinstance(mtime, float):
-        if not math.isfinite(mtime):
-            raise _Reject("mtime is not finite")
-        ns = round(mtime * 1e9)
-    else:
-        ns = mtime * 1_000_000_000
-    if not -_NS_LIMIT < ns < _NS_LIMIT:
-        raise _Reject(f"mtime {mtime} is out of range")
-    return ns
-
-
-def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
-    found: dict[str, bytes] | None = getattr(member, "spore_xattrs", None)
-    if not found:
-        return {}
-    for key, value in found.items():
-        if not key.startswith(_XATTR_NAMESPACES) or "\0" in key or len(key.encode()) > 255:
-            raise _Reject(f"xattr {key!r} is not supported (allowed: security.*, trusted.*, "
-                          "user.*)")
-        if len(value) > 65536:
-            raise _Reject(f"xattr {key!r} value is {len(value)} bytes, over 65536")
-    return found
 
 
 class _Tree:
@@ -167,8 +117,12 @@ class _Tree:
             except FileNotFoundError:
                 os.mkdir(comp, 0o700, dir_fd=fd)
                 child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                os.fchown(child, 0, 0)
-                os.fchmod(child, 0o755)
+                try:
+                    os.fchown(child, 0, 0)
+                    os.fchmod(child, 0o755)
+                except BaseException:
+                    os.close(child)
+                    raise
                 self.dir_mtimes.pop(_rel(comps[: i + 1]), None)
             except OSError as exc:
                 raise self._not_dir(fd, comps[: i + 1], exc) from None
@@ -193,19 +147,19 @@ class _Tree:
         return fd
 
     @staticmethod
-    def _not_dir(fd: int, comps: tuple[bytes, ...], exc: OSError) -> _Reject:
+    def _not_dir(fd: int, comps: tuple[bytes, ...], exc: OSError) -> Reject:
         where = display(_rel(comps))
         if exc.errno == errno.ENOENT:
-            return _Reject(f"'{where}' does not exist")
+            return Reject(f"'{where}' does not exist")
         if exc.errno in (errno.ENOTDIR, errno.ELOOP):
             try:
                 st = os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)
             except OSError:
                 st = None
             if st is not None and stat.S_ISLNK(st.st_mode):
-                return _Reject(f"parent '{where}' is a symlink; layers must name real paths")
-            return _Reject(f"parent '{where}' is not a directory")
-        return _Reject(f"cannot open '{where}': {exc.strerror}")
+                return Reject(f"parent '{where}' is a symlink; layers must name real paths")
+            return Reject(f"parent '{where}' is not a directory")
+        return Reject(f"cannot open '{where}': {exc.strerror}")
 
     def mark(self, comps: tuple[bytes, ...]) -> None:
         """Record an entry of the current layer and the directories that hold it."""
@@ -273,12 +227,12 @@ class _Applier:
     def member(self, m: tarfile.TarInfo) -> None:
         tree, limits = self.tree, self.tree.limits
         raw = m.name.encode("utf-8", "surrogateescape")
-        comps = _norm(raw, limits, "name")
+        comps = split_name(raw, limits, "name")
         dirs = comps[:-1]
         if any(c.startswith(_WH_META) for c in dirs):
             return  # inside aufs metadata
         if any(c.startswith(_WH) for c in dirs):
-            raise _Reject("a whiteout name is used as a directory")
+            raise Reject("a whiteout name is used as a directory")
         last = comps[-1] if comps else b""
         if last == _OPAQUE:
             self.whiteouts += 1
@@ -291,7 +245,7 @@ class _Applier:
         if last.startswith(_WH):
             target = last[len(_WH) :]
             if target in (b"", b".", b".."):
-                raise _Reject("whiteout does not name an entry")
+                raise Reject("whiteout does not name an entry")
             self.whiteouts += 1
             fd = tree.parent(dirs)
             tree.mark(comps)
@@ -303,21 +257,21 @@ class _Applier:
         tree = self.tree
         kind = tarfile.REGTYPE if m.type in tarfile.REGULAR_TYPES else m.type
         if kind not in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE, *_SPECIAL):
-            raise _Reject(f"unsupported tar member type {m.type!r} (sparse, volume and "
-                          "vendor types are not layer content)")
-        if m.mode < 0 or not (0 <= m.uid <= _MAX_ID and 0 <= m.gid <= _MAX_ID):
-            raise _Reject(f"mode/uid/gid out of range ({m.mode}, {m.uid}, {m.gid})")
-        ns = _mtime_ns(m)
-        xattrs = _xattrs(m)
+            raise Reject(f"unsupported tar member type {m.type!r} (sparse, volume and "
+                         "vendor types are not layer content)")
+        if m.mode < 0 or not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
+            raise Reject(f"mode/uid/gid out of range ({m.mode}, {m.uid}, {m.gid})")
+        ns = mtime_ns(m)
+        xattrs = member_xattrs(m)
         if not comps:
             if kind != tarfile.DIRTYPE:
-                raise _Reject("names the root but is not a directory")
+                raise Reject("names the root but is not a directory")
             self._meta_fd(tree.root, m, xattrs, replace_xattrs=True)
             tree.dir_mtimes[b""] = ns
             return
         if kind == tarfile.REGTYPE and not 0 <= m.size <= tree.limits.max_total_bytes - tree.bytes:
-            raise _Reject(f"size {m.size} would exceed the limit of {tree.limits.max_total_bytes} "
-                          "bytes of file content per image")
+            raise Reject(f"size {m.size} would exceed the limit of {tree.limits.max_total_bytes} "
+                         "bytes of file content per image")
         link: tuple[int, bytes] | None = None
         if kind == tarfile.LNKTYPE:
             link = self._link_target(m, comps)
@@ -342,22 +296,22 @@ class _Applier:
                 os.close(link[0])
 
     def _link_target(self, m: tarfile.TarInfo, comps: tuple[bytes, ...]) -> tuple[int, bytes]:
-        target = _norm(m.linkname.encode("utf-8", "surrogateescape"), self.tree.limits,
+        target = split_name(m.linkname.encode("utf-8", "surrogateescape"), self.tree.limits,
                        "hardlink target")
         if not target:
-            raise _Reject("hardlink target is the root directory")
+            raise Reject("hardlink target is the root directory")
         if target[: len(comps)] == comps:
-            raise _Reject("hardlink target is the entry itself or inside it")
+            raise Reject("hardlink target is the entry itself or inside it")
         fd = self.tree.lookup(target[:-1])
         try:
             st = os.stat(target[-1], dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             os.close(fd)
-            raise _Reject(f"hardlink target '{display(_rel(target))}' does not exist; "
-                          "hardlinks must point to an earlier entry of the image") from None
+            raise Reject(f"hardlink target '{display(_rel(target))}' does not exist; "
+                         "hardlinks must point to an earlier entry of the image") from None
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
-            raise _Reject(f"hardlink target '{display(_rel(target))}' is a directory")
+            raise Reject(f"hardlink target '{display(_rel(target))}' is a directory")
         return fd, target[-1]
 
     def _file(self, pfd: int, name: bytes, m: tarfile.TarInfo, ns: int,
@@ -371,7 +325,7 @@ class _Applier:
                 while remaining:
                     block = src.read(min(remaining, CHUNK))
                     if not block:
-                        raise _Reject("file data is truncated")
+                        raise Reject("file data is truncated")
                     view = memoryview(block)
                     while view:
                         view = view[os.write(fd, view) :]
@@ -405,13 +359,13 @@ class _Applier:
         if kind == tarfile.SYMTYPE:
             target = m.linkname.encode("utf-8", "surrogateescape")
             if not target or b"\0" in target or len(target) > self.tree.limits.max_name_bytes:
-                raise _Reject("symlink target is empty, contains NUL or is too long")
+                raise Reject("symlink target is empty, contains NUL or is too long")
             # Any target text is fine: we never follow symlinks while building.
             _create(pfd, name, lambda: os.symlink(target, name, dir_fd=pfd))
         else:
             if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
                 if not (0 <= m.devmajor < 2**32 and 0 <= m.devminor < 2**32):
-                    raise _Reject("device number out of range")
+                    raise Reject("device number out of range")
                 ftype = stat.S_IFCHR if kind == tarfile.CHRTYPE else stat.S_IFBLK
                 dev = os.makedev(m.devmajor, m.devminor)
             else:
@@ -523,7 +477,7 @@ def _read_members(tree: _Tree, reader: DecompressingReader, state: ParseState,
             prev = m.name
             try:
                 applier.member(m)
-            except _Reject as exc:
+            except Reject as exc:
                 raise LayerError(f"{where} member {m.name!r}: {exc}") from None
             except LayerError as exc:
                 raise LayerError(f"{where} member {m.name!r}: {exc}") from None

@@ -10,6 +10,7 @@ to a directory tree is ``sporevm.build.layers``' job.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import re
 import tarfile
@@ -532,3 +533,61 @@ def open_tar(reader: IO[bytes] | DecompressingReader, state: ParseState) -> Laye
     )
     assert isinstance(tf, LayerTarFile)
     return tf
+
+
+# -- member fields -----------------------------------------------------------------
+
+XATTR_NAMESPACES = ("security.", "trusted.", "user.")
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown, so it is not an id
+NS_LIMIT = 2**63
+
+
+class Reject(Exception):
+    """A member problem; the caller adds the layer digest and member name."""
+
+
+def split_name(raw: bytes, limits: Limits, what: str) -> tuple[bytes, ...]:
+    """Split a member or hardlink name into literal components, rejecting unsafe ones."""
+    if not raw:
+        raise Reject(f"{what} is empty")
+    if b"\0" in raw:
+        raise Reject(f"{what} contains a NUL byte")
+    if len(raw) > limits.max_name_bytes:
+        raise Reject(f"{what} is {len(raw)} bytes, over the limit of {limits.max_name_bytes}")
+    # A leading "/" is dropped like every OCI tool does; "." and empty parts are no-ops.
+    comps = tuple(c for c in raw.split(b"/") if c and c != b".")
+    for comp in comps:
+        if comp == b"..":
+            raise Reject(f"{what} contains '..'; layers must name paths inside the root")
+        if len(comp) > limits.max_component_bytes:
+            raise Reject(f"{what} has a component of {len(comp)} bytes, over the limit of "
+                         f"{limits.max_component_bytes}")
+    if len(comps) > limits.max_depth:
+        raise Reject(f"{what} is {len(comps)} levels deep, over the limit of {limits.max_depth}")
+    return comps
+
+
+def mtime_ns(member: tarfile.TarInfo) -> int:
+    mtime = member.mtime
+    if isinstance(mtime, float):
+        if not math.isfinite(mtime):
+            raise Reject("mtime is not finite")
+        ns = round(mtime * 1e9)
+    else:
+        ns = mtime * 1_000_000_000
+    if not -NS_LIMIT < ns < NS_LIMIT:
+        raise Reject(f"mtime {mtime} is out of range")
+    return ns
+
+
+def member_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
+    found: dict[str, bytes] | None = getattr(member, "spore_xattrs", None)
+    if not found:
+        return {}
+    for key, value in found.items():
+        if not key.startswith(XATTR_NAMESPACES) or "\0" in key or len(key.encode()) > 255:
+            raise Reject(f"xattr {key!r} is not supported (allowed: security.*, trusted.*, "
+                         "user.*)")
+        if len(value) > 65536:
+            raise Reject(f"xattr {key!r} value is {len(value)} bytes, over 65536")
+    return found
