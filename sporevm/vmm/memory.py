@@ -52,7 +52,7 @@ class GuestMemory:
     def check(self, gpa: int, length: int) -> None:
         if gpa < 0 or length < 0 or gpa + length > self.size:
             raise GuestMemoryError(
-                f"guest address range [{gpa:#x}, +{length:#x}) is outside guest RAM ({self.size:#x})"
+                f"guest range [{gpa:#x}, +{length:#x}) is outside guest RAM ({self.size:#x})"
             )
 
     def read(self, gpa: int, length: int) -> bytes:
