@@ -25,7 +25,7 @@ from rich.progress import (
 class Reporter:
     def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.statuses: dict[str, str] = {}
         self.warnings: list[str] = []
         self._progress: Progress | None = None
