@@ -1,0 +1,284 @@
+"""The managed guest kernel: host class, cmdline, cache key, patch sets, and (marked
+``kernelbuild``) a real build from linux-source-6.1 booted under QEMU TCG.
+
+The build is cached in ~/.cache/spore-tests/kernel-store across sessions (the
+first one takes minutes). The reproducibility test builds a second time from a
+clean staging dir; it runs only with SPORE_TEST_KERNEL_REPRO=1 (minutes more).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sporevm.build import kernel as K
+from sporevm.store import Store, blake3_file
+
+KERNEL_STORE = Path.home() / ".cache" / "spore-tests" / "kernel-store"
+
+# -- fast unit tests -------------------------------------------------------------
+
+
+def test_detect_host_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPORE_HOST_CLASS", raising=False)
+    assert K.detect_host_class(tmp_path) == "kvm"
+    (tmp_path / "kvm_pvm").mkdir()
+    assert K.detect_host_class(tmp_path) == "kvm-pvm"
+    monkeypatch.setenv("SPORE_HOST_CLASS", "kvm")
+    assert K.detect_host_class(tmp_path) == "kvm"
+    monkeypatch.setenv("SPORE_HOST_CLASS", "xen")
+    with pytest.raises(K.KernelError, match="not a host class"):
+        K.detect_host_class(tmp_path)
+
+
+def test_detect_host_class_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPORE_HOST_CLASS", raising=False)
+    expect = "kvm-pvm" if Path("/sys/module/kvm_pvm").is_dir() else "kvm"
+    assert K.detect_host_class() == expect
+
+
+def test_default_cmdline() -> None:
+    kvm = K.default_cmdline("kvm").split()
+    pvm = K.default_cmdline("kvm-pvm").split()
+    for args in (kvm, pvm):
+        for want in ("console=ttyS0", "quiet", "panic=-1", "reboot=k", "init=/init"):
+            assert want in args
+        assert not any(a.startswith("virtio_mmio.device=") for a in args)  # the VMM adds them
+    assert not any(a.startswith("clearcpuid=") for a in kvm)
+    (clear,) = [a for a in pvm if a.startswith("clearcpuid=")]
+    value = clear.split("=", 1)[1]
+    assert len(value) <= K.CLEARCPUID_MAX  # the kernel silently cuts the rest
+    features = value.split(",")
+    assert {"smap", "cx16", "erms", "fsrm"} <= set(features)
+    assert "rodata=off" in pvm
+    with pytest.raises(K.KernelError, match="unknown host class"):
+        K.default_cmdline("tcg")
+
+
+def test_patch_series_files_exist_and_are_unified_diffs() -> None:
+    common = K.patch_series("kvm")
+    pvm = K.patch_series("kvm-pvm")
+    assert common and pvm[: len(common)] == common and len(pvm) > len(common)
+    for p in pvm:
+        text = p.read_text()
+        assert "\n--- a/" in text and "\n+++ b/" in text and "\n@@ " in text, p
+    syscall_fix = pvm[-1].read_text()
+    assert "arch/x86/mm/fault.c" in syscall_fix and "do_syscall_64" in syscall_fix
+
+
+def test_cache_key_covers_every_input() -> None:
+    base = {"host_class": "kvm", "gcc": "gcc 12.2.0", "patch:common/x": "aa"}
+    key = K.cache_key(base)
+    assert key == K.cache_key(dict(reversed(list(base.items()))))
+    for name in base:
+        assert K.cache_key({**base, name: base[name] + "x"}) != key
+    assert K.cache_key({**base, "extra": ""}) != key
+    # Length-prefixed: moving bytes between fields changes the key.
+    assert K.cache_key({"a": "bc"}) != K.cache_key({"ab": "c"})
+
+
+def test_config_mismatches() -> None:
+    final = K.parse_config('CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="x"\n')
+    assert final == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"x"'}
+    frag = "CONFIG_A=y\n# CONFIG_B is not set\n# CONFIG_D is not set\nCONFIG_E=y\n"
+    assert K.config_mismatches(final, frag) == ["CONFIG_E=y (got n)"]
+
+
+def test_fragment_pins_what_the_issue_requires() -> None:
+    frag = K.parse_config(K.fragment_bytes().decode())
+    for sym in REQUIRED_ON:
+        assert frag.get(sym) == "y", sym
+    for sym in REQUIRED_OFF:
+        assert frag.get(sym) == "n", sym
+
+
+@pytest.mark.skipif(not K.SOURCE_TARBALL.is_file(), reason="linux-source-6.1 not installed")
+def test_build_inputs_name_source_and_toolchain() -> None:
+    inputs = K.build_inputs("kvm-pvm")
+    assert inputs["source_package"].startswith("linux-source-6.1=6.1.")
+    assert len(inputs["source_sha256"]) == 64
+    assert inputs["gcc"].startswith("gcc") and "binutils" in inputs["binutils"].lower()
+    assert any(k.startswith("patch:kvm-pvm/") for k in inputs)
+    assert not any(k.startswith("patch:kvm-pvm/") for k in K.build_inputs("kvm"))
+
+
+REQUIRED_ON = [
+    "CONFIG_64BIT", "CONFIG_PRINTK", "CONFIG_TTY", "CONFIG_SERIAL_8250",
+    "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
+    "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_CONSOLE", "CONFIG_HW_RANDOM_VIRTIO", "CONFIG_EXT4_FS",
+    "CONFIG_OVERLAY_FS", "CONFIG_TMPFS", "CONFIG_DEVTMPFS", "CONFIG_DEVTMPFS_MOUNT",
+    "CONFIG_PROC_FS", "CONFIG_SYSFS", "CONFIG_BLK_DEV_INITRD", "CONFIG_BINFMT_ELF",
+    "CONFIG_BINFMT_SCRIPT", "CONFIG_UNIX", "CONFIG_INET", "CONFIG_FUTEX", "CONFIG_EPOLL",
+    "CONFIG_SIGNALFD", "CONFIG_TIMERFD", "CONFIG_EVENTFD", "CONFIG_SHMEM", "CONFIG_KVM_GUEST",
+    "CONFIG_PARAVIRT", "CONFIG_PARAVIRT_CLOCK", "CONFIG_RANDOM_TRUST_BOOTLOADER",
+    "CONFIG_UNWINDER_GUESS", "CONFIG_SLAB", "CONFIG_HZ_100", "CONFIG_NO_HZ_IDLE",
+    "CONFIG_CC_OPTIMIZE_FOR_PERFORMANCE",
+]  # fmt: skip
+REQUIRED_OFF = [
+    "CONFIG_MODULES", "CONFIG_ACPI", "CONFIG_PCI", "CONFIG_SMP", "CONFIG_RANDOMIZE_BASE",
+    "CONFIG_CPU_MITIGATIONS", "CONFIG_RETPOLINE", "CONFIG_PAGE_TABLE_ISOLATION",
+    "CONFIG_LEGACY_PTYS", "CONFIG_SLUB", "CONFIG_JUMP_LABEL", "CONFIG_STACKPROTECTOR",
+    "CONFIG_VT", "CONFIG_INPUT", "CONFIG_SERIO", "CONFIG_DMI", "CONFIG_X86_MCE",
+    "CONFIG_MICROCODE", "CONFIG_UNWINDER_ORC", "CONFIG_RD_GZIP", "CONFIG_RD_XZ",
+    "CONFIG_RD_ZSTD", "CONFIG_RD_LZ4", "CONFIG_RD_BZIP2", "CONFIG_RD_LZMA", "CONFIG_RD_LZO",
+]  # fmt: skip
+
+
+# -- real build (kernelbuild) -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def built_kernel() -> K.KernelArtifact:
+    if not K.SOURCE_TARBALL.is_file():
+        pytest.skip("linux-source-6.1 not installed (scripts/setup --deps-only)")
+    store = Store(KERNEL_STORE)
+    t0 = time.monotonic()
+    art = K.ensure_kernel(store, K.detect_host_class(), print)
+    print(f"ensure_kernel: {time.monotonic() - t0:.1f} s, bzImage {art.path.stat().st_size} B")
+    return art
+
+
+@pytest.mark.kernelbuild
+def test_final_config_has_the_fragment(built_kernel: K.KernelArtifact) -> None:
+    final = K.parse_config(built_kernel.config_path.read_text())
+    assert K.config_mismatches(final, K.fragment_bytes().decode()) == []
+    for sym in REQUIRED_ON:
+        assert final.get(sym) == "y", sym
+    for sym in REQUIRED_OFF:
+        assert final.get(sym, "n") == "n", sym
+    assert final.get("CONFIG_LOCALVERSION_AUTO", "n") == "n"
+
+
+@pytest.mark.kernelbuild
+def test_cached_kernel_is_reused_and_verified(built_kernel: K.KernelArtifact) -> None:
+    store = Store(KERNEL_STORE)
+    t0 = time.monotonic()
+    again = K.ensure_kernel(store, built_kernel.host_class)
+    assert again == built_kernel
+    assert time.monotonic() - t0 < 10  # key + re-hash only, no build
+    assert blake3_file(again.path)[0] == again.digest
+    assert again.path.read_bytes()[0x202:0x206] == b"HdrS"  # Linux boot protocol header
+    assert again.vmlinux_path.read_bytes()[:4] == b"\x7fELF"
+    assert again.cmdline == K.default_cmdline(again.host_class)
+
+
+@pytest.mark.kernelbuild
+@pytest.mark.skipif(
+    os.environ.get("SPORE_TEST_KERNEL_REPRO") != "1",
+    reason="second full kernel build; set SPORE_TEST_KERNEL_REPRO=1",
+)
+def test_rebuild_is_bit_identical(built_kernel: K.KernelArtifact, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")  # a clean staging dir at a different path
+    again = K.ensure_kernel(store, built_kernel.host_class, print)
+    assert again.digest == built_kernel.digest
+    assert again.vmlinux_digest == built_kernel.vmlinux_digest
+
+
+# -- QEMU TCG boot to /init ------------------------------------------------------
+
+INIT_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+
+static void check(const char *what, int ok) { printf("CHECK %s %s\n", what, ok ? "ok" : "FAIL"); }
+
+int main(void) {
+    struct utsname u;
+    char buf[64] = {0};
+    int fd;
+    pid_t pid;
+    int st = -1;
+    setvbuf(stdout, NULL, _IONBF, 0);
+    printf("SPORE-INIT-REACHED pid=%d\n", (int)getpid());
+    check("uname", uname(&u) == 0);
+    printf("UNAME %s %s\n", u.release, u.version);
+    check("proc", mount("proc", "/proc", "proc", 0, NULL) == 0);
+    check("devtmpfs", mount("devtmpfs", "/dev", "devtmpfs", 0, NULL) == 0);
+    check("tmpfs", mount("tmpfs", "/tmp", "tmpfs", 0, NULL) == 0);
+    check("ext4", mount("/dev/vda", "/mnt", "ext4", MS_RDONLY, NULL) == 0);
+    fd = open("/mnt/hello", O_RDONLY);
+    check("read", fd >= 0 && read(fd, buf, sizeof buf - 1) > 0 && !strcmp(buf, "from-ext4\n"));
+    mkdir("/tmp/up", 0755); mkdir("/tmp/work", 0755); mkdir("/tmp/root", 0755);
+    check("overlay", mount("overlay", "/tmp/root", "overlay", 0,
+        "lowerdir=/mnt,upperdir=/tmp/up,workdir=/tmp/work") == 0);
+    check("hwrng", access("/dev/hwrng", F_OK) == 0);
+    pid = fork();
+    if (pid == 0) _exit(7);
+    check("fork", pid > 0 && waitpid(pid, &st, 0) == pid && WEXITSTATUS(st) == 7);
+    printf("SPORE-INIT-DONE\n");
+    reboot(RB_AUTOBOOT);
+    return 1;
+}
+"""
+
+
+def _newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """A minimal uncompressed initramfs (cpio newc): (name, mode, data, rdev)."""
+    out = bytearray()
+
+    def add(ino: int, name: str, mode: int, data: bytes, rdev: int) -> None:
+        raw = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(raw), 0]
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
+        out.extend(b"\0" * (-len(out) % 4) + data + b"\0" * (-len(data) % 4))
+
+    for i, (name, mode, data, rdev) in enumerate(entries, start=1):
+        add(i, name, mode, data, rdev)
+    add(0, "TRAILER!!!", 0, b"", 0)
+    return bytes(out)
+
+
+@pytest.mark.kernelbuild
+def test_boots_to_init_under_qemu_tcg(built_kernel: K.KernelArtifact, tmp_path: Path) -> None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None or shutil.which("mke2fs") is None:
+        pytest.skip("needs qemu-system-x86 and e2fsprogs (scripts/setup --deps-only)")
+    (tmp_path / "init.c").write_text(INIT_C)
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(tmp_path / "init"), str(tmp_path / "init.c")],
+        check=True,
+    )
+    initrd = tmp_path / "initrd.cpio"
+    initrd.write_bytes(
+        _newc(
+            [(d, 0o40755, b"", 0) for d in ("dev", "proc", "tmp", "mnt")]
+            + [("dev/console", 0o20600, b"", (5 << 8) | 1)]
+            + [("init", 0o100755, (tmp_path / "init").read_bytes(), 0)]
+        )
+    )
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello").write_text("from-ext4\n")
+    disk = tmp_path / "disk.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(disk), "4M"], check=True)
+    # The same kernel (and patch set) the host would use: the kvm-pvm patch must
+    # be inert on a CPU without kvm_pvm's SYSCALL behaviour.
+    cmdline = built_kernel.cmdline.replace(" quiet", "")
+    argv = [
+        qemu, "-M", "microvm,acpi=off", "-m", "256M", "-nographic", "-no-reboot",
+        "-nodefaults", "-serial", "stdio",
+        "-kernel", str(built_kernel.path), "-initrd", str(initrd), "-append", cmdline,
+        "-drive", f"id=d0,file={disk},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=d0", "-device", "virtio-rng-device",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    took = time.monotonic() - t0
+    log = proc.stdout + proc.stderr
+    print(f"QEMU TCG boot to init and reset: {took:.2f} s\n{log[-3000:]}")
+    assert "SPORE-INIT-REACHED pid=1" in log, log[-3000:]
+    assert "SPORE-INIT-DONE" in log, log[-3000:]
+    assert "FAIL" not in log, log[-3000:]
+    assert K.LOCALVERSION in log and "#1 " in log  # pinned KBUILD_BUILD_VERSION, no host data
