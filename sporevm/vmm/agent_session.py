@@ -164,7 +164,7 @@ class ExecHandle:
     on_stderr: OutputCallback
     pid: int | None = None
     status: ExitStatus | None = None
-    error: AgentExecError | None = None
+    error: AgentError | None = None
     captured: tuple[_Tail | None, _Tail | None] = field(default=(None, None))
 
     @property
