@@ -1,0 +1,215 @@
+"""virtio-blk on a read-only backing file, driven like the Linux driver would."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sporevm.vmm.devices.virtio import blk, mmio
+from sporevm.vmm.devices.virtio.state import VirtioStateError
+from sporevm.vmm.memory import PAGE
+from tests.virtio_driver import RAM, Driver, DriverQueue, make
+
+SECTORS = 64
+SERIAL = b"sha256:0123456789ab"
+
+
+def pattern(sector: int, count: int = 1) -> bytes:
+    return b"".join(struct.pack("<I", s) * (blk.SECTOR // 4) for s in range(sector, sector + count))
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[int]:
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(pattern(0, SECTORS) + b"tail")  # a trailing partial sector is hidden
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def dev(disk: int) -> tuple[mmio.VirtioMmio, Driver, DriverQueue]:
+    size = os.fstat(disk).st_size
+    t, d, _ = make(blk.BlkDevice(disk, size, serial=SERIAL))
+    (q,) = d.bring_up(1)
+    return t, d, q
+
+
+def request(d: Driver, q: DriverQueue, rtype: int, sector: int, data_len: int) -> tuple[int, int]:
+    """Post header / data / status as three descriptors; returns (data addr, status addr)."""
+    hdr = d.alloc.buf(struct.pack("<IIQ", rtype, 0, sector))
+    data = d.alloc(max(data_len, 1), 512)
+    status = d.alloc(1)
+    d.mem.write(status, b"\xff")
+    bufs = [(hdr, 16, False)]
+    if data_len:
+        bufs.append((data, data_len, rtype != blk.T_OUT))
+    bufs.append((status, 1, True))
+    q.add(bufs)
+    d.kick(0)
+    return data, status
+
+
+def test_config_space(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    t, d, _ = dev
+    assert d.r32(mmio.REG_DEVICE_ID) == 2
+    feats = d.device_features()
+    for f in (blk.F_RO, blk.F_SEG_MAX, blk.F_SIZE_MAX, blk.F_BLK_SIZE, blk.F_FLUSH):
+        assert feats & f
+    cfg = t.read(0x100, 8) + t.read(0x108, 4) + t.read(0x10C, 4)
+    capacity, size_max, seg_max = struct.unpack("<QII", cfg)
+    assert (capacity, size_max, seg_max) == (SECTORS, blk.SIZE_MAX, blk.SEG_MAX)
+    assert t.read(0x114, 4) == struct.pack("<I", 512)
+    assert t.read(0x100, 1) == bytes([SECTORS])  # byte-wide config reads work
+    assert t.read(0x100 + blk.CONFIG_SIZE, 4) == bytes(4)  # beyond: zeros
+
+
+def test_read_sectors(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    _, d, q = dev
+    d.mem.vmm_dirty[:] = bytes(len(d.mem.vmm_dirty))
+    data, status = request(d, q, blk.T_IN, 5, 3 * 512)
+    assert d.mem.read(status, 1) == b"\x00"
+    assert d.mem.read(data, 3 * 512) == pattern(5, 3)
+    assert q.take_used() == [(0, 3 * 512 + 1)]
+    assert d.mem.vmm_dirty[data // PAGE]  # VMM writes are visible to snapshots
+
+
+def test_read_last_sector_and_zero_length(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    _, d, q = dev
+    data, status = request(d, q, blk.T_IN, SECTORS - 1, 512)
+    assert d.mem.read(status, 1) == b"\x00" and d.mem.read(data, 512) == pattern(SECTORS - 1)
+    _, status = request(d, q, blk.T_IN, SECTORS, 0)
+    assert d.mem.read(status, 1) == b"\x00"
+
+
+def test_read_scattered_with_split_header_and_status_in_data(
+    dev: tuple[mmio.VirtioMmio, Driver, DriverQueue],
+) -> None:
+    _, d, q = dev
+    hdr = struct.pack("<IIQ", blk.T_IN, 0, 2)
+    h1, h2 = d.alloc.buf(hdr[:5]), d.alloc.buf(hdr[5:])
+    a, b = d.alloc(100), d.alloc(1024 - 100 + 1)  # status byte is the last byte of b
+    q.add([(h1, 5, False), (h2, 11, False), (a, 100, True), (b, 1024 - 100 + 1, True)])
+    d.kick(0)
+    assert d.mem.read(a, 100) + d.mem.read(b, 1024 - 100) == pattern(2, 2)
+    assert d.mem.read(b + 1024 - 100, 1) == b"\x00"
+
+
+def test_read_through_indirect_table(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    _, d, q = dev
+    hdr = d.alloc.buf(struct.pack("<IIQ", blk.T_IN, 0, 9))
+    segs = [d.alloc(512) for _ in range(4)]
+    status = d.alloc(1)
+    q.add_indirect([(hdr, 16, False), *[(s, 512, True) for s in segs], (status, 1, True)], d.alloc)
+    d.kick(0)
+    assert b"".join(d.mem.read(s, 512) for s in segs) == pattern(9, 4)
+    assert d.mem.read(status, 1) == b"\x00"
+
+
+@pytest.mark.parametrize(
+    "rtype,sector,length,expect",
+    [
+        (blk.T_IN, SECTORS, 512, blk.S_IOERR),  # past the end
+        (blk.T_IN, SECTORS - 1, 1024, blk.S_IOERR),  # straddles the end
+        (blk.T_IN, (1 << 64) - 1, 512, blk.S_IOERR),  # huge sector number
+        (blk.T_IN, 0, 100, blk.S_IOERR),  # not a multiple of 512
+        (blk.T_OUT, 0, 512, blk.S_IOERR),  # read-only
+        (blk.T_FLUSH, 0, 0, blk.S_OK),
+        (blk.T_GET_ID, 0, 20, blk.S_OK),
+        (11, 0, 512, blk.S_UNSUPP),  # DISCARD: not offered
+        (0xFFFF_FFFF, 0, 0, blk.S_UNSUPP),
+    ],
+)
+def test_request_status(
+    dev: tuple[mmio.VirtioMmio, Driver, DriverQueue],
+    rtype: int,
+    sector: int,
+    length: int,
+    expect: int,
+) -> None:
+    t, d, q = dev
+    _, status = request(d, q, rtype, sector, length)
+    assert d.mem.read(status, 1) == bytes([expect])
+    assert not t.needs_reset_pending
+
+
+def test_out_writes_nothing(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue], disk: int) -> None:
+    _, d, q = dev
+    data, _ = request(d, q, blk.T_OUT, 0, 512)
+    assert os.pread(disk, 512, 0) == pattern(0)
+    del data
+
+
+def test_get_id(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    _, d, q = dev
+    data, _ = request(d, q, blk.T_GET_ID, 0, 20)
+    assert d.mem.read(data, 20) == SERIAL + b"\0"
+    assert q.take_used() == [(0, 21)]
+
+
+def test_short_header_is_ioerr(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    t, d, q = dev
+    status = d.alloc(1)
+    q.add([(d.alloc.buf(b"\0" * 8), 8, False), (status, 1, True)])
+    d.kick(0)
+    assert d.mem.read(status, 1) == bytes([blk.S_IOERR]) and not t.needs_reset_pending
+
+
+def test_missing_status_byte_resets_device(
+    dev: tuple[mmio.VirtioMmio, Driver, DriverQueue],
+) -> None:
+    t, d, q = dev
+    q.add([(d.alloc.buf(struct.pack("<IIQ", blk.T_IN, 0, 0)), 16, False)])
+    d.kick(0)
+    assert t.needs_reset_pending and "status byte" in t.error
+
+
+def test_oversized_segment_is_ioerr(disk: int) -> None:
+    t, d, _ = make(blk.BlkDevice(disk, 1 << 30), ram=4 * RAM)
+    (q,) = d.bring_up(1)
+    _, status = request(d, q, blk.T_IN, 0, blk.SIZE_MAX + 512)
+    assert d.mem.read(status, 1) == bytes([blk.S_IOERR]) and not t.needs_reset_pending
+
+
+def test_backing_file_shorter_than_declared(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(pattern(0, 2))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t, d, _ = make(blk.BlkDevice(fd, 8 * 512))
+        (q,) = d.bring_up(1)
+        _, status = request(d, q, blk.T_IN, 1, 2 * 512)
+        assert d.mem.read(status, 1) == bytes([blk.S_IOERR])
+    finally:
+        os.close(fd)
+
+
+def test_many_requests_in_one_kick(dev: tuple[mmio.VirtioMmio, Driver, DriverQueue]) -> None:
+    _, d, q = dev
+    statuses = []
+    for i in range(40):
+        hdr = d.alloc.buf(struct.pack("<IIQ", blk.T_IN, 0, i))
+        data, status = d.alloc(512), d.alloc(1)
+        q.add([(hdr, 16, False), (data, 512, True), (status, 1, True)])
+        statuses.append((data, status, i))
+    d.kick(0)
+    assert len(q.take_used()) == 40
+    for data, status, i in statuses:
+        assert d.mem.read(status, 1) == b"\0" and d.mem.read(data, 512) == pattern(i)
+
+
+def test_state_carries_disk_identity(disk: int) -> None:
+    size = os.fstat(disk).st_size
+    t, d, _ = make(blk.BlkDevice(disk, size, serial=SERIAL))
+    d.bring_up(1)
+    state = t.state()
+    assert state["device"] == {"capacity": SECTORS, "serial": SERIAL.hex()}
+    t2, _, _ = make(blk.BlkDevice(disk, size, serial=SERIAL))
+    t2.restore(state)
+    t3, _, _ = make(blk.BlkDevice(disk, size - 1024, serial=SERIAL))
+    with pytest.raises(VirtioStateError, match="different backing disk"):
+        t3.restore(state)
