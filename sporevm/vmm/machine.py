@@ -1,0 +1,637 @@
+"""The board: one KVM VM with RAM, in-kernel irqchip + PIT, vCPUs, buses and the run loop.
+
+Threads. ``run()`` drives vCPU 0 on the calling thread (and vCPUs 1… on helper
+threads). KVM_RUN is entered through ctypes, so the GIL is free while the
+guest runs. Device callbacks run on vCPU threads under one bus lock.
+
+Kicks. With the in-kernel irqchip a halted guest never exits to us, so a
+kicker thread sends SIGUSR1 to each vCPU thread at the deadline, on pause(),
+and every ``kick_interval`` seconds. SIGUSR1 stays blocked in the vCPU thread
+except *inside* KVM_RUN (KVM_SET_SIGNAL_MASK), so a kick either interrupts
+KVM_RUN with EINTR or stays pending and makes the next KVM_RUN return at once:
+no kick is lost and no Python signal handler runs. The kick is drained with
+sigtimedwait before run() returns.
+
+Stopping. A stop (pause, deadline, power-off) sets ``immediate_exit`` and the
+vCPU does one more KVM_RUN, which completes a pending PIO/MMIO instruction
+without running guest code: after run() returns, registers and device state
+agree and can be captured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sporevm.errors import SporeError
+from sporevm.vmm import boot, kvm
+from sporevm.vmm.bus import Bus, BusDevice, IrqLine
+from sporevm.vmm.cpu import RFLAGS_IF, Vcpu, build_cpuid, code_at, translate
+from sporevm.vmm.devices.power import (
+    I8042,
+    I8042_DATA,
+    SPORE_POWER_LEN,
+    SPORE_POWER_PORT,
+    PowerEvent,
+    PowerPort,
+)
+from sporevm.vmm.devices.serial import COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial
+from sporevm.vmm.kvm import (
+    KvmClockData,
+    KvmCpuid2,
+    KvmCpuidEntry2,
+    KvmDirtyLog,
+    KvmError,
+    KvmIrqchip,
+    KvmIrqLevel,
+    KvmMsrList,
+    KvmPitConfig,
+    KvmPitState2,
+    KvmUserspaceMemoryRegion,
+    ioctl,
+    ioctl_eintr_ok,
+)
+from sporevm.vmm.memory import GuestMemory
+
+# Fixed addresses KVM needs for its own use on Intel (real-mode TSS, EPT identity map):
+# three pages and one page just below the BIOS area at the top of 4 GiB, as QEMU uses.
+KVM_TSS_ADDR = 0xFFFBD000
+KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
+MMIO_HOLE_START = 0xC0000000  # RAM stops here; device windows live above
+KICK_SIGNAL = signal.SIGUSR1
+DEFAULT_KICK_INTERVAL = 0.1
+INT3, FWAIT = 0xCC, 0x9B
+BP_VECTOR = 3
+
+
+class VmmFault(SporeError):
+    """The guest stopped in a way the VMM does not handle; carries where and why."""
+
+    def __init__(
+        self, reason: str, *, vcpu: int, rip: int | None, code: bytes | None, detail: str = ""
+    ) -> None:
+        self.reason, self.vcpu, self.rip, self.code, self.detail = reason, vcpu, rip, code, detail
+        where = f"rip={rip:#x}" if rip is not None else "rip=?"
+        insn = code.hex(" ") if code else "unreadable"
+        super().__init__(
+            f"vCPU {vcpu}: {reason} at {where} (bytes: {insn})" + (f"; {detail}" if detail else "")
+        )
+
+
+class StopReason(enum.Enum):
+    POWEROFF = "poweroff"  # spore power port (status = value written)
+    RESET = "reset"  # i8042 reset or a KVM reset system event
+    SHUTDOWN = "shutdown"  # triple fault (Linux reboot=t)
+    HALTED = "halted"  # HLT with interrupts off: the guest can never run again
+    DEADLINE = "deadline"
+    PAUSED = "paused"
+
+
+TERMINAL = {StopReason.POWEROFF, StopReason.RESET, StopReason.SHUTDOWN}
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    reason: StopReason
+    status: int | None = None
+    vcpu: int = 0
+    rip: int | None = None
+    code: bytes | None = None  # instruction bytes at rip, best effort
+    detail: str = ""
+
+
+@dataclass
+class Stats:
+    exits: Counter[str] = field(default_factory=Counter)
+    unhandled_pio: Counter[int] = field(default_factory=Counter)
+    unhandled_mmio: Counter[int] = field(default_factory=Counter)
+    fixups: Counter[str] = field(default_factory=Counter)
+
+
+class _IrqLine:
+    """A GSI on the in-kernel irqchip; redundant levels are not re-sent."""
+
+    def __init__(self, vm_fd: int, gsi: int) -> None:
+        self._fd, self._gsi, self._level = vm_fd, gsi, False
+
+    def set_level(self, high: bool) -> None:
+        if high == self._level:
+            return
+        self._level = high
+        ioctl(self._fd, kvm.KVM_IRQ_LINE, KvmIrqLevel(self._gsi, int(high)))
+
+
+class Machine:
+    """A KVM VM on the spore board (docs/vmm.md)."""
+
+    def __init__(
+        self,
+        memory_bytes: int,
+        vcpus: int = 1,
+        *,
+        dirty_log: bool = False,
+        strict_io: bool = False,
+        serial_output: Callable[[bytes], None] | None = None,
+        kick_interval: float = DEFAULT_KICK_INTERVAL,
+        host_fixups: bool = True,
+    ) -> None:
+        if not 1 <= vcpus <= 64:
+            raise KvmError(f"vcpus={vcpus}: must be 1..64")
+        if memory_bytes > MMIO_HOLE_START:
+            raise KvmError(f"guest RAM {memory_bytes:#x} exceeds {MMIO_HOLE_START:#x} (3 GiB)")
+        self.strict_io = strict_io
+        self.host_fixups = host_fixups
+        self.kick_interval = kick_interval
+        self.stats = Stats()
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self._closed = False
+        self._bus_lock = threading.Lock()
+        self._kick_lock = threading.Lock()
+        self._threads: dict[int, int] = {}  # vcpu index -> thread ident while in run()
+        self._stop: ExitResult | None = None
+        self._terminal: ExitResult | None = None
+        self._running = threading.Lock()
+        self.sys_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        self.vm_fd = -1
+        try:
+            self._create(memory_bytes, vcpus, dirty_log)
+        except BaseException:
+            self.close()
+            raise
+        self.serial_out: list[bytes] = []
+        out = serial_output if serial_output is not None else self.serial_out.append
+        self.serial = Serial(self.irq_line(COM1_IRQ), out)
+        self.add_pio(COM1_BASE, SERIAL_PORTS, self.serial)
+        self.add_pio(I8042_DATA, 5, I8042(self._power_event))
+        self.add_pio(SPORE_POWER_PORT, SPORE_POWER_LEN, PowerPort(self._power_event))
+
+    def _create(self, memory_bytes: int, nvcpus: int, dirty_log: bool) -> None:
+        sysfd = self.sys_fd
+        if ioctl(sysfd, kvm.KVM_GET_API_VERSION) != kvm.KVM_API_VERSION:
+            raise KvmError("/dev/kvm speaks an unexpected API version")
+        for cap, name in (
+            (kvm.KVM_CAP_IRQCHIP, "IRQCHIP"),
+            (kvm.KVM_CAP_PIT2, "PIT2"),
+            (kvm.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"),
+            (kvm.KVM_CAP_USER_MEMORY, "USER_MEMORY"),
+        ):
+            if ioctl(sysfd, kvm.KVM_CHECK_EXTENSION, cap) <= 0:
+                raise KvmError(f"this KVM lacks KVM_CAP_{name}, which the VMM needs")
+        mmap_size = ioctl(sysfd, kvm.KVM_GET_VCPU_MMAP_SIZE)
+        self.vm_fd = ioctl(sysfd, kvm.KVM_CREATE_VM, 0)
+        if ioctl(sysfd, kvm.KVM_CHECK_EXTENSION, kvm.KVM_CAP_SET_TSS_ADDR) > 0:
+            ioctl(self.vm_fd, kvm.KVM_SET_TSS_ADDR, KVM_TSS_ADDR)
+        if ioctl(sysfd, kvm.KVM_CHECK_EXTENSION, kvm.KVM_CAP_SET_IDENTITY_MAP_ADDR) > 0:
+            ioctl(self.vm_fd, kvm.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(KVM_IDENTITY_MAP_ADDR))
+        ioctl(self.vm_fd, kvm.KVM_CREATE_IRQCHIP)
+        pit = KvmPitConfig()
+        pit.flags = kvm.KVM_PIT_SPEAKER_DUMMY
+        ioctl(self.vm_fd, kvm.KVM_CREATE_PIT2, pit)
+        self.memory = GuestMemory(memory_bytes)
+        self.dirty_log = dirty_log
+        region = KvmUserspaceMemoryRegion(
+            0,
+            kvm.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0,
+            0,
+            memory_bytes,
+            self.memory.address(),
+        )
+        ioctl(self.vm_fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
+        supported = self.supported_cpuid()
+        self.msr_index_list = self._msr_index_list()
+        listed = set(self.msr_index_list)
+        from sporevm.vmm.cpu import BOOT_MSRS
+
+        boot_msrs = {k: v for k, v in BOOT_MSRS.items() if k in listed}
+        for i in range(nvcpus):
+            v = Vcpu(self.vm_fd, i, mmap_size)
+            self.vcpus.append(v)
+            v.set_cpuid(build_cpuid(supported, i, nvcpus))
+            v.set_msrs(boot_msrs)
+        self._install_stray_kick_handler()
+
+    # --- system queries ----------------------------------------------------------------
+    def supported_cpuid(self) -> list[KvmCpuidEntry2]:
+        c = KvmCpuid2()
+        c.nent = kvm.MAX_CPUID_ENTRIES
+        ioctl(self.sys_fd, kvm.KVM_GET_SUPPORTED_CPUID, c)
+        return [KvmCpuidEntry2.from_buffer_copy(c.entries[i]) for i in range(c.nent)]
+
+    def _msr_index_list(self) -> list[int]:
+        m = KvmMsrList()
+        m.nmsrs = len(m.indices)
+        ioctl(self.sys_fd, kvm.KVM_GET_MSR_INDEX_LIST, m)
+        return [int(m.indices[i]) for i in range(m.nmsrs)]
+
+    @staticmethod
+    def _install_stray_kick_handler() -> None:
+        # Kicks are thread-directed and blocked outside KVM_RUN; this only keeps a stray
+        # process-directed SIGUSR1 from killing the process (default action: terminate).
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+                signal.signal(KICK_SIGNAL, lambda _s, _f: None)
+
+    # --- board wiring ------------------------------------------------------------------
+    def add_pio(self, base: int, length: int, dev: BusDevice) -> None:
+        self.pio.add(base, length, dev)
+
+    def add_mmio(self, base: int, length: int, dev: BusDevice) -> None:
+        if base < self.ram.size:
+            raise KvmError(f"MMIO window {base:#x} overlaps guest RAM")
+        self.mmio.add(base, length, dev)
+
+    def irq_line(self, gsi: int) -> IrqLine:
+        if not 0 <= gsi < 24:
+            raise KvmError(f"GSI {gsi} is outside the IOAPIC's 24 pins")
+        return _IrqLine(self.vm_fd, gsi)
+
+    @property
+    def ram(self) -> GuestMemory:
+        if self.memory is None:
+            raise KvmError("machine is closed")
+        return self.memory
+
+    def load_kernel(
+        self,
+        image: bytes,
+        cmdline: str,
+        initrd: bytes | None = None,
+        *,
+        rng_seed: bytes | None = None,
+    ) -> boot.LoadedKernel:
+        """Load a bzImage or ELF and point vCPU 0 at its 64-bit entry."""
+        loaded = boot.boot(self.ram, image, cmdline, initrd, rng_seed=rng_seed)
+        self.vcpus[0].enter_long_mode(loaded.entry)
+        return loaded
+
+    # --- VM-wide state (snapshots) -----------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> KvmIrqchip:
+        c = KvmIrqchip()
+        c.chip_id = chip_id
+        ioctl(self.vm_fd, kvm.KVM_GET_IRQCHIP, c)
+        return c
+
+    def set_irqchip(self, chip: KvmIrqchip) -> None:
+        ioctl(self.vm_fd, kvm.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> KvmPitState2:
+        s = KvmPitState2()
+        ioctl(self.vm_fd, kvm.KVM_GET_PIT2, s)
+        return s
+
+    def set_pit2(self, s: KvmPitState2) -> None:
+        ioctl(self.vm_fd, kvm.KVM_SET_PIT2, s)
+
+    def get_clock(self) -> KvmClockData:
+        s = KvmClockData()
+        ioctl(self.vm_fd, kvm.KVM_GET_CLOCK, s)
+        return s
+
+    def set_clock(self, s: KvmClockData) -> None:
+        ioctl(self.vm_fd, kvm.KVM_SET_CLOCK, s)
+
+    def get_dirty_log(self) -> bytes:
+        """KVM's dirty bitmap for guest RAM since the last call (bit n = page n); clears it."""
+        if not self.dirty_log:
+            raise KvmError("dirty logging was not enabled for this machine")
+        pages = self.ram.size // 4096
+        buf = (ctypes.c_uint8 * (((pages + 63) // 64) * 8))()
+        log = KvmDirtyLog(0, 0, ctypes.addressof(buf))
+        ioctl(self.vm_fd, kvm.KVM_GET_DIRTY_LOG, log)
+        return bytes(buf)[: (pages + 7) // 8]
+
+    # --- running -----------------------------------------------------------------------
+    def run(self, deadline: float | None = None) -> ExitResult:
+        """Run until power-off, reset, shutdown, a dead halt, ``deadline`` or pause().
+
+        ``deadline`` is a ``time.monotonic()`` value. Unexpected exits raise VmmFault.
+        """
+        if self._terminal is not None:
+            raise KvmError(f"machine already stopped ({self._terminal.reason.value})")
+        if not self._running.acquire(blocking=False):
+            raise KvmError("run() is already in progress on another thread")
+        try:
+            self._stop = None
+            result = _run_machine(self, deadline)
+            if result.reason in TERMINAL:
+                self._terminal = result
+            return result
+        finally:
+            self._running.release()
+
+    def pause(self) -> bool:
+        """Ask a running run() to return PAUSED; True if a run() was interrupted."""
+        return self.request_stop(ExitResult(StopReason.PAUSED))
+
+    def request_stop(self, result: ExitResult) -> bool:
+        """First stop wins: every vCPU leaves KVM_RUN at the next instruction boundary."""
+        with self._kick_lock:
+            if self._stop is None:
+                self._stop = result
+            running = bool(self._threads)
+            for v in self.vcpus:
+                v.run.immediate_exit = 1
+            for ident in self._threads.values():
+                signal.pthread_kill(ident, KICK_SIGNAL)
+        return running
+
+    def kick_all(self) -> None:
+        with self._kick_lock:
+            for ident in self._threads.values():
+                signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def _power_event(self, event: PowerEvent, status: int) -> None:
+        reason = StopReason.POWEROFF if event is PowerEvent.POWEROFF else StopReason.RESET
+        self.request_stop(ExitResult(reason, status=status))
+
+    def describe(self, index: int) -> tuple[int | None, bytes | None]:
+        """(RIP, instruction bytes at RIP) of a vCPU, best effort, for reports."""
+        try:
+            v = self.vcpus[index]
+            rip = int(v.get_regs().rip)
+            return rip, code_at(self.ram, v.get_sregs(), rip)
+        except (OSError, KvmError):
+            return None, None
+
+    def fault(self, index: int, reason: str, detail: str = "") -> VmmFault:
+        rip, code = self.describe(index)
+        return VmmFault(reason, vcpu=index, rip=rip, code=code, detail=detail)
+
+    def halted_dead(self, index: int) -> bool:
+        """True if the vCPU sits in HLT with interrupts disabled (only NMI/INIT could wake it)."""
+        v = self.vcpus[index]
+        return v.get_mp_state() == kvm.KVM_MP_STATE_HALTED and not v.get_regs().rflags & RFLAGS_IF
+
+    # --- dispatch (called on vCPU threads) --------------------------------------------
+    def pio_read(self, index: int, port: int, size: int) -> bytes:
+        with self._bus_lock:
+            data = self.pio.read(port, size)
+        if data is None:
+            if self.strict_io:
+                raise self.fault(index, "PIO read from unmapped port", f"port {port:#x}/{size}")
+            self.stats.unhandled_pio[port] += 1
+            return b"\xff" * size
+        return data
+
+    def pio_write(self, index: int, port: int, data: bytes) -> None:
+        with self._bus_lock:
+            hit = self.pio.write(port, data)
+        if not hit:
+            if self.strict_io:
+                raise self.fault(
+                    index, "PIO write to unmapped port", f"port {port:#x} <- {data.hex()}"
+                )
+            self.stats.unhandled_pio[port] += 1
+
+    def mmio_read(self, index: int, addr: int, size: int) -> bytes:
+        with self._bus_lock:
+            data = self.mmio.read(addr, size)
+        if data is None:
+            if self.strict_io:
+                raise self.fault(index, "MMIO read outside any device", f"addr {addr:#x}/{size}")
+            self.stats.unhandled_mmio[addr] += 1
+            return b"\xff" * size
+        return data
+
+    def mmio_write(self, index: int, addr: int, data: bytes) -> None:
+        with self._bus_lock:
+            hit = self.mmio.write(addr, data)
+        if not hit:
+            if self.strict_io:
+                raise self.fault(
+                    index, "MMIO write outside any device", f"addr {addr:#x} <- {data.hex()}"
+                )
+            self.stats.unhandled_mmio[addr] += 1
+
+    def fix_up(self, index: int) -> bool:
+        """Handle a kvm_pvm emulator gap (INTERNAL_ERROR, suberror 1) if it is one we know.
+
+        Only two exact one-byte instructions, and only as the byte at RIP:
+        ``int3`` is delivered as the #BP trap it would raise (RIP after the int3, as
+        the CPU would push), ``fwait`` is a no-op without pending x87 exceptions and
+        is stepped over. Anything else is a fault.
+        """
+        if not self.host_fixups:
+            return False
+        v = self.vcpus[index]
+        regs, sregs = v.get_regs(), v.get_sregs()
+        pa = translate(self.ram, sregs, int(regs.rip))
+        if pa is None or pa >= self.ram.size:
+            return False
+        op = self.ram.read(pa, 1)[0]
+        if op == INT3:
+            regs.rip += 1
+            v.set_regs(regs)
+            ev = v.get_events()
+            ev.exception.injected, ev.exception.nr = 1, BP_VECTOR
+            ev.exception.has_error_code, ev.exception.error_code = 0, 0
+            ev.flags = 0
+            v.set_events(ev)
+            self.stats.fixups["int3"] += 1
+            return True
+        if op == FWAIT:
+            regs.rip += 1
+            v.set_regs(regs)
+            self.stats.fixups["fwait"] += 1
+            return True
+        return False
+
+    # --- lifetime ----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        if self.vm_fd >= 0:
+            os.close(self.vm_fd)
+            self.vm_fd = -1
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        os.close(self.sys_fd)
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- the run loop -------------------------------------------------------------------------
+
+
+class _Kicker(threading.Thread):
+    """Kicks every vCPU thread at the deadline and every ``kick_interval`` seconds."""
+
+    def __init__(self, m: Machine, deadline: float | None) -> None:
+        super().__init__(name="spore-vcpu-kicker", daemon=True)
+        self._m, self._deadline = m, deadline
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            timeout = self._m.kick_interval
+            if self._deadline is not None:
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    timeout = min(timeout, remaining)
+            if self._done.wait(timeout):
+                return
+            self._m.kick_all()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def _run_machine(m: Machine, deadline: float | None) -> ExitResult:
+    errors: list[BaseException] = []
+
+    def helper(index: int) -> None:
+        try:
+            _vcpu_loop(m, index, deadline)
+        except BaseException as e:  # surfaced by run() on the caller's thread
+            errors.append(e)
+            m.request_stop(ExitResult(StopReason.PAUSED, vcpu=index))
+
+    helpers = [
+        threading.Thread(target=helper, args=(i,), name=f"spore-vcpu{i}", daemon=True)
+        for i in range(1, len(m.vcpus))
+    ]
+    kicker = _Kicker(m, deadline)
+    kicker.start()
+    for t in helpers:
+        t.start()
+    try:
+        _vcpu_loop(m, 0, deadline)
+    except BaseException:
+        m.request_stop(ExitResult(StopReason.PAUSED))
+        raise
+    finally:
+        for t in helpers:
+            t.join()
+        kicker.stop()
+    if errors:
+        raise errors[0]
+    res = m._stop
+    assert res is not None
+    if res.rip is None:
+        rip, code = m.describe(res.vcpu)
+        res = ExitResult(res.reason, res.status, res.vcpu, rip, code, res.detail)
+    return res
+
+
+def _vcpu_loop(m: Machine, i: int, deadline: float | None) -> None:
+    v = m.vcpus[i]
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+    try:
+        v.set_signal_mask({int(s) for s in old_mask} - {int(KICK_SIGNAL)})
+        with m._kick_lock:
+            m._threads[i] = threading.get_ident()
+            v.run.immediate_exit = 1 if m._stop is not None else 0
+        _vcpu_exits(m, i, v, deadline)
+    finally:
+        with m._kick_lock:
+            m._threads.pop(i, None)
+            v.run.immediate_exit = 0
+        while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
+            pass  # drain our own kick before SIGUSR1 is unblocked again
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _vcpu_exits(m: Machine, i: int, v: Vcpu, deadline: float | None) -> None:
+    run = v.run
+    exits = m.stats.exits
+    while True:
+        ret, err = ioctl_eintr_ok(v.fd, kvm.KVM_RUN)
+        if ret < 0:
+            if err not in (errno.EINTR, errno.EAGAIN):
+                raise m.fault(i, "KVM_RUN failed", os.strerror(err))
+            if _on_kick(m, i, v, deadline):
+                return
+            continue
+        reason = run.exit_reason
+        if reason == kvm.KVM_EXIT_IO:
+            exits["IO"] += 1
+            io = run.exit.io
+            size, count, port = int(io.size), int(io.count), int(io.port)
+            if io.direction == kvm.KVM_EXIT_IO_OUT:
+                data = v.io_data(size * count)
+                for k in range(count):
+                    m.pio_write(i, port, data[k * size : (k + 1) * size])
+            else:
+                v.set_io_data(b"".join(m.pio_read(i, port, size) for _ in range(count)))
+        elif reason == kvm.KVM_EXIT_MMIO:
+            exits["MMIO"] += 1
+            mm = run.exit.mmio
+            n = min(int(mm.len), 8)
+            if mm.is_write:
+                m.mmio_write(i, int(mm.phys_addr), bytes(mm.data[:n]))
+            else:
+                data = m.mmio_read(i, int(mm.phys_addr), n)
+                ctypes.memmove(ctypes.addressof(mm.data), data, n)
+        else:
+            exits[kvm.EXIT_NAMES.get(reason, str(reason))] += 1
+            if _other_exit(m, i, v, reason):
+                return
+
+
+def _on_kick(m: Machine, i: int, v: Vcpu, deadline: float | None) -> bool:
+    """KVM_RUN returned EINTR (pending PIO/MMIO already completed). True = leave the loop."""
+    with m._kick_lock:
+        if m._stop is not None:
+            return True
+        v.run.immediate_exit = 0  # a pause() that raced with the start of run()
+    if deadline is not None and time.monotonic() >= deadline:
+        m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))
+        return True
+    if m.halted_dead(i):
+        m.request_stop(ExitResult(StopReason.HALTED, vcpu=i, detail="HLT with interrupts disabled"))
+        return True
+    return False
+
+
+def _other_exit(m: Machine, i: int, v: Vcpu, reason: int) -> bool:
+    """Every exit but IO/MMIO. True = leave the loop; unknown exits raise VmmFault."""
+    run = v.run
+    if reason == kvm.KVM_EXIT_SHUTDOWN:
+        m.request_stop(ExitResult(StopReason.SHUTDOWN, vcpu=i, detail="triple fault"))
+        return True
+    if reason == kvm.KVM_EXIT_INTERNAL_ERROR:
+        sub = int(run.exit.internal.suberror)
+        if sub == kvm.KVM_INTERNAL_ERROR_EMULATION and m.fix_up(i):
+            return False
+        nd = min(int(run.exit.internal.ndata), 16)
+        data = " ".join(f"{int(run.exit.internal.data[k]):#x}" for k in range(nd))
+        raise m.fault(i, "KVM internal error", f"suberror {sub}, data [{data}]")
+    if reason == kvm.KVM_EXIT_SYSTEM_EVENT:
+        kind = int(run.exit.system_event.type)
+        if kind == kvm.KVM_SYSTEM_EVENT_SHUTDOWN:
+            m.request_stop(ExitResult(StopReason.POWEROFF, vcpu=i, detail="system event"))
+            return True
+        if kind == kvm.KVM_SYSTEM_EVENT_RESET:
+            m.request_stop(ExitResult(StopReason.RESET, vcpu=i, detail="system event"))
+            return True
+        raise m.fault(i, "KVM system event", f"type {kind}")
+    if reason == kvm.KVM_EXIT_HLT:  # only without an in-kernel LAPIC; kept for completeness
+        m.request_stop(ExitResult(StopReason.HALTED, vcpu=i, detail="HLT exit"))
+        return True
+    if reason == kvm.KVM_EXIT_INTR:
+        return False
+    if reason == kvm.KVM_EXIT_FAIL_ENTRY:
+        hw = int(run.exit.fail_entry.hardware_entry_failure_reason)
+        raise m.fault(i, "VM entry failed", f"hardware reason {hw:#x}")
+    raise m.fault(i, f"unexpected exit {kvm.EXIT_NAMES.get(reason, reason)}")
