@@ -284,6 +284,7 @@ def test_state_round_trip(mem: GuestMemory) -> None:
     [
         {"size": 0},
         {"size": 512},
+        {"size": 1 << 32},
         {"ready": 1},
         {"used_idx": 0x10000},
         {"desc_addr": -1},
@@ -299,6 +300,14 @@ def test_restore_rejects_bad_state(mem: GuestMemory, patch: dict[str, object]) -
     with pytest.raises(VirtioStateError):
         other.restore(state)
     assert not other.ready
+
+
+def test_restore_keeps_bogus_size_of_unready_queue(mem: GuestMemory) -> None:
+    q = Virtqueue(mem, 8)
+    q.size = 0xFFFF_FFFF  # the driver may write anything to QueueNum before QueueReady
+    other = Virtqueue(mem, 8)
+    other.restore(q.state())
+    assert other.size == 0xFFFF_FFFF and not other.ready
 
 
 def test_restore_rejects_non_mapping(mem: GuestMemory) -> None:

@@ -303,7 +303,8 @@ class Virtqueue:
         s = expect_keys(state, where, _STATE_KEYS)
         u64 = (1 << 64) - 1
         fields = (
-            get_int(s, where, "size", 1, self.max_size),
+            # Any u32 the driver wrote to QueueNum; checked by layout_error() if ready.
+            get_int(s, where, "size", 0, U32_MAX),
             get_bool(s, where, "ready"),
             get_int(s, where, "desc_addr", 0, u64),
             get_int(s, where, "avail_addr", 0, u64),
