@@ -55,6 +55,14 @@ def encode(
     return out + struct.pack("<H", len(host_data)) + host_data + ram
 
 
+def _make_device(device: int, out: list[bytes]) -> "VirtioDevice":
+    if device == 0:
+        return BlkDevice(_disk_fd, DISK, serial=b"fuzz")
+    if device == 1:
+        return ConsoleDevice(out.append, host_buffer=4096)
+    return RngDevice()
+
+
 def _w32(t: "mmio.VirtioMmio", off: int, value: int) -> None:
     t.write(off, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
 
@@ -79,13 +87,7 @@ def TestOneInput(data: bytes) -> None:
     _mem.write(0, ram.ljust(RAM, b"\0"))
 
     out: list[bytes] = []
-    dev: VirtioDevice
-    if device == 0:
-        dev = BlkDevice(_disk_fd, DISK, serial=b"fuzz")
-    elif device == 1:
-        dev = ConsoleDevice(out.append, host_buffer=4096)
-    else:
-        dev = RngDevice()
+    dev = _make_device(device, out)
     t = mmio.VirtioMmio(dev, _mem, _Irq())
 
     features = F_VERSION_1 | (F_INDIRECT_DESC if flags & 1 else 0)
@@ -124,9 +126,7 @@ def TestOneInput(data: bytes) -> None:
         assert dev.pending <= 4096
     # Whatever happened, the snapshot must be valid input to restore.
     state = t.state()
-    t2 = mmio.VirtioMmio(
-        type(dev)() if device else BlkDevice(_disk_fd, DISK, serial=b"fuzz"), _mem, _Irq()
-    )
+    t2 = mmio.VirtioMmio(_make_device(device, []), _mem, _Irq())
     t2.restore(state)
     assert t2.state() == state
 
