@@ -18,9 +18,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PROBE_DIR = Path(__file__).resolve().parent / "probe"
-CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spore-tests" / "probe"
+CACHE_ROOT = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spore-tests" / "probe"
+)
 CC = os.environ.get("CC", "gcc")
 CFLAGS = [
     "-std=gnu11",
@@ -95,3 +98,83 @@ def build_probe() -> Path:
 
 if __name__ == "__main__":
     print(build_probe())
+
+
+# --- booting the probe (shared by the probe tests) ------------------------------------------
+
+PROBE_TEST_PORT = 0x520
+PROBE_TEST_PORT_LEN = 16
+PROBE_MMIO_BASE = 0xD1000000  # above the virtio windows' first slots; the tests own it
+
+
+class TestPort:
+    """The probe's PIO test device (see tests/probe/probe.h)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.fifo = bytearray()
+        self.loop: list[int] = []
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == 0:
+            return ((self.value ^ 0xA5A5A5A5) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if offset == 4:
+            out = bytes(self.fifo[:size])
+            del self.fifo[:size]
+            return out.ljust(size, b"\0")
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == 0:
+            self.value = int.from_bytes(data, "little")
+        elif offset == 4:
+            self.fifo += data
+        elif offset == 8:
+            self.loop.append(int.from_bytes(data, "little"))
+
+
+class MmioEcho:
+    """Stores writes; reads return the stored bytes ^ 0x5a."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.mem = bytearray(size)
+        self.accesses = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.accesses += 1
+        return bytes(b ^ 0x5A for b in self.mem[offset : offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.accesses += 1
+        self.mem[offset : offset + len(data)] = data
+
+
+class ProbeVm:
+    """A Machine with the probe loaded and its test devices attached; use as a context."""
+
+    def __init__(self, tests: str, extra_cmdline: str = "", **machine_kwargs: Any) -> None:
+        from sporevm.vmm.machine import Machine
+
+        self.serial = bytearray()
+        machine_kwargs.setdefault("strict_io", True)
+        self.machine = Machine(
+            machine_kwargs.pop("memory_bytes", 32 << 20),
+            serial_output=self.serial.extend,
+            **machine_kwargs,
+        )
+        self.port = TestPort()
+        self.mmio = MmioEcho()
+        self.machine.add_pio(PROBE_TEST_PORT, PROBE_TEST_PORT_LEN, self.port)
+        self.machine.add_mmio(PROBE_MMIO_BASE, len(self.mmio.mem), self.mmio)
+        cmdline = f"probe.tests={tests} probe.mmio={PROBE_MMIO_BASE:#x} {extra_cmdline}".strip()
+        self.machine.load_kernel(build_probe().read_bytes(), cmdline)
+
+    @property
+    def output(self) -> str:
+        return self.serial.decode(errors="replace")
+
+    def __enter__(self) -> ProbeVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.machine.close()

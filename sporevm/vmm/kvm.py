@@ -567,3 +567,15 @@ def struct_from(cls: type[Structure], data: bytes) -> Structure:
     if len(data) != sizeof(cls):
         raise KvmError(f"{cls.__name__}: expected {sizeof(cls)} bytes, got {len(data)}")
     return cls.from_buffer_copy(data)
+
+
+def host_class() -> str:
+    """Which KVM module backs /dev/kvm: "kvm_pvm", "kvm_intel", "kvm_amd" or "unknown".
+
+    kvm_pvm (a software hypervisor: guest kernel code is emulated) needs the guest-kernel
+    patch set and the VMM fix-ups described in docs/vmm.md.
+    """
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if os.path.isdir(f"/sys/module/{name}"):
+            return name
+    return "unknown"

@@ -591,6 +591,10 @@ def _vcpu_exits(m: Machine, i: int, v: Vcpu, deadline: float | None) -> None:
 
 def _on_kick(m: Machine, i: int, v: Vcpu, deadline: float | None) -> bool:
     """KVM_RUN returned EINTR (pending PIO/MMIO already completed). True = leave the loop."""
+    # The kick stays pending (blocked outside KVM_RUN): consume it, or every later KVM_RUN
+    # would return EINTR at once. A stop is flagged before its kick is sent, so it is seen.
+    while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
+        pass
     with m._kick_lock:
         if m._stop is not None:
             return True

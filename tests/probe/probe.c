@@ -222,3 +222,8 @@ PROBE_TEST(fwait) {
     __asm__ volatile("fwait");
     return 0;
 }
+
+PROBE_TEST(idle) {
+    for (;;) __asm__ volatile("sti; hlt"); /* nothing is wired to interrupt us */
+    return 1;
+}
