@@ -1,0 +1,245 @@
+"""KVM core: struct layouts, ioctl numbers, state round-trips on a real vCPU, dirty log, boot."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sporevm.vmm import boot, kvm
+from sporevm.vmm.boot import BootError
+from sporevm.vmm.cpu import code_at, translate
+from sporevm.vmm.machine import Machine, StopReason
+from sporevm.vmm.memory import GuestMemory
+from tests.probe_build import ProbeVm
+
+needs_kvm = pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm"
+)
+
+
+@pytest.mark.parametrize(
+    ("cls", "size"),
+    [
+        (kvm.KvmRegs, 144),
+        (kvm.KvmSregs, 312),
+        (kvm.KvmCpuidEntry2, 40),
+        (kvm.KvmIrqchip, 520),
+        (kvm.KvmPitState2, 112),
+        (kvm.KvmClockData, 48),
+        (kvm.KvmVcpuEvents, 64),
+        (kvm.KvmXcrs, 392),
+        (kvm.KvmLapicState, 1024),
+        (kvm.KvmFpu, 416),
+        (kvm.KvmXsave, 4096),
+        (kvm.KvmUserspaceMemoryRegion, 32),
+        (kvm.KvmMsrEntry, 16),
+        (kvm.KvmPitConfig, 64),
+        (kvm.KvmIrqLevel, 8),
+        (kvm.KvmRun, 304),
+    ],
+)
+def test_struct_sizes(cls: type[ctypes.Structure], size: int) -> None:
+    assert ctypes.sizeof(cls) == size
+
+
+def test_ioctl_numbers() -> None:
+    assert kvm.KVM_SET_IRQCHIP == 0x8208AE63  # encoded _IOR in the uapi header
+    assert kvm.KVM_GET_PIT2 == 0x8070AE9F
+    assert kvm.KVM_GET_VCPU_EVENTS == 0x8040AE9F  # same nr, vCPU fd
+    assert kvm.KVM_RUN == 0xAE80
+    assert kvm.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert kvm.KVM_GET_SUPPORTED_CPUID == 0xC008AE05
+    assert kvm.KvmRun.exit.offset == 32
+    assert kvm.KvmRun.kvm_valid_regs.offset == 288
+
+
+@pytest.fixture
+def machine() -> Iterator[Machine]:
+    with Machine(16 << 20) as m:
+        yield m
+
+
+def same(a: ctypes.Structure, b: ctypes.Structure) -> bool:
+    return kvm.struct_bytes(a) == kvm.struct_bytes(b)
+
+
+@needs_kvm
+@pytest.mark.parametrize("what", ["regs", "sregs", "fpu", "xsave", "xcrs", "lapic", "events"])
+def test_vcpu_state_round_trip(machine: Machine, what: str) -> None:
+    v = machine.vcpus[0]
+    get, put = getattr(v, f"get_{what}"), getattr(v, f"set_{what}")
+    if what == "regs":  # make it non-trivial
+        r = v.get_regs()
+        r.rax, r.r15, r.rip, r.rflags = 0x1122334455667788, 7, 0x100000, 0x202
+        v.set_regs(r)
+    a = get()
+    put(a)
+    assert same(a, get())
+
+
+@needs_kvm
+def test_vcpu_mp_state_msrs_cpuid_round_trip(machine: Machine) -> None:
+    v = machine.vcpus[0]
+    v.set_mp_state(kvm.KVM_MP_STATE_HALTED)
+    assert v.get_mp_state() == kvm.KVM_MP_STATE_HALTED
+    v.set_mp_state(kvm.KVM_MP_STATE_RUNNABLE)
+    idx = v.readable_msrs(machine.msr_index_list)
+    assert len(idx) >= 10
+    values = v.get_msrs(idx)
+    v.set_msrs({k: values[k] for k in idx if k != 0x10})  # the TSC keeps ticking
+    again = v.get_msrs(idx)
+    assert {k: again[k] for k in idx if k != 0x10} == {k: values[k] for k in idx if k != 0x10}
+    cpuid = {(e.function, e.index): e for e in v.get_cpuid()}
+    assert cpuid[(1, 0)].ecx & (1 << 31)  # hypervisor bit
+    sig = cpuid[(0x40000000, 0)]
+    assert struct.pack("<III", sig.ebx, sig.ecx, sig.edx) == b"KVMKVMKVM\0\0\0"
+
+
+@needs_kvm
+def test_vm_state_round_trip(machine: Machine) -> None:
+    for chip in (kvm.KVM_IRQCHIP_PIC_MASTER, kvm.KVM_IRQCHIP_PIC_SLAVE, kvm.KVM_IRQCHIP_IOAPIC):
+        a = machine.get_irqchip(chip)
+        machine.set_irqchip(a)
+        assert same(a, machine.get_irqchip(chip))
+    pit = machine.get_pit2()
+    machine.set_pit2(pit)
+    back = machine.get_pit2()
+    for ch in range(3):  # count_load_time is re-based to "now" on every set
+        back.channels[ch].count_load_time = pit.channels[ch].count_load_time
+    assert same(pit, back)
+    clk = machine.get_clock()
+    machine.set_clock(clk)
+    later = machine.get_clock()
+    assert clk.clock <= later.clock < clk.clock + 1_000_000_000
+
+
+@needs_kvm
+def test_dirty_log_sees_guest_writes() -> None:
+    base, pages = 0x800000, 5
+    with ProbeVm("dirty", f"probe.dirty={base:#x},{pages}", dirty_log=True) as vm:
+        r = vm.machine.run(time.monotonic() + 5)
+        assert (r.reason, r.status) == (StopReason.POWEROFF, 0)
+        log = vm.machine.get_dirty_log()
+
+        def bit(page: int) -> bool:
+            return bool(log[page // 8] >> (page % 8) & 1)
+
+        first = base // 4096
+        assert all(bit(first + i) for i in range(pages))
+        assert not bit(first + pages) and not bit(first - 1)
+        assert not any(vm.machine.get_dirty_log())  # reading cleared it
+
+
+@needs_kvm
+def test_dirty_log_requires_opt_in(machine: Machine) -> None:
+    with pytest.raises(kvm.KvmError, match="not enabled"):
+        machine.get_dirty_log()
+
+
+@needs_kvm
+def test_irq_line_and_gsi_bounds(machine: Machine) -> None:
+    line = machine.irq_line(5)
+    line.set_level(True)
+    line.set_level(False)
+    with pytest.raises(kvm.KvmError):
+        machine.irq_line(24)
+
+
+def test_host_class_is_known() -> None:
+    assert kvm.host_class() in ("kvm_pvm", "kvm_intel", "kvm_amd", "unknown")
+
+
+# --- boot protocol ------------------------------------------------------------------------
+
+
+def fake_bzimage(*, version: int = 0x020F, xlf: int = 1, setup_sects: int = 1) -> bytes:
+    img = bytearray(0x400 + 0x2000)
+    img[0x1F1] = setup_sects
+    struct.pack_into("<H", img, 0x1FE, 0xAA55)
+    img[0x200], img[0x201] = 0xEB, 0x6A  # jmp: header ends at 0x202 + 0x6a = 0x26c
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x206, version)
+    img[0x211] = 0x01
+    struct.pack_into("<I", img, 0x22C, 0x7FFFFFFF)
+    struct.pack_into("<I", img, 0x230, 0x200000)
+    struct.pack_into("<H", img, 0x236, xlf)
+    struct.pack_into("<I", img, 0x238, 2047)
+    struct.pack_into("<Q", img, 0x258, 0x1000000)
+    struct.pack_into("<I", img, 0x260, 0x100000)
+    img[0x400:0x404] = b"KERN"
+    return bytes(img)
+
+
+def test_bzimage_boot_params() -> None:
+    mem = GuestMemory(64 << 20)
+    try:
+        initrd = b"I" * 10000
+        k = boot.boot(mem, fake_bzimage(), "console=ttyS0 quiet", initrd, rng_seed=b"s" * 32)
+        bp = mem.read(boot.BOOT_PARAMS_ADDR, 4096)
+        assert k.kind == "bzimage" and k.entry.rip == 0x100200 and k.entry.rsi == 0x7000
+        assert mem.read(0x100000, 4) == b"KERN"
+        assert bp[0x202:0x206] == b"HdrS" and bp[0x210] == 0xFF and bp[0x211] & 0x81 == 0x81
+        cmd = struct.unpack_from("<I", bp, 0x228)[0]
+        assert mem.read(cmd, 20) == b"console=ttyS0 quiet\0"
+        addr, size = struct.unpack_from("<II", bp, 0x218)
+        assert size == len(initrd) and mem.read(addr, size) == initrd and addr % 4096 == 0
+        assert addr + size <= 64 << 20 and addr >= k.kernel_end
+        n = bp[0x1E8]
+        e820 = [struct.unpack_from("<QQI", bp, 0x2D0 + 20 * i) for i in range(n)]
+        assert (0x100000, (64 << 20) - 0x100000, 1) in e820
+        sd = struct.unpack_from("<Q", bp, 0x250)[0]
+        assert mem.read(sd, 16 + 32) == struct.pack("<QII", 0, 9, 32) + b"s" * 32
+        # Page tables identity-map the first 4 GiB; the GDT has code 0x10, data 0x18, TSS 0x20.
+        sregs = kvm.KvmSregs()
+        sregs.cr0, sregs.cr4, sregs.efer, sregs.cr3 = 0x80000001, 0x20, 0x500, k.entry.cr3
+        for va in (0, 0x100200, 0xD0000000, 0xFFFFF000):
+            assert translate(mem, sregs, va) == va
+        assert code_at(mem, sregs, 0x100000, 4) == b"KERN"
+        gdt = struct.unpack_from("<6Q", mem.read(boot.GDT_ADDR, 48))
+        assert gdt[2] >> 40 & 0xFF == 0x9B and gdt[2] >> 53 & 1  # present code, L=1
+        assert gdt[3] >> 40 & 0xFF == 0x93
+        assert gdt[4] >> 40 & 0xFF == 0x8B  # busy 64-bit TSS
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (b"\0" * 100, "too short"),
+        (b"\0" * 0x2000, "no 'HdrS'"),
+        (fake_bzimage(version=0x020B), "older than 2.12"),
+        (fake_bzimage(xlf=0), "XLF_KERNEL_64"),
+        (fake_bzimage(setup_sects=200), "past the end"),
+        (b"\x7fELF" + b"\x01" * 60, "64-bit little-endian"),
+    ],
+)
+def test_bad_images_are_clear_errors(image: bytes, message: str) -> None:
+    mem = GuestMemory(64 << 20)
+    try:
+        with pytest.raises(BootError, match=message):
+            boot.boot(mem, image, "")
+    finally:
+        mem.close()
+
+
+def test_cmdline_and_memory_limits() -> None:
+    mem = GuestMemory(64 << 20)
+    try:
+        with pytest.raises(BootError, match="command line"):
+            boot.boot(mem, fake_bzimage(), "x" * 2048)
+        with pytest.raises(BootError, match="initrd"):
+            boot.boot(mem, fake_bzimage(), "", b"i" * (60 << 20))
+    finally:
+        mem.close()
+    small = GuestMemory(8 << 20)
+    try:
+        with pytest.raises(BootError, match="more memory"):
+            boot.boot(small, fake_bzimage(), "")
+    finally:
+        small.close()
