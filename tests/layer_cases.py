@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import stat
 import tarfile
@@ -161,6 +162,34 @@ def raw_member(name: bytes, data: bytes = b"", type_: bytes = b"0", linkname: by
 
 
 END = b"\0" * 1024
+
+
+def write_oci_layout(layout: Path, tars: Iterable[bytes], fmt: str = "tar",
+                     ref: str = "latest") -> str:
+    """An OCI image layout holding ``tars`` as one image tagged ``ref``; returns its digest."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": "sha256:" + digest, "size": len(data)}
+
+    tars = list(tars)
+    layers = [dict(put(compress(t, fmt)), mediaType=MEDIA[fmt]) for t in tars]
+    config = {"architecture": "amd64", "os": "linux", "config": {},
+              "rootfs": {"type": "layers",
+                         "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]}}
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": dict(put(json.dumps(config).encode()),
+                               mediaType="application/vnd.oci.image.config.v1+json"),
+                "layers": layers}
+    desc = dict(put(json.dumps(manifest).encode()),
+                mediaType="application/vnd.oci.image.manifest.v1+json",
+                annotations={"org.opencontainers.image.ref.name": ref})
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return str(desc["digest"])
 
 
 # -- describing a tree ------------------------------------------------------------

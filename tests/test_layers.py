@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
+import subprocess
 import tarfile
 import time
 import tracemalloc
@@ -39,6 +41,7 @@ from tests.layer_cases import (
     symlink,
     whiteout,
     write_layers,
+    write_oci_layout,
 )
 
 # -- helpers --------------------------------------------------------------------
@@ -409,6 +412,13 @@ class _Model:
             self.tree.setdefault(p, ("dir", 0o755))
         return True
 
+    def _whiteout_ok(self, path: str) -> bool:
+        # Whiteouts create nothing: missing parents make them no-ops; a non-dir
+        # parent is not benign.
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        return not any(p in self.tree and self.tree[p][0] != "dir" for p in prefixes)
+
     def _mark(self, path: str) -> None:
         self.written.add(path)
         parts = path.split("/")
@@ -438,9 +448,8 @@ class _Model:
         kind, path = op[0], op[1]
         if kind == "opaque":
             marker = f"{path}/.wh..wh..opq" if path else ".wh..wh..opq"
-            if not self._parents_ok(marker):
+            if not self._whiteout_ok(marker):
                 return None
-            self._mark(marker)
             for child in [p for p in self.tree if p.rpartition("/")[0] == path and p]:
                 self._hide(child)
             return [opaque(path)]
@@ -449,13 +458,14 @@ class _Model:
             if (target is None or target[0] == "dir" or op[2] == path
                     or op[2].startswith(path + "/")):
                 return None
-        if not self._parents_ok(path):
-            return None
         if kind == "whiteout":
+            if not self._whiteout_ok(path):
+                return None
             head, _, base = path.rpartition("/")
-            self._mark(f"{head}/.wh.{base}" if head else f".wh.{base}")
             self._hide(path)
             return [whiteout(path)]
+        if not self._parents_ok(path):
+            return None
         self._mark(path)
         self.inode += 1
         if kind == "file":
@@ -483,6 +493,22 @@ class _Model:
         return out
 
 
+def _model_layers(layers: list[list[Any]]) -> tuple[_Model, list[list[Any]]]:
+    """Run ops through the model, keeping only the benign ones, layer by layer."""
+    model = _Model()
+    out = []
+    for ops in layers:
+        model.written.clear()
+        model.holders.clear()
+        entries: list[Any] = []
+        for op in ops:
+            got = model.apply(op)
+            if got is not None:
+                entries.extend(got)
+        out.append(entries)
+    return model, out
+
+
 def _describe_fs(root: Path) -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for rel, d in describe_tree(root).items():
@@ -502,21 +528,40 @@ def _describe_fs(root: Path) -> dict[str, tuple[Any, ...]]:
        st.sampled_from(["tar", "gzip"]))
 def test_random_benign_layers_match_model(tmp_path: Path, layers: list[list[Any]],
                                           fmt: str) -> None:
-    model = _Model()
-    tars = []
-    for ops in layers:
-        model.written.clear()
-        model.holders.clear()
-        entries = []
-        for op in ops:
-            got = model.apply(op)
-            if got is not None:
-                entries.extend(got)
-        tars.append(make_tar(entries))
+    model, layer_entries = _model_layers(layers)
+    tars = [make_tar(entries) for entries in layer_entries]
     work = Path(os.path.join(tmp_path, f"ex{time.monotonic_ns()}"))
     dest = work / "root"
     apply_layers(write_layers(work / "blobs", tars, fmt), dest)
     assert _describe_fs(dest) == model.describe()
+
+
+_UMOCI = shutil.which("umoci")
+
+
+def _umoci_unpack(work: Path, tars: list[bytes]) -> Path:
+    write_oci_layout(work / "oci", tars)
+    subprocess.run([str(_UMOCI), "raw", "unpack", "--image", f"{work}/oci:latest",
+                    str(work / "umoci")], check=True, capture_output=True, timeout=60)
+    return work / "umoci"
+
+
+@pytest.mark.skipif(_UMOCI is None, reason="umoci is not installed")
+def test_multi_layer_case_matches_umoci(tmp_path: Path) -> None:
+    tars, expected = multi_layer_case()
+    assert describe_tree(_umoci_unpack(tmp_path, tars)) == expected
+
+
+@pytest.mark.skipif(_UMOCI is None, reason="umoci is not installed")
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(_op, max_size=8), min_size=1, max_size=3))
+def test_random_benign_layers_match_umoci(tmp_path: Path, layers: list[list[Any]]) -> None:
+    # Differential: the same layers through umoci, an independent implementation.
+    tars = [make_tar(entries) for entries in _model_layers(layers)[1]]
+    work = Path(os.path.join(tmp_path, f"ex{time.monotonic_ns()}"))
+    apply_layers(write_layers(work / "blobs", tars), work / "ours")
+    assert describe_tree(work / "ours") == describe_tree(_umoci_unpack(work, tars))
 
 
 def test_all_errors_are_spore_errors() -> None:

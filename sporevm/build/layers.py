@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 from sporevm.build.tarsafety import (
     CHUNK,
@@ -100,8 +100,17 @@ class _Tree:
 
     # -- walking ----------------------------------------------------------
 
-    def parent(self, comps: tuple[bytes, ...]) -> int:
-        """A dirfd for ``comps``, created as 0755 root:root where missing, never via a symlink."""
+    @overload
+    def parent(self, comps: tuple[bytes, ...]) -> int: ...
+    @overload
+    def parent(self, comps: tuple[bytes, ...], create: Literal[False]) -> int | None: ...
+
+    def parent(self, comps: tuple[bytes, ...], create: bool = True) -> int | None:
+        """A dirfd for ``comps``, never reached via a symlink.
+
+        Missing directories are created as 0755 root:root, or with ``create=False``
+        the result is None (whiteouts of paths that do not exist create nothing).
+        """
         keep = 0
         while (keep < len(self._chain) and keep < len(comps)
                and self._chain[keep][0] == comps[keep]):
@@ -115,6 +124,8 @@ class _Tree:
             try:
                 child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
+                if not create:
+                    return None
                 os.mkdir(comp, 0o700, dir_fd=fd)
                 child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
                 try:
@@ -236,9 +247,9 @@ class _Applier:
         last = comps[-1] if comps else b""
         if last == _OPAQUE:
             self.whiteouts += 1
-            fd = tree.parent(dirs)
-            tree.mark(comps)
-            tree.hide_children(fd, _rel(dirs), close=False)
+            ofd = tree.parent(dirs, create=False)
+            if ofd is not None:
+                tree.hide_children(ofd, _rel(dirs), close=False)
             return
         if last.startswith(_WH_META):
             return
@@ -247,9 +258,9 @@ class _Applier:
             if target in (b"", b".", b".."):
                 raise Reject("whiteout does not name an entry")
             self.whiteouts += 1
-            fd = tree.parent(dirs)
-            tree.mark(comps)
-            tree.hide_lower(fd, target, _rel((*dirs, target)))
+            wfd = tree.parent(dirs, create=False)
+            if wfd is not None:
+                tree.hide_lower(wfd, target, _rel((*dirs, target)))
             return
         self._entry(m, comps)
 
