@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sporevm.vmm.devices.virtio import console, mmio
 from sporevm.vmm.devices.virtio.console import ConsoleDevice
+from sporevm.vmm.devices.virtio.state import VirtioStateError
 from tests.virtio_driver import Driver, DriverQueue, RecordingIrq, make
 
 
@@ -152,3 +155,12 @@ def test_snapshot_carries_pending_bytes() -> None:
     rx.add([(buf, 16, True)])
     t2.notify_queue(console.RX_QUEUE)
     assert d.mem.read(buf, 9) == b"in flight"
+
+
+def test_restore_rejects_non_canonical_hex() -> None:
+    t, _, _ = make(ConsoleDevice())
+    state = t.state()
+    for bad in (" 70", "7G", "7", "AB"):
+        state["device"] = {"pending": bad, "tx_paused": False}
+        with pytest.raises(VirtioStateError, match="hex"):
+            t.restore(state)

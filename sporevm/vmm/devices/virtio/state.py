@@ -49,9 +49,13 @@ def get_hex(state: Mapping[str, Any], where: str, name: str, max_bytes: int) -> 
     if not isinstance(value, str) or len(value) > 2 * max_bytes:
         raise VirtioStateError(f"{where}.{name}: expected a hex string of <= {max_bytes} bytes")
     try:
-        return bytes.fromhex(value)
+        raw = bytes.fromhex(value)
     except ValueError:
-        raise VirtioStateError(f"{where}.{name}: not a hex string") from None
+        raw = None
+    # Canonical lowercase hex only (fromhex also accepts spaces and uppercase).
+    if raw is None or raw.hex() != value:
+        raise VirtioStateError(f"{where}.{name}: not a lowercase hex string")
+    return raw
 
 
 def get_str(state: Mapping[str, Any], where: str, name: str, max_len: int) -> str:
