@@ -289,6 +289,12 @@ class Vcpu:
             bad = list(values)[n]
             raise kvm.KvmError(f"KVM_SET_MSRS wrote {n} of {len(values)}; MSR {bad:#x} refused")
 
+    def dead_halted(self) -> bool:
+        """In HLT with interrupts disabled: only NMI/INIT could wake it, and we send neither."""
+        if self.get_mp_state() != kvm.KVM_MP_STATE_HALTED:
+            return False
+        return not self.get_regs().rflags & RFLAGS_IF
+
     def readable_msrs(self, candidates: list[int]) -> list[int]:
         """The subset of ``candidates`` this vCPU can read (the snapshot MSR list)."""
         ok = []
@@ -299,6 +305,39 @@ class Vcpu:
                 continue
             ok.append(idx)
         return ok
+
+
+# --- kvm_pvm fix-ups ------------------------------------------------------------------
+
+INT3, FWAIT = 0xCC, 0x9B
+BP_VECTOR = 3
+
+
+def host_fixup(v: Vcpu, mem: PhysReader) -> str | None:
+    """Complete an instruction kvm_pvm's emulator stopped on (INTERNAL_ERROR, suberror 1).
+
+    Only two exact one-byte instructions, recognised by the byte at RIP: ``int3``
+    is delivered as the #BP trap the CPU would raise (RIP advanced past it first,
+    as hardware pushes it), ``fwait`` without pending x87 exceptions is a no-op and
+    is stepped over. Returns the fix-up's name, or None when it is neither.
+    """
+    regs, sregs = v.get_regs(), v.get_sregs()
+    pa = translate(mem, sregs, int(regs.rip))
+    if pa is None or pa >= mem.size:
+        return None
+    op = mem.read(pa, 1)[0]
+    if op not in (INT3, FWAIT):
+        return None
+    regs.rip += 1
+    v.set_regs(regs)
+    if op == FWAIT:
+        return "fwait"
+    ev = v.get_events()
+    ev.exception.injected, ev.exception.nr = 1, BP_VECTOR
+    ev.exception.has_error_code, ev.exception.error_code = 0, 0
+    ev.flags = 0
+    v.set_events(ev)
+    return "int3"
 
 
 # --- diagnostics ----------------------------------------------------------------------

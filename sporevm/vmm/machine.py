@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from sporevm.errors import SporeError
 from sporevm.vmm import boot, kvm
 from sporevm.vmm.bus import Bus, BusDevice, IrqLine
-from sporevm.vmm.cpu import RFLAGS_IF, Vcpu, build_cpuid, code_at, translate
+from sporevm.vmm.cpu import BOOT_MSRS, Vcpu, build_cpuid, code_at, host_fixup
 from sporevm.vmm.devices.power import (
     I8042,
     I8042_DATA,
@@ -68,8 +68,6 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 MMIO_HOLE_START = 0xC0000000  # RAM stops here; device windows live above
 KICK_SIGNAL = signal.SIGUSR1
 DEFAULT_KICK_INTERVAL = 0.1
-INT3, FWAIT = 0xCC, 0x9B
-BP_VECTOR = 3
 
 
 class VmmFault(SporeError):
@@ -211,8 +209,6 @@ class Machine:
         supported = self.supported_cpuid()
         self.msr_index_list = self._msr_index_list()
         listed = set(self.msr_index_list)
-        from sporevm.vmm.cpu import BOOT_MSRS
-
         boot_msrs = {k: v for k, v in BOOT_MSRS.items() if k in listed}
         for i in range(nvcpus):
             v = Vcpu(self.vm_fd, i, mmap_size)
@@ -368,18 +364,14 @@ class Machine:
         rip, code = self.describe(index)
         return VmmFault(reason, vcpu=index, rip=rip, code=code, detail=detail)
 
-    def halted_dead(self, index: int) -> bool:
-        """True if the vCPU sits in HLT with interrupts disabled (only NMI/INIT could wake it)."""
-        v = self.vcpus[index]
-        return v.get_mp_state() == kvm.KVM_MP_STATE_HALTED and not v.get_regs().rflags & RFLAGS_IF
-
     # --- dispatch (called on vCPU threads) --------------------------------------------
     def pio_read(self, index: int, port: int, size: int) -> bytes:
         with self._bus_lock:
             data = self.pio.read(port, size)
         if data is None:
             if self.strict_io:
-                raise self.fault(index, "PIO read from unmapped port", f"port {port:#x}/{size}")
+                detail = f"port {port:#x}/{size}; RIP is past the IN"
+                raise self.fault(index, "PIO read from unmapped port", detail)
             self.stats.unhandled_pio[port] += 1
             return b"\xff" * size
         return data
@@ -389,9 +381,8 @@ class Machine:
             hit = self.pio.write(port, data)
         if not hit:
             if self.strict_io:
-                raise self.fault(
-                    index, "PIO write to unmapped port", f"port {port:#x} <- {data.hex()}"
-                )
+                detail = f"port {port:#x} <- {data.hex()}; RIP is past the OUT"
+                raise self.fault(index, "PIO write to unmapped port", detail)
             self.stats.unhandled_pio[port] += 1
 
     def mmio_read(self, index: int, addr: int, size: int) -> bytes:
@@ -415,37 +406,13 @@ class Machine:
             self.stats.unhandled_mmio[addr] += 1
 
     def fix_up(self, index: int) -> bool:
-        """Handle a kvm_pvm emulator gap (INTERNAL_ERROR, suberror 1) if it is one we know.
-
-        Only two exact one-byte instructions, and only as the byte at RIP:
-        ``int3`` is delivered as the #BP trap it would raise (RIP after the int3, as
-        the CPU would push), ``fwait`` is a no-op without pending x87 exceptions and
-        is stepped over. Anything else is a fault.
-        """
+        """Handle a known kvm_pvm emulator gap (see cpu.host_fixup); False = not ours."""
         if not self.host_fixups:
             return False
-        v = self.vcpus[index]
-        regs, sregs = v.get_regs(), v.get_sregs()
-        pa = translate(self.ram, sregs, int(regs.rip))
-        if pa is None or pa >= self.ram.size:
-            return False
-        op = self.ram.read(pa, 1)[0]
-        if op == INT3:
-            regs.rip += 1
-            v.set_regs(regs)
-            ev = v.get_events()
-            ev.exception.injected, ev.exception.nr = 1, BP_VECTOR
-            ev.exception.has_error_code, ev.exception.error_code = 0, 0
-            ev.flags = 0
-            v.set_events(ev)
-            self.stats.fixups["int3"] += 1
-            return True
-        if op == FWAIT:
-            regs.rip += 1
-            v.set_regs(regs)
-            self.stats.fixups["fwait"] += 1
-            return True
-        return False
+        name = host_fixup(self.vcpus[index], self.ram)
+        if name is not None:
+            self.stats.fixups[name] += 1
+        return name is not None
 
     # --- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
@@ -602,7 +569,7 @@ def _on_kick(m: Machine, i: int, v: Vcpu, deadline: float | None) -> bool:
     if deadline is not None and time.monotonic() >= deadline:
         m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))
         return True
-    if m.halted_dead(i):
+    if v.dead_halted():
         m.request_stop(ExitResult(StopReason.HALTED, vcpu=i, detail="HLT with interrupts disabled"))
         return True
     return False
