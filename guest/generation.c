@@ -4,7 +4,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/random.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,21 +24,26 @@ static int safe_id(const char *s, const char *extra)
     return 1;
 }
 
+/* struct rand_pool_info and RNDADDENTROPY from <linux/random.h>, spelled out so
+ * the agent builds against libcs that ship without kernel headers (musl). */
+#define SPORE_RNDADDENTROPY _IOW('R', 0x03, int[2])
+
 static int add_entropy(const uint8_t *p, uint32_t n)
 {
     struct {
-        struct rand_pool_info info;
+        int entropy_count; /* bits credited */
+        int buf_size;      /* bytes */
         uint8_t buf[MAX_ENTROPY];
     } req;
     if (n == 0)
         return 0;
-    req.info.entropy_count = (int)(n * 8);
-    req.info.buf_size = (int)n;
+    req.entropy_count = (int)(n * 8);
+    req.buf_size = (int)n;
     memcpy(req.buf, p, n);
     int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return -1;
-    int rc = ioctl(fd, RNDADDENTROPY, &req);
+    int rc = ioctl(fd, SPORE_RNDADDENTROPY, &req);
     int e = errno;
     close(fd);
     errno = e;
