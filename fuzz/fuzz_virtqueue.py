@@ -67,6 +67,18 @@ def _w32(t: "mmio.VirtioMmio", off: int, value: int) -> None:
     t.write(off, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
 
 
+def _register_ops(t: "mmio.VirtioMmio", ops: bytes) -> None:
+    """Arbitrary register reads/writes of any width: the register file must shrug them off."""
+    for j in range(0, len(ops) - 5, 6):
+        off, value = struct.unpack_from("<HI", ops, j)
+        size = (1, 2, 4, 8)[off >> 14]
+        off &= 0x1FFF
+        if value & 1:
+            assert len(t.read(off, size)) == size
+        else:
+            t.write(off, value.to_bytes(8, "little")[:size])
+
+
 def TestOneInput(data: bytes) -> None:
     if len(data) < _HEAD.size:
         return
@@ -117,6 +129,8 @@ def TestOneInput(data: bytes) -> None:
         accepted = dev.send(host_data)
         assert 0 <= accepted <= len(host_data)
     for k in range(1 + kicks % 4):
+        if flags & 4:
+            _register_ops(t, host_data[k * 48 : (k + 1) * 48])
         for i in range(len(queues)):
             _w32(t, mmio.REG_QUEUE_NOTIFY, i)
         _w32(t, mmio.REG_INTERRUPT_ACK, t.read(mmio.REG_INTERRUPT_STATUS, 4)[0])
