@@ -57,6 +57,15 @@ def test_large_tx_chain_is_delivered_in_bounded_pieces() -> None:
     assert max(len(p) for p in out) <= console.TX_PIECE
 
 
+def test_oversized_tx_chain_resets_device() -> None:
+    out: list[bytes] = []
+    t, d, _, _, tx = bring_up(ConsoleDevice(out.append))
+    buf = d.alloc(console.MAX_TX_CHAIN // 4)
+    tx.add([(buf, console.MAX_TX_CHAIN // 4, False)] * 5)
+    d.kick(console.TX_QUEUE)
+    assert out == [] and t.needs_reset_pending and "transmit buffer" in t.error
+
+
 def test_host_to_guest_waits_for_buffers() -> None:
     dev = ConsoleDevice()
     _, d, irq, rx, _ = bring_up(dev)

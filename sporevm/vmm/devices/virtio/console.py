@@ -27,6 +27,7 @@ from collections.abc import Callable
 from sporevm.errors import SporeError
 
 from .device import VirtioDevice
+from .queue import ChainError
 from .state import State, VirtioStateError, expect_keys, get_bool, get_hex
 
 DEVICE_ID = 3
@@ -34,6 +35,9 @@ RX_QUEUE = 0
 TX_QUEUE = 1
 QUEUE_SIZE = 128
 TX_PIECE = 64 * 1024
+# Linux sends at most a page (hvc) or 32 KiB (port writes) per buffer; a bigger
+# chain is a hostile guest trying to make one kick cost gigabytes of output.
+MAX_TX_CHAIN = 1 << 20
 DEFAULT_HOST_BUFFER = 1 << 20
 MAX_HOST_BUFFER = 16 << 20  # the snapshot carries this as hex: keep it bounded
 
@@ -141,6 +145,8 @@ class ConsoleDevice(VirtioDevice):
             if chain is None:
                 break
             total, off = chain.readable_len, 0
+            if total > MAX_TX_CHAIN:
+                raise ChainError(chain.head, f"transmit buffer of {total} bytes > {MAX_TX_CHAIN}")
             while off < total:
                 piece = chain.gather(self.mem, off, TX_PIECE)
                 off += len(piece)
