@@ -233,7 +233,9 @@ def _load_elf(mem: GuestMemory, image: bytes) -> tuple[int, int]:
             )
         mem.write(paddr, image[off : off + filesz])
         mem.write(paddr + filesz, bytes(memsz - filesz))
-        if vaddr <= e_entry < vaddr + memsz:
+        if paddr <= e_entry < paddr + memsz:  # vmlinux: e_entry is phys_startup_64
+            entry_pa = e_entry
+        elif vaddr <= e_entry < vaddr + memsz and entry_pa is None:
             entry_pa = e_entry - vaddr + paddr
         end = max(end, paddr + memsz)
     if entry_pa is None:
