@@ -243,3 +243,73 @@ def test_cmdline_and_memory_limits() -> None:
             boot.boot(small, fake_bzimage(), "")
     finally:
         small.close()
+
+
+def fake_elf(segments: list[tuple[int, int, bytes, int]], entry: int) -> bytes:
+    """An x86-64 ET_EXEC with PT_LOAD (vaddr, paddr, file bytes, memsz) segments."""
+    phoff, data_off = 64, 64 + 56 * len(segments)
+    out = bytearray(b"\x7fELF\x02\x01\x01" + bytes(9))
+    out += struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, entry, phoff, 0, 0, 64, 56, len(segments), 0, 0, 0
+    )
+    blobs = b""
+    for vaddr, paddr, data, memsz in segments:
+        out += struct.pack(
+            "<IIQQQQQQ", 1, 5, data_off + len(blobs), vaddr, paddr, len(data), memsz, 0x1000
+        )
+        blobs += data
+    return bytes(out + blobs)
+
+
+@pytest.mark.parametrize("entry", [0x1000010, 0xFFFFFFFF81000010])
+def test_elf_vmlinux_layout(entry: int) -> None:
+    mem = GuestMemory(64 << 20)
+    try:
+        mem.write(0x1000000 + 4, b"\xee" * 8)  # must be zeroed as .bss
+        elf = fake_elf([(0xFFFFFFFF81000000, 0x1000000, b"CODE", 0x2000)], entry)
+        k = boot.boot(mem, elf, "root=/dev/vda")
+        assert k.kind == "elf" and k.entry.rip == 0x1000010 and k.kernel_end == 0x1002000
+        assert mem.read(0x1000000, 12) == b"CODE" + bytes(8)
+        bp = mem.read(boot.BOOT_PARAMS_ADDR, 4096)
+        assert bp[0x202:0x206] == b"HdrS" and bp[0x210] == 0xFF
+    finally:
+        mem.close()
+
+
+def test_elf_rejections() -> None:
+    mem = GuestMemory(16 << 20)
+    try:
+        with pytest.raises(BootError, match="outside guest RAM"):
+            boot.boot(mem, fake_elf([(0x2000000, 0x2000000, b"x", 1)], 0x2000000), "")
+        with pytest.raises(BootError, match="outside guest RAM"):
+            boot.boot(mem, fake_elf([(0x1000, 0x1000, b"x", 1)], 0x1000), "")  # below 1 MiB
+        with pytest.raises(BootError, match="entry point"):
+            boot.boot(mem, fake_elf([(0x100000, 0x100000, b"x", 1)], 0x500000), "")
+    finally:
+        mem.close()
+
+
+def test_translate_higher_half_4k_and_legacy_modes() -> None:
+    mem = GuestMemory(4 << 20)
+    try:
+        # 4-level: 0xffffffff81000000 -> 0x200000 through 4 KiB pages.
+        va, pa = 0xFFFFFFFF81000000, 0x200000
+        pml4, pdpt, pd, pt = 0x10000, 0x11000, 0x12000, 0x13000
+        mem.write_u64(pml4 + ((va >> 39) & 511) * 8, pdpt | 3)
+        mem.write_u64(pdpt + ((va >> 30) & 511) * 8, pd | 3)
+        mem.write_u64(pd + ((va >> 21) & 511) * 8, pt | 3)
+        mem.write_u64(pt + ((va >> 12) & 511) * 8, pa | 3)
+        mem.write(pa + 0xFFE, b"\x0f\x0b")
+        s = kvm.KvmSregs()
+        s.cr0, s.cr4, s.efer, s.cr3 = 0x80000001, 0x20, 0x500, pml4
+        assert translate(mem, s, va + 0x123) == pa + 0x123
+        assert translate(mem, s, va + 0x1000) is None  # next page not mapped
+        assert code_at(mem, s, va + 0xFFE) == b"\x0f\x0b"  # stops at the unmapped page
+        # 32-bit paging with a 4 MiB page, then paging off.
+        s.efer, s.cr4, s.cr3 = 0, 0x10, 0x20000
+        mem.write_u32(0x20000 + (0xC0000000 >> 22) * 4, 0x000000 | 0x83)
+        assert translate(mem, s, 0xC0001234) == 0x1234
+        s.cr0 = 1
+        assert translate(mem, s, 0x1234) == 0x1234
+    finally:
+        mem.close()

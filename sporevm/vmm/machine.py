@@ -520,10 +520,14 @@ def _vcpu_loop(m: Machine, i: int, deadline: float | None) -> None:
 
 
 def _vcpu_exits(m: Machine, i: int, v: Vcpu, deadline: float | None) -> None:
-    run = v.run
+    # The hot path: kvm_run sub-structs are views at fixed addresses, so they are looked
+    # up once; every attribute hop saved here is a few hundred ns per exit.
+    run, io, mm = v.run, v.run.exit.io, v.run.exit.mmio
     exits = m.stats.exits
+    fd, kvm_run, exit_io, exit_mmio = v.fd, kvm.KVM_RUN, kvm.KVM_EXIT_IO, kvm.KVM_EXIT_MMIO
+    pio_write, pio_read = m.pio_write, m.pio_read
     while True:
-        ret, err = ioctl_eintr_ok(v.fd, kvm.KVM_RUN)
+        ret, err = ioctl_eintr_ok(fd, kvm_run)
         if ret < 0:
             if err not in (errno.EINTR, errno.EAGAIN):
                 raise m.fault(i, "KVM_RUN failed", os.strerror(err))
@@ -531,24 +535,25 @@ def _vcpu_exits(m: Machine, i: int, v: Vcpu, deadline: float | None) -> None:
                 return
             continue
         reason = run.exit_reason
-        if reason == kvm.KVM_EXIT_IO:
+        if reason == exit_io:
             exits["IO"] += 1
-            io = run.exit.io
-            size, count, port = int(io.size), int(io.count), int(io.port)
+            size, count, port = io.size, io.count, io.port
             if io.direction == kvm.KVM_EXIT_IO_OUT:
-                data = v.io_data(size * count)
-                for k in range(count):
-                    m.pio_write(i, port, data[k * size : (k + 1) * size])
+                if count == 1:
+                    pio_write(i, port, v.io_data(size))
+                else:
+                    data = v.io_data(size * count)
+                    for k in range(count):
+                        pio_write(i, port, data[k * size : (k + 1) * size])
             else:
-                v.set_io_data(b"".join(m.pio_read(i, port, size) for _ in range(count)))
-        elif reason == kvm.KVM_EXIT_MMIO:
+                v.set_io_data(b"".join(pio_read(i, port, size) for _ in range(count)))
+        elif reason == exit_mmio:
             exits["MMIO"] += 1
-            mm = run.exit.mmio
-            n = min(int(mm.len), 8)
+            n = min(mm.len, 8)
             if mm.is_write:
-                m.mmio_write(i, int(mm.phys_addr), bytes(mm.data[:n]))
+                m.mmio_write(i, mm.phys_addr, bytes(mm.data[:n]))
             else:
-                data = m.mmio_read(i, int(mm.phys_addr), n)
+                data = m.mmio_read(i, mm.phys_addr, n)
                 ctypes.memmove(ctypes.addressof(mm.data), data, n)
         else:
             exits[kvm.EXIT_NAMES.get(reason, str(reason))] += 1
