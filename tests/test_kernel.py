@@ -55,7 +55,7 @@ def test_default_cmdline() -> None:
     value = clear.split("=", 1)[1]
     assert len(value) <= K.CLEARCPUID_MAX  # the kernel silently cuts the rest
     features = value.split(",")
-    assert {"smap", "cx16", "erms", "fsrm"} <= set(features)
+    assert {"smap", "cx16", "erms", "fsrm", "xsave"} <= set(features)
     assert "rodata=off" in pvm
     with pytest.raises(K.KernelError, match="unknown host class"):
         K.default_cmdline("tcg")

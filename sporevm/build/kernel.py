@@ -55,9 +55,10 @@ BUILD_ENV = {
 NEEDED_TOOLS = ("make", "gcc", "ld", "bison", "flex", "bc", "perl", "patch", "lz4", "tar", "xz")
 # Host CPU features the guest must not use on kvm_pvm (issue 3): SMAP's clac/stac
 # and cmpxchg16b stop the emulator; erms/fsrm make rep movsb byte-wise there
-# (clearing fsrm without erms made memmove loop forever); the rest are
+# (clearing fsrm without erms made memmove loop forever); xsave: xrstor64 in FPU
+# init (and every context switch) stops it, fxsave/fxrstor do not; the rest are
 # instructions the emulator lacks. The kernel copies at most 127 characters.
-PVM_CLEARCPUID = "smap,cx16,popcnt,rdrand,rdseed,rdpid,rdtscp,clflushopt,clwb,erms,fsrm"
+PVM_CLEARCPUID = "smap,cx16,popcnt,rdrand,rdseed,rdpid,rdtscp,clflushopt,clwb,erms,fsrm,xsave"
 CLEARCPUID_MAX = 127
 Progress = Callable[[str], None]
 
