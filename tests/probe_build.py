@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sporevm.vmm.bus import BusDevice
+
 PROBE_DIR = Path(__file__).resolve().parent / "probe"
 CACHE_ROOT = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spore-tests" / "probe"
@@ -152,7 +154,14 @@ class MmioEcho:
 class ProbeVm:
     """A Machine with the probe loaded and its test devices attached; use as a context."""
 
-    def __init__(self, tests: str, extra_cmdline: str = "", **machine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        tests: str,
+        extra_cmdline: str = "",
+        *,
+        port_device: BusDevice | None = None,
+        **machine_kwargs: Any,
+    ) -> None:
         from sporevm.vmm.machine import Machine
 
         self.serial = bytearray()
@@ -164,7 +173,7 @@ class ProbeVm:
         )
         self.port = TestPort()
         self.mmio = MmioEcho()
-        self.machine.add_pio(PROBE_TEST_PORT, PROBE_TEST_PORT_LEN, self.port)
+        self.machine.add_pio(PROBE_TEST_PORT, PROBE_TEST_PORT_LEN, port_device or self.port)
         self.machine.add_mmio(PROBE_MMIO_BASE, len(self.mmio.mem), self.mmio)
         cmdline = f"probe.tests={tests} probe.mmio={PROBE_MMIO_BASE:#x} {extra_cmdline}".strip()
         self.machine.load_kernel(build_probe().read_bytes(), cmdline)

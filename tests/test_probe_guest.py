@@ -106,7 +106,7 @@ def test_unmapped_port_is_a_fault_with_rip_and_bytes() -> None:
         with pytest.raises(VmmFault) as e:
             vm.machine.run(soon())
         f = e.value
-        assert "PIO write to unmapped port" in str(f) and "port 0x99" in str(f)
+        assert "pio write outside any device" in str(f) and "0x99 <- 01" in str(f)
         assert f.rip is not None and f.code
         assert vm.machine.ram.read(f.rip - 2, 2) == b"\xe6\x99"  # out %al, $0x99 just before
 
@@ -271,3 +271,31 @@ def test_uart_interrupts() -> None:
 def test_probe_test_port_constant_matches_header() -> None:
     src = (Path(__file__).parent / "probe" / "probe.h").read_text()
     assert f"#define PROBE_TEST_PORT {PROBE_TEST_PORT:#x}" in src
+
+
+class Broken:
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\0" * (size + 1)
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise ValueError("device bug")
+
+
+def test_failing_device_is_a_fault_not_a_traceback() -> None:
+    with ProbeVm("pio", port_device=Broken()) as vm:
+        with pytest.raises(VmmFault, match="pio device failed.*device bug") as e:
+            vm.machine.run(soon())
+        assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_short_device_read_is_a_fault() -> None:
+    class Short:
+        def read(self, offset: int, size: int) -> bytes:
+            return b""
+
+        def write(self, offset: int, data: bytes) -> None:
+            pass
+
+    with ProbeVm("pio", port_device=Short()) as vm:
+        with pytest.raises(VmmFault, match="answered 0 bytes"):
+            vm.machine.run(soon())

@@ -569,6 +569,20 @@ def struct_from(cls: type[Structure], data: bytes) -> Structure:
     return cls.from_buffer_copy(data)
 
 
+def supported_cpuid(sys_fd: int) -> list[KvmCpuidEntry2]:
+    c = KvmCpuid2()
+    c.nent = MAX_CPUID_ENTRIES
+    ioctl(sys_fd, KVM_GET_SUPPORTED_CPUID, c)
+    return [KvmCpuidEntry2.from_buffer_copy(c.entries[i]) for i in range(c.nent)]
+
+
+def msr_index_list(sys_fd: int) -> list[int]:
+    m = KvmMsrList()
+    m.nmsrs = len(m.indices)
+    ioctl(sys_fd, KVM_GET_MSR_INDEX_LIST, m)
+    return [int(m.indices[i]) for i in range(m.nmsrs)]
+
+
 def host_class() -> str:
     """Which KVM module backs /dev/kvm: "kvm_pvm", "kvm_intel", "kvm_amd" or "unknown".
 

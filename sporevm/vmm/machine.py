@@ -46,13 +46,10 @@ from sporevm.vmm.devices.power import (
 from sporevm.vmm.devices.serial import COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial
 from sporevm.vmm.kvm import (
     KvmClockData,
-    KvmCpuid2,
-    KvmCpuidEntry2,
     KvmDirtyLog,
     KvmError,
     KvmIrqchip,
     KvmIrqLevel,
-    KvmMsrList,
     KvmPitConfig,
     KvmPitState2,
     KvmUserspaceMemoryRegion,
@@ -206,8 +203,8 @@ class Machine:
             self.memory.address(),
         )
         ioctl(self.vm_fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
-        supported = self.supported_cpuid()
-        self.msr_index_list = self._msr_index_list()
+        supported = kvm.supported_cpuid(sysfd)
+        self.msr_index_list = kvm.msr_index_list(sysfd)
         listed = set(self.msr_index_list)
         boot_msrs = {k: v for k, v in BOOT_MSRS.items() if k in listed}
         for i in range(nvcpus):
@@ -216,19 +213,6 @@ class Machine:
             v.set_cpuid(build_cpuid(supported, i, nvcpus))
             v.set_msrs(boot_msrs)
         self._install_stray_kick_handler()
-
-    # --- system queries ----------------------------------------------------------------
-    def supported_cpuid(self) -> list[KvmCpuidEntry2]:
-        c = KvmCpuid2()
-        c.nent = kvm.MAX_CPUID_ENTRIES
-        ioctl(self.sys_fd, kvm.KVM_GET_SUPPORTED_CPUID, c)
-        return [KvmCpuidEntry2.from_buffer_copy(c.entries[i]) for i in range(c.nent)]
-
-    def _msr_index_list(self) -> list[int]:
-        m = KvmMsrList()
-        m.nmsrs = len(m.indices)
-        ioctl(self.sys_fd, kvm.KVM_GET_MSR_INDEX_LIST, m)
-        return [int(m.indices[i]) for i in range(m.nmsrs)]
 
     @staticmethod
     def _install_stray_kick_handler() -> None:
@@ -365,45 +349,57 @@ class Machine:
         return VmmFault(reason, vcpu=index, rip=rip, code=code, detail=detail)
 
     # --- dispatch (called on vCPU threads) --------------------------------------------
-    def pio_read(self, index: int, port: int, size: int) -> bytes:
-        with self._bus_lock:
-            data = self.pio.read(port, size)
+    # A device that raises, or answers a read with the wrong length, is a VMM bug or a
+    # device failure: it becomes a VmmFault naming the access, never a bare traceback.
+    def _read(self, index: int, bus: Bus, addr: int, size: int) -> bytes:
+        try:
+            with self._bus_lock:
+                data = bus.read(addr, size)
+        except Exception as e:
+            detail = f"read {addr:#x}/{size}: {e!r}"
+            raise self.fault(index, f"{bus.name} device failed", detail) from e
         if data is None:
             if self.strict_io:
-                detail = f"port {port:#x}/{size}; RIP is past the IN"
-                raise self.fault(index, "PIO read from unmapped port", detail)
-            self.stats.unhandled_pio[port] += 1
+                raise self.fault(
+                    index,
+                    f"{bus.name} read outside any device",
+                    f"{addr:#x}/{size}; RIP is past the instruction",
+                )
+            (self.stats.unhandled_pio if bus is self.pio else self.stats.unhandled_mmio)[addr] += 1
             return b"\xff" * size
+        if len(data) != size:
+            raise self.fault(
+                index, f"{bus.name} device answered {len(data)} bytes", f"read {addr:#x}/{size}"
+            )
         return data
 
-    def pio_write(self, index: int, port: int, data: bytes) -> None:
-        with self._bus_lock:
-            hit = self.pio.write(port, data)
-        if not hit:
-            if self.strict_io:
-                detail = f"port {port:#x} <- {data.hex()}; RIP is past the OUT"
-                raise self.fault(index, "PIO write to unmapped port", detail)
-            self.stats.unhandled_pio[port] += 1
-
-    def mmio_read(self, index: int, addr: int, size: int) -> bytes:
-        with self._bus_lock:
-            data = self.mmio.read(addr, size)
-        if data is None:
-            if self.strict_io:
-                raise self.fault(index, "MMIO read outside any device", f"addr {addr:#x}/{size}")
-            self.stats.unhandled_mmio[addr] += 1
-            return b"\xff" * size
-        return data
-
-    def mmio_write(self, index: int, addr: int, data: bytes) -> None:
-        with self._bus_lock:
-            hit = self.mmio.write(addr, data)
+    def _write(self, index: int, bus: Bus, addr: int, data: bytes) -> None:
+        try:
+            with self._bus_lock:
+                hit = bus.write(addr, data)
+        except Exception as e:
+            detail = f"write {addr:#x} <- {data.hex()}: {e!r}"
+            raise self.fault(index, f"{bus.name} device failed", detail) from e
         if not hit:
             if self.strict_io:
                 raise self.fault(
-                    index, "MMIO write outside any device", f"addr {addr:#x} <- {data.hex()}"
+                    index,
+                    f"{bus.name} write outside any device",
+                    f"{addr:#x} <- {data.hex()}; RIP is past the instruction",
                 )
-            self.stats.unhandled_mmio[addr] += 1
+            (self.stats.unhandled_pio if bus is self.pio else self.stats.unhandled_mmio)[addr] += 1
+
+    def pio_read(self, index: int, port: int, size: int) -> bytes:
+        return self._read(index, self.pio, port, size)
+
+    def pio_write(self, index: int, port: int, data: bytes) -> None:
+        self._write(index, self.pio, port, data)
+
+    def mmio_read(self, index: int, addr: int, size: int) -> bytes:
+        return self._read(index, self.mmio, addr, size)
+
+    def mmio_write(self, index: int, addr: int, data: bytes) -> None:
+        self._write(index, self.mmio, addr, data)
 
     def fix_up(self, index: int) -> bool:
         """Handle a known kvm_pvm emulator gap (see cpu.host_fixup); False = not ours."""
