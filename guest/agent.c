@@ -11,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/reboot.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -461,9 +460,7 @@ static void on_shutdown(uint32_t id, struct rd *r)
         return;
     }
     kill(-1, SIGTERM);
-    sync();
-    reboot(action ? RB_AUTOBOOT : RB_POWER_OFF);
-    logmsg("reboot: %s", strerror(errno));
+    power_off(0, action == 1);
 }
 
 static void dispatch(uint8_t type, uint32_t id, const uint8_t *p, uint32_t len)

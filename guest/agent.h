@@ -103,6 +103,9 @@ void on_generation(uint32_t id, struct rd *r, const struct agent_opts *o);
 #define AGENT_CAPS ((1u << T_HELLO) | (1u << T_EXEC) | (1u << T_SIGNAL) | (1u << T_PROBE) | \
                     (1u << T_SET_TIME) | (1u << T_GENERATION) | (1u << T_SHUTDOWN))
 
+/* sync, then power off with status (spore power port) or reboot; never returns */
+void power_off(uint32_t status, int reboot_instead) __attribute__((noreturn));
+
 uint64_t mono_ns(void);
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

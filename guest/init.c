@@ -12,7 +12,6 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
-#include <sys/reboot.h>
 #include <sys/stat.h>
 #include <termios.h>
 #include <unistd.h>
@@ -24,9 +23,7 @@
 static void fatal(const char *what)
 {
     logmsg("fatal: %s: %s; powering off", what, strerror(errno));
-    sync();
-    reboot(RB_POWER_OFF);
-    _exit(1);
+    power_off(1, 0);
 }
 
 static void must_mount(const char *src, const char *dst, const char *type, unsigned long fl,
