@@ -299,3 +299,30 @@ def test_short_device_read_is_a_fault() -> None:
     with ProbeVm("pio", port_device=Short()) as vm:
         with pytest.raises(VmmFault, match="answered 0 bytes"):
             vm.machine.run(soon())
+
+
+# --- opt-in: a real Linux kernel through the same boot path -------------------------------
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SPORE_TEST_KERNEL"),
+    reason="set SPORE_TEST_KERNEL=/path/to/vmlinux-or-bzImage (takes ~30 s+ on kvm_pvm)",
+)
+def test_linux_boots_to_panic_and_resets() -> None:
+    """No root fs: the kernel panics, panic=-1 reboots at once, reboot=k resets via i8042."""
+    from sporevm.vmm.machine import Machine
+
+    image = Path(os.environ["SPORE_TEST_KERNEL"]).read_bytes()
+    cmdline = os.environ.get(
+        "SPORE_TEST_KERNEL_CMDLINE",
+        "console=ttyS0 panic=-1 reboot=k noxsave"
+        + (" rodata=off clearcpuid=smap,cx16,popcnt,rdrand,rdseed,erms,fsrm" if PVM else ""),
+    )
+    log = bytearray()
+    with Machine(128 << 20, serial_output=log.extend) as m:
+        m.load_kernel(image, cmdline)
+        r = m.run(soon(300))
+        text = log.decode(errors="replace")
+        assert r.reason in (StopReason.RESET, StopReason.SHUTDOWN), (r, text[-2000:])
+        assert "Linux version" in text and "Kernel panic" in text
+        assert "16550A" in text  # the 8250 driver probed our UART
