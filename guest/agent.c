@@ -5,7 +5,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -13,42 +12,17 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "agent.h"
+#include "stream.h"
 
 #define PIPE_LIMIT (256u << 10) /* stop reading children above this much queued output */
 #define INPUT_LIMIT (1u << 20)  /* stop reading host requests above this much queued output */
 #define CHUNK 32768u
-
-enum kind { K_FREE = 0, K_EXEC, K_PROBE };
-
-struct stream {
-    enum kind kind;
-    uint32_t id;
-    pid_t pid;          /* exec child, or the running command-probe attempt */
-    int fd[2];          /* stdout, stderr read ends (-1 when closed) */
-    int errpipe;        /* -1 once resolved */
-    int started;        /* STARTED sent */
-    int failed;         /* exec failed: ERROR sent, no EXIT */
-    int reaped;
-    int status;
-    struct rusage ru;
-    int timed_out;
-    uint64_t t0, deadline; /* monotonic ns; deadline 0 = none */
-    /* probe */
-    uint8_t pkind;
-    uint64_t next;
-    uint32_t interval_ms, attempts;
-    int32_t last;
-    char *path;
-    uint16_t port;
-    struct cmd cmd;
-};
 
 static struct stream streams[MAX_STREAMS];
 static int orphans[MAX_ORPHANS]; /* pipes still held by descendants after EXIT: drained */
@@ -58,7 +32,7 @@ static uint32_t inlen;
 static int resyncing; /* after a framing error: skip to the next magic, report once */
 static int input_eof;
 static int shutting_down;
-static struct wr wbuf;
+struct wr wbuf; /* scratch payload for replies (single-threaded) */
 
 static struct stream *find(uint32_t id)
 {
@@ -68,7 +42,7 @@ static struct stream *find(uint32_t id)
     return NULL;
 }
 
-static struct stream *alloc_stream(uint32_t id)
+struct stream *alloc_stream(uint32_t id)
 {
     if (id == 0) {
         send_error(id, E_BAD_STREAM, 0, "stream id 0 is reserved");
@@ -101,7 +75,7 @@ static void add_orphan(int fd)
     close(fd); /* too many: the holders get EPIPE, the agent stays bounded */
 }
 
-static void free_stream(struct stream *s)
+void free_stream(struct stream *s)
 {
     for (int i = 0; i < 2; i++)
         if (s->fd[i] >= 0)
@@ -114,7 +88,7 @@ static void free_stream(struct stream *s)
     s->fd[0] = s->fd[1] = s->errpipe = -1;
 }
 
-static uint64_t ms_to_ns(uint32_t ms) { return (uint64_t)ms * 1000000u; }
+uint64_t ms_to_ns(uint32_t ms) { return (uint64_t)ms * 1000000u; }
 
 /* ---- exec ---- */
 
@@ -252,137 +226,6 @@ static void finish_exec(struct stream *s)
         send_exit(s);
     }
     free_stream(s);
-}
-
-/* ---- probes ---- */
-
-static void probe_result(struct stream *s, int ok)
-{
-    wr_init(&wbuf);
-    wr_u8(&wbuf, (uint8_t)ok);
-    wr_u32(&wbuf, s->attempts);
-    wr_u64(&wbuf, mono_ns() - s->t0);
-    wr_u32(&wbuf, (uint32_t)s->last);
-    out_frame(T_PROBE_RESULT, s->id, wbuf.buf, wbuf.len);
-    if (s->pid > 0 && !s->reaped)
-        kill(-s->pid, SIGKILL); /* a still-running attempt; reaped as an orphan */
-    free_stream(s);
-}
-
-static int tcp_attempt(uint16_t port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0)
-        return errno;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    int rc = connect(fd, (struct sockaddr *)&a, sizeof a) == 0 ? 0 : errno;
-    if (rc == EINPROGRESS) { /* loopback normally answers at once; bound the wait */
-        struct pollfd p = {.fd = fd, .events = POLLOUT};
-        socklen_t l = sizeof rc;
-        if (poll(&p, 1, 50) == 1)
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &rc, &l);
-        else
-            rc = ETIMEDOUT;
-    }
-    close(fd);
-    return rc;
-}
-
-static void probe_step(struct stream *s, uint64_t now)
-{
-    if (s->pid > 0) { /* a command attempt is running */
-        if (!s->reaped) {
-            if (now >= s->deadline) {
-                s->last = -1;
-                probe_result(s, 0);
-            }
-            return;
-        }
-        s->pid = 0;
-        int ok = WIFEXITED(s->status) && WEXITSTATUS(s->status) == 0;
-        s->last = WIFEXITED(s->status) ? WEXITSTATUS(s->status) : 128 + WTERMSIG(s->status);
-        if (ok) {
-            probe_result(s, 1);
-            return;
-        }
-    } else if (now >= s->next) {
-        s->attempts++;
-        if (s->pkind == 1) {
-            struct stat st;
-            s->last = stat(s->path, &st) == 0 ? 0 : errno;
-        } else if (s->pkind == 2) {
-            s->last = tcp_attempt(s->port);
-        } else {
-            s->reaped = 0;
-            s->pid = spawn(&s->cmd, 0, -1, -1, &s->errpipe);
-            if (s->pid < 0) {
-                s->last = errno;
-                s->pid = 0;
-            } else {
-                if (s->errpipe >= 0) { /* exec failures show up as exit 127 */
-                    close(s->errpipe);
-                    s->errpipe = -1;
-                }
-                s->next = now + ms_to_ns(s->interval_ms);
-                return;
-            }
-        }
-        if (s->last == 0) {
-            probe_result(s, 1);
-            return;
-        }
-        s->next = now + ms_to_ns(s->interval_ms);
-    }
-    if (now >= s->deadline)
-        probe_result(s, 0);
-}
-
-static void on_probe(uint32_t id, struct rd *r)
-{
-    uint8_t kind = rd_u8(r);
-    uint32_t timeout_ms = rd_u32(r), interval_ms = rd_u32(r);
-    char *path = NULL;
-    uint16_t port = 0;
-    struct cmd c;
-    memset(&c, 0, sizeof c);
-    const char *why = "bad fields";
-    if (kind == 1) {
-        path = rd_str(r, MAX_PATH_LEN);
-        if (path && path[0] != '/')
-            why = "probe path is not absolute", r->bad = 1;
-    } else if (kind == 2) {
-        port = rd_u16(r);
-        if (port == 0)
-            why = "tcp port 0", r->bad = 1;
-    } else if (kind == 3) {
-        if (cmd_read(r, &c, &why) < 0)
-            r->bad = 1;
-    } else {
-        why = "unknown probe kind";
-        r->bad = 1;
-    }
-    if (rd_end(r) < 0) {
-        free(path);
-        cmd_free(&c);
-        send_error(id, E_BAD_PAYLOAD, 0, "PROBE: %s", why);
-        return;
-    }
-    struct stream *s = alloc_stream(id);
-    if (!s) {
-        free(path);
-        cmd_free(&c);
-        return;
-    }
-    s->kind = K_PROBE;
-    s->pkind = kind;
-    s->path = path;
-    s->port = port;
-    s->cmd = c;
-    s->interval_ms = interval_ms < 10 ? 10 : (interval_ms > 10000 ? 10000 : interval_ms);
-    s->deadline = s->t0 + ms_to_ns(timeout_ms);
-    s->next = s->t0;
-    probe_step(s, s->t0);
 }
 
 /* ---- other requests ---- */
