@@ -55,6 +55,7 @@ from sporevm.vmm.agent_session import (
     AgentSession,
     AgentTimeoutError,
     FdChannel,
+    QueueChannel,
 )
 
 ALL_MESSAGES: list[Message] = [
@@ -362,3 +363,34 @@ def test_capture_keeps_the_tail(guest_pair: Callable[..., AgentSession]) -> None
     assert h.stdout == b"7" * 5 + b"8" * 10 + b"9" * 10
     assert (status.signal, status.returncode) == (9, 137)
     assert "SIGKILL" in status.describe()
+
+
+def test_queue_channel_partial_writes_and_stall() -> None:
+    sent = bytearray()
+    budget = {"n": 0}
+
+    def write(data: bytes) -> int:
+        n = min(3, len(data), budget["n"])
+        budget["n"] -= n
+        sent.extend(data[:n])
+        return n
+
+    ch = QueueChannel(write, stall=0.2)
+
+    def refill() -> None:
+        for _ in range(10):
+            budget["n"] = 3
+            ch.writable()
+            threading.Event().wait(0.01)
+
+    t = threading.Thread(target=refill)
+    t.start()
+    ch.send(b"0123456789")
+    t.join()
+    assert bytes(sent) == b"0123456789"
+    budget["n"] = 0
+    with pytest.raises(AgentTimeoutError, match="has not read its channel"):
+        ch.send(b"x")
+    assert ch.recv(0.01) is None
+    ch.feed(b"abc")
+    assert ch.recv(0.01) == b"abc"

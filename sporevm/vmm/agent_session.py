@@ -10,8 +10,10 @@ never a hang.
 from __future__ import annotations
 
 import os
+import queue
 import select
 import signal as _signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +104,44 @@ class FdChannel:
         if not ready:
             return None
         return os.read(self.rfd, 1 << 16)
+
+
+class QueueChannel:
+    """A Channel over a device with callbacks (e.g. the virtio-console port).
+
+    The device thread calls ``feed`` with guest bytes (``b""`` for hang-up);
+    ``write`` is a non-blocking writer that returns how many bytes it accepted;
+    the device calls ``writable`` when it has room again.
+    """
+
+    def __init__(self, write: Callable[[bytes], int], *, stall: float = 30.0) -> None:
+        self._write = write
+        self._stall = stall
+        self._incoming: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._room = threading.Event()
+
+    def feed(self, data: bytes) -> None:
+        self._incoming.put(bytes(data))
+
+    def writable(self) -> None:
+        self._room.set()
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._room.clear()
+            n = self._write(bytes(view))
+            view = view[n:]
+            if view and not n and not self._room.wait(self._stall):
+                raise AgentTimeoutError(
+                    f"guest agent has not read its channel for {self._stall:.0f} s"
+                )
+
+    def recv(self, timeout: float | None) -> bytes | None:
+        try:
+            return self._incoming.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 @dataclass(frozen=True)
@@ -424,5 +464,5 @@ class AgentSession:
 __all__ = [
     "AgentClosedError", "AgentError", "AgentExecError", "AgentSession", "AgentTimeoutError",
     "Channel", "Command", "ExecHandle", "ExitStatus", "FdChannel", "Generation", "MsgType",
-    "Probe", "ProbeKind", "ProbeResult",
+    "Probe", "ProbeKind", "ProbeResult", "QueueChannel",
 ]
