@@ -65,6 +65,7 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 MMIO_HOLE_START = 0xC0000000  # RAM stops here; device windows live above
 KICK_SIGNAL = signal.SIGUSR1
 DEFAULT_KICK_INTERVAL = 0.1
+SERIAL_TAIL = 64 * 1024
 
 
 class VmmFault(SporeError):
@@ -157,15 +158,21 @@ class Machine:
         self._stop: ExitResult | None = None
         self._terminal: ExitResult | None = None
         self._running = threading.Lock()
-        self.sys_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.sys_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmError(
+                f"cannot open /dev/kvm ({e.strerror}): spore needs KVM; check that the "
+                "kvm module is loaded and this user may use /dev/kvm"
+            ) from e
         self.vm_fd = -1
         try:
             self._create(memory_bytes, vcpus, dirty_log)
         except BaseException:
             self.close()
             raise
-        self.serial_out: list[bytes] = []
-        out = serial_output if serial_output is not None else self.serial_out.append
+        self.serial_tail = bytearray()  # last SERIAL_TAIL bytes, when no callback is given
+        out = serial_output if serial_output is not None else self._keep_serial_tail
         self.serial = Serial(self.irq_line(COM1_IRQ), out)
         self.add_pio(COM1_BASE, SERIAL_PORTS, self.serial)
         self.add_pio(I8042_DATA, 5, I8042(self._power_event))
@@ -213,6 +220,11 @@ class Machine:
             v.set_cpuid(build_cpuid(supported, i, nvcpus))
             v.set_msrs(boot_msrs)
         self._install_stray_kick_handler()
+
+    def _keep_serial_tail(self, data: bytes) -> None:
+        self.serial_tail += data
+        if len(self.serial_tail) > 2 * SERIAL_TAIL:
+            del self.serial_tail[:-SERIAL_TAIL]
 
     @staticmethod
     def _install_stray_kick_handler() -> None:
