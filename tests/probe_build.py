@@ -72,14 +72,14 @@ def probe_hash() -> str:
     return h.hexdigest()
 
 
-def build_probe() -> Path:
+def build_probe(cache_root: Path = CACHE_ROOT) -> Path:
     """Return the path of probe.elf, building it if this source tree has no cached build."""
-    out_dir = CACHE_ROOT / probe_hash()
+    out_dir = cache_root / probe_hash()
     elf = out_dir / "probe.elf"
     if elf.is_file():
         return elf
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE_ROOT, prefix=".build-") as tmp:
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_root, prefix=".build-") as tmp:
         work = Path(tmp) / "src"
         shutil.copytree(PROBE_DIR, work)
         srcs = sorted(p.name for p in work.iterdir() if p.suffix in (".c", ".S"))

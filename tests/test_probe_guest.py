@@ -31,9 +31,11 @@ def soon(seconds: float = 5.0) -> float:
     return time.monotonic() + seconds
 
 
-def test_probe_builds_reproducibly() -> None:
+def test_probe_builds_reproducibly(tmp_path: Path) -> None:
     a = build_probe()
-    assert a.read_bytes() == build_probe().read_bytes()
+    b = build_probe(tmp_path)  # a fresh build in another directory
+    assert a != b and a.parent.name == b.parent.name
+    assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes()[:4] == b"\x7fELF"
 
 
