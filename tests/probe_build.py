@@ -62,7 +62,7 @@ def _sources() -> list[Path]:
 
 
 def probe_hash() -> str:
-    h = hashlib.sha256(b"spore-probe-v1\0")
+    h = hashlib.sha256(b"spore-probe-v2\0")
     version = subprocess.run([CC, "--version"], capture_output=True, text=True, check=True)
     h.update(version.stdout.splitlines()[0].encode() + b"\0")
     h.update("\0".join(CFLAGS + LDFLAGS).encode() + b"\0")
@@ -83,10 +83,15 @@ def build_probe(cache_root: Path = CACHE_ROOT) -> Path:
         work = Path(tmp) / "src"
         shutil.copytree(PROBE_DIR, work)
         srcs = sorted(p.name for p in work.iterdir() if p.suffix in (".c", ".S"))
-        cmd = [CC, *CFLAGS, *LDFLAGS, "-o", "probe.elf", *srcs]
-        r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"probe build failed: {' '.join(cmd)}\n{r.stderr}")
+        # Compile to named objects first: linking sources directly would record gcc's
+        # random temporary object names as symbols and break reproducibility.
+        objs = [f"{name}.o" for name in srcs]
+        cmds = [[CC, *CFLAGS, "-c", src, "-o", obj] for src, obj in zip(srcs, objs, strict=True)]
+        cmds.append([CC, *CFLAGS, *LDFLAGS, "-o", "probe.elf", *objs])
+        for cmd in cmds:
+            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"probe build failed: {' '.join(cmd)}\n{r.stderr}")
         staged = Path(tmp) / "out"
         staged.mkdir()
         os.replace(work / "probe.elf", staged / "probe.elf")
