@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -313,3 +314,50 @@ def test_translate_higher_half_4k_and_legacy_modes() -> None:
         assert translate(mem, s, 0x1234) == 0x1234
     finally:
         mem.close()
+
+
+# --- the state set is complete: pause a guest, move it to a fresh VM, finish it there ------
+
+
+def test_pause_capture_restore_into_a_new_vm() -> None:
+    n = 20000
+    with ProbeVm("pioloop", f"probe.pioloop={n}") as src:
+        m = src.machine
+        timer = threading.Timer(0.1, m.pause)
+        timer.start()
+        assert m.run(time.monotonic() + 20).reason is StopReason.PAUSED
+        timer.join()
+        k = len(src.port.loop)
+        assert 0 < k < n
+        v = m.vcpus[0]
+        msr_ids = v.readable_msrs(m.msr_index_list)
+        regs, sregs, xsave, xcrs = v.get_regs(), v.get_sregs(), v.get_xsave(), v.get_xcrs()
+        lapic, events = v.get_lapic(), v.get_events()
+        msrs = v.get_msrs(msr_ids)
+        mp = v.get_mp_state()
+        chips = [m.get_irqchip(c) for c in range(3)]
+        pit, clock = m.get_pit2(), m.get_clock()
+        ram = m.ram.read(0, m.ram.size)
+        loop_so_far = list(src.port.loop)
+
+    with ProbeVm("hello") as dst:  # same board; its own boot is overwritten below
+        m = dst.machine
+        m.ram.write(0, ram)
+        m.set_pit2(pit)
+        m.set_clock(clock)
+        for chip in chips:
+            m.set_irqchip(chip)
+        v = m.vcpus[0]
+        v.set_msrs(msrs)
+        v.set_sregs(sregs)
+        v.set_regs(regs)
+        v.set_xsave(xsave)
+        v.set_xcrs(xcrs)
+        v.set_lapic(lapic)
+        v.set_mp_state(mp)
+        v.set_events(events)
+        dst.port.loop = loop_so_far
+        r = m.run(time.monotonic() + 20)
+        assert (r.reason, r.status) == (StopReason.POWEROFF, 0), dst.output
+        assert dst.port.loop == list(range(n))  # resumed exactly where it paused
+        assert "probe: pioloop ok" in dst.output and "hello" not in dst.output
