@@ -85,6 +85,13 @@ def test_deadline_stops_a_spinning_guest() -> None:
         assert vm.machine.run(time.monotonic() + 0.05).reason is StopReason.DEADLINE
 
 
+def test_past_deadline_returns_at_once() -> None:
+    with ProbeVm("loop") as vm:
+        t0 = time.monotonic()
+        assert vm.machine.run(t0 - 1).reason is StopReason.DEADLINE
+        assert time.monotonic() - t0 < 0.05
+
+
 def test_deadline_stops_a_guest_halted_with_interrupts_on() -> None:
     with ProbeVm("idle", kick_interval=10.0) as vm:  # only the deadline kick can stop it
         t0 = time.monotonic()

@@ -457,14 +457,15 @@ class _Kicker(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
+        deadline_kicked = False
         while True:
             timeout = self._m.kick_interval
-            if self._deadline is not None:
-                remaining = self._deadline - time.monotonic()
-                if remaining > 0:
-                    timeout = min(timeout, remaining)
+            if self._deadline is not None and not deadline_kicked:
+                timeout = min(timeout, max(0.0, self._deadline - time.monotonic()))
             if self._done.wait(timeout):
                 return
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                deadline_kicked = True  # from now on only the periodic kick
             self._m.kick_all()
 
     def stop(self) -> None:
@@ -514,6 +515,8 @@ def _vcpu_loop(m: Machine, i: int, deadline: float | None) -> None:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
     try:
         v.set_signal_mask({int(s) for s in old_mask} - {int(KICK_SIGNAL)})
+        if deadline is not None and time.monotonic() >= deadline:
+            m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))  # the kick could miss us
         with m._kick_lock:
             m._threads[i] = threading.get_ident()
             v.run.immediate_exit = 1 if m._stop is not None else 0
