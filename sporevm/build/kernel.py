@@ -10,13 +10,15 @@ BLAKE3 of the bzImage. Design and measurements: docs/kernel.md.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -244,9 +246,41 @@ def ensure_kernel(
     say = progress or (lambda _msg: None)
     inputs = build_inputs(hc, tarball)
     key = cache_key(inputs)
-    record = store.get_key(KEY_KIND, key)
-    if record is not None and (art := _artifact(store, record, hc)) is not None:
+    if (art := _cached(store, key, hc)) is not None:
         return art
+    # One build per key at a time: a second process waits here, then finds the result.
+    with _build_lock(store, key):
+        if (art := _cached(store, key, hc)) is not None:
+            return art
+        return _build_and_publish(store, hc, key, inputs, say, jobs, tarball)
+
+
+def _cached(store: Store, key: str, hc: HostClass) -> KernelArtifact | None:
+    record = store.get_key(KEY_KIND, key)
+    return None if record is None else _artifact(store, record, hc)
+
+
+@contextlib.contextmanager
+def _build_lock(store: Store, key: str) -> Iterator[None]:
+    path = store.root / "keys" / KEY_KIND / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build_and_publish(
+    store: Store,
+    hc: HostClass,
+    key: str,
+    inputs: Mapping[str, str],
+    say: Progress,
+    jobs: int | None,
+    tarball: Path,
+) -> KernelArtifact:
     with store.lock(), store.staging_dir("kernel") as stage:
         t0 = time.monotonic()
         out = build_kernel(stage, hc, say, jobs=jobs, tarball=tarball)
@@ -272,7 +306,12 @@ def ensure_kernel(
         store.put_key(
             KEY_KIND,
             key,
-            {"digest": digest, "vmlinux_digest": vdigest, "inputs": inputs, "seconds": seconds},
+            {
+                "digest": digest,
+                "vmlinux_digest": vdigest,
+                "inputs": dict(inputs),
+                "seconds": seconds,
+            },
         )
         say(f"kernel {hc}: built {digest[:19]} in {seconds} s")
     art = _artifact(store, {"digest": digest, "vmlinux_digest": vdigest}, hc)
