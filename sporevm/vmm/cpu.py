@@ -207,9 +207,7 @@ class Vcpu:
 
     # --- state: each getter returns a fresh struct the matching setter accepts -------
     def _get(self, req: int, cls: type[_S]) -> _S:
-        s = cls()
-        ioctl(self.fd, req, s)
-        return s
+        return kvm.fill(self.fd, req, cls())
 
     def get_regs(self) -> KvmRegs:
         return self._get(kvm.KVM_GET_REGS, KvmRegs)

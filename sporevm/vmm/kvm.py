@@ -27,6 +27,7 @@ from ctypes import (
     c_void_p,
     sizeof,
 )
+from typing import TypeVar
 
 from sporevm.errors import SporeError
 
@@ -78,16 +79,7 @@ class KvmSegment(Structure):
         ("base", c_uint64),
         ("limit", c_uint32),
         ("selector", c_uint16),
-        ("type", c_uint8),
-        ("present", c_uint8),
-        ("dpl", c_uint8),
-        ("db", c_uint8),
-        ("s", c_uint8),
-        ("l", c_uint8),
-        ("g", c_uint8),
-        ("avl", c_uint8),
-        ("unusable", c_uint8),
-        ("padding", c_uint8),
+        *[(n, c_uint8) for n in "type present dpl db s l g avl unusable padding".split()],
     ]
 
 
@@ -153,20 +145,14 @@ class KvmIrqchip(Structure):
 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
 
 
+_PIT_U8 = "count_latched status_latched status read_state write_state write_latch rw_mode mode"
+
+
 class KvmPitChannelState(Structure):
     _fields_ = [
         ("count", c_uint32),
         ("latched_count", c_uint16),
-        ("count_latched", c_uint8),
-        ("status_latched", c_uint8),
-        ("status", c_uint8),
-        ("read_state", c_uint8),
-        ("write_state", c_uint8),
-        ("write_latch", c_uint8),
-        ("rw_mode", c_uint8),
-        ("mode", c_uint8),
-        ("bcd", c_uint8),
-        ("gate", c_uint8),
+        *[(n, c_uint8) for n in (*_PIT_U8.split(), "bcd", "gate")],
         ("count_load_time", c_int64),
     ]
 
@@ -216,12 +202,7 @@ class _EvNmi(Structure):
 
 
 class _EvSmi(Structure):
-    _fields_ = [
-        ("smm", c_uint8),
-        ("pending", c_uint8),
-        ("smm_inside_nmi", c_uint8),
-        ("latched_init", c_uint8),
-    ]
+    _fields_ = [(n, c_uint8) for n in ("smm", "pending", "smm_inside_nmi", "latched_init")]
 
 
 class KvmVcpuEvents(Structure):
@@ -557,6 +538,28 @@ def ioctl_eintr_ok(fd: int, request: int) -> tuple[int, int]:
     """Like ``ioctl`` for KVM_RUN: returns (ret, errno) instead of raising."""
     ret = int(_ioctl(fd, request, None))
     return ret, (ctypes.get_errno() if ret < 0 else 0)
+
+
+_S = TypeVar("_S", bound=Structure)
+
+
+def fill(fd: int, request: int, s: _S) -> _S:
+    """Run a getter ioctl into ``s`` and return it."""
+    ioctl(fd, request, s)
+    return s
+
+
+class IrqLineIoctl:
+    """A GSI on the in-kernel irqchip (KVM_IRQ_LINE); redundant levels are not re-sent."""
+
+    def __init__(self, vm_fd: int, gsi: int) -> None:
+        self._fd, self._gsi, self._level = vm_fd, gsi, False
+
+    def set_level(self, high: bool) -> None:
+        if high == self._level:
+            return
+        self._level = high
+        ioctl(self._fd, KVM_IRQ_LINE, KvmIrqLevel(self._gsi, int(high)))
 
 
 def struct_bytes(s: Structure) -> bytes:

@@ -49,7 +49,6 @@ from sporevm.vmm.kvm import (
     KvmDirtyLog,
     KvmError,
     KvmIrqchip,
-    KvmIrqLevel,
     KvmPitConfig,
     KvmPitState2,
     KvmUserspaceMemoryRegion,
@@ -110,19 +109,6 @@ class Stats:
     unhandled_pio: Counter[int] = field(default_factory=Counter)
     unhandled_mmio: Counter[int] = field(default_factory=Counter)
     fixups: Counter[str] = field(default_factory=Counter)
-
-
-class _IrqLine:
-    """A GSI on the in-kernel irqchip; redundant levels are not re-sent."""
-
-    def __init__(self, vm_fd: int, gsi: int) -> None:
-        self._fd, self._gsi, self._level = vm_fd, gsi, False
-
-    def set_level(self, high: bool) -> None:
-        if high == self._level:
-            return
-        self._level = high
-        ioctl(self._fd, kvm.KVM_IRQ_LINE, KvmIrqLevel(self._gsi, int(high)))
 
 
 class Machine:
@@ -246,7 +232,7 @@ class Machine:
     def irq_line(self, gsi: int) -> IrqLine:
         if not 0 <= gsi < 24:
             raise KvmError(f"GSI {gsi} is outside the IOAPIC's 24 pins")
-        return _IrqLine(self.vm_fd, gsi)
+        return kvm.IrqLineIoctl(self.vm_fd, gsi)
 
     @property
     def ram(self) -> GuestMemory:
@@ -271,24 +257,19 @@ class Machine:
     def get_irqchip(self, chip_id: int) -> KvmIrqchip:
         c = KvmIrqchip()
         c.chip_id = chip_id
-        ioctl(self.vm_fd, kvm.KVM_GET_IRQCHIP, c)
-        return c
+        return kvm.fill(self.vm_fd, kvm.KVM_GET_IRQCHIP, c)
 
     def set_irqchip(self, chip: KvmIrqchip) -> None:
         ioctl(self.vm_fd, kvm.KVM_SET_IRQCHIP, chip)
 
     def get_pit2(self) -> KvmPitState2:
-        s = KvmPitState2()
-        ioctl(self.vm_fd, kvm.KVM_GET_PIT2, s)
-        return s
+        return kvm.fill(self.vm_fd, kvm.KVM_GET_PIT2, KvmPitState2())
 
     def set_pit2(self, s: KvmPitState2) -> None:
         ioctl(self.vm_fd, kvm.KVM_SET_PIT2, s)
 
     def get_clock(self) -> KvmClockData:
-        s = KvmClockData()
-        ioctl(self.vm_fd, kvm.KVM_GET_CLOCK, s)
-        return s
+        return kvm.fill(self.vm_fd, kvm.KVM_GET_CLOCK, KvmClockData())
 
     def set_clock(self, s: KvmClockData) -> None:
         ioctl(self.vm_fd, kvm.KVM_SET_CLOCK, s)
