@@ -359,3 +359,24 @@ def test_boots_to_init_under_qemu_tcg(built_kernel: K.KernelArtifact, tmp_path: 
         assert "JUMP-SYSCALL-WRITE" in log and "JUMP-SYSCALL completed" in log, log[-3000:]
     else:
         assert "JUMP-SYSCALL sigsegv" in log, log[-3000:]
+
+
+def test_damaged_store_entry_is_a_cache_miss(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    files = {"bzImage": b"kernel", "vmlinux": b"\x7fELF..", "config": b"CONFIG_64BIT=y\n"}
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for name, data in files.items():
+        (staged / name).write_bytes(data)
+    digest, vdigest = blake3_file(staged / "bzImage")[0], blake3_file(staged / "vmlinux")[0]
+    dest = K.kernel_dir(store, digest)
+    dest.parent.mkdir(parents=True)
+    staged.rename(dest)
+    record = {"digest": digest, "vmlinux_digest": vdigest}
+    art = K._artifact(store, record, "kvm")
+    assert art is not None and art.path == dest / "bzImage" and art.host_class == "kvm"
+    assert K._artifact(store, {"digest": "blake3:zz", "vmlinux_digest": vdigest}, "kvm") is None
+    (dest / "vmlinux").write_bytes(b"\x7fELF!!")  # changed after publishing
+    assert K._artifact(store, record, "kvm") is None
+    (dest / "vmlinux").unlink()
+    assert K._artifact(store, record, "kvm") is None
