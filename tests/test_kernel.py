@@ -380,3 +380,13 @@ def test_damaged_store_entry_is_a_cache_miss(tmp_path: Path) -> None:
     assert K._artifact(store, record, "kvm") is None
     (dest / "vmlinux").unlink()
     assert K._artifact(store, record, "kvm") is None
+
+
+def test_build_env_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("O", "/elsewhere"), ("KCFLAGS", "-g"), ("KBUILD_BUILD_USER", "me")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = K._env()
+    assert "O" not in env and "KCFLAGS" not in env
+    assert env["KBUILD_BUILD_USER"] == "spore" and env["KBUILD_BUILD_VERSION"] == "1"
+    assert env["PATH"] == "/usr/bin:/bin"

@@ -323,11 +323,21 @@ def _build_and_publish(
 # -- the build -----------------------------------------------------------------
 
 
+# make imports the environment as variables: these would change the output
+# (O=, CC=, KCFLAGS=, ...) or its verbosity behind our back.
+_DROP_ENV = frozenset(
+    ("MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES KCFLAGS KCPPFLAGS KAFLAGS KRUSTFLAGS "
+     "ARCH SUBARCH SRCARCH CROSS_COMPILE CC HOSTCC HOSTCXX LD AS AR NM OBJCOPY STRIP LLVM "
+     "LLVM_IAS O V W C M INSTALL_PATH LOCALVERSION DEPMOD INSTALLKERNEL").split()
+)  # fmt: skip
+
+
 def _env() -> dict[str, str]:
-    # Drop what changes make's behaviour or the compiler's output behind our back.
-    drop = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "KCFLAGS", "KCPPFLAGS", "KAFLAGS", "ARCH",
-            "CROSS_COMPILE", "CC", "LD", "KBUILD_", "KCONFIG_", "LOCALVERSION", "GCC_")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _DROP_ENV and not k.startswith(("KBUILD_", "KCONFIG_", "GCC_"))
+    }
     env.update(BUILD_ENV)
     return env
 
