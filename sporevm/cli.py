@@ -91,6 +91,43 @@ def cmd_rootfs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not name.replace("_", "a").isalnum() or name[0].isdigit():
+            raise UsageError(
+                f"-e {item!r}: expected NAME=VALUE with NAME like [A-Za-z_][A-Za-z0-9_]*"
+            )
+        env[name] = value
+    return env
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sporevm.build.progress import Reporter
+    from sporevm.build.runner import RunRequest, run
+    from sporevm.sporefile import parse_size
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    req = RunRequest(
+        argv=tuple(argv),
+        image=args.image,
+        rootfs=Path(args.rootfs) if args.rootfs else None,
+        env=_env_pairs(args.env),
+        cwd=args.workdir,
+        memory=parse_size(args.memory),
+        vcpus=args.vcpus,
+        timeout=parse_duration(args.timeout) if args.timeout else None,
+        boot_timeout=parse_duration(args.boot_timeout),
+        kernel=Path(args.kernel) if args.kernel else None,
+        platform=args.platform,
+        insecure_registries=frozenset(args.insecure_registry),
+    )
+    return run(req, Store(), Reporter(enabled=not args.quiet))
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from sporevm.build.graph import describe
 
@@ -179,6 +216,25 @@ def _parser() -> argparse.ArgumentParser:
     add_insecure(r)
     add_json(r)
     r.set_defaults(func=cmd_rootfs)
+
+    rn = sub.add_parser("run", help="boot a fresh VM, run one command, exit with its code")
+    src = rn.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", metavar="REF", help="image to build the rootfs from")
+    src.add_argument("--rootfs", metavar="FILE", help="an ext4 rootfs file (read-only)")
+    rn.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    rn.add_argument("-w", "--workdir", default="/", help="working directory in the guest")
+    rn.add_argument("--memory", default="256MiB")
+    rn.add_argument("--vcpus", type=int, default=1)
+    rn.add_argument("--timeout", metavar="DURATION", help="kill the command after this long")
+    rn.add_argument("--boot-timeout", metavar="DURATION", default="5m")
+    rn.add_argument(
+        "--kernel", metavar="PATH", help="boot this bzImage/vmlinux, not the managed one"
+    )
+    rn.add_argument("--platform", default="linux/amd64")
+    rn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_insecure(rn)
+    rn.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+    rn.set_defaults(func=cmd_run)
 
     g = sub.add_parser("graph", help="print the task graph of a Sporefile")
     g.add_argument("path", nargs="?")

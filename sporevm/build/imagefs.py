@@ -127,6 +127,23 @@ def export_rootfs(record: RootfsRecord, dest: Path) -> None:
             out.write(block)
 
 
+def build_rootfs_record(
+    ref_text: str,
+    store: Store,
+    reporter: Reporter,
+    *,
+    platform: str,
+    insecure_registries: frozenset[str] = frozenset(),
+) -> RootfsRecord:
+    """Resolve, fetch and build (cached) the rootfs of one image, outside any Sporefile."""
+    ref = parse_ref(ref_text, Path.cwd())
+    client = OCIClient(store, insecure_registries=insecure_registries)
+    with store.lock():
+        digest = client.resolve(ref, platform)
+        image = client.fetch(ref.pinned(digest), digest, platform, reporter.fetch_progress)
+        return ensure_rootfs(store, image, reporter)
+
+
 def build_rootfs(
     ref_text: str,
     dest: Path,
@@ -136,12 +153,9 @@ def build_rootfs(
     platform: str,
     insecure_registries: frozenset[str] = frozenset(),
 ) -> RootfsRecord:
-    """`spore rootfs REF -o FILE`: resolve, fetch, build (cached) and export one rootfs."""
-    ref = parse_ref(ref_text, Path.cwd())
-    client = OCIClient(store, insecure_registries=insecure_registries)
-    with store.lock():
-        digest = client.resolve(ref, platform)
-        image = client.fetch(ref.pinned(digest), digest, platform, reporter.fetch_progress)
-        record = ensure_rootfs(store, image, reporter)
-        export_rootfs(record, dest)
+    """`spore rootfs REF -o FILE`: build (cached) and export one rootfs."""
+    record = build_rootfs_record(
+        ref_text, store, reporter, platform=platform, insecure_registries=insecure_registries
+    )
+    export_rootfs(record, dest)
     return record

@@ -1,0 +1,45 @@
+"""The guest platform a VM boots: managed kernel (or --kernel), initramfs, cmdline.
+
+Every piece is content-addressed; its digests become part of the boot key and,
+later, of a spore's platform contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sporevm.build.initrd import ensure_initrd
+from sporevm.build.kernel import default_cmdline, detect_host_class, ensure_kernel
+from sporevm.build.progress import Reporter
+from sporevm.errors import UsageError
+from sporevm.store import Store, blake3_file
+
+
+@dataclass(frozen=True)
+class GuestPlatform:
+    host_class: str
+    kernel: Path  # the image handed to the VMM (vmlinux on kvm-pvm, bzImage elsewhere)
+    kernel_digest: str
+    initrd: Path
+    initrd_digest: str
+    cmdline: str
+
+
+def ensure_guest(store: Store, reporter: Reporter, kernel: Path | None = None) -> GuestPlatform:
+    host_class = detect_host_class()
+    if kernel is not None:
+        if not kernel.is_file():
+            raise UsageError(f"--kernel {kernel}: no such file; give a bzImage or ELF vmlinux")
+        image, digest = kernel, blake3_file(kernel)[0]
+    else:
+        art = ensure_kernel(store, host_class, lambda msg: reporter.info(f"kernel: {msg}"))
+        # kvm_pvm emulates kernel code: decompressing a bzImage there costs ~28 s.
+        if host_class == "kvm-pvm":
+            image, digest = art.vmlinux_path, art.vmlinux_digest
+        else:
+            image, digest = art.path, art.digest
+    initrd = ensure_initrd(store)
+    return GuestPlatform(
+        host_class, image, digest, initrd.path, initrd.digest, default_cmdline(host_class)
+    )

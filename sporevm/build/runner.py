@@ -1,0 +1,116 @@
+"""`spore run`: boot a fresh VM on a rootfs, run one command, stream its output, return its code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from sporevm.build.guest import GuestPlatform, ensure_guest
+from sporevm.build.imagefs import build_rootfs_record
+from sporevm.build.progress import Reporter
+from sporevm.errors import SporeError, UsageError
+from sporevm.store import Store
+from sporevm.vmm.agent_session import AgentClosedError, AgentTimeoutError
+from sporevm.vmm.launcher import VmError, VmProcess, VmSpec
+
+DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
+SHUTDOWN_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    argv: tuple[str, ...]
+    image: str | None = None
+    rootfs: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    memory: int = 256 << 20
+    vcpus: int = 1
+    timeout: float | None = None
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT
+    kernel: Path | None = None
+    platform: str = "linux/amd64"
+    insecure_registries: frozenset[str] = frozenset()
+
+
+def boot_vm(
+    guest: GuestPlatform, rootfs: Path, memory: int, vcpus: int, boot_timeout: float
+) -> VmProcess:
+    """Start a VM and wait for its agent's READY; on failure report what the VM did."""
+    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus))
+    try:
+        vm.session.wait_ready(boot_timeout)
+    except (AgentTimeoutError, AgentClosedError) as exc:
+        vm.wait_exit(1.0)
+        tail = vm.serial_tail().strip().splitlines()[-15:]
+        vm.close()
+        raise VmError(
+            f"the guest agent did not come up: {vm.describe_exit()} ({exc})"
+            + ("\n  serial: " + "\n  serial: ".join(tail) if tail else "")
+        ) from None
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def shutdown_vm(vm: VmProcess) -> None:
+    try:
+        vm.session.shutdown(timeout=SHUTDOWN_TIMEOUT)
+    except SporeError:
+        pass  # already gone; wait_exit reports how it ended
+    vm.wait_exit(SHUTDOWN_TIMEOUT)
+
+
+def _writer(stream: BinaryIO) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    return write
+
+
+def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
+    if not req.argv:
+        raise UsageError(
+            "spore run: give the command after --, e.g. spore run --rootfs r.ext4 -- ls /"
+        )
+    if (req.image is None) == (req.rootfs is None):
+        raise UsageError("spore run: give exactly one of --image REF or --rootfs FILE")
+    if req.rootfs is not None:
+        if not req.rootfs.is_file():
+            raise UsageError(f"--rootfs {req.rootfs}: no such file")
+        rootfs = req.rootfs
+    else:
+        assert req.image is not None
+        rootfs = build_rootfs_record(
+            req.image,
+            store,
+            reporter,
+            platform=req.platform,
+            insecure_registries=req.insecure_registries,
+        ).path
+    guest = ensure_guest(store, reporter, req.kernel)
+    vm = boot_vm(guest, rootfs, req.memory, req.vcpus, req.boot_timeout)
+    try:
+        handle = vm.session.exec(
+            list(req.argv),
+            env=dict(req.env),
+            cwd=req.cwd,
+            timeout=req.timeout,
+            on_stdout=_writer(sys.stdout.buffer),
+            on_stderr=_writer(sys.stderr.buffer),
+        )
+        status = handle.wait()
+        if status.timed_out:
+            reporter.warn(f"command timed out after {req.timeout} s and was killed")
+        shutdown_vm(vm)
+        return status.returncode
+    except (AgentClosedError, AgentTimeoutError) as exc:
+        vm.wait_exit(1.0)
+        raise VmError(f"{exc}: {vm.describe_exit()}") from None
+    finally:
+        vm.close()

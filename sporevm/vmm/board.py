@@ -1,0 +1,86 @@
+"""The spore microVM: a Machine with the standard devices wired to a kernel, initrd and rootfs.
+
+Device slots are part of the platform contract (docs/vmm.md): virtio-mmio
+window n at 0xd0000000 + n × 4 KiB on GSI 5 + n, in this order:
+
+    0  virtio-blk      the immutable rootfs, read-only        (guest: /dev/vda)
+    1  virtio-console  the agent channel                      (guest: /dev/hvc0)
+    2  virtio-rng      host entropy
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sporevm.vmm.devices.virtio import WINDOW, VirtioMmio, kernel_cmdline
+from sporevm.vmm.devices.virtio.blk import BlkDevice
+from sporevm.vmm.devices.virtio.console import ConsoleDevice
+from sporevm.vmm.devices.virtio.rng import RngDevice
+from sporevm.vmm.machine import Machine
+
+VIRTIO_BASE = 0xD0000000
+VIRTIO_FIRST_GSI = 5
+SLOT_BLK, SLOT_CONSOLE, SLOT_RNG = 0, 1, 2
+DEVICE_MODEL = "spore-board/1"  # bump when slots, devices or their features change
+GUEST_ROOT = "/dev/vda"
+GUEST_AGENT = "/dev/hvc0"
+
+
+@dataclass(frozen=True)
+class BoardConfig:
+    memory: int
+    vcpus: int
+    cmdline: str  # the kernel's own options; device declarations are appended here
+    rootfs_fd: int  # opened read-only by the caller
+    rootfs_size: int
+    rootfs_serial: bytes = b""
+
+
+@dataclass
+class Board:
+    machine: Machine
+    console: ConsoleDevice
+    blk: BlkDevice
+    rng: RngDevice
+    transports: list[VirtioMmio]
+    cmdline: str
+
+
+def slot_base(slot: int) -> int:
+    return VIRTIO_BASE + slot * WINDOW
+
+
+def build_board(
+    cfg: BoardConfig,
+    *,
+    on_agent_output: Callable[[bytes], None],
+    on_agent_writable: Callable[[], None] | None = None,
+    serial_output: Callable[[bytes], None] | None = None,
+    dirty_log: bool = False,
+) -> Board:
+    machine = Machine(cfg.memory, cfg.vcpus, serial_output=serial_output, dirty_log=dirty_log)
+    try:
+        blk = BlkDevice(cfg.rootfs_fd, cfg.rootfs_size, serial=cfg.rootfs_serial)
+        console = ConsoleDevice(on_agent_output, on_writable=on_agent_writable)
+        rng = RngDevice()
+        transports: list[VirtioMmio] = []
+        decls: list[str] = []
+        for slot, dev in ((SLOT_BLK, blk), (SLOT_CONSOLE, console), (SLOT_RNG, rng)):
+            base, gsi = slot_base(slot), VIRTIO_FIRST_GSI + slot
+            t = VirtioMmio(dev, machine.ram, machine.irq_line(gsi), base=base)
+            machine.add_mmio(base, WINDOW, t)
+            transports.append(t)
+            decls.append(kernel_cmdline(base, gsi))
+        cmdline = " ".join(
+            [cfg.cmdline, *decls, f"spore.root={GUEST_ROOT}", f"spore.agent={GUEST_AGENT}"]
+        )
+        return Board(machine, console, blk, rng, transports, cmdline)
+    except BaseException:
+        machine.close()
+        raise
+
+
+def rootfs_size(fd: int) -> int:
+    return os.fstat(fd).st_size

@@ -1,0 +1,141 @@
+"""The caller's side of a VM: spawn the monitor process, talk to the guest agent, stop it.
+
+Each VM gets a private runtime directory (mode 0700) for its serial log; the
+agent channel is one end of a socketpair whose other end the monitor holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sporevm.errors import SporeError
+from sporevm.vmm.agent_session import AgentSession, FdChannel
+from sporevm.vmm.monitor import MonitorConfig
+
+SERIAL_TAIL = 4000
+
+
+class VmError(SporeError):
+    """The VM failed to boot, crashed, or stopped unexpectedly."""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: str
+    memory: int
+    vcpus: int = 1
+    timeout: float | None = None
+
+
+class VmProcess:
+    def __init__(self, spec: VmSpec) -> None:
+        base = os.environ.get("XDG_RUNTIME_DIR") or None
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="spore-vm-", dir=base))
+        os.chmod(self.runtime_dir, 0o700)
+        self.serial_log = self.runtime_dir / "serial.log"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = ours
+        cfg = MonitorConfig(
+            kernel=str(spec.kernel), initrd=str(spec.initrd), rootfs=str(spec.rootfs),
+            cmdline=spec.cmdline, memory=spec.memory, vcpus=spec.vcpus,
+            agent_fd=theirs.fileno(), serial_log=str(self.serial_log), timeout=spec.timeout,
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sporevm.vmm.monitor"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cfg.encode())
+        self.proc.stdin.close()
+        self.events: list[dict[str, Any]] = []
+        self._exited = threading.Event()
+        self._reader = threading.Thread(target=self._read_events, daemon=True)
+        self._reader.start()
+        self.session = AgentSession(FdChannel(ours.fileno()))
+
+    def _read_events(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                self.events.append(event)
+        self._exited.set()
+
+    def serial_tail(self) -> str:
+        try:
+            data = self.serial_log.read_bytes()[-SERIAL_TAIL:]
+        except FileNotFoundError:
+            return ""
+        return data.decode(errors="replace")
+
+    def exit_event(self) -> dict[str, Any] | None:
+        for event in self.events:
+            if event.get("event") in ("exit", "error"):
+                return event
+        return None
+
+    def describe_exit(self) -> str:
+        ev = self.exit_event()
+        if ev is None:
+            return f"the VM monitor ended (exit code {self.proc.poll()}) without a report"
+        if ev["event"] == "error":
+            return str(ev.get("message"))
+        text = f"the VM stopped: {ev['reason']}"
+        if ev.get("status") is not None:
+            text += f" (status {ev['status']})"
+        if ev.get("rip") is not None and ev["reason"] not in ("POWEROFF",):
+            text += f" at RIP {ev['rip']:#x}"
+            if ev.get("code"):
+                text += f" [{ev['code']}]"
+        if ev.get("detail"):
+            text += f": {ev['detail']}"
+        return text
+
+    def wait_exit(self, timeout: float) -> dict[str, Any] | None:
+        """Wait for the monitor to finish; stop it (TERM, then KILL) if it does not."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._exited.wait(5)
+        return self.exit_event()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self._sock.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> VmProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
