@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from sporevm.vmm.agent_session import AgentSession, QueueChannel
+from sporevm.vmm.bus import IrqLine
 from sporevm.vmm.devices.virtio import (
     WINDOW,
     BlkDevice,
@@ -53,11 +54,26 @@ def cmdline(count: int) -> str:
     return " ".join(kernel_cmdline(VIRTIO_BASE + n * WINDOW, VIRTIO_IRQ0 + n) for n in range(count))
 
 
-def attach(vm: ProbeVm, slot: int, device: VirtioDevice) -> VirtioMmio:
+class CountedIrq:
+    """The machine's real IRQ line (KVM_IRQ_LINE), with the level changes counted."""
+
+    def __init__(self, line: IrqLine) -> None:
+        self.line = line
+        self.raised = 0
+        self.level = False
+
+    def set_level(self, high: bool) -> None:
+        self.raised += high
+        self.level = high
+        self.line.set_level(high)
+
+
+def attach(vm: ProbeVm, slot: int, device: VirtioDevice) -> tuple[VirtioMmio, CountedIrq]:
     base = VIRTIO_BASE + slot * WINDOW
-    t = VirtioMmio(device, vm.machine.ram, vm.machine.irq_line(VIRTIO_IRQ0 + slot), base=base)
+    irq = CountedIrq(vm.machine.irq_line(VIRTIO_IRQ0 + slot))
+    t = VirtioMmio(device, vm.machine.ram, irq, base=base)
     vm.machine.add_mmio(base, WINDOW, t)
-    return t
+    return t, irq
 
 
 def fnv_words(data: bytes) -> int:
@@ -84,7 +100,7 @@ def test_blk_read_checksum_get_id_and_errors(disk: tuple[int, bytes]) -> None:
     # Device 0 is the rng so that the probe's discovery has to skip a window.
     with ProbeVm("virtio_blk", cmdline(2)) as vm:
         attach(vm, 0, RngDevice())
-        t = attach(vm, 1, BlkDevice(fd, len(data), serial=SERIAL))
+        t, irq = attach(vm, 1, BlkDevice(fd, len(data), serial=SERIAL))
         r = vm.machine.run(soon())
         assert (r.reason, r.status) == (StopReason.POWEROFF, 0), vm.output
         assert "probe: virtio_blk ok" in vm.output
@@ -95,16 +111,19 @@ def test_blk_read_checksum_get_id_and_errors(disk: tuple[int, bytes]) -> None:
         assert f"probe: blk id {SERIAL.decode()}\n" in vm.output
         assert f"probe: blk sector0 {fnv_words(data[:512]):#x}\n" in vm.output
         assert t.error == "" and t.status & STATUS_DRIVER_OK
-        assert t.interrupt_status == 0  # the probe acknowledged every used buffer
+        # One used-buffer interrupt per request (8 reads, GET_ID, FLUSH, 4 more), each
+        # acknowledged by the probe, so the level-triggered line ends low.
+        assert irq.raised == 14 and not irq.level and t.interrupt_status == 0
         assert vm.machine.stats.unhandled_mmio == {}
 
 
 def test_rng() -> None:
     with ProbeVm("virtio_rng", cmdline(1)) as vm:
-        t = attach(vm, 0, RngDevice())
+        t, irq = attach(vm, 0, RngDevice())
         r = vm.machine.run(soon())
         assert (r.reason, r.status) == (StopReason.POWEROFF, 0), vm.output
         assert t.queues[0].used_idx == 2
+        assert irq.raised == 2 and not irq.level
 
 
 def test_console_transmit_and_echo() -> None:
@@ -138,7 +157,8 @@ class Checkpoints:
 def test_hostile_descriptor_loop_resets_only_the_device() -> None:
     cp = Checkpoints()
     with ProbeVm("virtio_hostile,virtio_rng", cmdline(1), port_device=cp) as vm:
-        cp.transport = t = attach(vm, 0, RngDevice())
+        t, irq = attach(vm, 0, RngDevice())
+        cp.transport = t
         r = vm.machine.run(soon())
         assert (r.reason, r.status) == (StopReason.POWEROFF, 0), vm.output
         assert "probe: virtio_hostile ok" in vm.output and "probe: virtio_rng ok" in vm.output
@@ -148,6 +168,8 @@ def test_hostile_descriptor_loop_resets_only_the_device() -> None:
         assert st2 & STATUS_NEEDS_RESET and err2 == err1  # the ignored kick changed nothing
         assert not st3 & STATUS_NEEDS_RESET and err3 == ""  # reset by the driver, working
         assert t.error == ""
+        # used (1), config change for NEEDS_RESET (1), used after the reset (1), virtio_rng (2)
+        assert irq.raised == 5 and not irq.level
 
 
 def test_agent_exec_through_real_kvm() -> None:
