@@ -63,8 +63,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     reporter.info(f"image   {result.image} (manifest {result.manifest})")
     reporter.info(
-        f"[yellow]boot is not available yet:[/yellow] this spore build stops after the "
-        f"rootfs; {', '.join(result.pending)} come with the VMM. ({took:.2f} s)"
+        f"[yellow]no spore yet:[/yellow] the VM booted and ran the steps; "
+        f"{', '.join(result.pending)} are not available yet. ({took:.2f} s)"
     )
     return 0
 

@@ -25,14 +25,18 @@ from doit.task import Task, dict_to_task
 
 from sporevm import sporefile as sporefile_mod
 from sporevm.build import lockfile
+from sporevm.build.guest import ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
-from sporevm.errors import LockMismatchError, SporeError
+from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, shutdown_vm
+from sporevm.build.steps import boot_key, run_steps, step_keys
+from sporevm.errors import LockMismatchError, SporeError, SporefileError
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
+from sporevm.vmm.launcher import VmProcess
 
-PENDING_STAGES = ("boot", "steps", "snapshot")
+PENDING_STAGES = ("snapshot", "verify", "bundle")
 
 
 @dataclass
@@ -79,6 +83,8 @@ class _Build:
         self.client = OCIClient(store, insecure_registries=options.insecure_registries)
         self.result = BuildResult(sporefile=sf.path, lock=self.lock_path)
         self.error: SporeError | None = None
+        self.kernel = sf.machine.kernel_path
+        self.vm: VmProcess | None = None
 
     # -- lock ------------------------------------------------------------
     def locked_entry(self) -> lockfile.LockedImage | None:
@@ -167,6 +173,54 @@ class _Build:
             self.store, image, self.reporter, force=self.options.no_cache
         )
 
+    # -- guest platform, boot, steps ---------------------------------------
+    def guest_uptodate(self) -> bool:
+        return not self.options.no_cache and lookup_guest(self.store, self.kernel) is not None
+
+    def guest(self) -> None:
+        ensure_guest(self.store, self.reporter, self.kernel)
+
+    def chain_keys(self) -> list[str] | None:
+        """Boot key followed by every step key, or None while inputs are missing."""
+        try:
+            record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+        except SporeError:
+            return None
+        guest = lookup_guest(self.store, self.kernel)
+        if record is None or guest is None:
+            return None
+        boot = boot_key(self.sf, record.digest, guest)
+        return [boot, *step_keys(self.sf, boot)]
+
+    def steps_uptodate(self) -> bool:
+        """All steps succeeded on exactly these inputs before (no snapshots yet: all or none)."""
+        if self.options.no_cache:
+            return False
+        keys = self.chain_keys()
+        return keys is not None and all(
+            self.store.get_key("step", k) is not None for k in keys[1:]
+        )
+
+    def boot(self) -> None:
+        guest = lookup_guest(self.store, self.kernel)
+        record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+        assert guest is not None and record is not None
+        self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,
+                          DEFAULT_BOOT_TIMEOUT)
+
+    def run_steps(self) -> None:
+        keys = self.chain_keys()
+        assert self.vm is not None and keys is not None
+        try:
+            results = run_steps(self.vm.session, self.sf.steps, self.reporter)
+            shutdown_vm(self.vm)
+        finally:
+            self.vm.close()
+            self.vm = None
+        for key, res in zip(keys[1:], results, strict=True):
+            self.store.put_key("step", key, {"step": res.name, "seconds": round(res.seconds, 3),
+                                             "exit": res.exit_code})
+
     # -- doit glue -------------------------------------------------------
     def action(self, fn: Callable[[], None]) -> Callable[[], TaskFailed | None]:
         def run() -> TaskFailed | None:
@@ -201,18 +255,34 @@ class _Build:
                 "uptodate": [self.rootfs_uptodate],
                 "task_dep": ["fetch:base"],
             },
+            {
+                "name": "guest",
+                "doc": "the managed kernel and the agent initramfs (first build: minutes)",
+                "actions": [self.action(self.guest)],
+                "uptodate": [self.guest_uptodate],
+            },
+            {
+                "name": "boot",
+                "doc": "boot the VM on the rootfs and wait for the guest agent",
+                "actions": [self.action(self.boot)],
+                "uptodate": [self.steps_uptodate],
+                "task_dep": ["rootfs", "guest"],
+            },
+            {
+                "name": "steps",
+                "doc": "run " + (", ".join(s.name for s in self.sf.steps) or "no steps")
+                + " in order, streaming output",
+                "actions": [self.action(self.run_steps)],
+                "uptodate": [self.steps_uptodate],
+                "task_dep": ["boot"],
+            },
         ]
 
 
 def pending_tasks(sf: Sporefile) -> list[tuple[str, str, list[str]]]:
-    """The stages after the rootfs, shown by `spore graph` until they are implemented."""
-    out: list[tuple[str, str, list[str]]] = [("boot", "boot the VM on the rootfs", ["rootfs"])]
-    prev = "boot"
-    for step in sf.steps:
-        out.append((f"step:{step.name}", "run the step; snapshot its result", [prev]))
-        prev = f"step:{step.name}"
-    out.append(("snapshot", f"seal the spore after {sf.snapshot_after or prev}", [prev]))
-    return out
+    """The stages after the steps, shown by `spore graph` until they are implemented."""
+    after = sf.snapshot_after or (sf.steps[-1].name if sf.steps else "boot")
+    return [("snapshot", f"seal the spore after step {after}", ["steps"])]
 
 
 class _Loader(TaskLoader2):  # type: ignore[misc]
@@ -231,7 +301,7 @@ class _Loader(TaskLoader2):  # type: ignore[misc]
             "dep_file": str(self.dep_file),
             "backend": "json",
             "reporter": BoundReporter,
-            "verbosity": 0,
+            "verbosity": 2,  # do not capture: actions stream step output themselves
         }
 
     def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Task]:
@@ -250,8 +320,15 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
             f"{b.lock_path}: --locked, but the lock has no entry for "
             f"{sf.base.image} ({sf.base.platform}); run without --locked first"
         )
+    if sf.files:
+        raise SporefileError(f"{sf.path}: files: copying files into the guest is not supported "
+                             "yet; remove the files: section or put them in the base image")
     with store.lock():
-        code = DoitMain(_Loader(b, state / f"{ident}.doit.json")).run(argv)
+        try:
+            code = DoitMain(_Loader(b, state / f"{ident}.doit.json")).run(argv)
+        finally:
+            if b.vm is not None:
+                b.vm.close()
     b.result.tasks = dict(reporter.statuses)
     if b.error is not None:
         raise b.error

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 from sporevm.build.initrd import ensure_initrd
 from sporevm.build.kernel import default_cmdline, detect_host_class, ensure_kernel
 from sporevm.build.progress import Reporter
@@ -24,6 +26,35 @@ class GuestPlatform:
     initrd: Path
     initrd_digest: str
     cmdline: str
+
+
+def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | None:
+    """The guest platform if everything is already built; never builds (cheap check)."""
+    from sporevm.build import initrd as initrd_mod
+    from sporevm.build import kernel as kernel_mod
+
+    host_class = detect_host_class()
+    if kernel is not None:
+        if not kernel.is_file():
+            return None
+        image, digest = kernel, blake3_file(kernel)[0]
+    else:
+        key = kernel_mod.cache_key(kernel_mod.build_inputs(host_class))
+        art = kernel_mod._cached(store, key, host_class)
+        if art is None:
+            return None
+        if host_class == "kvm-pvm":
+            image, digest = art.vmlinux_path, art.vmlinux_digest
+        else:
+            image, digest = art.path, art.digest
+    agent = initrd_mod._cached(store, "guest-agent", initrd_mod.build_key(), "agent")
+    if agent is None:
+        return None
+    ikey = blake3.blake3(f"{initrd_mod.RECIPE}\0{agent[0]}".encode()).hexdigest()
+    hit = initrd_mod._cached(store, "initrd", ikey, "initrd")
+    if hit is None:
+        return None
+    return GuestPlatform(host_class, image, digest, hit[1], hit[0], default_cmdline(host_class))
 
 
 def ensure_guest(store: Store, reporter: Reporter, kernel: Path | None = None) -> GuestPlatform:

@@ -46,6 +46,13 @@ class Reporter:
         if self.enabled:
             self.console.print(f"[yellow]warning:[/yellow] {msg}")
 
+    def step_output(self, step: str, stream: str, line: str) -> None:
+        """One line a step printed, streamed as it runs."""
+        if self.enabled:
+            style = "red" if stream == "stderr" else "dim"
+            self.console.print(f"[{style}]  {step} |[/{style}] ", end="")
+            self.console.out(line, highlight=False)
+
     # -- progress bars ---------------------------------------------------
     def _bar(self, key: str, label: str, total: int) -> Any:
         if not (self.enabled and self.console.is_terminal):
