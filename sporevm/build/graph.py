@@ -25,7 +25,7 @@ from doit.task import Task, dict_to_task
 
 from sporevm import sporefile as sporefile_mod
 from sporevm.build import lockfile
-from sporevm.build.guest import ensure_guest, lookup_guest
+from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
@@ -85,6 +85,13 @@ class _Build:
         self.error: SporeError | None = None
         self.kernel = sf.machine.kernel_path
         self.vm: VmProcess | None = None
+        self._guest: GuestPlatform | None = None
+
+    def guest_platform(self) -> GuestPlatform | None:
+        """lookup_guest once per build (it hashes the kernel inputs); reset when built."""
+        if self._guest is None:
+            self._guest = lookup_guest(self.store, self.kernel)
+        return self._guest
 
     # -- lock ------------------------------------------------------------
     def locked_entry(self) -> lockfile.LockedImage | None:
@@ -175,10 +182,10 @@ class _Build:
 
     # -- guest platform, boot, steps ---------------------------------------
     def guest_uptodate(self) -> bool:
-        return not self.options.no_cache and lookup_guest(self.store, self.kernel) is not None
+        return not self.options.no_cache and self.guest_platform() is not None
 
     def guest(self) -> None:
-        ensure_guest(self.store, self.reporter, self.kernel)
+        self._guest = ensure_guest(self.store, self.reporter, self.kernel)
 
     def chain_keys(self) -> list[str] | None:
         """Boot key followed by every step key, or None while inputs are missing."""
@@ -186,7 +193,7 @@ class _Build:
             record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
         except SporeError:
             return None
-        guest = lookup_guest(self.store, self.kernel)
+        guest = self.guest_platform()
         if record is None or guest is None:
             return None
         boot = boot_key(self.sf, record.digest, guest)
@@ -202,7 +209,7 @@ class _Build:
         )
 
     def boot(self) -> None:
-        guest = lookup_guest(self.store, self.kernel)
+        guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
         assert guest is not None and record is not None
         self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,

@@ -16,6 +16,7 @@ What makes that true (measured on e2fsprogs 1.47.0, see docs/rootfs.md):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ class TreeStats:
     data_blocks: int  # 4 KiB blocks needed for file data, directories and long symlinks
 
 
+@functools.cache
 def tool_versions() -> str:
     """The e2fsprogs version: part of every rootfs cache key (bytes depend on it)."""
     try:
