@@ -253,6 +253,20 @@ class Store:
                 st = p.lstat()
                 prefix = "sha256:" if kind == "blob" else "blake3:"
                 out.append(Entry(kind, prefix + p.name, st.st_size, st.st_mtime, p))
+        # Built guest pieces: kernels are directories (bzImage, vmlinux, config), the
+        # agent and initramfs are files; both are named by BLAKE3.
+        for kind, sub in (("kernel", "kernels/blake3"), ("guest", "guest/blake3")):
+            base = self.root / sub
+            if not base.is_dir():
+                continue
+            for p in sorted(base.iterdir()):
+                if p.name.startswith(".tmp-"):
+                    continue
+                st = p.lstat()
+                size = st.st_size
+                if p.is_dir() and not p.is_symlink():
+                    size = sum(f.lstat().st_size for f in p.iterdir())
+                out.append(Entry(kind, "blake3:" + p.name, size, st.st_mtime, p))
         keys = self.root / "keys"
         for kdir in sorted(keys.iterdir()):
             for p in sorted(kdir.glob("*.json")):
@@ -272,6 +286,9 @@ class Store:
             cutoff = None if older_than is None else time.time() - older_than
             for entry in self.entries():
                 if cutoff is None or entry.last_used < cutoff:
-                    entry.path.unlink(missing_ok=True)
+                    if entry.path.is_dir() and not entry.path.is_symlink():
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        entry.path.unlink(missing_ok=True)
                     removed.append(entry)
         return removed

@@ -54,6 +54,8 @@ def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | No
     hit = initrd_mod._cached(store, "initrd", ikey, "initrd")
     if hit is None:
         return None
+    if kernel is None:
+        store.touch(image.parent)  # last use of the kernel entry, for `spore cache prune`
     return GuestPlatform(host_class, image, digest, hit[1], hit[0], default_cmdline(host_class))
 
 
@@ -71,6 +73,8 @@ def ensure_guest(store: Store, reporter: Reporter, kernel: Path | None = None) -
         else:
             image, digest = art.path, art.digest
     initrd = ensure_initrd(store)
+    if kernel is None:
+        store.touch(image.parent)
     return GuestPlatform(
         host_class, image, digest, initrd.path, initrd.digest, default_cmdline(host_class)
     )
