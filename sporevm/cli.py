@@ -48,6 +48,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         no_cache=args.no_cache,
         update_lock=args.update_lock,
         insecure_registries=frozenset(args.insecure_registry),
+        until=args.until,
     )
     result = build(_sporefile_path(args.file or args.path), Store(), options, reporter)
     took = time.monotonic() - started
@@ -62,10 +63,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  {result.rootfs.path}"
     )
     reporter.info(f"image   {result.image} (manifest {result.manifest})")
-    reporter.info(
-        f"[yellow]no spore yet:[/yellow] the VM booted and ran the steps; "
-        f"{', '.join(result.pending)} are not available yet. ({took:.2f} s)"
-    )
+    if args.until and args.until != "steps":
+        reporter.info(f"stopped after {args.until} as asked (--until). ({took:.2f} s)")
+    else:
+        reporter.info(
+            f"[yellow]no spore yet:[/yellow] the VM booted and ran the steps; "
+            f"{', '.join(result.pending)} are not available yet. ({took:.2f} s)"
+        )
     return 0
 
 
@@ -201,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--locked", action="store_true", help="fail instead of changing Sporefile.lock")
     b.add_argument(
         "--update-lock", action="store_true", help="re-resolve tags even if the lock records them"
+    )
+    b.add_argument(
+        "--until", metavar="TASK", help="stop after TASK (e.g. rootfs); see `spore graph`"
     )
     b.add_argument(
         "--no-cache", action="store_true", help="re-verify cached blobs and rebuild every task"

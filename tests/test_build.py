@@ -38,7 +38,7 @@ def spore(home: Path, *args: str, cwd: Path | None = None) -> subprocess.Complet
 
 
 def build_json(home: Path, sporefile: Path, *extra: str) -> dict[str, Any]:
-    proc = spore(home, "build", "--json", *extra, str(sporefile))
+    proc = spore(home, "build", "--json", "--until", "rootfs", *extra, str(sporefile))
     assert proc.returncode == 0, proc.stderr
     doc: dict[str, Any] = json.loads(proc.stdout)
     return doc
@@ -90,7 +90,7 @@ def test_rootfs_command_exports_the_same_image(tmp_path: Path, busybox_image: An
 def test_locked_semantics(tmp_path: Path, busybox_image: Any) -> None:
     sf = write_sporefile(tmp_path / "proj", busybox_image.ref)
     home = tmp_path / "home"
-    proc = spore(home, "build", "--locked", str(sf))
+    proc = spore(home, "build", "--until", "rootfs", "--locked", str(sf))
     assert proc.returncode == 2
     assert "Sporefile.lock" in proc.stderr and "--locked" in proc.stderr
     assert not (sf.parent / "Sporefile.lock").exists()
@@ -102,7 +102,7 @@ def test_locked_semantics(tmp_path: Path, busybox_image: Any) -> None:
     lock = json.loads(lock_path.read_text())
     lock["images"][0]["digest"] = "sha256:" + "0" * 64
     lock_path.write_text(json.dumps(lock))
-    proc = spore(home, "build", "--locked", "--update-lock", str(sf))
+    proc = spore(home, "build", "--until", "rootfs", "--locked", "--update-lock", str(sf))
     assert proc.returncode == 2, proc.stderr
     assert "resolves to" in proc.stderr and lock_path.read_text() == json.dumps(lock)
     fixed = build_json(home, sf, "--update-lock")
@@ -124,7 +124,7 @@ def test_digest_pinned_builds_offline_and_dead_registry_fails_fast(
     assert offline["rootfs"]["digest"] == first["rootfs"]["digest"]
     sf_tag = write_sporefile(tmp_path / "tag", ref.rsplit(":", 1)[0] + ":other")
     started = time.monotonic()
-    proc = spore(home, "build", str(sf_tag))
+    proc = spore(home, "build", "--until", "rootfs", str(sf_tag))
     took = time.monotonic() - started
     assert proc.returncode == 1
     assert throwaway_registry.host in proc.stderr
@@ -147,7 +147,7 @@ def test_graph_shows_the_pipeline(tmp_path: Path, busybox_image: Any) -> None:
     proc = spore(tmp_path / "home", "graph", "--json", str(sf))
     assert proc.returncode == 0, proc.stderr
     names = [t["name"] for t in json.loads(proc.stdout)["tasks"]]
-    assert names == ["resolve:base", "fetch:base", "rootfs", "boot", "step:hello", "snapshot"]
+    assert names == ["resolve:base", "fetch:base", "rootfs", "guest", "boot", "steps", "snapshot"]
 
 
 @pytest.mark.mount

@@ -53,3 +53,18 @@ def test_bad_locks_fail_with_the_field_named(tmp_path: Path, text: bytes, needle
     with pytest.raises(SporefileError) as err:
         lockfile.load(path)
     assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_guest_entries_roundtrip_and_validate(tmp_path: Path) -> None:
+    path = tmp_path / "Sporefile.lock"
+    b1, b2 = "blake3:" + "1" * 64, "blake3:" + "2" * 64
+    lock = lockfile.Lock().with_guest(lockfile.LockedGuest("kvm-pvm", b1, b2))
+    lock = lock.with_guest(lockfile.LockedGuest("kvm", b2, b1))
+    lockfile.save(path, lock)
+    loaded = lockfile.load(path)
+    assert loaded == lock and [g.host_class for g in loaded.guests] == ["kvm", "kvm-pvm"]
+    assert loaded.find_guest("kvm-pvm") == lockfile.LockedGuest("kvm-pvm", b1, b2)
+    path.write_text('{"lockVersion": 1, "images": [], "guests": '
+                    '[{"hostClass": "xen", "kernel": "%s", "initrd": "%s"}]}' % (b1, b2))
+    with pytest.raises(SporefileError, match=r"guests\[0\]\.hostClass"):
+        lockfile.load(path)

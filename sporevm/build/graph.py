@@ -31,7 +31,7 @@ from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
 from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, shutdown_vm
 from sporevm.build.steps import boot_key, run_steps, step_keys
-from sporevm.errors import LockMismatchError, SporeError, SporefileError
+from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 from sporevm.vmm.launcher import VmProcess
@@ -45,6 +45,7 @@ class BuildOptions:
     no_cache: bool = False
     update_lock: bool = False
     insecure_registries: frozenset[str] = frozenset()
+    until: str | None = None  # stop after this task (and what it depends on)
 
 
 @dataclass
@@ -182,10 +183,34 @@ class _Build:
 
     # -- guest platform, boot, steps ---------------------------------------
     def guest_uptodate(self) -> bool:
-        return not self.options.no_cache and self.guest_platform() is not None
+        if self.options.no_cache or self.options.update_lock:
+            return False
+        guest = self.guest_platform()
+        return guest is not None and self._locked_guest(guest) == self._guest_entry(guest)
+
+    def _guest_entry(self, guest: GuestPlatform) -> lockfile.LockedGuest:
+        return lockfile.LockedGuest(guest.host_class, guest.kernel_digest, guest.initrd_digest)
+
+    def _locked_guest(self, guest: GuestPlatform) -> lockfile.LockedGuest | None:
+        return lockfile.load(self.lock_path).find_guest(guest.host_class)
 
     def guest(self) -> None:
-        self._guest = ensure_guest(self.store, self.reporter, self.kernel)
+        """Build or find kernel and initramfs; their digests go into the lock."""
+        guest = self._guest = ensure_guest(self.store, self.reporter, self.kernel)
+        entry, old = self._guest_entry(guest), self._locked_guest(guest)
+        if old == entry:
+            return
+        if self.options.locked:
+            raise LockMismatchError(
+                f"{self.lock_path}: --locked, but the guest for {guest.host_class} is kernel "
+                f"{entry.kernel} + initrd {entry.initrd} and the lock has "
+                + (f"{old.kernel} + {old.initrd}" if old else "no entry")
+                + "; run without --locked to update the lock"
+            )
+        if old is not None:
+            self.reporter.warn(f"guest for {guest.host_class} changed from the lock "
+                               f"(kernel {old.kernel} → {entry.kernel}); updating the lock")
+        lockfile.save(self.lock_path, lockfile.load(self.lock_path).with_guest(entry))
 
     def chain_keys(self) -> list[str] | None:
         """Boot key followed by every step key, or None while inputs are missing."""
@@ -322,6 +347,13 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
     state.mkdir(exist_ok=True)
     ident = hashlib.sha256(str(sf.path.resolve()).encode()).hexdigest()[:24]
     argv = ["run"] + (["--always-execute"] if options.no_cache else [])
+    names = [t["name"] for t in b.tasks()]
+    if options.until is not None:
+        if options.until not in names:
+            raise UsageError(
+                f"--until {options.until}: no such task; tasks are: {', '.join(names)}"
+            )
+        argv.append(options.until)
     if options.locked and lockfile.load(b.lock_path).find(sf.base.image, sf.base.platform) is None:
         raise LockMismatchError(
             f"{b.lock_path}: --locked, but the lock has no entry for "
