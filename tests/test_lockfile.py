@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_guest_entries_roundtrip_and_validate(tmp_path: Path) -> None:
     loaded = lockfile.load(path)
     assert loaded == lock and [g.host_class for g in loaded.guests] == ["kvm", "kvm-pvm"]
     assert loaded.find_guest("kvm-pvm") == lockfile.LockedGuest("kvm-pvm", b1, b2)
-    path.write_text('{"lockVersion": 1, "images": [], "guests": '
-                    '[{"hostClass": "xen", "kernel": "%s", "initrd": "%s"}]}' % (b1, b2))
+    bad = {"hostClass": "xen", "kernel": b1, "initrd": b2}
+    path.write_text(json.dumps({"lockVersion": 1, "images": [], "guests": [bad]}))
     with pytest.raises(SporefileError, match=r"guests\[0\]\.hostClass"):
         lockfile.load(path)
