@@ -46,12 +46,63 @@ class MonitorConfig:
 
     @classmethod
     def decode(cls, line: bytes) -> MonitorConfig:
+        """Parse and check the config line; any defect is a one-line SporeError."""
         if len(line) > MAX_CONFIG:
             raise SporeError("monitor: config line too long")
-        doc = json.loads(line)
+        try:
+            doc = json.loads(line, object_pairs_hook=_no_duplicates)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise SporeError(f"monitor: config line is not JSON ({type(e).__name__})") from None
         if not isinstance(doc, dict) or set(doc) != set(cls.__dataclass_fields__):
             raise SporeError("monitor: config has unexpected or missing fields")
+        for name in ("kernel", "initrd", "rootfs", "serial_log"):
+            _check_str(doc, name, path=True)
+        _check_str(doc, "cmdline", path=False)
+        _check_int(doc, "memory", MIN_MEMORY, MAX_MEMORY)
+        if doc["memory"] % PAGE:
+            raise SporeError(f"monitor: config memory {doc['memory']} is not a multiple of {PAGE}")
+        _check_int(doc, "vcpus", 1, MAX_VCPUS)
+        _check_int(doc, "agent_fd", 3, MAX_FD)
+        timeout = doc["timeout"]
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_TIMEOUT
+        ):
+            raise SporeError("monitor: config timeout must be null or a number in (0, 1e9]")
         return cls(**doc)
+
+
+MIN_MEMORY = 2 << 20  # boot.e820_map's minimum
+MAX_MEMORY = 3 << 30  # Machine: RAM stops at the 3 GiB MMIO hole
+PAGE = 4096
+MAX_VCPUS = 64
+MAX_FD = (1 << 31) - 1
+MAX_TIMEOUT = 1e9  # seconds; NaN and infinities fail the range check
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise SporeError("monitor: config has a duplicate field")
+    return doc
+
+
+def _check_str(doc: dict[str, Any], name: str, *, path: bool) -> None:
+    value = doc[name]
+    if not isinstance(value, str) or "\0" in value or (path and not value):
+        what = "a non-empty string" if path else "a string"
+        raise SporeError(f"monitor: config {name} must be {what} without NUL")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise SporeError(f"monitor: config {name} is not valid UTF-8 (lone surrogate)") from None
+
+
+def _check_int(doc: dict[str, Any], name: str, lo: int, hi: int) -> None:
+    value = doc[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SporeError(f"monitor: config {name} must be an integer in [{lo}, {hi}]")
 
 
 def _emit(event: str, **fields: Any) -> None:

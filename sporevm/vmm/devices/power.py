@@ -53,5 +53,5 @@ class PowerPort:
         return SPORE_POWER_MAGIC.to_bytes(4, "little")[offset : offset + size].ljust(size, b"\0")
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset == 0:
+        if offset == 0 and len(data) == SPORE_POWER_LEN:  # 32-bit writes only; others ignored
             self._sink(PowerEvent.POWEROFF, int.from_bytes(data, "little"))

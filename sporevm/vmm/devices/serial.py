@@ -62,7 +62,7 @@ class Serial:
         with self._lock:
             val = self._read_reg(offset) if size == 1 else 0xFF
             self._update_irq()
-        return bytes([val]) + b"\xff" * (size - 1)
+        return bytes([val])[:size] + b"\xff" * (size - 1)  # exactly size bytes, even 0
 
     def write(self, offset: int, data: bytes) -> None:
         if not data:
