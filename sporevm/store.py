@@ -4,6 +4,7 @@ Layout (documented in docs/store.md)::
 
     blobs/sha256/<hex>        OCI manifests, indexes, configs and layers, by sha256
     rootfs/blake3/<hex>       ext4 root filesystems, by BLAKE3-256 of their bytes
+    chunks/blake3/<hex>       spore memory chunks and state objects, by BLAKE3-256
     keys/<kind>/<key>.json    build-key -> result records (what a cached task produced)
     tmp/                      staging; anything here is garbage after a crash
     lock                      flock: builds hold it shared, prune holds it exclusive
@@ -254,8 +255,13 @@ class Store:
                 prefix = "sha256:" if kind == "blob" else "blake3:"
                 out.append(Entry(kind, prefix + p.name, st.st_size, st.st_mtime, p))
         # Built guest pieces: kernels are directories (bzImage, vmlinux, config), the
-        # agent and initramfs are files; both are named by BLAKE3.
-        for kind, sub in (("kernel", "kernels/blake3"), ("guest", "guest/blake3")):
+        # agent and initramfs are files; both are named by BLAKE3. Spore memory chunks
+        # and state objects (sporevm/spore/chunks.py) are files named the same way.
+        for kind, sub in (
+            ("kernel", "kernels/blake3"),
+            ("guest", "guest/blake3"),
+            ("chunk", "chunks/blake3"),
+        ):
             base = self.root / sub
             if not base.is_dir():
                 continue

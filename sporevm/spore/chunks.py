@@ -1,0 +1,266 @@
+"""Guest memory as fixed 2 MiB chunks in a BLAKE3 content-addressed store.
+
+Layout (docs/spore-format.md)::
+
+    <store>/chunks/blake3/<hex>    the bytes of one chunk or state object, named by BLAKE3-256
+
+A chunk's id is ``blake3:<hex>`` of its bytes. All-zero chunks are never stored:
+the memory index records them as ``None`` (``null`` in the manifest). The same
+store holds a spore's state objects (vCPU, VM, devices), which are small blobs
+named the same way.
+
+Chunks may come from untrusted peers and the store may rot, so ``get`` hashes
+every byte it returns and evicts an entry that does not match its name; nothing
+reads chunk files except through it (and ``materialize``, which uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from sporevm.atomic import publish
+from sporevm.errors import SporeError
+from sporevm.store import Store
+from sporevm.vmm.memory import PAGE, GuestMemory
+
+CHUNK = 2 * 1024 * 1024
+PAGES_PER_CHUNK = CHUNK // PAGE
+MAX_OBJECT = 16 * 1024 * 1024  # state objects; chunks are exactly CHUNK bytes
+CHUNK_ID = re.compile(r"blake3:[0-9a-f]{64}")
+_ZERO_PIECE = bytes(256 * 1024)  # compared piecewise: stays in cache, exits early on data
+_ZERO_CHUNK = bytes(CHUNK)
+
+
+class ChunkError(SporeError):
+    """A chunk or state object is missing, corrupt, or not where the store says."""
+
+
+def chunk_id(data: bytes | bytearray | memoryview) -> str:
+    # AUTO uses every core: ~2x on this 2-core host for 2 MiB inputs (measured).
+    return "blake3:" + blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+def is_zero(view: bytes | bytearray | memoryview) -> bool:
+    """True if every byte is zero.
+
+    Measured on a 2 MiB chunk: bytes(piece) == zeros (memcmp after a cache-sized copy)
+    136 us; memoryview == memoryview 4.8 ms; not any(cast('Q')) 3.6 ms; count(0) 1.2 ms.
+    """
+    mv = memoryview(view).cast("B")
+    step = len(_ZERO_PIECE)
+    for off in range(0, len(mv), step):
+        piece = mv[off : off + step]
+        if bytes(piece) != _ZERO_PIECE[: len(piece)]:
+            return False
+    return True
+
+
+def check_id(cid: str, what: str = "chunk") -> str:
+    if not isinstance(cid, str) or not CHUNK_ID.fullmatch(cid):
+        raise ChunkError(f"{what}: {cid!r} is not a chunk id (expected blake3:<64 lowercase hex>)")
+    return cid[len("blake3:") :]
+
+
+@dataclass(frozen=True)
+class MemoryIndex:
+    """Chunk ids in chunk order covering all of RAM; ``None`` is an all-zero chunk."""
+
+    chunk_size: int
+    chunks: tuple[str | None, ...]
+
+    @property
+    def memory_size(self) -> int:
+        return self.chunk_size * len(self.chunks)
+
+    def stored(self) -> list[str]:
+        """Distinct non-zero chunk ids, in first-use order."""
+        return list(dict.fromkeys(c for c in self.chunks if c is not None))
+
+
+class ChunkStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root / "chunks" / "blake3"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, cid: str) -> Path:
+        return self.root / check_id(cid)
+
+    def has(self, cid: str) -> bool:
+        try:
+            return stat.S_ISREG(self.path(cid).lstat().st_mode)
+        except FileNotFoundError:
+            return False
+
+    def put(self, data: bytes | bytearray | memoryview, *, expect: str | None = None) -> str:
+        """Publish ``data`` under its id (temp + fsync + rename) and return the id.
+
+        ``expect`` is the id a peer claimed for these bytes; a mismatch is refused
+        before anything is written. An existing entry is re-hashed and kept only if
+        it is intact, so a rotten entry is repaired rather than referenced again.
+        """
+        data = bytes(data)  # one immutable copy: what is hashed is what is written
+        if len(data) > MAX_OBJECT:
+            raise ChunkError(f"object of {len(data)} bytes exceeds the {MAX_OBJECT}-byte bound")
+        cid = chunk_id(data)
+        if expect is not None and expect != cid:
+            check_id(expect)
+            raise ChunkError(f"chunk {expect}: received content hashes to {cid}; refused it")
+        dest = self.path(cid)
+        if self._intact(dest, cid, len(data)):
+            return cid
+        tmp = self.store.temp_path("chunk")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            publish(tmp, dest)
+        except OSError as exc:
+            raise ChunkError(f"chunk {cid}: cannot publish to {dest}: {exc.strerror}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return cid
+
+    def get(self, cid: str, *, size: int | None = None) -> bytes:
+        """The verified bytes of ``cid``; a corrupt entry is evicted and reported."""
+        path = self.path(cid)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise ChunkError(f"chunk {cid} is not in the store {self.store.root}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                path.unlink(missing_ok=True)  # unlink removes the link, never its target
+                raise ChunkError(f"chunk {cid}: store entry is a symlink; evicted it") from None
+            raise ChunkError(f"chunk {cid}: cannot open store entry: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ChunkError(f"chunk {cid}: store entry {path} is not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read(MAX_OBJECT + 1)
+        finally:
+            os.close(fd)
+        if chunk_id(data) != cid:
+            path.unlink(missing_ok=True)
+            raise ChunkError(
+                f"chunk {cid}: store entry does not match its id (corrupt); evicted it, "
+                "restore it from the spore's source"
+            )
+        if size is not None and len(data) != size:
+            # The entry is intact; whoever expected another size is wrong. Keep it.
+            raise ChunkError(f"chunk {cid}: is {len(data)} bytes, expected {size}")
+        return data
+
+    def _intact(self, path: Path, cid: str, size: int) -> bool:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            if not stat.S_ISDIR(st.st_mode):
+                path.unlink(missing_ok=True)
+            return False
+        try:
+            self.get(cid, size=size)
+        except ChunkError:
+            return False
+        return True
+
+
+def dirty_chunks(kvm_dirty_bitmap: bytes, vmm_dirty: bytearray, ram_size: int) -> set[int]:
+    """Chunks touched since the last snapshot, by the guest (KVM's log) or by the VMM.
+
+    ``kvm_dirty_bitmap`` is KVM_GET_DIRTY_LOG's little-endian bitmap (bit n of the
+    stream = page n); ``vmm_dirty`` is GuestMemory.vmm_dirty, one byte per page.
+    """
+    if ram_size <= 0 or ram_size % CHUNK:
+        raise ChunkError(f"guest RAM size {ram_size} is not a positive multiple of {CHUNK}")
+    pages = ram_size // PAGE
+    if len(kvm_dirty_bitmap) < (pages + 7) // 8:
+        raise ChunkError(
+            f"dirty log covers {len(kvm_dirty_bitmap) * 8} pages, guest RAM has {pages}"
+        )
+    if len(vmm_dirty) != pages:
+        raise ChunkError(f"VMM dirty map covers {len(vmm_dirty)} pages, guest RAM has {pages}")
+    per = PAGES_PER_CHUNK // 8  # bitmap bytes per chunk (512 pages = 64 bytes)
+    out: set[int] = set()
+    for c in range(pages // PAGES_PER_CHUNK):
+        if kvm_dirty_bitmap[c * per : (c + 1) * per].strip(b"\0") or any(
+            vmm_dirty[c * PAGES_PER_CHUNK : (c + 1) * PAGES_PER_CHUNK]
+        ):
+            out.add(c)
+    return out
+
+
+def _ram_view(ram: memoryview | bytes | bytearray | GuestMemory) -> memoryview:
+    if isinstance(ram, GuestMemory):
+        return ram.view(0, ram.size)
+    return memoryview(ram).cast("B")
+
+
+def snapshot_memory(
+    ram: memoryview | bytes | bytearray | GuestMemory,
+    store: ChunkStore,
+    previous: MemoryIndex | None = None,
+    dirty: Iterable[int] | None = None,
+) -> MemoryIndex:
+    """Index (and publish) guest RAM; the VM must be paused while this runs.
+
+    With ``previous`` and ``dirty``, only dirty chunks are read and hashed; every
+    other chunk keeps its previous id, provided the store still holds it (a chunk
+    pruned since is re-hashed, never referenced blind).
+    """
+    mv = _ram_view(ram)
+    size = len(mv)
+    if size <= 0 or size % CHUNK:
+        raise ChunkError(f"guest RAM size {size} is not a positive multiple of {CHUNK}")
+    count = size // CHUNK
+    todo: set[int]
+    if previous is None or dirty is None:
+        todo = set(range(count))
+    else:
+        if previous.chunk_size != CHUNK or len(previous.chunks) != count:
+            raise ChunkError(
+                f"previous memory index covers {previous.memory_size} bytes in "
+                f"{previous.chunk_size}-byte chunks; guest RAM is {size} bytes"
+            )
+        todo = set(dirty)
+        if any(not 0 <= c < count for c in todo):
+            raise ChunkError(f"dirty chunk number out of range 0..{count - 1}")
+        todo |= {c for c, cid in enumerate(previous.chunks) if cid and not store.has(cid)}
+    ids: list[str | None] = []
+    for c in range(count):
+        if c not in todo:
+            assert previous is not None
+            ids.append(previous.chunks[c])
+            continue
+        piece = mv[c * CHUNK : (c + 1) * CHUNK]
+        ids.append(None if is_zero(piece) else store.put(piece))
+    return MemoryIndex(CHUNK, tuple(ids))
+
+
+def materialize(
+    index: MemoryIndex, store: ChunkStore, out: memoryview, *, out_is_zero: bool = False
+) -> None:
+    """Write the verified chunks of ``index`` into ``out`` (eager restore, tests)."""
+    if index.chunk_size != CHUNK or len(out) != index.memory_size:
+        raise ChunkError(
+            f"memory index covers {index.memory_size} bytes; target is {len(out)} bytes"
+        )
+    for c, cid in enumerate(index.chunks):
+        where = slice(c * CHUNK, (c + 1) * CHUNK)
+        if cid is None:
+            if not out_is_zero:
+                out[where] = _ZERO_CHUNK
+        else:
+            out[where] = store.get(cid, size=CHUNK)

@@ -1,0 +1,416 @@
+"""The spore manifest (`manifest.json`, format ``spore/v1``): model, canonical bytes, checks.
+
+A manifest names everything a restore needs and nothing else: the platform
+contract the host must satisfy exactly, the rootfs, the memory index, the
+state objects, the generation and where it came from. Its identity is BLAKE3
+of its canonical bytes, and ``decode`` accepts only those bytes (re-encoding
+must reproduce the input), so a manifest has exactly one byte form and one id.
+
+Manifests may come from untrusted peers: decoding is bounded, strict (no
+duplicate keys, no floats, no unknown fields or versions) and checked by the
+JSON Schema below plus the cross-field rules it cannot express. The format is
+documented field by field in docs/spore-format.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import blake3
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
+
+from sporevm.errors import SporeError
+from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkError, ChunkStore, MemoryIndex
+from sporevm.vmm.board import SLOT_BLK
+
+FORMAT = "spore/v1"
+MAX_MANIFEST = 16 * 1024 * 1024
+MAX_MEMORY = 256 * 1024**3  # 131072 chunk entries: a worst-case index stays well under 16 MiB
+MAX_VCPUS = 64
+MAX_ANNOTATIONS = 64
+MAX_STATE_OBJECTS = 1024
+MAX_STEPS = 256
+ROOTFS_KIND = "ext4-immutable"
+
+
+class ManifestError(SporeError):
+    """A spore manifest is malformed, non-canonical, or names content that is not there."""
+
+
+class PlatformMismatchError(ManifestError):
+    """This host cannot satisfy the spore's platform contract."""
+
+
+_B3 = "^blake3:[0-9a-f]{64}$"
+_SHA = "^sha256:[0-9a-f]{64}$"
+_VERSIONED = "^[a-z0-9][a-z0-9._-]{0,63}/[a-z0-9][a-z0-9._-]{0,31}$"  # "kvm-pvm/v1"
+_NAME = "^[a-z0-9][a-z0-9._-]{0,63}(/[a-z0-9][a-z0-9._-]{0,63}){0,3}$"  # "vcpu/0"
+_KEY = "^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+_UUID4 = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+def _obj(props: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": props,
+        "required": sorted(props),
+        "additionalProperties": False,
+    }
+
+
+def _str(pattern: str) -> dict[str, Any]:
+    return {"type": "string", "pattern": pattern}
+
+
+def _int(lo: int, hi: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": lo, "maximum": hi}
+
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://sporevm.dev/schemas/spore-manifest-v1.json",
+    **_obj(
+        {
+            "format": {"const": FORMAT},
+            "platform": _obj(
+                {
+                    "arch": {"const": "x86_64"},
+                    "cpu_profile": _str(_VERSIONED),
+                    "device_model": _str(_VERSIONED),
+                    "memory": {**_int(CHUNK, MAX_MEMORY), "multipleOf": CHUNK},
+                    "vcpus": _int(1, MAX_VCPUS),
+                    "kernel": _str(_B3),
+                    "initrd": _str(_B3),
+                    # printable ASCII: what the kernel parses, no control characters
+                    "cmdline": {"type": "string", "pattern": "^[ -~]*$", "maxLength": 4096},
+                }
+            ),
+            "rootfs": _obj(
+                {
+                    "kind": {"const": ROOTFS_KIND},
+                    "digest": _str(_B3),
+                    "size": _int(1, 2**50),
+                    "source_image": _str(_SHA),
+                    "builder": _str(_VERSIONED),
+                    "blk_slot": {"const": SLOT_BLK},
+                }
+            ),
+            "memory": _obj(
+                {
+                    "chunk_size": {"const": CHUNK},
+                    "chunks": {
+                        "type": "array",
+                        "maxItems": MAX_MEMORY // CHUNK,
+                        "items": {"anyOf": [{"type": "null"}, _str(_B3)]},
+                    },
+                }
+            ),
+            "state": _obj(
+                {
+                    "objects": {
+                        "type": "object",
+                        "maxProperties": MAX_STATE_OBJECTS,
+                        "propertyNames": {"pattern": _NAME},
+                        "additionalProperties": _obj(
+                            {"digest": _str(_B3), "size": _int(0, MAX_OBJECT)}
+                        ),
+                    }
+                }
+            ),
+            "generation": _obj(
+                {
+                    "id": _str(_UUID4),
+                    "parent": {"anyOf": [{"type": "null"}, _str(_B3)]},
+                    "index": _int(0, 2**20 - 1),
+                    "count": _int(1, 2**20),
+                }
+            ),
+            "annotations": {
+                "type": "object",
+                "maxProperties": MAX_ANNOTATIONS,
+                "propertyNames": {"pattern": _KEY},
+                "additionalProperties": {"type": "string", "maxLength": 4096},
+            },
+            "provenance": _obj(
+                {
+                    "sporefile": {"anyOf": [{"type": "null"}, _str(_B3)]},
+                    "lock": {"anyOf": [{"type": "null"}, _str(_B3)]},
+                    "steps": {
+                        "type": "array",
+                        "maxItems": MAX_STEPS,
+                        "items": _str("^[0-9a-f]{64}$"),
+                    },
+                    "builder": _str(_VERSIONED),
+                }
+            ),
+        }
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PlatformContract:
+    """What the host must provide, exactly, before a VM is created from the spore."""
+
+    arch: str
+    cpu_profile: str
+    device_model: str
+    memory: int
+    vcpus: int
+    kernel: str
+    initrd: str
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class RootfsRef:
+    kind: str
+    digest: str
+    size: int
+    source_image: str
+    builder: str
+    blk_slot: int
+
+
+@dataclass(frozen=True)
+class StateObject:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: str
+    parent: str | None
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    sporefile: str | None
+    lock: str | None
+    steps: tuple[str, ...]
+    builder: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    platform: PlatformContract
+    rootfs: RootfsRef
+    memory: MemoryIndex
+    state: dict[str, StateObject]  # name -> object; treat as read-only
+    generation: Generation
+    annotations: dict[str, str]  # treat as read-only
+    provenance: Provenance
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:60]!r}")
+        out[key] = value
+    return out
+
+
+def _no_float(text: str) -> Any:
+    raise ValueError(f"number {text[:40]} is not an integer (manifests hold integers only)")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def canonical(doc: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8 (not \\u escapes), integers only."""
+    try:
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+        return text.encode("utf-8")
+    except (UnicodeEncodeError, ValueError) as exc:  # lone surrogates, NaN
+        raise ManifestError(f"manifest: cannot be encoded canonically ({exc})") from None
+
+
+def manifest_id(data: bytes) -> str:
+    """The identity of a manifest: BLAKE3 of its canonical bytes."""
+    return "blake3:" + blake3.blake3(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _ecma(pattern: str) -> re.Pattern[str]:
+    # ECMA-262 '$' is end of input; Python's also matches before a final newline.
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    if validator.is_type(instance, "string") and not _ecma(pattern).search(instance):
+        yield jsonschema.exceptions.ValidationError(f"{instance[:80]!r} does not match {pattern}")
+
+
+@functools.cache
+def _validator() -> Any:
+    base = jsonschema.Draft202012Validator
+    base.check_schema(SCHEMA)
+    cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+        base, validators={"pattern": _pattern}
+    )
+    return cls(SCHEMA)
+
+
+def _where(err: Any) -> str:
+    path = ".".join(str(p) for p in err.absolute_path)
+    return path or "(top level)"
+
+
+def _load(data: bytes, what: str) -> dict[str, Any]:
+    if len(data) > MAX_MANIFEST:
+        raise ManifestError(f"{what}: larger than {MAX_MANIFEST} bytes; refusing to parse it")
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_float=_no_float, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{what}: not UTF-8 text") from None
+    except RecursionError:
+        raise ManifestError(f"{what}: JSON nested too deeply") from None
+    except ValueError as exc:  # also huge integers (int max str digits)
+        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ManifestError(f"{what}: invalid JSON ({msg})") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{what}: expected a JSON object, got {type(doc).__name__}")
+    fmt = doc.get("format")
+    if fmt != FORMAT:  # said first and plainly: the commonest failure is a newer spore
+        raise ManifestError(
+            f"{what}: format {str(fmt)[:40]!r} is not supported (this spore reads {FORMAT})"
+        )
+    err = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+    if err is not None:
+        raise ManifestError(f"{what}: at {_where(err)}: {err.message[:200]}")
+    return doc
+
+
+# -- model <-> document -----------------------------------------------------------------------
+
+
+def _check(m: Manifest, what: str) -> None:
+    """Cross-field rules the schema cannot state."""
+    p = m.platform
+    if len(m.memory.chunks) * CHUNK != p.memory:
+        raise ManifestError(
+            f"{what}: memory.chunks has {len(m.memory.chunks)} entries; platform.memory "
+            f"{p.memory} needs exactly {p.memory // CHUNK} (one per {CHUNK}-byte chunk)"
+        )
+    g = m.generation
+    if g.index >= g.count:
+        raise ManifestError(f"{what}: generation.index {g.index} is not below count {g.count}")
+
+
+def to_document(m: Manifest) -> dict[str, Any]:
+    def plain(obj: Any) -> dict[str, Any]:
+        return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+    return {
+        "format": FORMAT,
+        "platform": plain(m.platform),
+        "rootfs": plain(m.rootfs),
+        "memory": {"chunk_size": m.memory.chunk_size, "chunks": list(m.memory.chunks)},
+        "state": {"objects": {k: plain(v) for k, v in m.state.items()}},
+        "generation": plain(m.generation),
+        "annotations": dict(m.annotations),
+        "provenance": {**plain(m.provenance), "steps": list(m.provenance.steps)},
+    }
+
+
+def from_document(doc: dict[str, Any], what: str = "manifest") -> Manifest:
+    """Build a Manifest from a schema-valid document (``decode`` validates first)."""
+    prov = doc["provenance"]
+    m = Manifest(
+        platform=PlatformContract(**doc["platform"]),
+        rootfs=RootfsRef(**doc["rootfs"]),
+        memory=MemoryIndex(doc["memory"]["chunk_size"], tuple(doc["memory"]["chunks"])),
+        state={k: StateObject(**v) for k, v in doc["state"]["objects"].items()},
+        generation=Generation(**doc["generation"]),
+        annotations=dict(doc["annotations"]),
+        provenance=Provenance(prov["sporefile"], prov["lock"], tuple(prov["steps"]),
+                              prov["builder"]),
+    )
+    _check(m, what)
+    return m
+
+
+def encode(m: Manifest, what: str = "manifest") -> bytes:
+    """Canonical bytes of a valid manifest; an invalid one is refused, never written."""
+    doc = to_document(m)
+    err = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+    if err is not None:
+        raise ManifestError(f"{what}: at {_where(err)}: {err.message[:200]}")
+    _check(m, what)
+    return canonical(doc)
+
+
+def decode(data: bytes, what: str = "manifest") -> Manifest:
+    """Parse and check a manifest; only its canonical byte form is accepted."""
+    m = from_document(_load(data, what), what)
+    if canonical(to_document(m)) != data:
+        raise ManifestError(
+            f"{what}: not in canonical form (sorted keys, no whitespace, raw UTF-8); "
+            "the manifest was edited or produced by another tool"
+        )
+    return m
+
+
+# -- checks before a VM exists -----------------------------------------------------------------
+
+
+def check_platform(m: Manifest, host: PlatformContract) -> None:
+    """Fail, naming the first differing field, unless ``host`` is exactly the contract."""
+    for f in fields(PlatformContract):
+        want, have = getattr(m.platform, f.name), getattr(host, f.name)
+        if want != have:
+            raise PlatformMismatchError(
+                f"spore needs platform.{f.name} = {_show(want)}, this host provides "
+                f"{_show(have)}; restore it on a matching host or rebuild the spore"
+            )
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def verify_chunks(m: Manifest, store: ChunkStore, *, rehash: bool = True) -> None:
+    """Every chunk and state object the manifest names is present (and, by default, intact).
+
+    With ``rehash`` each entry is read and hashed (``spore verify``); without it only
+    presence is checked and ``ChunkStore.get`` verifies each chunk when it is used.
+    """
+    seen: set[str] = set()
+    for c, cid in enumerate(m.memory.chunks):
+        if cid is None or cid in seen:
+            continue
+        seen.add(cid)
+        _one(store, cid, CHUNK, f"memory chunk {c} ({cid})", rehash)
+    for name, obj in sorted(m.state.items()):
+        _one(store, obj.digest, obj.size, f"state object {name!r} ({obj.digest})", rehash)
+
+
+def _one(store: ChunkStore, cid: str, size: int, what: str, rehash: bool) -> None:
+    if not store.has(cid):
+        raise ManifestError(f"{what} is missing from the store {store.store.root}")
+    if rehash:
+        try:
+            store.get(cid, size=size)
+        except ChunkError as exc:
+            raise ManifestError(f"{what}: {exc}") from None
