@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import time
 from typing import Any
 
 import pytest
 
 from sporevm.errors import SporeError
+from sporevm.vmm import boot
 from sporevm.vmm.devices import power, serial
 from sporevm.vmm.devices.power import I8042, PowerEvent, PowerPort
 from sporevm.vmm.devices.serial import Serial
 from sporevm.vmm.machine import SERIAL_TAIL, Machine, StopReason
+from sporevm.vmm.memory import GuestMemory
 from sporevm.vmm.monitor import MonitorConfig
 
 needs_kvm = pytest.mark.skipif(
@@ -282,3 +286,45 @@ def test_monitor_config_bad_field_is_a_spore_error(field: str, value: object) ->
     with pytest.raises(SporeError, match=f"^monitor: config {field}") as info:
         MonitorConfig.decode(line)
     assert "\n" not in str(info.value)
+
+
+# --- kernel images --------------------------------------------------------------------------
+
+
+def elf(entry: int, segs: list[tuple[int, int, int]]) -> bytes:
+    """An ELF64 x86-64 executable; segs: PT_LOAD (paddr, filesz, memsz), file data at 0x1000."""
+    hdr = bytearray(64)
+    hdr[:7] = b"\x7fELF\x02\x01\x01"
+    struct.pack_into("<HHIQQ", hdr, 16, 2, 62, 1, entry, 64)
+    struct.pack_into("<HHH", hdr, 52, 64, 56, len(segs))
+    ph = b"".join(
+        struct.pack("<IIQQQQQQ", boot.PT_LOAD, 7, 0x1000, pa, pa, fs, ms, 0x1000)
+        for pa, fs, ms in segs
+    )
+    return (bytes(hdr) + ph).ljust(0x1000, b"\0") + b"\xf4" * 16
+
+
+def test_elf_overlapping_segments_are_refused_quickly() -> None:
+    # Regression (fuzz_boot_image slow inputs): a 4 KiB ELF with 64 PT_LOADs each covering
+    # all of RAM made boot() zero-fill RAM 64 times through RAM-sized temporaries (~25 s and
+    # +1 GiB RSS for a 1 GiB VM).
+    ram = 64 << 20
+    mem = GuestMemory(ram)
+    try:
+        whole = (0x100000, 16, ram - 0x100000)
+        start = time.monotonic()
+        with pytest.raises(boot.BootError, match="segment 1 .* overlaps another segment"):
+            boot.boot(mem, elf(0x100000, [whole] * 64), "console=ttyS0", rng_seed=bytes(32))
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(boot.BootError, match="overlaps"):
+            boot.boot(mem, elf(0x100000, [(0x100000, 16, 0x2000), (0x101000, 0, 16)]), "")
+        # Adjacent segments are fine, and bss is zeroed across chunk boundaries.
+        mem.write(0x200000, b"\xaa" * (3 << 20))
+        loaded = boot.boot(
+            mem, elf(0x100000, [(0x100000, 16, 0x100000), (0x200000, 16, 3 << 20)]), ""
+        )
+        assert loaded.kernel_end == 0x200000 + (3 << 20)
+        assert mem.read(0x200000, 16) == b"\xf4" * 16
+        assert mem.read(0x200010, (3 << 20) - 16) == bytes((3 << 20) - 16)
+    finally:
+        mem.close()

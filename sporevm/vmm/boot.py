@@ -201,6 +201,7 @@ def _synth_header(bp: bytearray) -> None:
 
 ELF_MAX_PHDRS = 64
 PT_LOAD = 1
+_ZEROS = bytes(1 << 20)
 
 
 def _load_elf(mem: GuestMemory, image: bytes) -> tuple[int, int]:
@@ -218,6 +219,7 @@ def _load_elf(mem: GuestMemory, image: bytes) -> tuple[int, int]:
         raise BootError("ELF kernel has a malformed program header table")
     entry_pa: int | None = None
     end = 0
+    loaded: list[tuple[int, int]] = []  # physical ranges so far: overlaps are refused
     for i in range(e_phnum):
         p_type, _flags, off, vaddr, paddr, filesz, memsz = struct.unpack_from(
             "<IIQQQQQ", image, e_phoff + 56 * i
@@ -231,8 +233,12 @@ def _load_elf(mem: GuestMemory, image: bytes) -> tuple[int, int]:
                 f"ELF segment {i} at {paddr:#x}+{memsz:#x} is outside guest RAM above 1 MiB "
                 f"(RAM {mem.size:#x})"
             )
+        if any(paddr < b_end and b < paddr + memsz for b, b_end in loaded):
+            raise BootError(f"ELF segment {i} at {paddr:#x}+{memsz:#x} overlaps another segment")
+        loaded.append((paddr, paddr + memsz))
         mem.write(paddr, image[off : off + filesz])
-        mem.write(paddr + filesz, bytes(memsz - filesz))
+        for z in range(paddr + filesz, paddr + memsz, len(_ZEROS)):  # no RAM-sized temporaries
+            mem.write(z, _ZEROS[: paddr + memsz - z])
         if paddr <= e_entry < paddr + memsz:  # vmlinux: e_entry is phys_startup_64
             entry_pa = e_entry
         elif vaddr <= e_entry < vaddr + memsz and entry_pa is None:
