@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ name: twostep
 base:
   image: oci-layout:{layout}:latest
 machine: {{memory: 256MiB}}
-env: {{WHO: spore}}
+env: {{WHO: "{who}"}}
 steps:
   - name: write
     run: echo "hello $WHO" > /tmp/greeting
@@ -66,13 +67,16 @@ steps:
 def test_build_runs_steps_then_caches_and_fails_clearly(
     busybox_image: PushedImage, busybox_rootfs: Path, tmp_path: Path
 ) -> None:
+    # A fresh value in the steps' env gives fresh step keys: the kernel store is shared
+    # between runs, and a recorded chain would (correctly) start no VM at all.
+    who = "spore-" + uuid.uuid4().hex[:8]
     good = tmp_path / "good"
     good.mkdir()
-    (good / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout,
+    (good / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout, who=who,
                                                      check="[cat, /tmp/greeting]"))
     proc = spore("build", str(good / "Sporefile"))
     assert proc.returncode == 0, proc.stderr
-    assert "check | hello spore" in proc.stderr  # step output streamed, in order
+    assert f"check | hello {who}" in proc.stderr  # step output streamed, in order
     assert proc.stderr.index("step:write") < proc.stderr.index("step:check")
     again = spore("build", "--json", str(good / "Sporefile"))
     assert again.returncode == 0, again.stderr
@@ -81,7 +85,7 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "Sporefile").write_text(SPOREFILE.format(
-        layout=busybox_image.layout, check="'echo about to fail >&2; exit 3'"))
+        layout=busybox_image.layout, who=who, check="'echo about to fail >&2; exit 3'"))
     proc = spore("build", str(bad / "Sporefile"))
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
