@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from sporevm.spore import manifest as mf
@@ -43,6 +44,21 @@ def doc() -> dict[str, Any]:
 
 def raw(d: dict[str, Any]) -> bytes:
     return mf.canonical(d)
+
+
+def test_schema_is_valid_2020_12() -> None:
+    jsonschema.Draft202012Validator.check_schema(mf.SCHEMA)
+
+
+def test_chunk_entry_cannot_pose_as_two() -> None:
+    d = doc()
+    d["memory"]["chunks"] = [B3 + "\n" + B3]
+    d["platform"]["memory"] = CHUNK
+    with pytest.raises(mf.ManifestError, match="memory.chunks.0"):
+        mf.decode(raw(d))
+    d["memory"]["chunks"] = [1]
+    with pytest.raises(mf.ManifestError, match="memory.chunks.0"):
+        mf.decode(raw(d))
 
 
 def test_roundtrip_and_identity() -> None:

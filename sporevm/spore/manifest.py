@@ -262,8 +262,7 @@ def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterat
 
 @functools.cache
 def _validator() -> Any:
-    base = jsonschema.Draft202012Validator
-    base.check_schema(SCHEMA)
+    base = jsonschema.Draft202012Validator  # SCHEMA itself is checked by the tests
     cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
         base, validators={"pattern": _pattern}
     )
@@ -295,10 +294,43 @@ def _load(data: bytes, what: str) -> dict[str, Any]:
         raise ManifestError(
             f"{what}: format {str(fmt)[:40]!r} is not supported (this spore reads {FORMAT})"
         )
+    _validate(doc, what)
+    return doc
+
+
+_CHUNK_RE = re.compile(_B3[1:-1])
+_ID_LEN = len("blake3:") + 64
+_CHUNK_LIST = re.compile(r"(?:blake3:[0-9a-f]{64}\n)*")
+
+
+def _validate(doc: dict[str, Any], what: str) -> None:
+    """SCHEMA, with memory.chunks items checked by hand: the same rule, ~100x faster.
+
+    jsonschema costs ~90 us per chunk entry (anyOf + pattern): 3 s for a 64 GiB guest,
+    which would dominate a restore that should take milliseconds.
+    """
+    mem = doc.get("memory")
+    chunks = mem.get("chunks") if isinstance(mem, dict) else None
+    if isinstance(mem, dict) and isinstance(chunks, list) and len(chunks) <= MAX_MEMORY // CHUNK:
+        doc = {**doc, "memory": {**mem, "chunks": []}}
+    else:
+        chunks = None  # let the schema report it
     err = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
     if err is not None:
         raise ManifestError(f"{what}: at {_where(err)}: {err.message[:200]}")
-    return doc
+    ids = [c for c in chunks or () if c is not None]
+    # One regex pass in C over the joined ids; every id has the same length, so no item can
+    # smuggle a newline and pose as two. The loop below only finds which entry is wrong.
+    if all(isinstance(c, str) and len(c) == _ID_LEN for c in ids) and _CHUNK_LIST.fullmatch(
+        "".join(c + "\n" for c in ids)
+    ):
+        return
+    for i, cid in enumerate(chunks or ()):
+        if cid is not None and not (isinstance(cid, str) and _CHUNK_RE.fullmatch(cid)):
+            raise ManifestError(
+                f"{what}: at memory.chunks.{i}: {str(cid)[:80]!r} is neither null nor a "
+                "chunk id (blake3:<64 lowercase hex>)"
+            )
 
 
 # -- model <-> document -----------------------------------------------------------------------
@@ -353,9 +385,7 @@ def from_document(doc: dict[str, Any], what: str = "manifest") -> Manifest:
 def encode(m: Manifest, what: str = "manifest") -> bytes:
     """Canonical bytes of a valid manifest; an invalid one is refused, never written."""
     doc = to_document(m)
-    err = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
-    if err is not None:
-        raise ManifestError(f"{what}: at {_where(err)}: {err.message[:200]}")
+    _validate(doc, what)
     _check(m, what)
     return canonical(doc)
 
