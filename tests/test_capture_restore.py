@@ -22,8 +22,9 @@ import pytest
 
 from sporevm.spore import vmstate
 from sporevm.spore.capture import capture
-from sporevm.spore.restore import RamLoader, restore_machine
+from sporevm.spore.restore import RamLoader, restore_board, restore_machine
 from sporevm.spore.vmstate import VmState, VmStateError
+from sporevm.vmm.board import BoardConfig, build_board
 from sporevm.vmm.bus import BusDevice
 from sporevm.vmm.devices.virtio import WINDOW, BlkDevice, ConsoleDevice, RngDevice, VirtioMmio
 from sporevm.vmm.devices.virtio import kernel_cmdline as virtio_cmdline
@@ -327,6 +328,24 @@ def test_board_device_state_and_console_pending_round_trip(disk_fd: int) -> None
         os.close(other)
     with pytest.raises(VmStateError, match="3 virtio devices, the board 0"):
         restore_machine(vmstate.decode(data), RAM, 1, lambda mem: None)
+
+
+@needs_kvm
+def test_restore_board_rebuilds_the_spore_board(disk_fd: int) -> None:
+    cfg = BoardConfig(RAM, 1, "console=ttyS0", disk_fd, os.fstat(disk_fd).st_size, b"root")
+    a = build_board(cfg, on_agent_output=lambda _b: None)
+    with a.machine:
+        a.console.send(b"hello agent")
+        state = capture(a.machine, a.transports)
+        ram = a.machine.ram.read(0, RAM)
+    data = vmstate.encode(state)
+    b = restore_board(
+        vmstate.decode(data), cfg, lambda mem: mem.write(0, ram), on_agent_output=lambda _b: None
+    )
+    with b.machine:
+        assert b.console.pending == 11
+        assert vmstate.encode(capture(b.machine, b.transports)) != b""  # capturable again
+        assert [t.state() for t in b.transports] == state.virtio
 
 
 # --- hostile state ------------------------------------------------------------------------
