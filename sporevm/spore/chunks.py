@@ -211,12 +211,12 @@ def _ram_view(ram: memoryview | bytes | bytearray | GuestMemory) -> memoryview:
 def snapshot_memory(
     ram: memoryview | bytes | bytearray | GuestMemory,
     store: ChunkStore,
-    previous: MemoryIndex | None = None,
+    previous_index: MemoryIndex | None = None,
     dirty: Iterable[int] | None = None,
 ) -> MemoryIndex:
     """Index (and publish) guest RAM; the VM must be paused while this runs.
 
-    With ``previous`` and ``dirty``, only dirty chunks are read and hashed; every
+    With ``previous_index`` and ``dirty``, only dirty chunks are read and hashed; every
     other chunk keeps its previous id, provided the store still holds it (a chunk
     pruned since is re-hashed, never referenced blind).
     """
@@ -226,23 +226,23 @@ def snapshot_memory(
         raise ChunkError(f"guest RAM size {size} is not a positive multiple of {CHUNK}")
     count = size // CHUNK
     todo: set[int]
-    if previous is None or dirty is None:
+    if previous_index is None or dirty is None:
         todo = set(range(count))
     else:
-        if previous.chunk_size != CHUNK or len(previous.chunks) != count:
+        if previous_index.chunk_size != CHUNK or len(previous_index.chunks) != count:
             raise ChunkError(
-                f"previous memory index covers {previous.memory_size} bytes in "
-                f"{previous.chunk_size}-byte chunks; guest RAM is {size} bytes"
+                f"previous memory index covers {previous_index.memory_size} bytes in "
+                f"{previous_index.chunk_size}-byte chunks; guest RAM is {size} bytes"
             )
         todo = set(dirty)
         if any(not 0 <= c < count for c in todo):
             raise ChunkError(f"dirty chunk number out of range 0..{count - 1}")
-        todo |= {c for c, cid in enumerate(previous.chunks) if cid and not store.has(cid)}
+        todo |= {c for c, cid in enumerate(previous_index.chunks) if cid and not store.has(cid)}
     ids: list[str | None] = []
     for c in range(count):
         if c not in todo:
-            assert previous is not None
-            ids.append(previous.chunks[c])
+            assert previous_index is not None
+            ids.append(previous_index.chunks[c])
             continue
         piece = mv[c * CHUNK : (c + 1) * CHUNK]
         ids.append(None if is_zero(piece) else store.put(piece))
