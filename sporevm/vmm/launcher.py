@@ -81,7 +81,10 @@ class VmProcess:
 
     def serial_tail(self) -> str:
         try:
-            data = self.serial_log.read_bytes()[-SERIAL_TAIL:]
+            with open(self.serial_log, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - SERIAL_TAIL))
+                data = fh.read(SERIAL_TAIL)
         except FileNotFoundError:
             return ""
         return data.decode(errors="replace")

@@ -65,6 +65,8 @@ MMIO_HOLE_START = 0xC0000000  # RAM stops here; device windows live above
 KICK_SIGNAL = signal.SIGUSR1
 DEFAULT_KICK_INTERVAL = 0.1
 SERIAL_TAIL = 64 * 1024
+UNHANDLED_KEYS = 1023  # distinct stray addresses counted one by one; the rest share a bucket
+UNHANDLED_OTHER = -1
 
 
 class VmmFault(SporeError):
@@ -358,13 +360,20 @@ class Machine:
                     f"{bus.name} read outside any device",
                     f"{addr:#x}/{size}; RIP is past the instruction",
                 )
-            (self.stats.unhandled_pio if bus is self.pio else self.stats.unhandled_mmio)[addr] += 1
+            self._count_unhandled(bus, addr)
             return b"\xff" * size
         if len(data) != size:
             raise self.fault(
                 index, f"{bus.name} device answered {len(data)} bytes", f"read {addr:#x}/{size}"
             )
         return data
+
+    def _count_unhandled(self, bus: Bus, addr: int) -> None:
+        """Count a stray access; a guest sweeping addresses must not grow the VMM's memory."""
+        counter = self.stats.unhandled_pio if bus is self.pio else self.stats.unhandled_mmio
+        if addr not in counter and len(counter) >= UNHANDLED_KEYS:
+            addr = UNHANDLED_OTHER
+        counter[addr] += 1
 
     def _write(self, index: int, bus: Bus, addr: int, data: bytes) -> None:
         try:
@@ -380,7 +389,7 @@ class Machine:
                     f"{bus.name} write outside any device",
                     f"{addr:#x} <- {data.hex()}; RIP is past the instruction",
                 )
-            (self.stats.unhandled_pio if bus is self.pio else self.stats.unhandled_mmio)[addr] += 1
+            self._count_unhandled(bus, addr)
 
     def pio_read(self, index: int, port: int, size: int) -> bytes:
         return self._read(index, self.pio, port, size)

@@ -27,6 +27,7 @@ from sporevm.vmm.machine import ExitResult, StopReason
 
 MAX_CONFIG = 64 * 1024
 MAX_IMAGE = 256 << 20
+MAX_SERIAL_LOG = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,18 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                         0o600)
     room = threading.Event()
     hung_up = threading.Event()
+    written = 0
+
+    def serial_sink(data: bytes) -> None:
+        """The boot log, capped: a guest spinning on the UART must not fill the host disk."""
+        nonlocal written
+        if written >= MAX_SERIAL_LOG:
+            return
+        data = data[: MAX_SERIAL_LOG - written]
+        written += len(data)
+        _write_all(serial_fd, data)
+        if written >= MAX_SERIAL_LOG:
+            _write_all(serial_fd, b"\n[spore: serial log capped here]\n")
 
     def agent_output(data: bytes) -> None:
         try:
@@ -143,7 +156,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         BoardConfig(cfg.memory, cfg.vcpus, cfg.cmdline, rootfs_fd, os.fstat(rootfs_fd).st_size),
         on_agent_output=agent_output,
         on_agent_writable=room.set,
-        serial_output=lambda b: _write_all(serial_fd, b),
+        serial_output=serial_sink,
     )
     machine = board.machine
 
