@@ -10,7 +10,7 @@ import atheris
 
 with atheris.instrument_imports():
     from sporevm.errors import SporeError
-    from sporevm.vmm.monitor import MonitorConfig
+    from sporevm.spore.monitor import MonitorConfig
 
 
 def TestOneInput(data: bytes) -> None:

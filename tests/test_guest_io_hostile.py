@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from sporevm.errors import SporeError
+from sporevm.spore.monitor import MonitorConfig
 from sporevm.vmm import boot
 from sporevm.vmm.devices import power, serial
 from sporevm.vmm.devices.power import I8042, PowerEvent, PowerPort
 from sporevm.vmm.devices.serial import Serial
 from sporevm.vmm.machine import SERIAL_TAIL, Machine, StopReason
 from sporevm.vmm.memory import GuestMemory
-from sporevm.vmm.monitor import MonitorConfig
 
 needs_kvm = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm"
@@ -213,6 +213,8 @@ GOOD: dict[str, Any] = {
     "agent_fd": 3,
     "serial_log": "/run/spore-vm-x/serial.log",
     "timeout": 30.5,
+    "store": "/var/cache/spore",
+    "restore": None,
 }
 
 

@@ -32,9 +32,9 @@ from sporevm.build.progress import Reporter
 from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, shutdown_vm
 from sporevm.build.steps import boot_key, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
+from sporevm.spore.launcher import VmProcess
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
-from sporevm.vmm.launcher import VmProcess
 
 PENDING_STAGES = ("snapshot", "verify", "bundle")
 

@@ -12,9 +12,9 @@ from sporevm.build.guest import GuestPlatform, ensure_guest
 from sporevm.build.imagefs import build_rootfs_record
 from sporevm.build.progress import Reporter
 from sporevm.errors import SporeError, UsageError
+from sporevm.spore.launcher import VmError, VmProcess, VmSpec
 from sporevm.store import Store
 from sporevm.vmm.agent_session import AgentClosedError, AgentTimeoutError
-from sporevm.vmm.launcher import VmError, VmProcess, VmSpec
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
 SHUTDOWN_TIMEOUT = 30.0

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sporevm.errors import SporeError
+from sporevm.spore.monitor import MonitorConfig
 from sporevm.vmm.agent_session import AgentSession, FdChannel
-from sporevm.vmm.monitor import MonitorConfig
 
 SERIAL_TAIL = 4000
 
@@ -55,7 +55,7 @@ class VmProcess:
             agent_fd=theirs.fileno(), serial_log=str(self.serial_log), timeout=spec.timeout,
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sporevm.vmm.monitor"],
+            [sys.executable, "-m", "sporevm.spore.monitor"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
         )
         theirs.close()

@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import blake3
+
 from sporevm.errors import SporeError
-from sporevm.vmm.board import BoardConfig, build_board
-from sporevm.vmm.machine import ExitResult, StopReason
+from sporevm.spore import manifest, vmstate
+from sporevm.spore.capture import capture
+from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory
+from sporevm.spore.restore import restore_board
+from sporevm.store import Store
+from sporevm.vmm import kvm
+from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
+from sporevm.vmm.machine import ExitResult, Machine, StopReason
 
 MAX_CONFIG = 64 * 1024
 MAX_IMAGE = 256 << 20
@@ -41,6 +51,8 @@ class MonitorConfig:
     agent_fd: int
     serial_log: str
     timeout: float | None  # wall-clock safety net for the whole VM
+    store: str = ""  # store root holding memory chunks and state objects ("" : no spores)
+    restore: str | None = None  # manifest.json of a spore to resume instead of booting
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode() + b"\n"
@@ -58,6 +70,10 @@ class MonitorConfig:
             raise SporeError("monitor: config has unexpected or missing fields")
         for name in ("kernel", "initrd", "rootfs", "serial_log"):
             _check_str(doc, name, path=True)
+        if doc["store"] != "":
+            _check_str(doc, "store", path=True)
+        if doc["restore"] is not None:
+            _check_str(doc, "restore", path=True)
         _check_str(doc, "cmdline", path=False)
         _check_int(doc, "memory", MIN_MEMORY, MAX_MEMORY)
         if doc["memory"] % PAGE:
@@ -152,13 +168,20 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         except OSError:
             hung_up.set()  # the caller went away; the pump thread stops the VM
 
-    board = build_board(
-        BoardConfig(cfg.memory, cfg.vcpus, cfg.cmdline, rootfs_fd, os.fstat(rootfs_fd).st_size),
-        on_agent_output=agent_output,
-        on_agent_writable=room.set,
-        serial_output=serial_sink,
+    board_cfg = BoardConfig(cfg.memory, cfg.vcpus, cfg.cmdline, rootfs_fd,
+                            os.fstat(rootfs_fd).st_size)
+    wiring: dict[str, Any] = dict(
+        on_agent_output=agent_output, on_agent_writable=room.set, serial_output=serial_sink
     )
+    chunks = ChunkStore(Store(Path(cfg.store))) if cfg.store else None
+    if cfg.restore is not None:
+        if chunks is None:
+            raise SporeError("monitor: restoring a spore needs the store root in the config")
+        board = _restored_board(cfg, kernel, initrd, rootfs_fd, board_cfg, chunks, wiring)
+    else:
+        board = build_board(board_cfg, **wiring)
     machine = board.machine
+    commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
 
     def pump() -> None:
         """Caller → guest: feed the console, waiting for room when the guest is slow."""
@@ -177,17 +200,106 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                 if data:
                     room.wait(0.5)
 
+    def control() -> None:
+        """Caller → monitor commands, one JSON object per line on stdin."""
+        for line in sys.stdin.buffer:
+            try:
+                cmd = json.loads(line[:MAX_CONFIG])
+            except ValueError:
+                continue
+            if isinstance(cmd, dict) and cmd.get("cmd") in ("snapshot", "resume", "stop"):
+                commands.put(cmd)
+                machine.pause()
+        commands.put({"cmd": "stop"})
+
     signal.signal(signal.SIGTERM, lambda _s, _f: machine.pause())
     try:
-        machine.load_kernel(kernel, board.cmdline, initrd, rng_seed=os.urandom(32))
+        if cfg.restore is None:
+            machine.load_kernel(kernel, board.cmdline, initrd, rng_seed=os.urandom(32))
+            _emit("booting", cmdline=board.cmdline)
+        else:
+            _emit("restored", manifest=cfg.restore)
         threading.Thread(target=pump, name="agent-pump", daemon=True).start()
-        _emit("booting", cmdline=board.cmdline)
+        threading.Thread(target=control, name="control", daemon=True).start()
         deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
-        return machine.run(deadline)
+        while True:
+            result = machine.run(deadline)
+            if result.reason is not StopReason.PAUSED or hung_up.is_set():
+                return result
+            try:
+                cmd = commands.get_nowait()
+            except queue.Empty:
+                return result  # SIGTERM
+            while cmd["cmd"] == "snapshot":
+                if chunks is None:
+                    _emit("snapshot-error", message="no store root in the monitor config")
+                else:
+                    _snapshot(machine, board, chunks)
+                cmd = commands.get()  # stay paused until told to resume or stop
+            if cmd["cmd"] == "stop":
+                return result
     finally:
         machine.close()
         os.close(rootfs_fd)
         os.close(serial_fd)
+
+
+def _snapshot(machine: Machine, board: Board, chunks: ChunkStore) -> None:
+    """Capture the paused VM: state object + memory chunks into the store; report ids."""
+    started = time.monotonic()
+    state = vmstate.encode(capture(machine, board.transports))
+    state_id = chunks.put(state)
+    index = snapshot_memory(machine.ram, chunks)
+    _emit("snapshot", state={"digest": state_id, "size": len(state)},
+          chunk_size=index.chunk_size, chunks=list(index.chunks),
+          seconds=round(time.monotonic() - started, 3))
+
+
+def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd: int,
+                    board_cfg: BoardConfig, chunks: ChunkStore, wiring: dict[str, Any]) -> Board:
+    """Check the spore against this host and these files, then rebuild the VM from it."""
+    assert cfg.restore is not None
+    with open(cfg.restore, "rb") as fh:
+        m = manifest.decode(fh.read(manifest.MAX_MANIFEST + 1), cfg.restore)
+    host = manifest.PlatformContract(
+        arch="x86_64", cpu_profile=cpu_profile(), device_model=DEVICE_MODEL,
+        memory=cfg.memory, vcpus=cfg.vcpus, kernel=_blake3(kernel), initrd=_blake3(initrd),
+        cmdline=cfg.cmdline,
+    )
+    manifest.check_platform(m, host)  # before any VM exists
+    # The rootfs is verified on the very fd the VM will read.
+    digest, size = _blake3_fd(rootfs_fd)
+    if (digest, size) != (m.rootfs.digest, m.rootfs.size):
+        raise SporeError(f"monitor: rootfs {cfg.rootfs} is {digest} ({size} B); the spore "
+                         f"needs {m.rootfs.digest} ({m.rootfs.size} B)")
+    vm_obj = m.state.get("vm")
+    if vm_obj is None:
+        raise SporeError(f"{cfg.restore}: the spore has no 'vm' state object")
+    state = vmstate.decode(chunks.get(vm_obj.digest, size=vm_obj.size))
+    manifest.verify_chunks(m, chunks)
+    return restore_board(
+        state, board_cfg, lambda mem: materialize(m.memory, chunks, mem.view(0, mem.size,
+                                                                             writable=True),
+                                                   out_is_zero=True), **wiring
+    )
+
+
+def cpu_profile() -> str:
+    """The CPU profile a spore records: the host's KVM class (kvm_pvm needs its own fix-ups)."""
+    return f"{kvm.host_class()}/v1"
+
+
+def _blake3(data: bytes) -> str:
+    return "blake3:" + blake3.blake3(data).hexdigest()
+
+
+def _blake3_fd(fd: int) -> tuple[str, int]:
+    h = blake3.blake3()
+    offset = 0
+    while block := os.pread(fd, 1 << 20, offset):
+        h.update(block)
+        offset += len(block)
+    return "blake3:" + h.hexdigest(), offset
 
 
 def main() -> int:
