@@ -63,12 +63,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  {result.rootfs.path}"
     )
     reporter.info(f"image   {result.image} (manifest {result.manifest})")
-    if args.until and args.until != "steps":
+    if result.spore:
+        reporter.info(f"spore   {result.spore}  {result.manifest_id}")
+    if args.until and args.until not in ("steps", "snapshot"):
         reporter.info(f"stopped after {args.until} as asked (--until). ({took:.2f} s)")
     else:
         reporter.info(
-            f"[yellow]no spore yet:[/yellow] the VM booted and ran the steps; "
-            f"{', '.join(result.pending)} are not available yet. ({took:.2f} s)"
+            f"[yellow]note:[/yellow] {', '.join(result.pending)} are not available yet. "
+            f"({took:.2f} s)"
         )
     return 0
 
@@ -119,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv=tuple(argv),
         image=args.image,
         rootfs=Path(args.rootfs) if args.rootfs else None,
+        spore=Path(args.spore) if args.spore else None,
         env=_env_pairs(args.env),
         cwd=args.workdir,
         memory=parse_size(args.memory),
@@ -130,6 +133,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         insecure_registries=frozenset(args.insecure_registry),
     )
     return run(req, Store(), Reporter(enabled=not args.quiet))
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    from sporevm.build.sealing import open_spore, write_spore
+    from sporevm.spore import manifest
+    from sporevm.spore.fork import fork_manifests
+
+    store = Store()
+    m, mpath, _ = open_spore(Path(args.spore), store)
+    parent_id = manifest.manifest_id(mpath.read_bytes())
+    out = Path(args.out)
+    children = []
+    for i, child in enumerate(fork_manifests(m, parent_id, args.count)):
+        path = out / f"child-{i:04d}.spore"
+        children.append(
+            {
+                "path": str(path),
+                "manifest_id": write_spore(child, path),
+                "generation": child.generation.id,
+                "index": i,
+            }
+        )
+    if args.json:
+        _emit_json({"parent": parent_id, "children": children})
+    else:
+        for c in children:
+            print(f"{c['path']}  {c['manifest_id']}  generation {c['generation']}")
+    return 0
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -228,6 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     src = rn.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", metavar="REF", help="image to build the rootfs from")
     src.add_argument("--rootfs", metavar="FILE", help="an ext4 rootfs file (read-only)")
+    src.add_argument("--from", dest="spore", metavar="SPORE", help="resume this spore")
     rn.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
     rn.add_argument("-w", "--workdir", default="/", help="working directory in the guest")
     rn.add_argument("--memory", default="256MiB")
@@ -242,6 +274,13 @@ def _parser() -> argparse.ArgumentParser:
     add_insecure(rn)
     rn.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     rn.set_defaults(func=cmd_run)
+
+    fk = sub.add_parser("fork", help="children of a spore with distinct generation identity")
+    fk.add_argument("spore", metavar="SPORE")
+    fk.add_argument("--count", type=int, required=True)
+    fk.add_argument("--out", required=True, metavar="DIR")
+    add_json(fk)
+    fk.set_defaults(func=cmd_fork)
 
     g = sub.add_parser("graph", help="print the task graph of a Sporefile")
     g.add_argument("path", nargs="?")

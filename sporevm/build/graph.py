@@ -29,14 +29,17 @@ from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
-from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, shutdown_vm
-from sporevm.build.steps import boot_key, run_steps, step_keys
+from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm
+from sporevm.build.sealing import MANIFEST, seal, write_spore
+from sporevm.build.steps import StepResult, boot_key, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
+from sporevm.spore import manifest
+from sporevm.spore.chunks import ChunkStore
 from sporevm.spore.launcher import VmProcess
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 
-PENDING_STAGES = ("snapshot", "verify", "bundle")
+PENDING_STAGES = ("verify", "bundle")
 
 
 @dataclass
@@ -57,6 +60,8 @@ class BuildResult:
     rootfs: RootfsRecord | None = None
     tasks: dict[str, str] = field(default_factory=dict)  # task -> executed | up-to-date | failed
     pending: tuple[str, ...] = PENDING_STAGES
+    spore: str | None = None
+    manifest_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +72,8 @@ class BuildResult:
             "rootfs": self.rootfs.to_json() if self.rootfs else None,
             "tasks": self.tasks,
             "pending": list(self.pending),
+            "spore": self.spore,
+            "manifest_id": self.manifest_id,
         }
 
 
@@ -86,6 +93,7 @@ class _Build:
         self.error: SporeError | None = None
         self.kernel = sf.machine.kernel_path
         self.vm: VmProcess | None = None
+        self.step_results: list[StepResult] = []
         self._guest: GuestPlatform | None = None
 
     def guest_platform(self) -> GuestPlatform | None:
@@ -225,12 +233,34 @@ class _Build:
         return [boot, *step_keys(self.sf, boot)]
 
     def steps_uptodate(self) -> bool:
-        """All steps succeeded on exactly these inputs before (no snapshots yet: all or none)."""
+        """All steps succeeded on exactly these inputs and their spore is in place.
+
+        (Step-by-step resume from the previous step's snapshot is not built yet:
+        the chain is all or nothing.)"""
         if self.options.no_cache:
             return False
         keys = self.chain_keys()
-        return keys is not None and all(
-            self.store.get_key("step", k) is not None for k in keys[1:]
+        return (
+            keys is not None
+            and all(self.store.get_key("step", k) is not None for k in keys[1:])
+            and self.spore_uptodate(keys[-1])
+        )
+
+    def spore_uptodate(self, last_key: str) -> bool:
+        rec = self.store.get_key("spore", last_key)
+        mpath = self.sf.output.spore / MANIFEST
+        if rec is None or not mpath.is_file():
+            return False
+        try:
+            data = mpath.read_bytes()
+            m = manifest.decode(data, str(mpath))
+        except (OSError, SporeError):
+            return False
+        if manifest.manifest_id(data) != rec.get("manifest"):
+            return False
+        chunks = ChunkStore(self.store)
+        return all(chunks.has(c) for c in m.memory.stored()) and all(
+            chunks.has(o.digest) for o in m.state.values()
         )
 
     def boot(self) -> None:
@@ -238,20 +268,37 @@ class _Build:
         record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
         assert guest is not None and record is not None
         self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,
-                          DEFAULT_BOOT_TIMEOUT)
+                          DEFAULT_BOOT_TIMEOUT, store_root=self.store.root)
 
     def run_steps(self) -> None:
-        keys = self.chain_keys()
-        assert self.vm is not None and keys is not None
+        assert self.vm is not None
         try:
-            results = run_steps(self.vm.session, self.sf.steps, self.reporter)
-            shutdown_vm(self.vm)
+            self.step_results = run_steps(self.vm.session, self.sf.steps, self.reporter)
+        except BaseException:
+            self.vm.close()
+            self.vm = None
+            raise
+
+    def snapshot(self) -> None:
+        """Seal the warm VM after the last step into output.spore; record the chain."""
+        keys = self.chain_keys()
+        guest = self.guest_platform()
+        record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+        assert self.vm is not None and keys is not None and guest is not None and record
+        try:
+            m = seal(self.vm, self.sf, record, guest, keys[1:], self.lock_path)
+            self.vm.command("stop")
+            self.vm.wait_exit(30.0)
         finally:
             self.vm.close()
             self.vm = None
-        for key, res in zip(keys[1:], results, strict=True):
+        mid = write_spore(m, self.sf.output.spore)
+        for key, res in zip(keys[1:], self.step_results, strict=True):
             self.store.put_key("step", key, {"step": res.name, "seconds": round(res.seconds, 3),
                                              "exit": res.exit_code})
+        self.store.put_key("spore", keys[-1], {"manifest": mid})
+        self.result.spore = str(self.sf.output.spore)
+        self.result.manifest_id = mid
 
     # -- doit glue -------------------------------------------------------
     def action(self, fn: Callable[[], None]) -> Callable[[], TaskFailed | None]:
@@ -308,13 +355,20 @@ class _Build:
                 "uptodate": [self.steps_uptodate],
                 "task_dep": ["boot"],
             },
+            {
+                "name": "snapshot",
+                "doc": f"seal the warm VM into {self.sf.output.spore}",
+                "actions": [self.action(self.snapshot)],
+                "uptodate": [self.steps_uptodate],
+                "task_dep": ["steps"],
+            },
         ]
 
 
 def pending_tasks(sf: Sporefile) -> list[tuple[str, str, list[str]]]:
-    """The stages after the steps, shown by `spore graph` until they are implemented."""
-    after = sf.snapshot_after or (sf.steps[-1].name if sf.steps else "boot")
-    return [("snapshot", f"seal the spore after step {after}", ["steps"])]
+    """The stages after the snapshot, shown by `spore graph` until they are implemented."""
+    return [("verify", "restore the spore and run the verify checks", ["snapshot"]),
+            ("bundle", f"pack {sf.output.bundle}", ["verify"])]
 
 
 class _Loader(TaskLoader2):  # type: ignore[misc]
@@ -359,6 +413,9 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
             f"{b.lock_path}: --locked, but the lock has no entry for "
             f"{sf.base.image} ({sf.base.platform}); run without --locked first"
         )
+    if sf.steps and sf.snapshot_after not in (None, sf.steps[-1].name):
+        raise SporefileError(f"{sf.path}: snapshot.after: {sf.snapshot_after!r} is not the last "
+                             "step; snapshotting before later steps is not supported yet")
     if sf.files:
         raise SporefileError(f"{sf.path}: files: copying files into the guest is not supported "
                              "yet; remove the files: section or put them in the base image")

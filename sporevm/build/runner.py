@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,13 +12,17 @@ from typing import BinaryIO
 from sporevm.build.guest import GuestPlatform, ensure_guest
 from sporevm.build.imagefs import build_rootfs_record
 from sporevm.build.progress import Reporter
+from sporevm.build.sealing import open_spore, platform_contract
 from sporevm.errors import SporeError, UsageError
+from sporevm.spore.fork import generation_message
 from sporevm.spore.launcher import VmError, VmProcess, VmSpec
+from sporevm.spore.manifest import check_platform
 from sporevm.store import Store
 from sporevm.vmm.agent_session import AgentClosedError, AgentTimeoutError
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
 SHUTDOWN_TIMEOUT = 30.0
+RESTORE_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,16 @@ class RunRequest:
     kernel: Path | None = None
     platform: str = "linux/amd64"
     insecure_registries: frozenset[str] = frozenset()
+    spore: Path | None = None  # resume this spore instead of booting
 
 
 def boot_vm(
-    guest: GuestPlatform, rootfs: Path, memory: int, vcpus: int, boot_timeout: float
+    guest: GuestPlatform, rootfs: Path, memory: int, vcpus: int, boot_timeout: float,
+    store_root: Path | None = None,
 ) -> VmProcess:
     """Start a VM and wait for its agent's READY; on failure report what the VM did."""
-    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus))
+    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus,
+                          store=store_root))
     try:
         vm.session.wait_ready(boot_timeout)
     except (AgentTimeoutError, AgentClosedError) as exc:
@@ -54,6 +62,33 @@ def boot_vm(
     except BaseException:
         vm.close()
         raise
+    return vm
+
+
+def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
+              hostname: str = "") -> VmProcess:
+    """Restore a spore in a fresh monitor; a forked child learns its generation first."""
+    m, mpath, rootfs = open_spore(spore, store)
+    guest = ensure_guest(store, reporter, kernel)
+    check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
+    started = time.monotonic()
+    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
+                          m.platform.vcpus, store=store.root, restore=mpath))
+    try:
+        vm.session.hello(timeout=RESTORE_TIMEOUT)
+        if m.generation.parent is not None:
+            vm.session.apply_generation(generation_message(m, hostname))
+        else:
+            vm.session.set_time()
+    except (AgentTimeoutError, AgentClosedError) as exc:
+        vm.wait_exit(1.0)
+        vm.close()
+        raise VmError(f"the restored guest agent did not answer: {vm.describe_exit()} "
+                      f"({exc})") from None
+    except BaseException:
+        vm.close()
+        raise
+    reporter.info(f"resumed {spore} in {time.monotonic() - started:.2f} s")
     return vm
 
 
@@ -78,8 +113,11 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
         raise UsageError(
             "spore run: give the command after --, e.g. spore run --rootfs r.ext4 -- ls /"
         )
-    if (req.image is None) == (req.rootfs is None):
-        raise UsageError("spore run: give exactly one of --image REF or --rootfs FILE")
+    if sum(x is not None for x in (req.image, req.rootfs, req.spore)) != 1:
+        raise UsageError("spore run: give exactly one of --image REF, --rootfs FILE, --from SPORE")
+    if req.spore is not None:
+        vm = resume_vm(req.spore, store, reporter, req.kernel)
+        return _run_in(vm, req, reporter)
     if req.rootfs is not None:
         if not req.rootfs.is_file():
             raise UsageError(f"--rootfs {req.rootfs}: no such file")
@@ -95,6 +133,11 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
         ).path
     guest = ensure_guest(store, reporter, req.kernel)
     vm = boot_vm(guest, rootfs, req.memory, req.vcpus, req.boot_timeout)
+    return _run_in(vm, req, reporter)
+
+
+def _run_in(vm: VmProcess, req: RunRequest, reporter: Reporter) -> int:
+    """Run the request's command in a ready VM, stream its output, power the VM off."""
     try:
         handle = vm.session.exec(
             list(req.argv),

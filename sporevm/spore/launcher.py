@@ -39,6 +39,8 @@ class VmSpec:
     memory: int
     vcpus: int = 1
     timeout: float | None = None
+    store: Path | None = None  # store root: chunks and state objects (snapshots, restores)
+    restore: Path | None = None  # a spore's manifest.json to resume instead of booting
 
 
 class VmProcess:
@@ -53,6 +55,8 @@ class VmProcess:
             kernel=str(spec.kernel), initrd=str(spec.initrd), rootfs=str(spec.rootfs),
             cmdline=spec.cmdline, memory=spec.memory, vcpus=spec.vcpus,
             agent_fd=theirs.fileno(), serial_log=str(self.serial_log), timeout=spec.timeout,
+            store=str(spec.store) if spec.store else "",
+            restore=str(spec.restore) if spec.restore else None,
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sporevm.spore.monitor"],
@@ -61,8 +65,9 @@ class VmProcess:
         theirs.close()
         assert self.proc.stdin is not None
         self.proc.stdin.write(cfg.encode())
-        self.proc.stdin.close()
+        self.proc.stdin.flush()  # stays open: the control channel (snapshot, resume, stop)
         self.events: list[dict[str, Any]] = []
+        self._event = threading.Condition()
         self._exited = threading.Event()
         self._reader = threading.Thread(target=self._read_events, daemon=True)
         self._reader.start()
@@ -76,8 +81,35 @@ class VmProcess:
             except ValueError:
                 continue
             if isinstance(event, dict):
-                self.events.append(event)
+                with self._event:
+                    self.events.append(event)
+                    self._event.notify_all()
         self._exited.set()
+        with self._event:
+            self._event.notify_all()
+
+    def command(self, cmd: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise VmError(f"the VM monitor is gone: {self.describe_exit()}") from None
+
+    def snapshot(self, timeout: float = 600.0) -> dict[str, Any]:
+        """Pause the VM and capture it into the store; the VM stays paused."""
+        seen = len(self.events)
+        self.command("snapshot")
+        with self._event:
+            self._event.wait_for(
+                lambda: any(e.get("event") in ("snapshot", "snapshot-error", "exit", "error")
+                            for e in self.events[seen:]) or self._exited.is_set(), timeout)
+        for e in self.events[seen:]:
+            if e.get("event") == "snapshot":
+                return e
+            if e.get("event") == "snapshot-error":
+                raise VmError(f"snapshot failed: {e.get('message')}")
+        raise VmError(f"snapshot failed: {self.describe_exit()}")
 
     def serial_tail(self) -> str:
         try:
@@ -127,6 +159,9 @@ class VmProcess:
         return self.exit_event()
 
     def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):

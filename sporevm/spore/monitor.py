@@ -202,14 +202,27 @@ def serve(cfg: MonitorConfig) -> ExitResult:
 
     def control() -> None:
         """Caller → monitor commands, one JSON object per line on stdin."""
-        for line in sys.stdin.buffer:
+        # Raw reads on fd 0: a daemon thread blocked inside sys.stdin's buffered reader
+        # aborts the interpreter at exit ("could not acquire lock ... at shutdown").
+        pending = b""
+        while True:
             try:
-                cmd = json.loads(line[:MAX_CONFIG])
-            except ValueError:
-                continue
-            if isinstance(cmd, dict) and cmd.get("cmd") in ("snapshot", "resume", "stop"):
-                commands.put(cmd)
-                machine.pause()
+                data = os.read(0, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            pending = pending[-MAX_CONFIG:]
+            for line in lines:
+                try:
+                    cmd = json.loads(line[:MAX_CONFIG])
+                except ValueError:
+                    continue
+                if isinstance(cmd, dict) and cmd.get("cmd") in ("snapshot", "resume", "stop"):
+                    commands.put(cmd)
+                    machine.pause()
         commands.put({"cmd": "stop"})
 
     signal.signal(signal.SIGTERM, lambda _s, _f: machine.pause())
@@ -302,9 +315,20 @@ def _blake3_fd(fd: int) -> tuple[str, int]:
     return "blake3:" + h.hexdigest(), offset
 
 
+def _read_config_line() -> bytes:
+    """The first stdin line, byte by byte: later bytes are control commands (raw fd 0)."""
+    line = bytearray()
+    while len(line) <= MAX_CONFIG:
+        b = os.read(0, 1)
+        if not b or b == b"\n":
+            break
+        line += b
+    return bytes(line)
+
+
 def main() -> int:
     try:
-        cfg = MonitorConfig.decode(sys.stdin.buffer.readline())
+        cfg = MonitorConfig.decode(_read_config_line())
         result = serve(cfg)
     except SporeError as exc:
         _emit("error", message=str(exc))
