@@ -356,7 +356,7 @@ def make_rootfs(work: Path) -> Path:
 def ratio(ours: Series, peer: Series) -> str:
     o, p = ours.median(), peer.median()
     if p is None:
-        return f"{peer.name} cannot run this guest here"
+        return "QEMU-KVM cannot run this guest here" if "KVM" in peer.name else "peer failed"
     if o is None:
         return f"{ours.name} did not boot"
     return f"{o / p:.2f}x  ({o:.2f} s / {p:.2f} s)"
@@ -423,9 +423,9 @@ def main() -> int:
             ("run -- true (spawn to exit)", runs[0], [runs[1], *(r for _, r in kvm_series)]),
         ):
             print(f"{title}:")
-            print(f"  {'ours':28} {ours.describe()}")
+            print(f"  {'ours':38} {ours.describe()}")
             for peer in peers:
-                print(f"  {peer.name:28} {peer.describe()}")
+                print(f"  {peer.name:38} {peer.describe()}")
             for peer in peers:
                 print(f"  ratio ours/{peer.name}: {ratio(ours, peer)}")
             print()
