@@ -327,7 +327,10 @@ class _Builder:
         for key in ("spore", "bundle"):
             rel = data.get(key, f"out/{name}.{key}")
             resolved, _ = self.context_path(("output", key), rel, must_exist=False)
-            if resolved in paths or resolved.is_dir():
+            # Spores and bundles are directories: an existing one is replaced by the next
+            # build, but only if it is one of ours (it holds a manifest or bundle.json).
+            ours = (resolved / ("manifest.json" if key == "spore" else "bundle.json")).is_file()
+            if resolved in paths or (resolved.is_dir() and not ours):
                 self.fail(("output", key), f"{show(rel)} cannot be used as an output path; "
                           "expected a distinct file path such as out/NAME.spore")
             paths.append(resolved)

@@ -80,7 +80,43 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
     assert proc.stderr.index("step:write") < proc.stderr.index("step:check")
     again = spore("build", "--json", str(good / "Sporefile"))
     assert again.returncode == 0, again.stderr
-    assert set(json.loads(again.stdout)["tasks"].values()) == {"up-to-date"}  # no VM started
+    doc = json.loads(again.stdout)
+    assert set(doc["tasks"].values()) == {"up-to-date"}  # no VM started
+    spore_dir = Path(doc["spore"])
+
+    # The sealed spore resumes warm: what step "write" left in tmpfs is still there.
+    resumed = spore("run", "-q", "--from", str(spore_dir), "--", "cat", "/tmp/greeting")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == f"hello {who}\n"
+
+    # Forked children share the chunks and know they forked.
+    forks = spore("fork", str(spore_dir), "--count", "2", "--out", str(tmp_path / "forks"),
+                  "--json")
+    assert forks.returncode == 0, forks.stderr
+    children = json.loads(forks.stdout)["children"]
+    seen = []
+    for child in children:
+        gen = spore("run", "-q", "--from", child["path"], "--", "cat",
+                    "/run/spore/generation.json")
+        assert gen.returncode == 0, gen.stderr
+        info = json.loads(gen.stdout)
+        assert info["generation"] == child["generation"] and info["index"] == child["index"]
+        assert info["parent"] == json.loads(forks.stdout)["parent"] and info["count"] == 2
+        seen.append(info["generation"])
+    assert len(set(seen)) == 2
+
+    # A corrupted chunk fails the restore before any VM runs, with the chunk named.
+    mdoc = json.loads((spore_dir / "manifest.json").read_bytes())
+    chunk = next(c for c in mdoc["memory"]["chunks"] if c)
+    chunk_file = KERNEL_STORE / "chunks" / "blake3" / chunk.split(":", 1)[1]
+    original = chunk_file.read_bytes()
+    try:
+        chunk_file.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+        bad_run = spore("run", "-q", "--from", str(spore_dir), "--", "true")
+        assert bad_run.returncode != 0
+        assert chunk.split(":", 1)[1][:12] in bad_run.stderr, bad_run.stderr
+    finally:
+        chunk_file.write_bytes(original)
 
     bad = tmp_path / "bad"
     bad.mkdir()

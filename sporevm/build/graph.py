@@ -434,6 +434,12 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
     b.result.image, b.result.manifest = entry.digest, entry.manifest
     if b.result.rootfs is None:
         b.result.rootfs = RootfsRecord.lookup(store, rootfs_key(b.image()))
+    if b.result.spore is None and options.until in (None, "snapshot"):
+        keys = b.chain_keys()
+        if keys:
+            rec = store.get_key("spore", keys[-1])
+            if rec is not None and b.spore_uptodate(keys[-1]):
+                b.result.spore, b.result.manifest_id = str(sf.output.spore), rec.get("manifest")
     return b.result
 
 

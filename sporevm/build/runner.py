@@ -77,7 +77,9 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         if m.generation.parent is not None:
-            vm.session.apply_generation(generation_message(m, hostname))
+            base = m.annotations.get("org.spore.name", "spore")
+            name = hostname or f"{base}-{m.generation.index}"
+            vm.session.apply_generation(generation_message(m, name))
         else:
             vm.session.set_time()
     except (AgentTimeoutError, AgentClosedError) as exc:

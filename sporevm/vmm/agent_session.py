@@ -103,7 +103,10 @@ class FdChannel:
         ready, _, _ = select.select([self.rfd], [], [], timeout)
         if not ready:
             return None
-        return os.read(self.rfd, 1 << 16)
+        try:
+            return os.read(self.rfd, 1 << 16)
+        except ConnectionResetError:
+            return b""  # the peer (monitor) is gone: end of stream
 
 
 class QueueChannel:
