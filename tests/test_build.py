@@ -147,7 +147,8 @@ def test_graph_shows_the_pipeline(tmp_path: Path, busybox_image: Any) -> None:
     proc = spore(tmp_path / "home", "graph", "--json", str(sf))
     assert proc.returncode == 0, proc.stderr
     names = [t["name"] for t in json.loads(proc.stdout)["tasks"]]
-    assert names == ["resolve:base", "fetch:base", "rootfs", "guest", "boot", "steps", "snapshot"]
+    assert names == ["resolve:base", "fetch:base", "rootfs", "guest", "boot", "steps", "snapshot",
+                     "verify", "bundle"]
 
 
 @pytest.mark.mount
