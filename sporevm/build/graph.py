@@ -12,6 +12,7 @@ issues: they appear in ``spore graph`` and are reported as not available yet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
-from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm
+from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm
 from sporevm.build.sealing import MANIFEST, seal, write_spore
 from sporevm.build.steps import StepResult, boot_key, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
@@ -93,7 +94,9 @@ class _Build:
         self.error: SporeError | None = None
         self.kernel = sf.machine.kernel_path
         self.vm: VmProcess | None = None
-        self.step_results: list[StepResult] = []
+        self.resume_from = 0  # steps restored from a cached snapshot instead of run
+        self._chain_uptodate: bool | None = None
+        self.final_manifest: str | None = None
         self._guest: GuestPlatform | None = None
 
     def guest_platform(self) -> GuestPlatform | None:
@@ -233,18 +236,45 @@ class _Build:
         return [boot, *step_keys(self.sf, boot)]
 
     def steps_uptodate(self) -> bool:
-        """All steps succeeded on exactly these inputs and their spore is in place.
+        """Every step has a snapshot for exactly these inputs and the spore is in place.
 
-        (Step-by-step resume from the previous step's snapshot is not built yet:
-        the chain is all or nothing.)"""
+        Decided once, before boot runs: boot, steps and snapshot stand or fall together
+        (steps recorded during this build must not make its own snapshot look done)."""
+        if self._chain_uptodate is None:
+            keys = None if self.options.no_cache else self.chain_keys()
+            self._chain_uptodate = (
+                keys is not None
+                and self.cached_prefix(keys)[0] == len(self.sf.steps)
+                and self.spore_uptodate(keys[-1])
+            )
+        return self._chain_uptodate
+
+    def step_snapshot(self, key: str) -> str | None:
+        """The manifest id recorded for a step key, if it and all it names are in the store."""
+        rec = self.store.get_key("step", key)
+        mid = rec.get("manifest") if rec else None
+        if not isinstance(mid, str):
+            return None
+        chunks = ChunkStore(self.store)
+        try:
+            m = manifest.decode(chunks.get(mid), mid)
+        except SporeError:
+            return None
+        ok = all(chunks.has(c) for c in m.memory.stored()) and all(
+            chunks.has(o.digest) for o in m.state.values())
+        return mid if ok else None
+
+    def cached_prefix(self, keys: list[str]) -> tuple[int, str | None]:
+        """How many leading steps have usable snapshots, and the last one's manifest id."""
         if self.options.no_cache:
-            return False
-        keys = self.chain_keys()
-        return (
-            keys is not None
-            and all(self.store.get_key("step", k) is not None for k in keys[1:])
-            and self.spore_uptodate(keys[-1])
-        )
+            return 0, None
+        done, last = 0, None
+        for key in keys[1:]:
+            mid = self.step_snapshot(key)
+            if mid is None:
+                break
+            done, last = done + 1, mid
+        return done, last
 
     def spore_uptodate(self, last_key: str) -> bool:
         rec = self.store.get_key("spore", last_key)
@@ -264,38 +294,70 @@ class _Build:
         )
 
     def boot(self) -> None:
+        """Boot fresh, or resume the snapshot of the last step whose inputs are unchanged."""
         guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
-        assert guest is not None and record is not None
-        self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,
-                          DEFAULT_BOOT_TIMEOUT, store_root=self.store.root)
+        keys = self.chain_keys()
+        assert guest is not None and record is not None and keys is not None
+        self.resume_from, mid = self.cached_prefix(keys)
+        if self.resume_from == len(self.sf.steps) and self.sf.steps:
+            self.final_manifest = mid  # every step cached: nothing to run, no VM needed
+            return
+        if mid is not None:
+            name = self.sf.steps[self.resume_from - 1].name
+            self.reporter.info(f"resuming from the snapshot after step {name} "
+                               f"({self.resume_from} of {len(self.sf.steps)} steps cached)")
+            self.vm = resume_vm(ChunkStore(self.store).path(mid), self.store, self.reporter,
+                                self.kernel)
+        else:
+            self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,
+                              DEFAULT_BOOT_TIMEOUT, store_root=self.store.root)
+
+    def _seal_and_record(self, upto: int, res: StepResult | None) -> str:
+        """Snapshot the VM after ``upto`` steps; store the manifest in the chunk CAS."""
+        keys = self.chain_keys()
+        guest = self.guest_platform()
+        record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+        assert self.vm is not None and keys is not None and guest is not None and record
+        m = seal(self.vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
+        mid = ChunkStore(self.store).put(manifest.encode(m))
+        if res is not None:
+            self.store.put_key("step", keys[upto], {
+                "step": res.name, "seconds": round(res.seconds, 3), "exit": res.exit_code,
+                "manifest": mid})
+        return mid
 
     def run_steps(self) -> None:
-        assert self.vm is not None
+        """Run the steps not cached; snapshot after each so a later change resumes there."""
+        if self.vm is None:
+            return  # boot found every step cached
         try:
-            self.step_results = run_steps(self.vm.session, self.sf.steps, self.reporter)
+            for i in range(self.resume_from, len(self.sf.steps)):
+                (res,) = run_steps(self.vm.session, [self.sf.steps[i]], self.reporter)
+                self.final_manifest = self._seal_and_record(i + 1, res)
+                self.vm.command("resume")
         except BaseException:
             self.vm.close()
             self.vm = None
             raise
 
     def snapshot(self) -> None:
-        """Seal the warm VM after the last step into output.spore; record the chain."""
+        """Publish the snapshot after the last step (or after boot) as output.spore."""
         keys = self.chain_keys()
-        guest = self.guest_platform()
-        record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
-        assert self.vm is not None and keys is not None and guest is not None and record
+        assert keys is not None
         try:
-            m = seal(self.vm, self.sf, record, guest, keys[1:], self.lock_path)
-            self.vm.command("stop")
-            self.vm.wait_exit(30.0)
+            if self.final_manifest is None:  # no steps: seal the booted VM
+                assert self.vm is not None
+                self.final_manifest = self._seal_and_record(0, None)
         finally:
-            self.vm.close()
-            self.vm = None
+            if self.vm is not None:
+                with contextlib.suppress(SporeError):
+                    self.vm.command("stop")
+                self.vm.wait_exit(30.0)
+                self.vm.close()
+                self.vm = None
+        m = manifest.decode(ChunkStore(self.store).get(self.final_manifest), self.final_manifest)
         mid = write_spore(m, self.sf.output.spore)
-        for key, res in zip(keys[1:], self.step_results, strict=True):
-            self.store.put_key("step", key, {"step": res.name, "seconds": round(res.seconds, 3),
-                                             "exit": res.exit_code})
         self.store.put_key("spore", keys[-1], {"manifest": mid})
         self.result.spore = str(self.sf.output.spore)
         self.result.manifest_id = mid
