@@ -105,6 +105,14 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
         seen.append(info["generation"])
     assert len(set(seen)) == 2
 
+    # Changing the last step resumes the snapshot taken after the first: no cold boot.
+    (good / "Sporefile").write_text(SPOREFILE.format(
+        layout=busybox_image.layout, who=who, check="[cat, /tmp/greeting, /proc/version]"))
+    inc = spore("build", str(good / "Sporefile"))
+    assert inc.returncode == 0, inc.stderr
+    assert "resuming from the snapshot after step write (1 of 2 steps cached)" in inc.stderr
+    assert f"check | hello {who}" in inc.stderr and "step:write" not in inc.stderr
+
     # A corrupted chunk fails the restore before any VM runs, with the chunk named.
     mdoc = json.loads((spore_dir / "manifest.json").read_bytes())
     chunk = next(c for c in mdoc["memory"]["chunks"] if c)
