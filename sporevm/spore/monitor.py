@@ -171,7 +171,8 @@ def serve(cfg: MonitorConfig) -> ExitResult:
     board_cfg = BoardConfig(cfg.memory, cfg.vcpus, cfg.cmdline, rootfs_fd,
                             os.fstat(rootfs_fd).st_size)
     wiring: dict[str, Any] = dict(
-        on_agent_output=agent_output, on_agent_writable=room.set, serial_output=serial_sink
+        on_agent_output=agent_output, on_agent_writable=room.set, serial_output=serial_sink,
+        dirty_log=True,  # snapshots hash only chunks written since the last one (dirty.py)
     )
     chunks = ChunkStore(Store(Path(cfg.store))) if cfg.store else None
     if cfg.restore is not None:
@@ -258,13 +259,30 @@ def serve(cfg: MonitorConfig) -> ExitResult:
 
 
 def _snapshot(machine: Machine, board: Board, chunks: ChunkStore) -> None:
-    """Capture the paused VM: state object + memory chunks into the store; report ids."""
+    """Capture the paused VM: state object + memory chunks into the store; report ids.
+
+    Memory: only chunks written since this VM's previous snapshot (or its restore) are
+    hashed (sporevm.spore.dirty); ``hashed`` in the event says how many. Every device
+    lock is held throughout, so no host thread (the console pump) writes RAM between
+    reading the dirty logs and reading RAM.
+    """
+    import contextlib
+
+    from sporevm.spore import dirty
+
     started = time.monotonic()
-    state = vmstate.encode(capture(machine, board.transports))
+    with contextlib.ExitStack() as locks:
+        for t in board.transports:
+            locks.enter_context(t.lock)
+        captured = capture(machine, board.transports)
+        previous, todo = dirty.plan(machine, captured, chunks)
+        index = snapshot_memory(machine.ram, chunks, previous, todo)
+        dirty.set_base(machine, index)
+    hashed = len(index.chunks) if todo is None else len(todo)
+    state = vmstate.encode(captured)
     state_id = chunks.put(state)
-    index = snapshot_memory(machine.ram, chunks)
     _emit("snapshot", state={"digest": state_id, "size": len(state)},
-          chunk_size=index.chunk_size, chunks=list(index.chunks),
+          chunk_size=index.chunk_size, chunks=list(index.chunks), hashed=hashed,
           seconds=round(time.monotonic() - started, 3))
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Sequence
 
+from sporevm.spore import dirty
+from sporevm.spore.chunks import MemoryIndex
 from sporevm.spore.vmstate import (
     MSR_TSC_DEADLINE,
     SerialState,
@@ -71,11 +73,25 @@ def restore_machine(
         raise
 
 
-def restore_board(state: VmState, cfg: BoardConfig, ram_loader: RamLoader, **kw: object) -> Board:
-    """``build_board(cfg, **kw)`` with ``state`` applied: the spore microVM, resumed."""
+def restore_board(
+    state: VmState,
+    cfg: BoardConfig,
+    ram_loader: RamLoader,
+    *,
+    memory_index: MemoryIndex | None = None,
+    **kw: object,
+) -> Board:
+    """``build_board(cfg, **kw)`` with ``state`` applied: the spore microVM, resumed.
+
+    ``memory_index`` is the index ``ram_loader`` loaded RAM from (eagerly or not: what
+    counts is that RAM reads as exactly those chunks); with ``dirty_log=True`` the
+    first snapshot of the restored VM then hashes only chunks written after the restore
+    (sporevm.spore.dirty). Without it that snapshot hashes all of RAM.
+    """
     board = build_board(cfg, **kw)  # type: ignore[arg-type]
     try:
         apply_state(board.machine, board.transports, state, ram_loader)
+        dirty.set_base(board.machine, memory_index)
         return board
     except BaseException:
         board.machine.close()
@@ -100,10 +116,11 @@ def apply_state(
                 f"vcpus[{i}]: this host's KVM does not list MSR {missing[0]:#x}; "
                 "the spore needs a host of the same class"
             )
-    mem = machine.ram
-    ram_loader(mem)
-    # The loaded RAM *is* the snapshot: only writes after this point are dirty.
-    mem.vmm_dirty[:] = bytes(len(mem.vmm_dirty))
+    ram_loader(machine.ram)
+    # The loaded RAM *is* the snapshot: only writes after this point are dirty. Both logs
+    # are cleared here, before any state is set, so KVM's own writes while the state goes
+    # in (KVM_SET_MSRS of the kvmclock wall-clock MSR writes guest memory) still count.
+    dirty.reset(machine)
 
     _step("irqchip", lambda: _irqchip(machine, state))
     _step("PIT", lambda: machine.set_pit2(state.vm.pit2))
