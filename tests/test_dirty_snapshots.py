@@ -223,3 +223,28 @@ def restored(m: Machine, state: VmState, cs: ChunkStore, port: StopPort) -> Mach
     dirty.set_base(new, index)
     port.machine = new
     return new
+
+
+def test_kvm_own_writes_are_caught(store: Store) -> None:
+    """kvmclock, wall clock and steal time pages: KVM writes them, not the guest's code.
+    (On this host KVM logs all three; their chunks are re-hashed regardless.)"""
+    cs = ChunkStore(store)
+    gpa_time, gpa_wall, gpa_steal = 9 * CHUNK + 64, 11 * CHUNK + 128, 13 * CHUNK
+    port = StopPort()
+    with ProbeVm("loop", port_device=port, dirty_log=True) as vm:
+        m = vm.machine
+        port.machine = m
+        m.ram.write(STUB, stub_code())
+        guest_fill(m, 3 * CHUNK, 16, 7)  # the stub is the guest's entry point
+        i0, _ = dirty.snapshot(m, capture(m), cs)
+        m.vcpus[0].set_msrs(
+            {0x4B564D01: gpa_time | 1, 0x4B564D00: gpa_wall, 0x4B564D03: gpa_steal | 1}
+        )
+        guest_fill(m, 3 * CHUNK, 16, 8)
+        state = capture(m)
+        assert dirty.pv_chunks(state, RAM) == {9, 11, 13}
+        previous, todo = dirty.plan(m, state, cs)
+        assert previous == i0 and todo is not None and {3, 9, 11, 13} <= todo
+        index = snapshot_memory(m.ram, cs, previous, todo)
+        assert_exact(m, cs, index)
+        assert all(index.chunks[c] != i0.chunks[c] for c in (3, 9, 11, 13))
