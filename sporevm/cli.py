@@ -122,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         image=args.image,
         rootfs=Path(args.rootfs) if args.rootfs else None,
         spore=Path(args.spore) if args.spore else None,
+        restore=args.restore,
         env=_env_pairs(args.env),
         cwd=args.workdir,
         memory=parse_size(args.memory),
@@ -260,6 +261,11 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--image", metavar="REF", help="image to build the rootfs from")
     src.add_argument("--rootfs", metavar="FILE", help="an ext4 rootfs file (read-only)")
     src.add_argument("--from", dest="spore", metavar="SPORE", help="resume this spore")
+    rn.add_argument(
+        "--restore", choices=("eager", "lazy", "local"), default="eager",
+        help="with --from: copy RAM up front, fault it in on demand, or map a shared "
+        "local memory file (docs/restore.md)",
+    )
     rn.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
     rn.add_argument("-w", "--workdir", default="/", help="working directory in the guest")
     rn.add_argument("--memory", default="256MiB")

@@ -40,6 +40,7 @@ class RunRequest:
     platform: str = "linux/amd64"
     insecure_registries: frozenset[str] = frozenset()
     spore: Path | None = None  # resume this spore instead of booting
+    restore: str = "eager"  # RAM strategy of that resume: eager | lazy | local
 
 
 def boot_vm(
@@ -66,14 +67,14 @@ def boot_vm(
 
 
 def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
-              hostname: str = "") -> VmProcess:
+              hostname: str = "", ram: str = "eager") -> VmProcess:
     """Restore a spore in a fresh monitor; a forked child learns its generation first."""
     m, mpath, rootfs = open_spore(spore, store)
     guest = ensure_guest(store, reporter, kernel)
     check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
     started = time.monotonic()
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
-                          m.platform.vcpus, store=store.root, restore=mpath))
+                          m.platform.vcpus, store=store.root, restore=mpath, ram=ram))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         if m.generation.parent is not None:
@@ -118,7 +119,7 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
     if sum(x is not None for x in (req.image, req.rootfs, req.spore)) != 1:
         raise UsageError("spore run: give exactly one of --image REF, --rootfs FILE, --from SPORE")
     if req.spore is not None:
-        vm = resume_vm(req.spore, store, reporter, req.kernel)
+        vm = resume_vm(req.spore, store, reporter, req.kernel, ram=req.restore)
         return _run_in(vm, req, reporter)
     if req.rootfs is not None:
         if not req.rootfs.is_file():

@@ -41,6 +41,7 @@ class VmSpec:
     timeout: float | None = None
     store: Path | None = None  # store root: chunks and state objects (snapshots, restores)
     restore: Path | None = None  # a spore's manifest.json to resume instead of booting
+    ram: str = "eager"  # how a restore fills RAM: eager | lazy | local (docs/restore.md)
 
 
 class VmProcess:
@@ -56,7 +57,7 @@ class VmProcess:
             cmdline=spec.cmdline, memory=spec.memory, vcpus=spec.vcpus,
             agent_fd=theirs.fileno(), serial_log=str(self.serial_log), timeout=spec.timeout,
             store=str(spec.store) if spec.store else "",
-            restore=str(spec.restore) if spec.restore else None,
+            restore=str(spec.restore) if spec.restore else None, ram=spec.ram,
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sporevm.spore.monitor"],

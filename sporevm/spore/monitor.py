@@ -27,6 +27,7 @@ import blake3
 
 from sporevm.errors import SporeError
 from sporevm.spore import manifest, vmstate
+from sporevm.spore.backing import open_local
 from sporevm.spore.capture import capture
 from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory
 from sporevm.spore.restore import restore_board
@@ -34,6 +35,7 @@ from sporevm.store import Store
 from sporevm.vmm import kvm
 from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
 from sporevm.vmm.machine import ExitResult, Machine, StopReason
+from sporevm.vmm.memory import GuestMemory
 
 MAX_CONFIG = 64 * 1024
 MAX_IMAGE = 256 << 20
@@ -53,6 +55,7 @@ class MonitorConfig:
     timeout: float | None  # wall-clock safety net for the whole VM
     store: str = ""  # store root holding memory chunks and state objects ("" : no spores)
     restore: str | None = None  # manifest.json of a spore to resume instead of booting
+    ram: str = "eager"  # restore strategy: "eager" | "lazy" | "local" (docs/restore.md)
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode() + b"\n"
@@ -66,6 +69,8 @@ class MonitorConfig:
             doc = json.loads(line, object_pairs_hook=_no_duplicates)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise SporeError(f"monitor: config line is not JSON ({type(e).__name__})") from None
+        if isinstance(doc, dict):
+            doc.setdefault("ram", "eager")  # the one optional field: older callers omit it
         if not isinstance(doc, dict) or set(doc) != set(cls.__dataclass_fields__):
             raise SporeError("monitor: config has unexpected or missing fields")
         for name in ("kernel", "initrd", "rootfs", "serial_log"):
@@ -75,6 +80,8 @@ class MonitorConfig:
         if doc["restore"] is not None:
             _check_str(doc, "restore", path=True)
         _check_str(doc, "cmdline", path=False)
+        if doc["ram"] not in RAM_STRATEGIES:
+            raise SporeError(f"monitor: config ram must be one of {', '.join(RAM_STRATEGIES)}")
         _check_int(doc, "memory", MIN_MEMORY, MAX_MEMORY)
         if doc["memory"] % PAGE:
             raise SporeError(f"monitor: config memory {doc['memory']} is not a multiple of {PAGE}")
@@ -90,6 +97,7 @@ class MonitorConfig:
         return cls(**doc)
 
 
+RAM_STRATEGIES = ("eager", "lazy", "local")
 MIN_MEMORY = 2 << 20  # boot.e820_map's minimum
 MAX_MEMORY = 3 << 30  # Machine: RAM stops at the 3 GiB MMIO hole
 PAGE = 4096
@@ -307,12 +315,34 @@ def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd:
     if vm_obj is None:
         raise SporeError(f"{cfg.restore}: the spore has no 'vm' state object")
     state = vmstate.decode(chunks.get(vm_obj.digest, size=vm_obj.size))
-    manifest.verify_chunks(m, chunks)
-    return restore_board(
-        state, board_cfg, lambda mem: materialize(m.memory, chunks, mem.view(0, mem.size,
-                                                                             writable=True),
-                                                   out_is_zero=True), **wiring
-    )
+    # Eager re-hashes every chunk now; local re-hashes the memfile against the index
+    # (backing.py), also before any VM exists; lazy hashes each chunk as it is faulted
+    # in, so only presence is checked up front.
+    manifest.verify_chunks(m, chunks, rehash=cfg.ram == "eager")
+    memfile = open_local(m.memory, chunks, chunks.store) if cfg.ram == "local" else -1
+
+    def load(mem: GuestMemory) -> None:
+        if cfg.ram == "local":
+            mem.map_file_private(memfile)
+        elif cfg.ram == "lazy":
+            from sporevm.spore.lazy import start_pager
+
+            def fail_closed(exc: BaseException) -> None:
+                # A vCPU may sit in the kernel waiting for this chunk forever; the only
+                # closed way out is ending the VM process, after saying why.
+                _emit("error", message=f"lazy restore: {exc}")
+                os._exit(1)
+
+            start_pager(mem, m.memory, chunks, on_error=fail_closed)
+        else:
+            materialize(m.memory, chunks, mem.view(0, mem.size, writable=True),
+                        out_is_zero=True)
+
+    try:
+        return restore_board(state, board_cfg, load, **wiring)
+    finally:
+        if memfile >= 0:
+            os.close(memfile)  # the mapping keeps the file
 
 
 def cpu_profile() -> str:

@@ -126,7 +126,12 @@ class Machine:
         serial_output: Callable[[bytes], None] | None = None,
         kick_interval: float = DEFAULT_KICK_INTERVAL,
         host_fixups: bool = True,
+        memory: GuestMemory | None = None,
     ) -> None:
+        """``memory``: RAM to use instead of a fresh memfd (a prepared backing, docs/restore.md);
+        the machine owns it from here on and closes it."""
+        if memory is not None and memory.size != memory_bytes:
+            raise KvmError(f"memory is {memory.size:#x} bytes, the machine {memory_bytes:#x}")
         if not 1 <= vcpus <= 64:
             raise KvmError(f"vcpus={vcpus}: must be 1..64")
         if memory_bytes > MMIO_HOLE_START:
@@ -139,6 +144,7 @@ class Machine:
         self.mmio = Bus("mmio")
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
+        self._given_memory = memory
         self._closed = False
         self._bus_lock = threading.Lock()
         self._kick_lock = threading.Lock()
@@ -157,6 +163,8 @@ class Machine:
         try:
             self._create(memory_bytes, vcpus, dirty_log)
         except BaseException:
+            if self.memory is None and memory is not None:
+                memory.close()  # owned from the call on, even when creation fails
             self.close()
             raise
         self.serial_tail = bytearray()  # last SERIAL_TAIL bytes, when no callback is given
@@ -188,7 +196,8 @@ class Machine:
         pit = KvmPitConfig()
         pit.flags = kvm.KVM_PIT_SPEAKER_DUMMY
         ioctl(self.vm_fd, kvm.KVM_CREATE_PIT2, pit)
-        self.memory = GuestMemory(memory_bytes)
+        self.memory = self._given_memory or GuestMemory(memory_bytes)
+        self._given_memory = None
         self.dirty_log = dirty_log
         region = KvmUserspaceMemoryRegion(
             0,

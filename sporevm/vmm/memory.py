@@ -8,16 +8,101 @@ hands us an address or length outside it.
 KVM's dirty log does not see writes the VMM makes itself (virtio used rings,
 blk reads, the agent channel), so ``write`` and ``view(writable=True)`` mark
 the 4 KiB pages they touch in ``vmm_dirty``; snapshots OR that into KVM's log.
+
+Backings (docs/restore.md). RAM starts as a memfd mapped MAP_SHARED. A restore
+may swap that for a file mapped MAP_PRIVATE at the *same* address
+(``map_file_private``: the KVM memslot keeps pointing at it, clean pages are
+shared with every other mapping of the file, writes stay private), or register
+the range with a userfaultfd (``register_userfaultfd``) and fill it on demand.
+For the latter, ``populate`` is called with every range the VMM is about to
+touch, so that a Python thread (which holds the GIL) never page-faults on
+missing guest RAM: the Python pager thread that would serve the fault could
+never run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
+from collections.abc import Callable
 
 from sporevm.errors import SporeError
 
 PAGE = 4096
+
+# userfaultfd(2) ABI, x86_64 (linux/userfaultfd.h).
+SYS_USERFAULTFD = 323
+UFFD_API = 0xAA
+USERFAULTFD_IOC_NEW = 0xAA00  # _IO(0xAA, 0x00) on /dev/userfaultfd
+UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api)
+UFFDIO_REGISTER = 0xC020AA00  # _IOWR(0xAA, 0x00, struct uffdio_register)
+UFFDIO_REGISTER_MODE_MISSING = 1
+_UFFDIO_COPY_BIT = 1 << 0x03  # ioctls bitmask bit for UFFDIO_COPY
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+]
+_libc.ioctl.restype = ctypes.c_int
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class UffdApi(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
+                ("ioctls", ctypes.c_uint64)]
+
+
+class UffdioRegister(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+def uffd_ioctl(fd: int, request: int, arg: ctypes.Structure) -> None:
+    """ioctl through ctypes, so the GIL is released while the kernel works."""
+    if _libc.ioctl(fd, request, ctypes.addressof(arg)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"userfaultfd ioctl {request:#x}: {os.strerror(err)}")
+
+
+def open_userfaultfd() -> int:
+    """A non-blocking, close-on-exec userfaultfd with the API handshake done.
+
+    Non-blocking because poll(2) reports EPOLLERR on a blocking userfaultfd.
+
+    The syscall first (needs CAP_SYS_PTRACE unless vm.unprivileged_userfaultfd=1);
+    /dev/userfaultfd otherwise. Not UFFD_USER_MODE_ONLY: KVM's own accesses to guest
+    RAM are kernel-mode faults and must reach the pager too.
+    """
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    fd = int(_libc.syscall(SYS_USERFAULTFD, flags))
+    if fd < 0:
+        first = ctypes.get_errno()
+        try:
+            dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise GuestMemoryError(
+                f"userfaultfd unavailable (syscall: {os.strerror(first)}; /dev/userfaultfd: "
+                f"{e.strerror}); use another restore strategy"
+            ) from None
+        try:
+            fd = int(_libc.ioctl(dev, USERFAULTFD_IOC_NEW, flags))
+            err = ctypes.get_errno()
+        finally:
+            os.close(dev)
+        if fd < 0:
+            raise GuestMemoryError(f"/dev/userfaultfd: {os.strerror(err)}")
+    try:
+        uffd_ioctl(fd, UFFDIO_API, UffdApi(UFFD_API, 0, 0))
+    except OSError as e:
+        os.close(fd)
+        raise GuestMemoryError(f"userfaultfd API handshake failed: {e.strerror}") from None
+    return fd
 
 
 class GuestMemoryError(SporeError):
@@ -34,8 +119,15 @@ class GuestMemory:
         self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._mv = memoryview(self.mmap)
         self.vmm_dirty = bytearray(size // PAGE)  # 1 = the VMM wrote this page
+        # Called with (gpa, length) before the VMM touches a range (lazy restore).
+        self.populate: Callable[[int, int], None] | None = None
+        self.on_close: list[Callable[[], None]] = []  # e.g. stop a pager first
+        self.backing = "memfd"
 
     def close(self) -> None:
+        for fn in self.on_close:
+            fn()
+        self.on_close = []
         self._mv.release()
         self.mmap.close()
         os.close(self.fd)
@@ -54,6 +146,38 @@ class GuestMemory:
             raise GuestMemoryError(
                 f"guest range [{gpa:#x}, +{length:#x}) is outside guest RAM ({self.size:#x})"
             )
+        if self.populate is not None and length:
+            self.populate(gpa, length)
+
+    def map_file_private(self, fd: int) -> None:
+        """Back all of RAM by ``fd`` (exactly ``size`` bytes) mapped MAP_PRIVATE, in place.
+
+        MAP_FIXED over our own mapping keeps the host address, so the KVM memslot
+        registered at creation now reads the file: clean pages come from (and are
+        shared through) the page cache, guest and VMM writes are copied on write
+        and never reach the file. Call it before the VM first runs.
+        """
+        if os.fstat(fd).st_size != self.size:
+            raise GuestMemoryError(f"memory file is {os.fstat(fd).st_size} bytes, RAM {self.size}")
+        addr = self.address()
+        got = _libc.mmap(addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        if got == _MAP_FAILED or got != addr:
+            err = ctypes.get_errno()
+            raise GuestMemoryError(f"cannot map the memory file: {os.strerror(err)}")
+        self.backing = "file"
+
+    def register_userfaultfd(self, uffd: int) -> None:
+        """Register all of RAM with ``uffd`` in missing mode (before anything touches it)."""
+        reg = UffdioRegister(self.address(), self.size, UFFDIO_REGISTER_MODE_MISSING, 0)
+        try:
+            uffd_ioctl(uffd, UFFDIO_REGISTER, reg)
+        except OSError as e:
+            hint = " (RAM already touched?)" if e.errno == errno.EBUSY else ""
+            raise GuestMemoryError(f"UFFDIO_REGISTER of guest RAM: {e.strerror}{hint}") from None
+        if not reg.ioctls & _UFFDIO_COPY_BIT:
+            raise GuestMemoryError("userfaultfd cannot UFFDIO_COPY into guest RAM here")
+        self.backing = "userfaultfd"
 
     def read(self, gpa: int, length: int) -> bytes:
         self.check(gpa, length)
