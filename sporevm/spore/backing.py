@@ -27,6 +27,7 @@ are the boundary here (SECURITY.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -128,6 +129,8 @@ def _first_bad_chunk(fd: int, index: MemoryIndex) -> int | None:
         mv = memoryview(mm)
         try:
             for c, cid in enumerate(index.chunks):
+                if cid is None and _is_hole(fd, c * CHUNK):
+                    continue  # a hole reads as zeros; reading it would fill the page cache
                 piece = mv[c * CHUNK : (c + 1) * CHUNK]
                 ok = is_zero(piece) if cid is None else chunk_id(piece) == cid
                 piece.release()
@@ -141,6 +144,14 @@ def _first_bad_chunk(fd: int, index: MemoryIndex) -> int | None:
 def open_local(index: MemoryIndex, chunks: ChunkStore, store: Store) -> int:
     """A verified fd of the memfile of ``index``, built first if need be (before any VM)."""
     return open_memfile(ensure_memfile(index, chunks, store), index)
+
+
+def _is_hole(fd: int, offset: int) -> bool:
+    """True if [offset, offset+CHUNK) has no data extent (SEEK_DATA skips past it)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + CHUNK
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data at all after offset
 
 
 def map_local(mem: GuestMemory, index: MemoryIndex, chunks: ChunkStore, store: Store) -> None:
