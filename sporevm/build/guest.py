@@ -39,7 +39,7 @@ def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | No
             return None
         image, digest = kernel, blake3_file(kernel)[0]
     else:
-        key = kernel_mod.cache_key(kernel_mod.build_inputs(host_class))
+        key = kernel_mod.cache_key(kernel_mod.build_inputs(host_class, store=store))
         art = kernel_mod._cached(store, key, host_class)
         if art is None:
             return None
