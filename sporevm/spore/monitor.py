@@ -339,7 +339,7 @@ def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd:
                         out_is_zero=True)
 
     try:
-        return restore_board(state, board_cfg, load, **wiring)
+        return restore_board(state, board_cfg, load, memory_index=m.memory, **wiring)
     finally:
         if memfile >= 0:
             os.close(memfile)  # the mapping keeps the file
