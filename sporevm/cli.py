@@ -65,7 +65,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     reporter.info(f"image   {result.image} (manifest {result.manifest})")
     if result.spore:
         reporter.info(f"spore   {result.spore}  {result.manifest_id}")
-    if args.until and args.until not in ("steps", "snapshot"):
+    if args.until and args.until != "verify":
         reporter.info(f"stopped after {args.until} as asked (--until). ({took:.2f} s)")
     else:
         reporter.info(
@@ -161,6 +161,62 @@ def cmd_fork(args: argparse.Namespace) -> int:
     else:
         for c in children:
             print(f"{c['path']}  {c['manifest_id']}  generation {c['generation']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sporevm.build.sealing import open_spore
+    from sporevm.spore import manifest
+
+    m, mpath, rootfs = open_spore(Path(args.spore), Store())
+    data = mpath.read_bytes()
+    doc = manifest.to_document(m)
+    mid = manifest.manifest_id(data)
+    if args.json:
+        _emit_json({"id": mid, "path": str(mpath), "rootfs_path": str(rootfs), "manifest": doc})
+        return 0
+    stored = m.memory.stored()
+    zero = sum(1 for c in m.memory.chunks if c is None)
+    p, g = m.platform, m.generation
+    print(f"spore       {mpath.parent}  {mid}")
+    print(f"platform    {p.arch} {p.cpu_profile} {p.device_model}, {p.memory >> 20} MiB, "
+          f"{p.vcpus} vCPU")
+    print(f"kernel      {p.kernel}\ninitrd      {p.initrd}\ncmdline     {p.cmdline}")
+    print(f"rootfs      {m.rootfs.digest} ({m.rootfs.size} B, {m.rootfs.kind}) "
+          f"from {m.rootfs.source_image}")
+    print(f"memory      {len(m.memory.chunks)} chunks of {m.memory.chunk_size >> 20} MiB: "
+          f"{len(stored)} stored, {zero} zero")
+    for name, obj in sorted(m.state.items()):
+        print(f"state       {name}: {obj.digest} ({obj.size} B)")
+    print(f"generation  {g.id} (index {g.index} of {g.count}, parent {g.parent or '-'})")
+    print(f"provenance  sporefile {m.provenance.sporefile or '-'}, "
+          f"{len(m.provenance.steps)} step(s), {m.provenance.builder}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from sporevm.build.sealing import open_spore
+    from sporevm.spore import manifest
+    from sporevm.spore.chunks import ChunkStore
+    from sporevm.store import blake3_file
+
+    store = Store()
+    m, mpath, rootfs = open_spore(Path(args.spore), store)
+    started = time.monotonic()
+    manifest.verify_chunks(m, ChunkStore(store), rehash=True)
+    digest, size = blake3_file(rootfs)
+    if (digest, size) != (m.rootfs.digest, m.rootfs.size):
+        raise SporeError(f"{rootfs}: rootfs is {digest} ({size} B); the spore needs "
+                         f"{m.rootfs.digest} ({m.rootfs.size} B)")
+    took = time.monotonic() - started
+    doc = {"spore": str(mpath.parent), "id": manifest.manifest_id(mpath.read_bytes()),
+           "chunks": len(m.memory.stored()), "state_objects": len(m.state),
+           "rootfs": m.rootfs.digest, "seconds": round(took, 3), "ok": True}
+    if args.json:
+        _emit_json(doc)
+    else:
+        print(f"{mpath.parent}: OK — {doc['chunks']} chunks, {doc['state_objects']} state "
+              f"object(s) and the rootfs re-hashed and match ({took:.2f} s)")
     return 0
 
 
@@ -287,6 +343,15 @@ def _parser() -> argparse.ArgumentParser:
     fk.add_argument("--out", required=True, metavar="DIR")
     add_json(fk)
     fk.set_defaults(func=cmd_fork)
+
+    ins = sub.add_parser("inspect", help="show a spore's manifest")
+    ins.add_argument("spore", metavar="SPORE")
+    add_json(ins)
+    ins.set_defaults(func=cmd_inspect)
+    ver = sub.add_parser("verify", help="re-hash every chunk, state object and the rootfs")
+    ver.add_argument("spore", metavar="SPORE")
+    add_json(ver)
+    ver.set_defaults(func=cmd_verify)
 
     g = sub.add_parser("graph", help="print the task graph of a Sporefile")
     g.add_argument("path", nargs="?")

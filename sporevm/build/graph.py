@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 from doit.cmd_base import TaskLoader2
 from doit.doit_cmd import DoitMain
 from doit.exceptions import TaskFailed
@@ -30,9 +32,9 @@ from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
-from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm
+from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm, shutdown_vm
 from sporevm.build.sealing import MANIFEST, seal, write_spore
-from sporevm.build.steps import StepResult, boot_key, run_steps, step_keys
+from sporevm.build.steps import StepResult, boot_key, run_checks, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
@@ -40,7 +42,7 @@ from sporevm.spore.launcher import VmProcess
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 
-PENDING_STAGES = ("verify", "bundle")
+PENDING_STAGES = ("bundle",)
 
 
 @dataclass
@@ -276,8 +278,16 @@ class _Build:
             done, last = done + 1, mid
         return done, last
 
+    def spore_key(self, last_key: str) -> str:
+        """The published spore depends on the whole chain, snapshot.after and the checks."""
+        checks = [[c.run if isinstance(c.run, str) else list(c.run), c.timeout]
+                  for c in self.sf.verify]
+        material = json.dumps({"chain": last_key, "after": self.after_index(),
+                               "verify": checks}, sort_keys=True)
+        return blake3.blake3(b"spore/spore-key/v1\0" + material.encode()).hexdigest()
+
     def spore_uptodate(self, last_key: str) -> bool:
-        rec = self.store.get_key("spore", last_key)
+        rec = self.store.get_key("spore", self.spore_key(last_key))
         mpath = self.sf.output.spore / MANIFEST
         if rec is None or not mpath.is_file():
             return False
@@ -341,14 +351,25 @@ class _Build:
             self.vm = None
             raise
 
+    def after_index(self) -> int:
+        """How many steps the spore includes (snapshot.after; default: all of them)."""
+        if self.sf.snapshot_after is None:
+            return len(self.sf.steps)
+        return [st.name for st in self.sf.steps].index(self.sf.snapshot_after) + 1
+
     def snapshot(self) -> None:
-        """Publish the snapshot after the last step (or after boot) as output.spore."""
+        """Pick the snapshot that is the spore (after snapshot.after) and stop the build VM."""
         keys = self.chain_keys()
         assert keys is not None
         try:
-            if self.final_manifest is None:  # no steps: seal the booted VM
+            if not self.sf.steps:  # no steps: seal the booted VM itself
                 assert self.vm is not None
                 self.final_manifest = self._seal_and_record(0, None)
+            else:
+                self.final_manifest = self.step_snapshot(keys[self.after_index()])
+                if self.final_manifest is None:
+                    raise SporeError(f"the snapshot after step {self.sf.snapshot_after} "
+                                     "is missing from the store; rebuild with --no-cache")
         finally:
             if self.vm is not None:
                 with contextlib.suppress(SporeError):
@@ -356,9 +377,23 @@ class _Build:
                 self.vm.wait_exit(30.0)
                 self.vm.close()
                 self.vm = None
-        m = manifest.decode(ChunkStore(self.store).get(self.final_manifest), self.final_manifest)
+
+    def verify(self) -> None:
+        """Run the verify checks in a fresh restore of the spore, then publish it."""
+        keys = self.chain_keys()
+        assert keys is not None and self.final_manifest is not None
+        chunks = ChunkStore(self.store)
+        if self.sf.verify:
+            vm = resume_vm(chunks.path(self.final_manifest), self.store, self.reporter,
+                           self.kernel)
+            try:
+                run_checks(vm.session, self.sf.verify, self.reporter)
+                shutdown_vm(vm)
+            finally:
+                vm.close()
+        m = manifest.decode(chunks.get(self.final_manifest), self.final_manifest)
         mid = write_spore(m, self.sf.output.spore)
-        self.store.put_key("spore", keys[-1], {"manifest": mid})
+        self.store.put_key("spore", self.spore_key(keys[-1]), {"manifest": mid})
         self.result.spore = str(self.sf.output.spore)
         self.result.manifest_id = mid
 
@@ -424,13 +459,20 @@ class _Build:
                 "uptodate": [self.steps_uptodate],
                 "task_dep": ["steps"],
             },
+            {
+                "name": "verify",
+                "doc": f"run {len(self.sf.verify)} verify check(s) in a fresh restore, "
+                f"then publish {self.sf.output.spore}",
+                "actions": [self.action(self.verify)],
+                "uptodate": [self.steps_uptodate],
+                "task_dep": ["snapshot"],
+            },
         ]
 
 
 def pending_tasks(sf: Sporefile) -> list[tuple[str, str, list[str]]]:
     """The stages after the snapshot, shown by `spore graph` until they are implemented."""
-    return [("verify", "restore the spore and run the verify checks", ["snapshot"]),
-            ("bundle", f"pack {sf.output.bundle}", ["verify"])]
+    return [("bundle", f"pack {sf.output.bundle}", ["verify"])]
 
 
 class _Loader(TaskLoader2):  # type: ignore[misc]
@@ -475,9 +517,6 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
             f"{b.lock_path}: --locked, but the lock has no entry for "
             f"{sf.base.image} ({sf.base.platform}); run without --locked first"
         )
-    if sf.steps and sf.snapshot_after not in (None, sf.steps[-1].name):
-        raise SporefileError(f"{sf.path}: snapshot.after: {sf.snapshot_after!r} is not the last "
-                             "step; snapshotting before later steps is not supported yet")
     if sf.files:
         raise SporefileError(f"{sf.path}: files: copying files into the guest is not supported "
                              "yet; remove the files: section or put them in the base image")
@@ -496,10 +535,10 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
     b.result.image, b.result.manifest = entry.digest, entry.manifest
     if b.result.rootfs is None:
         b.result.rootfs = RootfsRecord.lookup(store, rootfs_key(b.image()))
-    if b.result.spore is None and options.until in (None, "snapshot"):
+    if b.result.spore is None and options.until in (None, "verify"):
         keys = b.chain_keys()
         if keys:
-            rec = store.get_key("spore", keys[-1])
+            rec = store.get_key("spore", b.spore_key(keys[-1]))
             if rec is not None and b.spore_uptodate(keys[-1]):
                 b.result.spore, b.result.manifest_id = str(sf.output.spore), rec.get("manifest")
     return b.result

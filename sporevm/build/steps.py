@@ -20,7 +20,14 @@ import blake3
 from sporevm.build.guest import GuestPlatform
 from sporevm.build.progress import Reporter
 from sporevm.errors import SporeError
-from sporevm.sporefile import ReadyProbe, Sporefile, Step, canonical_machine, canonical_step
+from sporevm.sporefile import (
+    Check,
+    ReadyProbe,
+    Sporefile,
+    Step,
+    canonical_machine,
+    canonical_step,
+)
 from sporevm.vmm.agent import ProbeKind
 from sporevm.vmm.agent_messages import Command as AgentCommand
 from sporevm.vmm.agent_messages import Probe
@@ -138,3 +145,20 @@ def run_steps(session: AgentSession, steps: Sequence[Step], reporter: Reporter) 
 
 def record(results: list[StepResult]) -> str:
     return json.dumps([r.__dict__ for r in results])
+
+
+def run_checks(session: AgentSession, checks: Sequence[Check], reporter: Reporter) -> None:
+    """The Sporefile's verify: commands, against a fresh restore of the spore."""
+    for i, check in enumerate(checks):
+        label = f"verify[{i}]"
+        reporter.info(f"[bold]▶ {label}[/bold]")
+        out = _OutputTail(reporter, label, "stdout")
+        err = _OutputTail(reporter, label, "stderr")
+        status = session.exec(check.run, timeout=check.timeout, on_stdout=out,
+                              on_stderr=err).wait()
+        out.flush()
+        err.flush()
+        if status.returncode != 0:
+            tail = "".join(f"\n  | {line}" for line in (err.lines or out.lines))
+            raise StepError(f"{label} failed: {status.describe()}; the spore was not "
+                            f"published{tail}")
