@@ -1,0 +1,255 @@
+"""Spores of a real Linux guest, end to end, as a user runs them (issue 4 acceptance).
+
+One `spore build` cold-boots the managed kernel once (~15-20 s on kvm_pvm); everything
+else resumes the sealed spore (~1-3 s each) or fails before a VM exists:
+
+- a step's file in the overlay and a background process survive `spore run --from`,
+  for each restore strategy (eager, lazy, local);
+- two forked children report different generation ids and different /dev/urandom bytes;
+- a corrupt chunk, an edited manifest byte or a different kernel digest fail closed;
+- the unchanged Sporefile rebuilds without starting a VM.
+
+Guest commands are single processes or `sh -c` with builtins (docs/vmm.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sporevm.spore import manifest
+from sporevm.spore.backing import memfile_path
+from sporevm.spore.chunks import CHUNK
+from sporevm.store import Store
+from tests.conftest import PushedImage
+from tests.test_kernel import KERNEL_STORE, built_kernel  # noqa: F401  (shared fixture)
+from tests.test_vm_e2e import busybox_rootfs, spore  # noqa: F401  (shared fixture)
+
+pytestmark = [pytest.mark.vm, pytest.mark.kernelbuild]
+
+SPOREFILE = """\
+sporefile: 1
+name: stateful
+base:
+  image: oci-layout:{layout}:latest
+machine: {{memory: 256MiB}}
+env: {{TOKEN: "{token}"}}
+steps:
+  - name: write
+    run: echo "state $TOKEN" > /root/state.txt
+  - name: daemon
+    run: [sleep, "100000"]
+    background: true
+    ready: {{command: [pidof, sleep], timeout: 30s}}
+  - name: pid
+    run: [pidof, sleep]
+"""
+
+# Builtins only: the overlay file's line, then every live `sleep` as "sleep /proc/PID".
+CHECK = ('read -r s < /root/state.txt; echo "$s"; '
+         'for f in /proc/[0-9]*/comm; do read -r c < "$f" && [ "$c" = sleep ] && '
+         'echo "sleep ${f%/comm}"; done; true')
+
+# generation.json through builtins, a separator, then one process reading /dev/urandom.
+GEN_AND_RANDOM = ('while IFS= read -r l || [ -n "$l" ]; do echo "$l"; done '
+                  '< /run/spore/generation.json; echo ---; '
+                  'exec hexdump -n 16 -e \'16/1 "%02x" "\\n"\' /dev/urandom')
+
+TIMES: dict[str, float] = {}
+
+
+def timed(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    started = time.monotonic()
+    proc = spore(*args)
+    TIMES[name] = time.monotonic() - started
+    return proc
+
+
+@dataclass(frozen=True)
+class Built:
+    sporefile: Path
+    spore_dir: Path
+    token: str
+    pid: int
+
+
+@pytest.fixture(scope="module")
+def built(busybox_image: PushedImage, busybox_rootfs: Path,  # noqa: F811
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    # A fresh token gives fresh step keys (the kernel store is shared between runs).
+    token = uuid.uuid4().hex
+    ctx = tmp_path_factory.mktemp("stateful")
+    (ctx / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout, token=token))
+    proc = timed("spore build (cold boot, 3 steps, snapshot)", "build", str(ctx / "Sporefile"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.index("step:write") < proc.stderr.index("step:daemon")
+    m = re.search(r"pid \| (\d+)", proc.stderr)  # the step's output, streamed
+    assert m, proc.stderr
+    spore_dir = ctx / "out" / "stateful.spore"  # the default output.spore
+    assert (spore_dir / "manifest.json").is_file()
+    yield Built(ctx / "Sporefile", spore_dir, token, int(m.group(1)))
+    print("\nwall times (s):")
+    for name, secs in TIMES.items():
+        print(f"  {secs:7.2f}  {name}")
+
+
+@contextmanager
+def flipped(path: Path, offset: int) -> Iterator[None]:
+    """Flip one byte of a store file in place; put the original back afterwards."""
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:offset] + bytes([original[offset] ^ 0x5A])
+                         + original[offset + 1:])
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def chunk_file(cid: str) -> Path:
+    return KERNEL_STORE / "chunks" / "blake3" / cid.split(":", 1)[1]
+
+
+def load_manifest(spore_dir: Path) -> manifest.Manifest:
+    return manifest.decode((spore_dir / "manifest.json").read_bytes())
+
+
+def copy_spore(spore_dir: Path, dest: Path) -> Path:
+    shutil.copytree(spore_dir, dest)
+    return dest
+
+
+@pytest.mark.parametrize("strategy", ["eager", "lazy", "local"])
+def test_file_and_background_process_survive_restore(built: Built, strategy: str) -> None:
+    proc = timed(f"spore run --from --restore {strategy}", "run", "-q", "--from",
+                 str(built.spore_dir), "--restore", strategy, "--", "sh", "-c", CHECK)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"state {built.token}"
+    # The very process the build started (same pid) is alive after the resume.
+    assert lines[1:] == [f"sleep /proc/{built.pid}"], proc.stdout
+
+
+def test_forked_children_know_they_forked(built: Built, tmp_path: Path) -> None:
+    forks = timed("spore fork --count 2", "fork", str(built.spore_dir), "--count", "2",
+                  "--out", str(tmp_path / "forks"), "--json")
+    assert forks.returncode == 0, forks.stderr
+    doc = json.loads(forks.stdout)
+    assert len(doc["children"]) == 2
+    gens, randoms = [], []
+    for child in doc["children"]:
+        proc = timed(f"spore run --from child {child['index']}", "run", "-q", "--from",
+                     child["path"], "--", "sh", "-c", GEN_AND_RANDOM)
+        assert proc.returncode == 0, proc.stderr
+        gen_text, _, random_text = proc.stdout.partition("---\n")
+        info = json.loads(gen_text)
+        assert info["generation"] == child["generation"] and info["index"] == child["index"]
+        assert info["parent"] == doc["parent"] and info["count"] == 2
+        assert re.fullmatch(r"[0-9a-f]{32}\n", random_text), proc.stdout
+        gens.append(info["generation"])
+        randoms.append(random_text)
+    assert len(set(gens)) == 2
+    assert randoms[0] != randoms[1]  # same state, same read, fresh entropy per child
+
+
+@pytest.mark.parametrize("strategy", ["eager", "local"])
+def test_corrupt_chunk_fails_before_a_vm(built: Built, strategy: str) -> None:
+    m = load_manifest(built.spore_dir)
+    # local: drop any memfile (a cache) so this restore must build it from the chunks.
+    memfile_path(m.memory, Store(KERNEL_STORE)).unlink(missing_ok=True)
+    cid = next(c for c in m.memory.chunks if c)
+    with flipped(chunk_file(cid), 4096 + 7):
+        proc = timed(f"corrupt chunk, --restore {strategy} (fails)", "run", "--from",
+                     str(built.spore_dir), "--restore", strategy, "--", "echo", "RAN")
+    assert proc.returncode != 0
+    assert cid.split(":", 1)[1][:12] in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+def test_corrupt_memfile_fails_and_is_rebuilt(built: Built) -> None:
+    m = load_manifest(built.spore_dir)
+    ok = spore("run", "-q", "--from", str(built.spore_dir), "--restore", "local", "--", "true")
+    assert ok.returncode == 0, ok.stderr
+    path = memfile_path(m.memory, Store(KERNEL_STORE))
+    c, cid = next((c, cid) for c, cid in enumerate(m.memory.chunks) if cid)
+    with flipped(path, c * CHUNK + 4096 + 7):
+        proc = timed("corrupt memfile, --restore local (fails)", "run", "--from",
+                     str(built.spore_dir), "--restore", "local", "--", "echo", "RAN")
+    assert proc.returncode != 0
+    assert cid.split(":", 1)[1][:12] in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+    again = spore("run", "-q", "--from", str(built.spore_dir), "--restore", "local", "--",
+                  "sh", "-c", CHECK)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == f"state {built.token}"
+
+
+def test_lazy_corrupt_chunk_fails_closed_when_touched(built: Built) -> None:
+    # docs/restore.md: lazy checks presence up front and hashes each chunk as it is
+    # faulted in; a corrupt one ends the VM process naming it, before the guest runs on.
+    # The guest's kernel image sits in the low chunks, which any resume touches: corrupt
+    # every stored chunk of the first 64 MiB.
+    m = load_manifest(built.spore_dir)
+    cids = sorted({cid for cid in m.memory.chunks[:32] if cid})
+    assert cids
+    with contextmanager_all([chunk_file(cid) for cid in cids]):
+        proc = timed("corrupt low chunks, --restore lazy (fails)", "run", "--from",
+                     str(built.spore_dir), "--restore", "lazy", "--", "echo", "RAN")
+    assert proc.returncode != 0
+    assert "lazy restore: guest RAM chunk" in proc.stderr, proc.stderr
+    assert any(cid.split(":", 1)[1][:12] in proc.stderr for cid in cids), proc.stderr
+    assert "RAN" not in proc.stdout
+
+
+@contextmanager
+def contextmanager_all(paths: list[Path]) -> Iterator[None]:
+    if not paths:
+        yield
+        return
+    with flipped(paths[0], 4096 + 7), contextmanager_all(paths[1:]):
+        yield
+
+
+def test_edited_manifest_byte_fails_clearly(built: Built, tmp_path: Path) -> None:
+    bad = copy_spore(built.spore_dir, tmp_path / "edited.spore")
+    data = (bad / "manifest.json").read_bytes()
+    m = re.search(rb'"memory":(\d+)', data)
+    assert m
+    at = m.end(1) - 1  # the last digit of platform.memory
+    data = data[:at] + (b"1" if data[at:at + 1] != b"1" else b"3") + data[at + 1:]
+    (bad / "manifest.json").write_bytes(data)
+    proc = timed("edited manifest byte (fails)", "run", "--from", str(bad), "--", "echo", "RAN")
+    assert proc.returncode != 0
+    assert "manifest.json" in proc.stderr and "memory" in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+def test_different_kernel_digest_fails_naming_the_field(built: Built, tmp_path: Path) -> None:
+    bad = copy_spore(built.spore_dir, tmp_path / "kernel.spore")
+    m = load_manifest(bad)
+    other = dataclasses.replace(m, platform=dataclasses.replace(
+        m.platform, kernel="blake3:" + "0" * 64))
+    (bad / "manifest.json").write_bytes(manifest.encode(other))
+    proc = timed("different kernel digest (fails)", "run", "--from", str(bad), "--",
+                 "echo", "RAN")
+    assert proc.returncode != 0
+    assert "platform.kernel" in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+def test_unchanged_sporefile_rebuilds_without_a_vm(built: Built) -> None:
+    proc = timed("spore build again (up to date)", "build", "--json", str(built.sporefile))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert set(doc["tasks"].values()) == {"up-to-date"}, doc["tasks"]
+    assert Path(doc["spore"]) == built.spore_dir
