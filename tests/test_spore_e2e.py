@@ -106,14 +106,20 @@ def built(busybox_image: PushedImage, busybox_rootfs: Path,  # noqa: F811
 
 @contextmanager
 def flipped(path: Path, offset: int) -> Iterator[None]:
-    """Flip one byte of a store file in place; put the original back afterwards."""
-    original = path.read_bytes()
+    """Flip one byte of a store file in place; put the original back afterwards.
+
+    A restore that finds a corrupt chunk evicts it from the store, so "back" may
+    mean recreating the file (with its mode).
+    """
+    original, mode = path.read_bytes(), path.stat().st_mode & 0o7777
     try:
         path.write_bytes(original[:offset] + bytes([original[offset] ^ 0x5A])
                          + original[offset + 1:])
         yield
     finally:
+        path.unlink(missing_ok=True)
         path.write_bytes(original)
+        path.chmod(mode)
 
 
 def chunk_file(cid: str) -> Path:
@@ -231,6 +237,28 @@ def test_edited_manifest_byte_fails_clearly(built: Built, tmp_path: Path) -> Non
     proc = timed("edited manifest byte (fails)", "run", "--from", str(bad), "--", "echo", "RAN")
     assert proc.returncode != 0
     assert "manifest.json" in proc.stderr and "memory" in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+# One byte of a field the restore depends on; each fails in about a second.
+@pytest.mark.parametrize(("site", "named"), [
+    (b'"chunks":["blake3:', "memory chunk 0 (blake3:"),       # → not in the store
+    (b'"vm":{"digest":"blake3:', "is not in the store"),     # the vCPU/device state
+    (b'"rootfs":{"blk_slot":0,"builder":"spore-rootfs/1","digest":"blake3:', "rootfs blake3:"),
+    (b'"cmdline":"console=', "platform.cmdline"),
+    (b'"format":"spore/v', "format 'spore/v"),
+])
+def test_edited_manifest_field_fails_clearly(built: Built, tmp_path: Path, site: bytes,
+                                             named: str) -> None:
+    bad = copy_spore(built.spore_dir, tmp_path / "edited.spore")
+    data = (bad / "manifest.json").read_bytes()
+    assert site in data
+    at = data.index(site) + len(site)
+    data = data[:at] + (b"2" if data[at:at + 1] != b"2" else b"3") + data[at + 1:]
+    (bad / "manifest.json").write_bytes(data)
+    proc = spore("run", "--from", str(bad), "--", "echo", "RAN")
+    assert proc.returncode != 0
+    assert named in proc.stderr, proc.stderr
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
 
 
