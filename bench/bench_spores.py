@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -176,13 +177,42 @@ def cold_once(guest: GuestPlatform, rootfs: Path, memory: int, timeout: float,
         stop(vm)
 
 
-def restore_once(spore: Path, store: Store, strategy: str, timeout: float) -> float:
+def restore_once(spore: Path, store: Store, strategy: str, timeout: float,
+                 resumed: Series, second: Series) -> float:
+    """Seconds to the first output; ``resumed`` gets the part up to the agent's answer,
+    ``second`` the same exec repeated at once in the same VM."""
     start = time.perf_counter()
     vm = resume_vm(spore, store, Reporter.quiet(), ram=strategy)
+    resumed.values.append(time.perf_counter() - start)
     try:
-        return first_output(vm, ["cat", "/tmp/marker"], start, timeout)
+        took = first_output(vm, ["cat", "/tmp/marker"], start, timeout)
+        again = time.perf_counter()
+        second.values.append(first_output(vm, ["cat", "/tmp/marker"], again, timeout))
+        return took
     finally:
         stop(vm)
+
+
+FLOOR = "import sporevm.spore.monitor, sys, time; print('ok', flush=True); time.sleep({})"
+
+
+def monitor_floor(timeout: float) -> tuple[float, Mem]:
+    """A bare monitor interpreter: seconds to start + import, and its memory once idle."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR.format(timeout)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready or proc.stdout.readline() != b"ok\n":
+            raise BenchError("the bare monitor interpreter did not start")
+        took = time.perf_counter() - start
+        return took, read_mem(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # -- 3: fork -------------------------------------------------------------------
@@ -289,6 +319,10 @@ def main() -> int:
         cold = Series()
         snaps = Snapshots()
         restores = {s: Series() for s in STRATEGIES}
+        resumed = {s: Series() for s in STRATEGIES}
+        second = {s: Series() for s in STRATEGIES}
+        floor_s = Series()
+        floor_mem: list[Mem] = []
         for i in range(args.runs):
             snap_root = work / f"snap-store-{i}"
             snap_root.mkdir()
@@ -301,9 +335,14 @@ def main() -> int:
                   f"full {snaps.full_s.values[-1]:.3f} s, dirty {snaps.dirty_s.values[-1]:.3f} s",
                   file=sys.stderr)
             for s in STRATEGIES:
-                restores[s].values.append(restore_once(spore, store, s, args.timeout))
+                restores[s].values.append(restore_once(spore, store, s, args.timeout,
+                                                       resumed[s], second[s]))
                 print(f"  run {i + 1}: restore {s} -> output {restores[s].values[-1]:.3f} s",
                       file=sys.stderr)
+
+            took, mem = monitor_floor(args.timeout)
+            floor_s.values.append(took)
+            floor_mem.append(mem)
 
         parent_id = manifest.manifest_id(mpath.read_bytes())
         fork = Series()
@@ -327,6 +366,11 @@ def main() -> int:
             r = restores[s]
             print(f"  {'restore ' + s:14} {r.describe('ms', 1e3)}   "
                   f"cold/restore {cold.median() / r.median():.1f}x (goal >= 20x)")
+            print(f"  {'':14}   of which spawn -> agent answered + clock set: "
+                  f"{resumed[s].median() * 1e3:.0f} ms; the same exec again: "
+                  f"{second[s].median() * 1e3:.0f} ms")
+        print(f"  floor: a monitor interpreter's start + imports alone: "
+              f"{floor_s.describe('ms', 1e3)}")
         print()
         print("2. snapshot in one VM session (fresh store root; `echo x > /tmp/y` between)")
         print(f"  full:       {snaps.full_s.describe('ms', 1e3)}, "
@@ -358,6 +402,9 @@ def main() -> int:
                                         for x in many) / 1024
         print(f"  guest-RAM mapping per child (median): {ram_shared:.1f} MiB shared clean, "
               f"{ram_private:.1f} MiB private (copy-on-write)")
+        fm = floor_mem[len(floor_mem) // 2]
+        print(f"  a bare monitor interpreter (Python + imports, no VM): PSS "
+              f"{fm.total['Pss'] / 1024:.1f} MiB, RSS {fm.total['Rss'] / 1024:.1f} MiB")
         print(f"  per-process overhead outside guest RAM (Python + VMM), median PSS: "
               f"{statistics.median(x.rest_pss() for x in many) / 1024:.1f} MiB")
     finally:
