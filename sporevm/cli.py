@@ -137,12 +137,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    from sporevm.build.sealing import open_spore, write_spore
+    from sporevm.build.sealing import open_spore, split_pin, write_spore
     from sporevm.spore import manifest
     from sporevm.spore.fork import fork_manifests
 
     store = Store()
-    m, mpath, _ = open_spore(Path(args.spore), store)
+    spore_path, pin = split_pin(args.spore)
+    m, mpath, _ = open_spore(spore_path, store, pin)
     parent_id = manifest.manifest_id(mpath.read_bytes())
     out = Path(args.out)
     children = []
@@ -165,10 +166,11 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from sporevm.build.sealing import open_spore
+    from sporevm.build.sealing import open_spore, split_pin
     from sporevm.spore import manifest
 
-    m, mpath, rootfs = open_spore(Path(args.spore), Store())
+    spore_path, pin = split_pin(args.spore)
+    m, mpath, rootfs = open_spore(spore_path, Store(), pin)
     data = mpath.read_bytes()
     doc = manifest.to_document(m)
     mid = manifest.manifest_id(data)
@@ -195,13 +197,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from sporevm.build.sealing import open_spore
+    from sporevm.build.sealing import open_spore, split_pin
     from sporevm.spore import manifest
     from sporevm.spore.chunks import ChunkStore
     from sporevm.store import blake3_file
 
     store = Store()
-    m, mpath, rootfs = open_spore(Path(args.spore), store)
+    spore_path, pin = split_pin(args.spore)
+    m, mpath, rootfs = open_spore(spore_path, store, pin)
     started = time.monotonic()
     manifest.verify_chunks(m, ChunkStore(store), rehash=True)
     digest, size = blake3_file(rootfs)

@@ -236,8 +236,36 @@ def test_edited_manifest_byte_fails_clearly(built: Built, tmp_path: Path) -> Non
     (bad / "manifest.json").write_bytes(data)
     proc = timed("edited manifest byte (fails)", "run", "--from", str(bad), "--", "echo", "RAN")
     assert proc.returncode != 0
-    assert "manifest.json" in proc.stderr and "memory" in proc.stderr, proc.stderr
+    assert "manifest.json: manifest id is" in proc.stderr and "expected" in proc.stderr
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("site", [b'"org.spore.name":"', b'"generation":{"count":1,"id":"'])
+def test_any_edited_byte_fails_on_the_manifest_id(built: Built, tmp_path: Path,
+                                                  site: bytes) -> None:
+    """Even fields the restore does not use: the spore's id file covers every byte."""
+    bad = copy_spore(built.spore_dir, tmp_path / "edited.spore")
+    data = (bad / "manifest.json").read_bytes()
+    assert site in data
+    at = data.index(site) + len(site)
+    data = data[:at] + (b"x" if data[at:at + 1] != b"x" else b"y") + data[at + 1:]
+    (bad / "manifest.json").write_bytes(data)
+    proc = spore("run", "--from", str(bad), "--", "echo", "RAN")
+    assert proc.returncode != 0 and "manifest id is" in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+def test_pinned_id_must_match(built: Built) -> None:
+    wrong = "blake3:" + "0" * 64
+    proc = spore("run", "--from", f"{built.spore_dir}@{wrong}", "--", "echo", "RAN")
+    assert proc.returncode != 0 and f"expected {wrong}" in proc.stderr, proc.stderr
+
+
+def reseal(spore_dir: Path) -> None:
+    """Rewrite the id file to match the (edited) manifest: what a careless or hostile
+    producer would ship; the deeper checks must still refuse it."""
+    data = (spore_dir / "manifest.json").read_bytes()
+    (spore_dir / "id").write_text(manifest.manifest_id(data) + "\n")
 
 
 # One byte of a field the restore depends on; each fails in about a second.
@@ -256,6 +284,7 @@ def test_edited_manifest_field_fails_clearly(built: Built, tmp_path: Path, site:
     at = data.index(site) + len(site)
     data = data[:at] + (b"2" if data[at:at + 1] != b"2" else b"3") + data[at + 1:]
     (bad / "manifest.json").write_bytes(data)
+    reseal(bad)
     proc = spore("run", "--from", str(bad), "--", "echo", "RAN")
     assert proc.returncode != 0
     assert named in proc.stderr, proc.stderr
@@ -268,6 +297,7 @@ def test_different_kernel_digest_fails_naming_the_field(built: Built, tmp_path: 
     other = dataclasses.replace(m, platform=dataclasses.replace(
         m.platform, kernel="blake3:" + "0" * 64))
     (bad / "manifest.json").write_bytes(manifest.encode(other))
+    reseal(bad)
     proc = timed("different kernel digest (fails)", "run", "--from", str(bad), "--",
                  "echo", "RAN")
     assert proc.returncode != 0

@@ -33,7 +33,7 @@ from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
 from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm, shutdown_vm
-from sporevm.build.sealing import MANIFEST, seal, write_spore
+from sporevm.build.sealing import ID_FILE, MANIFEST, seal, write_spore
 from sporevm.build.steps import StepResult, boot_key, run_checks, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
 from sporevm.spore import manifest
@@ -297,6 +297,11 @@ class _Build:
         except (OSError, SporeError):
             return False
         if manifest.manifest_id(data) != rec.get("manifest"):
+            return False
+        try:
+            if (self.sf.output.spore / ID_FILE).read_text().strip() != rec.get("manifest"):
+                return False
+        except (OSError, UnicodeDecodeError):
             return False
         chunks = ChunkStore(self.store)
         return all(chunks.has(c) for c in m.memory.stored()) and all(

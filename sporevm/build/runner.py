@@ -12,7 +12,7 @@ from typing import BinaryIO
 from sporevm.build.guest import GuestPlatform, ensure_guest
 from sporevm.build.imagefs import build_rootfs_record
 from sporevm.build.progress import Reporter
-from sporevm.build.sealing import open_spore, platform_contract
+from sporevm.build.sealing import open_spore, platform_contract, split_pin
 from sporevm.errors import SporeError, UsageError
 from sporevm.spore.fork import generation_message
 from sporevm.spore.launcher import VmError, VmProcess, VmSpec
@@ -69,7 +69,8 @@ def boot_vm(
 def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
               hostname: str = "", ram: str = "eager") -> VmProcess:
     """Restore a spore in a fresh monitor; a forked child learns its generation first."""
-    m, mpath, rootfs = open_spore(spore, store)
+    spore, pin = split_pin(str(spore))
+    m, mpath, rootfs = open_spore(spore, store, pin)
     guest = ensure_guest(store, reporter, kernel)
     check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
     started = time.monotonic()
@@ -86,6 +87,9 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         vm.close()
+        ev = vm.exit_event()
+        if ev is not None and ev.get("event") == "error":
+            raise VmError(f"{spore}: {ev.get('message')}") from None  # refused before any VM
         raise VmError(f"the restored guest agent did not answer: {vm.describe_exit()} "
                       f"({exc})") from None
     except BaseException:

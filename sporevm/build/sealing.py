@@ -30,6 +30,7 @@ from sporevm.store import Store
 from sporevm.vmm.board import DEVICE_MODEL, SLOT_BLK
 
 MANIFEST = "manifest.json"
+ID_FILE = "id"  # "blake3:<hex>\n" of manifest.json: any edited byte is caught on open
 ROOTFS_KIND = "ext4-immutable"
 
 
@@ -75,6 +76,7 @@ def write_spore(m: manifest.Manifest, out: Path) -> str:
     try:
         os.chmod(tmp, 0o755)
         atomic_write(tmp / MANIFEST, data)
+        atomic_write(tmp / ID_FILE, manifest.manifest_id(data).encode() + b"\n")
         if out.exists():
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.replace(out, old)
@@ -89,14 +91,38 @@ def write_spore(m: manifest.Manifest, out: Path) -> str:
     return manifest.manifest_id(data)
 
 
-def open_spore(path: Path, store: Store) -> tuple[manifest.Manifest, Path, Path]:
-    """(manifest, manifest path, rootfs path in the store) — everything checked up front."""
+def split_pin(text: str) -> tuple[Path, str | None]:
+    """``DIR@blake3:<hex>`` pins the manifest id; without a pin the spore's id file is used."""
+    base, sep, pin = text.rpartition("@")
+    if sep and pin.startswith("blake3:"):
+        return Path(base), pin
+    return Path(text), None
+
+
+def open_spore(path: Path, store: Store,
+               pin: str | None = None) -> tuple[manifest.Manifest, Path, Path]:
+    """(manifest, manifest path, rootfs path in the store) — everything checked up front.
+
+    The manifest's id (BLAKE3 of its bytes) must equal ``pin`` when given, else the
+    spore directory's ``id`` file: one edited byte anywhere fails here, before any VM.
+    """
     mpath = path / MANIFEST if path.is_dir() else path
     try:
         with open(mpath, "rb") as fh:
             data = fh.read(manifest.MAX_MANIFEST + 1)
     except FileNotFoundError:
         raise SporeOpenError(f"{path}: no spore here (expected {MANIFEST})") from None
+    mid = manifest.manifest_id(data)
+    want = pin
+    if want is None and path.is_dir():
+        try:
+            want = (path / ID_FILE).read_text(encoding="ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            raise SporeOpenError(f"{path}: no readable {ID_FILE} file; the spore is incomplete "
+                                 "(pass DIR@blake3:<manifest id> to pin it explicitly)") from None
+    if want is not None and mid != want:
+        raise SporeOpenError(f"{mpath}: manifest id is {mid}, expected {want}; the manifest "
+                             "was modified or is not the spore you pinned")
     m = manifest.decode(data, str(mpath))
     if m.rootfs.kind != ROOTFS_KIND or m.rootfs.blk_slot != SLOT_BLK:
         raise SporeOpenError(f"{mpath}: rootfs kind {m.rootfs.kind!r} on slot "
