@@ -69,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         reporter.info(f"stopped after {args.until} as asked (--until). ({took:.2f} s)")
     else:
         reporter.info(
-            f"[yellow]note:[/yellow] {', '.join(result.pending)} are not available yet. "
+            f"[yellow]not available yet:[/yellow] {', '.join(result.pending)}. "
             f"({took:.2f} s)"
         )
     return 0
