@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-import re
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -20,20 +18,7 @@ import jsonschema.validators
 
 from sporevm.errors import SporefileError
 from sporevm.sporefile_yaml import Doc, DocPath, kind, show
-
-
-@functools.lru_cache(maxsize=64)
-def _ecma(pattern: str) -> re.Pattern[str]:
-    # ECMA-262 '$' (what JSON Schema means) is end of input; Python's also matches before
-    # a final newline, which would let "name\n" through.
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        pattern = pattern[:-1] + r"\Z"
-    return re.compile(pattern)
-
-
-def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
-    if validator.is_type(instance, "string") and not _ecma(pattern).search(instance):
-        yield jsonschema.exceptions.ValidationError(f"{instance!r} does not match {pattern!r}")
+from sporevm.strictjson import ecma_pattern_keyword
 
 
 def _is_int(_checker: Any, instance: object) -> bool:
@@ -53,7 +38,7 @@ def schema() -> dict[str, Any]:
 def validator() -> Any:
     base = jsonschema.Draft202012Validator
     cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-        base, validators={"pattern": _pattern},
+        base, validators={"pattern": ecma_pattern_keyword},
         type_checker=base.TYPE_CHECKER.redefine("integer", _is_int))
     return cls(schema())
 

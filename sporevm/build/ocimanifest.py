@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from sporevm.build.ociref import check_digest
 from sporevm.errors import OCIError
+from sporevm.strictjson import no_duplicate_keys, reject_constant
 
 MAX_DOC_SIZE = 4 << 20  # manifests, indexes, configs, index.json
 MAX_LAYERS = 500  # far above any real image (overlayfs stops at 128)
@@ -136,26 +137,13 @@ def layer_compression(media_type: str) -> Compression:
 # -- JSON primitives -----------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:60]!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def load_json(data: bytes, what: str) -> dict[str, Any]:
     """Strict JSON object: UTF-8, bounded, no duplicate keys, no NaN/Infinity."""
     if len(data) > MAX_DOC_SIZE:
         raise OCIError(f"{what}: larger than {MAX_DOC_SIZE} bytes; refusing to parse it")
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_no_constants)
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
+                         parse_constant=reject_constant)
     except UnicodeDecodeError:
         raise OCIError(f"{what}: not UTF-8 text; the blob is not a JSON document") from None
     except RecursionError:

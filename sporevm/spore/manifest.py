@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,6 +27,12 @@ import jsonschema.validators
 
 from sporevm.errors import SporeError
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkError, ChunkStore, MemoryIndex
+from sporevm.strictjson import (
+    ecma_pattern_keyword,
+    no_duplicate_keys,
+    reject_constant,
+    reject_float,
+)
 from sporevm.vmm.board import SLOT_BLK
 
 FORMAT = "spore/v1"
@@ -215,23 +220,6 @@ class Manifest:
 # -- JSON -------------------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:60]!r}")
-        out[key] = value
-    return out
-
-
-def _no_float(text: str) -> Any:
-    raise ValueError(f"number {text[:40]} is not an integer (manifests hold integers only)")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def canonical(doc: Any) -> bytes:
     """Sorted keys, no insignificant whitespace, UTF-8 (not \\u escapes), integers only."""
     try:
@@ -247,24 +235,11 @@ def manifest_id(data: bytes) -> str:
     return "blake3:" + blake3.blake3(data).hexdigest()
 
 
-@functools.lru_cache(maxsize=64)
-def _ecma(pattern: str) -> re.Pattern[str]:
-    # ECMA-262 '$' is end of input; Python's also matches before a final newline.
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        pattern = pattern[:-1] + r"\Z"
-    return re.compile(pattern)
-
-
-def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
-    if validator.is_type(instance, "string") and not _ecma(pattern).search(instance):
-        yield jsonschema.exceptions.ValidationError(f"{instance[:80]!r} does not match {pattern}")
-
-
 @functools.cache
 def _validator() -> Any:
     base = jsonschema.Draft202012Validator  # SCHEMA itself is checked by the tests
     cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-        base, validators={"pattern": _pattern}
+        base, validators={"pattern": ecma_pattern_keyword}
     )
     return cls(SCHEMA)
 
@@ -278,8 +253,8 @@ def _load(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST:
         raise ManifestError(f"{what}: larger than {MAX_MANIFEST} bytes; refusing to parse it")
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_float=_no_float, parse_constant=_no_constant)
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
+                         parse_float=reject_float, parse_constant=reject_constant)
     except UnicodeDecodeError:
         raise ManifestError(f"{what}: not UTF-8 text") from None
     except RecursionError:

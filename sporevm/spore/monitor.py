@@ -32,6 +32,7 @@ from sporevm.spore.capture import capture
 from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory
 from sporevm.spore.restore import restore_board
 from sporevm.store import Store
+from sporevm.strictjson import no_duplicate_keys
 from sporevm.vmm import kvm
 from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
 from sporevm.vmm.machine import ExitResult, Machine, StopReason
@@ -66,7 +67,7 @@ class MonitorConfig:
         if len(line) > MAX_CONFIG:
             raise SporeError("monitor: config line too long")
         try:
-            doc = json.loads(line, object_pairs_hook=_no_duplicates)
+            doc = json.loads(line, object_pairs_hook=no_duplicate_keys)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise SporeError(f"monitor: config line is not JSON ({type(e).__name__})") from None
         if isinstance(doc, dict):
@@ -104,13 +105,6 @@ PAGE = 4096
 MAX_VCPUS = 64
 MAX_FD = (1 << 31) - 1
 MAX_TIMEOUT = 1e9  # seconds; NaN and infinities fail the range check
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise SporeError("monitor: config has a duplicate field")
-    return doc
 
 
 def _check_str(doc: dict[str, Any], name: str, *, path: bool) -> None:

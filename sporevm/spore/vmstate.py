@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sporevm.errors import SporeError
+from sporevm.strictjson import no_duplicate_keys, reject_constant, reject_float
 from sporevm.vmm.devices.virtio import mmio as virtio_mmio
 from sporevm.vmm.devices.virtio import queue as virtio_queue
 from sporevm.vmm.kvm import (
@@ -382,19 +383,6 @@ def encode(state: VmState) -> bytes:
 # --- decode -------------------------------------------------------------------------------
 
 
-def _no_dupes(pairs: list[tuple[str, Any]]) -> JsonObj:
-    out: JsonObj = {}
-    for k, v in pairs:
-        if k in out:
-            raise VmStateError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_float(text: str) -> Any:
-    raise VmStateError(f"non-integer number {text[:20]!r}")
-
-
 def decode(data: bytes) -> VmState:
     """Parse and validate a VM state object; VmStateError on anything unexpected."""
     if len(data) > MAX_STATE_BYTES:
@@ -402,13 +390,11 @@ def decode(data: bytes) -> VmState:
     try:
         raw = json.loads(
             data.decode("ascii"),
-            object_pairs_hook=_no_dupes,
-            parse_float=_no_float,
-            parse_constant=_no_float,
+            object_pairs_hook=no_duplicate_keys,
+            parse_float=reject_float,
+            parse_constant=reject_constant,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        if isinstance(e, VmStateError):
-            raise
         raise VmStateError(f"VM state is not ASCII JSON: {str(e)[:120]}") from None
     state = from_json(raw)
     # One encoding per state: a spore's bytes (and so its digest) cannot vary for equal state.
