@@ -52,7 +52,7 @@ from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.kernel import detect_host_class, ensure_kernel  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
-from sporevm.spore.launcher import VmProcess, VmSpec  # noqa: E402
+from sporevm.spore.launcher import VmProcess, VmSpec, stop_process  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 from sporevm.vmm.agent_session import AgentSession, FdChannel  # noqa: E402
 from sporevm.vmm.board import GUEST_AGENT, GUEST_ROOT  # noqa: E402
@@ -248,13 +248,7 @@ class QemuVm:
         return " | ".join(text.strip().splitlines()[-lines:])
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._reader.join(2.0)
         if self.conn is not None:
             self.conn.close()

@@ -26,6 +26,18 @@ from sporevm.vmm.agent_session import AgentSession, FdChannel
 SERIAL_TAIL = 4000
 
 
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; returns once the process is reaped."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class VmError(SporeError):
     """The VM failed to boot, crashed, or stopped unexpectedly."""
 
@@ -150,12 +162,7 @@ class VmProcess:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         self._exited.wait(5)
         return self.exit_event()
 
@@ -163,13 +170,7 @@ class VmProcess:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
