@@ -42,3 +42,7 @@ class RootfsError(SporeError):
 
 class LockMismatchError(SporefileError):
     """``--locked`` was given and resolution would change Sporefile.lock."""
+
+
+class DistError(SporeError):
+    """A bundle could not be pushed, pulled or verified (names the URI and the file)."""
