@@ -37,6 +37,7 @@ from sporevm.vmm import kvm
 from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
 from sporevm.vmm.machine import ExitResult, Machine, StopReason
 from sporevm.vmm.memory import GuestMemory
+from sporevm.vmm.quiesce import Settle, wait_until_idle
 
 MAX_CONFIG = 64 * 1024
 MAX_IMAGE = 256 << 20
@@ -224,6 +225,11 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                 except ValueError:
                     continue
                 if isinstance(cmd, dict) and cmd.get("cmd") in ("snapshot", "resume", "stop"):
+                    if cmd["cmd"] == "snapshot":
+                        # Let the guest finish its queued work first, or every restore
+                        # of this snapshot would redo it before answering (quiesce.py).
+                        settle = wait_until_idle(machine.vcpu_threads)
+                        cmd = {"cmd": "snapshot", "settle": settle}
                     commands.put(cmd)
                     machine.pause()
         commands.put({"cmd": "stop"})
@@ -250,7 +256,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                 if chunks is None:
                     _emit("snapshot-error", message="no store root in the monitor config")
                 else:
-                    _snapshot(machine, board, chunks)
+                    _snapshot(machine, board, chunks, cmd.get("settle"))
                 cmd = commands.get()  # stay paused until told to resume or stop
             if cmd["cmd"] == "stop":
                 return result
@@ -260,7 +266,8 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         os.close(serial_fd)
 
 
-def _snapshot(machine: Machine, board: Board, chunks: ChunkStore) -> None:
+def _snapshot(machine: Machine, board: Board, chunks: ChunkStore,
+              settle: Settle | None) -> None:
     """Capture the paused VM: state object + memory chunks into the store; report ids.
 
     Memory: only chunks written since this VM's previous snapshot (or its restore) are
@@ -285,7 +292,9 @@ def _snapshot(machine: Machine, board: Board, chunks: ChunkStore) -> None:
     state_id = chunks.put(state)
     _emit("snapshot", state={"digest": state_id, "size": len(state)},
           chunk_size=index.chunk_size, chunks=list(index.chunks), hashed=hashed,
-          seconds=round(time.monotonic() - started, 3))
+          seconds=round(time.monotonic() - started, 3),
+          settle_seconds=round(settle.seconds, 3) if settle else 0.0,
+          settled=settle.settled if settle else True)
 
 
 def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd: int,

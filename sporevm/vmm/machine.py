@@ -339,6 +339,11 @@ class Machine:
         reason = StopReason.POWEROFF if event is PowerEvent.POWEROFF else StopReason.RESET
         self.request_stop(ExitResult(reason, status=status))
 
+    def vcpu_threads(self) -> list[int]:
+        """Thread idents of the vCPUs inside run() right now (for CPU-time sampling)."""
+        with self._kick_lock:
+            return list(self._threads.values())
+
     def describe(self, index: int) -> tuple[int | None, bytes | None]:
         """(RIP, instruction bytes at RIP) of a vCPU, best effort, for reports."""
         try:
