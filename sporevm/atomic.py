@@ -1,7 +1,8 @@
 """Atomic publication of files: temp file in the target directory, fsync, rename.
 
-Nothing half-written is ever visible under a final name, and a crash leaves at
-worst a ``.tmp-*`` file that the store's prune removes.
+Nothing half-written is ever visible under a final name. A crash leaves at
+worst a ``.tmp-*`` file in the staging directory: the store passes its own
+``tmp/`` (same filesystem, swept by prune); other callers stage beside ``dest``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a binary file that becomes ``dest`` only if the block succeeds."""
+def atomic_output(
+    dest: Path, mode: int = 0o644, tmp_dir: Path | None = None
+) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``dest`` only if the block succeeds.
+
+    ``tmp_dir`` must be on ``dest``'s filesystem (rename is only atomic there)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=tmp_dir or dest.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -42,8 +47,8 @@ def atomic_output(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write(dest: Path, data: bytes, mode: int = 0o644) -> None:
-    with atomic_output(dest, mode) as fh:
+def atomic_write(dest: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
+    with atomic_output(dest, mode, tmp_dir) as fh:
         fh.write(data)
 
 

@@ -23,9 +23,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,14 @@ SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 BLAKE3_DIGEST = re.compile(r"blake3:[0-9a-f]{64}")
 KEY = re.compile(r"[0-9a-f]{64}")
 KINDS = ("blobs", "rootfs", "keys")
+CONTENT_DIRS = (
+    ("blob", "blobs/sha256"),
+    ("rootfs", "rootfs/blake3"),
+    ("kernel", "kernels/blake3"),
+    ("guest", "guest/blake3"),
+    ("chunk", "chunks/blake3"),
+    ("memfile", "memfiles/blake3"),
+)
 _READ = 1 << 20
 
 
@@ -109,11 +118,21 @@ class Store:
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, exclusive: bool = False) -> Iterator[None]:
-        """Builds share the store; prune/gc take it exclusively."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def lock(
+        self, exclusive: bool = False, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[None]:
+        """Every command that reads or writes entries holds this shared for as long as it
+        needs them (a VM reads chunks lazily until it exits); prune takes it exclusively.
+        ``on_wait`` is called once if the lock is not free right away."""
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)
@@ -238,7 +257,8 @@ class Store:
 
     def put_key(self, kind: str, key: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-        atomic_write(self._key_path(kind, key), data)
+        # Staged in tmp/, so a crash leaves nothing beside the records (prune sweeps tmp/).
+        atomic_write(self._key_path(kind, key), data, tmp_dir=self.root / "tmp")
 
     def touch(self, path: Path) -> None:
         with contextlib.suppress(OSError):
@@ -247,54 +267,75 @@ class Store:
     # -- listing and pruning --------------------------------------------
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
-        for kind, sub in (("blob", "blobs/sha256"), ("rootfs", "rootfs/blake3")):
-            for p in sorted((self.root / sub).iterdir()):
-                if p.name.startswith(".tmp-"):
-                    continue
-                st = p.lstat()
-                prefix = "sha256:" if kind == "blob" else "blake3:"
-                out.append(Entry(kind, prefix + p.name, st.st_size, st.st_mtime, p))
-        # Built guest pieces: kernels are directories (bzImage, vmlinux, config), the
-        # agent and initramfs are files; both are named by BLAKE3. Spore memory chunks
-        # and state objects (sporevm/spore/chunks.py) are files named the same way.
-        for kind, sub in (
-            ("kernel", "kernels/blake3"),
-            ("guest", "guest/blake3"),
-            ("chunk", "chunks/blake3"),
-        ):
+        # Kernels are directories (bzImage, vmlinux, config); everything else is a file.
+        # Chunks hold spore memory and state objects; memfiles are RAM images for the
+        # local restore strategy (sporevm/spore/backing.py), named by their index.
+        for kind, sub in CONTENT_DIRS:
             base = self.root / sub
             if not base.is_dir():
                 continue
+            prefix = "sha256:" if kind == "blob" else "blake3:"
             for p in sorted(base.iterdir()):
                 if p.name.startswith(".tmp-"):
                     continue
-                st = p.lstat()
-                size = st.st_size
-                if p.is_dir() and not p.is_symlink():
-                    size = sum(f.lstat().st_size for f in p.iterdir())
-                out.append(Entry(kind, "blake3:" + p.name, size, st.st_mtime, p))
+                try:  # a corrupt entry may be evicted by a concurrent reader
+                    st = p.lstat()
+                    size = st.st_size
+                    if stat.S_ISDIR(st.st_mode):
+                        size = sum(f.lstat().st_size for f in p.iterdir())
+                except FileNotFoundError:
+                    continue
+                out.append(Entry(kind, prefix + p.name, size, st.st_mtime, p))
         keys = self.root / "keys"
         for kdir in sorted(keys.iterdir()):
             for p in sorted(kdir.glob("*.json")):
-                st = p.lstat()
+                try:
+                    st = p.lstat()
+                except FileNotFoundError:
+                    continue
                 out.append(Entry("key/" + kdir.name, p.stem, st.st_size, st.st_mtime, p))
         return out
 
-    def prune(self, older_than: float | None) -> list[Entry]:
-        """Remove staging leftovers and entries unused for ``older_than`` seconds (None: all)."""
+    def _sweep_staging(self) -> None:
+        """Empty tmp/ and drop ``.tmp-*`` names elsewhere (left by older versions)."""
+        for p in (self.root / "tmp").iterdir():
+            _remove(p)
+        dirs = [self.root / sub for _, sub in CONTENT_DIRS] + [self.root / "state"]
+        keys = self.root / "keys"
+        dirs += [d for d in keys.iterdir() if d.is_dir()]
+        for d in dirs:
+            if d.is_dir():
+                for p in d.glob(".tmp-*"):
+                    _remove(p)
+
+    def prune(
+        self, older_than: float | None, on_wait: Callable[[], None] | None = None
+    ) -> list[Entry]:
+        """Remove staging leftovers and entries unused for ``older_than`` seconds (None: all).
+
+        Waits for every running build and run (they hold the lock shared), so nothing
+        a live command needs disappears under it."""
         removed: list[Entry] = []
-        with self.lock(exclusive=True):
-            for p in (self.root / "tmp").iterdir():
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+        with self.lock(exclusive=True, on_wait=on_wait):
+            self._sweep_staging()
             cutoff = None if older_than is None else time.time() - older_than
-            for entry in self.entries():
+            # Records first: a record must never outlive the entries it names by a
+            # crash of prune itself (the reverse, an entry without record, is harmless).
+            for entry in sorted(self.entries(), key=lambda e: not e.kind.startswith("key/")):
                 if cutoff is None or entry.last_used < cutoff:
-                    if entry.path.is_dir() and not entry.path.is_symlink():
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        entry.path.unlink(missing_ok=True)
+                    _remove(entry.path, self.root / "tmp")
                     removed.append(entry)
         return removed
+
+
+def _remove(path: Path, tmp: Path | None = None) -> None:
+    """Delete one entry; a directory is first renamed into ``tmp`` so that a crash
+    halfway through never leaves a partial kernel directory under its final name."""
+    if path.is_dir() and not path.is_symlink():
+        if tmp is not None:
+            gone = Path(tempfile.mkdtemp(prefix="prune-", dir=tmp)) / "entry"
+            os.rename(path, gone)
+            path = gone.parent
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
