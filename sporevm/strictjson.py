@@ -14,8 +14,6 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import jsonschema
-
 
 def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook``: a repeated key is an error, never "last one wins"."""
@@ -47,5 +45,7 @@ def ecma_regex(pattern: str) -> re.Pattern[str]:
 def ecma_pattern_keyword(validator: Any, pattern: str, instance: Any,
                          schema: Any) -> Iterator[Any]:
     """A jsonschema ``pattern`` implementation with ECMA-262 end-of-input semantics."""
+    import jsonschema.exceptions  # only schema users pay for it (the monitor is not one)
+
     if validator.is_type(instance, "string") and not ecma_regex(pattern).search(instance):
         yield jsonschema.exceptions.ValidationError(f"{instance[:80]!r} does not match {pattern}")

@@ -342,3 +342,15 @@ def test_verify_state_objects(cs: ChunkStore) -> None:
     missing = dataclasses.replace(m, state={"vm": mf.StateObject(chunk_id(b"nope"), 4)})
     with pytest.raises(mf.ManifestError, match="state object 'vm'.*missing"):
         mf.verify_chunks(missing, cs)
+
+
+def test_decode_vouched_accepts_only_the_vouched_bytes() -> None:
+    data = mf.encode(sample())
+    mid = mf.manifest_id(data)
+    assert mf.decode_vouched(data, mid) == mf.decode(data)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 1
+    with pytest.raises(mf.ManifestError, match="changed since it was checked"):
+        mf.decode_vouched(bytes(flipped), mid)
+    with pytest.raises(mf.ManifestError, match="changed since it was checked"):
+        mf.decode_vouched(data, "blake3:" + "0" * 64)

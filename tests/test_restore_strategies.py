@@ -241,3 +241,15 @@ def test_monitor_config_validates_ram() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["corrupt"]:
         corrupt_child(sys.argv[2])
+
+
+def test_monitor_config_restore_id_goes_with_restore() -> None:
+    base = dict(kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1,
+                agent_fd=3, serial_log="/s", timeout=None)
+    ok = MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "a" * 64)  # type: ignore[arg-type]
+    assert MonitorConfig.decode(ok.encode()).restore_id == ok.restore_id
+    for bad in (MonitorConfig(**base, restore="/m.json"),  # type: ignore[arg-type]
+                MonitorConfig(**base, restore_id="blake3:" + "a" * 64),  # type: ignore[arg-type]
+                MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "A" * 64)):  # type: ignore[arg-type]
+        with pytest.raises(SporeError, match="restore_id"):
+            MonitorConfig.decode(bad.encode())

@@ -14,6 +14,7 @@ from sporevm.build.imagefs import build_rootfs_record
 from sporevm.build.progress import Reporter
 from sporevm.build.sealing import open_spore, platform_contract, split_pin
 from sporevm.errors import SporeError, UsageError
+from sporevm.spore import manifest
 from sporevm.spore.fork import generation_message
 from sporevm.spore.launcher import VmError, VmProcess, VmSpec
 from sporevm.spore.manifest import check_platform
@@ -75,7 +76,9 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
     started = time.monotonic()
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
-                          m.platform.vcpus, store=store.root, restore=mpath, ram=ram))
+                          m.platform.vcpus, store=store.root, restore=mpath, ram=ram,
+                          restore_id=manifest.manifest_id(
+                              manifest.canonical(manifest.to_document(m)))))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         if m.generation.parent is not None:
@@ -122,6 +125,13 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
         )
     if sum(x is not None for x in (req.image, req.rootfs, req.spore)) != 1:
         raise UsageError("spore run: give exactly one of --image REF, --rootfs FILE, --from SPORE")
+    # Shared store lock for the VM's whole life: a lazy restore reads chunks until the
+    # guest exits, so `spore cache prune` waits for this run (docs/publish-protocol.md).
+    with store.lock():
+        return _run_locked(req, store, reporter)
+
+
+def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
     if req.spore is not None:
         vm = resume_vm(req.spore, store, reporter, req.kernel, ram=req.restore)
         return _run_in(vm, req, reporter)

@@ -54,6 +54,7 @@ class VmSpec:
     store: Path | None = None  # store root: chunks and state objects (snapshots, restores)
     restore: Path | None = None  # a spore's manifest.json to resume instead of booting
     ram: str = "eager"  # how a restore fills RAM: eager | lazy | local (docs/restore.md)
+    restore_id: str | None = None  # id of that manifest, as the caller checked it
 
 
 class VmProcess:
@@ -70,6 +71,7 @@ class VmProcess:
             agent_fd=theirs.fileno(), serial_log=str(self.serial_log), timeout=spec.timeout,
             store=str(spec.store) if spec.store else "",
             restore=str(spec.restore) if spec.restore else None, ram=spec.ram,
+            restore_id=spec.restore_id,
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sporevm.spore.monitor"],

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import blake3
@@ -30,8 +30,8 @@ from sporevm.spore import manifest, vmstate
 from sporevm.spore.backing import open_local
 from sporevm.spore.capture import capture
 from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory
+from sporevm.spore.confine import MonitorJail
 from sporevm.spore.restore import restore_board
-from sporevm.store import Store
 from sporevm.strictjson import no_duplicate_keys
 from sporevm.vmm import kvm
 from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
@@ -58,6 +58,9 @@ class MonitorConfig:
     store: str = ""  # store root holding memory chunks and state objects ("" : no spores)
     restore: str | None = None  # manifest.json of a spore to resume instead of booting
     ram: str = "eager"  # restore strategy: "eager" | "lazy" | "local" (docs/restore.md)
+    # The id of the manifest the caller decoded and checked in full; the monitor accepts
+    # only bytes with this id, so it can skip the schema pass (and importing jsonschema).
+    restore_id: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode() + b"\n"
@@ -72,7 +75,8 @@ class MonitorConfig:
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise SporeError(f"monitor: config line is not JSON ({type(e).__name__})") from None
         if isinstance(doc, dict):
-            doc.setdefault("ram", "eager")  # the one optional field: older callers omit it
+            doc.setdefault("ram", "eager")  # optional fields: older callers omit them
+            doc.setdefault("restore_id", None)
         if not isinstance(doc, dict) or set(doc) != set(cls.__dataclass_fields__):
             raise SporeError("monitor: config has unexpected or missing fields")
         for name in ("kernel", "initrd", "rootfs", "serial_log"):
@@ -81,6 +85,12 @@ class MonitorConfig:
             _check_str(doc, "store", path=True)
         if doc["restore"] is not None:
             _check_str(doc, "restore", path=True)
+        rid = doc["restore_id"]
+        if (rid is None) != (doc["restore"] is None) or (
+            rid is not None and not (isinstance(rid, str) and _MANIFEST_ID.fullmatch(rid))
+        ):
+            raise SporeError("monitor: config restore_id must be the restored manifest's "
+                             "blake3:<64 hex> id, exactly when restore is set")
         _check_str(doc, "cmdline", path=False)
         if doc["ram"] not in RAM_STRATEGIES:
             raise SporeError(f"monitor: config ram must be one of {', '.join(RAM_STRATEGIES)}")
@@ -100,6 +110,7 @@ class MonitorConfig:
 
 
 RAM_STRATEGIES = ("eager", "lazy", "local")
+_MANIFEST_ID = re.compile(r"blake3:[0-9a-f]{64}")
 MIN_MEMORY = 2 << 20  # boot.e820_map's minimum
 MAX_MEMORY = 3 << 30  # Machine: RAM stops at the 3 GiB MMIO hole
 PAGE = 4096
@@ -177,7 +188,11 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         on_agent_output=agent_output, on_agent_writable=room.set, serial_output=serial_sink,
         dirty_log=True,  # snapshots hash only chunks written since the last one (dirty.py)
     )
-    chunks = ChunkStore(Store(Path(cfg.store))) if cfg.store else None
+    # The jail (docs/jail.md), stage 1: files, while no thread exists (Landlock covers
+    # only threads started after it). Stage 2 (syscalls) comes before the first KVM_RUN.
+    jailed = MonitorJail(cfg.store, cfg.restore)
+    chunks = ChunkStore(jailed.store) if jailed.store is not None else None
+    jailed.files()
     if cfg.restore is not None:
         if chunks is None:
             raise SporeError("monitor: restoring a spore needs the store root in the config")
@@ -241,6 +256,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
             _emit("booting", cmdline=board.cmdline)
         else:
             _emit("restored", manifest=cfg.restore)
+        jailed.syscalls()  # the jail, stage 2: seccomp on every thread from here on
         threading.Thread(target=pump, name="agent-pump", daemon=True).start()
         threading.Thread(target=control, name="control", daemon=True).start()
         deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
@@ -264,6 +280,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         machine.close()
         os.close(rootfs_fd)
         os.close(serial_fd)
+        jailed.close()
 
 
 def _snapshot(machine: Machine, board: Board, chunks: ChunkStore,
@@ -301,8 +318,10 @@ def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd:
                     board_cfg: BoardConfig, chunks: ChunkStore, wiring: dict[str, Any]) -> Board:
     """Check the spore against this host and these files, then rebuild the VM from it."""
     assert cfg.restore is not None
+    assert cfg.restore_id is not None
     with open(cfg.restore, "rb") as fh:
-        m = manifest.decode(fh.read(manifest.MAX_MANIFEST + 1), cfg.restore)
+        m = manifest.decode_vouched(fh.read(manifest.MAX_MANIFEST + 1), cfg.restore_id,
+                                    cfg.restore)
     host = manifest.PlatformContract(
         arch="x86_64", cpu_profile=cpu_profile(), device_model=DEVICE_MODEL,
         memory=cfg.memory, vcpus=cfg.vcpus, kernel=_blake3(kernel), initrd=_blake3(initrd),
