@@ -1,0 +1,136 @@
+"""The monitor's jail policy: what a VM monitor may still open and call (docs/jail.md).
+
+The mechanisms are ``sporevm.vmm.jail``'s; this module decides the policy for
+``sporevm.spore.monitor``:
+
+* Files (Landlock, entered before any thread starts, i.e. before the board and
+  the lazy pager exist): read chunks and state objects, publish new ones through
+  a staging directory private to this monitor, evict corrupt ones, publish and
+  read local memfiles; open /dev/kvm (and /dev/userfaultfd) and the restored
+  manifest; read Python's own library directories (lazy imports). Nothing else:
+  no other store entry, no home directory, no writes outside the staging dir.
+* Syscalls (seccomp, entered on every thread just before the first KVM_RUN):
+  ``jail.SYSCALLS`` plus only the KVM and userfaultfd ioctls the run loop,
+  snapshot and lazy pager issue — no KVM_CREATE_VM, no KVM_SET_USER_MEMORY_REGION.
+
+``SPORE_NO_JAIL=1`` (``spore run/build --no-jail``) turns both off for
+debugging, and the monitor says so on stderr every time it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import sporevm
+from sporevm.spore import lazy
+from sporevm.spore.backing import MEMFILES
+from sporevm.store import Store
+from sporevm.vmm import jail, kvm
+
+NO_JAIL_ENV = "SPORE_NO_JAIL"
+
+# What the monitor issues once the VM runs: the run loop, IRQ lines, capture for a
+# snapshot, dirty logs, and the lazy pager's fills.
+IOCTLS = (
+    kvm.KVM_RUN, kvm.KVM_SET_SIGNAL_MASK, kvm.KVM_IRQ_LINE,
+    kvm.KVM_GET_REGS, kvm.KVM_GET_SREGS, kvm.KVM_GET_FPU, kvm.KVM_GET_XSAVE,
+    kvm.KVM_GET_XCRS, kvm.KVM_GET_MSRS, kvm.KVM_GET_LAPIC, kvm.KVM_GET_VCPU_EVENTS,
+    kvm.KVM_GET_MP_STATE, kvm.KVM_GET_IRQCHIP, kvm.KVM_GET_PIT2, kvm.KVM_GET_CLOCK,
+    kvm.KVM_GET_DIRTY_LOG,
+    lazy.UFFDIO_COPY, lazy.UFFDIO_ZEROPAGE, lazy.UFFDIO_WAKE,
+)
+
+_STORE_ENTRY = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_MAKE_REG | jail.FS_REMOVE_FILE \
+    | jail.FS_REFER
+_STAGING = _STORE_ENTRY | jail.FS_WRITE_FILE | jail.FS_TRUNCATE
+_DEVICE = jail.FS_READ_FILE | jail.FS_WRITE_FILE | jail.FS_IOCTL_DEV
+_LIBRARY = jail.FS_READ_FILE | jail.FS_READ_DIR
+
+
+def jail_disabled() -> bool:
+    return os.environ.get(NO_JAIL_ENV, "") not in ("", "0")
+
+
+def warn_unjailed(who: str) -> None:
+    sys.stderr.write(
+        f"spore: WARNING: {who} runs WITHOUT its jail ({NO_JAIL_ENV}=1 / --no-jail): "
+        "no seccomp allowlist, no Landlock; a guest that escapes into the VM monitor is "
+        "not contained. Use this only to debug.\n"
+    )
+    sys.stderr.flush()
+
+
+class _PrivateStaging(Store):
+    """The store, with temp files in a directory only this monitor writes to."""
+
+    def __init__(self, root: Path, staging: Path) -> None:
+        super().__init__(root)
+        self.staging = staging
+
+    def temp_path(self, prefix: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=prefix + "-", dir=self.staging)
+        os.close(fd)
+        return Path(name)
+
+
+class MonitorJail:
+    """One monitor's jail: build it first, ``files()`` before any thread, ``syscalls()``
+    before the first KVM_RUN, ``close()`` at the end."""
+
+    def __init__(self, store_root: str, restore: str | None) -> None:
+        self.enabled = not jail_disabled()
+        self.restore = Path(restore) if restore is not None else None
+        self.staging: Path | None = None
+        self.store: Store | None = None
+        if not self.enabled:
+            warn_unjailed("this VM monitor")
+            self.store = Store(Path(store_root)) if store_root else None
+            return
+        if store_root:
+            root = Store(Path(store_root)).root
+            for sub in (Path("chunks") / "blake3", MEMFILES):
+                (root / sub).mkdir(parents=True, exist_ok=True)  # Landlock rules need them
+            self.staging = Path(tempfile.mkdtemp(prefix="monitor-", dir=root / "tmp"))
+            self.store = _PrivateStaging(root, self.staging)
+
+    def rules(self) -> list[jail.PathRule]:
+        rules = [jail.PathRule(Path("/dev/kvm"), _DEVICE)]
+        if os.path.exists("/dev/userfaultfd"):
+            rules.append(jail.PathRule(Path("/dev/userfaultfd"), _DEVICE))
+        if self.restore is not None:
+            rules.append(jail.PathRule(self.restore, jail.FS_READ_FILE))
+        libs = {Path(p) for k, p in sysconfig.get_paths().items()
+                if k in ("stdlib", "platstdlib", "purelib", "platlib") and os.path.isdir(p)}
+        libs.add(Path(sporevm.__file__).parent)
+        rules += [jail.PathRule(p, _LIBRARY) for p in sorted(libs)]
+        if self.store is not None and self.staging is not None:
+            root = self.store.root
+            rules += [
+                jail.PathRule(root / "chunks" / "blake3", _STORE_ENTRY),
+                jail.PathRule(root / MEMFILES, _STORE_ENTRY),
+                jail.PathRule(self.staging, _STAGING),
+                jail.PathRule(root / "tmp", jail.FS_REMOVE_DIR),  # our empty staging dir
+            ]
+        return rules
+
+    def files(self) -> None:
+        """Landlock: from here on only ``rules()`` can be opened (open fds stay usable)."""
+        if self.enabled:
+            jail.restrict_filesystem(self.rules())
+
+    def syscalls(self) -> None:
+        """seccomp on every thread: from here on only the allowlist runs."""
+        if self.enabled:
+            jail.enter_seccomp(IOCTLS)
+
+    def close(self) -> None:
+        if self.staging is not None:
+            try:
+                os.rmdir(self.staging)
+            except OSError:
+                pass  # not empty after a failure: prune sweeps tmp/
+            self.staging = None
