@@ -41,6 +41,9 @@ IOCTLS = (
     kvm.KVM_GET_XCRS, kvm.KVM_GET_MSRS, kvm.KVM_GET_LAPIC, kvm.KVM_GET_VCPU_EVENTS,
     kvm.KVM_GET_MP_STATE, kvm.KVM_GET_IRQCHIP, kvm.KVM_GET_PIT2, kvm.KVM_GET_CLOCK,
     kvm.KVM_GET_DIRTY_LOG,
+    # kvm_pvm fix-ups (cpu.host_fixup) rewrite a stopped vCPU's registers and events
+    # at run time; without these every real-Linux guest dies at its first SYSCALL.
+    kvm.KVM_SET_REGS, kvm.KVM_SET_VCPU_EVENTS,
     lazy.UFFDIO_COPY, lazy.UFFDIO_ZEROPAGE, lazy.UFFDIO_WAKE,
 )
 
@@ -83,6 +86,8 @@ class MonitorJail:
 
     def __init__(self, store_root: str, restore: str | None) -> None:
         self.enabled = not jail_disabled()
+        if self.enabled:
+            jail.load_seccomp()  # before Landlock: importing it runs ldconfig
         self.restore = Path(restore) if restore is not None else None
         self.staging: Path | None = None
         self.store: Store | None = None
