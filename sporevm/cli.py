@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -290,6 +291,13 @@ def _parser() -> argparse.ArgumentParser:
             help="allow plain HTTP to HOST[:PORT] (loopback registries always may)",
         )
 
+    def add_no_jail(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--no-jail", action="store_true",
+            help="debug only: run VM monitors without their seccomp/Landlock jail "
+            "(also SPORE_NO_JAIL=1; docs/jail.md)",
+        )
+
     b = sub.add_parser("build", help="build a Sporefile (resolve, fetch, rootfs, …)")
     b.add_argument("path", nargs="?", help="Sporefile or its directory (default ./Sporefile)")
     b.add_argument("-f", "--file", help="the Sporefile")
@@ -305,6 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_insecure(b)
     add_json(b)
+    add_no_jail(b)
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("rootfs", help="build the ext4 rootfs of an image, nothing else")
@@ -337,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--platform", default="linux/amd64")
     rn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_insecure(rn)
+    add_no_jail(rn)
     rn.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     rn.set_defaults(func=cmd_run)
 
@@ -381,6 +391,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "no_jail", False):
+        os.environ["SPORE_NO_JAIL"] = "1"  # every monitor this process starts inherits it
+    if os.environ.get("SPORE_NO_JAIL", "") not in ("", "0"):
+        from sporevm.spore.confine import warn_unjailed
+
+        warn_unjailed("every VM monitor this command starts")
     try:
         code: int = args.func(args)
         return code

@@ -55,6 +55,9 @@ class VmSpec:
     restore: Path | None = None  # a spore's manifest.json to resume instead of booting
     ram: str = "eager"  # how a restore fills RAM: eager | lazy | local (docs/restore.md)
     restore_id: str | None = None  # id of that manifest, as the caller checked it
+    # False only to debug: the monitor runs without its seccomp/Landlock jail and says so
+    # (SPORE_NO_JAIL=1 in the environment has the same effect; docs/jail.md).
+    jail: bool = True
 
 
 class VmProcess:
@@ -76,6 +79,7 @@ class VmProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sporevm.spore.monitor"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
+            env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
         )
         theirs.close()
         assert self.proc.stdin is not None

@@ -25,8 +25,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyseccomp as sc
+from typing import Any
 
 from sporevm.errors import SporeError
 
@@ -187,14 +186,29 @@ _TCGETS = 0x5401  # isatty() from open(): answered "not a terminal"
 _IOCTL_CMD = 0xFFFFFFFF  # the kernel reads the request as 32 bits; compare only those
 
 
+def load_seccomp() -> Any:
+    """Import the binding now: its import runs ``ldconfig -p``, which the jail forbids."""
+    import pyseccomp
+
+    return pyseccomp
+
+
 def enter_seccomp(ioctls: Iterable[int]) -> None:
     """Load the allowlist into every thread of this process (TSYNC); irreversible.
 
     ``ioctls``: the request numbers the process may still issue (any descriptor).
     """
+    sc = load_seccomp()
     f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
     f.set_attr(sc.Attr.CTL_TSYNC, 1)  # all threads, or the load fails
     f.set_attr(sc.Attr.CTL_NNP, 1)
+
+    def _nr(name: str) -> int:
+        nr = int(sc.resolve_syscall(sc.Arch.NATIVE, name))
+        if nr < 0:
+            raise JailError(f"jail: libseccomp does not know the syscall {name!r}")
+        return nr
+
     for name in SYSCALLS:
         f.add_rule(sc.ALLOW, _nr(name))
     f.add_rule(sc.ERRNO(errno.ENOSYS), _nr("clone3"))
@@ -214,11 +228,4 @@ def enter_seccomp(ioctls: Iterable[int]) -> None:
         f.load()
     except OSError as exc:
         raise JailError(f"jail: loading the seccomp filter failed: {exc.strerror}") from None
-
-
-def _nr(name: str) -> int:
-    nr = int(sc.resolve_syscall(sc.Arch.NATIVE, name))
-    if nr < 0:
-        raise JailError(f"jail: libseccomp does not know the syscall {name!r}")
-    return nr
 
