@@ -27,7 +27,7 @@ from doit.exceptions import TaskFailed
 from doit.task import Task, dict_to_task
 
 from sporevm import sporefile as sporefile_mod
-from sporevm.build import lockfile
+from sporevm.build import doitstate, lockfile
 from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
@@ -335,7 +335,12 @@ class _Build:
         record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
         assert self.vm is not None and keys is not None and guest is not None and record
         m = seal(self.vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
-        mid = ChunkStore(self.store).put(manifest.encode(m))
+        chunks = ChunkStore(self.store)
+        mid = chunks.put(manifest.encode(m))
+        # Unchanged chunks are reused by id, not rewritten: mark them used now, or a
+        # prune by last use could take chunks this fresh snapshot depends on.
+        for cid in [*m.memory.stored(), *(o.digest for o in m.state.values())]:
+            self.store.touch(chunks.path(cid))
         if res is not None:
             self.store.put_key("step", keys[upto], {
                 "step": res.name, "seconds": round(res.seconds, 3), "exit": res.exit_code,
@@ -494,7 +499,7 @@ class _Loader(TaskLoader2):  # type: ignore[misc]
 
         return {
             "dep_file": str(self.dep_file),
-            "backend": "json",
+            "backend": doitstate.BACKEND,  # atomic writes: a killed build leaves no torn file
             "reporter": BoundReporter,
             "verbosity": 2,  # do not capture: actions stream step output themselves
         }
@@ -525,27 +530,31 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
     if sf.files:
         raise SporefileError(f"{sf.path}: files: copying files into the guest is not supported "
                              "yet; remove the files: section or put them in the base image")
+    # The result is read from the store under the same lock: a prune waiting for this
+    # build must not remove what the build is about to report.
     with store.lock():
         try:
-            code = DoitMain(_Loader(b, state / f"{ident}.doit.json")).run(argv)
+            loader = _Loader(b, state / f"{ident}.doit.json")
+            code = DoitMain(loader, extra_config=doitstate.PLUGIN).run(argv)
         finally:
             if b.vm is not None:
                 b.vm.close()
-    b.result.tasks = dict(reporter.statuses)
-    if b.error is not None:
-        raise b.error
-    if code != 0:
-        raise SporeError(f"build of {sf.path} failed in the task graph (doit exit {code})")
-    entry = b.entry()
-    b.result.image, b.result.manifest = entry.digest, entry.manifest
-    if b.result.rootfs is None:
-        b.result.rootfs = RootfsRecord.lookup(store, rootfs_key(b.image()))
-    if b.result.spore is None and options.until in (None, "verify"):
-        keys = b.chain_keys()
-        if keys:
-            rec = store.get_key("spore", b.spore_key(keys[-1]))
-            if rec is not None and b.spore_uptodate(keys[-1]):
-                b.result.spore, b.result.manifest_id = str(sf.output.spore), rec.get("manifest")
+        b.result.tasks = dict(reporter.statuses)
+        if b.error is not None:
+            raise b.error
+        if code != 0:
+            raise SporeError(f"build of {sf.path} failed in the task graph (doit exit {code})")
+        entry = b.entry()
+        b.result.image, b.result.manifest = entry.digest, entry.manifest
+        if b.result.rootfs is None:
+            b.result.rootfs = RootfsRecord.lookup(store, rootfs_key(b.image()))
+        if b.result.spore is None and options.until in (None, "verify"):
+            keys = b.chain_keys()
+            if keys:
+                rec = store.get_key("spore", b.spore_key(keys[-1]))
+                if rec is not None and b.spore_uptodate(keys[-1]):
+                    b.result.spore = str(sf.output.spore)
+                    b.result.manifest_id = rec.get("manifest")
     return b.result
 
 

@@ -1,0 +1,168 @@
+"""Crash safety of the store (issue 6 part 4): SIGKILL `spore build` anywhere, then check.
+
+After every kill: nothing half-written is visible under a final name (every
+entry re-hashes to its name, every record's entries exist, no staging name
+outside tmp/), the output spore is absent or whole, and the next run picks up
+from whatever is left. At the end of each chain of kills an uninterrupted run
+must succeed and produce what an uninterrupted build on a fresh store produced
+(image, lock, rootfs digest, platform, provenance); where the kills left the
+final step's snapshot recorded, the very same spore id.
+
+Real VMs, so trials are few by default; SPORE_CRASH_TRIALS=N runs more and
+SPORE_CRASH_SEED picks the kill points (both printed). Kills are aimed at a
+task drawn uniformly from the reference build's timeline (resolve, fetch,
+rootfs, guest, boot, each step, snapshot, verify and its publish), then a
+delay drawn uniformly over that task's measured duration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sporevm.store import Store
+from sporevm.storecheck import verify_store
+from tests import crashharness as H
+
+TRIALS = int(os.environ.get("SPORE_CRASH_TRIALS", "8"))
+SEED = int(os.environ.get("SPORE_CRASH_SEED", "6"))
+CHAIN = 4  # kills per store before the completing run
+
+
+# -- the checker itself must catch what it is for (no VM) ---------------------------
+
+
+def test_storecheck_finds_torn_and_stray_entries(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = store.ingest_blob_bytes("sha256:" + hashlib.sha256(b"x").hexdigest(), b"x", what="t")
+    assert verify_store(store).problems == []
+    blob.write_bytes(b"y")  # bytes no longer match the name
+    (store.root / "keys" / "rootfs").mkdir(parents=True)
+    (store.root / "keys" / "rootfs" / ("a" * 64 + ".json")).write_text('{"digest": "blake3:'
+                                                                       + "b" * 64 + '", "size": 1')
+    (store.root / "keys" / "rootfs" / ".tmp-x1").write_bytes(b"")
+    (store.root / "keys" / "rootfs" / ("c" * 64 + ".json")).write_text(
+        json.dumps({"digest": "blake3:" + "d" * 64, "size": 1}))
+    chunks = store.root / "chunks" / "blake3"
+    chunks.mkdir(parents=True)
+    (chunks / ("e" * 64)).write_bytes(b"half")
+    kinds = sorted((p.kind, p.path.split("/")[-1][:6]) for p in verify_store(store).problems)
+    assert kinds == [("corrupt", "2d7116"), ("corrupt", "aaaaaa"), ("corrupt", "eeeeee"),
+                     ("dangling", "cccccc"), ("temp", ".tmp-x")]
+    assert len(verify_store(store).fatal()) == 4
+
+
+def test_prune_sweeps_staging_leftovers_everywhere(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.put_key("rootfs", "f" * 64, {"x": 1})
+    assert list((store.root / "keys" / "rootfs").iterdir()) == [
+        store.root / "keys" / "rootfs" / ("f" * 64 + ".json")]  # staged in tmp/, not beside
+    for d in ("keys/rootfs", "blobs/sha256", "tmp"):
+        (store.root / d / ".tmp-left").write_bytes(b"")
+    store.prune(10_000)
+    assert not list(store.root.rglob(".tmp-*"))
+    assert (store.root / "keys" / "rootfs" / ("f" * 64 + ".json")).is_file()
+
+
+# -- killed builds on real VMs --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    outcome: H.Outcome
+    timeline: dict[str, tuple[float, float]]
+    seconds: float
+
+
+def _project(base: Path, layout: Path, name: str) -> Path:
+    proj = base / name
+    proj.mkdir(parents=True)
+    (proj / "Sporefile").write_text(H.sporefile(layout, "crash", "t0k3n"))
+    return proj / "Sporefile"
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return H.busybox_layout(tmp_path_factory.mktemp("crash-image") / "layout")
+
+
+@pytest.fixture(scope="module")
+def reference(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    base = tmp_path_factory.mktemp("crash-ref")
+    H.seed_store(base / "store")
+    sf = _project(base, layout, "proj")
+    run = H.run_and_kill(H.spore_argv("build", str(sf)), H.spore_env(base / "store"),
+                         phase=None, delay=1e9)
+    assert run.returncode == 0 and not run.killed, run.stderr
+    assert H.store_problems(base / "store") == []
+    timeline = {k: v for k, v in run.timeline().items() if k != "steps"}  # steps = step:*
+    print(f"\nreference build {run.seconds:.1f} s: "
+          + ", ".join(f"{k} {d:.2f}" for k, (_, d) in timeline.items()))
+    return Reference(H.outcome(sf, sf.parent / "out" / "crash.spore"), timeline, run.seconds)
+
+
+def _final_step_record(home: Path, sf: Path) -> str | None:
+    """The manifest the store records for the spore's last step, if any (before a run)."""
+    spore = sf.parent / "out" / "crash.spore"
+    if not spore.exists():
+        return None
+    from sporevm.spore import manifest
+
+    m = manifest.decode((spore / "manifest.json").read_bytes())
+    rec = Store(home).get_key("step", m.provenance.steps[-1])
+    mid = rec.get("manifest") if rec else None
+    return mid if isinstance(mid, str) else None
+
+
+def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Path,
+                                                tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    trials, kills, started = 0, 0, time.monotonic()
+    log: list[str] = []
+    chain = 0
+    while trials < TRIALS:
+        home = tmp_path / f"store-{chain}"
+        H.seed_store(home)
+        sf = _project(tmp_path, layout, f"proj-{chain}")
+        env = H.spore_env(home)
+        n = min(CHAIN, TRIALS - trials)
+        points = sorted((H.pick(rng, reference.timeline) for _ in range(n)),
+                        key=lambda p: reference.timeline[p[0]][0])
+        for phase, delay in points:
+            run = H.run_and_kill(H.spore_argv("build", str(sf)), env, phase=phase, delay=delay)
+            trials += 1
+            kills += run.killed
+            log.append(f"chain {chain}: {run.target} -> "
+                       + (f"killed in {run.phase} at {run.seconds:.1f} s" if run.killed
+                          else f"finished (rc {run.returncode}) in {run.seconds:.1f} s"))
+            assert run.killed or run.returncode == 0, run.stderr[-3000:]
+            problems = H.store_problems(home) + H.spore_dir_problems(sf.parent / "out" /
+                                                                     "crash.spore")
+            assert problems == [], f"after {log[-1]}:\n" + "\n".join(problems)
+        recorded = _final_step_record(home, sf)
+        final = H.run_and_kill(H.spore_argv("build", str(sf)), env, phase=None, delay=1e9)
+        assert final.returncode == 0 and not final.killed, final.stderr[-3000:]
+        assert H.store_problems(home) == []
+        got = H.outcome(sf, sf.parent / "out" / "crash.spore")
+        ref = reference.outcome
+        assert (got.image, got.rootfs, got.lock, got.stable) == (
+            ref.image, ref.rootfs, ref.lock, ref.stable)
+        if recorded is not None:
+            assert got.manifest_id == recorded  # the snapshot the kills left is the spore
+        log.append(f"chain {chain}: completing run {final.seconds:.1f} s, spore "
+                   f"{got.manifest_id[:19]} ({'reused' if recorded else 'fresh'} snapshot)")
+        chain += 1
+    # The last chain's spore runs: the steps' effects are in the restored guest.
+    proc = H.run_spore(home, "run", "-q", "--from", str(sf.parent / "out" / "crash.spore"),
+                       "--", "cat", "/root/log")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "a t0k3n\nb t0k3n\n"
+    print(f"\n{trials} kill trials ({kills} killed mid-run), seed {SEED}, "
+          f"{time.monotonic() - started:.0f} s:\n  " + "\n  ".join(log))
