@@ -224,6 +224,75 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from sporevm.dist.pack import pack
+
+    res = pack(args.spore, Path(args.children) if args.children else None, Path(args.out),
+               Store())
+    doc = {"bundle": str(res.path), "digest": res.digest, "parent": res.parent,
+           "children": list(res.children), "packs": res.packs, "objects": res.objects,
+           "bytes": res.bytes}
+    if args.json:
+        _emit_json(doc)
+    else:
+        print(f"{res.path}  {res.digest}  ({res.objects} objects in {res.packs} pack(s), "
+              f"{res.bytes} B; parent {res.parent}, {len(res.children)} child(ren))")
+    return 0
+
+
+def _pull_doc(res: Any) -> dict[str, Any]:
+    return {"spore": str(res.out), "digest": res.digest, "manifest_id": res.manifest_id,
+            "objects": res.objects, "cached": res.cached, "packs_fetched": res.packs_fetched,
+            "bytes_received": res.bytes_received}
+
+
+def _print_pull(res: Any) -> None:
+    print(f"{res.out}  {res.manifest_id}  (bundle {res.digest}; {res.objects} objects, "
+          f"{res.cached} cached, {res.packs_fetched} pack(s) fetched, "
+          f"{res.bytes_received} B received)")
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from sporevm.dist.pack import unpack
+
+    res = unpack(args.bundle, Path(args.out), Store(), child=args.child)
+    if args.json:
+        _emit_json(_pull_doc(res))
+    else:
+        _print_pull(res)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from sporevm.dist.push import push
+    from sporevm.dist.transports import open_sink
+    from sporevm.dist.uri import parse_push_uri
+
+    sink = open_sink(parse_push_uri(args.uri), s3_endpoint=args.s3_endpoint)
+    res = push(Path(args.bundle), sink)
+    if args.json:
+        _emit_json({"digest": res.digest, "reference": res.reference, "files": res.files,
+                    "bytes": res.bytes})
+    else:
+        print(res.reference)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from sporevm.dist.pull import pull
+    from sporevm.dist.transports import open_source
+    from sporevm.dist.uri import parse_pull_uri
+
+    source = open_source(parse_pull_uri(args.uri, allow_mutable=args.allow_mutable),
+                         s3_endpoint=args.s3_endpoint)
+    res = pull(source, Store(), Path(args.out), child=args.child)
+    if args.json:
+        _emit_json(_pull_doc(res))
+    else:
+        _print_pull(res)
+    return 0
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from sporevm.build.graph import describe
 
@@ -365,6 +434,36 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("spore", metavar="SPORE")
     add_json(ver)
     ver.set_defaults(func=cmd_verify)
+
+    pk = sub.add_parser("pack", help="write a bundle: a spore, its children, chunks, rootfs")
+    pk.add_argument("spore", metavar="SPORE", help="the parent spore (DIR or DIR@blake3:<id>)")
+    pk.add_argument("--children", metavar="DIR", help="a directory of child spores "
+                    "(e.g. from `spore fork --out DIR`)")
+    pk.add_argument("--out", required=True, metavar="BUNDLE")
+    add_json(pk)
+    pk.set_defaults(func=cmd_pack)
+    up = sub.add_parser("unpack", help="materialize one spore of a local bundle")
+    up.add_argument("bundle", metavar="BUNDLE", help="DIR or DIR@sha256:<bundle digest>")
+    up.add_argument("--child", metavar="ID", help="a child's manifest id (default: the parent)")
+    up.add_argument("--out", required=True, metavar="SPORE")
+    add_json(up)
+    up.set_defaults(func=cmd_unpack)
+    ps = sub.add_parser("push", help="upload a bundle; prints the pinned reference to pull")
+    ps.add_argument("bundle", metavar="BUNDLE")
+    ps.add_argument("uri", metavar="URI", help="file:///abs/dir, oci://host/repo[:tag], "
+                    "s3://bucket/prefix")
+    ps.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3://")
+    add_json(ps)
+    ps.set_defaults(func=cmd_push)
+    pl = sub.add_parser("pull", help="fetch one spore of a digest-pinned bundle")
+    pl.add_argument("uri", metavar="URI", help="…@sha256:<digest> as printed by `spore push`")
+    pl.add_argument("--child", metavar="ID", help="a child's manifest id (default: the parent)")
+    pl.add_argument("--out", required=True, metavar="SPORE")
+    pl.add_argument("--allow-mutable", action="store_true",
+                    help="allow an unpinned oci://…:tag (resolved and printed)")
+    pl.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3://")
+    add_json(pl)
+    pl.set_defaults(func=cmd_pull)
 
     g = sub.add_parser("graph", help="print the task graph of a Sporefile")
     g.add_argument("path", nargs="?")
