@@ -18,6 +18,7 @@ into memory). Plain HTTP only to loopback registries.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -231,7 +232,8 @@ class OciSource(StreamSource):
         served = resp.headers.get("Docker-Content-Digest")
         if served and served != digest:
             raise DistError(f"{what}: {self.reg.server} says {served[:80]} but served {digest}")
-        self.resolved = uri.with_pin(digest)  # for tags: what the tag pointed at just now
+        # For a tag: what it pointed at just now, as the pinned reference to print.
+        self.resolved = dataclasses.replace(uri, tag=None, pin=digest)
         self.reference = str(self.resolved)
         self.files, self.pinned_bundle_digest = decode_artifact(data, self.reference)
 

@@ -1,0 +1,161 @@
+"""Real servers on 127.0.0.1 for the distribution tests and the pull benchmark.
+
+- ``S3Server``: moto's S3 in server mode (a real S3 HTTP API, SigV4 and all).
+- ``StaticServer``: a static file server over one directory (stdlib ``http.server``
+  in a thread) that honours ``Range: bytes=N-`` and can misbehave on request:
+  cut a body short, ignore Range, or redirect.
+- the registry is ``tools/registry.py``'s ``LocalRegistry`` (conftest's ``registry``).
+
+Test modules import the fixtures: ``from tests.dist_servers import s3_server, static_server``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from registry import free_port
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class S3Server:
+    """moto's ThreadedMotoServer on a free loopback port; ``client()`` talks to it."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session(
+            aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        ).client("s3", endpoint_url=self.endpoint)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+_RANGE = re.compile(r"bytes=([0-9]+)-\Z")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        srv = self.server
+        srv.log.append((self.path, self.headers.get("Range")))
+        if srv.redirect_to is not None:
+            self.send_response(302)
+            self.send_header("Location", srv.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        rel = self.path.lstrip("/")
+        target = srv.root / rel
+        if ".." in rel.split("/") or not target.is_file():
+            self.send_error(404)
+            return
+        data = target.read_bytes()
+        m = _RANGE.match(self.headers.get("Range", ""))
+        start = int(m.group(1)) if m and not srv.ignore_range else 0
+        if start > len(data) or (start == len(data) and start > 0):
+            self.send_error(416)
+            return
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        if srv.cut_after is not None:
+            # Announce the whole body, send part of it, hang up: a broken transfer.
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[:srv.cut_after])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.log: list[tuple[str, str | None]] = []
+        self.cut_after: int | None = None
+        self.ignore_range = False
+        self.redirect_to: str | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up on a cut or refused transfer are expected here
+
+
+class StaticServer:
+    """Serves ``root`` at ``self.url``; misbehaviour is switched on ``self.httpd``
+    (``cut_after``, ``ignore_range``, ``redirect_to``) and undone by ``reset()``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.httpd = _Server(root)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        self.httpd.cut_after = None
+        self.httpd.ignore_range = False
+        self.httpd.redirect_to = None
+        self.httpd.log.clear()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)  # the transport finds credentials the way users' do: env
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def static_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StaticServer]:
+    server = StaticServer(tmp_path_factory.mktemp("www"))
+    try:
+        yield server
+    finally:
+        server.stop()
