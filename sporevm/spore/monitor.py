@@ -156,8 +156,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def serve(cfg: MonitorConfig) -> ExitResult:
-    kernel = _read_file(cfg.kernel, "kernel")
-    initrd = _read_file(cfg.initrd, "initrd")
+    # Held only until loaded or hashed: a vmlinux is ~15 MiB, per VM, for nothing.
+    images: dict[str, bytes] = {"kernel": _read_file(cfg.kernel, "kernel"),
+                                "initrd": _read_file(cfg.initrd, "initrd")}
     rootfs_fd = os.open(cfg.rootfs, os.O_RDONLY | os.O_CLOEXEC)
     serial_fd = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                         0o600)
@@ -196,7 +197,9 @@ def serve(cfg: MonitorConfig) -> ExitResult:
     if cfg.restore is not None:
         if chunks is None:
             raise SporeError("monitor: restoring a spore needs the store root in the config")
-        board = _restored_board(cfg, kernel, initrd, rootfs_fd, board_cfg, chunks, wiring)
+        kernel_digest, initrd_digest = _blake3(images.pop("kernel")), _blake3(images.pop("initrd"))
+        board = _restored_board(cfg, kernel_digest, initrd_digest, rootfs_fd, board_cfg, chunks,
+                                wiring)
     else:
         board = build_board(board_cfg, **wiring)
     machine = board.machine
@@ -252,7 +255,8 @@ def serve(cfg: MonitorConfig) -> ExitResult:
     signal.signal(signal.SIGTERM, lambda _s, _f: machine.pause())
     try:
         if cfg.restore is None:
-            machine.load_kernel(kernel, board.cmdline, initrd, rng_seed=os.urandom(32))
+            machine.load_kernel(images.pop("kernel"), board.cmdline, images.pop("initrd"),
+                                rng_seed=os.urandom(32))
             _emit("booting", cmdline=board.cmdline)
         else:
             _emit("restored", manifest=cfg.restore)
@@ -314,7 +318,7 @@ def _snapshot(machine: Machine, board: Board, chunks: ChunkStore,
           settled=settle.settled if settle else True)
 
 
-def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd: int,
+def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int,
                     board_cfg: BoardConfig, chunks: ChunkStore, wiring: dict[str, Any]) -> Board:
     """Check the spore against this host and these files, then rebuild the VM from it."""
     assert cfg.restore is not None
@@ -324,7 +328,7 @@ def _restored_board(cfg: MonitorConfig, kernel: bytes, initrd: bytes, rootfs_fd:
                                     cfg.restore)
     host = manifest.PlatformContract(
         arch="x86_64", cpu_profile=cpu_profile(), device_model=DEVICE_MODEL,
-        memory=cfg.memory, vcpus=cfg.vcpus, kernel=_blake3(kernel), initrd=_blake3(initrd),
+        memory=cfg.memory, vcpus=cfg.vcpus, kernel=kernel, initrd=initrd,
         cmdline=cfg.cmdline,
     )
     manifest.check_platform(m, host)  # before any VM exists
