@@ -1,0 +1,126 @@
+"""The real VM monitor, plus an attacker's to-do list run from inside it once it is jailed.
+
+Test helper for tests/test_jail.py, started instead of ``python -m sporevm.spore.monitor``
+(same stdin/stdout/agent-fd protocol). It wraps the monitor's two jail stages:
+
+* after stage 1 (Landlock) it starts an "early" thread, which exists before seccomp
+  is loaded, so its results show TSYNC reached threads already running;
+* after stage 2 (seccomp) it wakes that thread and starts a "late" one.
+
+Each thread tries what a guest that took over the monitor would try and writes one
+JSON line ``{"thread": ..., "results": {op: "ok" | errno name}}`` to the fd named by
+``JAIL_PROBE_FD`` (opened by the test, inherited). Nothing here is reachable from
+the guest: it lives in tests/ and only this wrapper installs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import mmap
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from sporevm.spore import confine, monitor
+from sporevm.vmm import kvm
+
+_libc = ctypes.CDLL(None, use_errno=True)
+OUT = int(os.environ["JAIL_PROBE_FD"])
+SCRATCH = Path(os.environ["JAIL_PROBE_SCRATCH"])  # a directory the test owns
+STORE = Path(os.environ["JAIL_PROBE_STORE"])
+PTRACE_ATTACH = 16
+
+
+def _libc_call(fn: Callable[[], int]) -> None:
+    if fn() < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _kvm_create_vm() -> None:
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)  # Landlock lets the monitor open it
+    try:
+        _libc_call(lambda: int(_libc.ioctl(fd, ctypes.c_ulong(kvm.KVM_CREATE_VM), 0)))
+    finally:
+        os.close(fd)
+
+
+def _fork() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _thread() -> None:
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+
+
+def attempts(unjailed: bool) -> dict[str, Callable[[], object]]:
+    ops: dict[str, Callable[[], object]] = {
+        "open_new_path": lambda: open(SCRATCH / f"new-{threading.get_native_id()}", "wb"),
+        "open_existing_outside": lambda: open("/etc/hostname", "rb"),
+        "write_store_outside_chunks": lambda: open(STORE / "keys" / "planted", "wb"),
+        "socket_inet": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM),
+        "socket_inet6": lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM),
+        "socket_unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+        "thread": _thread,  # must keep working: the run loop starts threads
+    }
+    if unjailed:
+        return ops  # the rest would replace or disturb the process even when allowed
+    ops.update({
+        "execve": lambda: os.execv("/bin/true", ["true"]),
+        "fork": _fork,
+        "ptrace": lambda: _libc_call(lambda: int(_libc.ptrace(PTRACE_ATTACH, os.getppid(), 0, 0))),
+        "mount": lambda: _libc_call(lambda: int(_libc.mount(b"none", str(SCRATCH).encode(),
+                                                            b"tmpfs", 0, None))),
+        "mmap_exec": lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC),
+        "kvm_create_vm": _kvm_create_vm,
+        "kill_parent": lambda: os.kill(os.getppid(), 0),
+    })
+    return ops
+
+
+def probe(name: str) -> None:
+    results: dict[str, str] = {}
+    for op, fn in attempts(confine.jail_disabled()).items():
+        try:
+            fn()
+            results[op] = "ok"
+        except OSError as exc:
+            results[op] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    os.write(OUT, json.dumps({"thread": name, "results": results}).encode() + b"\n")
+
+
+go = threading.Event()
+real_files, real_syscalls = confine.MonitorJail.files, confine.MonitorJail.syscalls
+
+
+def _early() -> None:
+    go.wait()
+    probe("early")
+
+
+def files(self: confine.MonitorJail) -> None:
+    real_files(self)
+    threading.Thread(target=_early, daemon=True).start()
+
+
+def syscalls(self: confine.MonitorJail) -> None:
+    real_syscalls(self)
+    go.set()
+    threading.Thread(target=probe, args=("late",), daemon=True).start()
+
+
+confine.MonitorJail.files = files  # type: ignore[method-assign]
+confine.MonitorJail.syscalls = syscalls  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    sys.exit(monitor.main())
