@@ -154,8 +154,9 @@ def build_rootfs(
     insecure_registries: frozenset[str] = frozenset(),
 ) -> RootfsRecord:
     """`spore rootfs REF -o FILE`: build (cached) and export one rootfs."""
-    record = build_rootfs_record(
-        ref_text, store, reporter, platform=platform, insecure_registries=insecure_registries
-    )
-    export_rootfs(record, dest)
+    with store.lock():  # until the copy is done: a prune must not take the entry first
+        record = build_rootfs_record(
+            ref_text, store, reporter, platform=platform, insecure_registries=insecure_registries
+        )
+        export_rootfs(record, dest)
     return record
