@@ -13,21 +13,24 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
 from sporevm import __version__
 from sporevm.atomic import atomic_write, fsync_dir
 from sporevm.build.guest import GuestPlatform
-from sporevm.build.imagefs import RootfsRecord
 from sporevm.errors import SporeError
 from sporevm.spore import manifest
 from sporevm.spore.chunks import MemoryIndex
 from sporevm.spore.launcher import VmProcess
 from sporevm.spore.monitor import cpu_profile
-from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 from sporevm.vmm.board import DEVICE_MODEL, SLOT_BLK
+
+if TYPE_CHECKING:  # types only: `spore run --from` should not import the OCI/YAML stacks
+    from sporevm.build.imagefs import RootfsRecord
+    from sporevm.sporefile import Sporefile
 
 MANIFEST = "manifest.json"
 ID_FILE = "id"  # "blake3:<hex>\n" of manifest.json: any edited byte is caught on open
