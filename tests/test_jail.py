@@ -280,3 +280,40 @@ def test_cli_no_jail_flag_is_on_run_and_build_and_warns(tmp_path: Path) -> None:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "WARNING: every VM monitor this command starts runs WITHOUT its jail" in proc.stderr
+
+
+PUBLISHED = textwrap.dedent("""
+    import errno, os, sys
+    from pathlib import Path
+    from sporevm.spore import confine
+    from sporevm.vmm import jail
+    base = Path(sys.argv[1])
+    jail.restrict_filesystem([jail.PathRule(base / "chunks", confine.STORE_ENTRY),
+                              jail.PathRule(base / "staging", confine.STAGING)])
+    def attempt(fn):
+        try:
+            fn()
+            return "ok"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+    (base / "staging" / "new").write_bytes(b"fresh")
+    print(attempt(lambda: os.rename(base / "staging" / "new", base / "chunks" / "new")),
+          attempt(lambda: open(base / "chunks" / "old", "r+b")),
+          attempt(lambda: os.rename(base / "chunks" / "old", base / "staging" / "old")),
+          attempt(lambda: open(base / "chunks" / "old", "rb").read()))
+""")
+
+
+@needs_landlock
+def test_published_store_entries_cannot_be_rewritten_in_place(tmp_path: Path) -> None:
+    """Chunks and memfiles (which other VMs may have mapped) are publish-only: a jailed
+    monitor can rename new files in, but can neither open one for writing nor move it
+    back into its writable staging directory (Landlock: no rights gained by a rename)."""
+    (tmp_path / "chunks").mkdir()
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "chunks" / "old").write_bytes(b"published")
+    proc = subprocess.run([sys.executable, "-c", PUBLISHED, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", "EACCES", "EXDEV", "ok"]
+    assert (tmp_path / "chunks" / "old").read_bytes() == b"published"

@@ -47,9 +47,9 @@ IOCTLS = (
     lazy.UFFDIO_COPY, lazy.UFFDIO_ZEROPAGE, lazy.UFFDIO_WAKE,
 )
 
-_STORE_ENTRY = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_MAKE_REG | jail.FS_REMOVE_FILE \
+STORE_ENTRY = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_MAKE_REG | jail.FS_REMOVE_FILE \
     | jail.FS_REFER
-_STAGING = _STORE_ENTRY | jail.FS_WRITE_FILE | jail.FS_TRUNCATE
+STAGING = STORE_ENTRY | jail.FS_WRITE_FILE | jail.FS_TRUNCATE
 _DEVICE = jail.FS_READ_FILE | jail.FS_WRITE_FILE | jail.FS_IOCTL_DEV
 _LIBRARY = jail.FS_READ_FILE | jail.FS_READ_DIR
 
@@ -115,9 +115,9 @@ class MonitorJail:
         if self.store is not None and self.staging is not None:
             root = self.store.root
             rules += [
-                jail.PathRule(root / "chunks" / "blake3", _STORE_ENTRY),
-                jail.PathRule(root / MEMFILES, _STORE_ENTRY),
-                jail.PathRule(self.staging, _STAGING),
+                jail.PathRule(root / "chunks" / "blake3", STORE_ENTRY),
+                jail.PathRule(root / MEMFILES, STORE_ENTRY),
+                jail.PathRule(self.staging, STAGING),
                 jail.PathRule(root / "tmp", jail.FS_REMOVE_DIR),  # our empty staging dir
             ]
         return rules
