@@ -205,10 +205,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     store = Store()
     spore_path, pin = split_pin(args.spore)
-    m, mpath, rootfs = open_spore(spore_path, store, pin)
     started = time.monotonic()
-    manifest.verify_chunks(m, ChunkStore(store), rehash=True)
-    digest, size = blake3_file(rootfs)
+    with store.lock():  # a prune waits until every chunk has been re-hashed
+        m, mpath, rootfs = open_spore(spore_path, store, pin)
+        manifest.verify_chunks(m, ChunkStore(store), rehash=True)
+        digest, size = blake3_file(rootfs)
     if (digest, size) != (m.rootfs.digest, m.rootfs.size):
         raise SporeError(f"{rootfs}: rootfs is {digest} ({size} B); the spore needs "
                          f"{m.rootfs.digest} ({m.rootfs.size} B)")
@@ -330,13 +331,31 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     if args.all and args.older_than:
         raise UsageError("--all and --older-than exclude each other")
     older = None if args.all else parse_duration(args.older_than or "168h")
-    removed = Store().prune(older)
+    removed = Store().prune(older, on_wait=lambda: print(
+        "spore: waiting for running builds and runs to release the store", file=sys.stderr))
     freed = sum(e.size for e in removed)
     if args.json:
         _emit_json({"removed": len(removed), "bytes": freed})
     else:
         print(f"removed {len(removed)} entries, {freed} bytes")
     return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from sporevm.storecheck import verify_store
+
+    store = Store()
+    with store.lock():
+        report = verify_store(store)
+    if args.json:
+        _emit_json(report.to_json())
+    else:
+        for prob in report.problems:
+            print(f"{prob.kind:<9} {prob.path}: {prob.message}")
+        checked = ", ".join(f"{n} {area}" for area, n in sorted(report.checked.items()))
+        print(f"{store.root}: checked {checked or 'nothing'}; {len(report.fatal())} "
+              f"problem(s), {len(report.problems) - len(report.fatal())} dangling record(s)")
+    return 1 if report.fatal() else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -485,6 +504,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--all", action="store_true", help="remove every entry")
     add_json(pr)
     pr.set_defaults(func=cmd_cache_prune)
+    cv = csub.add_parser("verify", help="re-hash every entry and check every record "
+                         "(docs/publish-protocol.md)")
+    add_json(cv)
+    cv.set_defaults(func=cmd_cache_verify)
     return p
 
 
