@@ -95,7 +95,7 @@ def busybox_layout(dest: Path) -> Path:
 
 
 def sporefile(layout: Path, name: str, token: str, steps: Sequence[str] = ("a", "b"),
-              kernel: Path | None = None, verify: bool = True) -> str:
+              kernel: str | None = None, verify: bool = True) -> str:
     """A small Sporefile: each step appends its name to a file; the spore checks it."""
     lines = [
         "sporefile: 1", f"name: {name}", "base:", f"  image: oci-layout:{layout}:latest",
