@@ -265,7 +265,7 @@ def outcome(sporefile_path: Path, spore_dir: Path) -> Outcome:
     stable = {
         "platform": doc["platform"],
         "rootfs": doc["rootfs"],
-        "steps": len(m.provenance.steps),
+        "steps": list(m.provenance.steps),  # step keys: inputs only, not paths or timing
         "sporefile": m.provenance.sporefile,
         "chunks": (m.memory.chunk_size, len(m.memory.chunks)),
         "state": sorted(m.state),

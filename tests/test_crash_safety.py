@@ -79,6 +79,8 @@ class Reference:
     outcome: H.Outcome
     timeline: dict[str, tuple[float, float]]
     seconds: float
+    home: Path  # the store it was built in
+    spore: Path
 
 
 def _project(base: Path, layout: Path, name: str) -> Path:
@@ -105,18 +107,13 @@ def reference(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Referen
     timeline = {k: v for k, v in run.timeline().items() if k != "steps"}  # steps = step:*
     print(f"\nreference build {run.seconds:.1f} s: "
           + ", ".join(f"{k} {d:.2f}" for k, (_, d) in timeline.items()))
-    return Reference(H.outcome(sf, sf.parent / "out" / "crash.spore"), timeline, run.seconds)
-
-
-def _final_step_record(home: Path, sf: Path) -> str | None:
-    """The manifest the store records for the spore's last step, if any (before a run)."""
     spore = sf.parent / "out" / "crash.spore"
-    if not spore.exists():
-        return None
-    from sporevm.spore import manifest
+    return Reference(H.outcome(sf, spore), timeline, run.seconds, base / "store", spore)
 
-    m = manifest.decode((spore / "manifest.json").read_bytes())
-    rec = Store(home).get_key("step", m.provenance.steps[-1])
+
+def _final_step_record(home: Path, reference: Reference) -> str | None:
+    """The manifest the store records for the spore's last step, if any (before a run)."""
+    rec = Store(home).get_key("step", reference.outcome.stable["steps"][-1])
     mid = rec.get("manifest") if rec else None
     return mid if isinstance(mid, str) else None
 
@@ -146,7 +143,7 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
             problems = H.store_problems(home) + H.spore_dir_problems(sf.parent / "out" /
                                                                      "crash.spore")
             assert problems == [], f"after {log[-1]}:\n" + "\n".join(problems)
-        recorded = _final_step_record(home, sf)
+        recorded = _final_step_record(home, reference)
         final = H.run_and_kill(H.spore_argv("build", str(sf)), env, phase=None, delay=1e9)
         assert final.returncode == 0 and not final.killed, final.stderr[-3000:]
         assert H.store_problems(home) == []
@@ -166,3 +163,76 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
     assert proc.stdout == "a t0k3n\nb t0k3n\n"
     print(f"\n{trials} kill trials ({kills} killed mid-run), seed {SEED}, "
           f"{time.monotonic() - started:.0f} s:\n  " + "\n  ".join(log))
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    """Staging names a killed writer may leave beside its output (never the output)."""
+    return sorted(p.name for p in parent.iterdir() if p.name != name)
+
+
+def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
+    """`spore pack` and `spore pull` (file:// bundle into a clean store), killed at points
+    drawn uniformly over their uninterrupted run time, then run to completion."""
+    rng = random.Random(SEED + 1)
+    n = max(TRIALS, 6)
+    home, spore = reference.home, reference.spore
+    mid = (spore / "id").read_text().strip()
+    want = tmp_path / "want.bundle"
+    t0 = time.monotonic()
+    full = H.run_spore(home, "pack", str(spore), "--out", str(want))
+    pack_s = time.monotonic() - t0
+    assert full.returncode == 0, full.stderr
+    log = []
+    out = tmp_path / "packs"
+    out.mkdir()
+    for _ in range(n):
+        delay = rng.uniform(0, pack_s * 1.1)
+        run = H.run_and_kill(H.spore_argv("pack", str(spore), "--out", str(out / "b")),
+                             H.spore_env(home), phase=None, delay=delay)
+        assert run.killed or run.returncode == 0, run.stderr
+        log.append(f"pack +{delay:.2f}s: {'killed' if run.killed else 'finished'}")
+        if (out / "b").exists():
+            assert _tree(out / "b") == _tree(want), log[-1]  # whole, byte-identical, or absent
+        assert H.store_problems(home) == []
+    again = H.run_spore(home, "pack", str(spore), "--out", str(out / "b"))
+    assert again.returncode == 0, again.stderr
+    assert _tree(out / "b") == _tree(want)
+    # Publish it once; pull it into clean stores, killed.
+    remote = tmp_path / "remote"
+    pushed = H.run_spore(home, "push", str(want), f"file://{remote}")
+    assert pushed.returncode == 0, pushed.stderr
+    ref = pushed.stdout.strip()
+    clean = tmp_path / "clean-store"
+    H.seed_store(clean)
+    t0 = time.monotonic()
+    first = H.run_spore(clean, "pull", ref, "--out", str(tmp_path / "first.spore"))
+    pull_s = time.monotonic() - t0
+    assert first.returncode == 0, first.stderr
+    for i in range(n):
+        home_i = tmp_path / f"pull-store-{i}"
+        H.seed_store(home_i)
+        dest = tmp_path / f"pulled-{i}"
+        dest.mkdir()
+        delay = rng.uniform(0, pull_s * 1.1)
+        run = H.run_and_kill(H.spore_argv("pull", ref, "--out", str(dest / "s.spore")),
+                             H.spore_env(home_i), phase=None, delay=delay)
+        assert run.killed or run.returncode == 0, run.stderr
+        log.append(f"pull +{delay:.2f}s: {'killed' if run.killed else 'finished'}")
+        assert H.store_problems(home_i) == [], log[-1]
+        assert H.spore_dir_problems(dest / "s.spore") == []
+        if run.killed:
+            assert not (dest / "s.spore").exists() or (dest / "s.spore" / "id").is_file()
+            done = H.run_spore(home_i, "pull", ref, "--out", str(dest / "s.spore")) if not (
+                dest / "s.spore").exists() else None
+            assert done is None or done.returncode == 0, done.stderr if done else ""
+        assert (dest / "s.spore" / "id").read_text().strip() == mid
+        check = H.run_spore(home_i, "verify", str(dest / "s.spore"))
+        assert check.returncode == 0, check.stderr
+        assert H.store_problems(home_i) == []
+    print(f"\npack {pack_s:.2f} s, pull {pull_s:.2f} s; {n} + {n} kill trials:\n  "
+          + "\n  ".join(log))
