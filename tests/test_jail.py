@@ -317,3 +317,34 @@ def test_published_store_entries_cannot_be_rewritten_in_place(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["ok", "EACCES", "EXDEV", "ok"]
     assert (tmp_path / "chunks" / "old").read_bytes() == b"published"
+
+
+@needs_kvm
+@needs_landlock
+def test_a_refused_restore_leaves_no_staging_directory(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (tmp_path / "manifest.json").write_bytes(b'{"format": "not a spore"}')
+    (tmp_path / "k").write_bytes(b"\0" * 4096)
+    cfg = MonitorConfig(
+        kernel=str(tmp_path / "k"), initrd=str(tmp_path / "k"), rootfs=str(tmp_path / "k"),
+        cmdline="", memory=32 << 20, vcpus=1, agent_fd=3, serial_log=str(tmp_path / "log"),
+        timeout=10, store=str(store), restore=str(tmp_path / "manifest.json"),
+        restore_id="blake3:" + "0" * 64,
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SPORE_NO_JAIL"}
+    proc = subprocess.run([sys.executable, "-m", "sporevm.spore.monitor"], cwd=REPO, env=env,
+                          input=cfg.encode(), capture_output=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["event"] == "error"
+    assert list((store / "tmp").iterdir()) == []
+
+
+def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
+    code = ("from sporevm.vmm import jail\n"
+            "jail.landlock_abi = lambda: 0\n"
+            "jail.restrict_filesystem([])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "JailError: jail: this kernel has no Landlock" in proc.stderr
+    assert "--no-jail" in proc.stderr

@@ -19,6 +19,7 @@ debugging, and the monitor says so on stderr every time it starts.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import sysconfig
@@ -101,6 +102,7 @@ class MonitorJail:
                 (root / sub).mkdir(parents=True, exist_ok=True)  # Landlock rules need them
             self.staging = Path(tempfile.mkdtemp(prefix="monitor-", dir=root / "tmp"))
             self.store = _PrivateStaging(root, self.staging)
+            atexit.register(self.close)  # also when the VM never starts (a refused restore)
 
     def rules(self) -> list[jail.PathRule]:
         rules = [jail.PathRule(Path("/dev/kvm"), _DEVICE)]
