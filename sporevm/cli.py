@@ -66,13 +66,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     reporter.info(f"image   {result.image} (manifest {result.manifest})")
     if result.spore:
         reporter.info(f"spore   {result.spore}  {result.manifest_id}")
-    if args.until and args.until != "verify":
+    if result.bundle:
+        reporter.info(f"bundle  {result.bundle}  {result.bundle_digest}")
+    for ref in result.pushed:
+        print(ref)  # stdout: the pinned reference to pull, one per push: URI
+    if args.until and args.until not in ("bundle", "push"):
         reporter.info(f"stopped after {args.until} as asked (--until). ({took:.2f} s)")
-    else:
+    elif result.pending:
         reporter.info(
             f"[yellow]not available yet:[/yellow] {', '.join(result.pending)}. "
             f"({took:.2f} s)"
         )
+    else:
+        reporter.info(f"done ({took:.2f} s)")
     return 0
 
 

@@ -110,6 +110,7 @@ class Sporefile:
     path: Path
     context: Path
     digest: str  # "blake3:<hex>" of the raw file bytes
+    push: tuple[str, ...] = ()  # bundle URIs; parsed by sporevm.dist.uri when the build starts
 
 
 # -- sizes and durations -----------------------------------------------------------------------
@@ -367,7 +368,7 @@ class _Builder:
             env=tuple(env.items()), workdir=workdir, files=files, steps=tuple(steps),
             snapshot_after=after, verify=verify,
             output=self.output(data.get("output", {}), data["name"], path.resolve()),
-            path=path, context=self.context, digest=digest)
+            path=path, context=self.context, digest=digest, push=tuple(data.get("push", [])))
 
 
 # -- entry points ------------------------------------------------------------------------------

@@ -315,3 +315,21 @@ def test_cli_pack_and_unpack(spores: Spores, tmp_path: Path, monkeypatch: pytest
     assert main(["unpack", f"{out}@sha256:{'1' * 64}", "--out", str(tmp_path / "v")]) == 1
     assert "pinned" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "v")
+
+
+def test_sporefile_push_list(tmp_path: Path) -> None:
+    from sporevm import sporefile
+    from sporevm.build.graph import _check_push_uris
+    from sporevm.errors import SporefileError
+
+    head = "sporefile: 1\nname: app\nbase: {image: busybox}\n"
+    sf = sporefile.loads(head + "push: [oci://127.0.0.1:5000/spores/app, file:///srv/b]\n",
+                         tmp_path / "Sporefile")
+    assert sf.push == ("oci://127.0.0.1:5000/spores/app", "file:///srv/b")
+    _check_push_uris(sf)
+    assert sporefile.loads(head, tmp_path / "Sporefile").push == ()
+    with pytest.raises(SporefileError, match="push"):
+        sporefile.loads(head + "push: [http://example.com/b]\n", tmp_path / "Sporefile")
+    bad = sporefile.loads(head + "push: [file://relative/b]\n", tmp_path / "Sporefile")
+    with pytest.raises(SporefileError, match=r"push\.0"):
+        _check_push_uris(bad)

@@ -38,6 +38,7 @@ machine: {{memory: 256MiB}}
 steps:
   - name: write
     run: 'read -r b < /proc/sys/kernel/random/boot_id; echo "warm $b" > /root/state.txt'
+push: ["file://{pushed}"]
 """
 CHECK = ["sh", "-c", 'read -r s < /root/state.txt; echo "$s"']
 
@@ -59,6 +60,8 @@ class Built:
     bundle: Path
     children: tuple[str, ...]
     expected: str  # what CHECK prints in the original spore
+    sporefile: Path
+    build_ref: str  # what `spore build` printed for its push: entry
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +69,17 @@ def built(request: pytest.FixtureRequest, busybox_image: PushedImage,
           tmp_path_factory: pytest.TempPathFactory) -> Built:
     request.getfixturevalue("built_kernel")
     ctx = tmp_path_factory.mktemp("distdemo")
-    (ctx / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout))
-    ok(spore(KERNEL_STORE, "build", str(ctx / "Sporefile")))
+    (ctx / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout,
+                                                    pushed=ctx / "pushed"))
+    build_ref = ok(spore(KERNEL_STORE, "build", str(ctx / "Sporefile"))).strip()
     spore_dir = ctx / "out" / "distdemo.spore"
     expected = ok(spore(KERNEL_STORE, "run", "-q", "--from", str(spore_dir), "--", *CHECK))
     assert expected.startswith("warm ")
     ok(spore(KERNEL_STORE, "fork", str(spore_dir), "--count", "2", "--out", str(ctx / "kids")))
     doc = json.loads(ok(spore(KERNEL_STORE, "pack", str(spore_dir), "--children",
                               str(ctx / "kids"), "--out", str(ctx / "b.bundle"), "--json")))
-    return Built(spore_dir, ctx / "b.bundle", tuple(doc["children"]), expected)
+    return Built(spore_dir, ctx / "b.bundle", tuple(doc["children"]), expected,
+                 ctx / "Sporefile", build_ref)
 
 
 def clean_store(path: Path) -> Path:
@@ -133,6 +138,22 @@ def test_round_trip(built: Built, remote: Remote, tmp_path: Path) -> None:
     assert doc2["bytes_received"] < 64 * 1024, doc2
     print(f"\n{remote.name}: parent pull {doc['bytes_received']} B, "
           f"child pull {doc2['bytes_received']} B")
+
+
+def test_build_packs_and_pushes(built: Built, tmp_path: Path) -> None:
+    """`spore build` packed output.bundle and pushed it to push:, printing the pin."""
+    pushed = built.sporefile.parent / "pushed"
+    bundle_dir = built.sporefile.parent / "out" / "distdemo.bundle"
+    assert built.build_ref.startswith(f"file://{pushed}@sha256:"), built.build_ref
+    digest = built.build_ref.rpartition("@")[2]
+    again = json.loads(ok(spore(KERNEL_STORE, "build", str(built.sporefile), "--json")))
+    assert again["bundle"] == str(bundle_dir) and again["bundle_digest"] == digest
+    assert again["tasks"]["bundle"] == "up-to-date" and again["tasks"]["verify"] == "up-to-date"
+    assert again["pushed"] == [built.build_ref]  # pushing the same bundle again: same pin
+    env_home = clean_store(tmp_path / "clean")
+    ok(spore(env_home, "pull", built.build_ref, "--out", str(tmp_path / "p.spore")))
+    got = ok(spore(env_home, "run", "-q", "--from", str(tmp_path / "p.spore"), "--", *CHECK))
+    assert got == built.expected
 
 
 def test_child_runs_after_pull(built: Built, tmp_path: Path) -> None:

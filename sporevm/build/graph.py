@@ -42,7 +42,7 @@ from sporevm.spore.launcher import VmProcess
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 
-PENDING_STAGES = ("bundle",)
+PENDING_STAGES: tuple[str, ...] = ()
 
 
 @dataclass
@@ -65,6 +65,9 @@ class BuildResult:
     pending: tuple[str, ...] = PENDING_STAGES
     spore: str | None = None
     manifest_id: str | None = None
+    bundle: str | None = None
+    bundle_digest: str | None = None
+    pushed: list[str] = field(default_factory=list)  # pinned references, one per push: URI
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +80,9 @@ class BuildResult:
             "pending": list(self.pending),
             "spore": self.spore,
             "manifest_id": self.manifest_id,
+            "bundle": self.bundle,
+            "bundle_digest": self.bundle_digest,
+            "pushed": self.pushed,
         }
 
 
@@ -407,6 +413,63 @@ class _Build:
         self.result.spore = str(self.sf.output.spore)
         self.result.manifest_id = mid
 
+    # -- bundle and push (sporevm.dist) ----------------------------------
+    def bundle_key(self) -> str | None:
+        """The bundle is a pure function of the published spore's manifest (and the format)."""
+        from sporevm.dist.bundle import FORMAT
+        from sporevm.dist.pack import read_spore
+
+        try:
+            mid, _, _ = read_spore(str(self.sf.output.spore))
+        except SporeError:
+            return None
+        return blake3.blake3(f"spore/bundle-key/v1\0{FORMAT}\0{mid}".encode()).hexdigest()
+
+    def bundle_uptodate(self) -> bool:
+        from sporevm.dist import bundle as bundle_mod
+
+        key = self.bundle_key()
+        rec = self.store.get_key("bundle", key) if key else None
+        if rec is None:
+            return False
+        out = self.sf.output.bundle
+        try:
+            files, digest = bundle_mod.read_metadata(
+                lambda name, limit: _read_bounded(out / name, limit))
+            meta = bundle_mod.assemble(files)
+        except (OSError, SporeError):
+            return False
+        pieces = [(p.name, p.size) for p in meta.chunkpack.packs]
+        pieces += [(s.name, s.size) for img in meta.rootfs.images for s in img.segments]
+        if digest != rec.get("digest") or not all(
+                (out / n).is_file() and (out / n).stat().st_size == size for n, size in pieces):
+            return False
+        self.result.bundle, self.result.bundle_digest = str(out), digest
+        return True
+
+    def bundle(self) -> None:
+        from sporevm.dist.pack import pack
+
+        res = pack(str(self.sf.output.spore), None, self.sf.output.bundle, self.store)
+        key = self.bundle_key()
+        assert key is not None
+        self.store.put_key("bundle", key, {"digest": res.digest})
+        self.result.bundle, self.result.bundle_digest = str(res.path), res.digest
+        self.reporter.info(f"bundle  {res.path}  {res.digest}  ({res.objects} objects in "
+                           f"{res.packs} pack(s), {res.bytes >> 20} MiB)")
+
+    def push(self) -> None:
+        """Push every time: cheap when the destination has it, and never trusts a record."""
+        from sporevm.dist.push import push
+        from sporevm.dist.transports import open_sink
+        from sporevm.dist.uri import parse_push_uri
+
+        self.result.pushed = []
+        for uri in self.sf.push:
+            res = push(self.sf.output.bundle, open_sink(parse_push_uri(uri)))
+            self.result.pushed.append(res.reference)
+            self.reporter.info(f"pushed  {res.reference}")
+
     # -- doit glue -------------------------------------------------------
     def action(self, fn: Callable[[], None]) -> Callable[[], TaskFailed | None]:
         def run() -> TaskFailed | None:
@@ -477,12 +540,34 @@ class _Build:
                 "uptodate": [self.steps_uptodate],
                 "task_dep": ["snapshot"],
             },
+            {
+                "name": "bundle",
+                "doc": f"pack {self.sf.output.spore} into {self.sf.output.bundle}",
+                "actions": [self.action(self.bundle)],
+                "uptodate": [self.bundle_uptodate],
+                "task_dep": ["verify"],
+            },
+            *([{
+                "name": "push",
+                "doc": "push the bundle to " + ", ".join(self.sf.push),
+                "actions": [self.action(self.push)],
+                "uptodate": [False],
+                "task_dep": ["bundle"],
+            }] if self.sf.push else []),
         ]
 
 
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise SporeError(f"{path}: larger than {limit} bytes")
+    return data
+
+
 def pending_tasks(sf: Sporefile) -> list[tuple[str, str, list[str]]]:
-    """The stages after the snapshot, shown by `spore graph` until they are implemented."""
-    return [("bundle", f"pack {sf.output.bundle}", ["verify"])]
+    """Stages shown by `spore graph` before they are implemented (none left)."""
+    return []
 
 
 class _Loader(TaskLoader2):  # type: ignore[misc]
@@ -527,6 +612,7 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
             f"{b.lock_path}: --locked, but the lock has no entry for "
             f"{sf.base.image} ({sf.base.platform}); run without --locked first"
         )
+    _check_push_uris(sf)
     if sf.files:
         raise SporefileError(f"{sf.path}: files: copying files into the guest is not supported "
                              "yet; remove the files: section or put them in the base image")
@@ -555,7 +641,19 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
                 if rec is not None and b.spore_uptodate(keys[-1]):
                     b.result.spore = str(sf.output.spore)
                     b.result.manifest_id = rec.get("manifest")
+        if b.result.bundle is None and options.until in (None, "bundle", "push"):
+            b.bundle_uptodate()
     return b.result
+
+
+def _check_push_uris(sf: Sporefile) -> None:
+    from sporevm.dist.uri import parse_push_uri
+
+    for i, uri in enumerate(sf.push):
+        try:
+            parse_push_uri(uri)
+        except SporeError as exc:
+            raise SporefileError(f"{sf.path}: push.{i}: {exc}") from None
 
 
 def describe(path: Path, store: Store) -> dict[str, Any]:
