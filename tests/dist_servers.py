@@ -30,8 +30,11 @@ class S3Server:
     """moto's ThreadedMotoServer on a free loopback port; ``client()`` talks to it."""
 
     def __init__(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -63,9 +66,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         srv = self.server
         srv.log.append((self.path, self.headers.get("Range")))
-        if srv.redirect_to is not None:
-            self.send_response(302)
-            self.send_header("Location", srv.redirect_to)
+        location = srv.redirects.get(self.path, srv.redirect_to)
+        if location is not None:
+            self.send_response(307)
+            self.send_header("Location", location)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -107,7 +111,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self.log: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
         self.ignore_range = False
-        self.redirect_to: str | None = None
+        self.redirect_to: str | None = None       # redirect every request here
+        self.redirects: dict[str, str] = {}       # or just these paths
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hanging up on a cut or refused transfer are expected here
@@ -115,7 +120,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class StaticServer:
     """Serves ``root`` at ``self.url``; misbehaviour is switched on ``self.httpd``
-    (``cut_after``, ``ignore_range``, ``redirect_to``) and undone by ``reset()``."""
+    (``cut_after``, ``ignore_range``, ``redirect_to``, ``redirects``) and undone by
+    ``reset()``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -128,6 +134,7 @@ class StaticServer:
         self.httpd.cut_after = None
         self.httpd.ignore_range = False
         self.httpd.redirect_to = None
+        self.httpd.redirects.clear()
         self.httpd.log.clear()
 
     def stop(self) -> None:

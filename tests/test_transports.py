@@ -354,3 +354,33 @@ def test_oci_artifact_decoder_is_strict(src_dir: Path) -> None:
         decode_artifact(json.dumps(doc, indent=1).encode(), "t")
     with pytest.raises(DistError, match="strict JSON"):
         decode_artifact(good[:-1] + b',"annotations":{}}', "t")
+
+
+def test_oci_blob_redirects_followed_only_to_https_or_loopback(
+        static_server: StaticServer, tmp_path: Path) -> None:  # noqa: F811
+    # A registry that sends blob downloads elsewhere (as registries backed by object
+    # storage do), served as static files: manifest by digest, blob via a 307.
+    data = b'{"format":"spore-bundle/v1"}'
+    repo = f"r{secrets.token_hex(4)}"
+    manifest = encode_artifact([("bundle.json", sha(data), len(data))], BUNDLE_DIGEST)
+    mdir = static_server.root / "v2" / repo / "manifests"
+    mdir.mkdir(parents=True)
+    (mdir / sha(manifest)).write_bytes(manifest)
+    (static_server.root / f"{repo}.blob").write_bytes(data)
+    blob_path = f"/v2/{repo}/blobs/{sha(data)}"
+    uri = parse_pull_uri(f"oci://{static_server.url.removeprefix('http://')}/{repo}"
+                         f"@{sha(manifest)}")
+    try:
+        static_server.httpd.redirects[blob_path] = f"{static_server.url}/{repo}.blob"
+        src = open_source(uri)
+        assert src.pinned_bundle_digest == BUNDLE_DIGEST
+        assert src.read_small("bundle.json", 1000) == data
+        static_server.httpd.redirects[blob_path] = f"http://example.com/{repo}.blob"
+        with pytest.raises(DistError, match="only HTTPS redirects are followed"):
+            src.fetch("bundle.json", tmp_path / "b", len(data), sha(data))
+        assert not (tmp_path / "b").exists()
+        static_server.httpd.redirects[blob_path] = blob_path  # a loop
+        with pytest.raises(DistError, match="redirected more than"):
+            src.read_small("bundle.json", 1000)
+    finally:
+        static_server.reset()

@@ -52,6 +52,7 @@ TITLE = "org.opencontainers.image.title"
 BUNDLE_DIGEST = "org.spore.bundle.digest"
 MAX_MANIFEST = 4 << 20  # distribution's own manifest limit
 MAX_LAYERS = 100_000
+_MAX_REDIRECTS = 5
 _EMPTY_CONFIG = {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)}
 
 
@@ -156,20 +157,46 @@ class _Registry:
         for attempt in (1, 2):
             if hasattr(data, "seek"):
                 data.seek(0)
+            resp = self._send(method, url, {**hdrs, **self._auth}, data, what)
+            if resp.status_code != 401 or attempt == 2:
+                return resp
+            resp.close()
+            self._authenticate(resp, what)
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, url: str, headers: dict[str, str], data: Any,
+              what: str) -> requests.Response:
+        """One request; GETs follow redirects (registries send blob downloads to storage
+        or a CDN) only to HTTPS or loopback, dropping credentials on a host change. The
+        bytes are verified by digest either way."""
+        for _ in range(_MAX_REDIRECTS + 1):
             try:
-                resp = self.session.request(method, url, headers={**hdrs, **self._auth},
-                                            data=data, stream=True, allow_redirects=False,
+                resp = self.session.request(method, url, headers=headers, data=data,
+                                            stream=True, allow_redirects=False,
                                             timeout=(TIMEOUT, TIMEOUT))
             except requests.exceptions.RequestException as exc:
                 kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else \
                     "connection failed"
                 raise DistError(f"{what}: cannot reach {self.server} ({kind}); check that it "
                                 "is running") from None
-            if resp.status_code != 401 or attempt == 2:
+            if method != "GET" or resp.status_code not in (301, 302, 303, 307, 308):
                 return resp
             resp.close()
-            self._authenticate(resp, what)
-        raise AssertionError("unreachable")
+            location = resp.headers.get("Location", "")
+            try:
+                parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+                host = parts.hostname or ""
+                parts.port  # noqa: B018  (raises ValueError on a malformed port)
+            except ValueError:
+                raise DistError(f"{what}: {self.server} redirected to a malformed URL "
+                                f"{location[:100]!r}") from None
+            if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(host)):
+                raise DistError(f"{what}: {self.server} redirected to {parts.scheme}://"
+                                f"{parts.netloc[:100]}; only HTTPS redirects are followed")
+            if parts.netloc != urllib.parse.urlsplit(url).netloc:
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+            url = parts.geturl()
+        raise DistError(f"{what}: {self.server} redirected more than {_MAX_REDIRECTS} times")
 
     def _authenticate(self, resp: requests.Response, what: str) -> None:
         # oras-py's token backend: docker config credentials, then the bearer token.
