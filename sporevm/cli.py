@@ -172,10 +172,39 @@ def cmd_fork(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_bundle(args: argparse.Namespace, verify: bool) -> int:
+    from sporevm.dist import inspect
+
+    root, meta = inspect.load(args.spore)
+    doc = inspect.describe(root, meta)
+    if verify:
+        started = time.monotonic()
+        doc["bytes_verified"] = inspect.verify(root, meta)
+        doc["seconds"], doc["ok"] = round(time.monotonic() - started, 3), True
+    if args.json:
+        _emit_json(doc)
+        return 0
+    print(f"bundle      {root}  {meta.digest}")
+    print(f"parent      {meta.doc.parent}")
+    for child in meta.doc.children:
+        print(f"child       {child}")
+    print(f"objects     {doc['objects']} in {len(doc['packs'])} pack(s), "
+          f"{sum(p['size'] for p in doc['packs'])} B")
+    for img in doc["rootfs"]:
+        print(f"rootfs      {img['digest']} ({img['size']} B, {img['segments']} segment(s))")
+    if verify:
+        print(f"{root}: OK — {doc['bytes_verified']} B of packs, objects and rootfs re-hashed "
+              f"({doc['seconds']:.2f} s)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sporevm.build.sealing import open_spore, split_pin
+    from sporevm.dist.inspect import is_bundle
     from sporevm.spore import manifest
 
+    if is_bundle(args.spore):
+        return _inspect_bundle(args, verify=False)
     spore_path, pin = split_pin(args.spore)
     m, mpath, rootfs = open_spore(spore_path, Store(), pin)
     data = mpath.read_bytes()
@@ -205,10 +234,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from sporevm.build.sealing import open_spore, split_pin
+    from sporevm.dist.inspect import is_bundle
     from sporevm.spore import manifest
     from sporevm.spore.chunks import ChunkStore
     from sporevm.store import blake3_file
 
+    if is_bundle(args.spore):
+        return _inspect_bundle(args, verify=True)
     store = Store()
     spore_path, pin = split_pin(args.spore)
     started = time.monotonic()
@@ -451,11 +483,12 @@ def _parser() -> argparse.ArgumentParser:
     add_json(fk)
     fk.set_defaults(func=cmd_fork)
 
-    ins = sub.add_parser("inspect", help="show a spore's manifest")
+    ins = sub.add_parser("inspect", help="show a spore's manifest or a bundle's contents")
     ins.add_argument("spore", metavar="SPORE")
     add_json(ins)
     ins.set_defaults(func=cmd_inspect)
-    ver = sub.add_parser("verify", help="re-hash every chunk, state object and the rootfs")
+    ver = sub.add_parser("verify", help="re-hash every chunk, state object and the rootfs "
+                         "(of a spore or a bundle)")
     ver.add_argument("spore", metavar="SPORE")
     add_json(ver)
     ver.set_defaults(func=cmd_verify)

@@ -333,3 +333,28 @@ def test_sporefile_push_list(tmp_path: Path) -> None:
     bad = sporefile.loads(head + "push: [file://relative/b]\n", tmp_path / "Sporefile")
     with pytest.raises(SporefileError, match=r"push\.0"):
         _check_push_uris(bad)
+
+
+def test_cli_inspect_and_verify_bundle(spores: Spores, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from sporevm.cli import main
+
+    monkeypatch.setenv("SPORE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "b.bundle"
+    digest = do_pack(spores, out)
+    assert main(["inspect", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["digest"], doc["parent"], doc["objects"]) == (digest, spores.parent_id, 6)
+    assert main(["verify", f"{out}@{digest}", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["bytes_verified"] == 5 * CHUNK + 14 + ROOTFS_SIZE
+    # a pack whose sha256 is right but whose object does not hash to its id cannot be made
+    # without breaking sha256; flip a byte and verify names the pack
+    pk = out / "packs" / "000001.pack"
+    data = pk.read_bytes()
+    pk.write_bytes(data[:7] + bytes([data[7] ^ 4]) + data[8:])
+    assert main(["verify", str(out)]) == 1
+    assert "packs/000001.pack" in capsys.readouterr().err
+    assert main(["inspect", f"{out}@sha256:{'2' * 64}"]) == 1
+    assert "pinned" in capsys.readouterr().err

@@ -165,7 +165,8 @@ class Metadata:
             return self.doc.parent
         if child not in self.doc.children:
             raise BundleError(f"--child {child[:80]}: not a child of this bundle "
-                              f"({len(self.doc.children)} children; `spore inspect` lists them)")
+                              f"({len(self.doc.children)} children; `spore inspect BUNDLE` "
+                              "lists them)")
         return child
 
 
