@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import requests.adapters
 
 from sporevm.dist.transport_http import USER_AGENT, ranged_body, status_text, stream
 from sporevm.dist.transports import (
@@ -136,6 +137,17 @@ def _loopback(host: str) -> bool:
         return False
 
 
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Default timeouts for requests we do not issue ourselves (oras-py's token fetch)."""
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: float | tuple[float | None, float | None] | None = None,
+             verify: bool | str = True, cert: str | tuple[str, str] | None = None,
+             proxies: dict[str, str] | None = None) -> requests.Response:
+        return super().send(request, stream=stream, timeout=timeout or (TIMEOUT, TIMEOUT),
+                            verify=verify, cert=cert, proxies=proxies)
+
+
 class _Registry:
     """One repository of one registry; every request has timeouts and no retry loop."""
 
@@ -146,6 +158,8 @@ class _Registry:
         self.server = f"registry {uri.netloc}"
         self._oras = oras.provider.Registry(hostname=uri.netloc, insecure=_loopback(uri.host))
         self.session: requests.Session = self._oras.session
+        for prefix in ("https://", "http://"):
+            self.session.mount(prefix, _TimeoutAdapter())
         self.origin = f"{self._oras.prefix}://{uri.netloc}"
         self.base = f"{self.origin}/v2/{uri.repo}/"
         self._auth: dict[str, str] = {}
