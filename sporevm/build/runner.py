@@ -45,11 +45,11 @@ class RunRequest:
 
 def boot_vm(
     guest: GuestPlatform, rootfs: Path, memory: int, vcpus: int, boot_timeout: float,
-    store_root: Path | None = None,
+    store_root: Path | None = None, zygote: bool | None = None,
 ) -> VmProcess:
     """Start a VM and wait for its agent's READY; on failure report what the VM did."""
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus,
-                          store=store_root))
+                          store=store_root, zygote=zygote))
     try:
         vm.session.wait_ready(boot_timeout)
     except (AgentTimeoutError, AgentClosedError) as exc:
@@ -67,7 +67,7 @@ def boot_vm(
 
 
 def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
-              hostname: str = "", ram: str = "eager") -> VmProcess:
+              hostname: str = "", ram: str = "eager", zygote: bool | None = None) -> VmProcess:
     """Restore a spore in a fresh monitor; a forked child learns its generation first."""
     spore, pin = split_pin(str(spore))
     m, mpath, rootfs = open_spore(spore, store, pin)
@@ -77,7 +77,8 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
                           m.platform.vcpus, store=store.root, restore=mpath, ram=ram,
                           restore_id=manifest.manifest_id(
-                              manifest.canonical(manifest.to_document(m)))))
+                              manifest.canonical(manifest.to_document(m))),
+                          zygote=zygote))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         if m.generation.parent is not None:

@@ -17,16 +17,32 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 from sporevm.errors import SporeError
 from sporevm.spore.monitor import MonitorConfig
+from sporevm.spore.zygote import ForkedMonitor, monitor_popen
 from sporevm.vmm.agent_session import AgentSession, FdChannel
 
 SERIAL_TAIL = 4000
 
 
-def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+class Stoppable(Protocol):
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+class MonitorProcess(Stoppable, Protocol):
+    """What VmProcess needs of its monitor: a Popen, or a zygote's ForkedMonitor."""
+
+    pid: int
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+
+
+def stop_process(proc: Stoppable, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds; returns once the process is reaped."""
     if proc.poll() is not None:
         return
@@ -58,6 +74,9 @@ class VmSpec:
     # False only to debug: the monitor runs without its seccomp/Landlock jail and says so
     # (SPORE_NO_JAIL=1 in the environment has the same effect; docs/jail.md).
     jail: bool = True
+    # Fork the monitor from this process's zygote (shared, pre-imported; zygote.py)
+    # rather than exec a fresh interpreter for each VM.
+    zygote: bool | None = None  # None: yes, unless SPORE_ZYGOTE=0 in the environment
 
 
 class VmProcess:
@@ -66,22 +85,32 @@ class VmProcess:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="spore-vm-", dir=base))
         os.chmod(self.runtime_dir, 0o700)
         self.serial_log = self.runtime_dir / "serial.log"
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.proc: MonitorProcess
+        zygote = spec.zygote if spec.zygote is not None else \
+            os.environ.get("SPORE_ZYGOTE", "1") != "0"
+        if zygote:
+            # The zygote's env is fixed at its start; say the jail choice per child.
+            jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
+            self.proc, ours, agent_fd = monitor_popen(jail)
+        else:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            agent_fd = theirs.fileno()
         self._sock = ours
         cfg = MonitorConfig(
             kernel=str(spec.kernel), initrd=str(spec.initrd), rootfs=str(spec.rootfs),
             cmdline=spec.cmdline, memory=spec.memory, vcpus=spec.vcpus,
-            agent_fd=theirs.fileno(), serial_log=str(self.serial_log), timeout=spec.timeout,
+            agent_fd=agent_fd, serial_log=str(self.serial_log), timeout=spec.timeout,
             store=str(spec.store) if spec.store else "",
             restore=str(spec.restore) if spec.restore else None, ram=spec.ram,
             restore_id=spec.restore_id,
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sporevm.spore.monitor"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
-            env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
-        )
-        theirs.close()
+        if not zygote:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sporevm.spore.monitor"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
+                env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
+            )
+            theirs.close()
         assert self.proc.stdin is not None
         self.proc.stdin.write(cfg.encode())
         self.proc.stdin.flush()  # stays open: the control channel (snapshot, resume, stop)
@@ -177,6 +206,8 @@ class VmProcess:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
         stop_process(self.proc)
+        if isinstance(self.proc, ForkedMonitor):
+            self.proc.close()
         self._sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 

@@ -1,0 +1,298 @@
+"""A pre-imported VM monitor that forks monitors on request.
+
+A monitor started with ``python -m sporevm.spore.monitor`` pays the interpreter's
+start and ~12 MiB of freshly imported modules, per VM. The zygote imports the
+monitor once, freezes its objects out of the garbage collector's reach, and then
+forks one child per VM: a child starts in milliseconds and shares the imported
+pages with its siblings copy-on-write, so N live VMs cost one interpreter plus
+what each VM really owns (its device state, its diverged guest pages).
+
+The zygote is an ``exec``'d interpreter of its own, started by the caller before
+its first VM: it never holds the caller's memory (registry credentials, build
+state), and it stays single-threaded so that ``fork`` is safe. Each child runs
+``monitor.main`` exactly as a spawned monitor would, and jails itself the same
+way (docs/jail.md). The protocol is private to one caller: a SOCK_SEQPACKET
+socketpair, one datagram per message.
+
+    caller ── "spawn" + [stdin, stdout, agent socket] (SCM_RIGHTS) ──► zygote
+    caller ◄── "pid N" + [pidfd] ── zygote          (fork done, child running)
+    caller ◄── "exit N CODE" ── zygote              (child reaped)
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import gc
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import IO
+
+from sporevm.errors import SporeError
+
+CHILD_AGENT_FD = 3  # where a child finds its agent socket (the config line says so)
+_MAX_MSG = 256
+_CTL_FD_ENV = "SPORE_ZYGOTE_FD"
+
+
+class ZygoteError(SporeError):
+    pass
+
+
+# -- the zygote process ------------------------------------------------------------------------
+
+
+def _recv_fds(sock: socket.socket, count: int) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    msg, anc, _flags, _addr = sock.recvmsg(_MAX_MSG, socket.CMSG_SPACE(count * fds.itemsize))
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
+
+
+def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, int]) -> None:
+    """In the forked child: become a monitor with stdin/stdout/agent at 0/1/3."""
+    try:
+        ctl.close()
+        for fd in wake:
+            os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        stdin, stdout, agent = fds
+        os.dup2(stdin, 0)
+        os.dup2(stdout, 1)
+        os.dup2(agent, CHILD_AGENT_FD)
+        for fd in fds:
+            if fd > 2 and fd != CHILD_AGENT_FD:
+                os.close(fd)
+        os.set_inheritable(CHILD_AGENT_FD, False)
+        if no_jail:
+            os.environ["SPORE_NO_JAIL"] = "1"
+        else:
+            os.environ.pop("SPORE_NO_JAIL", None)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - events; fd 0 is read raw
+        from sporevm.spore import monitor
+
+        code = monitor.main()
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001 - a child must never return into the zygote loop
+        code = 70
+        with contextlib.suppress(BaseException):
+            import traceback
+
+            traceback.print_exc()
+    os._exit(code)
+
+
+def serve(ctl: socket.socket) -> int:
+    """The zygote's loop: fork on request, reap and report children; end on EOF."""
+    from sporevm.spore import confine, lazy, monitor  # noqa: F401 - the point: import once
+
+    gc.collect()
+    gc.freeze()  # imported objects stay put: the collector won't dirty shared pages
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+    while True:
+        ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
+        if wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 4096)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                code = os.waitstatus_to_exitcode(status)
+                with contextlib.suppress(OSError):
+                    ctl.send(f"exit {pid} {code}".encode())
+        if ctl.fileno() in ready:
+            msg, fds = _recv_fds(ctl, 3)
+            if not msg:
+                return 0  # the caller is gone; running children end when their stdin does
+            parts = msg.split()
+            if len(fds) != 3 or not parts or parts[0] != b"spawn" or len(parts) != 2:
+                for fd in fds:
+                    os.close(fd)
+                ctl.send(b"error bad request")
+                continue
+            no_jail = parts[1] == b"nojail"
+            pid = os.fork()
+            if pid == 0:
+                _child(ctl, fds, no_jail, (wake_r, wake_w))
+            for fd in fds:
+                os.close(fd)
+            pidfd = os.pidfd_open(pid)  # before any reaping: cannot name another process
+            try:
+                socket.send_fds(ctl, [f"pid {pid}".encode()], [pidfd])
+            finally:
+                os.close(pidfd)
+
+
+def main() -> int:
+    fd = int(os.environ.pop(_CTL_FD_ENV))
+    ctl = socket.socket(fileno=fd)
+    return serve(ctl)
+
+
+# -- the caller's side --------------------------------------------------------------------------
+
+
+class ForkedMonitor:
+    """The subset of ``subprocess.Popen`` VmProcess uses, for a zygote's child."""
+
+    def __init__(self, pid: int, pidfd: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.stdin: IO[bytes] | None = stdin
+        self.stdout: IO[bytes] | None = stdout
+        self.returncode: int | None = None
+        self._done = threading.Event()
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
+        self._done.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(f"monitor {self.pid}", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signo: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signo)  # a pidfd: never a reused pid
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+class Zygote:
+    """One zygote per caller process, started on first use; restarted if it died."""
+
+    _lock = threading.Lock()
+    _instance: Zygote | None = None
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._ctl = ours
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sporevm.spore.zygote"],
+            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+            env={**os.environ, _CTL_FD_ENV: str(theirs.fileno())},
+        )
+        theirs.close()
+        self._children: dict[int, ForkedMonitor] = {}
+        self._early_exits: dict[int, int] = {}
+        self._replies: list[tuple[bytes, list[int]]] = []
+        self._cond = threading.Condition()
+        self._spawn_lock = threading.Lock()
+        self._dead = False
+        threading.Thread(target=self._read, name="spore-zygote", daemon=True).start()
+
+    @classmethod
+    def shared(cls) -> Zygote:
+        with cls._lock:
+            if cls._instance is None or cls._instance._dead:
+                cls._instance = cls()
+            return cls._instance
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg, fds = _recv_fds(self._ctl, 1)
+            except OSError:
+                msg, fds = b"", []
+            if not msg:
+                with self._cond:
+                    self._dead = True
+                    self._cond.notify_all()
+                return
+            if msg.startswith(b"exit "):
+                _, pid, code = msg.split()
+                with self._cond:
+                    child = self._children.pop(int(pid), None)
+                    if child is None:
+                        self._early_exits[int(pid)] = int(code)
+                if child is not None:
+                    child._exited(int(code))
+                continue
+            with self._cond:
+                self._replies.append((msg, fds))
+                self._cond.notify_all()
+
+    def spawn(self, *, jail: bool, timeout: float = 10.0) -> tuple[ForkedMonitor, socket.socket]:
+        """Fork a monitor; returns it and the caller's end of its agent socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with self._spawn_lock:
+                word = b"jail" if jail else b"nojail"
+                try:
+                    socket.send_fds(self._ctl, [b"spawn " + word],
+                                    [in_r, out_w, theirs.fileno()])
+                except OSError as exc:
+                    self._dead = True
+                    raise ZygoteError(f"the monitor zygote is gone ({exc.strerror}; exit "
+                                      f"code {self.proc.poll()})") from None
+                with self._cond:
+                    if not self._cond.wait_for(lambda: self._replies or self._dead, timeout):
+                        raise ZygoteError("the monitor zygote did not answer a spawn request")
+                    if not self._replies:
+                        raise ZygoteError(f"the monitor zygote is gone (exit code "
+                                          f"{self.proc.poll()})")
+                    msg, fds = self._replies.pop(0)
+                    parts = msg.split()
+                    if parts[:1] != [b"pid"] or len(parts) != 2 or len(fds) != 1:
+                        for fd in fds:
+                            os.close(fd)
+                        raise ZygoteError(f"the monitor zygote refused: {msg[:80]!r}")
+                    pid = int(parts[1])
+                    child = ForkedMonitor(pid, fds[0], os.fdopen(in_w, "wb"),
+                                          os.fdopen(out_r, "rb"))
+                    early = self._early_exits.pop(pid, None)
+                    if early is None:
+                        self._children[pid] = child
+            if early is not None:
+                child._exited(early)
+        except BaseException:
+            for fd in (in_w, out_r):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            ours.close()
+            raise
+        finally:
+            for fd in (in_r, out_w):
+                os.close(fd)
+            theirs.close()
+        return child, ours
+
+
+def monitor_popen(jail: bool) -> tuple[ForkedMonitor, socket.socket, int]:
+    """(process, caller's agent socket, the agent fd number inside the monitor)."""
+    child, sock = Zygote.shared().spawn(jail=jail)
+    return child, sock, CHILD_AGENT_FD
+
+
+if __name__ == "__main__":
+    sys.exit(main())
