@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,11 +187,29 @@ _TCGETS = 0x5401  # isatty() from open(): answered "not a terminal"
 _IOCTL_CMD = 0xFFFFFFFF  # the kernel reads the request as 32 bits; compare only those
 
 
-def load_seccomp() -> Any:
-    """Import the binding now: its import runs ``ldconfig -p``, which the jail forbids."""
-    import pyseccomp
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}  # glibc; Debian's libseccomp2
 
-    return pyseccomp
+
+def load_seccomp() -> Any:
+    """Import the binding (before the jail: it loads a shared library).
+
+    pyseccomp finds its libraries with ``ctypes.util.find_library``, which runs
+    ``ldconfig -p`` in a subprocess (~20 ms, and an exec the monitor otherwise never
+    needs); the sonames are fixed, so they are answered directly during the import.
+    """
+    import ctypes.util
+
+    if "pyseccomp" not in sys.modules:
+        real = ctypes.util.find_library
+        ctypes.util.find_library = lambda name: _SONAMES.get(name) or real(name)
+        try:
+            import pyseccomp  # noqa: F401
+        except OSError as exc:
+            raise JailError(f"jail: cannot load libseccomp ({exc}); install Debian's "
+                            "libseccomp2 (scripts/setup does)") from None
+        finally:
+            ctypes.util.find_library = real
+    return sys.modules["pyseccomp"]
 
 
 def enter_seccomp(ioctls: Iterable[int]) -> None:
