@@ -60,6 +60,7 @@ from sporevm.spore import backing, manifest  # noqa: E402
 from sporevm.spore.chunks import ChunkStore  # noqa: E402
 from sporevm.spore.fork import fork_manifests  # noqa: E402
 from sporevm.spore.launcher import VmProcess  # noqa: E402
+from sporevm.spore.zygote import ForkedMonitor, Zygote  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 
 MARKER = "spore-bench-marker"
@@ -259,12 +260,15 @@ def read_mem(pid: int) -> Mem:
 
 
 def children_memory(children: list[Path], store: Store, timeout: float,
-                    settle: float) -> tuple[Mem, list[Mem], float]:
-    """(one child alone, each of N children alive together, seconds to restore the N)."""
+                    settle: float) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
+    """(one child alone, each of N children alive together, the monitor zygote's memory
+    with one child and with N (None when monitors are spawned, SPORE_ZYGOTE=0), seconds
+    to restore the N). The zygote is counted: its pages are what the children share."""
     if not children:
         raise BenchError("no children to restore")
     vms: list[VmProcess] = []
     one: Mem | None = None
+    zyg_one: Mem | None = None
     try:
         start = time.perf_counter()
         for child in children:
@@ -277,10 +281,13 @@ def children_memory(children: list[Path], store: Store, timeout: float,
             if len(vms) == 1:
                 time.sleep(settle)
                 one = read_mem(vm.proc.pid)
+                if isinstance(vm.proc, ForkedMonitor):
+                    zyg_one = read_mem(Zygote.shared().proc.pid)
         took = time.perf_counter() - start
         time.sleep(settle)
         assert one is not None
-        return one, [read_mem(vm.proc.pid) for vm in vms], took
+        zyg_many = read_mem(Zygote.shared().proc.pid) if zyg_one is not None else None
+        return one, [read_mem(vm.proc.pid) for vm in vms], zyg_one, zyg_many, took
     finally:
         for vm in vms:
             vm.close()
@@ -349,8 +356,8 @@ def main() -> int:
         for i in range(args.runs):
             fork.values.append(fork_once(m, parent_id, args.fork_count, work / f"fork-{i}"))
         children = sorted((work / f"fork-{args.runs - 1}").glob("child-*.spore"))
-        one, many, restore_n_s = children_memory(children[: args.children], store, args.timeout,
-                                                 args.settle)
+        one, many, zyg_one, zyg_many, restore_n_s = children_memory(
+            children[: args.children], store, args.timeout, args.settle)
         load_after = os.getloadavg()
 
         print(f"spore: {spore.name} ({memory >> 20} MiB RAM, {len(m.memory.stored())} stored "
@@ -383,18 +390,26 @@ def main() -> int:
         print(f"  per child: {fork.describe('ms', 1e3, '.2f')} (goal <= 20 ms)")
         print()
         n = len(many)
-        sum_pss = sum(x.total["Pss"] for x in many)
+        zyg1 = zyg_one.total["Pss"] if zyg_one else 0
+        zygn = zyg_many.total["Pss"] if zyg_many else 0
+        sum_pss = sum(x.total["Pss"] for x in many) + zygn
+        one_pss = one.total["Pss"] + zyg1
         sum_rss = sum(x.total["Rss"] for x in many)
         print(f"4. memory: {n} forked children restored with `local` "
               f"({restore_n_s:.1f} s to restore them one after another), alive and idle")
-        print(f"  one child alone:   PSS {one.total['Pss'] / 1024:7.1f} MiB "
+        if zyg_one is not None:
+            print(f"  monitors forked from one zygote (counted below): its PSS "
+                  f"{zyg1 / 1024:.1f} MiB with one child, {zygn / 1024:.1f} MiB with {n}")
+        else:
+            print("  monitors spawned one interpreter each (SPORE_ZYGOTE=0)")
+        print(f"  one child alone:   PSS {one_pss / 1024:7.1f} MiB "
               f"(guest RAM {one.ram['Pss'] / 1024:.1f}, rest {one.rest_pss() / 1024:.1f})   "
               f"RSS {one.total['Rss'] / 1024:.1f} MiB")
         print(f"  {n} children, sum:  PSS {sum_pss / 1024:7.1f} MiB "
               f"(guest RAM {sum(x.ram['Pss'] for x in many) / 1024:.1f}, "
               f"rest {sum(x.rest_pss() for x in many) / 1024:.1f})   "
               f"RSS {sum_rss / 1024:.1f} MiB")
-        print(f"  ratio {n} children / one (PSS): {sum_pss / one.total['Pss']:.2f}x "
+        print(f"  ratio {n} children / one (PSS): {sum_pss / one_pss:.2f}x "
               f"(goal <= 1.5x); guest RAM only: "
               f"{sum(x.ram['Pss'] for x in many) / max(one.ram['Pss'], 1):.2f}x")
         ram_shared = statistics.median(x.ram["Shared_Clean"] for x in many) / 1024
