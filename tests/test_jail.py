@@ -348,3 +348,26 @@ def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
     assert proc.returncode != 0
     assert "JailError: jail: this kernel has no Landlock" in proc.stderr
     assert "--no-jail" in proc.stderr
+
+
+@needs_kvm
+@needs_landlock
+@pytest.mark.parametrize("zygote", [True, False])
+def test_monitors_the_launcher_starts_are_jailed_by_default(
+        tmp_path: Path, zygote: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sporevm.spore.launcher import VmProcess, VmSpec
+
+    monkeypatch.delenv("SPORE_NO_JAIL", raising=False)
+    (tmp_path / "initrd").write_bytes(b"\0" * 4096)
+    (tmp_path / "rootfs").write_bytes(bytes(1 << 20))
+    spec = VmSpec(kernel=build_probe(), initrd=tmp_path / "initrd", rootfs=tmp_path / "rootfs",
+                  cmdline="probe.tests=virtio_agent", memory=32 << 20, timeout=60,
+                  store=tmp_path / "store", zygote=zygote)
+    with VmProcess(spec) as vm:
+        vm.session.wait_ready(20)
+        status = Path(f"/proc/{vm.proc.pid}/status").read_text()
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+        exec_answers(vm.session, "/jailed")
+        vm.session.shutdown()
+        ev = vm.wait_exit(20)
+        assert ev is not None and ev["reason"] == "POWEROFF", ev
