@@ -10,6 +10,7 @@ overlaps), which makes the index a pure function of the layout.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,10 +73,16 @@ class ChunkpackIndex:
     packs: tuple[Pack, ...]
     objects: dict[str, Placement]  # treat as read-only
 
+    @functools.cached_property
+    def _by_pack(self) -> dict[int, list[tuple[str, Placement]]]:
+        out: dict[int, list[tuple[str, Placement]]] = {}
+        for cid, pl in sorted(self.objects.items(), key=lambda item: item[1].offset):
+            out.setdefault(pl.pack, []).append((cid, pl))
+        return out
+
     def contents(self, pack: int) -> list[tuple[str, Placement]]:
-        """The objects of one pack in offset order."""
-        return sorted(((c, p) for c, p in self.objects.items() if p.pack == pack),
-                      key=lambda item: item[1].offset)
+        """The objects of one pack in offset order (grouped once: packs x objects adds up)."""
+        return list(self._by_pack.get(pack, ()))
 
 
 def _check(index: ChunkpackIndex, what: str) -> None:
