@@ -179,11 +179,12 @@ def cold_once(guest: GuestPlatform, rootfs: Path, memory: int, timeout: float,
 
 
 def restore_once(spore: Path, store: Store, strategy: str, timeout: float,
-                 resumed: Series, second: Series) -> float:
+                 resumed: Series, second: Series, zygote: bool = True) -> float:
     """Seconds to the first output; ``resumed`` gets the part up to the agent's answer,
-    ``second`` the same exec repeated at once in the same VM."""
+    ``second`` the same exec repeated at once in the same VM. ``zygote=False``: the
+    monitor is a fresh interpreter, as for a one-off ``spore run --from``."""
     start = time.perf_counter()
-    vm = resume_vm(spore, store, Reporter.quiet(), ram=strategy)
+    vm = resume_vm(spore, store, Reporter.quiet(), ram=strategy, zygote=zygote)
     resumed.values.append(time.perf_counter() - start)
     try:
         took = first_output(vm, ["cat", "/tmp/marker"], start, timeout)
@@ -328,6 +329,7 @@ def main() -> int:
         restores = {s: Series() for s in STRATEGIES}
         resumed = {s: Series() for s in STRATEGIES}
         second = {s: Series() for s in STRATEGIES}
+        spawned, spawned_resumed, spawned_second = Series(), Series(), Series()
         floor_s = Series()
         floor_mem: list[Mem] = []
         for i in range(args.runs):
@@ -346,6 +348,8 @@ def main() -> int:
                                                        resumed[s], second[s]))
                 print(f"  run {i + 1}: restore {s} -> output {restores[s].values[-1]:.3f} s",
                       file=sys.stderr)
+            spawned.values.append(restore_once(spore, store, "local", args.timeout,
+                                               spawned_resumed, spawned_second, zygote=False))
 
             took, mem = monitor_floor(args.timeout)
             floor_s.values.append(took)
@@ -376,6 +380,10 @@ def main() -> int:
             print(f"  {'':14}   of which spawn -> agent answered + clock set: "
                   f"{resumed[s].median() * 1e3:.0f} ms; the same exec again: "
                   f"{second[s].median() * 1e3:.0f} ms")
+        print(f"  {'restore local':14} {spawned.describe('ms', 1e3)}   "
+              f"cold/restore {cold.median() / spawned.median():.1f}x   with the monitor "
+              f"spawned as a fresh interpreter (a one-off `spore run --from`; the rows above "
+              f"fork it from this process's warm zygote)")
         print(f"  floor: a monitor interpreter's start + imports alone: "
               f"{floor_s.describe('ms', 1e3)}")
         print()
