@@ -183,6 +183,10 @@ def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
     home, spore = reference.home, reference.spore
     mid = (spore / "id").read_text().strip()
     want = tmp_path / "want.bundle"
+    # Kills during interpreter start-up test nothing: draw from when the work begins.
+    t0 = time.monotonic()
+    assert H.run_spore(home, "--version").returncode == 0
+    startup = (time.monotonic() - t0) * 0.8
     t0 = time.monotonic()
     full = H.run_spore(home, "pack", str(spore), "--out", str(want))
     pack_s = time.monotonic() - t0
@@ -191,11 +195,12 @@ def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
     out = tmp_path / "packs"
     out.mkdir()
     for _ in range(n):
-        delay = rng.uniform(0, pack_s * 1.1)
+        delay = rng.uniform(startup, pack_s * 1.1)
         run = H.run_and_kill(H.spore_argv("pack", str(spore), "--out", str(out / "b")),
                              H.spore_env(home), phase=None, delay=delay)
         assert run.killed or run.returncode == 0, run.stderr
-        log.append(f"pack +{delay:.2f}s: {'killed' if run.killed else 'finished'}")
+        log.append(f"pack +{delay:.2f}s: {'killed' if run.killed else 'finished'}, bundle "
+                   + ("present" if (out / "b").exists() else "absent"))
         if (out / "b").exists():
             assert _tree(out / "b") == _tree(want), log[-1]  # whole, byte-identical, or absent
         assert H.store_problems(home) == []
@@ -218,11 +223,13 @@ def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
         H.seed_store(home_i)
         dest = tmp_path / f"pulled-{i}"
         dest.mkdir()
-        delay = rng.uniform(0, pull_s * 1.1)
+        delay = rng.uniform(startup, pull_s * 1.1)
         run = H.run_and_kill(H.spore_argv("pull", ref, "--out", str(dest / "s.spore")),
                              H.spore_env(home_i), phase=None, delay=delay)
         assert run.killed or run.returncode == 0, run.stderr
-        log.append(f"pull +{delay:.2f}s: {'killed' if run.killed else 'finished'}")
+        staged = list((home_i / "tmp").glob("pull-*/*"))
+        log.append(f"pull +{delay:.2f}s: {'killed' if run.killed else 'finished'}, "
+                   f"{len(staged)} staged file(s) left in tmp/")
         assert H.store_problems(home_i) == [], log[-1]
         assert H.spore_dir_problems(dest / "s.spore") == []
         if run.killed:
@@ -234,5 +241,6 @@ def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
         check = H.run_spore(home_i, "verify", str(dest / "s.spore"))
         assert check.returncode == 0, check.stderr
         assert H.store_problems(home_i) == []
-    print(f"\npack {pack_s:.2f} s, pull {pull_s:.2f} s; {n} + {n} kill trials:\n  "
+    print(f"\npack {pack_s:.2f} s, pull {pull_s:.2f} s, start-up {startup:.2f} s; "
+          f"{n} + {n} kill trials:\n  "
           + "\n  ".join(log))
