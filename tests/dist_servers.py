@@ -14,12 +14,16 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import subprocess
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from registry import free_port
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -51,6 +55,48 @@ class S3Server:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+class AuthRegistry:
+    """docker-registry with htpasswd (Basic) auth for one user, private storage."""
+
+    def __init__(self, workdir: Path, user: str, password: str) -> None:
+        with warnings.catch_warnings():  # deprecated (gone in 3.13); libxcrypt does bcrypt
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        (workdir / "htpasswd").write_text(
+            # bcrypt cost 4: the registry checks it on every request
+            f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n")
+        (workdir / "config.yml").write_text(
+            "version: 0.1\n"
+            "log: {level: error, accesslog: {disabled: true}}\n"
+            f"storage: {{filesystem: {{rootdirectory: {workdir / 'storage'}}}}}\n"
+            f"auth: {{htpasswd: {{realm: spore-test, path: {workdir / 'htpasswd'}}}}}\n"
+            f"http: {{addr: '{self.host}'}}\n")
+        self._log = open(workdir / "registry.log", "wb")
+        self.proc = subprocess.Popen(["/usr/bin/docker-registry", "serve",
+                                      str(workdir / "config.yml")],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if requests.get(f"http://{self.host}/v2/", timeout=1).status_code == 401:
+                    break
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError((workdir / "registry.log").read_text()[-2000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
 
 
 _RANGE = re.compile(r"bytes=([0-9]+)-\Z")

@@ -8,6 +8,7 @@ transfer fails, and a partial dest resumes by fetching only the missing tail.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -24,7 +25,13 @@ from sporevm.dist.transport_oci import decode_artifact, encode_artifact
 from sporevm.dist.transports import Sink, Source, open_sink, open_source
 from sporevm.dist.uri import URIError, parse_pull_uri, parse_push_uri
 from sporevm.errors import DistError
-from tests.dist_servers import S3Server, StaticServer, s3_server, static_server  # noqa: F401
+from tests.dist_servers import (  # noqa: F401
+    AuthRegistry,
+    S3Server,
+    StaticServer,
+    s3_server,
+    static_server,
+)
 
 PACK = "packs/000001.pack"
 METADATA = ["bundle.json", "chunkpack.index.json", "manifests/" + "ab" * 32 + ".json"]
@@ -384,3 +391,29 @@ def test_oci_blob_redirects_followed_only_to_https_or_loopback(
             src.read_small("bundle.json", 1000)
     finally:
         static_server.reset()
+
+
+def test_oci_basic_auth_registry(src_dir: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = AuthRegistry(tmp_path / "auth-registry", "ci", "s3cret")
+    try:
+        where = Where("oci", f"oci://{reg.host}/spores/private", lambda r: r, lambda n, d: None)
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nowhere"))
+        with pytest.raises(DistError, match="requires authentication; run `docker login"):
+            push(where, src_dir)
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+        (docker / "config.json").write_text(json.dumps(
+            {"auths": {reg.host: {"auth": base64.b64encode(b"ci:wrong").decode()}}}))
+        with pytest.raises(DistError, match="HTTP 401"):
+            push(where, src_dir)
+        (docker / "config.json").write_text(json.dumps(
+            {"auths": {reg.host: {"auth": base64.b64encode(b"ci:s3cret").decode()}}}))
+        _, ref = push(where, src_dir)
+        src = source(where, ref)
+        dest = tmp_path / "pack"
+        src.fetch(PACK, dest, len(FILES[PACK]), sha(FILES[PACK]))
+        assert dest.read_bytes() == FILES[PACK]
+    finally:
+        reg.stop()

@@ -213,18 +213,31 @@ class _Registry:
         raise DistError(f"{what}: {self.server} redirected more than {_MAX_REDIRECTS} times")
 
     def _authenticate(self, resp: requests.Response, what: str) -> None:
-        # oras-py's token backend: docker config credentials, then the bearer token.
+        # Credentials come from docker's config through oras-py (~/.docker/config.json,
+        # plus $DOCKER_CONFIG/config.json as docker itself honours it).
+        auth = self._oras.auth
         if not self._configs_loaded:
-            self._oras.auth.load_configs(f"{self.uri.netloc}/{self.uri.repo}")
+            extra = Path(os.environ.get("DOCKER_CONFIG", "/nonexistent")) / "config.json"
+            container = self._oras.get_container(f"{self.uri.netloc}/{self.uri.repo}")
+            auth.load_configs(container, configs=[str(extra)] if extra.is_file() else None)
             self._configs_loaded = True
+        login = (f"{what}: {self.server} requires authentication; run "
+                 f"`docker login {self.uri.netloc}`")
+        creds = getattr(auth, "_basic_auth", None)
+        if resp.headers.get("WWW-Authenticate", "").lower().startswith("basic"):
+            # oras-py's token backend only speaks Bearer; Basic is one header.
+            if not creds:
+                raise DistError(login)
+            self._auth = {"Authorization": f"Basic {creds}"}
+            return
         try:
-            headers, changed = self._oras.auth.authenticate_request(resp, {})
-        except (requests.exceptions.RequestException, ValueError) as exc:
+            headers, changed = auth.authenticate_request(resp, {})
+        except (requests.exceptions.RequestException, ValueError, AttributeError,
+                TypeError, KeyError) as exc:
             raise DistError(f"{what}: authentication with {self.server} failed "
                             f"({type(exc).__name__})") from None
         if not changed or "Authorization" not in headers:
-            raise DistError(f"{what}: {self.server} requires authentication; run "
-                            f"`docker login {self.uri.netloc}`")
+            raise DistError(login)
         self._auth = {"Authorization": str(headers["Authorization"])}
 
     def read_body(self, resp: requests.Response, limit: int, what: str) -> bytes:
