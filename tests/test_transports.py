@@ -417,3 +417,36 @@ def test_oci_basic_auth_registry(src_dir: Path, tmp_path: Path,
         assert dest.read_bytes() == FILES[PACK]
     finally:
         reg.stop()
+
+
+def test_sinks_refuse_bytes_that_do_not_match_their_digest(where: Where, src_dir: Path) -> None:
+    # The file sink re-hashes while copying; S3 (ChecksumSHA256) and the registry (blob
+    # digest) check it server-side.
+    sink = open_sink(parse_push_uri(where.push_uri), s3_endpoint=where.s3_endpoint)
+    data = FILES[PACK]
+    with pytest.raises(DistError, match=r"packs/000001\.pack"):
+        sink.put(PACK, src_dir / PACK, len(data), sha(data + b"other"))
+    sink.abort()
+
+
+def test_s3_pull_without_credentials_is_unsigned(s3_server: S3Server, src_dir: Path,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = f"pub-{secrets.token_hex(4)}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+            "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    where = Where("s3", f"s3://{bucket}", lambda r: r, lambda n, d: None,
+                  s3_endpoint=s3_server.endpoint)
+    _, ref = push(where, src_dir)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("SPORE_S3_ENDPOINT", s3_server.endpoint)
+    src = open_source(parse_pull_uri(ref))  # endpoint from the environment
+    assert src.read_small("bundle.json", 1000) == FILES["bundle.json"]
+    with pytest.raises(DistError, match="no AWS credentials"):
+        push(Where("s3", f"s3://{bucket}/x", lambda r: r, lambda n, d: None), src_dir)

@@ -11,6 +11,7 @@ with ranged GETs.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import urllib.parse
 from collections.abc import Iterator
@@ -169,8 +170,15 @@ class S3Sink(_S3Base):
             pass  # absent (or unreadable): upload
         try:
             with open(src, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size != size:
-                    raise DistError(f"{what}: {src} is not {size} bytes; pack again")
+                # Checked here as well: S3-compatible stores do not all verify ChecksumSHA256
+                # (moto does not), and nothing unverified should be published.
+                hasher = hashlib.sha256()
+                while block := fh.read(BLOCK):
+                    hasher.update(block)
+                if fh.tell() != size or hasher.hexdigest() != want:
+                    raise DistError(f"{what}: {src} does not have the size and sha256 the "
+                                    "bundle says; it changed since packing — pack again")
+                fh.seek(0)
                 self.client.put_object(Bucket=self.uri.bucket, Key=key, Body=fh,
                                        ContentLength=size, ChecksumSHA256=checksum)
         except self.errors as exc:
