@@ -79,7 +79,7 @@ def src_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(params=["file", "http", "s3", "oci"])
+@pytest.fixture(params=["file", "http", "s3", pytest.param("oci", marks=pytest.mark.registry)])
 def where(request: pytest.FixtureRequest, tmp_path: Path, src_dir: Path) -> Iterator[Where]:
     unique = secrets.token_hex(4)
     if request.param == "file":
@@ -393,6 +393,7 @@ def test_oci_blob_redirects_followed_only_to_https_or_loopback(
         static_server.reset()
 
 
+@pytest.mark.registry
 def test_oci_basic_auth_registry(src_dir: Path, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     reg = AuthRegistry(tmp_path / "auth-registry", "ci", "s3cret")
