@@ -28,6 +28,7 @@ from doit.task import Task, dict_to_task
 
 from sporevm import sporefile as sporefile_mod
 from sporevm.build import doitstate, lockfile
+from sporevm.build.fileslayer import FilesLayer, files_layer
 from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
@@ -106,6 +107,7 @@ class _Build:
         self._chain_uptodate: bool | None = None
         self.final_manifest: str | None = None
         self._guest: GuestPlatform | None = None
+        self.files: FilesLayer | None = files_layer(sf.files, sf.context, sf.path)
 
     def guest_platform(self) -> GuestPlatform | None:
         """lookup_guest once per build (it hashes the kernel inputs); reset when built."""
@@ -186,9 +188,13 @@ class _Build:
                 self.reporter.warn(f"store entry {digest} was corrupt; fetching it again")
 
     # -- rootfs ----------------------------------------------------------
+    def rootfs_cache_key(self) -> str:
+        """The image and, when the Sporefile copies files, the digest of their layer."""
+        return rootfs_key(self.image(), self.files)
+
     def rootfs_uptodate(self) -> bool:
         try:
-            key = rootfs_key(self.image())
+            key = self.rootfs_cache_key()
         except SporeError:
             return False
         record = RootfsRecord.lookup(self.store, key)
@@ -197,7 +203,7 @@ class _Build:
     def rootfs(self) -> None:
         image = self.image()
         self.result.rootfs = ensure_rootfs(
-            self.store, image, self.reporter, force=self.options.no_cache
+            self.store, image, self.reporter, force=self.options.no_cache, files=self.files
         )
 
     # -- guest platform, boot, steps ---------------------------------------
@@ -234,7 +240,7 @@ class _Build:
     def chain_keys(self) -> list[str] | None:
         """Boot key followed by every step key, or None while inputs are missing."""
         try:
-            record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+            record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         except SporeError:
             return None
         guest = self.guest_platform()
@@ -317,7 +323,7 @@ class _Build:
     def boot(self) -> None:
         """Boot fresh, or resume the snapshot of the last step whose inputs are unchanged."""
         guest = self.guest_platform()
-        record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+        record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         keys = self.chain_keys()
         assert guest is not None and record is not None and keys is not None
         self.resume_from, mid = self.cached_prefix(keys)
@@ -338,7 +344,7 @@ class _Build:
         """Snapshot the VM after ``upto`` steps; store the manifest in the chunk CAS."""
         keys = self.chain_keys()
         guest = self.guest_platform()
-        record = RootfsRecord.lookup(self.store, rootfs_key(self.image()))
+        record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         assert self.vm is not None and keys is not None and guest is not None and record
         m = seal(self.vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
         chunks = ChunkStore(self.store)
@@ -613,9 +619,8 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
             f"{sf.base.image} ({sf.base.platform}); run without --locked first"
         )
     _check_push_uris(sf)
-    if sf.files:
-        raise SporefileError(f"{sf.path}: files: copying files into the guest is not supported "
-                             "yet; remove the files: section or put them in the base image")
+    if b.files is not None:
+        b.files.plan()  # before any work: sources readable, no symlinks, no conflicting dst
     # The result is read from the store under the same lock: a prune waiting for this
     # build must not remove what the build is about to report.
     with store.lock():
@@ -633,7 +638,7 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
         entry = b.entry()
         b.result.image, b.result.manifest = entry.digest, entry.manifest
         if b.result.rootfs is None:
-            b.result.rootfs = RootfsRecord.lookup(store, rootfs_key(b.image()))
+            b.result.rootfs = RootfsRecord.lookup(store, b.rootfs_cache_key())
         if b.result.spore is None and options.until in (None, "verify"):
             keys = b.chain_keys()
             if keys:

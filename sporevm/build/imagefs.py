@@ -15,11 +15,13 @@ from typing import Any
 import blake3
 
 from sporevm.atomic import atomic_output
+from sporevm.build.fileslayer import MEDIA_TYPE as FILES_MEDIA_TYPE
+from sporevm.build.fileslayer import FilesLayer
 from sporevm.build.layers import Layer, apply_layers
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
 from sporevm.build.rootfs import ROOTFS_EPOCH, make_ext4, tool_versions
-from sporevm.errors import StoreError
+from sporevm.errors import LayerError, StoreError
 from sporevm.store import BLAKE3_DIGEST, SHA256_DIGEST, Store
 
 # Bump whenever the bytes of a rootfs can change for the same image and tools.
@@ -72,8 +74,8 @@ class RootfsRecord:
         return cls(digest, size, path, rec["image"], key, rec["builder"])
 
 
-def rootfs_key(image: ResolvedImage) -> str:
-    material = {
+def rootfs_key(image: ResolvedImage, files: FilesLayer | None = None) -> str:
+    material: dict[str, Any] = {
         "domain": "spore/rootfs-key/v1",
         "builder": ROOTFS_BUILDER,
         "e2fsprogs": tool_versions(),
@@ -81,13 +83,21 @@ def rootfs_key(image: ResolvedImage) -> str:
         "manifest": image.manifest_digest,
         "layers": [[d.digest, d.media_type] for d in image.layers],
     }
+    if files is not None:  # absent, not null: rootfs without files keep their keys
+        material["files"] = files.digest()
     return blake3.blake3(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 def ensure_rootfs(
-    store: Store, image: ResolvedImage, reporter: Reporter, *, force: bool = False
+    store: Store,
+    image: ResolvedImage,
+    reporter: Reporter,
+    *,
+    force: bool = False,
+    files: FilesLayer | None = None,
 ) -> RootfsRecord:
-    key = rootfs_key(image)
+    """The rootfs of ``image`` with the Sporefile's ``files`` applied last (as one more layer)."""
+    key = rootfs_key(image, files)
     previous = RootfsRecord.lookup(store, key)
     if previous is not None and not force:
         return previous
@@ -100,8 +110,18 @@ def ensure_rootfs(
             )
     total = sum(d.size for d in image.layers)
     with store.staging_dir("rootfs") as stage:
+        if files is not None:
+            files_digest, files_size = files.write_file(stage / "files.tar")
+            layers.append(Layer(files_digest, FILES_MEDIA_TYPE, stage / "files.tar"))
+            total += files_size
         tree = stage / "tree"
-        apply_layers(layers, tree, progress=reporter.byte_counter("apply layers", total))
+        try:
+            apply_layers(layers, tree, progress=reporter.byte_counter("apply layers", total))
+        except LayerError as exc:
+            named = files.explain(exc, len(layers)) if files is not None else None
+            if named is not None:
+                raise named from None
+            raise
         out = stage / "rootfs.ext4"
         make_ext4(tree, image.manifest_digest, out)
         digest, size = store.install_rootfs(out)
