@@ -112,6 +112,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         srv = self.server
         srv.log.append((self.path, self.headers.get("Range")))
+        if self.headers.get("Authorization"):
+            srv.authorized.append(self.path)
         location = srv.redirects.get(self.path, srv.redirect_to)
         if location is not None:
             self.send_response(307)
@@ -159,6 +161,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.ignore_range = False
         self.redirect_to: str | None = None       # redirect every request here
         self.redirects: dict[str, str] = {}       # or just these paths
+        self.authorized: list[str] = []           # paths requested with credentials
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hanging up on a cut or refused transfer are expected here
@@ -181,6 +184,7 @@ class StaticServer:
         self.httpd.ignore_range = False
         self.httpd.redirect_to = None
         self.httpd.redirects.clear()
+        self.httpd.authorized.clear()
         self.httpd.log.clear()
 
     def stop(self) -> None:

@@ -451,3 +451,24 @@ def test_s3_pull_without_credentials_is_unsigned(s3_server: S3Server, src_dir: P
     assert src.read_small("bundle.json", 1000) == FILES["bundle.json"]
     with pytest.raises(DistError, match="no AWS credentials"):
         push(Where("s3", f"s3://{bucket}/x", lambda r: r, lambda n, d: None), src_dir)
+
+
+def test_http_never_sends_netrc_credentials(static_server: StaticServer, src_dir: Path,  # noqa: F811
+                                            tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    unique = secrets.token_hex(4)
+    where = Where("http", f"file://{static_server.root}/{unique}",
+                  lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
+                  lambda n, d: None)
+    _, ref = push(where, src_dir)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login me password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    static_server.reset()
+    assert source(where, ref).read_small("bundle.json", 1000) == FILES["bundle.json"]
+    assert static_server.httpd.log and static_server.httpd.authorized == []
+    # The same request through a plain requests session would have sent them:
+    requests.get(f"{static_server.url}/{unique}/bundle.json", timeout=5)
+    assert static_server.httpd.authorized == [f"/{unique}/bundle.json"]
+    static_server.reset()

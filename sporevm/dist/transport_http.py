@@ -77,6 +77,10 @@ def status_text(status: int, server: str) -> str:
     return f"{server} answered HTTP {status}"
 
 
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
+
+
 class HttpSource(StreamSource):
     def __init__(self, uri: BundleURI) -> None:
         if uri.pin is None:
@@ -87,7 +91,9 @@ class HttpSource(StreamSource):
         self.server = f"{uri.scheme}://{uri.netloc}"
         self.base = f"{self.server}{uri.path}/"
         self.session = requests.Session()
-        self.session.trust_env = False  # no .netrc credentials or env proxies sneaking in
+        # Proxy and CA-bundle variables apply as for any HTTP client; .netrc credentials do
+        # not (requests consults .netrc only when no auth is set, so set a no-op one).
+        self.session.auth = _no_auth
 
     def _open(self, name: str, start: int, size: int | None,
               what: str) -> tuple[int, Iterator[bytes]]:
