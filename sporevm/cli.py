@@ -291,10 +291,15 @@ def _print_pull(res: Any) -> None:
           f"{res.bytes_received} B received)")
 
 
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
     from sporevm.dist.pack import unpack
 
-    res = unpack(args.bundle, Path(args.out), Store(), child=args.child)
+    res = unpack(args.bundle, Path(args.out), Store(), child=args.child,
+                 progress=None if args.json else _progress)
     if args.json:
         _emit_json(_pull_doc(res))
     else:
@@ -324,7 +329,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     source = open_source(parse_pull_uri(args.uri, allow_mutable=args.allow_mutable),
                          s3_endpoint=args.s3_endpoint)
-    res = pull(source, Store(), Path(args.out), child=args.child)
+    res = pull(source, Store(), Path(args.out), child=args.child,
+               progress=None if args.json else _progress)
     if args.json:
         _emit_json(_pull_doc(res))
     else:
