@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sporevm.build.sealing import open_spore
 from sporevm.dist import bundle, chunkpack, rootfs_artifact
@@ -358,3 +360,28 @@ def test_cli_inspect_and_verify_bundle(spores: Spores, tmp_path: Path,
     assert "packs/000001.pack" in capsys.readouterr().err
     assert main(["inspect", f"{out}@sha256:{'2' * 64}"]) == 1
     assert "pinned" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, MAX_OBJECT)),
+                         max_size=12), max_size=5))
+def test_plan_places_each_object_once_and_round_trips(groups: list[list[tuple[int, int]]]) -> None:
+    sizes: dict[str, int] = {}
+    named: list[list[tuple[str, int]]] = []
+    for g in groups:
+        named.append([])
+        for n, size in g:
+            cid = "blake3:" + f"{n:064x}"
+            size = sizes.setdefault(cid, size)  # one id, one size
+            named[-1].append((cid, size))
+    layout = chunkpack.plan(named, MAX_OBJECT)
+    placed = [cid for pack_ in layout for cid, _ in pack_]
+    assert sorted(placed) == sorted(sizes) and len(placed) == len(set(placed))
+    assert all(sum(s for _, s in p) <= MAX_OBJECT or len(p) == 1 for p in layout)
+    objects = {cid: chunkpack.Placement(i, off, size) for i, p in enumerate(layout)
+               for cid, size, off in ((c, s, sum(x for _, x in p[:j])) for j, (c, s)
+                                      in enumerate(p))}
+    index = chunkpack.ChunkpackIndex(
+        tuple(chunkpack.Pack(chunkpack.pack_name(i), sum(s for _, s in p), SHA)
+              for i, p in enumerate(layout)), objects)
+    assert chunkpack.decode(chunkpack.encode(index)) == index
