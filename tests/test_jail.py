@@ -371,3 +371,22 @@ def test_monitors_the_launcher_starts_are_jailed_by_default(
         vm.session.shutdown()
         ev = vm.wait_exit(20)
         assert ev is not None and ev["reason"] == "POWEROFF", ev
+
+
+@needs_kvm
+@needs_landlock
+def test_a_refused_restore_in_a_zygote_monitor_leaves_no_staging_directory(
+        tmp_path: Path) -> None:
+    from sporevm.spore.launcher import VmProcess, VmSpec
+
+    store = tmp_path / "store"
+    (tmp_path / "manifest.json").write_bytes(b'{"format": "not a spore"}')
+    (tmp_path / "k").write_bytes(b"\0" * 4096)
+    spec = VmSpec(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
+                  cmdline="", memory=32 << 20, timeout=10, store=store,
+                  restore=tmp_path / "manifest.json", restore_id="blake3:" + "0" * 64,
+                  zygote=True)
+    with VmProcess(spec) as vm:
+        ev = vm.wait_exit(30)
+        assert ev is not None and ev["event"] == "error", ev
+    assert list((store / "tmp").iterdir()) == []

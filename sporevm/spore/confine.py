@@ -19,7 +19,6 @@ debugging, and the monitor says so on stderr every time it starts.
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 import sysconfig
@@ -68,6 +67,18 @@ def warn_unjailed(who: str) -> None:
     sys.stderr.flush()
 
 
+_live: list[MonitorJail] = []
+
+
+def release_staging() -> None:
+    """Remove the staging directories of this process's jails (the monitor's last step).
+
+    Not atexit: a monitor forked from the zygote leaves through os._exit.
+    """
+    while _live:
+        _live.pop().close()
+
+
 class _PrivateStaging(Store):
     """The store, with temp files in a directory only this monitor writes to."""
 
@@ -102,7 +113,7 @@ class MonitorJail:
                 (root / sub).mkdir(parents=True, exist_ok=True)  # Landlock rules need them
             self.staging = Path(tempfile.mkdtemp(prefix="monitor-", dir=root / "tmp"))
             self.store = _PrivateStaging(root, self.staging)
-            atexit.register(self.close)  # also when the VM never starts (a refused restore)
+            _live.append(self)  # release_staging() removes it however serve() ends
 
     def rules(self) -> list[jail.PathRule]:
         rules = [jail.PathRule(Path("/dev/kvm"), _DEVICE)]

@@ -30,7 +30,7 @@ from sporevm.spore import manifest, vmstate
 from sporevm.spore.backing import open_local
 from sporevm.spore.capture import capture
 from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory
-from sporevm.spore.confine import MonitorJail
+from sporevm.spore.confine import MonitorJail, release_staging
 from sporevm.spore.restore import restore_board
 from sporevm.strictjson import no_duplicate_keys
 from sporevm.vmm import kvm
@@ -407,6 +407,8 @@ def main() -> int:
     except SporeError as exc:
         _emit("error", message=str(exc))
         return 1
+    finally:
+        release_staging()  # the jail's staging dir, also when serve() failed early
     _emit(
         "exit",
         reason=result.reason.name,
