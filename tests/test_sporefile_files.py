@@ -55,7 +55,7 @@ def layer_for(ctx: Path, files_yaml: str) -> FilesLayer:
     path = ctx / "Sporefile"
     path.write_text(HEAD + files_yaml)
     sf = sporefile.load(path)
-    layer = files_layer(sf.files, sf.context, sf.path)
+    layer = files_layer(sf.files, sf.context, sf.path, (sf.output.spore, sf.output.bundle))
     assert layer is not None
     return layer
 
@@ -206,6 +206,8 @@ def test_source_swapped_for_a_symlink_after_loading_is_refused(tmp_path: Path) -
     ("  - {src: hello.txt, dst: /x/y/z}\n  - {src: hello.txt, dst: /x/y}\n",
      r"files\[1\]\.dst: \"/x/y\" is a file here but files\[0\] puts entries below it"),
     ("  - {src: hello.txt, dst: /}\n", r"files\[0\]\.dst: / is the root directory"),
+    ("  - {src: ., dst: /ctx}\n",
+     r"files\[0\]\.src: \".\" contains the build output \"out/t.spore\""),
     ("  - {src: hello.txt, dst: /opt/}\n", r"files\[0\]\.dst: \"/opt/\" ends with '/'"),
 ])
 def test_conflicting_destinations_are_refused(tmp_path: Path, files_yaml: str,

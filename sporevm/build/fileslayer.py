@@ -54,10 +54,12 @@ class _Entry:
 class FilesLayer:
     """``files:`` of one Sporefile: plan, tar bytes, digest, and errors named by field."""
 
-    def __init__(self, specs: tuple[FileSpec, ...], context: Path, sporefile: Path) -> None:
+    def __init__(self, specs: tuple[FileSpec, ...], context: Path, sporefile: Path,
+                 outputs: tuple[Path, ...] = ()) -> None:
         self.specs = specs
         self.context = context
         self.sporefile = sporefile
+        self.outputs = outputs  # the build's own products: copying them would never converge
         self._digest: str | None = None
         self._plan: dict[Comps, _Entry] | None = None
 
@@ -65,6 +67,11 @@ class FilesLayer:
         return SporefileError(f"{self.sporefile}: files[{index}].{key}: {msg}")
 
     # -- planning: what lands where ---------------------------------------------------
+    def check(self) -> None:
+        """Fail before any work; the plan itself is made when the key is (after locking)."""
+        self.plan()
+        self._plan = None
+
     def plan(self) -> dict[Comps, _Entry]:
         """Guest path components -> entry. Later files[] entries win, as successive copies."""
         if self._plan is not None:
@@ -72,6 +79,11 @@ class FilesLayer:
         entries: dict[Comps, _Entry] = {}
         below: dict[Comps, int] = {}  # paths used as a parent -> the files[] index using it
         for i, spec in enumerate(self.specs):
+            for out in self.outputs:
+                if out.is_relative_to(spec.src):
+                    raise self.fail(i, "src", f"{show(spec.src_rel)} contains the build output "
+                                    f"{show(str(out.relative_to(self.context)))}; copy a "
+                                    "subdirectory instead, or move output: elsewhere")
             try:
                 walked = self._walk(i, spec)
             except OSError as exc:  # e.g. an unreadable directory in the context
@@ -283,9 +295,10 @@ class _Null:
         return len(data)
 
 
-def files_layer(specs: tuple[FileSpec, ...], context: Path, sporefile: Path) -> FilesLayer | None:
+def files_layer(specs: tuple[FileSpec, ...], context: Path, sporefile: Path,
+                outputs: tuple[Path, ...] = ()) -> FilesLayer | None:
     """None without files: the rootfs key and bytes stay exactly those of the image alone."""
-    return FilesLayer(specs, context, sporefile) if specs else None
+    return FilesLayer(specs, context, sporefile, outputs) if specs else None
 
 
 __all__ = ["MEDIA_TYPE", "FilesLayer", "files_layer"]

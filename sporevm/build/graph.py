@@ -107,7 +107,8 @@ class _Build:
         self._chain_uptodate: bool | None = None
         self.final_manifest: str | None = None
         self._guest: GuestPlatform | None = None
-        self.files: FilesLayer | None = files_layer(sf.files, sf.context, sf.path)
+        self.files: FilesLayer | None = files_layer(
+            sf.files, sf.context, sf.path, (sf.output.spore, sf.output.bundle))
 
     def guest_platform(self) -> GuestPlatform | None:
         """lookup_guest once per build (it hashes the kernel inputs); reset when built."""
@@ -620,7 +621,7 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
         )
     _check_push_uris(sf)
     if b.files is not None:
-        b.files.plan()  # before any work: sources readable, no symlinks, no conflicting dst
+        b.files.check()  # before any work: sources readable, no symlinks, no conflicting dst
     # The result is read from the store under the same lock: a prune waiting for this
     # build must not remove what the build is about to report.
     with store.lock():
