@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from sporevm.dist.pull import pull
 from sporevm.dist.push import push
 from sporevm.dist.transports import Source, open_sink, open_source
 from sporevm.dist.uri import parse_pull_uri, parse_push_uri
+from sporevm.errors import SporeError
 from sporevm.spore import manifest as mf
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkStore
 from sporevm.store import Store
@@ -29,6 +31,7 @@ class Remote:
     scheme: str
     push_uri: str
     pull_uri: Callable[[str], str]           # pushed reference -> what to pull
+    replace: Callable[[str, bytes, bytes], object]  # (name, old bytes, new bytes) on the server
     s3_endpoint: str | None = None
 
 
@@ -45,20 +48,27 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Spores, Path]:
 def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
     unique = secrets.token_hex(4)
     if request.param == "file":
-        yield Remote("file", f"file://{tmp_path}/remote", lambda ref: ref)
+        yield Remote("file", f"file://{tmp_path}/remote", lambda ref: ref,
+                     lambda name, old, new: (tmp_path / "remote" / name).write_bytes(new))
     elif request.param == "http":
         www: StaticServer = request.getfixturevalue("static_server")
         www.reset()
         yield Remote("http", f"file://{www.root}/{unique}",
-                     lambda ref: f"{www.url}/{unique}@{ref.rpartition('@')[2]}")
+                     lambda ref: f"{www.url}/{unique}@{ref.rpartition('@')[2]}",
+                     lambda name, old, new: (www.root / unique / name).write_bytes(new))
         www.reset()
     elif request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         s3.client().create_bucket(Bucket=f"b-{unique}")
-        yield Remote("s3", f"s3://b-{unique}/spores/app", lambda ref: ref, s3.endpoint)
+        yield Remote("s3", f"s3://b-{unique}/spores/app", lambda ref: ref,
+                     lambda name, old, new: s3.client().put_object(
+                         Bucket=f"b-{unique}", Key=f"spores/app/{name}", Body=new),
+                     s3.endpoint)
     else:
         reg: LocalRegistry = request.getfixturevalue("registry")
-        yield Remote("oci", f"oci://{reg.host}/spores/app{unique}:v1", lambda ref: ref)
+        yield Remote("oci", f"oci://{reg.host}/spores/app{unique}:v1", lambda ref: ref,
+                     lambda name, old, new: reg.blob_file(
+                         "sha256:" + hashlib.sha256(old).hexdigest()).write_bytes(new))
 
 
 def test_round_trip_and_child_fetches_only_what_differs(
@@ -88,3 +98,25 @@ def test_round_trip_and_child_fetches_only_what_differs(
     assert child.packs_fetched == 1
     assert read_spore(str(tmp_path / "c.spore"))[0] == s.child_ids[1]
 
+
+
+@pytest.mark.parametrize("name", ["bundle.json", "chunkpack.index.json", "manifests/",
+                                  "packs/000000.pack", "rootfs/000001.seg"])
+def test_one_flipped_byte_on_the_server_fails(remote: Remote, local: tuple[Spores, Path],
+                                              tmp_path: Path, name: str) -> None:
+    s, bundle_dir = local
+    res = push(bundle_dir, open_sink(parse_push_uri(remote.push_uri),
+                                     s3_endpoint=remote.s3_endpoint))
+    if name == "manifests/":
+        name = bundle.manifest_name(s.parent_id)
+    old = (bundle_dir / name).read_bytes()
+    new = bytearray(old)
+    new[len(new) // 2] ^= 0x10
+    remote.replace(name, old, bytes(new))
+    out = tmp_path / "x.spore"
+    src = open_source(parse_pull_uri(remote.pull_uri(res.reference)),
+                      s3_endpoint=remote.s3_endpoint)
+    with pytest.raises(SporeError) as err:
+        pull(src, Store(tmp_path / "clean"), out)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
