@@ -332,8 +332,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     res = pull(source, Store(), Path(args.out), child=args.child,
                progress=None if args.json else _progress)
     if args.json:
-        _emit_json(_pull_doc(res))
+        _emit_json({**_pull_doc(res), "reference": source.reference})
     else:
+        if source.reference != args.uri:  # a tag (--allow-mutable): what it resolved to
+            _progress(f"resolved {args.uri} to {source.reference}")
         _print_pull(res)
     return 0
 

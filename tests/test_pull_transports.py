@@ -120,3 +120,23 @@ def test_one_flipped_byte_on_the_server_fails(remote: Remote, local: tuple[Spore
         pull(src, Store(tmp_path / "clean"), out)
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_oci_tag_pull_needs_allow_mutable_and_prints_the_pin(
+        registry: LocalRegistry, local: tuple[Spores, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from sporevm.cli import main
+
+    s, bundle_dir = local
+    tagged = f"oci://{registry.host}/spores/mutable{secrets.token_hex(4)}:latest"
+    res = push(bundle_dir, open_sink(parse_push_uri(tagged)))
+    monkeypatch.setenv("SPORE_HOME", str(tmp_path / "home"))
+    assert main(["pull", tagged, "--out", str(tmp_path / "a.spore")]) == 2
+    assert "pin" in capsys.readouterr().err and not (tmp_path / "a.spore").exists()
+    assert main(["pull", tagged, "--allow-mutable", "--out", str(tmp_path / "a.spore"),
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["digest"] == res.digest and doc["manifest_id"] == s.parent_id
+    assert doc["reference"].endswith(res.reference.rpartition("@")[2])
