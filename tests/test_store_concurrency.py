@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import threading
@@ -129,6 +130,23 @@ def _all_at_once(fns: list[Callable[[], subprocess.CompletedProcess[str]]]
     return [r for r in results if r is not None]
 
 
+def _wait_until_held(home: Path, timeout: float = 120.0) -> None:
+    """Return once some process holds the store lock (an exclusive try fails)."""
+    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(0.05)
+        raise AssertionError("nobody took the store lock")
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return H.busybox_layout(tmp_path_factory.mktemp("conc-image") / "layout")
@@ -177,7 +195,7 @@ def test_run_from_racing_prune(overlap: tuple[Path, list[Project], dict[str, H.O
         H.spore_argv("run", "-q", "--restore", "lazy", "--from", str(p.spore), "--",
                      "sh", "-c", "sleep 3; cat /root/log"),
         env=H.spore_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # the run has taken the lock (it does so before anything else)
+    _wait_until_held(home)  # the run has the lock: it takes it before opening the spore
     prune = subprocess.Popen(H.spore_argv("cache", "prune", "--all"), env=H.spore_env(home),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = run.communicate(timeout=300)
@@ -225,8 +243,9 @@ def test_builds_racing_prune(layout: Path, tmp_path: Path) -> None:
     # A build of the same inputs on a quiet, fresh store: the same rootfs and lock.
     qhome = tmp_path / "quiet-store"
     Store(qhome)
-    q = H.run_spore(qhome, "build", "--until", "guest", str(quiet.sporefile))
-    assert q.returncode == 0, q.stderr
+    for until in ("rootfs", "guest"):  # (--until guest alone skips resolve)
+        q = H.run_spore(qhome, "build", "--until", until, str(quiet.sporefile))
+        assert q.returncode == 0, q.stderr
     want = lockfile.load(lockfile.lock_path(quiet.sporefile)).encode()
     rootfs = {r.name for r in (qhome / "rootfs" / "blake3").iterdir()}
     for p in projects:
