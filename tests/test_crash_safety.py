@@ -30,6 +30,7 @@ import pytest
 from sporevm.store import Store
 from sporevm.storecheck import verify_store
 from tests import crashharness as H
+from tests.test_kernel import built_kernel  # noqa: F401  (session fixture: seeds come from it)
 
 TRIALS = int(os.environ.get("SPORE_CRASH_TRIALS", "8"))
 SEED = int(os.environ.get("SPORE_CRASH_SEED", "6"))
@@ -91,7 +92,8 @@ def _project(base: Path, layout: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def layout(tmp_path_factory: pytest.TempPathFactory, built_kernel: object) -> Path:  # noqa: F811
+    # built_kernel: on a fresh machine the shared kernel store is filled first (minutes)
     return H.busybox_layout(tmp_path_factory.mktemp("crash-image") / "layout")
 
 
@@ -118,6 +120,8 @@ def _final_step_record(home: Path, reference: Reference) -> str | None:
     return mid if isinstance(mid, str) else None
 
 
+@pytest.mark.vm
+@pytest.mark.kernelbuild
 def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Path,
                                                 tmp_path: Path) -> None:
     rng = random.Random(SEED)
@@ -175,6 +179,8 @@ def _leftovers(parent: Path, name: str) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name != name)
 
 
+@pytest.mark.vm
+@pytest.mark.kernelbuild
 def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
     """`spore pack` and `spore pull` (file:// bundle into a clean store), killed at points
     drawn uniformly over their uninterrupted run time, then run to completion."""

@@ -33,6 +33,7 @@ from sporevm.spore.chunks import ChunkStore
 from sporevm.store import Store
 from sporevm.storecheck import verify_store
 from tests import crashharness as H
+from tests.test_kernel import built_kernel  # noqa: F401  (session fixture: seeds come from it)
 
 # -- no VM ------------------------------------------------------------------------------
 
@@ -148,7 +149,8 @@ def _wait_until_held(home: Path, timeout: float = 120.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def layout(tmp_path_factory: pytest.TempPathFactory, built_kernel: object) -> Path:  # noqa: F811
+    # built_kernel: on a fresh machine the shared kernel store is filled first (minutes)
     return H.busybox_layout(tmp_path_factory.mktemp("conc-image") / "layout")
 
 
@@ -168,6 +170,8 @@ def overlap(layout: Path, tmp_path_factory: pytest.TempPathFactory
     return home, projects, {p.name: H.outcome(p.sporefile, p.spore) for p in projects}, took
 
 
+@pytest.mark.vm
+@pytest.mark.kernelbuild
 def test_overlapping_builds_at_once(overlap: tuple[Path, list[Project], dict[str, H.Outcome],
                                                    float]) -> None:
     home, projects, outcomes, took = overlap
@@ -185,6 +189,8 @@ def test_overlapping_builds_at_once(overlap: tuple[Path, list[Project], dict[str
     print(f"\n3 overlapping builds at once: {took:.1f} s")
 
 
+@pytest.mark.vm
+@pytest.mark.kernelbuild
 def test_run_from_racing_prune(overlap: tuple[Path, list[Project], dict[str, H.Outcome],
                                               float]) -> None:
     """The run holds the store lock for the VM's life: prune waits, the lazy pager
@@ -207,6 +213,8 @@ def test_run_from_racing_prune(overlap: tuple[Path, list[Project], dict[str, H.O
     assert not any((home / "chunks" / "blake3").iterdir())  # then it did prune
 
 
+@pytest.mark.vm
+@pytest.mark.kernelbuild
 def test_builds_racing_prune(layout: Path, tmp_path: Path) -> None:
     """Two builds and a prune loop: a managed kernel would be pruned too (and rebuilt for
     minutes), so these Sporefiles boot the prebuilt kernel from their own context."""
