@@ -371,7 +371,9 @@ class VirtioMmio:
         if status & ~(_STATUS_DRIVER_BITS | STATUS_NEEDS_RESET):
             raise VirtioStateError(f"{w}.status: unknown bits in {status:#x}")
         driver_features = get_int(s, w, "driver_features", 0, (1 << 64) - 1)
-        if driver_features & ~self.offered_features:
+        # Before FEATURES_OK the register holds whatever the driver wrote (refused
+        # bits included); only an accepted feature set must be one we offer.
+        if status & STATUS_FEATURES_OK and driver_features & ~self.offered_features:
             raise VirtioStateError(f"{w}.driver_features: bits this device does not offer")
         if status & STATUS_FEATURES_OK and not driver_features & F_VERSION_1:
             raise VirtioStateError(f"{w}: FEATURES_OK without VIRTIO_F_VERSION_1")
