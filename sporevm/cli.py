@@ -400,7 +400,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
             print(f"{prob.kind:<9} {prob.path}: {prob.message}")
         checked = ", ".join(f"{n} {area}" for area, n in sorted(report.checked.items()))
         print(f"{store.root}: checked {checked or 'nothing'}; {len(report.fatal())} "
-              f"problem(s), {len(report.problems) - len(report.fatal())} dangling record(s)")
+              f"problem(s), {len(report.problems) - len(report.fatal())} dangling/stale record(s)")
     return 1 if report.fatal() else 0
 
 

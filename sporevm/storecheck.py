@@ -13,7 +13,8 @@ Problems come in kinds:
 - ``malformed``: a name or record that spore never writes;
 - ``dangling``: a record names an entry that is absent. A crash never leaves
   one; prune by last use can (the record is then a cache miss), so
-  ``spore cache verify`` reports these without failing.
+  ``spore cache verify`` reports these without failing;
+- ``stale``: a record in an older format that lacks a field (also a miss).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class Report:
     unknown: list[str] = field(default_factory=list)  # top-level names spore does not own
 
     def fatal(self) -> list[Problem]:
-        """Problems a crash or a bug can cause; dangling records are only cache misses."""
-        return [p for p in self.problems if p.kind != "dangling"]
+        """Problems a crash or a bug can cause; dangling and stale records are cache misses."""
+        return [p for p in self.problems if p.kind not in ("dangling", "stale")]
 
     def to_json(self) -> dict[str, Any]:
         return {"root": str(self.root), "checked": self.checked,
@@ -182,6 +183,9 @@ class _Checker:
 
     def digest(self, path: Path, rec: dict[str, Any], name: str, algo: str = "blake3") -> str:
         value = rec.get(name)
+        if value is None:
+            self.problem("stale", path, f"has no {name!r} (an older record format: a miss)")
+            return ""
         if not isinstance(value, str) or not value.startswith(algo + ":") or not _HEX.fullmatch(
                 value[len(algo) + 1:]):
             self.problem("corrupt", path, f"field {name!r} is not a {algo} digest")
