@@ -357,6 +357,7 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
                 # A vCPU may sit in the kernel waiting for this chunk forever; the only
                 # closed way out is ending the VM process, after saying why.
                 _emit("error", message=f"lazy restore: {exc}")
+                release_staging()
                 os._exit(1)
 
             start_pager(mem, m.memory, chunks, on_error=fail_closed)
