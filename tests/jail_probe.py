@@ -68,6 +68,8 @@ def attempts(unjailed: bool) -> dict[str, Callable[[], object]]:
         "open_new_path": lambda: open(SCRATCH / f"new-{threading.get_native_id()}", "wb"),
         "open_existing_outside": lambda: open("/etc/hostname", "rb"),
         "write_store_outside_chunks": lambda: open(STORE / "keys" / "planted", "wb"),
+        # W^X would mean little if the monitor could rewrite its own code through /proc
+        "proc_self_mem": lambda: open("/proc/self/mem", "r+b", buffering=0),
         "socket_inet": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM),
         "socket_inet6": lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM),
         "socket_unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),

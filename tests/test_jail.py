@@ -38,7 +38,8 @@ needs_landlock = pytest.mark.skipif(jail.landlock_abi() < 3, reason="needs Landl
 
 DENIED_BY_SECCOMP = {"execve", "fork", "ptrace", "mount", "mmap_exec", "kvm_create_vm",
                      "kill_parent", "socket_inet", "socket_inet6", "socket_unix"}
-DENIED_BY_LANDLOCK = {"open_new_path", "open_existing_outside", "write_store_outside_chunks"}
+DENIED_BY_LANDLOCK = {"open_new_path", "open_existing_outside", "write_store_outside_chunks",
+                      "proc_self_mem"}
 
 
 @dataclass
@@ -172,6 +173,7 @@ def test_no_jail_runs_unconfined_and_says_so(tmp_path: Path) -> None:
         for res in results.values():
             assert res["socket_inet"] == "ok" and res["open_new_path"] == "ok", res
             assert res["open_existing_outside"] == "ok", res
+            assert res["proc_self_mem"] == "ok", res
         status = Path(f"/proc/{mon.proc.pid}/status").read_text()
         assert "Seccomp:\t0" in status
         mon.session.shutdown()
