@@ -25,6 +25,9 @@ from sporevm.spore.zygote import ForkedMonitor, monitor_popen
 from sporevm.vmm.agent_session import AgentSession, FdChannel
 
 SERIAL_TAIL = 4000
+# A snapshot event lists every chunk id: ~75 B x 131072 chunks for the largest guest.
+MAX_EVENT_LINE = 16 << 20
+MAX_EVENTS = 100_000  # a build emits a few per step
 
 
 class Stoppable(Protocol):
@@ -122,11 +125,25 @@ class VmProcess:
         self.session = AgentSession(FdChannel(ours.fileno()))
 
     def _read_events(self) -> None:
+        """Collect the monitor's event lines, bounded: a monitor is the process that runs
+        guest code, so a compromised one must not be able to exhaust this process."""
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        while line := self.proc.stdout.readline(MAX_EVENT_LINE + 1):
+            violation = None
+            if len(line) > MAX_EVENT_LINE:
+                violation = f"an event line over {MAX_EVENT_LINE} bytes"
+            elif len(self.events) >= MAX_EVENTS:
+                violation = f"more than {MAX_EVENTS} events"
+            if violation is not None:
+                with self._event:
+                    self.events.append({"event": "error",
+                                        "message": f"the VM monitor sent {violation}; stopped it"})
+                    self._event.notify_all()
+                self.proc.kill()
+                break
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(event, dict):
                 with self._event:
