@@ -93,7 +93,10 @@ def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, i
 def serve(ctl: socket.socket) -> int:
     """The zygote's loop: fork on request, reap and report children; end on EOF."""
     from sporevm.spore import confine, lazy, monitor  # noqa: F401 - the point: import once
+    from sporevm.vmm import jail
 
+    with contextlib.suppress(jail.JailError):  # a child that needs it reports the error
+        jail.load_seccomp()  # loads libseccomp once; children inherit it mapped
     gc.collect()
     gc.freeze()  # imported objects stay put: the collector won't dirty shared pages
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
