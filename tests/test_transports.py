@@ -472,3 +472,20 @@ def test_http_never_sends_netrc_credentials(static_server: StaticServer, src_dir
     requests.get(f"{static_server.url}/{unique}/bundle.json", timeout=5)
     assert static_server.httpd.authorized == [f"/{unique}/bundle.json"]
     static_server.reset()
+
+
+@pytest.mark.registry
+def test_oci_small_file_held_to_its_layer_digest(registry: LocalRegistry, src_dir: Path) -> None:
+    """bundle.json read from the registry must hash to the pinned manifest's layer digest."""
+    unique = os.urandom(4).hex()
+    where = Where("oci", f"oci://{registry.host}/spores/s{unique}:v1", lambda ref: ref,
+                  lambda name, data: registry.blob_file(sha(FILES[name])).write_bytes(data))
+    _, ref = push(where, src_dir)
+    good = FILES["bundle.json"]
+    try:
+        where.replace("bundle.json", good[:-1] + bytes([good[-1] ^ 1]))
+        with pytest.raises(DistError, match=r"bundle\.json: the registry sent .* the manifest "
+                                            r"says"):
+            source(where, ref).read_small("bundle.json", 1 << 20)
+    finally:
+        where.replace("bundle.json", good)  # registries share blobs across repositories

@@ -300,10 +300,17 @@ class OciSource(StreamSource):
 
     def read_small(self, name: str, limit: int) -> bytes:
         what = self._what(check_name(name, self.reference))
-        _, size = self.layer(name, what)
+        digest, size = self.layer(name, what)
         if size > limit:
             raise DistError(f"{what}: {size} bytes is over the {limit}-byte limit")
-        return super().read_small(name, limit)
+        data = super().read_small(name, limit)
+        # The pinned manifest names this blob by digest: hold the registry to it here,
+        # not only through the bundle digest computed later.
+        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        if (got, len(data)) != (digest, size):
+            raise DistError(f"{what}: the registry sent {len(data)} bytes hashing to "
+                            f"{got[:23]}…; the manifest says {digest[:23]}… ({size} bytes)")
+        return data
 
     def fetch(self, name: str, dest: Path, size: int, sha256: str) -> None:
         what = self._what(check_name(name, self.reference))
