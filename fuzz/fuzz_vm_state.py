@@ -13,8 +13,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from sporevm.spore import vmstate
+    from sporevm.spore import restore, vmstate
     from sporevm.spore.vmstate import VmStateError
+    from sporevm.vmm.devices.serial import Serial
     from sporevm.vmm.devices.virtio import mmio
     from sporevm.vmm.devices.virtio.blk import BlkDevice
     from sporevm.vmm.devices.virtio.console import ConsoleDevice
@@ -43,6 +44,11 @@ def TestOneInput(data: bytes) -> None:
     except VmStateError:
         return
     assert vmstate.encode(state) == data, "accepted state is not canonical"
+    # The serial part is applied without KVM: a restored UART must answer every register.
+    uart = Serial(_Irq(), lambda _b: None)
+    restore.restore_serial(uart, state.serial)
+    for off in range(8):
+        assert len(uart.read(off, 1)) == 1
     devices = (BlkDevice(_disk_fd, DISK, serial=b"fuzz"), ConsoleDevice(), RngDevice())
     for entry, dev in zip(state.virtio, devices, strict=False):  # extra entries: shape only
         t = mmio.VirtioMmio(dev, _mem, _Irq())
