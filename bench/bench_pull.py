@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 import ociimage  # noqa: E402
 from registry import LocalRegistry  # noqa: E402
 
-from sporevm.build.sealing import open_spore  # noqa: E402
 from sporevm.dist.transports import open_sink, open_source  # noqa: E402
 from sporevm.dist.uri import parse_pull_uri, parse_push_uri  # noqa: E402
 from sporevm.spore import backing  # noqa: E402
 from sporevm.spore.chunks import ChunkStore  # noqa: E402
+from sporevm.spore.sporedir import open_spore  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 
 MARKER = "spore-pull-bench-marker"

@@ -54,12 +54,12 @@ import ociimage  # noqa: E402
 from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
 from sporevm.build.runner import boot_vm, resume_vm  # noqa: E402
-from sporevm.build.sealing import open_spore, write_spore  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
 from sporevm.spore import backing, manifest  # noqa: E402
 from sporevm.spore.chunks import ChunkStore  # noqa: E402
 from sporevm.spore.fork import fork_manifests  # noqa: E402
 from sporevm.spore.launcher import VmProcess  # noqa: E402
+from sporevm.spore.sporedir import open_spore, write_spore  # noqa: E402
 from sporevm.spore.zygote import ForkedMonitor, Zygote  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 

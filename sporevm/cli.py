@@ -144,9 +144,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    from sporevm.build.sealing import open_spore, split_pin, write_spore
     from sporevm.spore import manifest
     from sporevm.spore.fork import fork_manifests
+    from sporevm.spore.sporedir import open_spore, split_pin, write_spore
 
     store = Store()
     spore_path, pin = split_pin(args.spore)
@@ -199,9 +199,9 @@ def _inspect_bundle(args: argparse.Namespace, verify: bool) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from sporevm.build.sealing import open_spore, split_pin
     from sporevm.dist.inspect import is_bundle
     from sporevm.spore import manifest
+    from sporevm.spore.sporedir import open_spore, split_pin
 
     if is_bundle(args.spore):
         return _inspect_bundle(args, verify=False)
@@ -233,10 +233,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from sporevm.build.sealing import open_spore, split_pin
     from sporevm.dist.inspect import is_bundle
     from sporevm.spore import manifest
     from sporevm.spore.chunks import ChunkStore
+    from sporevm.spore.sporedir import open_spore, split_pin
     from sporevm.store import blake3_file
 
     if is_bundle(args.spore):

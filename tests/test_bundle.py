@@ -18,12 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sporevm.build.sealing import open_spore
 from sporevm.dist import bundle, chunkpack, rootfs_artifact
 from sporevm.dist.docjson import BundleError
-from sporevm.dist.pack import pack, read_spore, unpack
+from sporevm.dist.pack import pack, unpack
 from sporevm.spore import manifest as mf
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkStore, MemoryIndex
+from sporevm.spore.sporedir import SporeOpenError, open_spore, read_spore
 from sporevm.store import Store
 
 SHA = "sha256:" + "cd" * 32
@@ -278,7 +278,7 @@ def test_pack_refuses_edited_spore_and_missing_chunk(spores: Spores, tmp_path: P
     mpath = spores.parent / "manifest.json"
     original = mpath.read_bytes()
     mpath.write_bytes(original.replace(b"synthetic", b"synthetix"))
-    with pytest.raises(BundleError, match="manifest id is"):
+    with pytest.raises(SporeOpenError, match="manifest id is"):
         do_pack(spores, tmp_path / "b.bundle")
     mpath.write_bytes(original)
     _, m, _ = read_spore(str(spores.parent))

@@ -14,7 +14,7 @@ import pytest
 
 from sporevm.dist import bundle, chunkpack
 from sporevm.dist.chunk_cache import ChunkCache
-from sporevm.dist.pack import pack, read_spore
+from sporevm.dist.pack import pack
 from sporevm.dist.pull import PullResult, pull
 from sporevm.dist.push import push
 from sporevm.dist.transport_file import FileSink, FileSource
@@ -23,6 +23,7 @@ from sporevm.dist.uri import BundleURI, parse_pull_uri, parse_push_uri
 from sporevm.errors import DistError, SporeError
 from sporevm.spore import manifest as mf
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkStore
+from sporevm.spore.sporedir import read_spore
 from sporevm.store import Store
 from tests.test_bundle import SEG, Spores, make_spores
 

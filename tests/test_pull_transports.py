@@ -13,7 +13,7 @@ import pytest
 from registry import LocalRegistry
 
 from sporevm.dist import bundle, chunkpack
-from sporevm.dist.pack import pack, read_spore
+from sporevm.dist.pack import pack
 from sporevm.dist.pull import pull
 from sporevm.dist.push import push
 from sporevm.dist.transports import Source, open_sink, open_source
@@ -21,6 +21,7 @@ from sporevm.dist.uri import parse_pull_uri, parse_push_uri
 from sporevm.errors import SporeError
 from sporevm.spore import manifest as mf
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkStore
+from sporevm.spore.sporedir import read_spore
 from sporevm.store import Store
 from tests.dist_servers import S3Server, StaticServer, s3_server, static_server  # noqa: F401
 from tests.test_bundle import SEG, Spores, make_spores

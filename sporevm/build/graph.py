@@ -34,12 +34,13 @@ from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
 from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm, shutdown_vm
-from sporevm.build.sealing import ID_FILE, MANIFEST, seal, write_spore
+from sporevm.build.sealing import seal
 from sporevm.build.steps import StepResult, boot_key, run_checks, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
 from sporevm.spore.launcher import VmProcess
+from sporevm.spore.sporedir import ID_FILE, MANIFEST, read_spore, write_spore
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 
@@ -424,7 +425,6 @@ class _Build:
     def bundle_key(self) -> str | None:
         """The bundle is a pure function of the published spore's manifest (and the format)."""
         from sporevm.dist.bundle import FORMAT
-        from sporevm.dist.pack import read_spore
 
         try:
             mid, _, _ = read_spore(str(self.sf.output.spore))

@@ -11,12 +11,13 @@ from typing import BinaryIO
 
 from sporevm.build.guest import GuestPlatform, ensure_guest
 from sporevm.build.progress import Reporter
-from sporevm.build.sealing import open_spore, platform_contract, split_pin
+from sporevm.build.sealing import platform_contract
 from sporevm.errors import SporeError, UsageError
 from sporevm.spore import manifest
 from sporevm.spore.fork import generation_message
 from sporevm.spore.launcher import VmError, VmProcess, VmSpec
 from sporevm.spore.manifest import check_platform
+from sporevm.spore.sporedir import open_spore, split_pin
 from sporevm.store import Store
 from sporevm.vmm.agent_session import AgentClosedError, AgentTimeoutError
 

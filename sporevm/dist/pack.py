@@ -32,10 +32,9 @@ from sporevm.dist.transport_file import FileSource
 from sporevm.dist.uri import BundleURI
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
+from sporevm.spore.sporedir import MANIFEST, read_spore
 from sporevm.store import Store
 
-MANIFEST = "manifest.json"  # the spore directory layout (docs/spore-format.md)
-ID_FILE = "id"
 _READ = 1 << 20
 
 
@@ -48,26 +47,6 @@ class PackResult:
     packs: int
     objects: int
     bytes: int  # packs + segments + metadata
-
-
-def read_spore(text: str) -> tuple[str, manifest.Manifest, bytes]:
-    """(id, manifest, exact bytes) of a spore directory, ``DIR`` or ``DIR@blake3:<id>``."""
-    base, sep, pin = text.rpartition("@")
-    path, want = (Path(base), pin) if sep and pin.startswith("blake3:") else (Path(text), None)
-    try:
-        with open(path / MANIFEST, "rb") as fh:
-            data = fh.read(manifest.MAX_MANIFEST + 1)
-        if want is None:
-            want = (path / ID_FILE).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not a readable spore directory ({exc.__class__.__name__}: "
-                          f"{getattr(exc, 'strerror', None) or exc}); expected {MANIFEST} "
-                          f"and {ID_FILE}") from None
-    mid = manifest.manifest_id(data)
-    if mid != want:
-        raise BundleError(f"{path}: manifest id is {mid}, expected {want}; the manifest was "
-                          "modified or is not the spore you named")
-    return mid, manifest.decode(data, str(path / MANIFEST)), data
 
 
 def _children(children_dir: Path) -> list[Path]:
