@@ -2,7 +2,10 @@
 
 The first input byte picks how the rest is split into feed() calls, so partial
 headers and payloads at every boundary are exercised. Decoded messages must
-re-encode to bytes that decode to the same message.
+re-encode to bytes that decode to the same message. Then the same bytes reach
+a host AgentSession (agent_session.py) with a command running on stream 1, as
+if the guest had sent them: only SporeError may escape, captured output stays
+within its bound.
 """
 
 import sys
@@ -10,10 +13,27 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from sporevm.errors import SporeError
     from sporevm.vmm.agent import GUEST_TYPES, AgentProtocolError, FrameDecoder, MsgType
     from sporevm.vmm.agent_messages import decode_message, message_frame
+    from sporevm.vmm.agent_session import AgentSession, QueueChannel
 
 ALL = frozenset(MsgType)
+CAPTURE = 4096
+
+
+def _session(body: bytes, step: int) -> None:
+    channel = QueueChannel(len)  # the guest reads everything the host sends
+    session = AgentSession(channel)
+    handle = session.exec(["x"], capture_limit=CAPTURE)
+    for i in range(0, len(body), step):
+        channel.feed(body[i : i + step])
+    try:
+        for _ in range(0, len(body), step):
+            session.pump(0)
+    except SporeError:
+        return
+    assert len(handle.stdout) <= CAPTURE and len(handle.stderr) <= CAPTURE
 
 
 def TestOneInput(data: bytes) -> None:
@@ -36,6 +56,7 @@ def TestOneInput(data: bytes) -> None:
                     assert decode_message(echo) == msg, (frame, msg)
         except AgentProtocolError:
             continue
+    _session(body, step)
 
 
 if __name__ == "__main__":
