@@ -3,13 +3,18 @@
 The first byte picks the decoder and the Content-Type hint; the rest is the
 document. Whatever decodes is pushed through platform selection and the
 config/manifest consistency check, which must also fail only with SporeError.
+A selector with bit 7 set (and bit 0 clear) puts the document in an OCI layout
+as its index.json and looks a tag up through the layout reader (oci.py).
 """
 
 import sys
+import tempfile
+from pathlib import Path
 
 import atheris
 
 with atheris.instrument_imports():
+    from sporevm.build import oci
     from sporevm.build import ocimanifest as om
     from sporevm.errors import SporeError
 
@@ -17,6 +22,14 @@ _HINTS = (None, om.OCI_MANIFEST, om.OCI_INDEX, om.DOCKER_MANIFEST, om.DOCKER_LIS
           "application/vnd.docker.distribution.manifest.v1+prettyjws", "application/json")
 _PLATFORMS = tuple(om.parse_platform(p) for p in
                    ("linux/amd64", "linux/arm64", "linux/arm/v7", "linux/amd64/v3"))
+_LAYOUT = Path(tempfile.mkdtemp(prefix="fuzz-oci-layout-"))
+(_LAYOUT / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def _layout(doc: bytes) -> None:
+    (_LAYOUT / "index.json").write_bytes(doc)
+    digest = oci._LayoutSource(_LAYOUT).find_tag("latest")
+    assert digest.startswith("sha256:"), digest
 
 
 def TestOneInput(data: bytes) -> None:
@@ -25,6 +38,9 @@ def TestOneInput(data: bytes) -> None:
     selector, doc = data[0], data[1:]
     platform = _PLATFORMS[(selector >> 4) % len(_PLATFORMS)]
     try:
+        if selector & 0x81 == 0x80:
+            _layout(doc)
+            return
         if selector & 1:
             config = om.decode_config(doc, what="fuzz: config")
             manifest = om.ImageManifest(
