@@ -1,16 +1,51 @@
 """Fuzz registry auth inputs: WWW-Authenticate challenges, token responses, error bodies.
 
 Only SporeError may escape; summarize_errors must never raise and must return
-one printable line.
+one printable line. The same bytes are also a registry HTTP answer (status from
+the first two bytes, a Content-Length that is absent, exact or short, the rest
+as body) read by the registry client's status check and bounded body reader
+(oci.py), which must never return more than its limit.
 """
 
+import io
 import sys
+import tempfile
+from pathlib import Path
 
 import atheris
 
 with atheris.instrument_imports():
-    from sporevm.build import ociauth
+    import requests
+    import urllib3
+
+    from sporevm.build import oci, ociauth, ociref
     from sporevm.errors import SporeError
+    from sporevm.store import Store
+
+# Never sends a request: only the answer-reading half of the client is driven.
+_SOURCE = oci._RegistrySource(
+    oci.OCIClient(Store(Path(tempfile.mkdtemp(prefix="fuzz-ociauth-")))),
+    ociref.parse_ref("127.0.0.1:1/fuzz/repo:latest", Path("/")),
+)
+
+
+def _answer(data: bytes) -> None:
+    status = 100 + int.from_bytes(data[:2], "little") % 500
+    body = data[3:]
+    resp = requests.Response()
+    resp.status_code = status
+    mode = data[2] % 3 if len(data) > 2 else 0
+    if mode:
+        resp.headers["Content-Length"] = str(len(body) - (mode == 2))
+    resp.raw = urllib3.HTTPResponse(body=io.BytesIO(body), preload_content=False,
+                                    decode_content=False)
+    try:
+        _SOURCE.check_status(resp, "fuzz")
+        limit = (data[2] if len(data) > 2 else 0) * 16
+        got = _SOURCE.read_body(resp, limit, "fuzz")
+        assert status == 200 and got == body[: len(got)] and len(got) <= limit
+    except SporeError:
+        assert status != 200 or len(body) > (data[2] * 16 if len(data) > 2 else 0)
 
 
 def TestOneInput(data: bytes) -> None:
@@ -27,6 +62,7 @@ def TestOneInput(data: bytes) -> None:
         assert "\r" not in token and "\n" not in token and " " not in token
     except SporeError:
         pass
+    _answer(data)
 
 
 if __name__ == "__main__":
