@@ -519,7 +519,7 @@ def run(kind: type[VirtioDevice], sc: Scenario) -> None:
         mem.close()
 
 
-blobs = st.binary(min_size=512, max_size=2048)
+blobs = st.binary(min_size=256, max_size=640)  # a scenario reads ~200-550 bytes
 HOSTILE = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                    suppress_health_check=list(HealthCheck))
 
