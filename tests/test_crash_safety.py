@@ -159,8 +159,15 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
             ref.image, ref.rootfs, ref.lock, ref.stable)
         if recorded is not None:
             assert got.manifest_id == recorded  # the snapshot the kills left is the spore
+        # The kills' garbage is all in tmp/; a default prune (168h) removes it and nothing else.
+        garbage = len(list((home / "tmp").iterdir()))
+        pruned = H.run_spore(home, "cache", "prune")
+        assert pruned.returncode == 0, pruned.stderr
+        assert not any((home / "tmp").iterdir()) and H.store_problems(home) == []
+        assert H.spore_dir_problems(sf.parent / "out" / "crash.spore") == []
         log.append(f"chain {chain}: completing run {final.seconds:.1f} s, spore "
-                   f"{got.manifest_id[:19]} ({'reused' if recorded else 'fresh'} snapshot)")
+                   f"{got.manifest_id[:19]} ({'reused' if recorded else 'fresh'} snapshot), "
+                   f"{garbage} staging leftover(s) pruned")
         chain += 1
     # The last chain's spore runs: the steps' effects are in the restored guest.
     proc = H.run_spore(home, "run", "-q", "--from", str(sf.parent / "out" / "crash.spore"),
