@@ -18,11 +18,13 @@ import pytest
 
 from sporevm import sporefile, sporefile_yaml
 from sporevm.build import lockfile, ociauth, ocimanifest, ociref
+from sporevm.build.layers import DEFAULT_LIMITS, Limits, apply_layers
 from sporevm.errors import SporeError
 from sporevm.spore import monitor
 from sporevm.spore.monitor import MonitorConfig
 from sporevm.vmm.devices.virtio.queue import MAX_INDIRECT, MAX_QUEUE_SIZE, ChainError, Virtqueue
 from sporevm.vmm.memory import GuestMemory
+from tests.layer_cases import file, make_tar, write_layers
 from tests.virtio_driver import RAM, Allocator, DriverQueue
 
 HEAD = "sporefile: 1\nname: app\nbase: {image: debian:bookworm}\n"
@@ -253,3 +255,47 @@ def test_indirect_table_entries(entries: int) -> None:
                 q.pop()
     finally:
         mem.close()
+
+
+# --- layer tars (the same code path as the defaults, with small limits) -------------------
+
+
+def _apply(tmp_path: Path, tag: str, tar: bytes, limits: Limits) -> Path:
+    dest = tmp_path / f"root-{tag}"
+    apply_layers(write_layers(tmp_path / f"blobs-{tag}", [tar]), dest, limits)
+    return dest
+
+
+def _tar_boundary(tmp_path: Path, at: bytes, over: bytes, limits: Limits, pattern: str) -> None:
+    tag = str(len(list(tmp_path.glob("root-*"))))
+    assert _apply(tmp_path, "at" + tag, at, limits).is_dir()
+    refused(lambda: _apply(tmp_path, "over" + tag, over, limits), pattern)
+    assert not (tmp_path / f"root-over{tag}").exists()  # nothing half-applied is left
+
+
+def test_layer_entries(tmp_path: Path) -> None:
+    n = 20
+    _tar_boundary(tmp_path, make_tar([file(f"f{i}") for i in range(n)]),
+                  make_tar([file(f"f{i}") for i in range(n + 1)]),
+                  Limits(max_entries=n), f"more than {n} entries")
+
+
+def test_layer_file_bytes(tmp_path: Path) -> None:
+    _tar_boundary(tmp_path, make_tar([file("a", b"x" * 600), file("b", b"y" * 424)]),
+                  make_tar([file("a", b"x" * 600), file("b", b"y" * 425)]),
+                  Limits(max_total_bytes=1024), "425 would exceed the limit of 1024")
+
+
+def test_layer_name_component_and_depth(tmp_path: Path) -> None:
+    c = DEFAULT_LIMITS.max_component_bytes
+    _tar_boundary(tmp_path, make_tar([file("a" * c)]), make_tar([file("a" * (c + 1))]),
+                  DEFAULT_LIMITS, "component of 256 bytes, over the limit of 255")
+    d = DEFAULT_LIMITS.max_depth
+    _tar_boundary(tmp_path, make_tar([file("/".join(["d"] * d))]),
+                  make_tar([file("/".join(["d"] * (d + 1)))]), DEFAULT_LIMITS,
+                  "257 levels deep, over the limit of 256")
+    n = DEFAULT_LIMITS.max_name_bytes  # 4096 bytes of name in 200-byte components
+    at = "/".join(["n" * 199] * 20) + "/" + "m" * (n - 20 * 200)
+    assert len(at) == n
+    _tar_boundary(tmp_path, make_tar([file(at)]), make_tar([file(at + "m")]),
+                  DEFAULT_LIMITS, "4097 bytes, over the limit of 4096")
