@@ -7,6 +7,8 @@ A selector with bit 7 set (and bit 0 clear) puts the document in an OCI layout
 as its index.json and looks a tag up through the layout reader (oci.py).
 """
 
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +25,7 @@ _HINTS = (None, om.OCI_MANIFEST, om.OCI_INDEX, om.DOCKER_MANIFEST, om.DOCKER_LIS
 _PLATFORMS = tuple(om.parse_platform(p) for p in
                    ("linux/amd64", "linux/arm64", "linux/arm/v7", "linux/amd64/v3"))
 _LAYOUT = Path(tempfile.mkdtemp(prefix="fuzz-oci-layout-"))
+atexit.register(shutil.rmtree, _LAYOUT, True)  # in-process replays; libFuzzer skips atexit
 (_LAYOUT / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
 

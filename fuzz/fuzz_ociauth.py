@@ -7,7 +7,9 @@ as body) read by the registry client's status check and bounded body reader
 (oci.py), which must never return more than its limit.
 """
 
+import atexit
 import io
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +25,10 @@ with atheris.instrument_imports():
     from sporevm.store import Store
 
 # Never sends a request: only the answer-reading half of the client is driven.
+_STORE = Path(tempfile.mkdtemp(prefix="fuzz-ociauth-"))
+atexit.register(shutil.rmtree, _STORE, True)  # in-process replays; libFuzzer skips atexit
 _SOURCE = oci._RegistrySource(
-    oci.OCIClient(Store(Path(tempfile.mkdtemp(prefix="fuzz-ociauth-")))),
+    oci.OCIClient(Store(_STORE)),
     ociref.parse_ref("127.0.0.1:1/fuzz/repo:latest", Path("/")),
 )
 
