@@ -3,9 +3,10 @@
     key(boot)   = BLAKE3(domain, rootfs, kernel, initrd, cmdline, machine, device model)
     key(step i) = BLAKE3(domain, key(step i-1), canonical step i, digests of its files)
 
-Until spores (snapshots) land, a step's cached result is only the record that
-it succeeded on exactly these inputs: a changed step re-runs the whole chain
-from a fresh boot (a conservative miss, never a stale hit).
+Each key names the snapshot taken after that step (graph.py): a changed step
+resumes the snapshot of the step before it. The domain's version changes when
+what a snapshot holds changes, so older cached snapshots become misses, never
+hits: v2 snapshots are taken only once the guest has settled (vmm/quiesce.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _key(*parts: bytes) -> str:
 
 
 def boot_key(sf: Sporefile, rootfs_digest: str, guest: GuestPlatform) -> str:
-    return _key(b"spore/boot-key/v1", rootfs_digest.encode(), guest.kernel_digest.encode(),
+    return _key(b"spore/boot-key/v2", rootfs_digest.encode(), guest.kernel_digest.encode(),
                 guest.initrd_digest.encode(), guest.cmdline.encode(),
                 canonical_machine(sf.machine), DEVICE_MODEL.encode())
 
