@@ -242,6 +242,18 @@ def spore_dir_problems(spore_dir: Path) -> list[str]:
     return []
 
 
+def bundle_problems(home: Path, bundle: Path, scratch: Path) -> tuple[list[str], str | None]:
+    """The output bundle is absent or whole: it unpacks (every file and object checked).
+    Returns the problems and the id of the spore it holds."""
+    if not bundle.exists():
+        return [], None
+    dest = scratch / f"unpacked-{time.monotonic_ns()}.spore"
+    r = run_spore(home, "unpack", str(bundle), "--out", str(dest))
+    if r.returncode != 0:
+        return [f"{bundle}: does not unpack: {r.stderr.strip()}"], None
+    return spore_dir_problems(dest), (dest / "id").read_text().strip()
+
+
 @dataclass
 class Outcome:
     """What an uninterrupted build produced, in the parts that are reproducible."""

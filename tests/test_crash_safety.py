@@ -146,6 +146,7 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
             assert run.killed or run.returncode == 0, run.stderr[-3000:]
             problems = H.store_problems(home) + H.spore_dir_problems(sf.parent / "out" /
                                                                      "crash.spore")
+            problems += H.bundle_problems(home, sf.parent / "out" / "crash.bundle", tmp_path)[0]
             assert problems == [], f"after {log[-1]}:\n" + "\n".join(problems)
             if not run.killed:
                 break  # the pipeline is done: later points of this chain would find it cached
@@ -159,6 +160,8 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
             ref.image, ref.rootfs, ref.lock, ref.stable)
         if recorded is not None:
             assert got.manifest_id == recorded  # the snapshot the kills left is the spore
+        bad, packed = H.bundle_problems(home, sf.parent / "out" / "crash.bundle", tmp_path)
+        assert bad == [] and packed == got.manifest_id  # the bundle holds this very spore
         # The kills' garbage is all in tmp/; a default prune (168h) removes it and nothing else.
         garbage = len(list((home / "tmp").iterdir()))
         pruned = H.run_spore(home, "cache", "prune")
