@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ def test_parallel_writers_leave_a_verifiable_store(tmp_path: Path) -> None:
     home = tmp_path / "store"
     Store(home)
     env = H.spore_env(home)
-    procs = [subprocess.Popen(["python3", "-c", _WRITER, str(n)], env=env) for n in range(6)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(n)], env=env) for n in range(6)]
     assert [p.wait(120) for p in procs] == [0] * 6
     report = verify_store(Store(home))
     # The records name chunks that are not manifests: only decoding complains, nothing torn.
@@ -68,7 +69,7 @@ def test_prune_waits_for_a_shared_holder_and_says_so(tmp_path: Path) -> None:
     chunks = ChunkStore(Store(home))
     cid = chunks.put(b"held")
     holder = subprocess.Popen(
-        ["python3", "-c", "import sys, time\nfrom sporevm.store import Store\n"
+        [sys.executable, "-c", "import sys, time\nfrom sporevm.store import Store\n"
          "with Store().lock():\n print('held', flush=True)\n sys.stdin.readline()"],
         env=H.spore_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdin is not None
