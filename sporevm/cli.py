@@ -37,7 +37,8 @@ def _emit_json(doc: Any) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sporevm.build.graph import BuildOptions, build
+    from sporevm.build.driver import build
+    from sporevm.build.graph import BuildOptions
     from sporevm.build.progress import Reporter
 
     if args.file and args.path:
@@ -72,11 +73,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(ref)  # stdout: the pinned reference to pull, one per push: URI
     if args.until and args.until not in ("bundle", "push"):
         reporter.info(f"stopped after {args.until} as asked (--until). ({took:.2f} s)")
-    elif result.pending:
-        reporter.info(
-            f"[yellow]not available yet:[/yellow] {', '.join(result.pending)}. "
-            f"({took:.2f} s)"
-        )
     else:
         reporter.info(f"done ({took:.2f} s)")
     return 0
@@ -341,7 +337,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from sporevm.build.graph import describe
+    from sporevm.build.driver import describe
 
     dag = describe(_sporefile_path(args.file or args.path), Store())
     if args.json:
@@ -349,8 +345,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         return 0
     for node in dag["tasks"]:
         deps = ", ".join(node["deps"]) or "-"
-        mark = "" if node["available"] else "  (not available yet)"
-        print(f"{node['name']:<24} <- {deps:<24} {node['doc']}{mark}")
+        print(f"{node['name']:<24} <- {deps:<24} {node['doc']}")
     return 0
 
 

@@ -321,7 +321,7 @@ def test_cli_pack_and_unpack(spores: Spores, tmp_path: Path, monkeypatch: pytest
 
 def test_sporefile_push_list(tmp_path: Path) -> None:
     from sporevm import sporefile
-    from sporevm.build.graph import _check_push_uris
+    from sporevm.build.driver import _check_push_uris
     from sporevm.errors import SporefileError
 
     head = "sporefile: 1\nname: app\nbase: {image: busybox}\n"

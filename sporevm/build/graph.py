@@ -4,16 +4,15 @@ Every task is up to date exactly when the content it would produce is already
 in the store under its content key; doit's own database only remembers task
 history, never results, so a stale doit database cannot yield stale output.
 
-    resolve:base ─► fetch:base ─► rootfs ─► boot ─► step:<name> … ─► snapshot
+    resolve:base ─► fetch:base ─► rootfs, guest ─► boot ─► steps ─► snapshot ─► verify
+        ─► bundle ─► push
 
-``boot``, ``step:*`` and ``snapshot`` are the seam for the VMM and spore
-issues: they appear in ``spore graph`` and are reported as not available yet.
+This module defines the tasks (``_Build``); driver.py runs them with doit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,13 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-from doit.cmd_base import TaskLoader2
-from doit.doit_cmd import DoitMain
 from doit.exceptions import TaskFailed
-from doit.task import Task, dict_to_task
 
-from sporevm import sporefile as sporefile_mod
-from sporevm.build import doitstate, lockfile
+from sporevm.build import lockfile
 from sporevm.build.fileslayer import FilesLayer, files_layer
 from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
@@ -36,15 +31,13 @@ from sporevm.build.progress import Reporter
 from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm, shutdown_vm
 from sporevm.build.sealing import seal
 from sporevm.build.steps import StepResult, boot_key, run_checks, run_steps, step_keys
-from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageError
+from sporevm.errors import LockMismatchError, SporeError
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
 from sporevm.spore.launcher import VmProcess
 from sporevm.spore.sporedir import ID_FILE, MANIFEST, read_spore, write_spore
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
-
-PENDING_STAGES: tuple[str, ...] = ()
 
 
 @dataclass
@@ -64,7 +57,6 @@ class BuildResult:
     manifest: str = ""
     rootfs: RootfsRecord | None = None
     tasks: dict[str, str] = field(default_factory=dict)  # task -> executed | up-to-date | failed
-    pending: tuple[str, ...] = PENDING_STAGES
     spore: str | None = None
     manifest_id: str | None = None
     bundle: str | None = None
@@ -79,7 +71,6 @@ class BuildResult:
             "manifest": self.manifest,
             "rootfs": self.rootfs.to_json() if self.rootfs else None,
             "tasks": self.tasks,
-            "pending": list(self.pending),
             "spore": self.spore,
             "manifest_id": self.manifest_id,
             "bundle": self.bundle,
@@ -570,107 +561,3 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise SporeError(f"{path}: larger than {limit} bytes")
     return data
-
-
-def pending_tasks(sf: Sporefile) -> list[tuple[str, str, list[str]]]:
-    """Stages shown by `spore graph` before they are implemented (none left)."""
-    return []
-
-
-class _Loader(TaskLoader2):  # type: ignore[misc]
-    def __init__(self, build: _Build, dep_file: Path):
-        super().__init__()
-        self.build = build
-        self.dep_file = dep_file
-
-    def load_doit_config(self) -> dict[str, Any]:
-        build = self.build
-
-        class BoundReporter(build.reporter.doit_reporter_class()):  # type: ignore[misc]
-            pass
-
-        return {
-            "dep_file": str(self.dep_file),
-            "backend": doitstate.BACKEND,  # atomic writes: a killed build leaves no torn file
-            "reporter": BoundReporter,
-            "verbosity": 2,  # do not capture: actions stream step output themselves
-        }
-
-    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Task]:
-        return [dict_to_task(t) for t in self.build.tasks()]
-
-
-def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -> BuildResult:
-    sf = sporefile_mod.load(path)
-    b = _Build(sf, store, options, reporter)
-    state = store.root / "state"
-    state.mkdir(exist_ok=True)
-    ident = hashlib.sha256(str(sf.path.resolve()).encode()).hexdigest()[:24]
-    argv = ["run"] + (["--always-execute"] if options.no_cache else [])
-    names = [t["name"] for t in b.tasks()]
-    if options.until is not None:
-        if options.until not in names:
-            raise UsageError(
-                f"--until {options.until}: no such task; tasks are: {', '.join(names)}"
-            )
-        argv.append(options.until)
-    if options.locked and lockfile.load(b.lock_path).find(sf.base.image, sf.base.platform) is None:
-        raise LockMismatchError(
-            f"{b.lock_path}: --locked, but the lock has no entry for "
-            f"{sf.base.image} ({sf.base.platform}); run without --locked first"
-        )
-    _check_push_uris(sf)
-    if b.files is not None:
-        b.files.check()  # before any work: sources readable, no symlinks, no conflicting dst
-    # The result is read from the store under the same lock: a prune waiting for this
-    # build must not remove what the build is about to report.
-    with store.lock():
-        try:
-            loader = _Loader(b, state / f"{ident}.doit.json")
-            code = DoitMain(loader, extra_config=doitstate.PLUGIN).run(argv)
-        finally:
-            if b.vm is not None:
-                b.vm.close()
-        b.result.tasks = dict(reporter.statuses)
-        if b.error is not None:
-            raise b.error
-        if code != 0:
-            raise SporeError(f"build of {sf.path} failed in the task graph (doit exit {code})")
-        entry = b.entry()
-        b.result.image, b.result.manifest = entry.digest, entry.manifest
-        if b.result.rootfs is None:
-            b.result.rootfs = RootfsRecord.lookup(store, b.rootfs_cache_key())
-        if b.result.spore is None and options.until in (None, "verify"):
-            keys = b.chain_keys()
-            if keys:
-                rec = store.get_key("spore", b.spore_key(keys[-1]))
-                if rec is not None and b.spore_uptodate(keys[-1]):
-                    b.result.spore = str(sf.output.spore)
-                    b.result.manifest_id = rec.get("manifest")
-        if b.result.bundle is None and options.until in (None, "bundle", "push"):
-            b.bundle_uptodate()
-    return b.result
-
-
-def _check_push_uris(sf: Sporefile) -> None:
-    from sporevm.dist.uri import parse_push_uri
-
-    for i, uri in enumerate(sf.push):
-        try:
-            parse_push_uri(uri)
-        except SporeError as exc:
-            raise SporefileError(f"{sf.path}: push.{i}: {exc}") from None
-
-
-def describe(path: Path, store: Store) -> dict[str, Any]:
-    """The DAG for `spore graph`: tasks, their docs and dependencies."""
-    sf = sporefile_mod.load(path)
-    b = _Build(sf, store, BuildOptions(), Reporter.quiet())
-    nodes: list[dict[str, Any]] = [
-        {"name": t["name"], "doc": t["doc"], "deps": t.get("task_dep", []), "available": True}
-        for t in b.tasks()
-    ]
-    nodes += [
-        {"name": n, "doc": d, "deps": deps, "available": False} for n, d, deps in pending_tasks(sf)
-    ]
-    return {"sporefile": str(sf.path), "tasks": nodes}
