@@ -140,12 +140,12 @@ def _loopback(host: str) -> bool:
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):
     """Default timeouts for requests we do not issue ourselves (oras-py's token fetch)."""
 
-    def send(self, request: requests.PreparedRequest, stream: bool = False,
-             timeout: float | tuple[float | None, float | None] | None = None,
-             verify: bool | str = True, cert: str | tuple[str, str] | None = None,
-             proxies: dict[str, str] | None = None) -> requests.Response:
-        return super().send(request, stream=stream, timeout=timeout or (TIMEOUT, TIMEOUT),
-                            verify=verify, cert=cert, proxies=proxies)
+    def send(self, request: requests.PreparedRequest, *args: Any,
+             **kwargs: Any) -> requests.Response:
+        # requests' Session.send passes everything but the request by keyword.
+        if not args and kwargs.get("timeout") is None:
+            kwargs["timeout"] = (TIMEOUT, TIMEOUT)
+        return super().send(request, *args, **kwargs)
 
 
 class _Registry:
