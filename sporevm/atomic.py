@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -61,4 +61,43 @@ def publish(tmp: Path, dest: Path) -> None:
         os.close(fd)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _renameat2() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.renameat2  # glibc >= 2.28
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def replace_dir(staged: Path, dest: Path) -> None:
+    """Publish the directory ``staged`` as ``dest``, replacing any old ``dest`` in one step.
+
+    With an old ``dest``, the two are swapped with renameat2(RENAME_EXCHANGE), so
+    ``dest`` is always either the whole old directory or the whole new one, even
+    across a crash; the old one (now at ``staged``) is then removed. Both must be on
+    one filesystem (stage beside ``dest``).
+    """
+    import shutil
+
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise FileExistsError(f"{dest}: exists and is not a directory; remove it")
+    if not dest.exists():
+        os.replace(staged, dest)
+    else:
+        if _renameat2()(_AT_FDCWD, os.fsencode(staged), _AT_FDCWD, os.fsencode(dest),
+                        _RENAME_EXCHANGE) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, f"exchange {staged} with {dest}: {os.strerror(err)}")
+        shutil.rmtree(staged, ignore_errors=True)
     fsync_dir(dest.parent)

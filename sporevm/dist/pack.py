@@ -24,7 +24,7 @@ from pathlib import Path
 
 import blake3
 
-from sporevm.atomic import fsync_dir
+from sporevm.atomic import fsync_dir, replace_dir
 from sporevm.dist import bundle, chunkpack, rootfs_artifact
 from sporevm.dist.docjson import PIECE_MAX, BundleError
 from sporevm.dist.pull import PullResult, pull
@@ -161,6 +161,12 @@ def pack(parent: str, children_dir: Path | None, out: Path, store: Store, *,
     """Write the bundle of ``parent`` (and the spores in ``children_dir``) to ``out``."""
     if not 1 <= segment_limit <= PIECE_MAX:
         raise BundleError(f"segment size limit {segment_limit} must be 1..{PIECE_MAX}")
+    with store.lock():  # shared: a prune waits until every object has been read
+        return _pack(parent, children_dir, out, store, pack_limit, segment_limit)
+
+
+def _pack(parent: str, children_dir: Path | None, out: Path, store: Store, pack_limit: int,
+          segment_limit: int) -> PackResult:
     pid, pm, pdata = read_spore(parent)
     kids: dict[str, tuple[manifest.Manifest, bytes]] = {}
     for path in _children(children_dir) if children_dir is not None else []:
@@ -204,16 +210,10 @@ def pack(parent: str, children_dir: Path | None, out: Path, store: Store, *,
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise BundleError(f"{out}: exists and is not a directory; remove it")
-    if out.exists():
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(out.parent)
+    try:
+        replace_dir(tmp, out)  # never a moment without a whole bundle at ``out``
+    except FileExistsError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def unpack(bundle_text: str, out: Path, store: Store, *, child: str | None = None,

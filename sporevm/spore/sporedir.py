@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sporevm.atomic import atomic_write, fsync_dir
+from sporevm.atomic import atomic_write, replace_dir
 from sporevm.errors import SporeError
 from sporevm.spore import manifest
 from sporevm.store import Store
@@ -100,14 +100,7 @@ def write_spore(m: manifest.Manifest, out: Path) -> str:
         os.chmod(tmp, 0o755)
         atomic_write(tmp / MANIFEST, data)
         atomic_write(tmp / ID_FILE, manifest.manifest_id(data).encode() + b"\n")
-        if out.exists():
-            old = out.with_name(f".old-{out.name}-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)  # never a moment without a whole spore at ``out``
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
