@@ -60,11 +60,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         doc["warnings"] = reporter.warnings
         _emit_json(doc)
         return 0
-    assert result.rootfs is not None
-    reporter.info(
-        f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  {result.rootfs.path}"
-    )
-    reporter.info(f"image   {result.image} (manifest {result.manifest})")
+    if result.rootfs is not None:
+        reporter.info(f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  "
+                      f"{result.rootfs.path}")
+    if result.image:
+        reporter.info(f"image   {result.image} (manifest {result.manifest})")
     if result.spore:
         reporter.info(f"spore   {result.spore}  {result.manifest_id}")
     if result.bundle:

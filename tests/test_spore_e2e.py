@@ -311,3 +311,13 @@ def test_unchanged_sporefile_rebuilds_without_a_vm(built: Built) -> None:
     doc = json.loads(proc.stdout)
     assert set(doc["tasks"].values()) == {"up-to-date"}, doc["tasks"]
     assert Path(doc["spore"]) == built.spore_dir
+
+
+def test_until_guest_on_a_new_project_needs_no_lock(busybox_image: PushedImage,  # noqa: F811
+                                                    tmp_path: Path) -> None:
+    """--until guest stops before resolve: no lock entry, no image, and no crash."""
+    (tmp_path / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout,
+                                                         token="until-guest"))
+    proc = spore("build", "--until", "guest", str(tmp_path / "Sporefile"))
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped after guest" in proc.stderr and "image " not in proc.stderr

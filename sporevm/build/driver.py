@@ -79,10 +79,11 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
             raise b.error
         if code != 0:
             raise SporeError(f"build of {sf.path} failed in the task graph (doit exit {code})")
-        entry = b.entry()
-        b.result.image, b.result.manifest = entry.digest, entry.manifest
-        if b.result.rootfs is None:
-            b.result.rootfs = RootfsRecord.lookup(store, b.rootfs_cache_key())
+        entry = b.locked_entry()  # absent when --until stopped before resolve (e.g. guest)
+        if entry is not None:
+            b.result.image, b.result.manifest = entry.digest, entry.manifest
+            if b.result.rootfs is None:
+                b.result.rootfs = RootfsRecord.lookup(store, b.rootfs_cache_key())
         if b.result.spore is None and options.until in (None, "verify"):
             keys = b.chain_keys()
             if keys:
