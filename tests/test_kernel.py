@@ -57,6 +57,7 @@ def test_default_cmdline() -> None:
     features = value.split(",")
     assert {"smap", "cx16", "erms", "fsrm", "xsave"} <= set(features)
     assert "rodata=off" in pvm
+    assert "clocksource=kvm-clock" in pvm  # a TSC clocksource runs on while a spore sleeps
     with pytest.raises(K.KernelError, match="unknown host class"):
         K.default_cmdline("tcg")
 

@@ -321,3 +321,18 @@ def test_until_guest_on_a_new_project_needs_no_lock(busybox_image: PushedImage, 
     proc = spore("build", "--until", "guest", str(tmp_path / "Sporefile"))
     assert proc.returncode == 0, proc.stderr
     assert "stopped after guest" in proc.stderr and "image " not in proc.stderr
+
+
+def test_guest_clock_stands_still_while_the_spore_sleeps(built: Built) -> None:
+    """Monotonic time resumes where it was captured (wall time is set by the agent)."""
+    def uptime() -> float:
+        proc = spore("run", "--from", str(built.spore_dir), "--", "cat", "/proc/uptime")
+        assert proc.returncode == 0, proc.stderr
+        return float(proc.stdout.split()[0])
+
+    first = uptime()
+    time.sleep(6)
+    second = uptime()
+    # Each run lives ~1-2 s and starts from the same captured clock: asleep time never
+    # shows up (a TSC clocksource on kvm_pvm added the 6 s and more).
+    assert abs(second - first) < 3, (first, second)

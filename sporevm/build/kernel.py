@@ -115,7 +115,11 @@ def default_cmdline(host_class: str) -> str:
     if host_class == "kvm-pvm":
         assert len(PVM_CLEARCPUID) <= CLEARCPUID_MAX
         # rodata=off: no text poking / large page splits under the emulator.
-        parts += ["rodata=off", "clearcpuid=" + PVM_CLEARCPUID]
+        # clocksource=kvm-clock: PVM guests read the host's raw TSC (no TSC offset
+        # without hardware virtualization), so a TSC clocksource would jump by the
+        # whole time a spore slept and the guest would spend its first moments after
+        # a restore catching up; kvmclock is restored exactly (spore/restore.py).
+        parts += ["rodata=off", "clearcpuid=" + PVM_CLEARCPUID, "clocksource=kvm-clock"]
     return " ".join(parts)
 
 
