@@ -10,6 +10,7 @@ own one-line error.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,36 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"duplicate key {key[:60]!r}")
         out[key] = value
     return out
+
+
+def load_versioned_object(data: bytes, what: str, *, limit: int, encoding: str, fmt: str,
+                          error: type[Exception]) -> dict[str, Any]:
+    """Bounded strict parse of a JSON object whose ``format`` must be ``fmt``.
+
+    Every defect is one ``error`` naming ``what``; the format is checked first and
+    said plainly, since the commonest failure is a file from a newer spore.
+    """
+    if len(data) > limit:
+        raise error(f"{what}: larger than {limit} bytes; refusing to parse it")
+    try:
+        doc = json.loads(data.decode(encoding), object_pairs_hook=no_duplicate_keys,
+                         parse_float=reject_float, parse_constant=reject_constant)
+    except UnicodeDecodeError:
+        raise error(f"{what}: not {_TEXT[encoding]} text") from None
+    except RecursionError:
+        raise error(f"{what}: JSON nested too deeply") from None
+    except ValueError as exc:  # also over-long integers (int max str digits)
+        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise error(f"{what}: invalid JSON ({msg})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != fmt:
+        raise error(f"{what}: format {str(doc.get('format'))[:40]!r} is not supported "
+                    f"(this spore reads {fmt})")
+    return doc
+
+
+_TEXT = {"ascii": "ASCII", "utf-8": "UTF-8"}
 
 
 def reject_constant(name: str) -> Any:

@@ -20,6 +20,7 @@ import jsonschema.validators
 from sporevm.errors import SporeError
 from sporevm.strictjson import (
     ecma_pattern_keyword,
+    load_versioned_object,
     no_duplicate_keys,
     reject_constant,
     reject_float,
@@ -72,24 +73,8 @@ def validate(doc: Any, schema: dict[str, Any], what: str) -> None:
 
 def load(data: bytes, what: str, limit: int, fmt: str) -> dict[str, Any]:
     """Parse one metadata file: bounded, strict, a JSON object whose ``format`` is ``fmt``."""
-    if len(data) > limit:
-        raise BundleError(f"{what}: larger than {limit} bytes; refusing to parse it")
-    try:
-        doc = json.loads(data.decode("ascii"), object_pairs_hook=no_duplicate_keys,
-                         parse_float=reject_float, parse_constant=reject_constant)
-    except UnicodeDecodeError:
-        raise BundleError(f"{what}: not ASCII text") from None
-    except RecursionError:
-        raise BundleError(f"{what}: JSON nested too deeply") from None
-    except ValueError as exc:  # also over-long integers
-        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise BundleError(f"{what}: invalid JSON ({msg})") from None
-    if not isinstance(doc, dict):
-        raise BundleError(f"{what}: expected a JSON object, got {type(doc).__name__}")
-    if doc.get("format") != fmt:  # first and plainly: the commonest failure is a newer bundle
-        raise BundleError(f"{what}: format {str(doc.get('format'))[:40]!r} is not supported "
-                          f"(this spore reads {fmt})")
-    return doc
+    return load_versioned_object(data, what, limit=limit, encoding="ascii", fmt=fmt,
+                                 error=BundleError)
 
 
 def require_canonical(doc: Any, data: bytes, what: str) -> None:

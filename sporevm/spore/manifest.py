@@ -26,9 +26,7 @@ from sporevm.errors import SporeError
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkError, ChunkStore, MemoryIndex
 from sporevm.strictjson import (
     ecma_pattern_keyword,
-    no_duplicate_keys,
-    reject_constant,
-    reject_float,
+    load_versioned_object,
 )
 from sporevm.vmm.board import SLOT_BLK
 
@@ -251,25 +249,8 @@ def _where(err: Any) -> str:
 
 
 def _load(data: bytes, what: str) -> dict[str, Any]:
-    if len(data) > MAX_MANIFEST:
-        raise ManifestError(f"{what}: larger than {MAX_MANIFEST} bytes; refusing to parse it")
-    try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_float=reject_float, parse_constant=reject_constant)
-    except UnicodeDecodeError:
-        raise ManifestError(f"{what}: not UTF-8 text") from None
-    except RecursionError:
-        raise ManifestError(f"{what}: JSON nested too deeply") from None
-    except ValueError as exc:  # also huge integers (int max str digits)
-        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise ManifestError(f"{what}: invalid JSON ({msg})") from None
-    if not isinstance(doc, dict):
-        raise ManifestError(f"{what}: expected a JSON object, got {type(doc).__name__}")
-    fmt = doc.get("format")
-    if fmt != FORMAT:  # said first and plainly: the commonest failure is a newer spore
-        raise ManifestError(
-            f"{what}: format {str(fmt)[:40]!r} is not supported (this spore reads {FORMAT})"
-        )
+    doc = load_versioned_object(data, what, limit=MAX_MANIFEST, encoding="utf-8", fmt=FORMAT,
+                                error=ManifestError)
     _validate(doc, what)
     return doc
 
