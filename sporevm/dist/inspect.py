@@ -20,6 +20,7 @@ from sporevm.dist.docjson import BundleError
 from sporevm.dist.transport_file import FileSource
 from sporevm.dist.uri import BundleURI
 from sporevm.spore.chunks import chunk_id
+from sporevm.store import sha256_file
 
 _READ = 1 << 20
 
@@ -54,22 +55,12 @@ def describe(root: Path, meta: bundle.Metadata) -> dict[str, Any]:
     }
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(_READ):
-            h.update(block)
-            n += len(block)
-    return "sha256:" + h.hexdigest(), n
-
-
 def verify(root: Path, meta: bundle.Metadata) -> int:
     """Re-hash every payload byte of the bundle; returns the bytes checked."""
     total = 0
     for i, pack in enumerate(meta.chunkpack.packs):
         path = root / pack.name
-        got, size = _sha256_file(path)
+        got, size = sha256_file(path)
         if (got, size) != (pack.sha256, pack.size):
             raise BundleError(f"{path}: is {size} B with {got}; the index says {pack.size} B "
                               f"with {pack.sha256}")

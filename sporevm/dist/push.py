@@ -20,6 +20,7 @@ from sporevm.dist.docjson import BundleError
 from sporevm.dist.transport_file import FileSource
 from sporevm.dist.transports import Sink
 from sporevm.dist.uri import BundleURI
+from sporevm.store import sha256_file
 
 _READ = 1 << 20
 
@@ -33,16 +34,11 @@ class PushResult:
 
 
 def _check_file(path: Path, size: int, sha256: str, name: str) -> None:
-    h = hashlib.sha256()
-    total = 0
     try:
-        with open(path, "rb") as fh:
-            while block := fh.read(_READ):
-                total += len(block)
-                h.update(block)
+        got, total = sha256_file(path)
     except OSError as exc:
         raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
-    if total != size or "sha256:" + h.hexdigest() != sha256:
+    if (total, got) != (size, sha256):
         raise BundleError(f"{path}: does not match the size and sha256 the bundle index gives "
                           f"for {name}; the bundle is corrupt, pack it again")
 
