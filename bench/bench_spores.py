@@ -355,7 +355,7 @@ def main() -> int:
             floor_s.values.append(took)
             floor_mem.append(mem)
 
-        parent_id = manifest.manifest_id(mpath.read_bytes())
+        parent_id = manifest.id_of(m)
         fork = Series()
         for i in range(args.runs):
             fork.values.append(fork_once(m, parent_id, args.fork_count, work / f"fork-{i}"))

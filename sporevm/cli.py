@@ -146,8 +146,8 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
     store = Store()
     spore_path, pin = split_pin(args.spore)
-    m, mpath, _ = open_spore(spore_path, store, pin)
-    parent_id = manifest.manifest_id(mpath.read_bytes())
+    m, _, _ = open_spore(spore_path, store, pin)
+    parent_id = manifest.id_of(m)
     out = Path(args.out)
     children = []
     for i, child in enumerate(fork_manifests(m, parent_id, args.count)):
@@ -203,9 +203,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return _inspect_bundle(args, verify=False)
     spore_path, pin = split_pin(args.spore)
     m, mpath, rootfs = open_spore(spore_path, Store(), pin)
-    data = mpath.read_bytes()
     doc = manifest.to_document(m)
-    mid = manifest.manifest_id(data)
+    mid = manifest.id_of(m)
     if args.json:
         _emit_json({"id": mid, "path": str(mpath), "rootfs_path": str(rootfs), "manifest": doc})
         return 0
@@ -248,7 +247,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise SporeError(f"{rootfs}: rootfs is {digest} ({size} B); the spore needs "
                          f"{m.rootfs.digest} ({m.rootfs.size} B)")
     took = time.monotonic() - started
-    doc = {"spore": str(mpath.parent), "id": manifest.manifest_id(mpath.read_bytes()),
+    doc = {"spore": str(mpath.parent), "id": manifest.id_of(m),
            "chunks": len(m.memory.stored()), "state_objects": len(m.state),
            "rootfs": m.rootfs.digest, "seconds": round(took, 3), "ok": True}
     if args.json:

@@ -354,3 +354,8 @@ def test_decode_vouched_accepts_only_the_vouched_bytes() -> None:
         mf.decode_vouched(bytes(flipped), mid)
     with pytest.raises(mf.ManifestError, match="changed since it was checked"):
         mf.decode_vouched(data, "blake3:" + "0" * 64)
+
+
+def test_id_of_a_decoded_manifest_is_the_id_of_its_bytes() -> None:
+    data = mf.encode(sample())
+    assert mf.id_of(mf.decode(data)) == mf.manifest_id(data)

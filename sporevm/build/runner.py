@@ -77,8 +77,7 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     started = time.monotonic()
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
                           m.platform.vcpus, store=store.root, restore=mpath, ram=ram,
-                          restore_id=manifest.manifest_id(
-                              manifest.canonical(manifest.to_document(m))),
+                          restore_id=manifest.id_of(m),
                           zygote=zygote))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)

@@ -230,6 +230,12 @@ def manifest_id(data: bytes) -> str:
     return "blake3:" + blake3.blake3(data).hexdigest()
 
 
+def id_of(m: Manifest) -> str:
+    """The id of a decoded manifest: decode accepts only canonical bytes, so re-encoding
+    gives back exactly the bytes that were checked (no second read of the file)."""
+    return manifest_id(canonical(to_document(m)))
+
+
 @functools.cache
 def _validator() -> Any:
     # Imported here: the VM monitor decodes only vouched manifests (decode_vouched) and
