@@ -26,7 +26,6 @@ no VM). See docs/bench.md ("Distribution").
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -47,7 +46,7 @@ from sporevm.dist.uri import parse_pull_uri, parse_push_uri  # noqa: E402
 from sporevm.spore import backing  # noqa: E402
 from sporevm.spore.chunks import ChunkStore  # noqa: E402
 from sporevm.spore.sporedir import open_spore  # noqa: E402
-from sporevm.store import Store  # noqa: E402
+from sporevm.store import Store, sha256_file  # noqa: E402
 
 MARKER = "spore-pull-bench-marker"
 SPOREFILE = f"""\
@@ -97,14 +96,6 @@ def clean_node(base: Path, dest: Path) -> Path:
     return dest
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path,
@@ -141,7 +132,7 @@ def main() -> None:
             store = Store(home)
             m, _, _ = open_spore(spore, store)
             memfile = backing.ensure_memfile(m.memory, ChunkStore(store), store)
-            size, digest = memfile.stat().st_size, sha256_file(memfile)
+            digest, size = sha256_file(memfile)
             started = time.monotonic()
             sink = open_sink(parse_push_uri(f"oci://{reg.host}/bench/raw"))
             sink.put("memory.raw", memfile, size, digest)
