@@ -21,9 +21,6 @@ from sporevm.errors import SporeError
 from sporevm.strictjson import (
     ecma_pattern_keyword,
     load_versioned_object,
-    no_duplicate_keys,
-    reject_constant,
-    reject_float,
 )
 
 B3 = "^blake3:[0-9a-f]{64}$"
