@@ -24,9 +24,11 @@ static int safe_id(const char *s, const char *extra)
     return 1;
 }
 
-/* struct rand_pool_info and RNDADDENTROPY from <linux/random.h>, spelled out so
- * the agent builds against libcs that ship without kernel headers (musl). */
+/* struct rand_pool_info, RNDADDENTROPY and RNDRESEEDCRNG from <linux/random.h>,
+ * spelled out so the agent builds against libcs that ship without kernel
+ * headers (musl). */
 #define SPORE_RNDADDENTROPY _IOW('R', 0x03, int[2])
+#define SPORE_RNDRESEEDCRNG _IO('R', 0x07)
 
 static int add_entropy(const uint8_t *p, uint32_t n)
 {
@@ -44,6 +46,12 @@ static int add_entropy(const uint8_t *p, uint32_t n)
     if (fd < 0)
         return -1;
     int rc = ioctl(fd, SPORE_RNDADDENTROPY, &req);
+    /* Adding to the input pool does not re-key the CRNG that /dev/urandom and
+     * getrandom() read from: since Linux 5.18 that happens only on a timer
+     * (seconds to a minute), so forked children would return the parent's
+     * next bytes until then. Force the reseed now; it fails closed. */
+    if (rc == 0)
+        rc = ioctl(fd, SPORE_RNDRESEEDCRNG);
     int e = errno;
     close(fd);
     errno = e;
@@ -92,7 +100,7 @@ void on_generation(uint32_t id, struct rd *r, const struct agent_opts *o)
     }
     if (!o->sandbox) {
         if (add_entropy(ent, elen) < 0) {
-            send_error(id, E_SYSTEM, errno, "RNDADDENTROPY: %s", strerror(errno));
+            send_error(id, E_SYSTEM, errno, "RNDADDENTROPY/RNDRESEEDCRNG: %s", strerror(errno));
             goto out;
         }
         if (has_time) {

@@ -5,7 +5,8 @@ else resumes the sealed spore (~1-3 s each) or fails before a VM exists:
 
 - a step's file in the overlay and a background process survive `spore run --from`,
   for each restore strategy (eager, lazy, local);
-- two forked children report different generation ids and different /dev/urandom bytes;
+- two forked children report different generation ids and different /dev/urandom bytes,
+  and two runs of one spore never read the same /dev/urandom bytes;
 - a corrupt chunk, an edited manifest byte or a different kernel digest fail closed;
 - the unchanged Sporefile rebuilds without starting a VM.
 
@@ -166,6 +167,24 @@ def test_forked_children_know_they_forked(built: Built, tmp_path: Path) -> None:
         randoms.append(random_text)
     assert len(set(gens)) == 2
     assert randoms[0] != randoms[1]  # same state, same read, fresh entropy per child
+
+
+def test_each_restore_of_one_spore_reads_fresh_random_bytes(built: Built) -> None:
+    # A fleet resumes one spore thousands of times: no two runs may share the
+    # guest's CRNG stream, forked or not.
+    gen_id = load_manifest(built.spore_dir).generation.id
+    randoms = []
+    for run in range(2):
+        proc = timed(f"spore run --from (again {run})", "run", "-q", "--from",
+                     str(built.spore_dir), "--", "sh", "-c", GEN_AND_RANDOM)
+        assert proc.returncode == 0, proc.stderr
+        gen_text, _, random_text = proc.stdout.partition("---\n")
+        info = json.loads(gen_text)
+        assert (info["generation"], info["parent"], info["count"]) == (gen_id, "", 1)
+        assert info["entropy_bytes"] > 0
+        assert re.fullmatch(r"[0-9a-f]{32}\n", random_text), proc.stdout
+        randoms.append(random_text)
+    assert randoms[0] != randoms[1]
 
 
 @pytest.mark.parametrize("strategy", ["eager", "local"])

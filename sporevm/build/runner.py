@@ -69,7 +69,8 @@ def boot_vm(
 
 def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
               hostname: str = "", ram: str = "eager", zygote: bool | None = None) -> VmProcess:
-    """Restore a spore in a fresh monitor; a forked child learns its generation first."""
+    """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
+    clock, and for a forked child its hostname) before anything else runs."""
     spore, pin = split_pin(str(spore))
     m, mpath, rootfs = open_spore(spore, store, pin)
     guest = ensure_guest(store, reporter, kernel)
@@ -81,12 +82,12 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
                           zygote=zygote))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
-        if m.generation.parent is not None:
-            base = m.annotations.get("org.spore.name", "spore")
-            name = hostname or f"{base}-{m.generation.index}"
-            vm.session.apply_generation(generation_message(m, name))
-        else:
-            vm.session.set_time()
+        # Every restore, forked or not, gets fresh entropy and a CRNG reseed:
+        # two runs of one spore must never share the guest's random stream.
+        name = hostname
+        if m.generation.parent is not None and not name:
+            name = f"{m.annotations.get('org.spore.name', 'spore')}-{m.generation.index}"
+        vm.session.apply_generation(generation_message(m, name))
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         vm.close()

@@ -3,8 +3,10 @@
 A child's manifest is the parent's with a fresh generation (new id, the
 parent's manifest id, its index and the count). Before a restored child runs
 any user command, the host sends the guest agent a GENERATION message: fresh
-host entropy mixed into the kernel pool, wall clock, hostname, and
-/run/spore/generation.json — so forked guests know they forked.
+host entropy mixed into the kernel pool (and the CRNG reseeded), wall clock,
+hostname, and /run/spore/generation.json — so forked guests know they forked.
+Every restore sends one, forked or not, with new entropy each time: restores of
+one spore share memory, never their random stream.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def fork_manifests(
 
 
 def generation_message(m: manifest.Manifest, hostname: str) -> GenerationMessage:
-    """What the agent applies in a restored child before any user command."""
+    """What the agent applies in a restored guest before any user command."""
     now = time.time_ns()
     g = m.generation
     return GenerationMessage(
