@@ -57,7 +57,7 @@ struct stream *alloc_stream(uint32_t id)
             struct stream *s = &streams[i];
             memset(s, 0, sizeof *s);
             s->id = id;
-            s->fd[0] = s->fd[1] = s->errpipe = -1;
+            s->fd[0] = s->fd[1] = -1;
             s->t0 = mono_ns();
             return s;
         }
@@ -80,12 +80,10 @@ void free_stream(struct stream *s)
     for (int i = 0; i < 2; i++)
         if (s->fd[i] >= 0)
             add_orphan(s->fd[i]);
-    if (s->errpipe >= 0)
-        close(s->errpipe);
     free(s->path);
     cmd_free(&s->cmd);
     memset(s, 0, sizeof *s);
-    s->fd[0] = s->fd[1] = s->errpipe = -1;
+    s->fd[0] = s->fd[1] = -1;
 }
 
 uint64_t ms_to_ns(uint32_t ms) { return (uint64_t)ms * 1000000u; }
@@ -134,46 +132,28 @@ static void on_exec(uint32_t id, struct rd *r)
         free_stream(s);
         return;
     }
-    s->pid = spawn(&c, flags & 2, w[0], w[1], &s->errpipe);
+    int phase;
+    s->pid = spawn(&c, flags & 2, w[0], w[1], &phase);
     int e = errno;
     close(w[0]);
     close(w[1]);
     if (s->pid < 0) {
-        send_error(id, E_SYSTEM, e, "fork: %s", strerror(e));
+        if (phase == SPAWN_SYSTEM)
+            send_error(id, E_SYSTEM, e, "spawn: %s", strerror(e));
+        else
+            send_error(id, E_EXEC_FAILED, e, "%s %s: %s", phase == SPAWN_CHDIR ? "chdir" : "exec",
+                       phase == SPAWN_CHDIR ? c.cwd : (c.shell ? "/bin/sh" : c.argv[0]),
+                       strerror(e));
         cmd_free(&c);
         free_stream(s);
         return;
     }
-    s->cmd = c; /* kept for the error message of a failed exec */
+    cmd_free(&c);
     if (timeout_ms)
         s->deadline = s->t0 + ms_to_ns(timeout_ms);
-}
-
-/* Non-blocking check of the error pipe: 1 resolved, 0 pending. */
-static int resolve_errpipe(struct stream *s)
-{
-    struct { int32_t phase, err; } rep;
-    if (s->errpipe < 0)
-        return 1;
-    ssize_t n = read(s->errpipe, &rep, sizeof rep);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return 0;
-    close(s->errpipe);
-    s->errpipe = -1;
-    if (n == (ssize_t)sizeof rep) {
-        s->failed = 1;
-        const char *what = rep.phase == 1 ? "chdir" : "exec";
-        const char *arg = rep.phase == 1 ? s->cmd.cwd : (s->cmd.shell ? "/bin/sh" : s->cmd.argv[0]);
-        send_error(s->id, E_EXEC_FAILED, rep.err, "%s %s: %s", what, arg, strerror(rep.err));
-        return 1;
-    }
-    if (s->kind == K_EXEC) {
-        wr_init(&wbuf);
-        wr_u32(&wbuf, (uint32_t)s->pid);
-        out_frame(T_STARTED, s->id, wbuf.buf, wbuf.len);
-        s->started = 1;
-    }
-    return 1;
+    wr_init(&wbuf);
+    wr_u32(&wbuf, (uint32_t)s->pid);
+    out_frame(T_STARTED, s->id, wbuf.buf, wbuf.len);
 }
 
 /* Read one chunk from a child pipe: 1 data, 0 empty for now, -1 closed. */
@@ -184,7 +164,7 @@ static int pump_pipe(struct stream *s, int i)
         return -1;
     ssize_t n = read(s->fd[i], buf, sizeof buf);
     if (n > 0) {
-        if (s->kind == K_EXEC && !s->failed)
+        if (s->kind == K_EXEC)
             out_frame(i ? T_STDERR : T_STDOUT, s->id, buf, (uint32_t)n);
         return 1;
     }
@@ -213,18 +193,14 @@ static void send_exit(struct stream *s)
  * Pipes still open after that are held by descendants and become orphans. */
 static void finish_exec(struct stream *s)
 {
-    if (!resolve_errpipe(s))
-        return;
-    if (!s->failed) {
-        for (int i = 0; i < 2; i++) {
-            int rc;
-            while (out_pending() < PIPE_LIMIT && (rc = pump_pipe(s, i)) > 0)
-                ;
-            if (out_pending() >= PIPE_LIMIT)
-                return; /* backpressure: finish on a later turn */
-        }
-        send_exit(s);
+    for (int i = 0; i < 2; i++) {
+        int rc;
+        while (out_pending() < PIPE_LIMIT && (rc = pump_pipe(s, i)) > 0)
+            ;
+        if (out_pending() >= PIPE_LIMIT)
+            return; /* backpressure: finish on a later turn */
     }
+    send_exit(s);
     free_stream(s);
 }
 
@@ -392,8 +368,9 @@ int agent_serve(const struct agent_opts *o)
     for (int i = 0; i < MAX_ORPHANS; i++)
         orphans[i] = -1;
     for (int i = 0; i < MAX_STREAMS; i++)
-        streams[i].fd[0] = streams[i].fd[1] = streams[i].errpipe = -1;
+        streams[i].fd[0] = streams[i].fd[1] = -1;
     signal(SIGPIPE, SIG_IGN);
+    spawn_init();
     sigset_t chld;
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
@@ -414,7 +391,7 @@ int agent_serve(const struct agent_opts *o)
     out_frame(T_READY, 0, wbuf.buf, wbuf.len);
 
     struct pollfd pf[2 + MAX_STREAMS * 3 + MAX_ORPHANS];
-    int pidx[MAX_STREAMS][3];
+    int pidx[MAX_STREAMS][2];
     for (;;) {
         if (out_flush(0) < 0 && !o->pid1)
             break; /* host gone */
@@ -445,13 +422,10 @@ int agent_serve(const struct agent_opts *o)
         int room = out_pending() < PIPE_LIMIT;
         for (int i = 0; i < MAX_STREAMS; i++) {
             struct stream *s = &streams[i];
-            pidx[i][0] = pidx[i][1] = pidx[i][2] = -1;
+            pidx[i][0] = pidx[i][1] = -1;
             if (s->kind == K_FREE)
                 continue;
-            if (s->errpipe >= 0) {
-                pidx[i][2] = (int)n;
-                pf[n++] = (struct pollfd){.fd = s->errpipe, .events = POLLIN};
-            } else if (room) {
+            if (room) {
                 for (int j = 0; j < 2; j++)
                     if (s->fd[j] >= 0) {
                         pidx[i][j] = (int)n;
@@ -500,8 +474,6 @@ int agent_serve(const struct agent_opts *o)
             struct stream *s = &streams[i];
             if (s->kind == K_FREE)
                 continue;
-            if (pidx[i][2] >= 0 && pf[pidx[i][2]].revents && s->kind == K_EXEC)
-                resolve_errpipe(s);
             if (s->kind == K_EXEC && !s->reaped)
                 for (int j = 0; j < 2; j++)
                     if (pidx[i][j] >= 0 && pf[pidx[i][j]].revents && out_pending() < PIPE_LIMIT)

@@ -84,10 +84,12 @@ struct cmd {
 };
 void cmd_free(struct cmd *c);
 int cmd_read(struct rd *r, struct cmd *c, const char **why);
-/* fork + exec; out/err: fds for the child's stdout/stderr (-1: /dev/null).
- * errpipe_rd receives the read end of a CLOEXEC pipe on which the child reports
- * {phase, errno} if chdir/exec fails. Returns pid or -1 (errno set). */
-pid_t spawn(const struct cmd *c, int clear_env, int out, int err, int *errpipe_rd);
+/* Start a command; out/err: fds for its stdout/stderr (-1: /dev/null). Returns
+ * its pid once it has exec'd, or -1 with errno set and *phase saying which step
+ * failed. spawn_init() runs once at agent start. */
+enum { SPAWN_SYSTEM = 0, SPAWN_CHDIR = 1, SPAWN_EXEC = 2 };
+void spawn_init(void);
+pid_t spawn(const struct cmd *c, int clear_env, int out, int err, int *phase);
 
 /* ---- the agent loop ---- */
 struct agent_opts {

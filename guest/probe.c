@@ -74,15 +74,13 @@ void probe_step(struct stream *s, uint64_t now)
             s->last = tcp_attempt(s->port);
         } else {
             s->reaped = 0;
-            s->pid = spawn(&s->cmd, 0, -1, -1, &s->errpipe);
+            int phase;
+            s->pid = spawn(&s->cmd, 0, -1, -1, &phase);
             if (s->pid < 0) {
-                s->last = errno;
+                /* a command that cannot start reads as the shell's "not found" */
+                s->last = phase == SPAWN_SYSTEM ? errno : 127;
                 s->pid = 0;
             } else {
-                if (s->errpipe >= 0) { /* exec failures show up as exit 127 */
-                    close(s->errpipe);
-                    s->errpipe = -1;
-                }
                 s->next = now + ms_to_ns(s->interval_ms);
                 return;
             }

@@ -1,10 +1,12 @@
-/* Commands: decoding, environment, fork + exec with an error pipe. */
+/* Commands: decoding, environment, posix_spawn. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -97,65 +99,130 @@ static char **build_env(char **over, int clear_env)
 
 extern char **environ;
 
-/* Runs in the child only: async-signal-safe calls, then exec or report. */
-static void child(const struct cmd *c, char **env, int out, int err, int ep)
+/* Signals the agent ignores (SIGPIPE at least): a command starts with them at
+ * their defaults. Caught handlers need no reset; exec drops them. Recorded once
+ * at agent start, so spawning costs no per-signal syscalls: on a software
+ * hypervisor every guest syscall is expensive. */
+static sigset_t ignored;
+
+void spawn_init(void)
 {
-    struct { int32_t phase, err; } rep;
-    sigset_t all;
-    sigemptyset(&all);
-    sigprocmask(SIG_SETMASK, &all, NULL);
-    for (int s = 1; s < NSIG; s++)
-        signal(s, SIG_DFL); /* the agent ignores SIGPIPE; commands must not inherit that */
-    setsid(); /* own process group: SIGNAL and timeouts hit the whole group */
-    int nul = open("/dev/null", O_RDWR);
-    if (nul >= 0 && nul != 0)
-        dup2(nul, 0);
-    else if (nul < 0)
-        close(0);
-    dup2(out >= 0 ? out : nul, 1);
-    dup2(err >= 0 ? err : nul, 2);
-    if (nul > 2)
-        close(nul);
-    rep.phase = 1;
-    if (chdir(c->cwd) < 0)
-        goto fail;
-    rep.phase = 2;
-    environ = env;
-    if (c->shell) {
-        char *sh[] = {"/bin/sh", "-c", c->argv[0], NULL};
-        execv(sh[0], sh);
-    } else {
-        execvp(c->argv[0], c->argv);
+    sigemptyset(&ignored);
+    for (int s = 1; s < NSIG; s++) {
+        struct sigaction sa;
+        if (sigaction(s, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
+            sigaddset(&ignored, s);
     }
-fail:
-    rep.err = errno;
-    ssize_t ignored = write(ep, &rep, sizeof rep);
-    (void)ignored;
-    _exit(127);
 }
 
-pid_t spawn(const struct cmd *c, int clear_env, int out, int err, int *errpipe_rd)
+/* Which step failed, for the error message: posix_spawn only returns an errno. */
+static int failed_phase(const struct cmd *c)
 {
-    int ep[2];
+    struct stat st;
+    if (stat(c->cwd, &st) < 0 || !S_ISDIR(st.st_mode) || access(c->cwd, X_OK) < 0)
+        return SPAWN_CHDIR;
+    return SPAWN_EXEC;
+}
+
+/* execvp's PATH search done with stat() instead of one failed execve per entry:
+ * before Linux 6.8 a failed execve first builds a whole new mm and copies argv
+ * and envp into it, which a software hypervisor makes cost tens of ms. Same
+ * result as musl's execvp: the first regular, executable file along PATH.
+ * Returns 1 with the path in out, 0 to let posix_spawnp search (and say why). */
+static int resolve_path(const char *file, char **env, char *out, size_t cap)
+{
+    const char *path = NULL;
+    size_t k = strlen(file);
+    if (strchr(file, '/') || k == 0)
+        return 0;
+    for (char **e = env; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0)
+            path = *e + 5;
+    if (!path)
+        return 0;
+    for (const char *p = path;; p++) {
+        const char *z = strchrnul(p, ':');
+        size_t l = (size_t)(z - p);
+        if (l == 0 || *p != '/')
+            return 0; /* relative entries depend on the command's cwd: leave them to exec */
+        if (l + 1 + k < cap) {
+            memcpy(out, p, l);
+            out[l] = '/';
+            memcpy(out + l + 1, file, k + 1);
+            struct stat st;
+            if (stat(out, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111) &&
+                access(out, X_OK) == 0)
+                return 1;
+        }
+        if (!*z)
+            return 0;
+        p = z;
+    }
+}
+
+/* posix_spawn (musl: vfork-style clone, no copy of the agent's page tables):
+ * own session, empty signal mask, stdin /dev/null, the given stdout/stderr,
+ * cwd, then exec. Synchronous: when it returns 0 the command has exec'd. */
+pid_t spawn(const struct cmd *c, int clear_env, int out, int err, int *phase)
+{
+    *phase = SPAWN_SYSTEM;
     char **env = build_env(c->env, clear_env);
     if (!env)
         return -1;
-    if (pipe2(ep, O_CLOEXEC) < 0) {
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
+    sigset_t none;
+    sigemptyset(&none);
+    int rc = posix_spawnattr_init(&attr);
+    if (rc == 0) {
+        rc = posix_spawn_file_actions_init(&fa);
+        if (rc != 0)
+            posix_spawnattr_destroy(&attr);
+    }
+    if (rc != 0) {
         free(env);
+        errno = rc;
         return -1;
     }
-    pid_t pid = fork();
-    if (pid == 0)
-        child(c, env, out, err, ep[1]);
-    int saved = errno;
+    rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
+                                             POSIX_SPAWN_SETSIGDEF);
+    if (!rc)
+        rc = posix_spawnattr_setsigmask(&attr, &none);
+    if (!rc)
+        rc = posix_spawnattr_setsigdefault(&attr, &ignored);
+    if (!rc)
+        rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
+    if (!rc)
+        rc = posix_spawn_file_actions_adddup2(&fa, out >= 0 ? out : 0, 1);
+    if (!rc)
+        rc = posix_spawn_file_actions_adddup2(&fa, err >= 0 ? err : 0, 2);
+    if (!rc)
+        rc = posix_spawn_file_actions_addchdir_np(&fa, c->cwd);
+    pid_t pid = -1;
+    static char found[MAX_PATH_LEN];
+    if (!rc) {
+        /* posix_spawnp searches the PATH of the current environ: make it the
+         * command's own for the call (the agent is single-threaded). */
+        char **saved = environ;
+        environ = env;
+        if (c->shell) {
+            char *sh[] = {"/bin/sh", "-c", c->argv[0], NULL};
+            rc = posix_spawn(&pid, sh[0], &fa, &attr, sh, env);
+        } else if (resolve_path(c->argv[0], env, found, sizeof found)) {
+            rc = posix_spawn(&pid, found, &fa, &attr, c->argv, env);
+        } else {
+            rc = posix_spawnp(&pid, c->argv[0], &fa, &attr, c->argv, env);
+        }
+        environ = saved;
+        if (rc)
+            *phase = failed_phase(c);
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
     free(env); /* only the vector: strings belong to c or default_env */
-    close(ep[1]);
-    if (pid < 0) {
-        close(ep[0]);
-        errno = saved;
+    if (rc) {
+        errno = rc;
         return -1;
     }
-    fcntl(ep[0], F_SETFL, O_NONBLOCK);
-    *errpipe_rd = ep[0];
     return pid;
 }

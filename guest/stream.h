@@ -13,9 +13,6 @@ struct stream {
     uint32_t id;
     pid_t pid;          /* exec child, or the running command-probe attempt */
     int fd[2];          /* stdout, stderr read ends (-1 when closed) */
-    int errpipe;        /* -1 once resolved */
-    int started;        /* STARTED sent */
-    int failed;         /* exec failed: ERROR sent, no EXIT */
     int reaped;
     int status;
     struct rusage ru;

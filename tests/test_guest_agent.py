@@ -146,6 +146,34 @@ def test_exec_failures_report_errno(agent: Running, tmp_path: Path) -> None:
     assert agent.session.exec(["true"]).wait(10).exit_code == 0  # still serving
 
 
+def test_commands_start_with_default_signals_and_an_empty_mask(agent: Running) -> None:
+    # The agent ignores SIGPIPE and blocks SIGCHLD; a command must inherit neither.
+    h = agent.session.exec(["grep", "-E", "^Sig(Ign|Blk):", "/proc/self/status"])
+    assert h.wait(10).exit_code == 0
+    assert h.stdout.split() == [b"SigBlk:", b"0" * 16, b"SigIgn:", b"0" * 16]
+
+
+def test_path_search_follows_the_commands_path_like_execvp(agent: Running,
+                                                            tmp_path: Path) -> None:
+    # The agent searches PATH itself (stat, not a failed execve per entry); the
+    # answer must be execvp's: the first regular, executable file, in order.
+    dirs = [tmp_path / d for d in ("a", "b", "c", "d")]
+    for d in dirs:
+        d.mkdir()
+    (dirs[0] / "which-one").mkdir()  # a directory is skipped
+    (dirs[1] / "which-one").write_text("#!/bin/sh\necho b\n")  # not executable: skipped
+    for d in dirs[2:]:
+        (d / "which-one").write_text(f"#!/bin/sh\necho {d.name}\n")
+        (d / "which-one").chmod(0o755)
+    path = ":".join(str(d) for d in dirs)
+    h = agent.session.exec(["which-one"], env={"PATH": path})
+    assert h.wait(10).exit_code == 0 and h.stdout == b"c\n"
+    with pytest.raises(AgentExecError, match="exec which-one: Permission denied"):
+        agent.session.exec(["which-one"], env={"PATH": ":".join(map(str, dirs[:2]))}).wait(10)
+    with pytest.raises(AgentExecError, match="exec which-one: No such file"):
+        agent.session.exec(["which-one"], env={"PATH": str(tmp_path)}).wait(10)
+
+
 def test_stdin_is_closed(agent: Running) -> None:
     h = agent.session.exec(["cat"])
     assert h.wait(10).exit_code == 0 and h.stdout == b""
