@@ -42,8 +42,9 @@ static int add_entropy(const uint8_t *p, uint32_t n)
     req.entropy_count = (int)(n * 8);
     req.buf_size = (int)n;
     memcpy(req.buf, p, n);
-    int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
-    if (fd < 0)
+    /* Kept open across generations: every guest syscall counts on a resume. */
+    static int fd = -1;
+    if (fd < 0 && (fd = open("/dev/urandom", O_RDWR | O_CLOEXEC)) < 0)
         return -1;
     int rc = ioctl(fd, SPORE_RNDADDENTROPY, &req);
     /* Adding to the input pool does not re-key the CRNG that /dev/urandom and
@@ -52,9 +53,6 @@ static int add_entropy(const uint8_t *p, uint32_t n)
      * next bytes until then. Force the reseed now; it fails closed. */
     if (rc == 0)
         rc = ioctl(fd, SPORE_RNDRESEEDCRNG);
-    int e = errno;
-    close(fd);
-    errno = e;
     return rc;
 }
 
@@ -66,13 +64,16 @@ static int write_json(const char *dir, const char *body, size_t len)
         errno = ENAMETOOLONG;
         return -1;
     }
-    mkdir(dir, 0755);
+    /* Runtime state (a tmpfs in the guest): the rename makes the file appear whole,
+     * and an fsync would buy nothing but a syscall. mkdir only when missing. */
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == ENOENT && mkdir(dir, 0755) == 0)
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
         return -1;
     ssize_t w = write(fd, body, len);
     int e = errno;
-    if (w != (ssize_t)len || fsync(fd) < 0) {
+    if (w != (ssize_t)len) {
         close(fd);
         errno = w < 0 ? e : EIO;
         return -1;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -284,6 +285,14 @@ def test_generation(agent: Running) -> None:
         2, 4, "child-2", 64)
     with pytest.raises(AgentError, match="malformed or unsafe"):
         agent.session.apply_generation(Generation('x"}, {"evil'))
+
+
+def test_generation_creates_a_missing_run_dir(agent: Running) -> None:
+    shutil.rmtree(agent.run_dir, ignore_errors=True)
+    agent.session.apply_generation(Generation("gen-2", "", 0, 1, "", os.urandom(64), None))
+    doc = json.loads((agent.run_dir / "generation.json").read_text())
+    assert (doc["generation"], doc["parent"], doc["count"]) == ("gen-2", "", 1)
+    assert [p.name for p in agent.run_dir.iterdir()] == ["generation.json"]
 
 
 def test_too_many_streams_is_busy(agent: Running) -> None:
