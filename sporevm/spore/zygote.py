@@ -99,6 +99,7 @@ def serve(ctl: socket.socket) -> int:
         jail.load_seccomp()  # loads libseccomp once; children inherit it mapped
     gc.collect()
     gc.freeze()  # imported objects stay put: the collector won't dirty shared pages
+    monitor.release_freed_heap()  # what importing freed need not stay resident here
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)
