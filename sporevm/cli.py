@@ -17,8 +17,15 @@ from typing import Any
 
 from sporevm import __version__
 from sporevm.errors import SporeError, UsageError
-from sporevm.sporefile import parse_duration
 from sporevm.store import Store
+
+
+def parse_duration(text: str) -> float:
+    # Imported on use: the Sporefile module pulls in jsonschema (~100 ms), which
+    # `spore run --from` and the other non-build commands never need.
+    from sporevm.sporefile import parse_duration as parse
+
+    return parse(text)
 
 
 def _sporefile_path(arg: str | None) -> Path:
