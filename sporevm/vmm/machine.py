@@ -1,4 +1,6 @@
-"""The board: one KVM VM with RAM, in-kernel irqchip + PIT, vCPUs, buses and the run loop.
+"""The board: one KVM VM with RAM, in-kernel irqchip + PIT, vCPUs, buses, run() and pause().
+
+The run loop itself (vCPU threads, kicker, exit dispatch) is in vcpu_loop.py.
 
 Threads. ``run()`` drives vCPU 0 on the calling thread (and vCPUs 1… on helper
 threads). KVM_RUN is entered through ctypes, so the GIL is free while the
@@ -21,12 +23,9 @@ agree and can be captured.
 from __future__ import annotations
 
 import ctypes
-import enum
-import errno
 import os
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,16 +52,20 @@ from sporevm.vmm.kvm import (
     KvmPitState2,
     KvmUserspaceMemoryRegion,
     ioctl,
-    ioctl_eintr_ok,
 )
 from sporevm.vmm.memory import GuestMemory
+
+# The run loop lives in vcpu_loop; its stop types are re-exported here (explicit "as").
+from sporevm.vmm.vcpu_loop import KICK_SIGNAL as KICK_SIGNAL
+from sporevm.vmm.vcpu_loop import ExitResult as ExitResult
+from sporevm.vmm.vcpu_loop import StopReason as StopReason
+from sporevm.vmm.vcpu_loop import run_machine
 
 # Fixed addresses KVM needs for its own use on Intel (real-mode TSS, EPT identity map):
 # three pages and one page just below the BIOS area at the top of 4 GiB, as QEMU uses.
 KVM_TSS_ADDR = 0xFFFBD000
 KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 MMIO_HOLE_START = 0xC0000000  # RAM stops here; device windows live above
-KICK_SIGNAL = signal.SIGUSR1
 DEFAULT_KICK_INTERVAL = 0.1
 SERIAL_TAIL = 64 * 1024
 UNHANDLED_KEYS = 1023  # distinct stray addresses counted one by one; the rest share a bucket
@@ -83,26 +86,7 @@ class VmmFault(SporeError):
         )
 
 
-class StopReason(enum.Enum):
-    POWEROFF = "poweroff"  # spore power port (status = value written)
-    RESET = "reset"  # i8042 reset or a KVM reset system event
-    SHUTDOWN = "shutdown"  # triple fault (Linux reboot=t)
-    HALTED = "halted"  # HLT with interrupts off: the guest can never run again
-    DEADLINE = "deadline"
-    PAUSED = "paused"
-
-
 TERMINAL = {StopReason.POWEROFF, StopReason.RESET, StopReason.SHUTDOWN}
-
-
-@dataclass(frozen=True)
-class ExitResult:
-    reason: StopReason
-    status: int | None = None
-    vcpu: int = 0
-    rip: int | None = None
-    code: bytes | None = None  # instruction bytes at rip, best effort
-    detail: str = ""
 
 
 @dataclass
@@ -307,7 +291,7 @@ class Machine:
             raise KvmError("run() is already in progress on another thread")
         try:
             self._stop = None
-            result = _run_machine(self, deadline)
+            result = run_machine(self, deadline)
             if result.reason in TERMINAL:
                 self._terminal = result
             return result
@@ -447,182 +431,3 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --- the run loop -------------------------------------------------------------------------
-
-
-class _Kicker(threading.Thread):
-    """Kicks every vCPU thread at the deadline and every ``kick_interval`` seconds."""
-
-    def __init__(self, m: Machine, deadline: float | None) -> None:
-        super().__init__(name="spore-vcpu-kicker", daemon=True)
-        self._m, self._deadline = m, deadline
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        deadline_kicked = False
-        while True:
-            timeout = self._m.kick_interval
-            if self._deadline is not None and not deadline_kicked:
-                timeout = min(timeout, max(0.0, self._deadline - time.monotonic()))
-            if self._done.wait(timeout):
-                return
-            if self._deadline is not None and time.monotonic() >= self._deadline:
-                deadline_kicked = True  # from now on only the periodic kick
-            self._m.kick_all()
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
-
-
-def _run_machine(m: Machine, deadline: float | None) -> ExitResult:
-    errors: list[BaseException] = []
-
-    def helper(index: int) -> None:
-        try:
-            _vcpu_loop(m, index, deadline)
-        except BaseException as e:  # surfaced by run() on the caller's thread
-            errors.append(e)
-            m.request_stop(ExitResult(StopReason.PAUSED, vcpu=index))
-
-    helpers = [
-        threading.Thread(target=helper, args=(i,), name=f"spore-vcpu{i}", daemon=True)
-        for i in range(1, len(m.vcpus))
-    ]
-    kicker = _Kicker(m, deadline)
-    kicker.start()
-    for t in helpers:
-        t.start()
-    try:
-        _vcpu_loop(m, 0, deadline)
-    except BaseException:
-        m.request_stop(ExitResult(StopReason.PAUSED))
-        raise
-    finally:
-        for t in helpers:
-            t.join()
-        kicker.stop()
-    if errors:
-        raise errors[0]
-    res = m._stop
-    assert res is not None
-    if res.rip is None:
-        rip, code = m.describe(res.vcpu)
-        res = ExitResult(res.reason, res.status, res.vcpu, rip, code, res.detail)
-    return res
-
-
-def _vcpu_loop(m: Machine, i: int, deadline: float | None) -> None:
-    v = m.vcpus[i]
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
-    try:
-        v.set_signal_mask({int(s) for s in old_mask} - {int(KICK_SIGNAL)})
-        if deadline is not None and time.monotonic() >= deadline:
-            m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))  # the kick could miss us
-        with m._kick_lock:
-            m._threads[i] = threading.get_ident()
-            v.run.immediate_exit = 1 if m._stop is not None else 0
-        _vcpu_exits(m, i, v, deadline)
-    finally:
-        with m._kick_lock:
-            m._threads.pop(i, None)
-            v.run.immediate_exit = 0
-        while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
-            pass  # drain our own kick before SIGUSR1 is unblocked again
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def _vcpu_exits(m: Machine, i: int, v: Vcpu, deadline: float | None) -> None:
-    # The hot path: kvm_run sub-structs are views at fixed addresses, so they are looked
-    # up once; every attribute hop saved here is a few hundred ns per exit.
-    run, io, mm = v.run, v.run.exit.io, v.run.exit.mmio
-    exits = m.stats.exits
-    fd, kvm_run, exit_io, exit_mmio = v.fd, kvm.KVM_RUN, kvm.KVM_EXIT_IO, kvm.KVM_EXIT_MMIO
-    pio_write, pio_read = m.pio_write, m.pio_read
-    while True:
-        ret, err = ioctl_eintr_ok(fd, kvm_run)
-        if ret < 0:
-            if err not in (errno.EINTR, errno.EAGAIN):
-                raise m.fault(i, "KVM_RUN failed", os.strerror(err))
-            if _on_kick(m, i, v, deadline):
-                return
-            continue
-        reason = run.exit_reason
-        if reason == exit_io:
-            exits["IO"] += 1
-            size, count, port = io.size, io.count, io.port
-            if io.direction == kvm.KVM_EXIT_IO_OUT:
-                if count == 1:
-                    pio_write(i, port, v.io_data(size))
-                else:
-                    data = v.io_data(size * count)
-                    for k in range(count):
-                        pio_write(i, port, data[k * size : (k + 1) * size])
-            else:
-                v.set_io_data(b"".join(pio_read(i, port, size) for _ in range(count)))
-        elif reason == exit_mmio:
-            exits["MMIO"] += 1
-            n = min(mm.len, 8)
-            if mm.is_write:
-                m.mmio_write(i, mm.phys_addr, bytes(mm.data[:n]))
-            else:
-                data = m.mmio_read(i, mm.phys_addr, n)
-                ctypes.memmove(ctypes.addressof(mm.data), data, n)
-        else:
-            exits[kvm.EXIT_NAMES.get(reason, str(reason))] += 1
-            if _other_exit(m, i, v, reason):
-                return
-
-
-def _on_kick(m: Machine, i: int, v: Vcpu, deadline: float | None) -> bool:
-    """KVM_RUN returned EINTR (pending PIO/MMIO already completed). True = leave the loop."""
-    # The kick stays pending (blocked outside KVM_RUN): consume it, or every later KVM_RUN
-    # would return EINTR at once. A stop is flagged before its kick is sent, so it is seen.
-    while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
-        pass
-    with m._kick_lock:
-        if m._stop is not None:
-            return True
-        v.run.immediate_exit = 0  # a pause() that raced with the start of run()
-    if deadline is not None and time.monotonic() >= deadline:
-        m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))
-        return True
-    if v.dead_halted():
-        m.request_stop(ExitResult(StopReason.HALTED, vcpu=i, detail="HLT with interrupts disabled"))
-        return True
-    return False
-
-
-def _other_exit(m: Machine, i: int, v: Vcpu, reason: int) -> bool:
-    """Every exit but IO/MMIO. True = leave the loop; unknown exits raise VmmFault."""
-    run = v.run
-    if reason == kvm.KVM_EXIT_SHUTDOWN:
-        m.request_stop(ExitResult(StopReason.SHUTDOWN, vcpu=i, detail="triple fault"))
-        return True
-    if reason == kvm.KVM_EXIT_INTERNAL_ERROR:
-        sub = int(run.exit.internal.suberror)
-        if sub == kvm.KVM_INTERNAL_ERROR_EMULATION and m.fix_up(i):
-            return False
-        nd = min(int(run.exit.internal.ndata), 16)
-        data = " ".join(f"{int(run.exit.internal.data[k]):#x}" for k in range(nd))
-        raise m.fault(i, "KVM internal error", f"suberror {sub}, data [{data}]")
-    if reason == kvm.KVM_EXIT_SYSTEM_EVENT:
-        kind = int(run.exit.system_event.type)
-        if kind == kvm.KVM_SYSTEM_EVENT_SHUTDOWN:
-            m.request_stop(ExitResult(StopReason.POWEROFF, vcpu=i, detail="system event"))
-            return True
-        if kind == kvm.KVM_SYSTEM_EVENT_RESET:
-            m.request_stop(ExitResult(StopReason.RESET, vcpu=i, detail="system event"))
-            return True
-        raise m.fault(i, "KVM system event", f"type {kind}")
-    if reason == kvm.KVM_EXIT_HLT:  # only without an in-kernel LAPIC; kept for completeness
-        m.request_stop(ExitResult(StopReason.HALTED, vcpu=i, detail="HLT exit"))
-        return True
-    if reason == kvm.KVM_EXIT_INTR:
-        return False
-    if reason == kvm.KVM_EXIT_FAIL_ENTRY:
-        hw = int(run.exit.fail_entry.hardware_entry_failure_reason)
-        raise m.fault(i, "VM entry failed", f"hardware reason {hw:#x}")
-    raise m.fault(i, f"unexpected exit {kvm.EXIT_NAMES.get(reason, reason)}")
