@@ -18,21 +18,21 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sporevm.bearer import MAX_TOKEN_LEN as MAX_TOKEN_LEN  # re-exported
+from sporevm.bearer import MAX_TOKEN_RESPONSE as MAX_TOKEN_RESPONSE  # re-exported
+from sporevm.bearer import valid_bearer
 from sporevm.build.ocimanifest import load_json
 from sporevm.build.ociref import DOCKER_HUB, DOCKER_HUB_API
 from sporevm.errors import OCIError
 
 MAX_CHALLENGE_LEN = 8192
 MAX_CHALLENGE_PARAMS = 32
-MAX_TOKEN_RESPONSE = 1 << 20
-MAX_TOKEN_LEN = 64 << 10
 MAX_ERROR_BODY = 64 << 10
 MAX_DOCKER_CONFIG = 4 << 20
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PARAM = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*"""
                     r"""(?:"((?:[^"\\]|\\.)*)"|([!#$%&'*+.^_`|~0-9A-Za-z-]+))""")
-_BEARER = re.compile(r"[\x21-\x7e]+")  # what may go into an Authorization header
 _HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", DOCKER_HUB, DOCKER_HUB_API)
 
 
@@ -104,7 +104,7 @@ def decode_token_response(data: bytes, *, what: str) -> str:
     token = doc.get("token") or doc.get("access_token")
     if not isinstance(token, str) or not token:
         raise OCIError(f"{what}: token response has no 'token' or 'access_token'")
-    if len(token) > MAX_TOKEN_LEN or not _BEARER.fullmatch(token):
+    if not valid_bearer(token):
         raise OCIError(f"{what}: token response carries a malformed token")
     return token
 

@@ -23,6 +23,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +31,13 @@ from typing import Any
 
 import requests
 import requests.adapters
+import urllib3.exceptions
 
+from sporevm.bearer import MAX_TOKEN_LEN, MAX_TOKEN_RESPONSE, valid_bearer
 from sporevm.dist.transport_http import USER_AGENT, ranged_body, status_text, stream
 from sporevm.dist.transports import (
+    BLOCK,
+    MIN_RATE,
     TIMEOUT,
     StreamSource,
     check_name,
@@ -54,6 +59,7 @@ BUNDLE_DIGEST = "org.spore.bundle.digest"
 MAX_MANIFEST = 4 << 20  # distribution's own manifest limit
 MAX_LAYERS = 100_000
 _MAX_REDIRECTS = 5
+_BROKEN = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError)
 _EMPTY_CONFIG = {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)}
 
 
@@ -137,15 +143,61 @@ def _loopback(host: str) -> bool:
         return False
 
 
-class _TimeoutAdapter(requests.adapters.HTTPAdapter):
-    """Default timeouts for requests we do not issue ourselves (oras-py's token fetch)."""
+class _BoundedAdapter(requests.adapters.HTTPAdapter):
+    """Timeouts, and a bounded body, for requests we do not issue ourselves.
+
+    Ours all ask for ``stream=True`` and bound what they read; those pass through
+    unchanged. The rest are oras-py's token fetches, which would read a whole body
+    into memory: here they get at most MAX_TOKEN_RESPONSE bytes, raw (no
+    Content-Encoding decoding) and within a deadline, or a DistError.
+    """
+
+    def __init__(self, reference: str) -> None:
+        super().__init__()
+        self.reference = reference
 
     def send(self, request: requests.PreparedRequest, *args: Any,
              **kwargs: Any) -> requests.Response:
         # requests' Session.send passes everything but the request by keyword.
         if not args and kwargs.get("timeout") is None:
             kwargs["timeout"] = (TIMEOUT, TIMEOUT)
-        return super().send(request, *args, **kwargs)
+        if args or kwargs.get("stream"):
+            return super().send(request, *args, **kwargs)
+        request.headers["Accept-Encoding"] = "identity"
+        resp = super().send(request, **{**kwargs, "stream": True})
+        try:
+            data = self._read(resp, request.url or "")
+        finally:
+            resp.close()
+        resp._content = data  # what requests' own non-streamed read would have stored
+        return resp
+
+    def _read(self, resp: requests.Response, url: str) -> bytes:
+        limit = MAX_TOKEN_RESPONSE
+        parts = urllib.parse.urlsplit(url)
+        where = f"{parts.scheme}://{parts.netloc}{parts.path}"[:160]
+        too_big = DistError(f"{self.reference}: token response from {where} exceeds "
+                            f"{limit >> 20} MiB; is this a registry?")
+        length = resp.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise too_big
+        chunks: list[bytes] = []
+        total = 0
+        deadline = time.monotonic() + TIMEOUT * 3 + limit / MIN_RATE
+        while True:
+            try:
+                block = resp.raw.read(min(BLOCK, limit + 1 - total), decode_content=False)
+            except _BROKEN as exc:
+                raise DistError(f"{self.reference}: connection to {where} broke while "
+                                f"reading ({type(exc).__name__})") from None
+            if not block:
+                return b"".join(chunks)
+            total += len(block)
+            if total > limit:
+                raise too_big
+            if time.monotonic() > deadline:
+                raise DistError(f"{self.reference}: {where} is sending too slowly; gave up")
+            chunks.append(block)
 
 
 class _Registry:
@@ -158,8 +210,9 @@ class _Registry:
         self.server = f"registry {uri.netloc}"
         self._oras = oras.provider.Registry(hostname=uri.netloc, insecure=_loopback(uri.host))
         self.session: requests.Session = self._oras.session
+        self.session.max_redirects = _MAX_REDIRECTS  # oras-py's token fetch follows them
         for prefix in ("https://", "http://"):
-            self.session.mount(prefix, _TimeoutAdapter())
+            self.session.mount(prefix, _BoundedAdapter(str(uri)))
         self.origin = f"{self._oras.prefix}://{uri.netloc}"
         self.base = f"{self.origin}/v2/{uri.repo}/"
         self._auth: dict[str, str] = {}
@@ -238,7 +291,12 @@ class _Registry:
                             f"({type(exc).__name__})") from None
         if not changed or "Authorization" not in headers:
             raise DistError(login)
-        self._auth = {"Authorization": str(headers["Authorization"])}
+        value = str(headers["Authorization"])
+        if not value.startswith("Bearer ") or not valid_bearer(value[7:]):
+            auth.token = None  # oras-py would hand the cached token out again
+            raise DistError(f"{what}: the token server of {self.server} sent a malformed "
+                            f"token (not 1 to {MAX_TOKEN_LEN} printable ASCII characters)")
+        self._auth = {"Authorization": value}
 
     def read_body(self, resp: requests.Response, limit: int, what: str) -> bytes:
         parts: list[bytes] = []
