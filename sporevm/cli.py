@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sporevm import __version__
-from sporevm.errors import SporeError, UsageError
+from sporevm.errors import SporeError, StoreError, UsageError
 from sporevm.store import Store
 
 
@@ -374,12 +375,45 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+_ZERO_DURATION = re.compile(r"0+|(?=.)(?:0+h)?(?:0+m)?(?:0+s)?(?:0+ms)?")
+PRUNE_WAIT_DEFAULT = "5m"
+
+
+def _duration_or_zero(text: str) -> float:
+    """parse_duration, but ``0``, ``0s`` (any zero spelling) is 0 rather than an error."""
+    return 0.0 if _ZERO_DURATION.fullmatch(text) else parse_duration(text)
+
+
 def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from sporevm.sporefile import format_duration
+    from sporevm.store import StoreBusy
+
     if args.all and args.older_than:
         raise UsageError("--all and --older-than exclude each other")
-    older = None if args.all else parse_duration(args.older_than or "168h")
-    removed = Store().prune(older, on_wait=lambda: print(
-        "spore: waiting for running builds and runs to release the store", file=sys.stderr))
+    older: float | None = None
+    if not args.all:
+        older = _duration_or_zero(args.older_than or "168h") or None  # 0: all, as --all
+    wait = 0.0 if args.no_wait else _duration_or_zero(args.wait)
+    bound = format_duration(wait)
+    store = Store()
+
+    def say_waiting() -> None:
+        if wait == 0:
+            return
+        n = store.lock_holders()
+        who = f"{n} running spore command{'s' if n != 1 else ''}" if n else (
+            "running spore commands (builds, runs, pulls)")
+        print(f"spore: cache prune: waiting up to {bound} for {who} to release the store "
+              f"lock ({store.root / 'lock'})", file=sys.stderr)
+
+    try:
+        removed = store.prune(older, on_wait=say_waiting, wait=wait)
+    except StoreBusy:
+        when = f"still in use after {bound}" if wait else "in use"
+        raise StoreError(
+            f"cache prune: the store {store.root} is {when} (running builds or VMs hold "
+            "it); nothing was removed; retry later or pass --wait LONGER"
+        ) from None
     freed = sum(e.size for e in removed)
     if args.json:
         _emit_json({"removed": len(removed), "bytes": freed})
@@ -547,9 +581,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--older-than",
         metavar="DURATION",
-        help="remove entries unused for this long (default 168h)",
+        help="remove entries unused for this long (default 168h; 0: every entry)",
     )
-    pr.add_argument("--all", action="store_true", help="remove every entry")
+    pr.add_argument("--all", action="store_true",
+                    help="remove every entry (same as --older-than 0)")
+    wt = pr.add_mutually_exclusive_group()
+    wt.add_argument(
+        "--wait",
+        metavar="DURATION",
+        default=PRUNE_WAIT_DEFAULT,
+        help="how long to wait for running builds and VMs to release the store, then "
+        f"fail with nothing removed (default {PRUNE_WAIT_DEFAULT}; 0: fail at once if busy)",
+    )
+    wt.add_argument("--no-wait", action="store_true", help="same as --wait 0")
     add_json(pr)
     pr.set_defaults(func=cmd_cache_prune)
     cv = csub.add_parser("verify", help="re-hash every entry and check every record "

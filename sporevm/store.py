@@ -119,11 +119,16 @@ class Store:
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
     def lock(
-        self, exclusive: bool = False, on_wait: Callable[[], None] | None = None
+        self,
+        exclusive: bool = False,
+        on_wait: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> Iterator[None]:
         """Every command that reads or writes entries holds this shared for as long as it
         needs them (a VM reads chunks lazily until it exits); prune takes it exclusively.
-        ``on_wait`` is called once if the lock is not free right away."""
+        ``on_wait`` is called once if the lock is not free right away. ``timeout`` bounds
+        the wait in seconds (None: wait as long as it takes; 0: try once); when it
+        passes, :class:`StoreBusy` is raised and the lock was never held."""
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -132,10 +137,30 @@ class Store:
             except BlockingIOError:
                 if on_wait is not None:
                     on_wait()
-                fcntl.flock(fd, mode)
+                if timeout is None:
+                    fcntl.flock(fd, mode)
+                else:
+                    _flock_until(fd, mode, time.monotonic() + timeout, self.root, timeout)
             yield
         finally:
             os.close(fd)
+
+    def lock_holders(self) -> int | None:
+        """How many processes hold the store lock now (from /proc/locks), or None if
+        that cannot be told (no /proc, or the lock file's inode is not listed)."""
+        try:
+            st = os.stat(self.root / "lock")
+            text = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        pids: set[str] = set()
+        for line in text.splitlines():
+            f = line.split()
+            # "1: FLOCK  ADVISORY  READ 1234 08:01:5678 0 EOF"; "1: -> FLOCK ..." waits.
+            if len(f) >= 6 and f[1] == "FLOCK" and f[5] == ident:
+                pids.add(f[4])
+        return len(pids) or None
 
     # -- staging ---------------------------------------------------------
     @contextlib.contextmanager
@@ -309,14 +334,18 @@ class Store:
                     _remove(p)
 
     def prune(
-        self, older_than: float | None, on_wait: Callable[[], None] | None = None
+        self,
+        older_than: float | None,
+        on_wait: Callable[[], None] | None = None,
+        wait: float | None = None,
     ) -> list[Entry]:
         """Remove staging leftovers and entries unused for ``older_than`` seconds (None: all).
 
         Waits for every running build and run (they hold the lock shared), so nothing
-        a live command needs disappears under it."""
+        a live command needs disappears under it: at most ``wait`` seconds (None: no
+        bound), then :class:`StoreBusy` is raised with nothing removed."""
         removed: list[Entry] = []
-        with self.lock(exclusive=True, on_wait=on_wait):
+        with self.lock(exclusive=True, on_wait=on_wait, timeout=wait):
             self._sweep_staging()
             cutoff = None if older_than is None else time.time() - older_than
             # Records first: a record must never outlive the entries it names by a
@@ -326,6 +355,33 @@ class Store:
                     _remove(entry.path, self.root / "tmp")
                     removed.append(entry)
         return removed
+
+
+class StoreBusy(StoreError):
+    """The store lock stayed held by other processes for the whole allowed wait."""
+
+    def __init__(self, root: Path, waited: float) -> None:
+        super().__init__(
+            f"the store {root} is still in use after {waited:g}s (running builds or VMs hold it)"
+        )
+        self.root = root
+        self.waited = waited
+
+
+_POLL = 0.05  # seconds between tries of a bounded lock wait
+
+
+def _flock_until(fd: int, mode: int, deadline: float, root: Path, waited: float) -> None:
+    """Take ``flock(fd, mode)`` by polling until ``deadline`` (monotonic); StoreBusy then."""
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreBusy(root, waited) from None
+            time.sleep(min(_POLL, left))
 
 
 def _remove(path: Path, tmp: Path | None = None) -> None:

@@ -83,7 +83,7 @@ def test_prune_waits_for_a_shared_holder_and_says_so(tmp_path: Path) -> None:
     holder.stdin.flush()
     out, err = prune.communicate(timeout=60)
     assert holder.wait(10) == 0
-    assert prune.returncode == 0 and "waiting for running builds" in err
+    assert prune.returncode == 0 and "waiting up to 5m for 1 running spore command" in err
     assert not chunks.has(cid) and out.startswith("removed ")
 
 
