@@ -51,7 +51,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if self.headers.get("Authorization") != f"Bearer {srv.token}":
             self.send_response(401)
-            self.send_header("WWW-Authenticate", f'Bearer realm="{srv.url}/token",service=x,'
+            realm = srv.realm if srv.realm is not None else f"{srv.url}/token"
+            self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service=x,'
                                                  f'scope="repository:{REPO}:pull"')
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -110,6 +111,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.token_body = json.dumps({"token": TOKEN}).encode()
         self.mode = "length"
         self.redirects_left = 0
+        self.realm: str | None = None  # None: this server's own /token
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # the client hanging up on a refused body is expected here
@@ -208,3 +210,14 @@ def test_token_fetch_redirects(registry: _Server) -> None:
     refused(registry, r"authentication with registry 127\.0\.0\.1:\d+ failed "
                       r"\(TooManyRedirects\)")
     assert sum(path.startswith("/token") for path, _ in registry.seen) == 6
+
+
+@pytest.mark.parametrize("realm", ["http://token.example.invalid/token", "ftp://127.0.0.1/t",
+                                   "//127.0.0.1/token", "http://127.0.0.1:bad/token", ""])
+def test_token_realm_must_be_https_or_loopback(registry: _Server, realm: str) -> None:
+    # oras-py would send docker-config credentials to whatever realm is named.
+    registry.realm = realm
+    refused(registry, r"names the token realm .*; only https realms \(or plain http on "
+                      r"loopback\) are used")
+    assert not any(path.startswith("/token") for path, _ in registry.seen)
+    assert len(registry.seen) == 1  # the one unauthenticated request, nothing after it

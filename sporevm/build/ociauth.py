@@ -15,85 +15,23 @@ import binascii
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from sporevm.bearer import MAX_CHALLENGE_LEN as MAX_CHALLENGE_LEN  # re-exported
+from sporevm.bearer import MAX_CHALLENGE_PARAMS as MAX_CHALLENGE_PARAMS  # re-exported
 from sporevm.bearer import MAX_TOKEN_LEN as MAX_TOKEN_LEN  # re-exported
 from sporevm.bearer import MAX_TOKEN_RESPONSE as MAX_TOKEN_RESPONSE  # re-exported
+from sporevm.bearer import Challenge as Challenge  # re-exported
+from sporevm.bearer import parse_challenges as parse_challenges  # re-exported
 from sporevm.bearer import valid_bearer
 from sporevm.build.ocimanifest import load_json
 from sporevm.build.ociref import DOCKER_HUB, DOCKER_HUB_API
 from sporevm.errors import OCIError
 
-MAX_CHALLENGE_LEN = 8192
-MAX_CHALLENGE_PARAMS = 32
 MAX_ERROR_BODY = 64 << 10
 MAX_DOCKER_CONFIG = 4 << 20
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_PARAM = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*"""
-                    r"""(?:"((?:[^"\\]|\\.)*)"|([!#$%&'*+.^_`|~0-9A-Za-z-]+))""")
 _HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", DOCKER_HUB, DOCKER_HUB_API)
-
-
-@dataclass(frozen=True)
-class Challenge:
-    scheme: str  # lowercased: "bearer", "basic", ...
-    params: dict[str, str] = field(default_factory=dict)
-
-
-def parse_challenges(header: str) -> list[Challenge]:
-    """Parse a WWW-Authenticate value (RFC 7235) into challenges; junk is an error."""
-    if len(header) > MAX_CHALLENGE_LEN:
-        raise OCIError(f"registry auth challenge longer than {MAX_CHALLENGE_LEN} characters")
-    out: list[Challenge] = []
-    pos, end = 0, len(header)
-    while True:
-        pos = _skip(header, pos, ", \t")
-        if pos >= end:
-            break
-        m = _TOKEN.match(header, pos)
-        if not m:
-            raise OCIError(f"registry auth challenge {header[:120]!r}: expected an auth scheme")
-        scheme = m.group(0).lower()
-        pos = m.end()
-        params: dict[str, str] = {}
-        while True:
-            p = _PARAM.match(header, _skip(header, pos, " \t"))
-            if not p:
-                break
-            if len(params) >= MAX_CHALLENGE_PARAMS:
-                raise OCIError("registry auth challenge has too many parameters")
-            quoted = p.group(2)
-            params[p.group(1).lower()] = (re.sub(r"\\(.)", r"\1", quoted)
-                                          if quoted is not None else p.group(3))
-            pos = _skip(header, p.end(), " \t")
-            if pos < end and header[pos] == ",":
-                after = _skip(header, pos + 1, " \t")
-                if _PARAM.match(header, after):  # another parameter of this challenge
-                    pos = after
-                    continue
-                pos += 1  # the comma ends this challenge; the next token is a scheme
-            break
-        pos = _skip(header, pos, " \t")
-        if not params and pos < end and header[pos] not in ", \t":
-            # token68 form ("Negotiate abc=="): keep the scheme, skip the blob
-            tail = re.compile(r"[A-Za-z0-9._~+/-]+=*").match(header, pos)
-            if not tail:
-                raise OCIError(f"registry auth challenge {header[:120]!r}: cannot parse it")
-            pos = tail.end()
-        out.append(Challenge(scheme, params))
-        if len(out) > MAX_CHALLENGE_PARAMS:
-            raise OCIError("registry auth challenge lists too many schemes")
-    if not out:
-        raise OCIError("registry asked for authentication without a WWW-Authenticate challenge")
-    return out
-
-
-def _skip(text: str, pos: int, chars: str) -> int:
-    while pos < len(text) and text[pos] in chars:
-        pos += 1
-    return pos
 
 
 def decode_token_response(data: bytes, *, what: str) -> str:

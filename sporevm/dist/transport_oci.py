@@ -33,7 +33,7 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from sporevm.bearer import MAX_TOKEN_LEN, MAX_TOKEN_RESPONSE, valid_bearer
+from sporevm.bearer import MAX_TOKEN_LEN, MAX_TOKEN_RESPONSE, parse_challenges, valid_bearer
 from sporevm.dist.transport_http import USER_AGENT, ranged_body, status_text, stream
 from sporevm.dist.transports import (
     BLOCK,
@@ -45,7 +45,7 @@ from sporevm.dist.transports import (
     check_size,
 )
 from sporevm.dist.uri import BundleURI
-from sporevm.errors import DistError
+from sporevm.errors import DistError, OCIError
 from sporevm.strictjson import no_duplicate_keys, reject_constant, reject_float
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -283,6 +283,7 @@ class _Registry:
                 raise DistError(login)
             self._auth = {"Authorization": f"Basic {creds}"}
             return
+        self._check_realm(resp, what)  # before oras-py sends credentials anywhere
         try:
             headers, changed = auth.authenticate_request(resp, {})
         except (requests.exceptions.RequestException, ValueError, AttributeError,
@@ -297,6 +298,29 @@ class _Registry:
             raise DistError(f"{what}: the token server of {self.server} sent a malformed "
                             f"token (not 1 to {MAX_TOKEN_LEN} printable ASCII characters)")
         self._auth = {"Authorization": value}
+
+    def _check_realm(self, resp: requests.Response, what: str) -> None:
+        """oras-py fetches the token from whatever realm the challenge names, with the
+        docker-config credentials: only an https realm, or plain http on loopback."""
+        header = resp.headers.get("WWW-Authenticate", "")
+        try:
+            challenges = parse_challenges(header)
+        except OCIError as exc:
+            raise DistError(f"{what}: {self.server}: {exc}") from None
+        for ch in challenges:
+            if ch.scheme != "bearer":
+                continue
+            realm = ch.params.get("realm", "")
+            try:
+                parts = urllib.parse.urlsplit(realm)
+                parts.port  # noqa: B018  (raises ValueError on a malformed port)
+            except ValueError:
+                parts = urllib.parse.urlsplit("")
+            host = parts.hostname or ""
+            if not host or not (parts.scheme == "https" or (
+                    parts.scheme == "http" and _loopback(host))):
+                raise DistError(f"{what}: {self.server} names the token realm {realm[:100]!r}; "
+                                "only https realms (or plain http on loopback) are used")
 
     def read_body(self, resp: requests.Response, limit: int, what: str) -> bytes:
         parts: list[bytes] = []
