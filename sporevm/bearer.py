@@ -9,6 +9,8 @@ live here, below both, so neither floor imports the other.
 from __future__ import annotations
 
 import re
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sporevm.errors import OCIError
@@ -24,6 +26,19 @@ _BEARER = re.compile(r"[\x21-\x7e]+")  # what may go into an Authorization heade
 def valid_bearer(token: str) -> bool:
     """Whether ``token`` may be sent as ``Authorization: Bearer <token>``."""
     return 0 < len(token) <= MAX_TOKEN_LEN and _BEARER.fullmatch(token) is not None
+
+
+def realm_allowed(realm: str,
+                  plain_http_ok: Callable[[urllib.parse.SplitResult], bool]) -> bool:
+    """Whether a challenge's token realm may be fetched, credentials included: an
+    absolute https URL, or http where ``plain_http_ok`` allows it. Malformed: no."""
+    try:
+        parts = urllib.parse.urlsplit(realm)
+        parts.port  # noqa: B018  (raises ValueError on a malformed port)
+    except ValueError:
+        return False
+    return bool(parts.hostname) and (
+        parts.scheme == "https" or (parts.scheme == "http" and plain_http_ok(parts)))
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

@@ -29,6 +29,7 @@ from pathlib import Path
 import requests
 import urllib3
 
+from sporevm.bearer import realm_allowed
 from sporevm.build.ociauth import (
     MAX_ERROR_BODY,
     MAX_TOKEN_RESPONSE,
@@ -317,16 +318,10 @@ class _RegistrySource(_Source):
 
     def _token(self, params: dict[str, str], creds: str | None, what: str) -> str:
         realm = params.get("realm", "")
-        try:
-            parts = urllib.parse.urlsplit(realm)
-            parts.port  # noqa: B018  (raises ValueError on a malformed port)
-        except ValueError:
-            raise OCIError(f"{what}: registry {self.host} sent a malformed token realm "
-                           f"{realm[:100]!r}") from None
-        if not parts.netloc or not (parts.scheme == "https" or (
-                parts.scheme == "http" and self.client.plain_http_allowed(parts.netloc))):
+        if not realm_allowed(realm, lambda p: self.client.plain_http_allowed(p.netloc)):
             raise OCIError(f"{what}: registry {self.host} sent token realm {realm[:100]!r}; "
                            "only https realms (or plain http on loopback/insecure hosts) are used")
+        parts = urllib.parse.urlsplit(realm)
         query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]

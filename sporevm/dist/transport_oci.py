@@ -33,7 +33,13 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from sporevm.bearer import MAX_TOKEN_LEN, MAX_TOKEN_RESPONSE, parse_challenges, valid_bearer
+from sporevm.bearer import (
+    MAX_TOKEN_LEN,
+    MAX_TOKEN_RESPONSE,
+    parse_challenges,
+    realm_allowed,
+    valid_bearer,
+)
 from sporevm.dist.transport_http import USER_AGENT, ranged_body, status_text, stream
 from sporevm.dist.transports import (
     BLOCK,
@@ -311,14 +317,7 @@ class _Registry:
             if ch.scheme != "bearer":
                 continue
             realm = ch.params.get("realm", "")
-            try:
-                parts = urllib.parse.urlsplit(realm)
-                parts.port  # noqa: B018  (raises ValueError on a malformed port)
-            except ValueError:
-                parts = urllib.parse.urlsplit("")
-            host = parts.hostname or ""
-            if not host or not (parts.scheme == "https" or (
-                    parts.scheme == "http" and _loopback(host))):
+            if not realm_allowed(realm, lambda p: _loopback(p.hostname or "")):
                 raise DistError(f"{what}: {self.server} names the token realm {realm[:100]!r}; "
                                 "only https realms (or plain http on loopback) are used")
 
