@@ -102,12 +102,17 @@ class AuthRegistry:
 _RANGE = re.compile(r"bytes=([0-9]+)-\Z")
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, no access log on stderr: the base of the test servers."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
+
+
+class _Handler(QuietHandler):
+    server: _Server
 
     def do_GET(self) -> None:  # noqa: N802
         srv = self.server

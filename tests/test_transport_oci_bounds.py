@@ -26,6 +26,7 @@ from sporevm.dist.transport_oci import encode_artifact
 from sporevm.dist.transports import Source, open_source
 from sporevm.dist.uri import parse_pull_uri
 from sporevm.errors import DistError
+from tests.dist_servers import QuietHandler
 
 REPO = "spores/bounds"
 BUNDLE_DIGEST = "sha256:" + "cd" * 32
@@ -36,12 +37,8 @@ MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 TOKEN = "tok-abc.DEF_123"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
 
     def do_GET(self) -> None:  # noqa: N802
         srv = self.server

@@ -525,22 +525,12 @@ HOSTILE = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, datab
                    suppress_health_check=list(HealthCheck))
 
 
+@pytest.mark.parametrize("kind", [BlkDevice, ConsoleDevice, RngDevice],
+                         ids=["blk", "console", "rng"])
 @HOSTILE
 @given(data=blobs)
-def test_hostile_guest_blk(data: bytes) -> None:
-    run(BlkDevice, read_scenario(data, BlkDevice, False))
-
-
-@HOSTILE
-@given(data=blobs)
-def test_hostile_guest_console(data: bytes) -> None:
-    run(ConsoleDevice, read_scenario(data, ConsoleDevice, False))
-
-
-@HOSTILE
-@given(data=blobs)
-def test_hostile_guest_rng(data: bytes) -> None:
-    run(RngDevice, read_scenario(data, RngDevice, False))
+def test_hostile_guest(kind: type[VirtioDevice], data: bytes) -> None:
+    run(kind, read_scenario(data, kind, False))
 
 
 @HOSTILE
@@ -551,7 +541,7 @@ def test_hostile_guest_mmio_registers(data: bytes) -> None:
 
 
 def test_refused_feature_bits_do_not_break_the_snapshot() -> None:
-    """Found by test_hostile_guest_blk: a driver that writes unoffered feature bits (and is
+    """Found by test_hostile_guest[blk]: a driver that writes unoffered feature bits (and is
     refused FEATURES_OK) left a snapshot that restore rejected."""
     mem = GuestMemory(RAM)
     try:
