@@ -23,6 +23,9 @@ def TestOneInput(data: bytes) -> None:
     assert cfg.timeout is None or 0 < cfg.timeout <= 1e9
     for s in (cfg.kernel, cfg.initrd, cfg.rootfs, cfg.serial_log, cfg.cmdline):
         assert isinstance(s, str) and "\0" not in s
+    restoring = cfg.restore is not None
+    assert (cfg.restore_id is not None) == restoring
+    assert (cfg.kernel_digest is not None) == restoring == (cfg.initrd_digest is not None)
     assert MonitorConfig.decode(cfg.encode()) == cfg
 
 

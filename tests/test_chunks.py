@@ -242,6 +242,28 @@ def test_materialize_verifies(cs: ChunkStore) -> None:
         materialize(idx, cs, memoryview(bytearray(PAGE)))
 
 
+def test_read_into_verifies_in_place_and_leaves_nothing_unverified(cs: ChunkStore) -> None:
+    data = os.urandom(CHUNK)
+    cid = cs.put(data)
+    out = bytearray(CHUNK)
+    cs.read_into(cid, memoryview(out))
+    assert out == data
+    raw = bytearray(data)
+    raw[CHUNK - 1] ^= 0x80
+    cs.path(cid).write_bytes(raw)
+    out = bytearray(b"\xff" * CHUNK)
+    with pytest.raises(ChunkError, match="corrupt.*evicted"):
+        cs.read_into(cid, memoryview(out))
+    assert out == bytes(CHUNK)  # the bad bytes do not stay where guest RAM would be
+    assert not cs.has(cid)
+    short = cs.put(b"short")
+    with pytest.raises(ChunkError, match=f"expected {CHUNK}"):
+        cs.read_into(short, memoryview(bytearray(CHUNK)))
+    assert cs.has(short)  # intact: a wrong expectation must not destroy good content
+    with pytest.raises(ChunkError, match="not in the store"):
+        cs.read_into("blake3:" + "0" * 64, memoryview(bytearray(CHUNK)))
+
+
 _writes = st.lists(
     st.tuples(st.integers(0, 3 * CHUNK - 1), st.binary(min_size=1, max_size=64)), max_size=12
 )

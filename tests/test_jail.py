@@ -331,7 +331,8 @@ def test_a_refused_restore_leaves_no_staging_directory(tmp_path: Path) -> None:
         kernel=str(tmp_path / "k"), initrd=str(tmp_path / "k"), rootfs=str(tmp_path / "k"),
         cmdline="", memory=32 << 20, vcpus=1, agent_fd=3, serial_log=str(tmp_path / "log"),
         timeout=10, store=str(store), restore=str(tmp_path / "manifest.json"),
-        restore_id="blake3:" + "0" * 64,
+        restore_id="blake3:" + "0" * 64, kernel_digest="blake3:" + "0" * 64,
+        initrd_digest="blake3:" + "0" * 64,
     )
     env = {k: v for k, v in os.environ.items() if k != "SPORE_NO_JAIL"}
     proc = subprocess.run([sys.executable, "-m", "sporevm.spore.monitor"], cwd=REPO, env=env,
@@ -387,6 +388,7 @@ def test_a_refused_restore_in_a_zygote_monitor_leaves_no_staging_directory(
     spec = VmSpec(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
                   cmdline="", memory=32 << 20, timeout=10, store=store,
                   restore=tmp_path / "manifest.json", restore_id="blake3:" + "0" * 64,
+                  kernel_digest="blake3:" + "0" * 64, initrd_digest="blake3:" + "0" * 64,
                   zygote=True)
     with VmProcess(spec) as vm:
         ev = vm.wait_exit(30)

@@ -246,10 +246,29 @@ if __name__ == "__main__":
 def test_monitor_config_restore_id_goes_with_restore() -> None:
     base = dict(kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1,
                 agent_fd=3, serial_log="/s", timeout=None)
-    ok = MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "a" * 64)  # type: ignore[arg-type]
+    digests = dict(kernel_digest="blake3:" + "b" * 64, initrd_digest="blake3:" + "c" * 64)
+    ok = MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "a" * 64, **digests)  # type: ignore[arg-type]
     assert MonitorConfig.decode(ok.encode()).restore_id == ok.restore_id
-    for bad in (MonitorConfig(**base, restore="/m.json"),  # type: ignore[arg-type]
+    for bad in (MonitorConfig(**base, restore="/m.json", **digests),  # type: ignore[arg-type]
                 MonitorConfig(**base, restore_id="blake3:" + "a" * 64),  # type: ignore[arg-type]
-                MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "A" * 64)):  # type: ignore[arg-type]
+                MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "A" * 64,  # type: ignore[arg-type]
+                              **digests)):  # type: ignore[arg-type]
         with pytest.raises(SporeError, match="restore_id"):
+            MonitorConfig.decode(bad.encode())
+
+
+@pytest.mark.parametrize("field", ["kernel_digest", "initrd_digest"])
+def test_monitor_config_platform_digests_go_with_restore(field: str) -> None:
+    """A restoring monitor takes the kernel and initrd digests the caller verified (it
+    never reads the two files); a booting one must not be handed any."""
+    base = dict(kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1,
+                agent_fd=3, serial_log="/s", timeout=None)
+    restore = dict(restore="/m.json", restore_id="blake3:" + "a" * 64)
+    digests = dict(kernel_digest="blake3:" + "b" * 64, initrd_digest="blake3:" + "c" * 64)
+    ok = MonitorConfig(**base, **restore, **digests)  # type: ignore[arg-type]
+    assert getattr(MonitorConfig.decode(ok.encode()), field) == digests[field]
+    for bad in (MonitorConfig(**base, **restore, **{**digests, field: None}),  # type: ignore[arg-type]
+                MonitorConfig(**base, **restore, **{**digests, field: "blake3:" + "B" * 64}),  # type: ignore[arg-type]
+                MonitorConfig(**base, **{field: digests[field]})):  # type: ignore[arg-type]
+        with pytest.raises(SporeError, match=field):
             MonitorConfig.decode(bad.encode())

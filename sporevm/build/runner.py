@@ -78,8 +78,8 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     started = time.monotonic()
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
                           m.platform.vcpus, store=store.root, restore=mpath, ram=ram,
-                          restore_id=manifest.id_of(m),
-                          zygote=zygote))
+                          restore_id=manifest.id_of(m), kernel_digest=guest.kernel_digest,
+                          initrd_digest=guest.initrd_digest, zygote=zygote))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         # Every restore, forked or not, gets fresh entropy and a CRNG reseed:

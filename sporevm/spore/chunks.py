@@ -130,8 +130,8 @@ class ChunkStore:
                 tmp.unlink()
         return cid
 
-    def get(self, cid: str, *, size: int | None = None) -> bytes:
-        """The verified bytes of ``cid``; a corrupt entry is evicted and reported."""
+    def _open(self, cid: str) -> tuple[int, int]:
+        """(fd, size) of the store entry of ``cid``: a regular file, never a symlink."""
         path = self.path(cid)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -142,24 +142,57 @@ class ChunkStore:
                 path.unlink(missing_ok=True)  # unlink removes the link, never its target
                 raise ChunkError(f"chunk {cid}: store entry is a symlink; evicted it") from None
             raise ChunkError(f"chunk {cid}: cannot open store entry: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ChunkError(f"chunk {cid}: store entry {path} is not a regular file")
+        return fd, st.st_size
+
+    def _corrupt(self, cid: str) -> ChunkError:
+        self.path(cid).unlink(missing_ok=True)
+        return ChunkError(
+            f"chunk {cid}: store entry does not match its id (corrupt); evicted it, "
+            "restore it from the spore's source"
+        )
+
+    def get(self, cid: str, *, size: int | None = None) -> bytes:
+        """The verified bytes of ``cid``; a corrupt entry is evicted and reported."""
+        fd, _ = self._open(cid)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ChunkError(f"chunk {cid}: store entry {path} is not a regular file")
             with os.fdopen(os.dup(fd), "rb") as fh:
                 data = fh.read(MAX_OBJECT + 1)
         finally:
             os.close(fd)
         if chunk_id(data) != cid:
-            path.unlink(missing_ok=True)
-            raise ChunkError(
-                f"chunk {cid}: store entry does not match its id (corrupt); evicted it, "
-                "restore it from the spore's source"
-            )
+            raise self._corrupt(cid)
         if size is not None and len(data) != size:
             # The entry is intact; whoever expected another size is wrong. Keep it.
             raise ChunkError(f"chunk {cid}: is {len(data)} bytes, expected {size}")
         return data
+
+    def read_into(self, cid: str, out: memoryview) -> None:
+        """Read ``cid`` straight into ``out`` (exactly its size) and verify it there.
+
+        One pass instead of ``get`` + copy: for an eager restore that is the read,
+        the hash and the copy of every chunk in one. The caller must not let anything
+        use ``out`` unless this returns: on a mismatch ``out`` is zeroed and the entry
+        evicted, as ``get`` does.
+        """
+        fd, size = self._open(cid)
+        try:
+            if size != len(out):
+                raise ChunkError(f"chunk {cid}: is {size} bytes, expected {len(out)}")
+            got = 0
+            while got < len(out):
+                n = os.preadv(fd, [out[got:]], got)
+                if n <= 0:
+                    break
+                got += n
+        finally:
+            os.close(fd)
+        if got != len(out) or chunk_id(out) != cid:
+            out[:] = bytes(len(out))
+            raise self._corrupt(cid)
 
     def _intact(self, path: Path, cid: str, size: int) -> bool:
         try:
@@ -252,7 +285,7 @@ def snapshot_memory(
 def materialize(
     index: MemoryIndex, store: ChunkStore, out: memoryview, *, out_is_zero: bool = False
 ) -> None:
-    """Write the verified chunks of ``index`` into ``out`` (eager restore, tests)."""
+    """Write the chunks of ``index`` into ``out``, each verified in place (eager restore)."""
     if index.chunk_size != CHUNK or len(out) != index.memory_size:
         raise ChunkError(
             f"memory index covers {index.memory_size} bytes; target is {len(out)} bytes"
@@ -263,4 +296,4 @@ def materialize(
             if not out_is_zero:
                 out[where] = _ZERO_CHUNK
         else:
-            out[where] = store.get(cid, size=CHUNK)
+            store.read_into(cid, out[where])

@@ -74,6 +74,10 @@ class VmSpec:
     restore: Path | None = None  # a spore's manifest.json to resume instead of booting
     ram: str = "eager"  # how a restore fills RAM: eager | lazy | local (docs/restore.md)
     restore_id: str | None = None  # id of that manifest, as the caller checked it
+    # With ``restore``: the verified digests of ``kernel`` and ``initrd`` that the caller
+    # checked the spore's platform contract against (the monitor does not re-read them).
+    kernel_digest: str | None = None
+    initrd_digest: str | None = None
     # False only to debug: the monitor runs without its seccomp/Landlock jail and says so
     # (SPORE_NO_JAIL=1 in the environment has the same effect; docs/jail.md).
     jail: bool = True
@@ -105,7 +109,8 @@ class VmProcess:
             agent_fd=agent_fd, serial_log=str(self.serial_log), timeout=spec.timeout,
             store=str(spec.store) if spec.store else "",
             restore=str(spec.restore) if spec.restore else None, ram=spec.ram,
-            restore_id=spec.restore_id,
+            restore_id=spec.restore_id, kernel_digest=spec.kernel_digest,
+            initrd_digest=spec.initrd_digest,
         )
         if not zygote:
             self.proc = subprocess.Popen(

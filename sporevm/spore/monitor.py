@@ -62,6 +62,11 @@ class MonitorConfig:
     # The id of the manifest the caller decoded and checked in full; the monitor accepts
     # only bytes with this id, so it can skip the schema pass (and importing jsonschema).
     restore_id: str | None = None
+    # On a restore, the caller's verified digests of the host's kernel and initrd (the
+    # platform contract's); the restored RAM already holds the kernel, so the monitor
+    # neither reads nor re-hashes the two files (~25 ms and ~16 MiB of heap per VM).
+    kernel_digest: str | None = None
+    initrd_digest: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode() + b"\n"
@@ -78,6 +83,8 @@ class MonitorConfig:
         if isinstance(doc, dict):
             doc.setdefault("ram", "eager")  # optional fields: older callers omit them
             doc.setdefault("restore_id", None)
+            doc.setdefault("kernel_digest", None)
+            doc.setdefault("initrd_digest", None)
         if not isinstance(doc, dict) or set(doc) != set(cls.__dataclass_fields__):
             raise SporeError("monitor: config has unexpected or missing fields")
         for name in ("kernel", "initrd", "rootfs", "serial_log"):
@@ -92,6 +99,14 @@ class MonitorConfig:
         ):
             raise SporeError("monitor: config restore_id must be the restored manifest's "
                              "blake3:<64 hex> id, exactly when restore is set")
+        for name in ("kernel_digest", "initrd_digest"):
+            value = doc[name]
+            if (value is None) != (doc["restore"] is None) or (
+                value is not None
+                and not (isinstance(value, str) and _MANIFEST_ID.fullmatch(value))
+            ):
+                raise SporeError(f"monitor: config {name} must be a blake3:<64 hex> digest, "
+                                 "exactly when restore is set")
         _check_str(doc, "cmdline", path=False)
         if doc["ram"] not in RAM_STRATEGIES:
             raise SporeError(f"monitor: config ram must be one of {', '.join(RAM_STRATEGIES)}")
@@ -157,9 +172,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def serve(cfg: MonitorConfig) -> ExitResult:
-    # Held only until loaded or hashed: a vmlinux is ~15 MiB, per VM, for nothing.
-    images: dict[str, bytes] = {"kernel": _read_file(cfg.kernel, "kernel"),
-                                "initrd": _read_file(cfg.initrd, "initrd")}
+    # Held only until loaded: a vmlinux is ~15 MiB, per VM, for nothing. A restore
+    # never loads them (the caller vouches for their digests: MonitorConfig).
+    images: dict[str, bytes] = {} if cfg.restore is not None else {
+        "kernel": _read_file(cfg.kernel, "kernel"), "initrd": _read_file(cfg.initrd, "initrd")}
     rootfs_fd = os.open(cfg.rootfs, os.O_RDONLY | os.O_CLOEXEC)
     serial_fd = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                         0o600)
@@ -198,9 +214,9 @@ def serve(cfg: MonitorConfig) -> ExitResult:
     if cfg.restore is not None:
         if chunks is None:
             raise SporeError("monitor: restoring a spore needs the store root in the config")
-        kernel_digest, initrd_digest = _blake3(images.pop("kernel")), _blake3(images.pop("initrd"))
-        board = _restored_board(cfg, kernel_digest, initrd_digest, rootfs_fd, board_cfg, chunks,
-                                wiring)
+        assert cfg.kernel_digest is not None and cfg.initrd_digest is not None  # decode()
+        board = _restored_board(cfg, cfg.kernel_digest, cfg.initrd_digest, rootfs_fd,
+                                board_cfg, chunks, wiring)
     else:
         board = build_board(board_cfg, **wiring)
     machine = board.machine
@@ -343,10 +359,21 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
     if vm_obj is None:
         raise SporeError(f"{cfg.restore}: the spore has no 'vm' state object")
     state = vmstate.decode(chunks.get(vm_obj.digest, size=vm_obj.size))
-    # Eager re-hashes every chunk now; local re-hashes the memfile against the index
-    # (backing.py), also before any VM exists; lazy hashes each chunk as it is faulted
-    # in, so only presence is checked up front.
-    manifest.verify_chunks(m, chunks, rehash=cfg.ram == "eager")
+    # Every chunk and state object must be there. Eager then reads each chunk into the
+    # guest RAM memfd and hashes it there, in one pass, before any VM exists (the memfd
+    # becomes guest memory only once all of it matched); local re-hashes the memfile
+    # against the index (backing.py), also before any VM exists; lazy hashes each chunk
+    # as it is faulted in.
+    manifest.verify_chunks(m, chunks, rehash=False)
+    ram: GuestMemory | None = None
+    if cfg.ram == "eager":
+        ram = GuestMemory(cfg.memory)
+        try:
+            with ram.view(0, ram.size, writable=True) as whole:
+                materialize(m.memory, chunks, whole, out_is_zero=True)
+        except BaseException:
+            ram.close()
+            raise
     memfile = open_local(m.memory, chunks, chunks.store) if cfg.ram == "local" else -1
 
     def load(mem: GuestMemory) -> None:
@@ -363,12 +390,11 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
                 os._exit(1)
 
             start_pager(mem, m.memory, chunks, on_error=fail_closed)
-        else:
-            materialize(m.memory, chunks, mem.view(0, mem.size, writable=True),
-                        out_is_zero=True)
+        # eager: ``ram`` was filled and verified above and is this machine's memory
 
     try:
-        return restore_board(state, board_cfg, load, memory_index=m.memory, **wiring)
+        return restore_board(state, board_cfg, load, memory_index=m.memory, memory=ram,
+                             **wiring)
     finally:
         if memfile >= 0:
             os.close(memfile)  # the mapping keeps the file
@@ -390,10 +416,6 @@ def release_freed_heap() -> None:
 def cpu_profile() -> str:
     """The CPU profile a spore records: the host's KVM class (kvm_pvm needs its own fix-ups)."""
     return f"{kvm.host_class()}/v1"
-
-
-def _blake3(data: bytes) -> str:
-    return "blake3:" + blake3.blake3(data).hexdigest()
 
 
 def _blake3_fd(fd: int) -> tuple[str, int]:

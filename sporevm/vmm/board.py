@@ -19,6 +19,7 @@ from sporevm.vmm.devices.virtio.blk import BlkDevice
 from sporevm.vmm.devices.virtio.console import ConsoleDevice
 from sporevm.vmm.devices.virtio.rng import RngDevice
 from sporevm.vmm.machine import Machine
+from sporevm.vmm.memory import GuestMemory
 
 VIRTIO_BASE = 0xD0000000
 VIRTIO_FIRST_GSI = 5
@@ -59,8 +60,11 @@ def build_board(
     on_agent_writable: Callable[[], None] | None = None,
     serial_output: Callable[[bytes], None] | None = None,
     dirty_log: bool = False,
+    memory: GuestMemory | None = None,
 ) -> Board:
-    machine = Machine(cfg.memory, cfg.vcpus, serial_output=serial_output, dirty_log=dirty_log)
+    """``memory``: RAM prepared before the VM exists (an eager restore); the machine owns it."""
+    machine = Machine(cfg.memory, cfg.vcpus, serial_output=serial_output, dirty_log=dirty_log,
+                      memory=memory)
     try:
         blk = BlkDevice(cfg.rootfs_fd, cfg.rootfs_size, serial=cfg.rootfs_serial)
         console = ConsoleDevice(on_agent_output, on_writable=on_agent_writable)
