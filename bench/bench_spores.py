@@ -20,7 +20,14 @@ One process run prints, with medians of ``--runs`` runs and the host load averag
    once; PSS (``/proc/PID/smaps_rollup``) summed over their monitor processes vs
    the PSS of one child alone, plus the guest-RAM mapping on its own (the
    memfile mapping in ``/proc/PID/smaps``: shared vs private pages) so the
-   per-process Python/VMM overhead is visible separately.
+   per-process Python/VMM overhead is visible separately, and what each further
+   child costs. Twice: children of the bench spore (an idle busybox guest that
+   touches ~8 MiB; each child ran ``cat generation.json``), and children of its
+   warm variant (``--warm-mib``, default 128: a background process holding that
+   much memory, bench/guest/warm.c; each child's job has it read all of it), which
+   is what forking a warmed machine is for. Only memory a child touches becomes
+   resident, so an idle child of the warm spore costs what one of the small spore
+   does; the job makes the shared part real.
 
 Run: ``SPORE_HOME=~/.cache/spore-tests/kernel-store python bench/bench_spores.py [--runs 3]``
 (SPORE_HOME must hold the managed kernel, or the first run builds it.)
@@ -75,6 +82,30 @@ steps:
   - name: marker
     run: echo {MARKER} > /tmp/marker
 """
+# The same machine with a warm working set: a background process holding --warm-mib MiB
+# of distinct non-zero pages (bench/guest/warm.c), as a warmed CI machine holds a build
+# daemon's or a test runner's memory. Its children show what forking shares.
+WARM_SPOREFILE = f"""\
+sporefile: 1
+name: bench-spores-warm
+base:
+  image: oci-layout:{{layout}}:latest
+machine: {{{{memory: 256MiB}}}}
+files:
+  - {{{{src: warm, dst: /usr/local/bin/warm, mode: "0755"}}}}
+steps:
+  - name: marker
+    run: echo {MARKER} > /tmp/marker
+  - name: warm
+    run: [/usr/local/bin/warm, "{{mib}}", /run]
+    background: true
+    ready: {{{{command: [test, -s, /run/warm.pid], timeout: 10m}}}}
+"""
+# A forked child's job on the warm spore: have the background process read all of its
+# memory (shell builtins only: no exec), print the sum.
+WARM_JOB = ["sh", "-c", "read -r p < /run/warm.pid; kill -USR1 $p; read -r s < /run/warm.fifo; "
+            "echo warm-sum=$s"]
+WARM_SOURCE = ROOT / "bench" / "guest" / "warm.c"
 MEM_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
 
 
@@ -127,12 +158,20 @@ def stop(vm: VmProcess) -> None:
     vm.close()
 
 
-def build_spore(work: Path, timeout: float) -> Path:
+def build_spore(work: Path, timeout: float, warm_mib: int = 0) -> Path:
+    """The bench spore (``warm_mib`` 0) or its warm variant, built (or found cached)."""
     layout = work / "layout"
-    ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
-    src = work / "sporefile"
+    if not layout.exists():
+        ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
+    src = work / ("sporefile-warm" if warm_mib else "sporefile")
     src.mkdir()
-    (src / "Sporefile").write_text(SPOREFILE.format(layout=layout))
+    if warm_mib:
+        subprocess.run(["musl-gcc", "-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o",
+                        str(src / "warm"), str(WARM_SOURCE)], check=True, timeout=timeout)
+        text = WARM_SPOREFILE.format(layout=layout, mib=warm_mib)
+    else:
+        text = SPOREFILE.format(layout=layout)
+    (src / "Sporefile").write_text(text)
     proc = subprocess.run(
         [sys.executable, "-m", "sporevm.cli", "build", "--json", str(src / "Sporefile")],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
@@ -260,8 +299,8 @@ def read_mem(pid: int) -> Mem:
     return Mem(total, ram)
 
 
-def children_memory(children: list[Path], store: Store, timeout: float,
-                    settle: float) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
+def children_memory(children: list[Path], store: Store, timeout: float, settle: float,
+                    job: Sequence[str]) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
     """(one child alone, each of N children alive together, the monitor zygote's memory
     with one child and with N (None when monitors are spawned, SPORE_ZYGOTE=0), seconds
     to restore the N). The zygote is counted: its pages are what the children share."""
@@ -275,10 +314,11 @@ def children_memory(children: list[Path], store: Store, timeout: float,
         for child in children:
             vm = resume_vm(child, store, Reporter.quiet(), ram="local")
             vms.append(vm)
-            status = vm.session.exec(["cat", "/run/spore/generation.json"],
-                                     timeout=timeout).wait(timeout + 5)
+            handle = vm.session.exec(list(job), timeout=timeout)
+            status = handle.wait(timeout + 5)
             if status.returncode != 0:
-                raise BenchError(f"{child}: cat generation.json {status.describe()}")
+                raise BenchError(f"{child}: {' '.join(job)}: {status.describe()}, stderr "
+                                 f"{handle.stderr[-300:]!r}")
             if len(vms) == 1:
                 time.sleep(settle)
                 one = read_mem(vm.proc.pid)
@@ -294,6 +334,64 @@ def children_memory(children: list[Path], store: Store, timeout: float,
             vm.close()
 
 
+@dataclass
+class ChildrenMemory:
+    """Section 4 for one parent spore: one child alone vs N alive together."""
+
+    label: str
+    one: Mem
+    many: list[Mem]
+    zyg_one: Mem | None
+    zyg_many: Mem | None
+    restore_s: float
+
+    def sums(self) -> tuple[int, int]:
+        """(PSS of one child alone, PSS of the N together), kB, the zygote counted."""
+        zyg1 = self.zyg_one.total["Pss"] if self.zyg_one else 0
+        zygn = self.zyg_many.total["Pss"] if self.zyg_many else 0
+        return self.one.total["Pss"] + zyg1, sum(x.total["Pss"] for x in self.many) + zygn
+
+    def report(self) -> None:
+        n, many, one = len(self.many), self.many, self.one
+        one_pss, sum_pss = self.sums()
+        print(f"  {self.label}: {n} forked children restored with `local` "
+              f"({self.restore_s:.1f} s to restore them one after another), alive and idle")
+        if self.zyg_one is not None and self.zyg_many is not None:
+            print(f"    monitors forked from one zygote (counted below): its PSS "
+                  f"{self.zyg_one.total['Pss'] / 1024:.1f} MiB with one child, "
+                  f"{self.zyg_many.total['Pss'] / 1024:.1f} MiB with {n}")
+        else:
+            print("    monitors spawned one interpreter each (SPORE_ZYGOTE=0)")
+        print(f"    one child alone:   PSS {one_pss / 1024:7.1f} MiB "
+              f"(guest RAM {one.ram['Pss'] / 1024:.1f}, rest {one.rest_pss() / 1024:.1f})   "
+              f"RSS {one.total['Rss'] / 1024:.1f} MiB")
+        print(f"    {n} children, sum:  PSS {sum_pss / 1024:7.1f} MiB "
+              f"(guest RAM {sum(x.ram['Pss'] for x in many) / 1024:.1f}, "
+              f"rest {sum(x.rest_pss() for x in many) / 1024:.1f})   "
+              f"RSS {sum(x.total['Rss'] for x in many) / 1024:.1f} MiB")
+        print(f"    ratio {n} children / one (PSS): {sum_pss / one_pss:.2f}x "
+              f"(goal <= 1.5x); guest RAM only: "
+              f"{sum(x.ram['Pss'] for x in many) / max(one.ram['Pss'], 1):.2f}x")
+        print(f"    each further child costs {(sum_pss - one_pss) / (n - 1) / 1024:.1f} MiB PSS "
+              f"(of which guest RAM copied on write "
+              f"{statistics.median(x.ram['Private_Dirty'] for x in many) / 1024:.1f} MiB, "
+              f"monitor {statistics.median(x.total['Private_Dirty'] - x.ram['Private_Dirty'] for x in many) / 1024:.1f} MiB private)")  # noqa: E501
+        print(f"    guest-RAM mapping per child (median): "
+              f"{statistics.median(x.ram['Shared_Clean'] for x in many) / 1024:.1f} MiB shared "
+              f"clean, {statistics.median(x.ram['Private_Dirty'] + x.ram['Private_Clean'] for x in many) / 1024:.1f} MiB private (copy-on-write)")  # noqa: E501
+
+
+def fork_and_measure(label: str, spore: Path, store: Store, args: argparse.Namespace,
+                     out: Path, job: Sequence[str]) -> ChildrenMemory:
+    m, _, _ = open_spore(spore, store)
+    backing.ensure_memfile(m.memory, ChunkStore(store), store)
+    for i, child in enumerate(fork_manifests(m, manifest.id_of(m), args.children)):
+        write_spore(child, out / f"child-{i:04d}.spore")
+    children = sorted(out.glob("child-*.spore"))
+    return ChildrenMemory(label, *children_memory(children, store, args.timeout, args.settle,
+                                                  job))
+
+
 # -- driver --------------------------------------------------------------------
 
 
@@ -306,6 +404,9 @@ def main() -> int:
                     help="bound on each boot, restore, build or command, seconds")
     ap.add_argument("--settle", type=float, default=3.0,
                     help="idle seconds before reading the children's memory")
+    ap.add_argument("--warm-mib", type=int, default=128,
+                    help="working set of the warm spore whose children section 4 also "
+                         "measures (0: skip it)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
     store = Store()
@@ -359,9 +460,15 @@ def main() -> int:
         fork = Series()
         for i in range(args.runs):
             fork.values.append(fork_once(m, parent_id, args.fork_count, work / f"fork-{i}"))
-        children = sorted((work / f"fork-{args.runs - 1}").glob("child-*.spore"))
-        one, many, zyg_one, zyg_many, restore_n_s = children_memory(
-            children[: args.children], store, args.timeout, args.settle)
+        memories = [fork_and_measure(
+            "the bench spore (idle busybox guest; each child ran `cat generation.json`)",
+            spore, store, args, work / "children", ["cat", "/run/spore/generation.json"])]
+        if args.warm_mib:
+            warm = build_spore(work, args.timeout, args.warm_mib)
+            memories.append(fork_and_measure(
+                f"its warm variant (a background process holds {args.warm_mib} MiB; each "
+                "child's job reads all of it)", warm, store, args, work / "children-warm",
+                WARM_JOB))
         load_after = os.getloadavg()
 
         print(f"spore: {spore.name} ({memory >> 20} MiB RAM, {len(m.memory.stored())} stored "
@@ -397,39 +504,14 @@ def main() -> int:
         print(f"3. fork ({args.fork_count} children: fork_manifests + write_spore)")
         print(f"  per child: {fork.describe('ms', 1e3, '.2f')} (goal <= 20 ms)")
         print()
-        n = len(many)
-        zyg1 = zyg_one.total["Pss"] if zyg_one else 0
-        zygn = zyg_many.total["Pss"] if zyg_many else 0
-        sum_pss = sum(x.total["Pss"] for x in many) + zygn
-        one_pss = one.total["Pss"] + zyg1
-        sum_rss = sum(x.total["Rss"] for x in many)
-        print(f"4. memory: {n} forked children restored with `local` "
-              f"({restore_n_s:.1f} s to restore them one after another), alive and idle")
-        if zyg_one is not None:
-            print(f"  monitors forked from one zygote (counted below): its PSS "
-                  f"{zyg1 / 1024:.1f} MiB with one child, {zygn / 1024:.1f} MiB with {n}")
-        else:
-            print("  monitors spawned one interpreter each (SPORE_ZYGOTE=0)")
-        print(f"  one child alone:   PSS {one_pss / 1024:7.1f} MiB "
-              f"(guest RAM {one.ram['Pss'] / 1024:.1f}, rest {one.rest_pss() / 1024:.1f})   "
-              f"RSS {one.total['Rss'] / 1024:.1f} MiB")
-        print(f"  {n} children, sum:  PSS {sum_pss / 1024:7.1f} MiB "
-              f"(guest RAM {sum(x.ram['Pss'] for x in many) / 1024:.1f}, "
-              f"rest {sum(x.rest_pss() for x in many) / 1024:.1f})   "
-              f"RSS {sum_rss / 1024:.1f} MiB")
-        print(f"  ratio {n} children / one (PSS): {sum_pss / one_pss:.2f}x "
-              f"(goal <= 1.5x); guest RAM only: "
-              f"{sum(x.ram['Pss'] for x in many) / max(one.ram['Pss'], 1):.2f}x")
-        ram_shared = statistics.median(x.ram["Shared_Clean"] for x in many) / 1024
-        ram_private = statistics.median(x.ram["Private_Dirty"] + x.ram["Private_Clean"]
-                                        for x in many) / 1024
-        print(f"  guest-RAM mapping per child (median): {ram_shared:.1f} MiB shared clean, "
-              f"{ram_private:.1f} MiB private (copy-on-write)")
+        print("4. memory of live forked children vs one child alone")
+        for section in memories:
+            section.report()
         fm = floor_mem[len(floor_mem) // 2]
         print(f"  a bare monitor interpreter (Python + imports, no VM): PSS "
               f"{fm.total['Pss'] / 1024:.1f} MiB, RSS {fm.total['Rss'] / 1024:.1f} MiB")
         print(f"  per-process overhead outside guest RAM (Python + VMM), median PSS: "
-              f"{statistics.median(x.rest_pss() for x in many) / 1024:.1f} MiB")
+              f"{statistics.median(x.rest_pss() for x in memories[0].many) / 1024:.1f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
