@@ -30,7 +30,8 @@ from sporevm.storecheck import verify_store
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_STORE = Path.home() / ".cache" / "spore-tests" / "kernel-store"
-SEEDED_KINDS = ("kernel", "source-sha256", "guest-agent", "initrd")
+SEEDED_KINDS = ("kernel", "source-sha256", "source-version", "tool-version", "guest-agent",
+                "initrd")
 
 # What `spore build` prints when a task starts: the phases a kill is aimed at.
 TASK_LINE = re.compile(r"^▶ (\S+)", re.M)

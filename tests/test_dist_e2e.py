@@ -86,7 +86,8 @@ def clean_store(path: Path) -> Path:
     """A store with the managed kernel and guest agent only: no chunks, no rootfs."""
     for sub in ("kernels", "guest"):
         shutil.copytree(KERNEL_STORE / sub, path / sub, symlinks=True)
-    for kind in ("kernel", "guest-agent", "initrd", "source-sha256"):
+    for kind in ("kernel", "guest-agent", "initrd", "source-sha256", "source-version",
+                 "tool-version"):
         if (KERNEL_STORE / "keys" / kind).is_dir():
             shutil.copytree(KERNEL_STORE / "keys" / kind, path / "keys" / kind)
     return path

@@ -109,6 +109,36 @@ def test_build_inputs_name_source_and_toolchain() -> None:
     assert not any(k.startswith("patch:kvm-pvm/") for k in K.build_inputs("kvm"))
 
 
+@pytest.mark.skipif(not K.SOURCE_TARBALL.is_file(), reason="linux-source-6.1 not installed")
+def test_build_inputs_memoized_in_the_store_equal_a_fresh_lookup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store")
+    fresh = K.build_inputs("kvm-pvm")
+    assert K.build_inputs("kvm-pvm", store=store) == fresh
+
+    def no_subprocess(*_a: object, **_k: object) -> None:
+        raise AssertionError("a remembered tool version ran its tool again")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert K.build_inputs("kvm-pvm", store=store) == fresh
+
+
+def test_memo_recomputes_when_the_file_changes(tmp_path: Path) -> None:
+    store, tool = Store(tmp_path / "store"), tmp_path / "tool"
+    tool.write_text("v1")
+    calls: list[str] = []
+
+    def compute() -> str:
+        calls.append(tool.read_text())
+        return calls[-1]
+
+    assert K._memo(store, "tool-version", K._file_identity(tool), compute) == "v1"
+    assert K._memo(store, "tool-version", K._file_identity(tool), compute) == "v1"
+    tool.write_text("v2!")  # another size and mtime: another identity
+    assert K._memo(store, "tool-version", K._file_identity(tool), compute) == "v2!"
+    assert calls == ["v1", "v2!"]
+
+
 REQUIRED_ON = [
     "CONFIG_64BIT", "CONFIG_PRINTK", "CONFIG_TTY", "CONFIG_SERIAL_8250",
     "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
