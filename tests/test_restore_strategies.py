@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 
 from sporevm.errors import SporeError
@@ -22,7 +23,7 @@ from sporevm.spore.capture import capture
 from sporevm.spore.chunks import CHUNK, ChunkError, ChunkStore, MemoryIndex, materialize
 from sporevm.spore.chunks import snapshot_memory as chunk_ram
 from sporevm.spore.lazy import LazyPager, start_pager
-from sporevm.spore.monitor import MonitorConfig
+from sporevm.spore.monitor import MonitorConfig, _blake3_fd
 from sporevm.spore.restore import RamLoader, restore_machine
 from sporevm.spore.vmstate import VmState
 from sporevm.store import Store
@@ -272,3 +273,17 @@ def test_monitor_config_platform_digests_go_with_restore(field: str) -> None:
                 MonitorConfig(**base, **{field: digests[field]})):  # type: ignore[arg-type]
         with pytest.raises(SporeError, match=field):
             MonitorConfig.decode(bad.encode())
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, (1 << 20) + 7])
+def test_rootfs_digest_is_blake3_of_the_fd(tmp_path: Path, size: int) -> None:
+    """The monitor verifies the rootfs through the fd the VM will read (mapped, hashed on
+    every core): its digest and size are exactly BLAKE3 of the bytes."""
+    data = os.urandom(size)
+    path = tmp_path / "rootfs"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _blake3_fd(fd) == ("blake3:" + blake3.blake3(data).hexdigest(), size)
+    finally:
+        os.close(fd)

@@ -324,6 +324,19 @@ def test_different_kernel_digest_fails_naming_the_field(built: Built, tmp_path: 
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
 
 
+def test_tampered_rootfs_fails_before_a_vm(built: Built) -> None:
+    """The monitor hashes the rootfs on the fd the VM would read; one flipped byte in the
+    store entry (same size, same name) refuses the restore naming both digests."""
+    m = load_manifest(built.spore_dir)
+    path = KERNEL_STORE / "rootfs" / "blake3" / m.rootfs.digest.split(":", 1)[1]
+    with flipped(path, m.rootfs.size // 2):
+        proc = timed("tampered rootfs (fails)", "run", "--from", str(built.spore_dir), "--",
+                     "echo", "RAN")
+    assert proc.returncode != 0
+    assert "rootfs" in proc.stderr and f"needs {m.rootfs.digest}" in proc.stderr, proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
 def test_unchanged_sporefile_rebuilds_without_a_vm(built: Built) -> None:
     proc = timed("spore build again (up to date)", "build", "--json", str(built.sporefile))
     assert proc.returncode == 0, proc.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import queue
 import re
@@ -419,12 +420,18 @@ def cpu_profile() -> str:
 
 
 def _blake3_fd(fd: int) -> tuple[str, int]:
-    h = blake3.blake3()
-    offset = 0
-    while block := os.pread(fd, 1 << 20, offset):
-        h.update(block)
-        offset += len(block)
-    return "blake3:" + h.hexdigest(), offset
+    """BLAKE3 and size of the file behind ``fd``, read through that fd.
+
+    Mapped and hashed on every core: this runs on every restore and rootfs images
+    can be GiBs (16 MiB here: ~6 ms instead of ~9-25 ms read in 1 MiB blocks). A file
+    truncated under the mapping would end this process with SIGBUS: no VM either way.
+    """
+    size = os.fstat(fd).st_size
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if size:
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+            h.update(mapped)
+    return "blake3:" + h.hexdigest(), size
 
 
 def _read_config_line() -> bytes:
