@@ -242,6 +242,23 @@ def test_materialize_verifies(cs: ChunkStore) -> None:
         materialize(idx, cs, memoryview(bytearray(PAGE)))
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_materialize_with_workers_writes_every_chunk_and_fails_on_any(
+        cs: ChunkStore, workers: int) -> None:
+    ram = ram_of(5)
+    for c in (0, 1, 3, 4):
+        ram[c * CHUNK + 7] = c + 1
+    idx = snapshot_memory(memoryview(ram), cs)
+    out = bytearray(b"\xee" * len(ram))
+    materialize(idx, cs, memoryview(out), workers=workers)
+    assert out == ram  # the zero chunk (2) was zeroed, the rest copied
+    bad = idx.chunks[4]
+    assert bad is not None
+    cs.path(bad).write_bytes(bytes(CHUNK))
+    with pytest.raises(ChunkError, match="corrupt"):
+        materialize(idx, cs, memoryview(bytearray(len(ram))), workers=workers)
+
+
 def test_read_into_verifies_in_place_and_leaves_nothing_unverified(cs: ChunkStore) -> None:
     data = os.urandom(CHUNK)
     cid = cs.put(data)

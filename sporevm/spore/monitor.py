@@ -371,7 +371,8 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
         ram = GuestMemory(cfg.memory)
         try:
             with ram.view(0, ram.size, writable=True) as whole:
-                materialize(m.memory, chunks, whole, out_is_zero=True)
+                materialize(m.memory, chunks, whole, out_is_zero=True,
+                            workers=min(2, os.cpu_count() or 1))
         except BaseException:
             ram.close()
             raise
