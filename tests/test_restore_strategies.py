@@ -55,15 +55,23 @@ class Paused:
             self.index: MemoryIndex = chunk_ram(vm.machine.ram, self.chunks)
             self.ram = vm.machine.ram.read(0, RAM)
 
-    def restore(self, loader: RamLoader) -> tuple[Machine, ProbePort]:
+    def restore(self, loader: RamLoader | None) -> tuple[Machine, ProbePort]:
+        """``loader`` None: eager as the monitor does it, into RAM filled and verified
+        before the VM exists (private anonymous memory, two chunks at a time)."""
         port = ProbePort()
+        memory = None
+        if loader is None:
+            memory = GuestMemory(RAM, anonymous=True)
+            with memory.view(0, RAM, writable=True) as whole:
+                materialize(self.index, self.chunks, whole, out_is_zero=True, workers=2)
         m = restore_machine(
             self.state,
             RAM,
             1,
-            loader,
+            loader or (lambda mem: None),
             attach=lambda m: attach_probe_devices(m, port),
             strict_io=True,
+            memory=memory,
         )
         return m, port
 
@@ -75,12 +83,9 @@ def spore(tmp_path_factory: pytest.TempPathFactory) -> Paused:
     return Paused(tmp_path_factory.mktemp("store"))
 
 
-def loaders(s: Paused, pagers: list[LazyPager]) -> dict[str, RamLoader]:
-    def eager(mem: GuestMemory) -> None:
-        materialize(s.index, s.chunks, mem.view(0, mem.size, writable=True), out_is_zero=True)
-
+def loaders(s: Paused, pagers: list[LazyPager]) -> dict[str, RamLoader | None]:
     return {
-        "eager": eager,
+        "eager": None,  # the RAM is prepared before the machine: Paused.restore
         "local": lambda mem: map_local(mem, s.index, s.chunks, s.store),
         "lazy": lambda mem: pagers.append(start_pager(mem, s.index, s.chunks)),
     }
@@ -102,6 +107,8 @@ def test_counter_continues_exactly(spore: Paused, strategy: str) -> None:
             assert p.error is None
         if strategy == "local":
             assert m.ram.backing == "file"
+        if strategy == "eager":
+            assert m.ram.backing == "anonymous"
 
 
 @needs_kvm

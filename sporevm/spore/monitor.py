@@ -361,14 +361,14 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
         raise SporeError(f"{cfg.restore}: the spore has no 'vm' state object")
     state = vmstate.decode(chunks.get(vm_obj.digest, size=vm_obj.size))
     # Every chunk and state object must be there. Eager then reads each chunk into the
-    # guest RAM memfd and hashes it there, in one pass, before any VM exists (the memfd
-    # becomes guest memory only once all of it matched); local re-hashes the memfile
+    # guest RAM and hashes it there, in one pass, before any VM exists (that memory
+    # becomes the VM's only once all of it matched); local re-hashes the memfile
     # against the index (backing.py), also before any VM exists; lazy hashes each chunk
     # as it is faulted in.
     manifest.verify_chunks(m, chunks, rehash=False)
     ram: GuestMemory | None = None
     if cfg.ram == "eager":
-        ram = GuestMemory(cfg.memory)
+        ram = GuestMemory(cfg.memory, anonymous=True)
         try:
             with ram.view(0, ram.size, writable=True) as whole:
                 materialize(m.memory, chunks, whole, out_is_zero=True,
