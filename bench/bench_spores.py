@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -300,7 +301,8 @@ def read_mem(pid: int) -> Mem:
 
 
 def children_memory(children: list[Path], store: Store, timeout: float, settle: float,
-                    job: Sequence[str]) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
+                    job: Sequence[str], expect: bytes
+                    ) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
     """(one child alone, each of N children alive together, the monitor zygote's memory
     with one child and with N (None when monitors are spawned, SPORE_ZYGOTE=0), seconds
     to restore the N). The zygote is counted: its pages are what the children share."""
@@ -316,9 +318,9 @@ def children_memory(children: list[Path], store: Store, timeout: float, settle: 
             vms.append(vm)
             handle = vm.session.exec(list(job), timeout=timeout)
             status = handle.wait(timeout + 5)
-            if status.returncode != 0:
-                raise BenchError(f"{child}: {' '.join(job)}: {status.describe()}, stderr "
-                                 f"{handle.stderr[-300:]!r}")
+            if status.returncode != 0 or not re.search(expect, handle.stdout):
+                raise BenchError(f"{child}: {' '.join(job)}: {status.describe()}, stdout "
+                                 f"{handle.stdout[-300:]!r}, stderr {handle.stderr[-300:]!r}")
             if len(vms) == 1:
                 time.sleep(settle)
                 one = read_mem(vm.proc.pid)
@@ -382,14 +384,14 @@ class ChildrenMemory:
 
 
 def fork_and_measure(label: str, spore: Path, store: Store, args: argparse.Namespace,
-                     out: Path, job: Sequence[str]) -> ChildrenMemory:
+                     out: Path, job: Sequence[str], expect: bytes) -> ChildrenMemory:
     m, _, _ = open_spore(spore, store)
     backing.ensure_memfile(m.memory, ChunkStore(store), store)
     for i, child in enumerate(fork_manifests(m, manifest.id_of(m), args.children)):
         write_spore(child, out / f"child-{i:04d}.spore")
     children = sorted(out.glob("child-*.spore"))
     return ChildrenMemory(label, *children_memory(children, store, args.timeout, args.settle,
-                                                  job))
+                                                  job, expect))
 
 
 # -- driver --------------------------------------------------------------------
@@ -462,13 +464,14 @@ def main() -> int:
             fork.values.append(fork_once(m, parent_id, args.fork_count, work / f"fork-{i}"))
         memories = [fork_and_measure(
             "the bench spore (idle busybox guest; each child ran `cat generation.json`)",
-            spore, store, args, work / "children", ["cat", "/run/spore/generation.json"])]
+            spore, store, args, work / "children", ["cat", "/run/spore/generation.json"],
+            rb'"generation":"')]
         if args.warm_mib:
             warm = build_spore(work, args.timeout, args.warm_mib)
             memories.append(fork_and_measure(
                 f"its warm variant (a background process holds {args.warm_mib} MiB; each "
                 "child's job reads all of it)", warm, store, args, work / "children-warm",
-                WARM_JOB))
+                WARM_JOB, rb"warm-sum=[1-9][0-9]*\n"))
         load_after = os.getloadavg()
 
         print(f"spore: {spore.name} ({memory >> 20} MiB RAM, {len(m.memory.stored())} stored "

@@ -89,6 +89,11 @@ class LazyPager:
         self.error: BaseException | None = None
         self._lock = threading.Lock()  # one fill at a time: a chunk is copied exactly once
         self._zeropage = True
+        # One chunk-sized buffer, filled (and verified) in place for every fault: a
+        # fresh 2 MiB bytes object per fault is an mmap and 512 page faults each time
+        # (~2 ms of a ~4 ms fill here, measured).
+        self._buf = bytearray(CHUNK)
+        self._view = memoryview(self._buf)
         self.uffd = open_userfaultfd()
         try:
             mem.register_userfaultfd(self.uffd)
@@ -125,16 +130,17 @@ class LazyPager:
                 return
             cid = self.index.chunks[c]
             try:
-                data = None if cid is None else self.chunks.get(cid, size=CHUNK)
+                if cid is not None:
+                    self.chunks.read_into(cid, self._view)
             except ChunkError as exc:
                 err = ChunkError(f"guest RAM chunk {c} ({cid}) failed verification: {exc}")
                 self._fail(err)
                 raise err from None
             try:
-                if data is None:
+                if cid is None:
                     self._zero(c)
                 else:
-                    self._copy(c, data)
+                    self._copy(c, self._buf)
             except OSError as exc:
                 err = ChunkError(f"guest RAM chunk {c}: cannot map it in: {exc.strerror}")
                 self._fail(err)
@@ -142,9 +148,13 @@ class LazyPager:
             self.present[c] = 1
             self.missing -= 1
 
-    def _copy(self, c: int, data: bytes) -> None:
+    def _copy(self, c: int, data: bytes | bytearray) -> None:
         """UFFDIO_COPY the chunk; pages that appeared meanwhile (EEXIST) are skipped."""
-        src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        src: int | None
+        if isinstance(data, bytearray):  # the fill buffer
+            src = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
+        else:
+            src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
         assert src is not None
         dst = self.base + c * CHUNK
         done = 0
