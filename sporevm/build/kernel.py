@@ -161,8 +161,10 @@ def _file_identity(path: Path) -> str:
     return f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
 
 
-def _memo(store: Store | None, kind: str, ident: str, compute: Callable[[], str]) -> str:
-    """``compute()``, remembered in the store under the file identity ``ident``.
+def _memo(store: Store | None, kind: str, ident: str, compute: Callable[[], str],
+          valid: Callable[[str], bool] = lambda _v: True) -> str:
+    """``compute()``, remembered in the store under the file identity ``ident``; a
+    remembered value that fails ``valid`` is a miss.
 
     Every `spore run --from` and no-op build looks the managed kernel up by its key,
     whose inputs include tool versions: three subprocesses, ~25 ms, on every call.
@@ -171,8 +173,9 @@ def _memo(store: Store | None, kind: str, ident: str, compute: Callable[[], str]
         return compute()
     key = blake3.blake3(f"{kind}\0{ident}".encode()).hexdigest()
     rec = store.get_key(kind, key)
-    if rec is not None and rec.get("ident") == ident and isinstance(rec.get("value"), str):
-        return str(rec["value"])
+    value = None if rec is None or rec.get("ident") != ident else rec.get("value")
+    if isinstance(value, str) and valid(value):
+        return value
     value = compute()
     store.put_key(kind, key, {"ident": ident, "value": value})
     return value
@@ -226,16 +229,8 @@ def _sha256_memo(path: Path, store: Store | None) -> str:
     Hashing the 130 MB tarball cost ~0.1 s on every no-op build; a file whose inode,
     size, mtime and ctime are unchanged is taken to be unchanged (as make and git do).
     """
-    if store is None:
-        return _sha256(path)
-    ident = _file_identity(path)
-    key = blake3.blake3(ident.encode()).hexdigest()
-    rec = store.get_key("source-sha256", key)
-    if rec is not None and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64:
-        return str(rec["sha256"])
-    digest = _sha256(path)
-    store.put_key("source-sha256", key, {"path": str(path), "sha256": digest})
-    return digest
+    return _memo(store, "source-sha256", _file_identity(path), lambda: _sha256(path),
+                 valid=lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None)
 
 
 def build_inputs(

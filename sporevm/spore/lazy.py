@@ -41,9 +41,6 @@ UFFDIO_COPY = 0xC028AA03  # _IOWR(0xAA, 0x03, struct uffdio_copy)
 UFFDIO_ZEROPAGE = 0xC020AA04  # _IOWR(0xAA, 0x04, struct uffdio_zeropage)
 UFFD_EVENT_PAGEFAULT = 0x12
 MSG_SIZE = 32  # struct uffd_msg
-_ZEROS = bytes(CHUNK)
-
-
 class UffdioRange(ctypes.Structure):
     _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
@@ -140,7 +137,7 @@ class LazyPager:
                 if cid is None:
                     self._zero(c)
                 else:
-                    self._copy(c, self._buf)
+                    self._copy(c)
             except OSError as exc:
                 err = ChunkError(f"guest RAM chunk {c}: cannot map it in: {exc.strerror}")
                 self._fail(err)
@@ -148,14 +145,10 @@ class LazyPager:
             self.present[c] = 1
             self.missing -= 1
 
-    def _copy(self, c: int, data: bytes | bytearray) -> None:
-        """UFFDIO_COPY the chunk; pages that appeared meanwhile (EEXIST) are skipped."""
-        src: int | None
-        if isinstance(data, bytearray):  # the fill buffer
-            src = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
-        else:
-            src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-        assert src is not None
+    def _copy(self, c: int) -> None:
+        """UFFDIO_COPY the fill buffer to chunk ``c``; pages that appeared meanwhile
+        (EEXIST) are skipped."""
+        src = ctypes.addressof((ctypes.c_char * CHUNK).from_buffer(self._buf))
         dst = self.base + c * CHUNK
         done = 0
         while done < CHUNK:
@@ -182,7 +175,8 @@ class LazyPager:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._zeropage = False  # not on this backing: copy zeros instead
-        self._copy(c, _ZEROS)
+        self._view[:] = bytes(CHUNK)
+        self._copy(c)
 
     def _ioctl(self, request: int, arg: ctypes.Structure) -> None:
         uffd_ioctl(self.uffd, request, arg)
