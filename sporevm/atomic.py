@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from sporevm.errors import SporeError
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,7 +33,10 @@ def atomic_output(
 ) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``dest`` only if the block succeeds.
 
-    ``tmp_dir`` must be on ``dest``'s filesystem (rename is only atomic there)."""
+    ``tmp_dir`` must be on ``dest``'s filesystem (rename is only atomic there).
+    An existing regular file (or symlink, which is replaced, not followed) at
+    ``dest`` is replaced, as ``cp`` and ``-o`` options do; a directory is refused."""
+    check_file_output(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=tmp_dir or dest.parent)
     tmp = Path(tmp_name)
@@ -45,6 +52,13 @@ def atomic_output(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def check_file_output(dest: Path) -> None:
+    """Refuse a file output path that names an existing directory (call it before work)."""
+    if dest.is_dir() and not dest.is_symlink():
+        raise NotReplaceable(f"{dest}: is a directory; name a file to write (nothing was "
+                             "changed)")
 
 
 def atomic_write(dest: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
@@ -78,26 +92,80 @@ def _renameat2() -> Any:
     return fn
 
 
-def replace_dir(staged: Path, dest: Path) -> None:
-    """Publish the directory ``staged`` as ``dest``, replacing any old ``dest`` in one step.
+@dataclass(frozen=True)
+class DirKind:
+    """What an existing output directory must look like before spore replaces it.
 
-    With an old ``dest``, the two are swapped with renameat2(RENAME_EXCHANGE), so
-    ``dest`` is always either the whole old directory or the whole new one, even
-    across a crash; the old one (now at ``staged``) is then removed. Both must be on
-    one filesystem (stage beside ``dest``).
+    ``marker`` must be a regular file in it; every other entry must be one of
+    ``names``. Anything else (a user's files, a directory of another kind) is
+    never replaced: replacing means deleting the old directory.
+    """
+
+    what: str  # "spore directory", "bundle directory"
+    marker: str
+    names: frozenset[str]
+
+    def refusal(self, path: Path) -> str | None:
+        """Why ``path`` may not be replaced, or None if it is empty or of this kind."""
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if not entries:
+            return None
+        stranger = [e for e in entries if e not in self.names]
+        if stranger:
+            return f"holds {stranger[0]!r}, which no {self.what} has"
+        try:
+            st = os.lstat(path / self.marker)
+        except OSError:
+            return f"has no {self.marker}"
+        if not stat.S_ISREG(st.st_mode):
+            return f"its {self.marker} is not a regular file"
+        return None
+
+
+class NotReplaceable(SporeError):
+    """An existing output path is not something spore may replace."""
+
+
+def replace_dir(staged: Path, dest: Path, kind: DirKind) -> None:
+    """Publish the directory ``staged`` as ``dest``, replacing an old ``dest`` in one step.
+
+    An old ``dest`` is replaced only if it is empty or a ``kind`` directory; anything
+    else raises ``NotReplaceable`` and stays untouched. The two are swapped with
+    renameat2(RENAME_EXCHANGE), so ``dest`` is always either the whole old directory
+    or the whole new one, even across a crash; the old one (now at ``staged``) is
+    checked once more (it could have changed between the check and the swap: then
+    it is swapped back) and removed. Both must be on one filesystem (stage beside
+    ``dest``).
     """
     import shutil
 
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise FileExistsError(f"{dest}: exists and is not a directory; remove it")
+        raise NotReplaceable(f"{dest}: exists and is not a {kind.what}; remove it or "
+                             "choose another output path")
     if not dest.exists():
         os.replace(staged, dest)
-    else:
-        if _renameat2()(_AT_FDCWD, os.fsencode(staged), _AT_FDCWD, os.fsencode(dest),
-                        _RENAME_EXCHANGE) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, f"exchange {staged} with {dest}: {os.strerror(err)}")
-        shutil.rmtree(staged, ignore_errors=True)
+        fsync_dir(dest.parent)
+        return
+    why = kind.refusal(dest)
+    if why is not None:
+        raise NotReplaceable(f"{dest}: exists and is not a {kind.what} ({why}); nothing was "
+                             "changed; remove it or choose another output path")
+    _exchange(staged, dest)
+    why = kind.refusal(staged)  # the old directory, now at ``staged``
+    if why is not None:  # changed under us: put it back, publish nothing
+        _exchange(staged, dest)
+        raise NotReplaceable(f"{dest}: changed while being replaced ({why}); nothing was "
+                             "changed; remove it or choose another output path")
     fsync_dir(dest.parent)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    if _renameat2()(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, f"exchange {a} with {b}: {os.strerror(err)}")

@@ -87,9 +87,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_rootfs(args: argparse.Namespace) -> int:
+    from sporevm.atomic import check_file_output
     from sporevm.build.imagefs import build_rootfs
     from sporevm.build.progress import Reporter
 
+    check_file_output(Path(args.output))  # before any work, not after it
     reporter = Reporter(enabled=not args.json)
     record = build_rootfs(
         args.ref,
@@ -620,6 +622,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spore: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the host failed us (disk, permissions): one line, no traceback
+        if os.environ.get("SPORE_TRACEBACK"):
+            raise
+        print(f"spore: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line; the traceback only on request
+        if os.environ.get("SPORE_TRACEBACK"):
+            raise
+        print(f"spore: internal error: {type(exc).__name__}: {_one_line(str(exc))}; this is a "
+              "bug — run again with SPORE_TRACEBACK=1 and report what it prints", file=sys.stderr)
+        return 70
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: the file, what the system said, and what to do."""
+    what = exc.strerror or type(exc).__name__
+    where = " -> ".join(os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None)
+    head = f"{where}: {what}" if where else _one_line(str(exc)) or what
+    return f"{head}; check the disk, its free space and permissions, then run again"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
 
 
 if __name__ == "__main__":

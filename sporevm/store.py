@@ -17,6 +17,7 @@ entry race harmlessly (both write identical bytes, the last rename wins).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import blake3
 
 from sporevm.atomic import atomic_write, publish
 from sporevm.errors import StoreError
+from sporevm.nofollow import NotADirectoryInPath, open_dir, opened_dir
 
 SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 BLAKE3_DIGEST = re.compile(r"blake3:[0-9a-f]{64}")
@@ -49,6 +51,15 @@ CONTENT_DIRS = (
     ("memfile", "memfiles/blake3"),
 )
 _READ = 1 << 20
+# Every directory the store makes below its root, parents first. Nothing below the
+# root is trusted to be what its name says: at open each of these must be a real
+# directory (never a symlink) owned by this user, or the store refuses to work.
+LAYOUT = (
+    "blobs", "blobs/sha256", "rootfs", "rootfs/blake3", "kernels", "kernels/blake3",
+    "guest", "guest/blake3", "chunks", "chunks/blake3", "memfiles", "memfiles/blake3",
+    "keys", "state", "tmp",
+)
+LOCK = "lock"
 
 
 def default_root() -> Path:
@@ -107,14 +118,85 @@ class Entry:
 class Store:
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or default_root()).absolute()
-        for sub in ("blobs/sha256", "rootfs/blake3", "keys", "tmp"):
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"store {self.root}: cannot create it: {exc.strerror}; "
+                "set SPORE_HOME to a writable directory"
+            ) from exc
+        self.check_layout(create=True)
+
+    # -- layout ----------------------------------------------------------
+    def check_layout(self, create: bool = False) -> None:
+        """Check (and with ``create``, make) the store's own directories and lock file.
+
+        The root itself may be reached through a symlink (the user chose it); below
+        it, a symlink, a non-directory or a directory owned by someone else where
+        the store expects its own directory is refused with one line naming it.
+        A store restored from a CI cache or shared with other users can carry such
+        entries, and following one would read, write or delete outside the store."""
+        try:
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(f"store {self.root}: cannot open it: {exc.strerror}; "
+                             "set SPORE_HOME to a writable directory") from exc
+        try:
+            self._check_owner(os.fstat(root_fd), ".")
+            for rel in LAYOUT:
+                self._check_dir(root_fd, rel, create)
+            with opened_dir(root_fd, "keys") as keys_fd:
+                for name in sorted(os.listdir(keys_fd)):
+                    if not name.startswith(".tmp-"):
+                        self._check_dir(root_fd, f"keys/{name}", create=False)
             try:
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(
-                    f"store {self.root}: cannot create {sub}/: {exc.strerror}; "
-                    "set SPORE_HOME to a writable directory"
-                ) from exc
+                st = os.stat(LOCK, dir_fd=root_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise self._planted(LOCK, "is not a regular file")
+                self._check_owner(st, LOCK)
+        finally:
+            os.close(root_fd)
+
+    def _check_dir(self, root_fd: int, rel: str, create: bool) -> None:
+        parent, _, name = rel.rpartition("/")
+        try:
+            with opened_dir(root_fd, parent) if parent else _dup(root_fd) as pfd:
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    if not create:
+                        return
+                    os.mkdir(name, 0o755, dir_fd=pfd)
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except NotADirectoryInPath as exc:
+            raise self._planted(exc.rel, "is a symbolic link or not a directory") from None
+        except OSError as exc:
+            raise StoreError(f"store {self.root}: cannot create {rel}/: {exc.strerror}; "
+                             "set SPORE_HOME to a writable directory") from exc
+        if stat.S_ISLNK(st.st_mode):
+            raise self._planted(rel, f"is a symbolic link (to {self._link_text(rel)})")
+        if not stat.S_ISDIR(st.st_mode):
+            raise self._planted(rel, "is not a directory")
+        self._check_owner(st, rel)
+
+    def _check_owner(self, st: os.stat_result, rel: str) -> None:
+        if st.st_uid != os.geteuid():
+            raise self._planted(rel, f"is owned by uid {st.st_uid}, not by this user "
+                                f"(uid {os.geteuid()})")
+
+    def _link_text(self, rel: str) -> str:
+        try:
+            return os.readlink(self.root / rel)
+        except OSError:
+            return "?"
+
+    def _planted(self, rel: str, what: str) -> StoreError:
+        return StoreError(f"store {self.root}: {rel} {what}; the store never follows or "
+                          "trusts entries it did not make — remove that entry (or the whole "
+                          "store) and run again")
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
@@ -129,7 +211,15 @@ class Store:
         ``on_wait`` is called once if the lock is not free right away. ``timeout`` bounds
         the wait in seconds (None: wait as long as it takes; 0: try once); when it
         passes, :class:`StoreBusy` is raised and the lock was never held."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.root / LOCK, _LOCK_FLAGS, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise self._planted(LOCK, "is not a regular file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted as the lock
+            os.close(fd)
+            raise self._planted(LOCK, "is not a regular file")
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
@@ -149,7 +239,7 @@ class Store:
         """How many processes hold the store lock now (from /proc/locks), or None if
         that cannot be told (no /proc, or the lock file's inode is not listed)."""
         try:
-            st = os.stat(self.root / "lock")
+            st = os.lstat(self.root / LOCK)
             text = Path("/proc/locks").read_text()
         except OSError:
             return None
@@ -291,6 +381,7 @@ class Store:
 
     # -- listing and pruning --------------------------------------------
     def entries(self) -> list[Entry]:
+        self.check_layout()
         out: list[Entry] = []
         # Kernels are directories (bzImage, vmlinux, config); everything else is a file.
         # Chunks hold spore memory and state objects; memfiles are RAM images for the
@@ -313,6 +404,8 @@ class Store:
                 out.append(Entry(kind, prefix + p.name, size, st.st_mtime, p))
         keys = self.root / "keys"
         for kdir in sorted(keys.iterdir()):
+            if kdir.name.startswith(".tmp-"):
+                continue
             for p in sorted(kdir.glob("*.json")):
                 try:
                     st = p.lstat()
@@ -321,17 +414,25 @@ class Store:
                 out.append(Entry("key/" + kdir.name, p.stem, st.st_size, st.st_mtime, p))
         return out
 
-    def _sweep_staging(self) -> None:
+    def _sweep_staging(self, root_fd: int) -> None:
         """Empty tmp/ and drop ``.tmp-*`` names elsewhere (left by older versions)."""
-        for p in (self.root / "tmp").iterdir():
-            _remove(p)
-        dirs = [self.root / sub for _, sub in CONTENT_DIRS] + [self.root / "state"]
-        keys = self.root / "keys"
-        dirs += [d for d in keys.iterdir() if d.is_dir()]
-        for d in dirs:
-            if d.is_dir():
-                for p in d.glob(".tmp-*"):
-                    _remove(p)
+        with opened_dir(root_fd, "tmp") as tmp_fd:
+            for name in sorted(os.listdir(tmp_fd)):
+                _remove_at(tmp_fd, name)
+        dirs = [sub for _, sub in CONTENT_DIRS] + ["state"]
+        with opened_dir(root_fd, "keys") as keys_fd:
+            dirs += [f"keys/{n}" for n in sorted(os.listdir(keys_fd)) if not n.startswith(".")]
+        for rel in dirs:
+            try:
+                dfd = open_dir(root_fd, rel)
+            except FileNotFoundError:
+                continue
+            try:
+                for name in sorted(os.listdir(dfd)):
+                    if name.startswith(".tmp-"):
+                        _remove_at(dfd, name)
+            finally:
+                os.close(dfd)
 
     def prune(
         self,
@@ -346,14 +447,29 @@ class Store:
         bound), then :class:`StoreBusy` is raised with nothing removed."""
         removed: list[Entry] = []
         with self.lock(exclusive=True, on_wait=on_wait, timeout=wait):
-            self._sweep_staging()
+            entries = self.entries()  # checks the layout first
             cutoff = None if older_than is None else time.time() - older_than
-            # Records first: a record must never outlive the entries it names by a
-            # crash of prune itself (the reverse, an entry without record, is harmless).
-            for entry in sorted(self.entries(), key=lambda e: not e.kind.startswith("key/")):
-                if cutoff is None or entry.last_used < cutoff:
-                    _remove(entry.path, self.root / "tmp")
-                    removed.append(entry)
+            # Everything below is removed through descriptors opened without following
+            # links, so a link planted after the check still leads nowhere.
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._sweep_staging(root_fd)
+                # Records first: a record must never outlive the entries it names by a
+                # crash of prune itself (the reverse, an entry without record, is harmless).
+                for entry in sorted(entries, key=lambda e: not e.kind.startswith("key/")):
+                    if cutoff is None or entry.last_used < cutoff:
+                        rel = entry.path.parent.relative_to(self.root).as_posix()
+                        try:
+                            with opened_dir(root_fd, rel) as dfd:
+                                _remove_at(dfd, entry.path.name, root_fd)
+                        except NotADirectoryInPath as exc:
+                            raise self._planted(exc.rel, "is a symbolic link or not a "
+                                                "directory") from None
+                        except FileNotFoundError:
+                            continue
+                        removed.append(entry)
+            finally:
+                os.close(root_fd)
         return removed
 
 
@@ -384,14 +500,36 @@ def _flock_until(fd: int, mode: int, deadline: float, root: Path, waited: float)
             time.sleep(min(_POLL, left))
 
 
-def _remove(path: Path, tmp: Path | None = None) -> None:
-    """Delete one entry; a directory is first renamed into ``tmp`` so that a crash
-    halfway through never leaves a partial kernel directory under its final name."""
-    if path.is_dir() and not path.is_symlink():
-        if tmp is not None:
-            gone = Path(tempfile.mkdtemp(prefix="prune-", dir=tmp)) / "entry"
-            os.rename(path, gone)
-            path = gone.parent
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def _dup(fd: int) -> Iterator[int]:
+    new = os.dup(fd)
+    try:
+        yield new
+    finally:
+        os.close(new)
+
+
+def _remove_at(dir_fd: int, name: str, root_fd: int | None = None) -> None:
+    """Delete ``name`` in ``dir_fd`` without following it. A directory is first renamed
+    into tmp/ (given ``root_fd``) so that a crash halfway through never leaves a
+    partial kernel directory under its final name; shutil.rmtree with ``dir_fd``
+    removes it through descriptors, never following a link inside."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    if root_fd is None:
+        shutil.rmtree(name, dir_fd=dir_fd)
+        return
+    with opened_dir(root_fd, "tmp") as tmp_fd:
+        gone = f"prune-{os.getpid()}-{time.monotonic_ns()}"
+        os.mkdir(gone, 0o700, dir_fd=tmp_fd)
+        with opened_dir(tmp_fd, gone) as gone_fd:
+            os.rename(name, "entry", src_dir_fd=dir_fd, dst_dir_fd=gone_fd)
+        shutil.rmtree(gone, dir_fd=tmp_fd)

@@ -319,6 +319,53 @@ def test_cli_pack_and_unpack(spores: Spores, tmp_path: Path, monkeypatch: pytest
     assert not os.path.exists(tmp_path / "v")
 
 
+def _users_dir(root: Path) -> dict[str, bytes]:
+    (root / "src").mkdir(parents=True)
+    (root / "thesis.txt").write_text("thesis")
+    (root / "src" / "main.c").write_text("int main;")
+    return tree(root)
+
+
+def test_cli_pack_out_never_replaces_a_users_directory(
+        spores: Spores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`spore pack --out v` with v a directory of the user's: refused, v untouched."""
+    from sporevm.cli import main
+
+    monkeypatch.setenv("SPORE_HOME", str(spores.store.root))
+    v = tmp_path / "v"
+    before = _users_dir(v)
+    assert main(["pack", str(spores.parent), "--out", str(v)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"spore: error: {v}: exists and is not a bundle directory (")
+    assert err.count("\n") == 1 and tree(v) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
+    # over an earlier bundle, and over an empty directory, it is replaced
+    b = tmp_path / "b"
+    assert main(["pack", str(spores.parent), "--out", str(b)]) == 0
+    assert main(["pack", str(spores.parent), "--children", str(spores.children),
+                 "--out", str(b)]) == 0
+    assert len(list((b / "manifests").iterdir())) == 3
+    (tmp_path / "empty").mkdir()
+    assert main(["pack", str(spores.parent), "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_cli_fork_out_never_replaces_a_users_directory(
+        spores: Spores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from sporevm.cli import main
+
+    monkeypatch.setenv("SPORE_HOME", str(spores.store.root))
+    out = tmp_path / "forks"
+    before = _users_dir(out / "child-0000.spore")
+    assert main(["fork", str(spores.parent), "--count", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "child-0000.spore: exists and is not a spore directory (holds 'src'" in err
+    assert tree(out / "child-0000.spore") == before
+    assert main(["fork", str(spores.parent), "--count", "2", "--out", str(tmp_path / "f2")]) == 0
+    assert main(["fork", str(spores.parent), "--count", "2", "--out", str(tmp_path / "f2")]) == 0
+
+
 def test_sporefile_push_list(tmp_path: Path) -> None:
     from sporevm import sporefile
     from sporevm.build.driver import _check_push_uris

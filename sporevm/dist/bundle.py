@@ -35,6 +35,7 @@ from sporevm.dist.docjson import (
     string,
     validate,
 )
+from sporevm.atomic import DirKind
 from sporevm.errors import SporeError
 from sporevm.spore import manifest
 from sporevm.spore.chunks import CHUNK
@@ -46,6 +47,9 @@ MAX_BUNDLE_JSON = 1024 * 1024
 MAX_CHILDREN = 1024
 MAX_METADATA = 256 * 1024 * 1024  # all metadata files of one bundle together
 _MANIFEST_PATH = r"^manifests/[0-9a-f]{64}\.json$"
+# ``pack --out`` replaces an existing directory only if it is empty or one of these.
+BUNDLE_DIR = DirKind("bundle directory", NAME, frozenset(
+    {NAME, chunkpack.NAME, rootfs_artifact.NAME, "manifests", "packs", "rootfs"}))
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

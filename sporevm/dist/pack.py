@@ -201,19 +201,12 @@ def _pack(parent: str, children_dir: Path | None, out: Path, store: Store, pack_
         for sub in ("manifests", "packs", "rootfs", "."):
             if (tmp / sub).is_dir():
                 fsync_dir(tmp / sub)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, bundle.BUNDLE_DIR)  # never a moment without a whole bundle
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PackResult(out, meta.digest, pid, doc.children, len(index.packs),
                       len(index.objects), w.total)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    try:
-        replace_dir(tmp, out)  # never a moment without a whole bundle at ``out``
-    except FileExistsError as exc:
-        raise BundleError(str(exc)) from None
 
 
 def unpack(bundle_text: str, out: Path, store: Store, *, child: str | None = None,

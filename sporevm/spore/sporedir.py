@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sporevm.atomic import atomic_write, replace_dir
+from sporevm.atomic import DirKind, atomic_write, replace_dir
 from sporevm.errors import SporeError
 from sporevm.spore import manifest
 from sporevm.store import Store
@@ -24,6 +24,8 @@ from sporevm.vmm.board import SLOT_BLK
 MANIFEST = "manifest.json"
 ID_FILE = "id"  # "blake3:<hex>\n" of manifest.json: any edited byte is caught on open
 ROOTFS_KIND = "ext4-immutable"
+# An existing output is replaced only if it is empty or holds exactly these names.
+SPORE_DIR = DirKind("spore directory", MANIFEST, frozenset({MANIFEST, ID_FILE}))
 
 
 class SporeOpenError(SporeError):
@@ -100,7 +102,7 @@ def write_spore(m: manifest.Manifest, out: Path) -> str:
         os.chmod(tmp, 0o755)
         atomic_write(tmp / MANIFEST, data)
         atomic_write(tmp / ID_FILE, manifest.manifest_id(data).encode() + b"\n")
-        replace_dir(tmp, out)  # never a moment without a whole spore at ``out``
+        replace_dir(tmp, out, SPORE_DIR)  # never a moment without a whole spore at ``out``
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
