@@ -74,6 +74,10 @@ def attempts(unjailed: bool) -> dict[str, Callable[[], object]]:
         "socket_inet6": lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM),
         "socket_unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
         "thread": _thread,  # must keep working: the run loop starts threads
+        # A published entry must never change in place (other VMs map memfiles).
+        "truncate_chunk": lambda: os.truncate(STORE / "chunks" / "blake3" / "victim", 0),
+        "open_trunc_chunk": lambda: os.close(os.open(STORE / "chunks" / "blake3" / "victim",
+                                                     os.O_RDONLY | os.O_TRUNC)),
     }
     if unjailed:
         return ops  # the rest would replace or disturb the process even when allowed
@@ -86,8 +90,17 @@ def attempts(unjailed: bool) -> dict[str, Callable[[], object]]:
         "mmap_exec": lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC),
         "kvm_create_vm": _kvm_create_vm,
         "kill_parent": lambda: os.kill(os.getppid(), 0),
+        "open_trunc_staging": _open_trunc_staging,
     })
     return ops
+
+
+def _open_trunc_staging() -> None:
+    """O_TRUNC even where writing is granted: below ABI 3 seccomp cannot tell paths apart."""
+    assert staging is not None
+    path = staging / f"t-{threading.get_native_id()}"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    os.unlink(path)  # the staging directory must be empty when the monitor ends
 
 
 def probe(name: str) -> None:
@@ -98,6 +111,8 @@ def probe(name: str) -> None:
             results[op] = "ok"
         except OSError as exc:
             results[op] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        except Exception as exc:  # a broken attempt is a result too, never a dead thread
+            results[op] = f"raised {type(exc).__name__}: {exc}"
     os.write(OUT, json.dumps({"thread": name, "results": results}).encode() + b"\n")
 
 
@@ -110,7 +125,12 @@ def _early() -> None:
     probe("early")
 
 
+staging: Path | None = None  # this monitor's private staging directory, once jailed
+
+
 def files(self: confine.MonitorJail) -> None:
+    global staging
+    staging = self.staging
     real_files(self)
     threading.Thread(target=_early, daemon=True).start()
 

@@ -34,12 +34,22 @@ from tests.probe_build import build_probe
 REPO = Path(__file__).resolve().parent.parent
 needs_kvm = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
                                reason="needs /dev/kvm")
-needs_landlock = pytest.mark.skipif(jail.landlock_abi() < 3, reason="needs Landlock ABI >= 3")
+needs_landlock = pytest.mark.skipif(jail.landlock_abi() < jail.MIN_ABI,
+                                    reason=f"needs Landlock ABI >= {jail.MIN_ABI}")
 
 DENIED_BY_SECCOMP = {"execve", "fork", "ptrace", "mount", "mmap_exec", "kvm_create_vm",
                      "kill_parent", "socket_inet", "socket_inet6", "socket_unix"}
 DENIED_BY_LANDLOCK = {"open_new_path", "open_existing_outside", "write_store_outside_chunks",
                       "proc_self_mem"}
+OPENS_WITH_TRUNC = {"open_new_path", "write_store_outside_chunks"}
+VICTIM = b"a published chunk" * 100
+
+
+# Truncation: truncate(2) is never on the allowlist; O_TRUNC on a published entry is
+# Landlock's to refuse from ABI 3 on, and seccomp's (every O_TRUNC) below it.
+def truncation_expected(older: bool) -> dict[str, str]:
+    return {"truncate_chunk": "EPERM", "open_trunc_chunk": "EPERM" if older else "EACCES",
+            "open_trunc_staging": "EPERM" if older else "ok"}
 
 
 @dataclass
@@ -77,12 +87,14 @@ class Monitor:
 
 
 @contextmanager
-def probe_monitor(tmp_path: Path, *, unjailed: bool = False) -> Iterator[Monitor]:
+def probe_monitor(tmp_path: Path, *, unjailed: bool = False,
+                  abi_cap: int | None = None) -> Iterator[Monitor]:
     files = tmp_path / "files"
     scratch = tmp_path / "scratch"
     store = tmp_path / "store"
-    for d in (files, scratch, store / "keys"):
+    for d in (files, scratch, store / "keys", store / "chunks" / "blake3"):
         d.mkdir(parents=True)
+    (store / "chunks" / "blake3" / "victim").write_bytes(VICTIM)
     (files / "initrd").write_bytes(b"\0" * 4096)
     (files / "rootfs").write_bytes(bytes(1 << 20))
     results = tmp_path / "results.jsonl"
@@ -99,6 +111,9 @@ def probe_monitor(tmp_path: Path, *, unjailed: bool = False) -> Iterator[Monitor
     env.pop("SPORE_NO_JAIL", None)
     if unjailed:
         env["SPORE_NO_JAIL"] = "1"
+    env.pop(jail.ABI_CAP_ENV, None)
+    if abi_cap is not None:
+        env[jail.ABI_CAP_ENV] = str(abi_cap)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.jail_probe"], cwd=REPO, env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -126,9 +141,13 @@ def exec_answers(session: AgentSession, argv0: str) -> None:
 
 @needs_kvm
 @needs_landlock
+@pytest.mark.parametrize("abi_cap", [None, 2], ids=["kernel-abi", "as-abi-2"])
 def test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_running(
-        tmp_path: Path) -> None:
-    with probe_monitor(tmp_path) as mon:
+        tmp_path: Path, abi_cap: int | None) -> None:
+    """With the kernel's own Landlock ABI, and behaving as on a kernel with ABI 2
+    (Debian 12, Amazon Linux 2023): the same operations fail either way."""
+    older = abi_cap is not None and abi_cap < 3
+    with probe_monitor(tmp_path, abi_cap=abi_cap) as mon:
         assert mon.next_event()["event"] == "booting"
         mon.session.wait_ready(20)
         results = mon.probe_results()
@@ -137,8 +156,13 @@ def test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_runni
             for op in DENIED_BY_SECCOMP:
                 assert res[op] == "EPERM", (thread, op, res)
             for op in DENIED_BY_LANDLOCK:
-                assert res[op] == "EACCES", (thread, op, res)
+                # below ABI 3 an open(…, "wb") never reaches Landlock: its O_TRUNC is refused
+                want = "EPERM" if older and op in OPENS_WITH_TRUNC else "EACCES"
+                assert res[op] == want, (thread, op, res)
+            for op, want in truncation_expected(older).items():
+                assert res[op] == want, (thread, op, res)
             assert res["thread"] == "ok", (thread, res)
+        assert (mon.store / "chunks" / "blake3" / "victim").read_bytes() == VICTIM
         status = Path(f"/proc/{mon.proc.pid}/status").read_text()
         assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
         assert list((tmp_path / "scratch").iterdir()) == []
@@ -261,12 +285,11 @@ def test_mechanisms_deny_what_they_do_not_list(tmp_path: Path) -> None:
 def test_landlock_refuses_a_process_that_already_has_threads(tmp_path: Path) -> None:
     code = ("import threading, time; from pathlib import Path; from sporevm.vmm import jail\n"
             "threading.Thread(target=time.sleep, args=(2,), daemon=True).start()\n"
-            "jail.restrict_filesystem([jail.PathRule(Path('/tmp'), jail.FS_READ_FILE)], "
-            "min_abi=1)\n")
+            "jail.restrict_filesystem([jail.PathRule(Path('/tmp'), jail.FS_READ_FILE)])\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
-    if jail.landlock_abi() == 0:
-        assert "no Landlock" in proc.stderr
+    if jail.landlock_abi() < jail.MIN_ABI:
+        assert "Landlock ABI >= 2" in proc.stderr
     else:
         assert "2 threads already run" in proc.stderr, proc.stderr
     assert proc.returncode != 0
@@ -394,3 +417,29 @@ def test_a_refused_restore_in_a_zygote_monitor_leaves_no_staging_directory(
         ev = vm.wait_exit(30)
         assert ev is not None and ev["event"] == "error", ev
     assert list((store / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("abi", range(0, 9))
+def test_the_plan_for_each_landlock_abi(abi: int) -> None:
+    """Which rights Landlock is asked to handle per ABI, and what seccomp closes instead."""
+    if abi < 2:
+        with pytest.raises(jail.JailError, match=r"Landlock ABI >= 2 .*--no-jail"):
+            jail.plan_for(abi)
+        return
+    plan = jail.plan_for(abi)
+    assert plan.handled_fs & jail.FS_REFER  # cross-directory publish is governed
+    assert bool(plan.handled_fs & jail.FS_TRUNCATE) == (abi >= 3)
+    assert plan.seccomp_denies_truncation == (abi < 3)
+    assert bool(plan.handled_fs & jail.FS_IOCTL_DEV) == (abi >= 5)
+    assert bool(plan.handled_net) == (abi >= 4) and bool(plan.scoped) == (abi >= 6)
+    assert plan.attr_size == (8 if abi < 4 else 16 if abi < 6 else 24)
+
+
+def test_the_abi_cap_only_narrows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(jail.ABI_CAP_ENV, "2")
+    assert jail.effective_abi() == min(2, jail.landlock_abi())
+    monkeypatch.setenv(jail.ABI_CAP_ENV, "99")
+    assert jail.effective_abi() == jail.landlock_abi()
+    monkeypatch.setenv(jail.ABI_CAP_ENV, "two")
+    with pytest.raises(jail.JailError, match="not a Landlock ABI number"):
+        jail.effective_abi()

@@ -132,6 +132,7 @@ class MonitorJail:
         self.restore = Path(restore) if restore is not None else None
         self.staging: Path | None = None
         self.store: Store | None = None
+        self.plan: jail.LandlockPlan | None = None
         if not self.enabled:
             warn_unjailed("this VM monitor")
             self.store = Store(Path(store_root)) if store_root else None
@@ -164,12 +165,14 @@ class MonitorJail:
     def files(self) -> None:
         """Landlock: from here on only ``rules()`` can be opened (open fds stay usable)."""
         if self.enabled:
-            jail.restrict_filesystem(self.rules())
+            self.plan = jail.restrict_filesystem(self.rules())
 
     def syscalls(self) -> None:
         """seccomp on every thread: from here on only the allowlist runs."""
         if self.enabled:
-            jail.enter_seccomp(IOCTLS)
+            if self.plan is None:
+                raise jail.JailError("jail: seccomp before Landlock; the file jail comes first")
+            jail.enter_seccomp(IOCTLS, deny_truncation=self.plan.seccomp_denies_truncation)
 
     def close(self) -> None:
         if self.staging is not None:

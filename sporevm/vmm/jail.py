@@ -95,38 +95,78 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def restrict_filesystem(rules: Sequence[PathRule], *, min_abi: int = 3) -> int:
-    """Confine this (single-threaded) process to ``rules``; returns the ABI used.
+MIN_ABI = 2  # ABI 1 cannot rename across directories at all: snapshots could not publish
+ABI_CAP_ENV = "SPORE_JAIL_LANDLOCK_ABI"  # tests: behave as on a kernel with this ABI
 
-    Already open file descriptors keep working. No TCP bind/connect (ABI 4), no
-    signals or abstract-socket connections outside the process (ABI 6).
-    """
-    abi = landlock_abi()
-    if abi < min_abi:
+
+@dataclass(frozen=True)
+class LandlockPlan:
+    """What the jail asks of Landlock on a kernel with ``abi``, and what seccomp must
+    close instead where that ABI cannot govern it (docs/jail.md has the table)."""
+
+    abi: int
+    handled_fs: int  # every filesystem right this ABI knows: all denied unless granted
+    handled_net: int  # ABI 4: TCP bind/connect (seccomp denies socket() anyway)
+    scoped: int  # ABI 6: signals and abstract unix sockets stay inside
+    attr_size: int  # sizeof(struct landlock_ruleset_attr) this ABI reads
+    seccomp_denies_truncation: bool  # ABI < 3: truncate(2) and O_TRUNC are not Landlock's
+
+
+def plan_for(abi: int) -> LandlockPlan:
+    if abi < MIN_ABI:
         found = f"ABI {abi}" if abi else "no Landlock"
         raise JailError(
             f"jail: this kernel has {found}; the monitor's file jail needs Landlock ABI "
-            f">= {min_abi} (Linux 6.2+ with lsm=landlock); run with --no-jail only to debug"
+            f">= {MIN_ABI} (Linux 5.19+ with landlock in lsm=); run with --no-jail only to "
+            "debug"
         )
+    return LandlockPlan(
+        abi=abi,
+        handled_fs=_FS_HANDLED.get(abi, _FS_HANDLED_LATEST),
+        handled_net=_NET_TCP if abi >= 4 else 0,
+        scoped=_SCOPE_ALL if abi >= 6 else 0,
+        attr_size=8 if abi < 4 else 16 if abi < 6 else 24,
+        seccomp_denies_truncation=abi < 3,
+    )
+
+
+def effective_abi() -> int:
+    """The kernel's ABI, or less when ``SPORE_JAIL_LANDLOCK_ABI`` asks to behave as an
+    older kernel would (never more: the cap only narrows what Landlock is asked)."""
+    abi = landlock_abi()
+    cap = os.environ.get(ABI_CAP_ENV, "")
+    if cap:
+        if not cap.isdigit() or int(cap) < 1:
+            raise JailError(f"jail: {ABI_CAP_ENV}={cap!r} is not a Landlock ABI number")
+        abi = min(abi, int(cap))
+    return abi
+
+
+def restrict_filesystem(rules: Sequence[PathRule]) -> LandlockPlan:
+    """Confine this (single-threaded) process to ``rules``; returns the plan used.
+
+    Already open file descriptors keep working. No TCP bind/connect (ABI 4), no
+    signals or abstract-socket connections outside the process (ABI 6). The caller
+    must pass ``plan.seccomp_denies_truncation`` on to ``enter_seccomp``.
+    """
+    plan = plan_for(effective_abi())
     threads = thread_count()
     if threads != 1:
         raise JailError(
             f"jail: {threads} threads already run; Landlock must be entered before any "
             "thread starts (it would not cover them)"
         )
-    handled = _FS_HANDLED.get(abi, _FS_HANDLED_LATEST)
-    attr = _RulesetAttr(handled, _NET_TCP if abi >= 4 else 0, _SCOPE_ALL if abi >= 6 else 0)
-    size = 8 if abi < 4 else 16 if abi < 6 else 24
-    ruleset = _check(_libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0),
-                     "landlock_create_ruleset")
+    attr = _RulesetAttr(plan.handled_fs, plan.handled_net, plan.scoped)
+    ruleset = _check(_libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
+                                   plan.attr_size, 0), "landlock_create_ruleset")
     try:
         for rule in rules:
-            _add_path_rule(ruleset, rule, handled)
+            _add_path_rule(ruleset, rule, plan.handled_fs)
         _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
         _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
-    return abi
+    return plan
 
 
 def _add_path_rule(ruleset: int, rule: PathRule, handled: int) -> None:
@@ -162,7 +202,7 @@ def _check(ret: int, what: str) -> int:
 SYSCALLS = (
     # I/O on descriptors opened before the jail, and files Landlock lets us open
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "preadv2",
-    "lseek", "close", "fstat", "newfstatat", "statx", "lstat", "stat", "openat",
+    "lseek", "close", "fstat", "newfstatat", "statx", "lstat", "stat",
     "fsync", "fdatasync", "ftruncate", "rename", "renameat", "renameat2", "unlink",
     "unlinkat", "rmdir", "poll", "ppoll", "dup",
     # memory (mmap and mprotect are below: never executable)
@@ -212,10 +252,14 @@ def load_seccomp() -> Any:
     return sys.modules["pyseccomp"]
 
 
-def enter_seccomp(ioctls: Iterable[int]) -> None:
+def enter_seccomp(ioctls: Iterable[int], *, deny_truncation: bool = False) -> None:
     """Load the allowlist into every thread of this process (TSYNC); irreversible.
 
     ``ioctls``: the request numbers the process may still issue (any descriptor).
+    ``deny_truncation``: Landlock below ABI 3 cannot refuse truncation, so openat
+    is allowed only without O_TRUNC (truncate(2) and creat(2) are never listed);
+    ftruncate stays, since it needs a descriptor opened for writing, which Landlock
+    grants only in the private staging directory.
     """
     sc = load_seccomp()
     f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
@@ -230,6 +274,10 @@ def enter_seccomp(ioctls: Iterable[int]) -> None:
 
     for name in SYSCALLS:
         f.add_rule(sc.ALLOW, _nr(name))
+    if deny_truncation:
+        f.add_rule(sc.ALLOW, _nr("openat"), sc.Arg(2, sc.MASKED_EQ, os.O_TRUNC, 0))
+    else:
+        f.add_rule(sc.ALLOW, _nr("openat"))
     f.add_rule(sc.ERRNO(errno.ENOSYS), _nr("clone3"))
     f.add_rule(sc.ALLOW, _nr("clone"), sc.Arg(0, sc.MASKED_EQ,
                                               CLONE_THREAD | _CLONE_NEW | _CLONE_VFORK,
