@@ -105,6 +105,9 @@ void on_generation(uint32_t id, struct rd *r, const struct agent_opts *o);
 #define AGENT_CAPS ((1u << T_HELLO) | (1u << T_EXEC) | (1u << T_SIGNAL) | (1u << T_PROBE) | \
                     (1u << T_SET_TIME) | (1u << T_GENERATION) | (1u << T_SHUTDOWN))
 
+/* PID 1 at boot: lo up with 127.0.0.1/8; -1 with errno set on failure */
+int loopback_up(void);
+
 /* sync, then power off with status (spore power port) or reboot; never returns */
 void power_off(uint32_t status, int reboot_instead) __attribute__((noreturn));
 

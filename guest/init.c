@@ -1,8 +1,9 @@
 /* spore guest init. As PID 1: mount /proc, /sys, /dev; mount the read-only
  * rootfs under a tmpfs-backed overlay; move the API filesystems into it and
  * switch root (mount --move + chroot: pivot_root cannot leave an initramfs);
- * then serve the host on the agent channel. With --serve-fd N it skips all of
- * that and serves on fd N as an ordinary process (tests). */
+ * bring the loopback interface up (net.c); then serve the host on the agent
+ * channel. With --serve-fd N it skips all of that and serves on fd N as an
+ * ordinary process (tests). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -138,6 +139,10 @@ static void boot(char *chan_dev, size_t chan_sz)
     mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666");
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     mkdir("/tmp", 01777);
+    /* Not fatal: a user's kernel (machine.kernel) may have no IPv4 at all; the
+     * console line explains a tcp probe that then never succeeds. */
+    if (loopback_up() < 0)
+        logmsg("loopback: cannot bring lo up with 127.0.0.1/8: %s", strerror(errno));
 }
 
 static void usage(void)
