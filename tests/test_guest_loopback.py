@@ -33,6 +33,7 @@ base:
   image: oci-layout:{layout}:latest
 machine: {{memory: 256MiB}}
 env: {{TOKEN: "{token}"}}
+workdir: /tmp
 steps:
   - name: page
     run: mkdir -p /srv && echo "served $TOKEN" > /srv/index.html
@@ -44,6 +45,7 @@ steps:
     run: cat /sys/class/net/lo/flags && wget -qO- {url}
 verify:
   - run: [wget, -qO-, "{url}"]
+  - run: echo "token $TOKEN in $(pwd)"
 """
 
 # lo's flags (0x9: IFF_UP | IFF_LOOPBACK), then the page the background server serves.
@@ -62,6 +64,8 @@ def test_local_tcp_service_is_reachable_in_build_restore_and_fork(
     assert "fetch | 0x9\n" in proc.stderr  # lo is up in the cold-booted guest
     assert f"fetch | served {token}\n" in proc.stderr  # a later step reaches the server
     assert f"verify[0] | served {token}\n" in proc.stderr  # so does verify:, in a fresh restore
+    # verify: checks get the top-level env and workdir, as the steps do
+    assert f"verify[1] | token {token} in /tmp\n" in proc.stderr
     spore_dir = tmp_path / "out" / "loopback.spore"
 
     resumed = spore("run", "-q", "--from", str(spore_dir), "--", "sh", "-c", CHECK)

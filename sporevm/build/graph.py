@@ -402,7 +402,8 @@ class _Build:
             vm = resume_vm(chunks.path(self.final_manifest), self.store, self.reporter,
                            self.kernel)
             try:
-                run_checks(vm.session, self.sf.verify, self.reporter)
+                run_checks(vm.session, self.sf.verify, self.reporter, env=dict(self.sf.env),
+                           workdir=self.sf.workdir)
                 shutdown_vm(vm)
             finally:
                 vm.close()

@@ -148,15 +148,17 @@ def record(results: list[StepResult]) -> str:
     return json.dumps([r.__dict__ for r in results])
 
 
-def run_checks(session: AgentSession, checks: Sequence[Check], reporter: Reporter) -> None:
-    """The Sporefile's verify: commands, against a fresh restore of the spore."""
+def run_checks(session: AgentSession, checks: Sequence[Check], reporter: Reporter, *,
+               env: dict[str, str], workdir: str) -> None:
+    """The Sporefile's verify: commands, against a fresh restore of the spore, with the
+    top-level ``env`` and ``workdir`` (docs/sporefile.md), as the steps have them."""
     for i, check in enumerate(checks):
         label = f"verify[{i}]"
         reporter.info(f"[bold]▶ {label}[/bold]")
         out = _OutputTail(reporter, label, "stdout")
         err = _OutputTail(reporter, label, "stderr")
-        status = session.exec(check.run, timeout=check.timeout, on_stdout=out,
-                              on_stderr=err).wait()
+        status = session.exec(check.run, env=env, cwd=workdir, timeout=check.timeout,
+                              on_stdout=out, on_stderr=err).wait()
         out.flush()
         err.flush()
         if status.returncode != 0:
