@@ -8,8 +8,10 @@ offline by tools/ociimage.py and pushed with skopeo, exactly as users would.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +106,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "minbase_image" in names:
             item.add_marker(pytest.mark.minbase)
 
+
+@contextmanager
+def immutable(paths: list[Path]) -> Iterator[None]:
+    """chattr +i on ``paths`` for the block: not even root can remove or rename them.
+
+    A real stand-in for a store entry that cannot be evicted (a read-only store, an I/O
+    error); skips where the filesystem or the user cannot set the flag.
+    """
+    done: list[Path] = []
+    try:
+        for path in paths:
+            proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+            if proc.returncode:
+                pytest.skip(f"chattr +i does not work here: {proc.stderr.strip()}")
+            done.append(path)
+        yield
+    finally:
+        for path in done:
+            subprocess.run(["chattr", "-i", str(path)], check=True)

@@ -23,6 +23,7 @@ from sporevm.spore.chunks import (
 )
 from sporevm.store import Store
 from sporevm.vmm.memory import PAGE, GuestMemory
+from tests.conftest import immutable
 
 
 @pytest.fixture
@@ -99,6 +100,39 @@ def test_corrupt_chunk_detected_and_evicted(cs: ChunkStore) -> None:
     with pytest.raises(ChunkError, match="corrupt.*evicted"):
         cs.get(cid)
     assert not cs.path(cid).exists()
+    assert not cs.has(cid)
+
+
+def test_corrupt_chunk_that_cannot_be_evicted_is_still_reported(cs: ChunkStore) -> None:
+    """An entry that cannot be removed (immutable here; a read-only store, an I/O error)
+    is reported as corrupt, saying what to do, by every reader (issue 11: eviction's
+    PermissionError replaced the report and killed the lazy pager)."""
+    data = os.urandom(CHUNK)
+    cid = cs.put(data)
+    path = cs.path(cid)
+    os.chmod(path, 0o644)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with immutable([path]):
+        for read in (lambda: cs.get(cid), lambda: cs.read_into(cid, memoryview(bytearray(CHUNK))),
+                     lambda: materialize(MemoryIndex(CHUNK, (cid,)), cs,
+                                         memoryview(bytearray(CHUNK)))):
+            with pytest.raises(ChunkError, match=r"corrupt\) and could not be evicted "
+                               r"\(Operation not permitted\); delete that file") as info:
+                read()
+            assert str(path) in str(info.value) and "pull or unpack" in str(info.value)
+        with pytest.raises(ChunkError, match="cannot publish"):
+            cs.put(data)  # the repair cannot replace it either, and says so
+        assert path.exists()
+    assert cs.put(data) == cid and cs.get(cid) == data  # writable again: repaired
+
+
+def test_truncated_chunk_is_corrupt_for_read_into(cs: ChunkStore) -> None:
+    data = os.urandom(CHUNK)
+    cid = cs.put(data)
+    os.chmod(cs.path(cid), 0o644)
+    cs.path(cid).write_bytes(data[: CHUNK // 2])
+    with pytest.raises(ChunkError, match="corrupt.*evicted"):
+        cs.read_into(cid, memoryview(bytearray(CHUNK)))
     assert not cs.has(cid)
 
 

@@ -20,15 +20,16 @@ from sporevm.errors import SporeError
 from sporevm.spore import vmstate
 from sporevm.spore.backing import ensure_memfile, map_local, memfile_path
 from sporevm.spore.capture import capture
-from sporevm.spore.chunks import CHUNK, ChunkError, ChunkStore, MemoryIndex, materialize
+from sporevm.spore.chunks import CHUNK, ChunkError, ChunkStore, MemoryIndex
 from sporevm.spore.chunks import snapshot_memory as chunk_ram
 from sporevm.spore.lazy import LazyPager, start_pager
 from sporevm.spore.monitor import MonitorConfig, _blake3_fd
-from sporevm.spore.restore import RamLoader, restore_machine
+from sporevm.spore.restore import RamLoader, eager_ram, restore_machine
 from sporevm.spore.vmstate import VmState
 from sporevm.store import Store
 from sporevm.vmm.machine import Machine, StopReason
 from sporevm.vmm.memory import GuestMemory
+from tests.conftest import immutable
 from tests.probe_build import TestPort as ProbePort  # aliased: pytest collects Test*
 from tests.test_capture_restore import LOOP, RAM, REPO, attach_probe_devices, paused_pioloop, soon
 
@@ -59,11 +60,7 @@ class Paused:
         """``loader`` None: eager as the monitor does it, into RAM filled and verified
         before the VM exists (private anonymous memory, two chunks at a time)."""
         port = ProbePort()
-        memory = None
-        if loader is None:
-            memory = GuestMemory(RAM, anonymous=True)
-            with memory.view(0, RAM, writable=True) as whole:
-                materialize(self.index, self.chunks, whole, out_is_zero=True, workers=2)
+        memory = eager_ram(self.index, self.chunks, RAM) if loader is None else None
         m = restore_machine(
             self.state,
             RAM,
@@ -170,19 +167,22 @@ def test_local_refuses_a_corrupt_memfile(spore: Paused, tmp_path: Path) -> None:
         mem.close()
 
 
-def corrupt_child(root: str) -> None:
-    """Child process: lazily restore a spore whose stored chunks are all corrupt.
+def corrupt_child(root: str, evictable: bool) -> None:
+    """Child process: lazily restore a spore whose stored chunks are all corrupt (and,
+    unless ``evictable``, immutable: the pager cannot evict them, issue 11).
 
     A vCPU parked in a userfaultfd fault does not leave KVM_RUN on a signal on this
     host (kvm_pvm), so failing closed means ending the process, as the monitor does.
     """
     s = Paused(Path(root))
-    for cid in s.index.stored():
-        path = s.chunks.path(cid)
+    paths = [s.chunks.path(cid) for cid in s.index.stored()]
+    for path in paths:
         os.chmod(path, 0o644)
         data = bytearray(path.read_bytes())
         data[123] ^= 0xFF
         path.write_bytes(bytes(data))  # every stored chunk: the first fault hits one
+    if not evictable and subprocess.run(["chattr", "+i", *map(str, paths)]).returncode:
+        os._exit(4)  # the parent skips; it also clears the flag whatever happens
     port = ProbePort()
     pagers: list[LazyPager] = []
 
@@ -194,6 +194,7 @@ def corrupt_child(root: str) -> None:
             "loop": len(port.loop),
             "present": present,
             "stored": s.index.stored(),
+            "left": sum(path.exists() for path in paths),
         }
         print(json.dumps(doc), flush=True)
         os._exit(3)
@@ -210,21 +211,64 @@ def corrupt_child(root: str) -> None:
 
 
 @needs_kvm
-def test_lazy_fails_closed_on_a_corrupt_chunk(tmp_path: Path) -> None:
-    p = subprocess.run(
-        [sys.executable, "-m", "tests.test_restore_strategies", "corrupt", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@pytest.mark.parametrize("evictable", [True, False], ids=["evicted", "immutable"])
+def test_lazy_fails_closed_on_a_corrupt_chunk(tmp_path: Path, evictable: bool) -> None:
+    """Whatever the fill fails on, the pager calls on_error at once (it used to die on
+    the PermissionError of evicting an immutable entry, leaving the vCPU parked)."""
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "tests.test_restore_strategies", "corrupt", str(tmp_path),
+             "evictable" if evictable else "immutable"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(tmp_path)], capture_output=True)
+    if p.returncode == 4:
+        pytest.skip("chattr +i does not work here")
     assert p.returncode == 3, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     msg = res["error"]
     assert "failed verification" in msg and "does not match its id" in msg, msg
     assert any(cid in msg for cid in res["stored"]), msg  # names the chunk
     assert res["loop"] == 0  # the guest never ran on unverified bytes
     assert res["present"] == []  # and no stored chunk was mapped in
+    if evictable:
+        assert res["left"] == len(res["stored"]) - 1  # the one faulted on was evicted
+    else:
+        assert "could not be evicted (Operation not permitted)" in msg, msg
+        assert res["left"] == len(res["stored"])
+
+
+@needs_kvm
+@pytest.mark.parametrize("evictable", [True, False], ids=["evicted", "immutable"])
+def test_eager_corrupt_chunk_raises_the_chunk_error(spore: Paused, tmp_path: Path,
+                                                    evictable: bool) -> None:
+    """The monitor's eager fill fails with the ChunkError naming the chunk, not with a
+    BufferError from dropping RAM that the error's traceback still views (issue 11)."""
+    store = Store(tmp_path / "store")
+    chunks = ChunkStore(store)
+    for cid in spore.index.stored():
+        chunks.put(spore.chunks.get(cid))
+    bad = spore.index.stored()[-1]
+    path = chunks.path(bad)
+    data = bytearray(path.read_bytes())
+    data[CHUNK // 2] ^= 1
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    with immutable([] if evictable else [path]):
+        with pytest.raises(ChunkError, match=f"chunk {bad}: .*does not match its id") as info:
+            eager_ram(spore.index, chunks, RAM)
+    assert path.exists() is not evictable
+    if not evictable:
+        assert "could not be evicted" in str(info.value)
+    # The healthy chunks still restore (and the RAM of the failed fill was dropped).
+    path.unlink(missing_ok=True)
+    chunks.put(spore.chunks.get(bad))
+    eager_ram(spore.index, chunks, RAM).close()
 
 
 def test_monitor_config_validates_ram() -> None:
@@ -248,7 +292,7 @@ def test_monitor_config_validates_ram() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["corrupt"]:
-        corrupt_child(sys.argv[2])
+        corrupt_child(sys.argv[2], sys.argv[3] == "evictable")
 
 
 def test_monitor_config_restore_id_goes_with_restore() -> None:

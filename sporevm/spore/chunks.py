@@ -39,6 +39,8 @@ MAX_OBJECT = 16 * 1024 * 1024  # state objects; chunks are exactly CHUNK bytes
 CHUNK_ID = re.compile(r"blake3:[0-9a-f]{64}")
 _ZERO_PIECE = bytes(256 * 1024)  # compared piecewise: stays in cache, exits early on data
 _ZERO_CHUNK = bytes(CHUNK)
+# What a user does about a corrupt or lost chunk: fetch the spore's objects again.
+REFETCH = "pull or unpack the spore again (or rebuild it) to restore the chunk"
 
 
 class ChunkError(SporeError):
@@ -121,7 +123,9 @@ class ChunkStore:
             return cid
         tmp = self.store.temp_path("chunk")
         try:
-            with open(tmp, "wb") as fh:
+            # "r+b", not "wb": the temp file is new and empty, and a jail on Landlock
+            # ABI < 3 refuses every open with O_TRUNC (docs/jail.md)
+            with open(tmp, "r+b") as fh:
                 fh.write(data)
             publish(tmp, dest)
         except OSError as exc:
@@ -137,23 +141,42 @@ class ChunkStore:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
-            raise ChunkError(f"chunk {cid} is not in the store {self.store.root}") from None
+            raise ChunkError(f"chunk {cid} is not in the store {self.store.root}; "
+                             f"{REFETCH}") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                path.unlink(missing_ok=True)  # unlink removes the link, never its target
-                raise ChunkError(f"chunk {cid}: store entry is a symlink; evicted it") from None
-            raise ChunkError(f"chunk {cid}: cannot open store entry: {exc.strerror}") from None
-        st = os.fstat(fd)
+                # unlink removes the link, never its target
+                failed = _evict(path)
+                done = "evicted it" if failed is None else f"could not evict it ({failed})"
+                raise ChunkError(f"chunk {cid}: store entry {path} is a symlink; {done}; "
+                                 f"{REFETCH}") from None
+            raise ChunkError(f"chunk {cid}: cannot open store entry {path}: "
+                             f"{exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise _unreadable(cid, path, exc) from None
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ChunkError(f"chunk {cid}: store entry {path} is not a regular file")
         return fd, st.st_size
 
     def _corrupt(self, cid: str) -> ChunkError:
-        self.path(cid).unlink(missing_ok=True)
+        """The error for a store entry that does not hash to ``cid``, after evicting it.
+
+        Eviction can fail (a read-only store, an immutable file, an I/O error); that
+        must not replace the report of the corruption, only change what it advises.
+        """
+        path = self.path(cid)
+        failed = _evict(path)
+        if failed is None:
+            return ChunkError(f"chunk {cid}: store entry does not match its id (corrupt); "
+                              f"evicted it; {REFETCH}")
         return ChunkError(
-            f"chunk {cid}: store entry does not match its id (corrupt); evicted it, "
-            "restore it from the spore's source"
+            f"chunk {cid}: store entry {path} does not match its id (corrupt) and could not "
+            f"be evicted ({failed}); delete that file (is the store read-only?), then "
+            f"{REFETCH}"
         )
 
     def get(self, cid: str, *, size: int | None = None) -> bytes:
@@ -162,6 +185,8 @@ class ChunkStore:
         try:
             with os.fdopen(os.dup(fd), "rb") as fh:
                 data = fh.read(MAX_OBJECT + 1)
+        except OSError as exc:
+            raise _unreadable(cid, self.path(cid), exc) from None
         finally:
             os.close(fd)
         if chunk_id(data) != cid:
@@ -182,6 +207,9 @@ class ChunkStore:
         fd, size = self._open(cid)
         try:
             if size != len(out):
+                # Truncated (corrupt: evicted) or intact but not what the caller expects:
+                # ``get`` tells the two apart; this is never the fast path.
+                self.get(cid, size=len(out))
                 raise ChunkError(f"chunk {cid}: is {size} bytes, expected {len(out)}")
             got = 0
             while got < len(out):
@@ -189,6 +217,9 @@ class ChunkStore:
                 if n <= 0:
                     break
                 got += n
+        except OSError as exc:
+            out[:] = bytes(len(out))
+            raise _unreadable(cid, self.path(cid), exc) from None
         finally:
             os.close(fd)
         if got != len(out) or chunk_id(out) != cid:
@@ -202,13 +233,27 @@ class ChunkStore:
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             if not stat.S_ISDIR(st.st_mode):
-                path.unlink(missing_ok=True)
+                _evict(path)  # if that fails, publishing over it fails and says so
             return False
         try:
             self.get(cid, size=size)
         except ChunkError:
             return False
         return True
+
+
+def _evict(path: Path) -> str | None:
+    """Remove a bad store entry; None if it is gone, else why it could not be removed."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def _unreadable(cid: str, path: Path, exc: OSError) -> ChunkError:
+    return ChunkError(f"chunk {cid}: cannot read store entry {path}: {exc.strerror}; check "
+                      f"the disk, then run `spore cache verify`")
 
 
 def dirty_chunks(kvm_dirty_bitmap: bytes, vmm_dirty: bytearray, ram_size: int) -> set[int]:

@@ -19,7 +19,10 @@ touches it. Two kinds of touch reach us:
 Fail closed. A chunk that is missing or does not hash to its id is never
 copied in: the pager records the error, calls ``on_error`` (the monitor reports
 it and ends the VM process; a vCPU waiting on that chunk can otherwise wait in
-the kernel forever) and serves nothing more. A VMM access to such a chunk
+the kernel forever) and serves nothing more. The same holds for *any* failure
+of a fill or of the pager thread (an I/O error, a corrupt entry that cannot be
+evicted, a bug): each becomes one ChunkError naming the chunk, never a pager
+thread that dies and leaves the vCPU parked. A VMM access to such a chunk
 raises the ChunkError, which the run loop turns into a VmmFault.
 """
 
@@ -122,28 +125,36 @@ class LazyPager:
         with self._lock:
             if self.error is not None:
                 raise self.error
-            if self.present[c]:
-                self._ioctl(UFFDIO_WAKE, UffdioRange(self.base + c * CHUNK, CHUNK))
-                return
-            cid = self.index.chunks[c]
             try:
-                if cid is not None:
-                    self.chunks.read_into(cid, self._view)
-            except ChunkError as exc:
-                err = ChunkError(f"guest RAM chunk {c} ({cid}) failed verification: {exc}")
+                self._fill(c)
+            except Exception as exc:  # noqa: BLE001 - every failure fails closed (docstring)
+                err = self._chunk_error(c, exc)
                 self._fail(err)
                 raise err from None
-            try:
-                if cid is None:
-                    self._zero(c)
-                else:
-                    self._copy(c)
-            except OSError as exc:
-                err = ChunkError(f"guest RAM chunk {c}: cannot map it in: {exc.strerror}")
-                self._fail(err)
-                raise err from None
-            self.present[c] = 1
-            self.missing -= 1
+
+    def _fill(self, c: int) -> None:
+        if self.present[c]:
+            self._ioctl(UFFDIO_WAKE, UffdioRange(self.base + c * CHUNK, CHUNK))
+            return
+        cid = self.index.chunks[c]
+        if cid is None:
+            self._zero(c)
+        else:
+            self.chunks.read_into(cid, self._view)  # verified before anything is copied in
+            self._copy(c)
+        self.present[c] = 1
+        self.missing -= 1
+
+    def _chunk_error(self, c: int, exc: Exception) -> ChunkError:
+        """One line naming chunk ``c`` for any failure to fill it (I/O, corruption, a bug)."""
+        cid = self.index.chunks[c] or "zeros"
+        if isinstance(exc, ChunkError):
+            return ChunkError(f"guest RAM chunk {c} ({cid}) failed verification: {exc}")
+        if isinstance(exc, OSError):
+            return ChunkError(f"guest RAM chunk {c} ({cid}): cannot map it in: "
+                              f"{exc.strerror or exc}")
+        return ChunkError(f"guest RAM chunk {c} ({cid}): the pager failed: internal error "
+                          f"({type(exc).__name__}: {exc}); please report this bug")
 
     def _copy(self, c: int) -> None:
         """UFFDIO_COPY the fill buffer to chunk ``c``; pages that appeared meanwhile
@@ -189,6 +200,16 @@ class LazyPager:
 
     # --- the pager thread --------------------------------------------------------------
     def _serve(self) -> None:
+        """The pager thread. Whatever ends it ends the VM (``_fail``): a vCPU waiting
+        for a fill it will never get would otherwise wait in the kernel forever."""
+        try:
+            self._serve_faults()
+        except Exception as exc:  # noqa: BLE001 - fill() failed (and said so) or a bug
+            self._fail(exc if isinstance(exc, ChunkError) else ChunkError(
+                f"the pager failed: internal error ({type(exc).__name__}: {exc}); "
+                "please report this bug"))
+
+    def _serve_faults(self) -> None:
         poller = select.poll()
         poller.register(self.uffd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
@@ -201,8 +222,7 @@ class LazyPager:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                self._fail(ChunkError(f"lazy restore: reading the userfaultfd: {exc.strerror}"))
-                return
+                raise ChunkError(f"reading the userfaultfd: {exc.strerror}") from None
             for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
                 if data[off] != UFFD_EVENT_PAGEFAULT:
                     continue
@@ -210,12 +230,9 @@ class LazyPager:
                 c = (address - self.base) // CHUNK
                 if not 0 <= c < len(self.present):
                     continue
-                try:
-                    if not self.present[c]:
-                        self.faults += 1
-                    self.fill(c)
-                except ChunkError:
-                    return  # failed closed: faulting threads stay parked, on_error ran
+                if not self.present[c]:
+                    self.faults += 1
+                self.fill(c)  # raises once failed closed: faulting threads stay parked
 
     def stop(self) -> None:
         """End the pager thread and drop the userfaultfd (the RAM is about to go away)."""

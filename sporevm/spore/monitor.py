@@ -3,7 +3,9 @@
 It opens what it needs (kernel, initrd, rootfs read-only), builds the board,
 boots, and bridges the guest agent's virtio-console port to a socket its
 caller holds. Events go to stdout as JSON lines; nothing here parses OCI, tar
-or Sporefiles. (The seccomp jail is the hardening issue's.)
+or Sporefiles. (The seccomp jail is the hardening issue's.) When serving the VM
+fails, the monitor's last word is one ``{"event": "error", "message": ...}`` line,
+for an I/O error or a bug too, never a traceback: that line is what the user reads.
 
     caller ──stdin: one JSON config line──► monitor
     caller ◄─stdout: {"event": ...} lines── monitor
@@ -12,6 +14,7 @@ or Sporefiles. (The seccomp jail is the hardening issue's.)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -31,9 +34,9 @@ from sporevm.errors import SporeError
 from sporevm.spore import manifest, vmstate
 from sporevm.spore.backing import open_local
 from sporevm.spore.capture import capture
-from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory
+from sporevm.spore.chunks import ChunkStore, snapshot_memory
 from sporevm.spore.confine import MonitorJail, release_staging
-from sporevm.spore.restore import restore_board
+from sporevm.spore.restore import eager_ram, restore_board
 from sporevm.strictjson import no_duplicate_keys
 from sporevm.vmm import kvm
 from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
@@ -366,16 +369,7 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
     # against the index (backing.py), also before any VM exists; lazy hashes each chunk
     # as it is faulted in.
     manifest.verify_chunks(m, chunks, rehash=False)
-    ram: GuestMemory | None = None
-    if cfg.ram == "eager":
-        ram = GuestMemory(cfg.memory, anonymous=True)
-        try:
-            with ram.view(0, ram.size, writable=True) as whole:
-                materialize(m.memory, chunks, whole, out_is_zero=True,
-                            workers=min(2, os.cpu_count() or 1))
-        except BaseException:
-            ram.close()
-            raise
+    ram = eager_ram(m.memory, chunks, cfg.memory) if cfg.ram == "eager" else None
     memfile = open_local(m.memory, chunks, chunks.store) if cfg.ram == "local" else -1
 
     def load(mem: GuestMemory) -> None:
@@ -386,10 +380,13 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
 
             def fail_closed(exc: BaseException) -> None:
                 # A vCPU may sit in the kernel waiting for this chunk forever; the only
-                # closed way out is ending the VM process, after saying why.
-                _emit("error", message=f"lazy restore: {exc}")
-                release_staging()
-                os._exit(1)
+                # closed way out is ending the VM process, after saying why. Whatever
+                # happens while saying it, the process ends.
+                try:
+                    _report_error(f"lazy restore: {exc}")
+                    release_staging()
+                finally:
+                    os._exit(1)
 
             start_pager(mem, m.memory, chunks, on_error=fail_closed)
         # eager: ``ram`` was filled and verified above and is this machine's memory
@@ -446,12 +443,36 @@ def _read_config_line() -> bytes:
     return bytes(line)
 
 
+def _report_error(message: str) -> None:
+    """The one-line error event the caller reports; best effort (the caller may be gone)."""
+    with contextlib.suppress(OSError, ValueError):
+        _emit("error", message=" ".join(message.splitlines()))  # one line, whatever it holds
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """One line for an error that is not a SporeError: an I/O failure, or a bug."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"monitor: {where}{exc.strerror or exc}"
+    return (f"monitor: internal error ({type(exc).__name__}: {exc}); this is a bug — run "
+            "again with SPORE_TRACEBACK=1 and report what it prints")
+
+
 def main() -> int:
     try:
         cfg = MonitorConfig.decode(_read_config_line())
         result = serve(cfg)
     except SporeError as exc:
-        _emit("error", message=str(exc))
+        _report_error(str(exc))
+        return 1
+    except Exception as exc:  # noqa: BLE001 - reported as the one-line error event
+        # The caller reports only the error event; a traceback on the user's terminal
+        # instead of it (and exit 70 from the zygote) told them nothing they could act on.
+        _report_error(_describe_failure(exc))
+        if os.environ.get("SPORE_TRACEBACK"):  # as the CLI: the traceback on request only
+            import traceback
+
+            traceback.print_exc()
         return 1
     finally:
         release_staging()  # the jail's staging dir, also when serve() failed early

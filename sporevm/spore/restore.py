@@ -29,10 +29,12 @@ the order KVM needs:
 from __future__ import annotations
 
 import ctypes
+import os
+import traceback
 from collections.abc import Callable, Sequence
 
 from sporevm.spore import dirty
-from sporevm.spore.chunks import MemoryIndex
+from sporevm.spore.chunks import ChunkStore, MemoryIndex, materialize
 from sporevm.spore.vmstate import (
     MSR_TSC_DEADLINE,
     SerialState,
@@ -50,6 +52,40 @@ from sporevm.vmm.machine import Machine
 from sporevm.vmm.memory import GuestMemory
 
 RamLoader = Callable[[GuestMemory], None]
+
+
+def eager_ram(index: MemoryIndex, chunks: ChunkStore, size: int) -> GuestMemory:
+    """Guest RAM read from every chunk of ``index`` and verified there, before any VM
+    exists (docs/restore.md, eager); it becomes a machine's through ``memory=``.
+
+    Private anonymous memory (huge pages asked for), two chunks at a time. On any
+    failure the RAM is dropped and the failure raised as it was.
+    """
+    ram = GuestMemory(size, anonymous=True)
+    try:
+        with ram.view(0, size, writable=True) as whole:
+            materialize(index, chunks, whole, out_is_zero=True,
+                        workers=min(2, os.cpu_count() or 1))
+    except BaseException as exc:
+        # The frames of the error's traceback hold slices of this RAM (the chunk being
+        # read into it); clearing them lets close() unmap it now, not at exit.
+        _clear_frames(exc)
+        ram.close()
+        raise
+    return ram
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames in ``exc``'s tracebacks (and its causes')."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # skips frames still running
+        todo += [e.__cause__, e.__context__]
 
 
 def restore_machine(

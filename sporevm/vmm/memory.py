@@ -141,13 +141,25 @@ class GuestMemory:
         self.backing = "anonymous" if anonymous else "memfd"
 
     def close(self) -> None:
-        for fn in self.on_close:
-            fn()
-        self.on_close = []
-        self._mv.release()
-        self.mmap.close()
-        if self.fd >= 0:
-            os.close(self.fd)
+        """Drop the RAM; never raises because a view of it is still alive.
+
+        close() runs in cleanup paths, often while an exception propagates whose
+        traceback still holds views of this RAM (a chunk being read into it, say):
+        a BufferError from here would replace that error. Such a mapping is unmapped
+        by the garbage collector once nothing refers to it any more.
+        """
+        try:
+            for fn in self.on_close:
+                fn()
+        finally:
+            self.on_close = []
+            with contextlib.suppress(BufferError):
+                self._mv.release()
+            with contextlib.suppress(BufferError):
+                self.mmap.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     def address(self) -> int:
         """Host virtual address of guest physical 0 (for KVM_SET_USER_MEMORY_REGION)."""
