@@ -148,8 +148,9 @@ class Attempt:
 
 
 def run_and_kill(argv: list[str], env: dict[str, str], *, phase: str | None, delay: float,
-                 timeout: float = 600) -> Attempt:
-    """Start ``argv`` in its own process group; once ``phase`` is printed (None: at once),
+                 timeout: float = 600, when: threading.Event | None = None) -> Attempt:
+    """Start ``argv`` in its own process group; once ``phase`` is printed (None: at once)
+    or ``when`` is set (an event outside the process, e.g. a test server stalling it),
     wait ``delay`` seconds and SIGKILL the whole group (the VM monitors die with it)."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -158,7 +159,7 @@ def run_and_kill(argv: list[str], env: dict[str, str], *, phase: str | None, del
     out: list[bytes] = []
     starts: list[tuple[str, float]] = []
     seen = threading.Event()
-    if phase is None:
+    if phase is None and when is None:
         seen.set()
 
     def read_err() -> None:
@@ -182,9 +183,13 @@ def run_and_kill(argv: list[str], env: dict[str, str], *, phase: str | None, del
         t.start()
     killed = False
     deadline = started + timeout
-    while proc.poll() is None and not seen.is_set() and time.monotonic() < deadline:
+
+    def ready() -> bool:
+        return seen.is_set() or (when is not None and when.is_set())
+
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
         seen.wait(0.05)
-    if proc.poll() is None and seen.is_set():
+    if proc.poll() is None and ready():
         try:
             proc.wait(delay)
         except subprocess.TimeoutExpired:

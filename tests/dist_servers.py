@@ -4,6 +4,10 @@
 - ``StaticServer``: a static file server over one directory (stdlib ``http.server``
   in a thread) that honours ``Range: bytes=N-`` and can misbehave on request:
   cut a body short, ignore Range, or redirect.
+- ``SlowServer``: serves fixed paths (any transport's URL layout: plain files, S3
+  path-style objects, registry manifests and blobs) and makes chosen paths slow:
+  headers trickled a line at a time, or a body sent in part and then a byte at a
+  time or not at all.
 - the registry is ``tools/registry.py``'s ``LocalRegistry`` (conftest's ``registry``).
 
 Test modules import the fixtures: ``from tests.dist_servers import s3_server, static_server``.
@@ -14,11 +18,13 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import select
 import subprocess
 import threading
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +199,112 @@ class StaticServer:
         self.httpd.log.clear()
 
     def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+@dataclass(frozen=True)
+class Slow:
+    """How ``SlowServer`` answers one path: with ``header_gap``, the status line and then
+    one more header line every ``header_gap`` s, never ending; else the headers and the
+    first ``first`` bytes of the body at once, then one byte every ``byte_gap`` s (None:
+    no more bytes at all)."""
+
+    header_gap: float | None = None
+    first: int = 0
+    byte_gap: float | None = None
+
+
+class _SlowHandler(QuietHandler):
+    server: _SlowHTTPServer
+
+    def do_GET(self) -> None:  # noqa: N802
+        srv = self.server
+        path = self.path.partition("?")[0]  # botocore adds ?x-id=GetObject
+        srv.log.append((path, self.headers.get("Range")))
+        data = srv.files.get(path)
+        if data is None:
+            self.send_error(404)
+            return
+        m = _RANGE.match(self.headers.get("Range", ""))
+        start = int(m.group(1)) if m else 0
+        if start >= len(data) > 0:
+            self.send_error(416)
+            return
+        slow = srv.slow.get(path)
+        try:
+            if slow is not None and slow.header_gap is not None:
+                self.close_connection = True
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                n = 0
+                while not self._gone(slow.header_gap):
+                    self.wfile.write(b"X-Slow-%d: %s\r\n" % (n, b"x" * 8))
+                    n += 1
+                return
+            body = data[start:]
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            if slow is None:
+                self.wfile.write(body)
+                return
+            self.close_connection = True
+            self.wfile.write(body[:slow.first])
+            srv.stalled.set()
+            for pos in range(slow.first, len(body)):
+                if self._gone(slow.byte_gap):
+                    return
+                self.wfile.write(body[pos:pos + 1])
+        except OSError:
+            self.close_connection = True  # the client gave up on us: what the tests want
+
+    def _gone(self, seconds: float | None) -> bool:
+        """Wait ``seconds`` (None: until the end); True once the client hung up or the
+        server stops."""
+        end = time.monotonic() + (seconds if seconds is not None else 1e9)
+        while not self.server.stopping.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.connection], [], [], min(left, 0.1))
+            if ready:  # nothing more may come before our answer: EOF or a reset
+                return True
+        return True
+
+
+class _SlowHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _SlowHandler)
+        self.files: dict[str, bytes] = {}
+        self.slow: dict[str, Slow] = {}
+        self.log: list[tuple[str, str | None]] = []
+        self.stalled = threading.Event()    # a slow body's first bytes are out
+        self.stopping = threading.Event()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class SlowServer:
+    """``files`` (URL path -> bytes) at ``self.url``, the paths in ``slow`` slow."""
+
+    def __init__(self) -> None:
+        self.httpd = _SlowHTTPServer()
+        self.files, self.slow, self.log = self.httpd.files, self.httpd.slow, self.httpd.log
+        self.stalled = self.httpd.stalled
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{self.host}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.stopping.set()  # ends every slow answer still going
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)

@@ -27,9 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from sporevm.dist import chunkpack
+from sporevm.dist.pack import pack
+from sporevm.spore.chunks import MAX_OBJECT
 from sporevm.store import Store
 from sporevm.storecheck import verify_store
 from tests import crashharness as H
+from tests.dist_servers import Slow, SlowServer
+from tests.test_bundle import SEG, make_spores
 from tests.test_kernel import built_kernel  # noqa: F401  (session fixture: seeds come from it)
 
 TRIALS = int(os.environ.get("SPORE_CRASH_TRIALS", "10"))
@@ -52,7 +57,7 @@ def test_storecheck_finds_torn_and_stray_entries(tmp_path: Path) -> None:
     (store.root / "keys" / "rootfs" / ("c" * 64 + ".json")).write_text(
         json.dumps({"digest": "blake3:" + "d" * 64, "size": 1}))
     chunks = store.root / "chunks" / "blake3"
-    chunks.mkdir(parents=True)
+    chunks.mkdir(parents=True, exist_ok=True)
     (chunks / ("e" * 64)).write_bytes(b"half")
     kinds = sorted((p.kind, p.path.split("/")[-1][:6]) for p in verify_store(store).problems)
     assert kinds == [("corrupt", "2d7116"), ("corrupt", "aaaaaa"), ("corrupt", "eeeeee"),
@@ -70,6 +75,47 @@ def test_prune_sweeps_staging_leftovers_everywhere(tmp_path: Path) -> None:
     store.prune(10_000)
     assert not list(store.root.rglob(".tmp-*"))
     assert (store.root / "keys" / "rootfs" / ("f" * 64 + ".json")).is_file()
+
+
+def test_killed_pull_stuck_on_a_slow_server(tmp_path: Path) -> None:
+    """SIGKILL a `spore pull` while a server on 127.0.0.1 stalls it mid-pack (default
+    deadlines: it is still waiting, holding the store lock shared). Afterwards the store
+    verifies clean, the lock is free, there is no output, and the next pull resumes the
+    pack from what the killed one had verified and written (no VM)."""
+    s = make_spores(tmp_path / "src")
+    local = tmp_path / "b.bundle"
+    res = pack(str(s.parent), s.children, local, s.store, pack_limit=MAX_OBJECT,
+               segment_limit=SEG)
+    server = SlowServer()
+    try:
+        for f in local.rglob("*"):
+            if f.is_file():
+                server.files[f"/b/{f.relative_to(local)}"] = f.read_bytes()
+        stuck = f"/b/{chunkpack.decode((local / chunkpack.NAME).read_bytes()).packs[0].name}"
+        server.slow[stuck] = Slow(first=1 << 20, byte_gap=None)  # then nothing, ever
+        home, out = tmp_path / "home", tmp_path / "pulled.spore"
+        uri = f"{server.url}/b@{res.digest}"
+        run = H.run_and_kill(H.spore_argv("pull", uri, "--out", str(out)), H.spore_env(home),
+                             phase=None, delay=1.0, when=server.stalled, timeout=120)
+        assert run.killed and server.stalled.is_set(), run.stderr
+        assert "fetch packs/" in run.stderr  # killed in the transfer, not before it
+        assert H.store_problems(home) == []
+        assert not out.exists() and not list(tmp_path.glob(".tmp-pulled.spore-*"))
+        with Store(home).lock(exclusive=True, timeout=0):  # StoreBusy if still held
+            pass
+        check = H.run_spore(home, "cache", "verify")
+        assert check.returncode == 0, check.stdout + check.stderr
+        partial = list((home / "tmp").glob("pull-*/*.pack"))
+        assert len(partial) == 1 and 0 < (have := partial[0].stat().st_size) <= 1 << 20
+        server.slow.clear()
+        server.log.clear()
+        done = H.run_spore(home, "pull", uri, "--out", str(out), timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (out / "id").read_text().strip() == s.parent_id
+        assert H.spore_dir_problems(out) == [] and H.store_problems(home) == []
+        assert [r for p, r in server.log if p == stuck] == [f"bytes={have}-"]  # resumed
+    finally:
+        server.stop()
 
 
 # -- killed builds on real VMs --------------------------------------------------------

@@ -3,18 +3,22 @@
 The pin makes plain HTTP safe for integrity (every byte is verified against
 digest-pinned metadata) but not for confidentiality. Redirects are refused
 rather than followed: the URI names exactly one server. Bodies are read raw
-(no Content-Encoding decoding) and bounded; Range requests resume.
+(no Content-Encoding decoding) and bounded in size and time (deadline.py);
+Range requests resume.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import requests
+import requests.adapters
 import urllib3
 
-from sporevm.dist.transports import BLOCK, TIMEOUT, StreamSource
+from sporevm.dist.deadline import request_timeout, watched_pools
+from sporevm.dist.transports import BLOCK, StreamSource
 from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
 
@@ -54,9 +58,27 @@ def ranged_body(resp: requests.Response, start: int, size: int | None, what: str
     return served, stream(resp, what, server)
 
 
+class WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections register with the active Deadline, so that
+    its watchdog can end a read blocked on a stalled server (deadline.py)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = watched_pools(
+            self.poolmanager.pool_classes_by_scheme)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = watched_pools(manager.pool_classes_by_scheme)
+        return manager
+
+
 def stream(resp: requests.Response, what: str, server: str) -> Iterator[bytes]:
+    """The raw body, in whatever pieces arrive (``read1``: a deadline is checked as bytes
+    come in, not once per full block)."""
     try:
-        yield from resp.raw.stream(BLOCK, decode_content=False)
+        while block := resp.raw.read1(BLOCK, decode_content=False):
+            yield block
     except _BROKEN as exc:
         raise DistError(f"{what}: connection to {server} broke while reading "
                         f"({type(exc).__name__}); run the pull again to resume") from None
@@ -91,6 +113,8 @@ class HttpSource(StreamSource):
         self.server = f"{uri.scheme}://{uri.netloc}"
         self.base = f"{self.server}{uri.path}/"
         self.session = requests.Session()
+        for prefix in ("https://", "http://"):
+            self.session.mount(prefix, WatchedAdapter())
         # Proxy and CA-bundle variables apply as for any HTTP client; .netrc credentials do
         # not (requests consults .netrc only when no auth is set, so set a no-op one).
         self.session.auth = _no_auth
@@ -102,7 +126,7 @@ class HttpSource(StreamSource):
             headers["Range"] = f"bytes={start}-"
         try:
             resp = self.session.get(self.base + name, headers=headers, stream=True,
-                                    allow_redirects=False, timeout=(TIMEOUT, TIMEOUT))
+                                    allow_redirects=False, timeout=request_timeout())
         except requests.exceptions.RequestException as exc:
             kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else \
                 "connection failed"

@@ -11,27 +11,25 @@ and the name → blob map.
 
 oras-py's ``Registry`` provides the session (cookies ignored), the URL scheme
 and the token auth dance on a 401; the requests themselves are ours, with
-timeouts, bounded bodies, no retry loops and streamed uploads (oras-py's
+deadlines (deadline.py), bounded bodies, no retry loops and streamed uploads (oras-py's
 ``do_request`` retries for minutes and its ``put_upload`` reads a whole blob
 into memory). Plain HTTP only to loopback registries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
 import json
 import os
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
-import requests.adapters
-import urllib3.exceptions
 
 from sporevm.bearer import (
     MAX_TOKEN_LEN,
@@ -40,11 +38,15 @@ from sporevm.bearer import (
     realm_allowed,
     valid_bearer,
 )
-from sporevm.dist.transport_http import USER_AGENT, ranged_body, status_text, stream
+from sporevm.dist.deadline import Deadline, request_timeout
+from sporevm.dist.transport_http import (
+    USER_AGENT,
+    WatchedAdapter,
+    ranged_body,
+    status_text,
+    stream,
+)
 from sporevm.dist.transports import (
-    BLOCK,
-    MIN_RATE,
-    TIMEOUT,
     StreamSource,
     check_name,
     check_sha256,
@@ -65,7 +67,6 @@ BUNDLE_DIGEST = "org.spore.bundle.digest"
 MAX_MANIFEST = 4 << 20  # distribution's own manifest limit
 MAX_LAYERS = 100_000
 _MAX_REDIRECTS = 5
-_BROKEN = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError)
 _EMPTY_CONFIG = {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)}
 
 
@@ -149,13 +150,13 @@ def _loopback(host: str) -> bool:
         return False
 
 
-class _BoundedAdapter(requests.adapters.HTTPAdapter):
-    """Timeouts, and a bounded body, for requests we do not issue ourselves.
+class _BoundedAdapter(WatchedAdapter):
+    """Deadlines, and a bounded body, for requests we do not issue ourselves.
 
     Ours all ask for ``stream=True`` and bound what they read; those pass through
     unchanged. The rest are oras-py's token fetches, which would read a whole body
     into memory: here they get at most MAX_TOKEN_RESPONSE bytes, raw (no
-    Content-Encoding decoding) and within a deadline, or a DistError.
+    Content-Encoding decoding) and within their own deadline, or a DistError.
     """
 
     def __init__(self, reference: str) -> None:
@@ -166,22 +167,26 @@ class _BoundedAdapter(requests.adapters.HTTPAdapter):
              **kwargs: Any) -> requests.Response:
         # requests' Session.send passes everything but the request by keyword.
         if not args and kwargs.get("timeout") is None:
-            kwargs["timeout"] = (TIMEOUT, TIMEOUT)
+            kwargs["timeout"] = request_timeout()
         if args or kwargs.get("stream"):
             return super().send(request, *args, **kwargs)
         request.headers["Accept-Encoding"] = "identity"
-        resp = super().send(request, **{**kwargs, "stream": True})
-        try:
-            data = self._read(resp, request.url or "")
-        finally:
-            resp.close()
+        parts = urllib.parse.urlsplit(request.url or "")
+        where = f"{parts.scheme}://{parts.netloc}{parts.path}"[:160]
+        send = super().send
+        with contextlib.closing(Deadline(f"{self.reference}: token response", where,
+                                         MAX_TOKEN_RESPONSE)) as deadline:
+            resp = deadline.open(lambda: send(request, **{
+                **kwargs, "stream": True, "timeout": request_timeout()}))
+            try:
+                data = self._read(resp, where, deadline)
+            finally:
+                resp.close()
         resp._content = data  # what requests' own non-streamed read would have stored
         return resp
 
-    def _read(self, resp: requests.Response, url: str) -> bytes:
+    def _read(self, resp: requests.Response, where: str, deadline: Deadline) -> bytes:
         limit = MAX_TOKEN_RESPONSE
-        parts = urllib.parse.urlsplit(url)
-        where = f"{parts.scheme}://{parts.netloc}{parts.path}"[:160]
         too_big = DistError(f"{self.reference}: token response from {where} exceeds "
                             f"{limit >> 20} MiB; is this a registry?")
         length = resp.headers.get("Content-Length")
@@ -189,21 +194,12 @@ class _BoundedAdapter(requests.adapters.HTTPAdapter):
             raise too_big
         chunks: list[bytes] = []
         total = 0
-        deadline = time.monotonic() + TIMEOUT * 3 + limit / MIN_RATE
-        while True:
-            try:
-                block = resp.raw.read(min(BLOCK, limit + 1 - total), decode_content=False)
-            except _BROKEN as exc:
-                raise DistError(f"{self.reference}: connection to {where} broke while "
-                                f"reading ({type(exc).__name__})") from None
-            if not block:
-                return b"".join(chunks)
+        for block in deadline.guard(stream(resp, self.reference, where)):
             total += len(block)
             if total > limit:
                 raise too_big
-            if time.monotonic() > deadline:
-                raise DistError(f"{self.reference}: {where} is sending too slowly; gave up")
             chunks.append(block)
+        return b"".join(chunks)
 
 
 class _Registry:
@@ -246,7 +242,7 @@ class _Registry:
             try:
                 resp = self.session.request(method, url, headers=headers, data=data,
                                             stream=True, allow_redirects=False,
-                                            timeout=(TIMEOUT, TIMEOUT))
+                                            timeout=request_timeout())
             except requests.exceptions.RequestException as exc:
                 kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else \
                     "connection failed"
@@ -321,10 +317,11 @@ class _Registry:
                 raise DistError(f"{what}: {self.server} names the token realm {realm[:100]!r}; "
                                 "only https realms (or plain http on loopback) are used")
 
-    def read_body(self, resp: requests.Response, limit: int, what: str) -> bytes:
+    def read_body(self, resp: requests.Response, limit: int, what: str,
+                  deadline: Deadline) -> bytes:
         parts: list[bytes] = []
         total = 0
-        for block in stream(resp, what, self.server):
+        for block in deadline.guard(stream(resp, what, self.server)):
             total += len(block)
             if total > limit:
                 resp.close()
@@ -354,11 +351,14 @@ class OciSource(StreamSource):
             raise DistError(f"{uri}: oci pulls need @sha256:<manifest digest> "
                             "(or a tag with --allow-mutable)")
         what = f"{uri}: manifest"
-        resp = self.reg.request("GET", f"{self.reg.base}manifests/{ref}", what,
-                                headers={"Accept": OCI_MANIFEST})
-        if resp.status_code != 200:
-            raise self.reg.fail(resp, what)
-        data = self.reg.read_body(resp, MAX_MANIFEST, what)
+        self.server = self.reg.server
+        with contextlib.closing(Deadline(what, self.server, MAX_MANIFEST)) as deadline:
+            resp = deadline.open(lambda: self.reg.request(
+                "GET", f"{self.reg.base}manifests/{ref}", what,
+                headers={"Accept": OCI_MANIFEST}))
+            if resp.status_code != 200:
+                raise self.reg.fail(resp, what)
+            data = self.reg.read_body(resp, MAX_MANIFEST, what, deadline)
         self.bytes_received += len(data)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if uri.pin is not None and digest != uri.pin:

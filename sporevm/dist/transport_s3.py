@@ -5,7 +5,8 @@ own resolution (AWS config/env) for real S3. Credentials and region come from
 the usual AWS chain; a pull with no credentials at all is sent unsigned
 (public buckets). Uploads carry ``ChecksumSHA256`` so the store itself refuses
 bytes that do not match; downloads are re-verified by us anyway, and resumed
-with ranged GETs.
+with ranged GETs. Downloads run under the shared deadlines (deadline.py): the
+client's connections register their sockets with them like requests' do.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sporevm.dist import deadline
 from sporevm.dist.transports import (
     BLOCK,
-    TIMEOUT,
     StreamSource,
     check_name,
     check_sha256,
@@ -30,6 +31,7 @@ from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
 
 ENDPOINT_ENV = "SPORE_S3_ENDPOINT"
+_PIECE = 64 << 10
 MAX_PUT = 5 << 30  # one PutObject; bundle files are far smaller (packs ≤ 256 MiB)
 
 
@@ -56,7 +58,7 @@ def _client(endpoint: str | None, *, anonymous_ok: bool) -> Any:
 
     session = boto3.session.Session()
     config = botocore.config.Config(
-        connect_timeout=TIMEOUT, read_timeout=TIMEOUT,
+        connect_timeout=deadline.TIMEOUT, read_timeout=deadline.TIMEOUT,
         retries={"max_attempts": 3, "mode": "standard"},
         # Custom endpoints (moto, MinIO, Ceph) rarely serve virtual-host buckets.
         s3={"addressing_style": "path" if endpoint else "auto"})
@@ -64,6 +66,23 @@ def _client(endpoint: str | None, *, anonymous_ok: bool) -> Any:
         config = config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED))
     return session.client("s3", endpoint_url=endpoint,
                           region_name=session.region_name or "us-east-1", config=config)
+
+
+def _watch(client: Any) -> None:
+    """Make the client's connections register with the active deadline (deadline.py).
+
+    botocore has no public hook for its connection classes; its URLLib3Session keeps
+    them in one dict per client, shared with every pool manager it makes (proxies
+    included), so they are swapped in place for the watched subclasses. Refused if that
+    dict is not there: a download whose deadline cannot end a stalled read is not
+    bounded in time."""
+    classes = getattr(getattr(getattr(client, "_endpoint", None), "http_session", None),
+                      "_pool_classes_by_scheme", None)
+    if not isinstance(classes, dict) or set(classes) != {"http", "https"}:
+        raise DistError("this botocore keeps its connection pools where spore cannot watch "
+                        "them (no deadline for S3 downloads); install a botocore version "
+                        "spore supports (see pyproject.toml)")
+    classes.update(deadline.watched_pools(classes))
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -112,6 +131,8 @@ class S3Source(_S3Base, StreamSource):
         if uri.pin is None:
             raise DistError(f"{uri}: s3 pulls must be pinned with @sha256:<bundle digest>")
         super().__init__(uri, endpoint, anonymous_ok=True)
+        _watch(self.client)
+        self.server = self.where
         self.reference = str(uri)
         self.pinned_bundle_digest = uri.pin
         self.bytes_received = 0
@@ -139,7 +160,8 @@ class S3Source(_S3Base, StreamSource):
 
         def blocks() -> Iterator[bytes]:
             try:
-                yield from body.iter_chunks(BLOCK)
+                # Pieces small enough that the deadline sees the bytes as they come.
+                yield from body.iter_chunks(_PIECE)
             except broken as exc:
                 raise DistError(f"{what}: transfer from {self.where} broke "
                                 f"({type(exc).__name__}); run the pull again to resume") from None

@@ -19,11 +19,11 @@ import hashlib
 import os
 import re
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from sporevm.dist.deadline import Deadline
 from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
 
@@ -35,9 +35,8 @@ __all__ = [
 MAX_NAME = 255
 MAX_SMALL = 64 << 20      # read_small never returns more, whatever the caller asks
 MAX_FETCH = 64 << 30      # one bundle file
-TIMEOUT = 30.0            # connect and read timeout of every network request
-MIN_RATE = 64 << 10       # bytes/s a transfer must average on top of a base deadline
-BLOCK = 1 << 20
+BLOCK = 1 << 20           # the largest piece a transport hands out at once
+# Time bounds (per read, headers, whole transfer) are in deadline.py, shared by all.
 
 # Up to four segments, each starting with a letter or digit: no '..', no '/', no
 # hidden files, nothing a server or file system would reinterpret.
@@ -85,9 +84,14 @@ class Sink(Protocol):
 
 
 class StreamSource:
-    """``read_small`` and ``fetch`` on top of one primitive: a byte range of a file."""
+    """``read_small`` and ``fetch`` on top of one primitive: a byte range of a file.
+
+    Every call of ``_open`` and the bytes it yields run under a :class:`Deadline`
+    (deadline.py): the transport's request is made inside ``Deadline.open`` and its
+    iterator read through ``Deadline.guard``, so no transport can stall a pull."""
 
     reference: str = ""
+    server: str = "the source"        # who serves the bytes, for error messages
     pinned_bundle_digest: str | None = None
     bytes_received: int = 0
 
@@ -105,18 +109,16 @@ class StreamSource:
     def read_small(self, name: str, limit: int) -> bytes:
         what = self._what(check_name(name, self.reference))
         limit = min(limit, MAX_SMALL)
-        _, blocks = self._open(name, 0, None, what)
         parts: list[bytes] = []
         total = 0
-        deadline = time.monotonic() + TIMEOUT * 3 + limit / MIN_RATE
-        for block in blocks:
-            total += len(block)
-            self.bytes_received += len(block)
-            if total > limit:
-                raise DistError(f"{what}: larger than the {limit}-byte limit; refusing")
-            if time.monotonic() > deadline:
-                raise DistError(f"{what}: the source is sending too slowly; gave up")
-            parts.append(block)
+        with contextlib.closing(Deadline(what, self.server, limit)) as deadline:
+            _, blocks = deadline.open(lambda: self._open(name, 0, None, what))
+            for block in deadline.guard(blocks):
+                total += len(block)
+                self.bytes_received += len(block)
+                if total > limit:
+                    raise DistError(f"{what}: larger than the {limit}-byte limit; refusing")
+                parts.append(block)
         return b"".join(parts)
 
     def fetch(self, name: str, dest: Path, size: int, sha256: str) -> None:
@@ -131,7 +133,9 @@ class StreamSource:
                 os.ftruncate(fd, 0)
                 have, hasher = 0, hashlib.sha256()
             if have < size:
-                hasher = self._receive(fd, name, have, size, hasher, what, dest)
+                with contextlib.closing(Deadline(what, self.server, size - have,
+                                                 resume=True)) as deadline:
+                    hasher = self._receive(fd, name, have, size, hasher, what, dest, deadline)
             got = hasher.hexdigest()
             if got != want:
                 _discard(dest)
@@ -141,21 +145,21 @@ class StreamSource:
         finally:
             os.close(fd)
 
-    def _receive(self, fd: int, name: str, have: int, size: int,
-                 hasher: hashlib._Hash, what: str, dest: Path) -> hashlib._Hash:
+    def _receive(self, fd: int, name: str, have: int, size: int, hasher: hashlib._Hash,
+                 what: str, dest: Path, deadline: Deadline) -> hashlib._Hash:
         try:
-            start, blocks = self._open(name, have, size, what)
+            start, blocks = deadline.open(lambda: self._open(name, have, size, what))
         except DistError:
             if have == 0:
                 _discard(dest)  # nothing of ours was there: leave nothing behind
             raise
         if start != have:  # the server ignored Range: take the whole file again
             os.ftruncate(fd, 0)
+            deadline.grow(have)
             hasher, have = hashlib.sha256(), 0
         os.lseek(fd, have, os.SEEK_SET)
         pos = have
-        deadline = time.monotonic() + TIMEOUT * 3 + (size - have) / MIN_RATE
-        for block in blocks:
+        for block in deadline.guard(blocks):
             self.bytes_received += len(block)
             if pos + len(block) > size:
                 _discard(dest)
@@ -166,9 +170,6 @@ class StreamSource:
             while view:
                 view = view[os.write(fd, view):]
             pos += len(block)
-            if time.monotonic() > deadline:
-                raise DistError(f"{what}: the source is sending too slowly ({pos} of {size} "
-                                "bytes); gave up, run the pull again to resume")
         if pos < size:
             raise DistError(f"{what}: transfer ended after {pos} of {size} bytes; "
                             "run the pull again to resume")
