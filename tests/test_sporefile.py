@@ -29,47 +29,10 @@ from sporevm.sporefile import (
 HEAD = "sporefile: 1\nname: app\nbase: {image: debian:bookworm}\n"  # lines 1-3
 BG = HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n"  # lines 1-7
 
-FULL = """\
-sporefile: 1
-name: py-warm
-base:
-  image: 127.0.0.1:5000/library/debian:bookworm
-  platform: linux/arm64/v8
-machine: {memory: 1GiB, vcpus: 2, kernel: kernels/bzImage}
-env: {LANG: C.UTF-8, DEBUG: "1"}
-workdir: /srv
-files:
-  - {src: ./app, dst: /app}
-  - {src: app/serve, dst: /usr/local/bin/serve, mode: "0755"}
-  - {src: app/serve, dst: /bin/b, mode: 0750}
-  - {src: app/serve, dst: /bin/c, mode: "0o644"}
-steps:
-  - name: deps
-    run: "python3 -c 'import json'"
-    timeout: 2m
-  - name: build
-    run: [make, -C, /src, all]
-    env: {DEBUG: "0", CC: gcc}
-    workdir: /src
-  - name: server
-    run: ./app/serve
-    background: true
-    ready: {tcp: 8080, timeout: 1m30s}
-  - name: watcher
-    run: ./watch
-    background: true
-    ready: {file: /run/ready}
-  - name: poller
-    run: ./poll
-    background: true
-    ready: {command: [test, -S, /run/app.sock], timeout: 1500ms}
-snapshot: {after: server}
-verify:
-  - run: "test -S /run/app.sock"
-    timeout: 10s
-  - run: [/bin/true]
-output: {spore: build/py.spore, bundle: build/py.bundle}
-"""
+# Every Sporefile in sporefiles/valid/ must load (test_valid_fixtures_load) and pass the
+# JSON Schema alone (scripts/test runs check-jsonschema on them against the root schema).
+VALID = Path(__file__).resolve().parent / "sporefiles" / "valid"
+FULL = (VALID / "full.yaml").read_text()
 
 
 @pytest.fixture
@@ -475,3 +438,8 @@ def test_docs_example_loads(ctx: Path) -> None:
     sf = load(write(ctx, example))
     assert [s.name for s in sf.steps] == ["deps", "build", "server"]
     assert sf.files[1].mode == 0o755 and sf.snapshot_after == "server"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in VALID.glob("*.yaml")))
+def test_valid_fixtures_load(ctx: Path, name: str) -> None:
+    load(write(ctx, (VALID / name).read_text()))

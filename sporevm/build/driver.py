@@ -21,10 +21,9 @@ from sporevm.store import Store
 
 
 class _Loader(TaskLoader2):  # type: ignore[misc]
-    def __init__(self, build: _Build, dep_file: Path):
+    def __init__(self, build: _Build):
         super().__init__()
         self.build = build
-        self.dep_file = dep_file
 
     def load_doit_config(self) -> dict[str, Any]:
         build = self.build
@@ -33,8 +32,7 @@ class _Loader(TaskLoader2):  # type: ignore[misc]
             pass
 
         return {
-            "dep_file": str(self.dep_file),
-            "backend": doitstate.BACKEND,  # atomic writes: a killed build leaves no torn file
+            **doit_config(build),
             "reporter": BoundReporter,
             "verbosity": 2,  # do not capture: actions stream step output themselves
         }
@@ -43,20 +41,15 @@ class _Loader(TaskLoader2):  # type: ignore[misc]
         return [dict_to_task(t) for t in self.build.tasks()]
 
 
-def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -> BuildResult:
+def prepare(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -> _Build:
+    """Load the Sporefile and check what must hold before any task runs.
+
+    Shared by ``spore build`` and the repository's dodo.py, so both run one graph."""
     sf = sporefile_mod.load(path)
     b = _Build(sf, store, options, reporter)
-    state = store.root / "state"
-    state.mkdir(exist_ok=True)
-    ident = hashlib.sha256(str(sf.path.resolve()).encode()).hexdigest()[:24]
-    argv = ["run"] + (["--always-execute"] if options.no_cache else [])
     names = [t["name"] for t in b.tasks()]
-    if options.until is not None:
-        if options.until not in names:
-            raise UsageError(
-                f"--until {options.until}: no such task; tasks are: {', '.join(names)}"
-            )
-        argv.append(options.until)
+    if options.until is not None and options.until not in names:
+        raise UsageError(f"--until {options.until}: no such task; tasks are: {', '.join(names)}")
     if options.locked and lockfile.load(b.lock_path).find(sf.base.image, sf.base.platform) is None:
         raise LockMismatchError(
             f"{b.lock_path}: --locked, but the lock has no entry for "
@@ -65,11 +58,31 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
     _check_push_uris(sf)
     if b.files is not None:
         b.files.check()  # before any work: sources readable, no symlinks, no conflicting dst
+    return b
+
+
+def doit_config(b: _Build) -> dict[str, Any]:
+    """Where doit keeps a Sporefile's task history: one file per Sporefile, in the store.
+
+    History only (every task asks the store whether it is up to date); written atomically
+    by the spore-json backend, so a killed build leaves no torn file."""
+    state = b.store.root / "state"
+    state.mkdir(exist_ok=True)
+    ident = hashlib.sha256(str(b.sf.path.resolve()).encode()).hexdigest()[:24]
+    return {"dep_file": str(state / f"{ident}.doit.json"), "backend": doitstate.BACKEND}
+
+
+def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -> BuildResult:
+    b = prepare(path, store, options, reporter)
+    sf = b.sf
+    argv = ["run"] + (["--always-execute"] if options.no_cache else [])
+    if options.until is not None:
+        argv.append(options.until)
     # The result is read from the store under the same lock: a prune waiting for this
     # build must not remove what the build is about to report.
     with store.lock():
         try:
-            loader = _Loader(b, state / f"{ident}.doit.json")
+            loader = _Loader(b)
             code = DoitMain(loader, extra_config=doitstate.PLUGIN).run(argv)
         finally:
             if b.vm is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class _Build:
         self.store = store
         self.options = options
         self.reporter = reporter
+        self.pid = os.getpid()
         self.lock_path = lockfile.lock_path(sf.path)
         self.ref = parse_ref(sf.base.image, sf.context)
         self.platform = sf.base.platform
@@ -472,6 +474,10 @@ class _Build:
     # -- doit glue -------------------------------------------------------
     def action(self, fn: Callable[[], None]) -> Callable[[], TaskFailed | None]:
         def run() -> TaskFailed | None:
+            if os.getpid() != self.pid:
+                # doit -n N -P process: a forked worker has none of this state (the VM).
+                return TaskFailed("spore's tasks share one build VM and run in one process; "
+                                  "drop -P process (doit -n N runs them in threads)")
             try:
                 fn()
             except SporeError as exc:
