@@ -363,6 +363,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=180.0,
                     help="bound on each boot or run, seconds (default 180)")
     ap.add_argument("--skip-kvm", action="store_true", help="do not try QEMU -enable-kvm")
+    ap.add_argument("--skip-tcg", action="store_true",
+                    help="do not run QEMU TCG (in the hardware-KVM lane: TCG inside TCG)")
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every VM, QEMU and temp dir is cleaned up
     signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
@@ -386,10 +388,15 @@ def main() -> int:
         runs = [Series("ours"), Series("QEMU-TCG")]
         tasks = [
             Task("boot", boot[0], lambda: ours_boot(guest, rootfs, args.timeout)),
-            Task("boot", boot[1], lambda: qemu_once(tcg, *q, run_true=False)),
             Task("run-true", runs[0], lambda: ours_run_true(rootfs, args.timeout)),
-            Task("run-true", runs[1], lambda: qemu_once(tcg, *q, run_true=True)),
         ]
+        if args.skip_tcg:
+            boot, runs = boot[:1], runs[:1]
+        else:
+            tasks += [
+                Task("boot", boot[1], lambda: qemu_once(tcg, *q, run_true=False)),
+                Task("run-true", runs[1], lambda: qemu_once(tcg, *q, run_true=True)),
+            ]
         kvm_series: list[tuple[Series, Series]] = []
         if not args.skip_kvm:
             for cpu in KVM_CPUS:
@@ -413,8 +420,8 @@ def main() -> int:
               f"{load_after[0]:.1f} on {os.cpu_count()} CPUs")
         print()
         for title, ours, peers in (
-            ("boot to agent READY", boot[0], [boot[1], *(b for b, _ in kvm_series)]),
-            ("run -- true (spawn to exit)", runs[0], [runs[1], *(r for _, r in kvm_series)]),
+            ("boot to agent READY", boot[0], [*boot[1:], *(b for b, _ in kvm_series)]),
+            ("run -- true (spawn to exit)", runs[0], [*runs[1:], *(r for _, r in kvm_series)]),
         ):
             print(f"{title}:")
             print(f"  {'ours':38} {ours.describe()}")
