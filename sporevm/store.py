@@ -169,7 +169,8 @@ class Store:
                 except FileNotFoundError:
                     if not create:
                         return
-                    os.mkdir(name, 0o755, dir_fd=pfd)
+                    with contextlib.suppress(FileExistsError):  # another process won
+                        os.mkdir(name, 0o755, dir_fd=pfd)
                     st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except NotADirectoryInPath as exc:
             raise self._planted(exc.rel, "is a symbolic link or not a directory") from None

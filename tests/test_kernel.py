@@ -401,7 +401,7 @@ def test_damaged_store_entry_is_a_cache_miss(tmp_path: Path) -> None:
         (staged / name).write_bytes(data)
     digest, vdigest = blake3_file(staged / "bzImage")[0], blake3_file(staged / "vmlinux")[0]
     dest = K.kernel_dir(store, digest)
-    dest.parent.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)  # a Store makes kernels/blake3 itself
     staged.rename(dest)
     record = {"digest": digest, "vmlinux_digest": vdigest}
     art = K._artifact(store, record, "kvm")
