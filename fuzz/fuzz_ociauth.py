@@ -3,16 +3,13 @@
 Only SporeError may escape; summarize_errors must never raise and must return
 one printable line. The same bytes are also a registry HTTP answer (status from
 the first two bytes, a Content-Length that is absent, exact or short, the rest
-as body) read by the registry client's status check and bounded body reader
-(oci.py), which must never return more than its limit.
+as body) read by the one registry client's status check and bounded body reader
+(net/registry.py), which must never return more than its limit.
 """
 
-import atexit
+import contextlib
 import io
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import atheris
 
@@ -20,17 +17,12 @@ with atheris.instrument_imports():
     import requests
     import urllib3
 
-    from sporevm.build import oci, ociauth, ociref
-    from sporevm.errors import SporeError
-    from sporevm.store import Store
+    from sporevm.errors import OCIError, SporeError
+    from sporevm.net import auth, registry
+    from sporevm.net.hosts import Policy
 
 # Never sends a request: only the answer-reading half of the client is driven.
-_STORE = Path(tempfile.mkdtemp(prefix="fuzz-ociauth-"))
-atexit.register(shutil.rmtree, _STORE, True)  # in-process replays; libFuzzer skips atexit
-_SOURCE = oci._RegistrySource(
-    oci.OCIClient(Store(_STORE)),
-    ociref.parse_ref("127.0.0.1:1/fuzz/repo:latest", Path("/")),
-)
+_REPO = registry.Repository("127.0.0.1:1", "fuzz/repo", policy=Policy(), error=OCIError)
 
 
 def _answer(data: bytes) -> None:
@@ -43,26 +35,28 @@ def _answer(data: bytes) -> None:
         resp.headers["Content-Length"] = str(len(body) - (mode == 2))
     resp.raw = urllib3.HTTPResponse(body=io.BytesIO(body), preload_content=False,
                                     decode_content=False)
-    try:
-        _SOURCE.check_status(resp, "fuzz")
-        limit = (data[2] if len(data) > 2 else 0) * 16
-        got = _SOURCE.read_body(resp, limit, "fuzz")
-        assert status == 200 and got == body[: len(got)] and len(got) <= limit
-    except SporeError:
-        assert status != 200 or len(body) > (data[2] * 16 if len(data) > 2 else 0)
+    limit = (data[2] if len(data) > 2 else 0) * 16
+    with contextlib.closing(_REPO.transfer("fuzz", limit)) as deadline:
+        try:
+            _REPO.check(resp, "fuzz", deadline)
+            got = b"".join(_REPO.body(resp, limit, "fuzz", deadline))
+            assert status == 200 and got == body[: len(got)] and len(got) <= limit
+        except SporeError:
+            announced = resp.headers.get("Content-Length", "0")
+            assert status != 200 or len(body) > limit or not announced.isdigit()
 
 
 def TestOneInput(data: bytes) -> None:
-    line = ociauth.summarize_errors(data)
+    line = auth.summarize_errors(data)
     assert len(line) <= 200 and line.isprintable(), line
     try:
         # requests hands header values over as latin-1 decoded text
-        for challenge in ociauth.parse_challenges(data.decode("latin-1")):
+        for challenge in auth.parse_challenges(data.decode("latin-1")):
             assert challenge.scheme and challenge.scheme == challenge.scheme.lower()
     except SporeError:
         pass
     try:
-        token = ociauth.decode_token_response(data, what="fuzz: token")
+        token = auth.decode_token_response(data, what="fuzz: token")
         assert "\r" not in token and "\n" not in token and " " not in token
     except SporeError:
         pass

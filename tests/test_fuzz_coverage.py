@@ -31,7 +31,8 @@ FUZZ_GLOB = "fuzz/fuzz_*.py"
 PARSERS = {
     "sporevm/sporefile.py", "sporevm/sporefile_yaml.py", "sporevm/sporefile_schema.py",
     "sporevm/build/lockfile.py", "sporevm/build/ociref.py", "sporevm/build/ocimanifest.py",
-    "sporevm/build/oci.py", "sporevm/build/ociauth.py", "sporevm/build/layers.py",
+    "sporevm/build/oci.py", "sporevm/net/auth.py", "sporevm/net/registry.py",
+    "sporevm/build/layers.py",
     "sporevm/build/tarsafety.py",
     "sporevm/spore/manifest.py", "sporevm/spore/chunks.py", "sporevm/spore/vmstate.py",
     "sporevm/spore/restore.py", "sporevm/spore/monitor.py",

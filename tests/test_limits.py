@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from sporevm import sporefile, sporefile_yaml
-from sporevm.build import lockfile, ociauth, ocimanifest, ociref
+from sporevm.build import lockfile, ocimanifest, ociref
 from sporevm.build.layers import DEFAULT_LIMITS, Limits, apply_layers
 from sporevm.errors import SporeError
+from sporevm.net import auth as ociauth
 from sporevm.spore import monitor
 from sporevm.spore.monitor import MonitorConfig
 from sporevm.vmm.devices.virtio.queue import MAX_INDIRECT, MAX_QUEUE_SIZE, ChainError, Virtqueue

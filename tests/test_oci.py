@@ -27,12 +27,6 @@ import requests
 from registry import LocalRegistry, free_port
 
 from sporevm.build.oci import OCIClient
-from sporevm.build.ociauth import (
-    decode_token_response,
-    load_credentials,
-    parse_challenges,
-    summarize_errors,
-)
 from sporevm.build.ocimanifest import (
     ImageIndex,
     ImageManifest,
@@ -43,6 +37,12 @@ from sporevm.build.ocimanifest import (
 )
 from sporevm.build.ociref import is_loopback, parse_ref
 from sporevm.errors import OCIError
+from sporevm.net.auth import (
+    decode_token_response,
+    load_credentials,
+    parse_challenges,
+    summarize_errors,
+)
 from sporevm.store import Store
 from tests.conftest import PushedImage
 
@@ -614,7 +614,7 @@ def test_token_realm_must_not_downgrade(store: Store) -> None:
     client = OCIClient(store)
     source = client._source(parse_ref("registry.example.com/x/y:1", Path("/")))
     with pytest.raises(OCIError, match="only https realms"):
-        source._authenticate('Bearer realm="http://evil.example/token"', "x")  # type: ignore[attr-defined]
+        source.repo._authenticate('Bearer realm="http://evil.example/token"', "x")  # type: ignore[attr-defined]
 
 
 @pytest.mark.minbase

@@ -1,4 +1,4 @@
-"""Deadlines on pulls (docs/limits.md, sporevm/dist/deadline.py), over http://, s3:// and
+"""Deadlines on pulls (docs/limits.md, sporevm/net/deadline.py), over http://, s3:// and
 oci:// against slow servers on 127.0.0.1: trickled headers, a body sent a byte at a
 time, a pack that stops after its first MiB. Each must fail `spore pull` soon, with one
 line naming the file, the server and the bound, no output and the store lock free;
@@ -18,12 +18,13 @@ import pytest
 import urllib3.poolmanager
 
 from sporevm.cli import main
-from sporevm.dist import chunkpack, deadline
+from sporevm.dist import chunkpack
 from sporevm.dist.pack import pack
 from sporevm.dist.transport_oci import encode_artifact
 from sporevm.dist.transports import open_source
 from sporevm.dist.uri import parse_pull_uri
 from sporevm.errors import DistError
+from sporevm.net import deadline
 from sporevm.spore.chunks import MAX_OBJECT
 from sporevm.store import Store
 from tests.dist_servers import S3_ENV, Slow, SlowServer

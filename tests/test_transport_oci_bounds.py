@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from sporevm.bearer import MAX_TOKEN_LEN, MAX_TOKEN_RESPONSE
 from sporevm.dist.transport_oci import encode_artifact
 from sporevm.dist.transports import Source, open_source
 from sporevm.dist.uri import parse_pull_uri
 from sporevm.errors import DistError
+from sporevm.net.auth import MAX_TOKEN_LEN, MAX_TOKEN_RESPONSE
 from tests.dist_servers import QuietHandler
 
 REPO = "spores/bounds"

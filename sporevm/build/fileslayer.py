@@ -5,12 +5,12 @@ The layer is applied by the same path-safe applier as the image layers
 and its sha256 goes into the rootfs key: editing, renaming or re-moding a copied
 file rebuilds the rootfs (and so boot and steps); nothing else changes any key.
 
-Sources are read through directory fds reached from the build context without
-following any symlink (O_NOFOLLOW on every component), so a path the Sporefile
-loader validated cannot be swapped for a link to somewhere else afterwards. A
-symlink, FIFO, socket or device inside a copied directory is an error: copying
-a link would copy host meaning into the guest, following it could leave the
-context. See docs/sporefile.md (``files``) and docs/rootfs.md.
+Sources are read through the shared no-follow walker (``nofollow.py``:
+directory fds reached from the build context, O_NOFOLLOW on every component),
+so a path the Sporefile loader validated cannot be swapped for a link to
+somewhere else afterwards. A symlink, FIFO, socket or device inside a copied
+directory is an error: copying a link would copy host meaning into the guest,
+following it could leave the context. See docs/sporefile.md (``files``) and docs/rootfs.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol
 
+from sporevm import nofollow
 from sporevm.build.rootfs import ROOTFS_EPOCH
 from sporevm.errors import LayerError, SporefileError
 from sporevm.sporefile import FileSpec
@@ -31,8 +32,6 @@ from sporevm.sporefile_yaml import show
 MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 MAX_ENTRIES = 1_000_000  # the applier's per-image bound; checked before reading contents
 MAX_DEPTH = 256  # the applier's max_depth
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs
 _BUF = 1 << 20
 
 Kind = Literal["file", "dir"]
@@ -127,7 +126,7 @@ class FilesLayer:
         src: Comps = rel.parts
         for part in (*base, *src):
             _check_utf8(self, i, part)
-        fd = self._open(i, spec, src, _DIR if spec.src.is_dir() else _FILE)
+        fd = self._open(i, spec, src, directory=spec.src.is_dir())
         try:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
@@ -151,57 +150,56 @@ class FilesLayer:
     def _walk_dir(self, i: int, spec: FileSpec, fd: int, dst: Comps, src: Comps,
                   out: list[tuple[Comps, _Entry]]) -> None:
         if len(dst) >= MAX_DEPTH:
-            raise self.fail(i, "src", f"{show('/'.join(src))} is nested more than {MAX_DEPTH} "
-                            "levels deep in the guest")
-        for name in sorted(os.listdir(fd), key=os.fsencode):
-            _check_utf8(self, i, name)
-            shown = show("/".join((*src, name)))
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            raise self._too_deep(i, src)
+        for entry in nofollow.walk(fd):
+            _check_utf8(self, i, entry.name)
+            shown = show("/".join((*src, *entry.path)))
+            st = entry.lstat()
             if stat.S_ISLNK(st.st_mode):
                 raise self.fail(i, "src", f"{shown} is a symlink; symlinks are not copied "
                                 "(copy its target with its own files entry, or create the "
                                 "link in a step)")
             if stat.S_ISREG(st.st_mode):
-                out.append(((*dst, name), _Entry("file", self._mode(spec, st), (*src, name), i)))
+                kind: Kind = "file"
             elif stat.S_ISDIR(st.st_mode):
-                out.append(((*dst, name), _Entry("dir", self._mode(spec, st), (*src, name), i)))
-                child = os.open(name, _DIR, dir_fd=fd)
-                try:
-                    self._walk_dir(i, spec, child, (*dst, name), (*src, name), out)
-                finally:
-                    os.close(child)
+                kind = "dir"
+                if len(dst) + len(entry.path) >= MAX_DEPTH:  # before the walk enters it
+                    raise self._too_deep(i, (*src, *entry.path))
             else:
                 raise self.fail(i, "src", f"{shown} is neither a regular file nor a directory; "
                                 "only files and directories can be copied")
+            out.append(((*dst, *entry.path),
+                        _Entry(kind, self._mode(spec, st), (*src, *entry.path), i)))
+
+    def _too_deep(self, i: int, src: Comps) -> SporefileError:
+        return self.fail(i, "src", f"{show('/'.join(src))} is nested more than {MAX_DEPTH} "
+                         "levels deep in the guest")
 
     @staticmethod
     def _mode(spec: FileSpec, st: os.stat_result) -> int:
         # setuid/setgid/sticky only when asked for: the copy is owned by root.
         return spec.mode if spec.mode is not None else stat.S_IMODE(st.st_mode) & 0o777
 
-    def _open(self, i: int, spec: FileSpec, src: Comps, flags: int) -> int:
+    def _open(self, i: int, spec: FileSpec, src: Comps, *, directory: bool) -> int:
         """An fd for context/src reached without following a symlink at any component."""
         try:
-            fd = os.open(self.context, _DIR)
+            root = nofollow.open_root(self.context, follow=False)
         except OSError as exc:
             raise self.fail(i, "src", f"cannot open the build context {self.context}: "
                             f"{exc.strerror}") from None
         try:
-            for n, comp in enumerate(src):
-                last = n == len(src) - 1
-                try:
-                    child = os.open(comp, flags if last else _DIR, dir_fd=fd)
-                except OSError as exc:
-                    raise self.fail(i, "src", f"{show(spec.src_rel)} cannot be opened at "
-                                    f"{show('/'.join(src[: n + 1]))} without following a "
-                                    f"symlink ({exc.strerror}); did it change since the "
-                                    "Sporefile was loaded?") from None
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            if directory:
+                return nofollow.open_dir(root, src)
+            return nofollow.open_file(root, src, regular=False)
+        except OSError as exc:
+            rel = getattr(exc, "rel", "/".join(src))
+            reason = "it is a symlink" if getattr(exc, "symlink", False) else \
+                os.strerror(exc.errno or 0)
+            raise self.fail(i, "src", f"{show(spec.src_rel)} cannot be opened at {show(rel)} "
+                            f"without following a symlink ({reason}); did it change since "
+                            "the Sporefile was loaded?") from None
+        finally:
+            os.close(root)
 
     # -- the tar ----------------------------------------------------------------------
     def write(self, out: _Sink) -> str:
@@ -221,7 +219,7 @@ class FilesLayer:
                     tar.addfile(info)
                     continue
                 spec = self.specs[entry.index]
-                fd = self._open(entry.index, spec, entry.src, _FILE)
+                fd = self._open(entry.index, spec, entry.src, directory=False)
                 try:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode):

@@ -1,15 +1,16 @@
 """Path-safe application of OCI image layers to a fresh directory tree.
 
 Every filesystem call is made relative to a directory file descriptor that was
-reached from the root without following a symlink, so nothing a layer contains
-can make us create, modify or follow anything outside ``dest``. The exact
+reached from the root without following a symlink (through the shared walker,
+``nofollow.py``; creation stays here, as *at() calls on those descriptors), so
+nothing a layer contains can make us create, modify or follow anything outside
+``dest``. The exact
 semantics and every rejection rule are in docs/layers.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import stat
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar, overload
 
+from sporevm import nofollow
 from sporevm.build.tarsafety import (
     CHUNK,
     MAX_ID,
@@ -41,7 +43,6 @@ from sporevm.store import SHA256_DIGEST
 
 __all__ = ["ApplyStats", "Layer", "LayerStats", "Limits", "apply_layers"]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _WH = b".wh."
 _WH_META = b".wh..wh."  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs): skipped like containerd
@@ -122,12 +123,12 @@ class _Tree:
         for i in range(keep, len(comps)):
             comp = comps[i]
             try:
-                child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                child = nofollow.child_dir(fd, comp, comps[:i])
             except FileNotFoundError:
                 if not create:
                     return None
                 os.mkdir(comp, 0o700, dir_fd=fd)
-                child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                child = nofollow.child_dir(fd, comp, comps[:i])
                 try:
                     os.fchown(child, 0, 0)
                     os.fchmod(child, 0o755)
@@ -136,38 +137,28 @@ class _Tree:
                     raise
                 self.dir_mtimes.pop(_rel(comps[: i + 1]), None)
             except OSError as exc:
-                raise self._not_dir(fd, comps[: i + 1], exc) from None
+                raise self._refused(comps[: i + 1], exc) from None
             self._chain.append((comp, child))
             fd = child
         return fd
 
     def lookup(self, comps: tuple[bytes, ...]) -> int:
         """An owned dirfd for an existing ``comps`` (uncached), never via a symlink."""
-        fd = os.dup(self.root)
         try:
-            for i, comp in enumerate(comps):
-                try:
-                    child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    raise self._not_dir(fd, comps[: i + 1], exc) from None
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return nofollow.open_dir(self.root, comps)
+        except OSError as exc:
+            raise self._refused(comps, exc) from None
 
     @staticmethod
-    def _not_dir(fd: int, comps: tuple[bytes, ...], exc: OSError) -> Reject:
+    def _refused(comps: tuple[bytes, ...], exc: OSError) -> Reject:
+        """The walker's refusal, said in layer terms (``comps``: the path walked)."""
+        if isinstance(exc, (nofollow.MissingInPath, nofollow.NotADirectoryInPath)):
+            comps = comps[: exc.depth]
         where = display(_rel(comps))
-        if exc.errno == errno.ENOENT:
+        if isinstance(exc, nofollow.MissingInPath):
             return Reject(f"'{where}' does not exist")
-        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-            try:
-                st = os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)
-            except OSError:
-                st = None
-            if st is not None and stat.S_ISLNK(st.st_mode):
+        if isinstance(exc, nofollow.NotADirectoryInPath):
+            if exc.symlink:
                 return Reject(f"parent '{where}' is a symlink; layers must name real paths")
             return Reject(f"parent '{where}' is not a directory")
         return Reject(f"cannot open '{where}': {exc.strerror}")
@@ -200,7 +191,7 @@ class _Tree:
         if rel not in self.written and rel not in self.ancestors:
             self.remove(dfd, name)
         elif stat.S_ISDIR(st.st_mode):
-            self.hide_children(os.open(name, _DIR_FLAGS, dir_fd=dfd), rel, close=True)
+            self.hide_children(nofollow.child_dir(dfd, name), rel, close=True)
 
     def hide_children(self, fd: int, rel: bytes, close: bool) -> None:
         try:
@@ -212,18 +203,15 @@ class _Tree:
 
     # -- finishing ----------------------------------------------------------
 
-    def set_dir_times(self, fd: int, rel: bytes) -> None:
-        """Directory mtimes last: creating children changes them. Depth ≤ max_depth."""
-        with os.scandir(fd) as it:
-            subdirs = [os.fsencode(e.name) for e in it if e.is_dir(follow_symlinks=False)]
-        for name in subdirs:
-            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            try:
-                self.set_dir_times(child, rel + b"/" + name if rel else name)
-            finally:
-                os.close(child)
-        ns = self.dir_mtimes.get(rel, 0)
-        os.utime(fd, ns=(ns, ns))
+    def set_dir_times(self) -> None:
+        """Directory mtimes last: creating children changes them (a child's own times
+        do not, so the order of the walk does not matter)."""
+        for entry in nofollow.walk(self.root):
+            if entry.is_dir():
+                ns = self.dir_mtimes.get(_rel(tuple(os.fsencode(c) for c in entry.path)), 0)
+                os.utime(entry.name, ns=(ns, ns), dir_fd=entry.dir_fd, follow_symlinks=False)
+        ns = self.dir_mtimes.get(b"", 0)
+        os.utime(self.root, ns=(ns, ns))
 
 
 class _Applier:
@@ -358,7 +346,7 @@ class _Applier:
             else:
                 _Tree.remove(pfd, name)
                 os.mkdir(name, 0o700, dir_fd=pfd)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        fd = nofollow.child_dir(pfd, name)
         try:
             self._meta_fd(fd, m, xattrs, replace_xattrs=merge)
         finally:
@@ -537,7 +525,7 @@ def apply_layers(layers: Sequence[Layer], dest: Path, limits: Limits = DEFAULT_L
     except OSError as exc:
         raise LayerError(f"{dest}: cannot create: {exc.strerror}") from None
     try:
-        root = os.open(dest, _DIR_FLAGS)
+        root = nofollow.open_root(dest, follow=False)
         tree = _Tree(root, limits)
         try:
             os.fchown(root, 0, 0)
@@ -554,7 +542,7 @@ def apply_layers(layers: Sequence[Layer], dest: Path, limits: Limits = DEFAULT_L
             done = [_apply_layer(tree, layer, i, progress, budget)
                     for i, layer in enumerate(layers)]
             tree.close()
-            tree.set_dir_times(root, b"")
+            tree.set_dir_times()
         finally:
             tree.close()
             os.close(root)

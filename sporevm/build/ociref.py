@@ -11,7 +11,6 @@ sha256.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -19,9 +18,11 @@ from pathlib import Path
 from typing import Literal
 
 from sporevm.errors import OCIError
+from sporevm.net.auth import DOCKER_HUB as DOCKER_HUB  # re-exported
+from sporevm.net.auth import DOCKER_HUB_API
+from sporevm.net.hosts import host_name as host_name  # re-exported
+from sporevm.net.hosts import is_loopback as is_loopback  # re-exported
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_API = "registry-1.docker.io"
 DEFAULT_TAG = "latest"
 LAYOUT_PREFIX = "oci-layout:"
 MAX_REF_LEN = 4096  # a path plus a name; anything longer is not a reference
@@ -160,21 +161,3 @@ def _parse_registry(text: str) -> ImageRef:
 def api_host(registry: str) -> str:
     """The host[:port] that serves the /v2/ API for a registry name."""
     return DOCKER_HUB_API if registry == DOCKER_HUB else registry
-
-
-def host_name(hostport: str) -> str:
-    """``host`` from ``host[:port]`` or ``[v6]:port``."""
-    if hostport.startswith("["):
-        return hostport[1:].split("]", 1)[0]
-    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
-
-
-def is_loopback(hostport: str) -> bool:
-    """localhost, 127.0.0.0/8 and ::1: the only hosts plain HTTP may go to by default."""
-    host = host_name(hostport).lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

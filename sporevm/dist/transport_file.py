@@ -1,9 +1,10 @@
 """``file:///abs/dir``: a bundle as a plain directory.
 
-Pull opens every file relative to a directory fd with O_NOFOLLOW at each
-level, regular files only, so a bundle directory cannot make us read outside
-it. Push writes into a temporary sibling directory and renames it into place:
-readers see either no bundle or the whole one.
+Pull opens every file through the shared no-follow walker (``nofollow.py``:
+relative to a directory fd, O_NOFOLLOW at each level, regular files only), so a
+bundle directory cannot make us read outside it. Push writes into a temporary
+sibling directory and renames it into place: readers see either no bundle or
+the whole one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from sporevm import nofollow
 from sporevm.atomic import fsync_dir
 from sporevm.dist.transports import (
     BLOCK,
@@ -29,35 +31,26 @@ from sporevm.dist.transports import (
 from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
 
-_RD = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-
 
 def _open_below(root: Path, name: str, what: str) -> int:
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_fd = nofollow.open_root(root)
     except OSError as exc:
         raise DistError(f"{what}: cannot open the bundle directory {root} ({exc.strerror}); "
                         "check the path") from None
-    parts = name.split("/")
     try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            nfd = os.open(part, _RD | (os.O_NONBLOCK if last else os.O_DIRECTORY), dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DistError(f"{what}: not a regular file")
-        return fd
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno == errno.ENOENT:
-            raise DistError(f"{what}: missing from the bundle directory") from None
-        reason = "a symlink (not followed)" if exc.errno in (errno.ELOOP, errno.ENOTDIR) \
-            else exc.strerror
+        return nofollow.open_file(root_fd, name)
+    except FileNotFoundError:
+        raise DistError(f"{what}: missing from the bundle directory") from None
+    except (nofollow.NotADirectoryInPath, nofollow.NotARegularFile) as exc:
+        reason = "a symlink (not followed)" if exc.symlink else \
+            "not a regular file" if isinstance(exc, nofollow.NotARegularFile) else \
+            f"{exc.rel} is not a directory"
         raise DistError(f"{what}: {reason}") from None
-    except BaseException:
-        os.close(fd)
-        raise
+    except OSError as exc:
+        raise DistError(f"{what}: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
 
 
 class FileSource(StreamSource):
@@ -109,21 +102,23 @@ def _copy_hashed(src: Path, dest: Path, size: int, want: str, what: str) -> None
 def _tree_digests(root: Path) -> dict[str, tuple[int, str]]:
     """name → (size, sha256) of every regular file under root; other entries are errors."""
     out: dict[str, tuple[int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in dirnames + filenames:
-            full = Path(dirpath, entry)
-            st = full.lstat()
-            rel = full.relative_to(root).as_posix()
+    root_fd = nofollow.open_root(root, follow=False)
+    try:
+        for entry in nofollow.walk(root_fd):
+            rel = "/".join(entry.path)
+            st = entry.lstat()
             if stat.S_ISDIR(st.st_mode):
                 continue
             if not stat.S_ISREG(st.st_mode):
                 out[rel] = (-1, "")
                 continue
             hasher = hashlib.sha256()
-            with open(full, "rb") as fh:
+            with open(nofollow.open_file(entry.dir_fd, (entry.name,)), "rb") as fh:
                 while block := fh.read(BLOCK):
                     hasher.update(block)
             out[rel] = (st.st_size, hasher.hexdigest())
+    finally:
+        os.close(root_fd)
     return out
 
 

@@ -3,7 +3,7 @@
 The pin makes plain HTTP safe for integrity (every byte is verified against
 digest-pinned metadata) but not for confidentiality. Redirects are refused
 rather than followed: the URI names exactly one server. Bodies are read raw
-(no Content-Encoding decoding) and bounded in size and time (deadline.py);
+(no Content-Encoding decoding) and bounded in size and time (net/deadline.py);
 Range requests resume.
 """
 
@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import requests
-import requests.adapters
-import urllib3
 
-from sporevm.dist.deadline import request_timeout, watched_pools
-from sporevm.dist.transports import BLOCK, StreamSource
+from sporevm.dist.transports import StreamSource
 from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
+from sporevm.net.deadline import request_timeout
+from sporevm.net.http import USER_AGENT, raw_stream, watched_session
 
-USER_AGENT = "sporevm/0.1"
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)\Z")
-_BROKEN = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 def ranged_body(resp: requests.Response, start: int, size: int | None, what: str,
@@ -58,32 +54,12 @@ def ranged_body(resp: requests.Response, start: int, size: int | None, what: str
     return served, stream(resp, what, server)
 
 
-class WatchedAdapter(requests.adapters.HTTPAdapter):
-    """requests' adapter whose connections register with the active Deadline, so that
-    its watchdog can end a read blocked on a stalled server (deadline.py)."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = watched_pools(
-            self.poolmanager.pool_classes_by_scheme)
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = watched_pools(manager.pool_classes_by_scheme)
-        return manager
-
-
 def stream(resp: requests.Response, what: str, server: str) -> Iterator[bytes]:
     """The raw body, in whatever pieces arrive (``read1``: a deadline is checked as bytes
     come in, not once per full block)."""
-    try:
-        while block := resp.raw.read1(BLOCK, decode_content=False):
-            yield block
-    except _BROKEN as exc:
-        raise DistError(f"{what}: connection to {server} broke while reading "
-                        f"({type(exc).__name__}); run the pull again to resume") from None
-    finally:
-        resp.close()
+    return raw_stream(resp, lambda name: DistError(
+        f"{what}: connection to {server} broke while reading ({name}); run the pull again "
+        "to resume"))
 
 
 def status_text(status: int, server: str) -> str:
@@ -99,10 +75,6 @@ def status_text(status: int, server: str) -> str:
     return f"{server} answered HTTP {status}"
 
 
-def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    return request
-
-
 class HttpSource(StreamSource):
     def __init__(self, uri: BundleURI) -> None:
         if uri.pin is None:
@@ -112,12 +84,9 @@ class HttpSource(StreamSource):
         self.bytes_received = 0
         self.server = f"{uri.scheme}://{uri.netloc}"
         self.base = f"{self.server}{uri.path}/"
-        self.session = requests.Session()
-        for prefix in ("https://", "http://"):
-            self.session.mount(prefix, WatchedAdapter())
         # Proxy and CA-bundle variables apply as for any HTTP client; .netrc credentials do
-        # not (requests consults .netrc only when no auth is set, so set a no-op one).
-        self.session.auth = _no_auth
+        # not (watched_session sets a no-op auth, so requests never consults .netrc).
+        self.session = watched_session()
 
     def _open(self, name: str, start: int, size: int | None,
               what: str) -> tuple[int, Iterator[bytes]]:

@@ -9,11 +9,10 @@ manifest's ``artifactType`` is ``application/vnd.spore.bundle.v1`` and its
 digest, checks its sha256 against the pin, and only then trusts the annotation
 and the name → blob map.
 
-oras-py's ``Registry`` provides the session (cookies ignored), the URL scheme
-and the token auth dance on a 401; the requests themselves are ours, with
-deadlines (deadline.py), bounded bodies, no retry loops and streamed uploads (oras-py's
-``do_request`` retries for minutes and its ``put_upload`` reads a whole blob
-into memory). Plain HTTP only to loopback registries.
+Every request goes through the one registry client (``net/registry.py``, shared
+with image fetches): its redirect, token, retry, size, plain-HTTP and deadline
+policy. Uploads are streamed from disk (oras-py's ``put_upload`` would read a
+whole blob into memory). Plain HTTP only to loopback registries.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import ipaddress
 import json
 import os
 import urllib.parse
@@ -29,23 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from sporevm.bearer import (
-    MAX_TOKEN_LEN,
-    MAX_TOKEN_RESPONSE,
-    parse_challenges,
-    realm_allowed,
-    valid_bearer,
-)
-from sporevm.dist.deadline import Deadline, request_timeout
-from sporevm.dist.transport_http import (
-    USER_AGENT,
-    WatchedAdapter,
-    ranged_body,
-    status_text,
-    stream,
-)
+from sporevm.dist.transport_http import ranged_body
 from sporevm.dist.transports import (
     StreamSource,
     check_name,
@@ -53,7 +35,10 @@ from sporevm.dist.transports import (
     check_size,
 )
 from sporevm.dist.uri import BundleURI
-from sporevm.errors import DistError, OCIError
+from sporevm.errors import DistError
+from sporevm.net.auth import MAX_ERROR_BODY
+from sporevm.net.hosts import Policy
+from sporevm.net.registry import Repository
 from sporevm.strictjson import no_duplicate_keys, reject_constant, reject_float
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -66,7 +51,6 @@ TITLE = "org.opencontainers.image.title"
 BUNDLE_DIGEST = "org.spore.bundle.digest"
 MAX_MANIFEST = 4 << 20  # distribution's own manifest limit
 MAX_LAYERS = 100_000
-_MAX_REDIRECTS = 5
 _EMPTY_CONFIG = {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)}
 
 
@@ -141,224 +125,26 @@ def decode_artifact(data: bytes, what: str) -> tuple[dict[str, tuple[str, int]],
     return files, bundle_digest
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _BoundedAdapter(WatchedAdapter):
-    """Deadlines, and a bounded body, for requests we do not issue ourselves.
-
-    Ours all ask for ``stream=True`` and bound what they read; those pass through
-    unchanged. The rest are oras-py's token fetches, which would read a whole body
-    into memory: here they get at most MAX_TOKEN_RESPONSE bytes, raw (no
-    Content-Encoding decoding) and within their own deadline, or a DistError.
-    """
-
-    def __init__(self, reference: str) -> None:
-        super().__init__()
-        self.reference = reference
-
-    def send(self, request: requests.PreparedRequest, *args: Any,
-             **kwargs: Any) -> requests.Response:
-        # requests' Session.send passes everything but the request by keyword.
-        if not args and kwargs.get("timeout") is None:
-            kwargs["timeout"] = request_timeout()
-        if args or kwargs.get("stream"):
-            return super().send(request, *args, **kwargs)
-        request.headers["Accept-Encoding"] = "identity"
-        parts = urllib.parse.urlsplit(request.url or "")
-        where = f"{parts.scheme}://{parts.netloc}{parts.path}"[:160]
-        send = super().send
-        with contextlib.closing(Deadline(f"{self.reference}: token response", where,
-                                         MAX_TOKEN_RESPONSE)) as deadline:
-            resp = deadline.open(lambda: send(request, **{
-                **kwargs, "stream": True, "timeout": request_timeout()}))
-            try:
-                data = self._read(resp, where, deadline)
-            finally:
-                resp.close()
-        resp._content = data  # what requests' own non-streamed read would have stored
-        return resp
-
-    def _read(self, resp: requests.Response, where: str, deadline: Deadline) -> bytes:
-        limit = MAX_TOKEN_RESPONSE
-        too_big = DistError(f"{self.reference}: token response from {where} exceeds "
-                            f"{limit >> 20} MiB; is this a registry?")
-        length = resp.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise too_big
-        chunks: list[bytes] = []
-        total = 0
-        for block in deadline.guard(stream(resp, self.reference, where)):
-            total += len(block)
-            if total > limit:
-                raise too_big
-            chunks.append(block)
-        return b"".join(chunks)
-
-
-class _Registry:
-    """One repository of one registry; every request has timeouts and no retry loop."""
-
-    def __init__(self, uri: BundleURI) -> None:
-        import oras.provider  # ~0.1 s of import; only oci:// needs it
-
-        self.uri = uri
-        self.server = f"registry {uri.netloc}"
-        self._oras = oras.provider.Registry(hostname=uri.netloc, insecure=_loopback(uri.host))
-        self.session: requests.Session = self._oras.session
-        self.session.max_redirects = _MAX_REDIRECTS  # oras-py's token fetch follows them
-        for prefix in ("https://", "http://"):
-            self.session.mount(prefix, _BoundedAdapter(str(uri)))
-        self.origin = f"{self._oras.prefix}://{uri.netloc}"
-        self.base = f"{self.origin}/v2/{uri.repo}/"
-        self._auth: dict[str, str] = {}
-        self._configs_loaded = False
-
-    def request(self, method: str, url: str, what: str, *, headers: dict[str, str] | None = None,
-                data: Any = None) -> requests.Response:
-        hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {})}
-        for attempt in (1, 2):
-            if hasattr(data, "seek"):
-                data.seek(0)
-            resp = self._send(method, url, {**hdrs, **self._auth}, data, what)
-            if resp.status_code != 401 or attempt == 2:
-                return resp
-            resp.close()
-            self._authenticate(resp, what)
-        raise AssertionError("unreachable")
-
-    def _send(self, method: str, url: str, headers: dict[str, str], data: Any,
-              what: str) -> requests.Response:
-        """One request; GETs follow redirects (registries send blob downloads to storage
-        or a CDN) only to HTTPS or loopback, dropping credentials on a host change. The
-        bytes are verified by digest either way."""
-        for _ in range(_MAX_REDIRECTS + 1):
-            try:
-                resp = self.session.request(method, url, headers=headers, data=data,
-                                            stream=True, allow_redirects=False,
-                                            timeout=request_timeout())
-            except requests.exceptions.RequestException as exc:
-                kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else \
-                    "connection failed"
-                raise DistError(f"{what}: cannot reach {self.server} ({kind}); check that it "
-                                "is running") from None
-            if method != "GET" or resp.status_code not in (301, 302, 303, 307, 308):
-                return resp
-            resp.close()
-            location = resp.headers.get("Location", "")
-            try:
-                parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
-                host = parts.hostname or ""
-                parts.port  # noqa: B018  (raises ValueError on a malformed port)
-            except ValueError:
-                raise DistError(f"{what}: {self.server} redirected to a malformed URL "
-                                f"{location[:100]!r}") from None
-            if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(host)):
-                raise DistError(f"{what}: {self.server} redirected to {parts.scheme}://"
-                                f"{parts.netloc[:100]}; only HTTPS redirects are followed")
-            if parts.netloc != urllib.parse.urlsplit(url).netloc:
-                headers = {k: v for k, v in headers.items() if k != "Authorization"}
-            url = parts.geturl()
-        raise DistError(f"{what}: {self.server} redirected more than {_MAX_REDIRECTS} times")
-
-    def _authenticate(self, resp: requests.Response, what: str) -> None:
-        # Credentials come from docker's config through oras-py (~/.docker/config.json,
-        # plus $DOCKER_CONFIG/config.json as docker itself honours it).
-        auth = self._oras.auth
-        if not self._configs_loaded:
-            extra = Path(os.environ.get("DOCKER_CONFIG", "/nonexistent")) / "config.json"
-            container = self._oras.get_container(f"{self.uri.netloc}/{self.uri.repo}")
-            auth.load_configs(container, configs=[str(extra)] if extra.is_file() else None)
-            self._configs_loaded = True
-        login = (f"{what}: {self.server} requires authentication; run "
-                 f"`docker login {self.uri.netloc}`")
-        creds = getattr(auth, "_basic_auth", None)
-        if resp.headers.get("WWW-Authenticate", "").lower().startswith("basic"):
-            # oras-py's token backend only speaks Bearer; Basic is one header.
-            if not creds:
-                raise DistError(login)
-            self._auth = {"Authorization": f"Basic {creds}"}
-            return
-        self._check_realm(resp, what)  # before oras-py sends credentials anywhere
-        try:
-            headers, changed = auth.authenticate_request(resp, {})
-        except (requests.exceptions.RequestException, ValueError, AttributeError,
-                TypeError, KeyError) as exc:
-            raise DistError(f"{what}: authentication with {self.server} failed "
-                            f"({type(exc).__name__})") from None
-        if not changed or "Authorization" not in headers:
-            raise DistError(login)
-        value = str(headers["Authorization"])
-        if not value.startswith("Bearer ") or not valid_bearer(value[7:]):
-            auth.token = None  # oras-py would hand the cached token out again
-            raise DistError(f"{what}: the token server of {self.server} sent a malformed "
-                            f"token (not 1 to {MAX_TOKEN_LEN} printable ASCII characters)")
-        self._auth = {"Authorization": value}
-
-    def _check_realm(self, resp: requests.Response, what: str) -> None:
-        """oras-py fetches the token from whatever realm the challenge names, with the
-        docker-config credentials: only an https realm, or plain http on loopback."""
-        header = resp.headers.get("WWW-Authenticate", "")
-        try:
-            challenges = parse_challenges(header)
-        except OCIError as exc:
-            raise DistError(f"{what}: {self.server}: {exc}") from None
-        for ch in challenges:
-            if ch.scheme != "bearer":
-                continue
-            realm = ch.params.get("realm", "")
-            if not realm_allowed(realm, lambda p: _loopback(p.hostname or "")):
-                raise DistError(f"{what}: {self.server} names the token realm {realm[:100]!r}; "
-                                "only https realms (or plain http on loopback) are used")
-
-    def read_body(self, resp: requests.Response, limit: int, what: str,
-                  deadline: Deadline) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        for block in deadline.guard(stream(resp, what, self.server)):
-            total += len(block)
-            if total > limit:
-                resp.close()
-                raise DistError(f"{what}: more than {limit} bytes from {self.server}; refusing")
-            parts.append(block)
-        return b"".join(parts)
-
-    def fail(self, resp: requests.Response, what: str) -> DistError:
-        resp.close()
-        return DistError(f"{what}: {status_text(resp.status_code, self.server)}")
-
-    def same_origin(self, location: str, what: str) -> str:
-        url = urllib.parse.urljoin(self.base, location)
-        parts = urllib.parse.urlsplit(url)
-        if f"{parts.scheme}://{parts.netloc}" != self.origin:
-            raise DistError(f"{what}: {self.server} sent the upload to {parts.netloc[:100]!r}; "
-                            "uploads only go to the registry named in the URI")
-        return url
+def _repository(uri: BundleURI, *, push: bool) -> Repository:
+    """The one registry client (net/registry.py) for ``uri``: plain HTTP only to loopback
+    (bundle commands have no --insecure-registry), DistErrors."""
+    return Repository(uri.netloc, uri.repo, policy=Policy(), error=DistError,
+                      actions="pull,push" if push else "pull",
+                      again="run the push again" if push else "run the pull again")
 
 
 class OciSource(StreamSource):
     def __init__(self, uri: BundleURI) -> None:
-        self.reg = _Registry(uri)
-        self.bytes_received = 0
         ref = uri.pin or uri.tag
         if ref is None:
             raise DistError(f"{uri}: oci pulls need @sha256:<manifest digest> "
                             "(or a tag with --allow-mutable)")
+        self.reg = _repository(uri, push=False)
+        self.bytes_received = 0
         what = f"{uri}: manifest"
         self.server = self.reg.server
-        with contextlib.closing(Deadline(what, self.server, MAX_MANIFEST)) as deadline:
-            resp = deadline.open(lambda: self.reg.request(
-                "GET", f"{self.reg.base}manifests/{ref}", what,
-                headers={"Accept": OCI_MANIFEST}))
-            if resp.status_code != 200:
-                raise self.reg.fail(resp, what)
-            data = self.reg.read_body(resp, MAX_MANIFEST, what, deadline)
+        data, resp = self.reg.read(f"manifests/{ref}", what, limit=MAX_MANIFEST,
+                                   accept=OCI_MANIFEST)
         self.bytes_received += len(data)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if uri.pin is not None and digest != uri.pin:
@@ -406,37 +192,44 @@ class OciSource(StreamSource):
               what: str) -> tuple[int, Iterator[bytes]]:
         digest, layer_size = self.layer(name, what)
         headers = {"Range": f"bytes={start}-"} if start > 0 else {}
-        resp = self.reg.request("GET", f"{self.reg.base}blobs/{digest}", what, headers=headers)
+        # Inside StreamSource's deadline (deadline=None): the request, an error body and
+        # then the body are all watched by it.
+        resp = self.reg.request("GET", f"blobs/{digest}", what, deadline=None, headers=headers)
+        self.reg.check(resp, what, ok=(200, 206))
         return ranged_body(resp, start, layer_size, what, self.reg.server)
 
 
 class OciSink:
     def __init__(self, uri: BundleURI) -> None:
         self.uri = uri
-        self.reg = _Registry(uri)
+        self.reg = _repository(uri, push=True)
         self.files: dict[str, tuple[str, int]] = {}
         self.bytes_sent = 0
 
     def _exists(self, digest: str, size: int, what: str) -> bool:
-        resp = self.reg.request("HEAD", f"{self.reg.base}blobs/{digest}", what)
+        with contextlib.closing(self.reg.transfer(what, 0)) as deadline:
+            resp = self.reg.request("HEAD", f"blobs/{digest}", what, deadline=deadline)
         resp.close()
         return resp.status_code == 200 and resp.headers.get("Content-Length") == str(size)
 
     def _upload(self, data: Any, digest: str, size: int, what: str) -> None:
         if self._exists(digest, size, what):
             return
-        resp = self.reg.request("POST", f"{self.reg.base}blobs/uploads/", what)
+        start = f"{what}: starting the upload"
+        with contextlib.closing(self.reg.transfer(start, MAX_ERROR_BODY)) as deadline:
+            resp = self.reg.request("POST", "blobs/uploads/", start, deadline=deadline)
+            self.reg.check(resp, start, deadline, ok=(202,))
         resp.close()
-        if resp.status_code != 202 or not resp.headers.get("Location"):
-            raise self.reg.fail(resp, f"{what}: starting the upload")
+        if not resp.headers.get("Location"):
+            raise DistError(f"{start}: {self.reg.server} sent no upload location")
         url = self.reg.same_origin(resp.headers["Location"], what)
         url += ("&" if urllib.parse.urlsplit(url).query else "?") + \
             urllib.parse.urlencode({"digest": digest})
-        resp = self.reg.request("PUT", url, what, data=data, headers={
+        # An upload: our body, of any size, bounded by the per-read timeout (no deadline).
+        resp = self.reg.request("PUT", url, what, deadline=None, data=data, headers={
             "Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        self.reg.check(resp, f"{what}: upload", ok=(201,))
         resp.close()
-        if resp.status_code != 201:
-            raise self.reg.fail(resp, f"{what}: upload")
         self.bytes_sent += size
 
     def put(self, name: str, src: Path, size: int, sha256: str) -> None:
@@ -467,11 +260,10 @@ class OciSink:
         self._upload(EMPTY_BLOB, EMPTY_DIGEST, len(EMPTY_BLOB), f"{self.uri}: config")
         digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
         ref = self.uri.tag or digest
-        resp = self.reg.request("PUT", f"{self.reg.base}manifests/{ref}", what,
+        resp = self.reg.request("PUT", f"manifests/{ref}", what, deadline=None,
                                 data=manifest, headers={"Content-Type": OCI_MANIFEST})
+        self.reg.check(resp, what, ok=(201,))
         resp.close()
-        if resp.status_code != 201:
-            raise self.reg.fail(resp, what)
         served = resp.headers.get("Docker-Content-Digest")
         if served and served != digest:
             raise DistError(f"{what}: {self.reg.server} stored it as {served[:80]}, "

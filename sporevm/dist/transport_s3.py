@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sporevm.dist import deadline
 from sporevm.dist.transports import (
     BLOCK,
     StreamSource,
@@ -29,6 +28,7 @@ from sporevm.dist.transports import (
 )
 from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
+from sporevm.net import deadline
 
 ENDPOINT_ENV = "SPORE_S3_ENDPOINT"
 _PIECE = 64 << 10

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from sporevm.dist.deadline import Deadline
 from sporevm.dist.uri import BundleURI
 from sporevm.errors import DistError
+from sporevm.net.deadline import Deadline
 
 __all__ = [
     "DistError", "Sink", "Source", "StreamSource", "check_name", "check_sha256",
@@ -36,7 +36,7 @@ MAX_NAME = 255
 MAX_SMALL = 64 << 20      # read_small never returns more, whatever the caller asks
 MAX_FETCH = 64 << 30      # one bundle file
 BLOCK = 1 << 20           # the largest piece a transport hands out at once
-# Time bounds (per read, headers, whole transfer) are in deadline.py, shared by all.
+# Time bounds (per read, headers, whole transfer) are in net/deadline.py, shared by all.
 
 # Up to four segments, each starting with a letter or digit: no '..', no '/', no
 # hidden files, nothing a server or file system would reinterpret.
@@ -87,7 +87,7 @@ class StreamSource:
     """``read_small`` and ``fetch`` on top of one primitive: a byte range of a file.
 
     Every call of ``_open`` and the bytes it yields run under a :class:`Deadline`
-    (deadline.py): the transport's request is made inside ``Deadline.open`` and its
+    (net/deadline.py): the transport's request is made inside ``Deadline.open`` and its
     iterator read through ``Deadline.guard``, so no transport can stall a pull."""
 
     reference: str = ""

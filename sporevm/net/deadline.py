@@ -2,8 +2,10 @@
 
 Socket timeouts bound one read, and every byte that arrives restarts them: a server
 trickling a header line every few seconds, or one byte of the body, would hold a pull
-(and the store lock it takes) for as long as it liked. So every transfer gets a
-:class:`Deadline`, counted from when its request starts:
+or a build (and the store lock it takes) for as long as it liked. So every transfer
+(bundle pulls over http(s)://, s3:// and oci://, and every image fetch, through the
+one registry client in registry.py) gets a :class:`Deadline`, counted from when its
+request starts:
 
 - the status line and headers within ``HEADERS`` seconds (connect and TLS included);
 - the whole body within ``BASE + expected bytes / MIN_RATE`` seconds.
@@ -41,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from sporevm.errors import DistError
+from sporevm.errors import DistError, SporeError
 
 TIMEOUT = 30.0        # connect, and each socket read
 HEADERS = 30.0        # request start -> complete response headers
@@ -56,7 +58,7 @@ _local = threading.local()
 class _Expired(BaseException):
     """Raised inside a library (urllib3, botocore) when a request starts after its
     deadline passed. A BaseException so that their ``except Exception`` retry loops let it
-    through; :meth:`Deadline.open` turns it into the deadline's DistError, and a deadline
+    through; :meth:`Deadline.open` turns it into the deadline's error, and a deadline
     is only ever active inside ``open``."""
 
     def __init__(self, deadline: Deadline) -> None:
@@ -71,7 +73,8 @@ def _stack() -> list[Deadline]:
     return stack
 
 
-def _current() -> Deadline | None:
+def current() -> Deadline | None:
+    """The deadline whose request is running on this thread (inside :meth:`Deadline.open`)."""
     stack = _stack()
     return stack[-1] if stack else None
 
@@ -79,7 +82,7 @@ def _current() -> Deadline | None:
 def request_timeout() -> tuple[float, float]:
     """(connect, read) timeouts for a request: a connect may use at most what is left of
     the active header deadline, since nothing can interrupt it before it has a socket."""
-    d = _current()
+    d = current()
     left = d.headers_left() if d is not None else TIMEOUT
     return max(min(TIMEOUT, left), 0.001), TIMEOUT
 
@@ -88,10 +91,14 @@ class Deadline:
     """The time budget of one transfer: ``what`` (reference and file) from ``server``.
 
     ``expected`` is the body's size, exact when ``resume`` (a fetch that a rerun resumes)
-    or an upper bound (a small document read whole)."""
+    or an upper bound (a small document read whole). A passed deadline is an ``error``
+    (the caller's kind: DistError for pulls, OCIError for image fetches) whose hint
+    ends with ``again``, what the user runs to retry."""
 
-    def __init__(self, what: str, server: str, expected: int, *, resume: bool = False) -> None:
+    def __init__(self, what: str, server: str, expected: int, *, resume: bool = False,
+                 error: type[SporeError] = DistError, again: str = "run the pull again") -> None:
         self.what, self.server, self.expected, self.resume = what, server, expected, resume
+        self.error_type, self.again = error, again
         self.started = time.monotonic()
         self.allowed = BASE + expected / MIN_RATE
         self.headers_allowed = min(HEADERS, self.allowed)
@@ -133,7 +140,7 @@ class Deadline:
                 self.received += len(block)
                 self.check()
                 yield block
-        except DistError:
+        except SporeError:
             if self._passed():
                 raise self.error() from None
             raise
@@ -162,7 +169,7 @@ class Deadline:
     def _passed(self) -> bool:
         try:
             self.check()
-        except DistError:
+        except SporeError:
             return True
         return False
 
@@ -179,18 +186,20 @@ class Deadline:
         if self._expired is not None:
             raise self.error()
 
-    def error(self) -> DistError:
+    def error(self) -> SporeError:
         rate = f"{MIN_RATE >> 10} KiB/s"
         if self._expired == "headers":
-            return DistError(f"{self.what}: {self.server} sent no complete response headers "
-                             f"within {self.headers_allowed:g} s; it is stalled or too slow — "
-                             "check it, then run the pull again")
-        hint = "run the pull again to resume" if self.resume else \
-            "check the server, then run the pull again"
+            return self.error_type(
+                f"{self.what}: {self.server} sent no complete response headers within "
+                f"{self.headers_allowed:g} s; it is stalled or too slow — check it, then "
+                f"{self.again}")
+        hint = f"{self.again} to resume" if self.resume else \
+            f"check the server, then {self.again}"
         bound = "" if self.resume else "at most "
-        return DistError(f"{self.what}: {self.server} sent {self.received} of {bound}"
-                         f"{self.expected} bytes in the {self.allowed:.0f} s allowed ({BASE:g} s "
-                         f"+ the size at {rate}); it is stalled or slower than {rate} — {hint}")
+        return self.error_type(
+            f"{self.what}: {self.server} sent {self.received} of {bound}{self.expected} bytes "
+            f"in the {self.allowed:.0f} s allowed ({BASE:g} s + the size at {rate}); it is "
+            f"stalled or slower than {rate} — {hint}")
 
     # -- the watchdog --------------------------------------------------------------------
     def attach(self, sock: Any) -> None:
@@ -201,7 +210,7 @@ class Deadline:
                 return
             try:
                 self._lapsed()
-            except DistError:
+            except SporeError:
                 raise _Expired(self) from None
             if isinstance(sock, socket.socket) and all(s is not sock for s in self._socks):
                 self._socks.append(sock)
@@ -232,7 +241,7 @@ def _shut_down(sock: socket.socket) -> None:
 
 
 def _watch_sock(sock: Any) -> None:
-    d = _current()
+    d = current()
     if d is not None:
         d.attach(sock)
 
