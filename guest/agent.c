@@ -388,6 +388,10 @@ int agent_serve(const struct agent_opts *o)
     wr_u64(&wbuf, AGENT_CAPS);
     wr_u32(&wbuf, (uint32_t)getpid());
     wr_u64(&wbuf, (uint64_t)up.tv_sec * 1000000000u + (uint64_t)up.tv_nsec);
+    /* CPUs online: the host checks them against the vCPUs it gave the VM, so a
+     * kernel without SMP fails loudly instead of running on one CPU. */
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    wr_u32(&wbuf, cpus > 0 ? (uint32_t)cpus : 0);
     out_frame(T_READY, 0, wbuf.buf, wbuf.len);
 
     struct pollfd pf[2 + MAX_STREAMS * 3 + MAX_ORPHANS];

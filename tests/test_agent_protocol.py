@@ -71,6 +71,7 @@ ALL_MESSAGES: list[Message] = [
     Generation("g-2"),
     Shutdown(True),
     Ready(1, "spore-agent/1.0", 0xFE, 1, 123),
+    Ready(1, "spore-agent/1.0", 0xFE, 1, 123, 64),
     Ack(5, "v", 1),
     Started(42),
     Output(b"hello"),
@@ -89,6 +90,14 @@ def test_message_round_trip(msg: Message) -> None:
     frames = decoder.feed(message_frame(msg, 17))
     assert len(frames) == 1 and frames[0].stream == 17
     assert decode_message(frames[0]) == msg
+
+
+def test_ready_ends_with_the_cpus_online() -> None:
+    # The host checks them against the vCPUs it gave (runner.boot_vm): no silent single CPU.
+    payload = Ready(1, "a", 0, 1, 0, 2).encode()
+    assert payload[-4:] == (2).to_bytes(4, "little")
+    with pytest.raises(AgentProtocolError, match="READY"):
+        Ready.decode(payload[:-4])  # an agent from before the field: refused, not guessed
 
 
 def test_header_layout() -> None:

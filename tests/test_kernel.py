@@ -97,6 +97,23 @@ def test_fragment_pins_what_the_issue_requires() -> None:
         assert frag.get(sym) == "y", sym
     for sym in REQUIRED_OFF:
         assert frag.get(sym) == "n", sym
+    assert frag.get("CONFIG_SMP") == "n"  # the base (and kvm-pvm) kernel is uniprocessor
+
+
+def test_kvm_class_adds_smp_and_keeps_the_kvm_pvm_inputs_unchanged() -> None:
+    kvm, pvm = K.parse_config(K.fragment_text("kvm")), K.parse_config(K.fragment_text("kvm-pvm"))
+    assert kvm["CONFIG_SMP"] == "y" and kvm["CONFIG_NR_CPUS"] == "64"  # machine.vcpus: 1..64
+    assert pvm == K.parse_config(K.fragment_bytes().decode()) and pvm["CONFIG_SMP"] == "n"
+    assert K.class_fragments("kvm-pvm") == []
+    assert [p.name for p in K.class_fragments("kvm")] == ["spore-6.1-kvm.config"]
+    assert all(p.is_file() for p in K.class_fragments("kvm"))
+
+
+@pytest.mark.skipif(not K.SOURCE_TARBALL.is_file(), reason="linux-source-6.1 not installed")
+def test_class_fragment_is_a_build_input_of_its_class_only() -> None:
+    kvm, pvm = K.build_inputs("kvm"), K.build_inputs("kvm-pvm")
+    assert "fragment:spore-6.1-kvm.config" in kvm
+    assert not any(k.startswith("fragment:") for k in pvm)  # kvm-pvm's key is as before
 
 
 @pytest.mark.skipif(not K.SOURCE_TARBALL.is_file(), reason="linux-source-6.1 not installed")
@@ -152,7 +169,7 @@ REQUIRED_ON = [
     "CONFIG_CC_OPTIMIZE_FOR_PERFORMANCE",
 ]  # fmt: skip
 REQUIRED_OFF = [
-    "CONFIG_MODULES", "CONFIG_ACPI", "CONFIG_PCI", "CONFIG_SMP", "CONFIG_RANDOMIZE_BASE",
+    "CONFIG_MODULES", "CONFIG_ACPI", "CONFIG_PCI", "CONFIG_RANDOMIZE_BASE",
     "CONFIG_CPU_MITIGATIONS", "CONFIG_RETPOLINE", "CONFIG_PAGE_TABLE_ISOLATION",
     "CONFIG_LEGACY_PTYS", "CONFIG_SLUB", "CONFIG_JUMP_LABEL", "CONFIG_STACKPROTECTOR",
     "CONFIG_VT", "CONFIG_INPUT", "CONFIG_SERIO", "CONFIG_DMI", "CONFIG_X86_MCE",
@@ -178,12 +195,14 @@ def built_kernel() -> K.KernelArtifact:
 @pytest.mark.kernelbuild
 def test_final_config_has_the_fragment(built_kernel: K.KernelArtifact) -> None:
     final = K.parse_config(built_kernel.config_path.read_text())
-    assert K.config_mismatches(final, K.fragment_bytes().decode()) == []
+    assert K.config_mismatches(final, K.fragment_text(built_kernel.host_class)) == []
     for sym in REQUIRED_ON:
         assert final.get(sym) == "y", sym
     for sym in REQUIRED_OFF:
         assert final.get(sym, "n") == "n", sym
     assert final.get("CONFIG_LOCALVERSION_AUTO", "n") == "n"
+    # SMP on hardware KVM (machine.vcpus > 1), never on kvm-pvm (refused there)
+    assert final.get("CONFIG_SMP", "n") == ("y" if built_kernel.host_class == "kvm" else "n")
 
 
 @pytest.mark.kernelbuild

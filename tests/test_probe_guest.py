@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sporevm.vmm import kvm
+from sporevm.vmm import boot, kvm
 from sporevm.vmm.bus import IrqLine
+from sporevm.vmm.cpu import LongModeEntry
 from sporevm.vmm.devices import serial as uart
 from sporevm.vmm.kvm import KvmError
 from sporevm.vmm.machine import StopReason, VmmFault
@@ -219,6 +220,50 @@ def test_two_vcpus_boot_and_stop() -> None:
         assert r.reason is StopReason.DEADLINE
         assert "probe: hello ok" in vm.output
         assert vm.machine.vcpus[1].get_mp_state() == kvm.KVM_MP_STATE_UNINITIALIZED
+
+
+AP_CODE = 0x8000  # free low page: between boot_params (0x7000) and the PML4 (0x9000)
+
+
+def _start_ap(vm: ProbeVm, code: bytes) -> None:
+    """Put vCPU 1 straight into long mode at ``code`` (as if the guest had started it)."""
+    vm.machine.ram.write(AP_CODE, code)
+    vm.machine.vcpus[1].enter_long_mode(LongModeEntry(
+        rip=AP_CODE, rsi=0, cr3=boot.PML4_ADDR, gdt_base=boot.GDT_ADDR, gdt_limit=6 * 8 - 1,
+        code_selector=boot.CODE_SELECTOR, data_selector=boot.DATA_SELECTOR,
+        tss_selector=boot.TSS_SELECTOR, tss_base=boot.TSS_ADDR, tss_limit=boot.TSS_LIMIT,
+        rsp=0x3000))
+    vm.machine.vcpus[1].set_mp_state(kvm.KVM_MP_STATE_RUNNABLE)
+
+
+CLI_HLT = b"\xfa\xf4\xeb\xfd"  # cli; hlt; jmp back to the hlt
+SPIN = b"\xf3\x90\xeb\xfc"  # pause; jmp back
+
+
+def test_one_dead_vcpu_is_not_a_dead_vm() -> None:
+    # Linux parks the other CPUs in HLT with interrupts off before the boot CPU resets:
+    # that must not end the VM as HALTED while vCPU 0 still runs.
+    with ProbeVm("loop", vcpus=2) as vm:
+        _start_ap(vm, CLI_HLT)
+        r = vm.machine.run(time.monotonic() + 0.5)
+        assert r.reason is StopReason.DEADLINE, r
+        assert vm.machine.vcpus[1].get_mp_state() == kvm.KVM_MP_STATE_HALTED
+
+
+def test_dead_boot_vcpu_with_a_running_ap_is_not_halted() -> None:
+    with ProbeVm("hlt", vcpus=2) as vm:
+        _start_ap(vm, SPIN)
+        assert vm.machine.run(time.monotonic() + 0.5).reason is StopReason.DEADLINE
+
+
+@pytest.mark.parametrize("ap", ["never started", "halted"])
+def test_every_vcpu_dead_is_halted(ap: str) -> None:
+    # A kernel without SMP never starts vCPU 1: vCPU 0 in cli;hlt is then a dead VM.
+    with ProbeVm("hlt", vcpus=2) as vm:
+        if ap == "halted":
+            _start_ap(vm, CLI_HLT)
+        r = vm.machine.run(soon())
+        assert r.reason is StopReason.HALTED and "interrupts disabled" in r.detail
 
 
 # --- the 16550 on its own -----------------------------------------------------------------

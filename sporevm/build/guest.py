@@ -17,6 +17,21 @@ from sporevm.build.progress import Reporter
 from sporevm.errors import UsageError
 from sporevm.store import Store, blake3_file
 
+# Host classes whose guests may have more than one vCPU. kvm-pvm's managed kernel stays
+# uniprocessor: built with SMP it did boot 2 vCPUs there, but every one-vCPU cold boot
+# (the common case) took ~65% longer, its per-CPU setup being emulated kernel code
+# (docs/vmm.md, "SMP").
+SMP_HOST_CLASSES = frozenset({"kvm"})
+
+
+def check_vcpus(vcpus: int, host_class: str, setting: str) -> None:
+    """Refuse, before any VM exists, more vCPUs than this host class can give a guest.
+
+    ``setting`` names where the count came from (``--vcpus``, ``machine.vcpus:``)."""
+    if vcpus > 1 and host_class not in SMP_HOST_CLASSES:
+        raise UsageError(f"{setting} {vcpus} needs SMP, which host class {host_class} does "
+                         "not support; use 1")
+
 
 @dataclass(frozen=True)
 class GuestPlatform:

@@ -40,6 +40,12 @@ PATCH_SETS: Mapping[HostClass, tuple[str, ...]] = {
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT = "spore-6.1.config"
+# Per-host-class additions, merged after FRAGMENT in this order (a later line wins).
+# kvm: SMP. kvm-pvm has none, so its kernel and cache key are the same as before.
+CLASS_FRAGMENTS: Mapping[HostClass, tuple[str, ...]] = {
+    "kvm": ("spore-6.1-kvm.config",),
+    "kvm-pvm": (),
+}
 KEY_KIND = "kernel"
 KEY_DOMAIN = b"spore/kernel/v1"
 LOCALVERSION = "-spore"
@@ -139,7 +145,20 @@ def _resource_dir() -> Path:
 
 
 def fragment_bytes() -> bytes:
+    """The base fragment, shared by every host class."""
     return (_resource_dir() / FRAGMENT).read_bytes()
+
+
+def class_fragments(host_class: str) -> list[Path]:
+    """The host class's additions to the base fragment, in merge order."""
+    return [_resource_dir() / name for name in CLASS_FRAGMENTS[_check_class(host_class)]]
+
+
+def fragment_text(host_class: str) -> str:
+    """Base fragment + the class's additions: what the final .config must agree with
+    (``parse_config`` keeps the last value of a symbol, as merge_config.sh does)."""
+    parts = [fragment_bytes().decode()] + [p.read_text() for p in class_fragments(host_class)]
+    return "\n".join(parts)
 
 
 def patch_series(host_class: str) -> list[Path]:
@@ -248,6 +267,8 @@ def build_inputs(
         "localversion": LOCALVERSION,
         "env": ",".join(f"{k}={v}" for k, v in sorted(BUILD_ENV.items())),
     }
+    for p in class_fragments(hc):
+        inputs[f"fragment:{p.name}"] = blake3.blake3(p.read_bytes()).hexdigest()
     for p in patch_series(hc):
         inputs[f"patch:{p.parent.name}/{p.name}"] = blake3.blake3(p.read_bytes()).hexdigest()
     return inputs
@@ -430,17 +451,22 @@ def build_kernel(
              "-i", str(patch)],
             src, f"patch {patch.parent.name}/{patch.name}", log,
         )  # fmt: skip
-    frag = stage / FRAGMENT
-    frag.write_bytes(fragment_bytes())
+    frags = [stage / FRAGMENT]
+    frags[0].write_bytes(fragment_bytes())
+    for extra in class_fragments(host_class):
+        frags.append(stage / extra.name)
+        frags[-1].write_bytes(extra.read_bytes())
+    names = " + ".join(f.name for f in frags)
     make = ["make", f"-j{jobs or os.cpu_count() or 1}", f"LOCALVERSION={LOCALVERSION}"]
-    say(f"kernel {host_class}: configuring (tinyconfig + {FRAGMENT})")
+    say(f"kernel {host_class}: configuring (tinyconfig + {names})")
     _run([*make, "tinyconfig"], src, "tinyconfig", log)
-    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag)], src, "merge", log)
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frags)], src, "merge",
+         log)
     _run([*make, "olddefconfig"], src, "olddefconfig", log)
-    bad = config_mismatches(parse_config((src / ".config").read_text()), fragment_bytes().decode())
+    bad = config_mismatches(parse_config((src / ".config").read_text()), fragment_text(host_class))
     if bad:
         raise KernelError(
-            f"{FRAGMENT}: Kconfig did not keep {', '.join(bad[:8])}; fix the fragment "
+            f"{names}: Kconfig did not keep {', '.join(bad[:8])}; fix the fragment "
             "(a dependency is missing or the symbol does not exist in this source)"
         )
     say(f"kernel {host_class}: compiling (a few minutes on first use; cached afterwards)")

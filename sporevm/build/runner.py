@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from sporevm.build.guest import GuestPlatform, ensure_guest
+from sporevm.build.guest import GuestPlatform, check_vcpus, ensure_guest
+from sporevm.build.kernel import detect_host_class
 from sporevm.build.progress import Reporter
 from sporevm.build.sealing import platform_contract
 from sporevm.errors import SporeError, UsageError
@@ -47,12 +48,23 @@ class RunRequest:
 def boot_vm(
     guest: GuestPlatform, rootfs: Path, memory: int, vcpus: int, boot_timeout: float,
     store_root: Path | None = None, zygote: bool | None = None,
+    setting: str = "machine.vcpus:",
 ) -> VmProcess:
-    """Start a VM and wait for its agent's READY; on failure report what the VM did."""
+    """Start a VM and wait for its agent's READY; on failure report what the VM did.
+
+    ``setting`` names where ``vcpus`` came from, for the one-line refusal of a count
+    the host class cannot give (the Sporefile's, unless ``spore run`` says otherwise)."""
+    check_vcpus(vcpus, guest.host_class, setting)
     vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus,
                           store=store_root, zygote=zygote))
     try:
-        vm.session.wait_ready(boot_timeout)
+        ready = vm.session.wait_ready(boot_timeout)
+        if ready.cpus != vcpus:
+            # Never a silent single CPU: a kernel without SMP (a custom --kernel), or
+            # APs that did not start, leave the guest with fewer CPUs than asked for.
+            raise VmError(f"the guest kernel brought up {ready.cpus} of the {vcpus} vCPUs "
+                          f"({setting} {vcpus}): it lacks SMP or could not start them; use a "
+                          "kernel with CONFIG_SMP (the managed one has it) or 1 vCPU")
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         tail = vm.serial_tail().strip().splitlines()[-15:]
@@ -126,6 +138,8 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
         )
     if sum(x is not None for x in (req.image, req.rootfs, req.spore)) != 1:
         raise UsageError("spore run: give exactly one of --image REF, --rootfs FILE, --from SPORE")
+    if req.spore is None:  # a resume takes its vCPUs from the spore's platform contract
+        check_vcpus(req.vcpus, detect_host_class(), "--vcpus")  # before any image work
     # Shared store lock for the VM's whole life: a lazy restore reads chunks until the
     # guest exits, so `spore cache prune` waits for this run (docs/publish-protocol.md).
     with store.lock():
@@ -154,7 +168,7 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
             insecure_registries=req.insecure_registries,
         ).path
     guest = ensure_guest(store, reporter, req.kernel)
-    vm = boot_vm(guest, rootfs, req.memory, req.vcpus, req.boot_timeout)
+    vm = boot_vm(guest, rootfs, req.memory, req.vcpus, req.boot_timeout, setting="--vcpus")
     return _run_in(vm, req, reporter)
 
 

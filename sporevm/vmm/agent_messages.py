@@ -249,15 +249,16 @@ class Ready(Message):
     caps: int
     pid: int
     uptime_ns: int
+    cpus: int = 1  # CPUs online in the guest when the agent started
 
     def encode(self) -> bytes:
         w = Writer().u32(self.protocol).text(self.agent_version).u64(self.caps)
-        return w.u32(self.pid).u64(self.uptime_ns).done()
+        return w.u32(self.pid).u64(self.uptime_ns).u32(self.cpus).done()
 
     @classmethod
     def decode(cls, payload: bytes) -> Ready:
         r = Reader(payload, "READY")
-        m = cls(r.u32(), r.text(256), r.u64(), r.u32(), r.u64())
+        m = cls(r.u32(), r.text(256), r.u64(), r.u32(), r.u64(), r.u32())
         r.end()
         return m
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sporevm.errors import SporeError
-from sporevm.vmm import boot, kvm
+from sporevm.vmm import boot, kvm, mptable
 from sporevm.vmm.bus import Bus, BusDevice, IrqLine
 from sporevm.vmm.cpu import BOOT_MSRS, Vcpu, build_cpuid, code_at, host_fixup
 from sporevm.vmm.devices.power import (
@@ -133,6 +133,7 @@ class Machine:
         self._bus_lock = threading.Lock()
         self._kick_lock = threading.Lock()
         self._threads: dict[int, int] = {}  # vcpu index -> thread ident while in run()
+        self._stuck: set[int] = set()  # vCPUs whose last kick found them unable to run again
         self._stop: ExitResult | None = None
         self._terminal: ExitResult | None = None
         self._running = threading.Lock()
@@ -243,8 +244,13 @@ class Machine:
         *,
         rng_seed: bytes | None = None,
     ) -> boot.LoadedKernel:
-        """Load a bzImage or ELF and point vCPU 0 at its 64-bit entry."""
+        """Load a bzImage or ELF and point vCPU 0 at its 64-bit entry.
+
+        With more than one vCPU the guest also gets an MP table (mptable.py): without
+        one Linux knows only the CPU it boots on. One vCPU gets none, as before."""
         loaded = boot.boot(self.ram, image, cmdline, initrd, rng_seed=rng_seed)
+        if len(self.vcpus) > 1:
+            mptable.write(self.ram, len(self.vcpus))
         self.vcpus[0].enter_long_mode(loaded.entry)
         return loaded
 

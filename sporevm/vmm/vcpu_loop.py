@@ -86,6 +86,8 @@ def run_machine(m: Machine, deadline: float | None) -> ExitResult:
         for i in range(1, len(m.vcpus))
     ]
     kicker = _Kicker(m, deadline)
+    with m._kick_lock:
+        m._stuck.clear()
     kicker.start()
     for t in helpers:
         t.start()
@@ -183,10 +185,30 @@ def _on_kick(m: Machine, i: int, v: Vcpu, deadline: float | None) -> bool:
     if deadline is not None and time.monotonic() >= deadline:
         m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))
         return True
-    if v.dead_halted():
+    if _all_stuck(m, i, v):
         m.request_stop(ExitResult(StopReason.HALTED, vcpu=i, detail="HLT with interrupts disabled"))
         return True
     return False
+
+
+_NOT_STARTED = (kvm.KVM_MP_STATE_UNINITIALIZED, kvm.KVM_MP_STATE_INIT_RECEIVED)
+
+
+def _all_stuck(m: Machine, i: int, v: Vcpu) -> bool:
+    """True once every vCPU's latest kick found it unable to run on its own.
+
+    One dead vCPU is not a dead VM: Linux parks the other CPUs in HLT with interrupts
+    off (stop_this_cpu) before the boot CPU resets or powers off, and a kernel without
+    SMP never starts the APs. Each vCPU judges only itself (another vCPU's state cannot
+    be read while it is inside KVM_RUN), and the VM is HALTED when all agree.
+    """
+    stuck = v.dead_halted() or (i > 0 and v.get_mp_state() in _NOT_STARTED)
+    with m._kick_lock:
+        if stuck:
+            m._stuck.add(i)
+        else:
+            m._stuck.discard(i)
+        return len(m._stuck) == len(m.vcpus)
 
 
 def _other_exit(m: Machine, i: int, v: Vcpu, reason: int) -> bool:

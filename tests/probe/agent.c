@@ -127,6 +127,7 @@ PROBE_TEST(virtio_agent) {
     w64(AG_CAPS);
     w32(1);  /* pid */
     w64(0);  /* boottime ns: the probe keeps no clock */
+    w32(1);  /* CPUs online */
     if ((r = frame_send(&d))) return 0x200 + r;
     int execs = 0;
     in_len = 0;
