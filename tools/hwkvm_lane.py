@@ -200,6 +200,7 @@ LANE_TESTS = (
     "tests/test_spore_e2e.py::test_each_restore_of_one_spore_reads_fresh_random_bytes",
     "tests/test_spore_e2e.py::test_corrupt_chunk_fails_fast_in_one_line",
     "tests/test_guest_loopback.py",
+    "tests/test_smp.py",
     "tests/test_dist_e2e.py::test_round_trip",
     "tests/test_dist_e2e.py::test_child_runs_after_pull",
     "tests/test_dirty_snapshots.py::test_guest_writes_rehash_only_their_chunks",
