@@ -120,7 +120,8 @@ mount -t tmpfs -o size=100% tmpfs /upper
 mkdir -p /upper/up /upper/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/upper/up,workdir=/upper/work /newroot
 mount -t proc proc /newroot/proc; mount -t sysfs sys /newroot/sys
-mount -t devtmpfs dev /newroot/dev; mount -t tmpfs tmpfs /newroot/tmp
+# /tmp stays the overlay's (no tmpfs over it): a checkout under /tmp must stay visible
+mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/run && mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
 mkdir -p /newroot/lane-results && mount --bind /results /newroot/lane-results
