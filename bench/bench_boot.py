@@ -8,7 +8,7 @@ and talk to the same agent over a virtio console (guest /dev/hvc0):
   ours (b)   `python -m sporevm.cli run --rootfs X -- true` as a subprocess:
              wall time including Python startup, boot, exec, shutdown, exit
   QEMU (a)   spawn of qemu-system-x86_64 -M microvm,acpi=off → READY, read
-             with sporevm.vmm.agent_session.AgentSession over a unix socket
+             with sporevm.runtime.agent_session.AgentSession over a unix socket
              (QEMU's virtconsole chardev connects to us as a client)
   QEMU (b)   spawn → READY → exec `true` → SHUTDOWN → QEMU exited (no Python
              startup on this side: the session lives in this process)
@@ -52,10 +52,11 @@ from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.kernel import detect_host_class, ensure_kernel  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
-from sporevm.spore.launcher import VmProcess, VmSpec, stop_process  # noqa: E402
+from sporevm.runtime.agent_session import AgentSession, FdChannel  # noqa: E402
+from sporevm.runtime.launcher import VmProcess, VmSpec, stop_process  # noqa: E402
+from sporevm.runtime.protocol import VmConfig  # noqa: E402
+from sporevm.spore.platform import GUEST_AGENT, GUEST_ROOT  # noqa: E402
 from sporevm.store import Store  # noqa: E402
-from sporevm.vmm.agent_session import AgentSession, FdChannel  # noqa: E402
-from sporevm.vmm.board import GUEST_AGENT, GUEST_ROOT  # noqa: E402
 
 MEMORY = 256 << 20
 QEMU = "qemu-system-x86_64"
@@ -102,7 +103,7 @@ class Series:
 def ours_boot(guest: GuestPlatform, rootfs: Path, timeout: float) -> float:
     """Spawn the monitor and wait for READY; returns the seconds that took."""
     start = time.perf_counter()
-    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, MEMORY, 1))
+    vm = VmProcess(VmSpec(VmConfig(guest.kernel, guest.initrd, rootfs, guest.cmdline, MEMORY)))
     try:
         try:
             vm.session.wait_ready(timeout)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sporevm.runtime.capture import capture  # noqa: E402
+from sporevm.runtime.lazy import LazyPager, start_pager  # noqa: E402
+from sporevm.runtime.restore import RamLoader, map_local, restore_machine  # noqa: E402
 from sporevm.spore import backing, vmstate  # noqa: E402
-from sporevm.spore.capture import capture  # noqa: E402
 from sporevm.spore.chunks import ChunkStore, materialize, snapshot_memory  # noqa: E402
-from sporevm.spore.lazy import LazyPager, start_pager  # noqa: E402
-from sporevm.spore.restore import RamLoader, restore_machine  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 from sporevm.vmm.devices.virtio import VirtioMmio  # noqa: E402
 from sporevm.vmm.machine import Machine, StopReason  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
             state = vmstate.decode(vmstate.encode(capture(vm.machine)))
             store = Store(Path(tmp))
             chunks = ChunkStore(store)
-            index = snapshot_memory(vm.machine.ram, chunks)
+            index = snapshot_memory(vm.machine.ram.view(0, vm.machine.ram.size), chunks)
         stored = len(index.stored())
         print(f"probe guest, {RAM >> 20} MiB RAM: {stored} stored chunks, "
               f"{len(index.chunks) - stored} zero chunks")
@@ -115,10 +115,10 @@ def main() -> None:
 
         def local(mem: GuestMemory) -> None:
             backing._verified.clear()  # measure the per-process re-hash every time
-            backing.map_local(mem, index, chunks, store)
+            map_local(mem, index, chunks, store)
 
         def local_trusted(mem: GuestMemory) -> None:
-            backing.map_local(mem, index, chunks, store)  # verified earlier in this process
+            map_local(mem, index, chunks, store)  # verified earlier in this process
 
         def lazy(mem: GuestMemory) -> None:
             pagers.append(start_pager(mem, index, chunks))
@@ -127,7 +127,10 @@ def main() -> None:
             port = TimedPort()
             t0 = time.perf_counter()
             m = restore_machine(
-                state, RAM, 1, loader, strict_io=True, attach=lambda m: _attach(m, port)
+                state,
+                Machine(RAM, 1, strict_io=True),
+                loader,
+                attach=lambda m: _attach(m, port),
             )
             t1 = time.perf_counter()
             with m:

@@ -65,16 +65,17 @@ from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
 from sporevm.build.runner import boot_vm, resume_vm  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
+from sporevm.runtime.launcher import VmProcess  # noqa: E402
+from sporevm.runtime.protocol import RestoreStrategy  # noqa: E402
+from sporevm.runtime.zygote import ForkedMonitor, Zygote  # noqa: E402
 from sporevm.spore import backing, manifest  # noqa: E402
 from sporevm.spore.chunks import ChunkStore  # noqa: E402
 from sporevm.spore.fork import fork_manifests  # noqa: E402
-from sporevm.spore.launcher import VmProcess  # noqa: E402
 from sporevm.spore.sporedir import open_spore, write_spore  # noqa: E402
-from sporevm.spore.zygote import ForkedMonitor, Zygote  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 
 MARKER = "spore-bench-marker"
-STRATEGIES = ("eager", "lazy", "local")
+STRATEGIES = tuple(RestoreStrategy)
 SPOREFILE = f"""\
 sporefile: 1
 name: bench-spores
@@ -210,17 +211,17 @@ def cold_once(guest: GuestPlatform, rootfs: Path, memory: int, timeout: float,
             raise BenchError(f"echo x > /tmp/y: {status.describe()}")
         dirty = vm.snapshot(timeout)
         vm.command("resume")
-        snaps.full_s.values.append(float(full["seconds"]))
-        snaps.full_hashed.values.append(float(full["hashed"]))
-        snaps.dirty_s.values.append(float(dirty["seconds"]))
-        snaps.dirty_hashed.values.append(float(dirty["hashed"]))
-        snaps.total_chunks = len(full["chunks"])
+        snaps.full_s.values.append(full.seconds)
+        snaps.full_hashed.values.append(float(full.hashed))
+        snaps.dirty_s.values.append(dirty.seconds)
+        snaps.dirty_hashed.values.append(float(dirty.hashed))
+        snaps.total_chunks = len(full.chunks)
         return took
     finally:
         stop(vm)
 
 
-def restore_once(spore: Path, store: Store, strategy: str, timeout: float,
+def restore_once(spore: Path, store: Store, strategy: RestoreStrategy, timeout: float,
                  resumed: Series, second: Series, zygote: bool = True) -> float:
     """Seconds to the first output; ``resumed`` gets the part up to the agent's answer,
     ``second`` the same exec repeated at once in the same VM. ``zygote=False``: the
@@ -237,7 +238,7 @@ def restore_once(spore: Path, store: Store, strategy: str, timeout: float,
         stop(vm)
 
 
-FLOOR = "import sporevm.spore.monitor, sys, time; print('ok', flush=True); time.sleep({})"
+FLOOR = "import sporevm.runtime.monitor, sys, time; print('ok', flush=True); time.sleep({})"
 
 
 def monitor_floor(timeout: float) -> tuple[float, Mem]:
@@ -316,7 +317,7 @@ def children_memory(children: list[Path], store: Store, timeout: float, settle: 
     try:
         start = time.perf_counter()
         for child in children:
-            vm = resume_vm(child, store, Reporter.quiet(), ram="local")
+            vm = resume_vm(child, store, Reporter.quiet(), ram=RestoreStrategy.LOCAL)
             vms.append(vm)
             handle = vm.session.exec(list(job), timeout=timeout)
             status = handle.wait(timeout + 5)
@@ -453,7 +454,7 @@ def main() -> int:
                                                        resumed[s], second[s]))
                 print(f"  run {i + 1}: restore {s} -> output {restores[s].values[-1]:.3f} s",
                       file=sys.stderr)
-            spawned.values.append(restore_once(spore, store, "local", args.timeout,
+            spawned.values.append(restore_once(spore, store, RestoreStrategy.LOCAL, args.timeout,
                                                spawned_resumed, spawned_second, zygote=False))
 
             took, mem = monitor_floor(args.timeout)

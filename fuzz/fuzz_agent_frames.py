@@ -14,9 +14,9 @@ import atheris
 
 with atheris.instrument_imports():
     from sporevm.errors import SporeError
-    from sporevm.vmm.agent import GUEST_TYPES, AgentProtocolError, FrameDecoder, MsgType
-    from sporevm.vmm.agent_messages import decode_message, message_frame
-    from sporevm.vmm.agent_session import AgentSession, QueueChannel
+    from sporevm.runtime.agent import GUEST_TYPES, AgentProtocolError, FrameDecoder, MsgType
+    from sporevm.runtime.agent_messages import decode_message, message_frame
+    from sporevm.runtime.agent_session import AgentSession, QueueChannel
 
 ALL = frozenset(MsgType)
 CAPTURE = 4096

@@ -91,7 +91,7 @@ def TestOneInput(data: bytes) -> None:
     m = _machine
     if m is not None:
         m.stats = Stats()  # per input: the counters would otherwise grow across inputs
-        m._stop = None
+        m.run_control.begin()  # no stop carried over from the previous input
     pos = 0
     while pos < len(data):
         h = data[pos]
@@ -135,7 +135,7 @@ def TestOneInput(data: bytes) -> None:
         assert irq.level == (uart._iir() != serial.IIR_NO_INT)
     assert out[0] <= writes[0]  # one byte out per THR write at most (loopback keeps it)
     if m is not None:
-        stop = m._stop
+        stop = m.run_control.result()
         assert stop is None or stop.reason.name in ("POWEROFF", "RESET")
 
 

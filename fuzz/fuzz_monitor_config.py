@@ -10,7 +10,7 @@ import atheris
 
 with atheris.instrument_imports():
     from sporevm.errors import SporeError
-    from sporevm.spore.monitor import MonitorConfig
+    from sporevm.runtime.protocol import MonitorConfig
 
 
 def TestOneInput(data: bytes) -> None:
@@ -18,14 +18,16 @@ def TestOneInput(data: bytes) -> None:
         cfg = MonitorConfig.decode(data)
     except SporeError:
         return
-    assert cfg.memory % 4096 == 0 and 2 << 20 <= cfg.memory <= 3 << 30
-    assert 1 <= cfg.vcpus <= 64 and cfg.agent_fd >= 3
-    assert cfg.timeout is None or 0 < cfg.timeout <= 1e9
-    for s in (cfg.kernel, cfg.initrd, cfg.rootfs, cfg.serial_log, cfg.cmdline):
+    vm = cfg.vm
+    assert vm.memory % 4096 == 0 and 2 << 20 <= vm.memory <= 3 << 30
+    assert 1 <= vm.vcpus <= 64 and cfg.agent_fd >= 3
+    assert vm.timeout is None or 0 < vm.timeout <= 1e9
+    for s in (str(vm.kernel), str(vm.initrd), str(vm.rootfs), str(cfg.serial_log), vm.cmdline):
         assert isinstance(s, str) and "\0" not in s
-    restoring = cfg.restore is not None
-    assert (cfg.restore_id is not None) == restoring
-    assert (cfg.kernel_digest is not None) == restoring == (cfg.initrd_digest is not None)
+    if vm.restore is not None:  # the restore's fields come together or not at all
+        for digest in (vm.restore.manifest_id, vm.restore.kernel_digest,
+                       vm.restore.initrd_digest):
+            assert digest.startswith("blake3:") and len(digest) == 71
     assert MonitorConfig.decode(cfg.encode()) == cfg
 
 

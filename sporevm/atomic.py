@@ -78,7 +78,8 @@ def publish(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
@@ -163,9 +164,24 @@ def replace_dir(staged: Path, dest: Path, kind: DirKind) -> None:
     shutil.rmtree(staged, ignore_errors=True)
 
 
+def publish_new_dir(staged: Path, dest: Path) -> None:
+    """Rename the directory ``staged`` to ``dest`` only if nothing is there, not even an
+    empty directory (plain rename(2) would replace one), then fsync the parent."""
+    try:
+        _rename2(staged, dest, _RENAME_NOREPLACE, "cannot rename")
+    except FileExistsError:
+        raise NotReplaceable(f"{dest}: already exists (created meanwhile?); remove it or "
+                             "choose another output path") from None
+    fsync_dir(dest.parent)
+
+
 def _exchange(a: Path, b: Path) -> None:
-    if _renameat2()(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+    _rename2(a, b, _RENAME_EXCHANGE, "cannot exchange the two")
+
+
+def _rename2(a: Path, b: Path, flags: int, what: str) -> None:
+    if _renameat2()(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) != 0:
         import ctypes
 
         err = ctypes.get_errno()
-        raise OSError(err, f"exchange {a} with {b}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}", str(a), None, str(b))

@@ -40,8 +40,9 @@ def _sporefile_path(arg: str | None) -> Path:
     return path
 
 
-def _emit_json(doc: Any) -> None:
+def _emit_json(doc: Any) -> int:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -156,20 +157,15 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
     store = Store()
     spore_path, pin = split_pin(args.spore)
-    m, _, _ = open_spore(spore_path, store, pin)
-    parent_id = manifest.id_of(m)
     out = Path(args.out)
     children = []
-    for i, child in enumerate(fork_manifests(m, parent_id, args.count)):
-        path = out / f"child-{i:04d}.spore"
-        children.append(
-            {
-                "path": str(path),
-                "manifest_id": write_spore(child, path),
-                "generation": child.generation.id,
-                "index": i,
-            }
-        )
+    with store.lock():  # shared: a prune sees each child with its root record, or neither
+        m, _, _ = open_spore(spore_path, store, pin)
+        parent_id = manifest.id_of(m)
+        for i, child in enumerate(fork_manifests(m, parent_id, args.count)):
+            path = out / f"child-{i:04d}.spore"
+            children.append({"path": str(path), "manifest_id": write_spore(child, path, store),
+                             "generation": child.generation.id, "index": i})
     if args.json:
         _emit_json({"parent": parent_id, "children": children})
     else:
@@ -409,19 +405,51 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
               f"lock ({store.root / 'lock'})", file=sys.stderr)
 
     try:
-        removed = store.prune(older, on_wait=say_waiting, wait=wait)
+        res = store.collect(older, on_wait=say_waiting, wait=wait)
     except StoreBusy:
         when = f"still in use after {bound}" if wait else "in use"
         raise StoreError(
             f"cache prune: the store {store.root} is {when} (running builds or VMs hold "
             "it); nothing was removed; retry later or pass --wait LONGER"
         ) from None
-    freed = sum(e.size for e in removed)
+    freed = sum(e.size for e in res.removed)
     if args.json:
-        _emit_json({"removed": len(removed), "bytes": freed})
+        _emit_json({"removed": len(res.removed), "bytes": freed, "kept": res.kept,
+                    "live_spores": res.live_spores})
     else:
-        print(f"removed {len(removed)} entries, {freed} bytes")
+        print(f"removed {len(res.removed)} entries, {freed} bytes; kept {res.kept} "
+              f"(reached from {res.live_spores} live spore(s) or recently used)")
     return 0
+
+
+def cmd_cache_keep(args: argparse.Namespace) -> int:
+    from sporevm.spore.sporedir import keep_spore
+
+    store = Store()
+    with store.lock():  # shared: prune sees the record once it may remove anything
+        kept = [keep_spore(text, store) for text in args.spores]
+    rows = [{"path": r.path, "manifest_id": r.manifest, "missing": n} for r, n in kept]
+    for row in rows if not args.json else ():
+        print(f"{row['path']}  {row['manifest_id']}  kept" + (
+            f"; {row['missing']} object(s) it names are not in the store: pull or rebuild it"
+            if row["missing"] else ""))
+    return _emit_json(rows) if args.json else 0
+
+
+def cmd_cache_roots(args: argparse.Namespace) -> int:
+    from sporevm.storeroots import survey_store
+
+    store = Store()
+    with store.lock():
+        rows = [{"record": s.name, "path": s.root.path if s.root else None,
+                 "manifest_id": s.root.manifest if s.root else None,
+                 "state": p.state if p else "invalid", "detail": p.detail if p else s.error}
+                for s, p in survey_store(store.root)]
+    rows.sort(key=lambda r: (r["path"] or "", r["record"]))
+    for r in rows if not args.json else ():
+        print(f"{r['state']:<10} {r['path'] or 'roots/' + str(r['record'])}  "
+              f"{r['manifest_id'] or '-'}" + (f"  ({r['detail']})" if r["detail"] else ""))
+    return _emit_json(rows) if args.json else 0
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
@@ -579,14 +607,15 @@ def _parser() -> argparse.ArgumentParser:
     ls = csub.add_parser("ls", help="list store entries")
     add_json(ls)
     ls.set_defaults(func=cmd_cache_ls)
-    pr = csub.add_parser("prune", help="remove staging leftovers and unused entries")
+    pr = csub.add_parser("prune", help="remove staging leftovers and entries no live spore "
+                         "needs")
     pr.add_argument(
         "--older-than",
         metavar="DURATION",
-        help="remove entries unused for this long (default 168h; 0: every entry)",
+        help="remove unreachable entries unused for this long (default 168h; 0: all of them)",
     )
     pr.add_argument("--all", action="store_true",
-                    help="remove every entry (same as --older-than 0)")
+                    help="remove every unreachable entry (same as --older-than 0)")
     wt = pr.add_mutually_exclusive_group()
     wt.add_argument(
         "--wait",
@@ -598,6 +627,14 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument("--no-wait", action="store_true", help="same as --wait 0")
     add_json(pr)
     pr.set_defaults(func=cmd_cache_prune)
+    kp = csub.add_parser("keep", help="record spore directories (e.g. moved or copied by "
+                         "hand) as roots: prune keeps what they need")
+    kp.add_argument("spores", nargs="+", metavar="SPORE", help="DIR or DIR@blake3:<id>")
+    add_json(kp)
+    kp.set_defaults(func=cmd_cache_keep)
+    rt = csub.add_parser("roots", help="list the spore directories prune keeps alive")
+    add_json(rt)
+    rt.set_defaults(func=cmd_cache_roots)
     cv = csub.add_parser("verify", help="re-hash every entry and check every record "
                          "(docs/publish-protocol.md)")
     add_json(cv)
@@ -610,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "no_jail", False):
         os.environ["SPORE_NO_JAIL"] = "1"  # every monitor this process starts inherits it
     if os.environ.get("SPORE_NO_JAIL", "") not in ("", "0"):
-        from sporevm.spore.confine import warn_unjailed
+        from sporevm.runtime.confine import warn_unjailed
 
         warn_unjailed("every VM monitor this command starts")
     try:

@@ -6,6 +6,7 @@ Layout (documented in docs/store.md)::
     rootfs/blake3/<hex>       ext4 root filesystems, by BLAKE3-256 of their bytes
     chunks/blake3/<hex>       spore memory chunks and state objects, by BLAKE3-256
     keys/<kind>/<key>.json    build-key -> result records (what a cached task produced)
+    roots/<hex>.json          the spore directories prune keeps alive (sporevm/storeroots.py)
     tmp/                      staging; anything here is garbage after a crash
     lock                      flock: builds hold it shared, prune holds it exclusive
 
@@ -57,7 +58,7 @@ _READ = 1 << 20
 LAYOUT = (
     "blobs", "blobs/sha256", "rootfs", "rootfs/blake3", "kernels", "kernels/blake3",
     "guest", "guest/blake3", "chunks", "chunks/blake3", "memfiles", "memfiles/blake3",
-    "keys", "state", "tmp",
+    "keys", "roots", "state", "tmp",
 )
 LOCK = "lock"
 
@@ -420,7 +421,7 @@ class Store:
         with opened_dir(root_fd, "tmp") as tmp_fd:
             for name in sorted(os.listdir(tmp_fd)):
                 _remove_at(tmp_fd, name)
-        dirs = [sub for _, sub in CONTENT_DIRS] + ["state"]
+        dirs = [sub for _, sub in CONTENT_DIRS] + ["state", "roots"]
         with opened_dir(root_fd, "keys") as keys_fd:
             dirs += [f"keys/{n}" for n in sorted(os.listdir(keys_fd)) if not n.startswith(".")]
         for rel in dirs:
@@ -441,11 +442,25 @@ class Store:
         on_wait: Callable[[], None] | None = None,
         wait: float | None = None,
     ) -> list[Entry]:
-        """Remove staging leftovers and entries unused for ``older_than`` seconds (None: all).
+        """Remove staging leftovers and what nothing live reaches; see :meth:`collect`."""
+        return self.collect(older_than, on_wait, wait).removed
+
+    def collect(
+        self,
+        older_than: float | None,
+        on_wait: Callable[[], None] | None = None,
+        wait: float | None = None,
+    ) -> Pruned:
+        """Remove staging leftovers and every entry no live spore or kept record reaches
+        and unused for ``older_than`` seconds (None: regardless of age); see
+        sporevm/storegc.py for what reaches what.
 
         Waits for every running build and run (they hold the lock shared), so nothing
         a live command needs disappears under it: at most ``wait`` seconds (None: no
-        bound), then :class:`StoreBusy` is raised with nothing removed."""
+        bound), then :class:`StoreBusy` is raised with nothing removed. A root that
+        cannot be judged raises StoreError, also with nothing removed."""
+        from sporevm.storegc import plan  # reads manifests: sporevm.spore imports the store
+
         removed: list[Entry] = []
         with self.lock(exclusive=True, on_wait=on_wait, timeout=wait):
             entries = self.entries()  # checks the layout first
@@ -454,24 +469,36 @@ class Store:
             # links, so a link planted after the check still leads nowhere.
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
+                p = plan(self, root_fd, entries, cutoff)  # raises before anything is removed
                 self._sweep_staging(root_fd)
-                # Records first: a record must never outlive the entries it names by a
-                # crash of prune itself (the reverse, an entry without record, is harmless).
-                for entry in sorted(entries, key=lambda e: not e.kind.startswith("key/")):
-                    if cutoff is None or entry.last_used < cutoff:
-                        rel = entry.path.parent.relative_to(self.root).as_posix()
-                        try:
-                            with opened_dir(root_fd, rel) as dfd:
-                                _remove_at(dfd, entry.path.name, root_fd)
-                        except NotADirectoryInPath as exc:
-                            raise self._planted(exc.rel, "is a symbolic link or not a "
-                                                "directory") from None
-                        except FileNotFoundError:
-                            continue
-                        removed.append(entry)
+                dead = [Entry("root", j.root.path, 0, 0.0, self.root / "roots" / j.name)
+                        for j in p.dead_roots]
+                removed += self._remove(root_fd, dead)
+                removed += self._remove(root_fd, p.remove)
             finally:
                 os.close(root_fd)
-        return removed
+        return Pruned(removed, p.kept, len(p.live_roots))
+
+    def _remove(self, root_fd: int, entries: list[Entry]) -> list[Entry]:
+        done = []
+        for entry in entries:
+            rel = entry.path.parent.relative_to(self.root).as_posix()
+            try:
+                with opened_dir(root_fd, rel) as dfd:
+                    _remove_at(dfd, entry.path.name, root_fd)
+            except NotADirectoryInPath as exc:
+                raise self._planted(exc.rel, "is a symbolic link or not a directory") from None
+            except FileNotFoundError:
+                continue
+            done.append(entry)
+        return done
+
+
+@dataclass(frozen=True)
+class Pruned:
+    removed: list[Entry]  # in removal order; dropped root records have kind "root"
+    kept: int  # entries kept: reached from a live spore or a recently used entry
+    live_spores: int  # root records whose directory still holds their spore
 
 
 class StoreBusy(StoreError):

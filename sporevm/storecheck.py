@@ -14,7 +14,12 @@ Problems come in kinds:
 - ``dangling``: a record names an entry that is absent. A crash never leaves
   one; prune by last use can (the record is then a cache miss), so
   ``spore cache verify`` reports these without failing;
-- ``stale``: a record in an older format that lacks a field (also a miss).
+- ``stale``: a record in an older format that lacks a field (also a miss), or a
+  root whose spore directory is gone or holds another spore (prune drops it);
+- ``broken``: a live root (its spore directory still exists) names an object the
+  store lacks: that spore will not restore. Prune never causes one;
+- ``blocked``: a root that cannot be judged (its directory cannot be read, or its
+  manifest not decoded): prune removes nothing while it is there.
 """
 
 from __future__ import annotations
@@ -40,12 +45,12 @@ _READ = 1 << 20
 _KERNEL_FILES = frozenset({"bzImage", "vmlinux", "config"})
 # Top-level names the store itself writes; anything else is reported, not judged.
 _KNOWN_TOP = frozenset({"blobs", "rootfs", "chunks", "guest", "kernels", "memfiles", "keys",
-                        "state", "tmp", "lock"})
+                        "roots", "state", "tmp", "lock"})
 
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # corrupt | temp | malformed | dangling
+    kind: str  # corrupt | temp | malformed | dangling | stale | broken | blocked
     path: str  # relative to the store root
     message: str
 
@@ -233,6 +238,47 @@ class _Checker:
                              self.root / "chunks" / "blake3" / cid.split(":", 1)[1]):
                 return  # one is enough to make the record a miss
 
+    # -- roots: the spore directories prune keeps alive (sporevm/storeroots.py) ----
+    def roots(self) -> None:
+        from sporevm.spore import manifest
+        from sporevm.storeroots import ROOTS, survey_store
+
+        base = self.root / ROOTS
+        if not base.is_dir():
+            return
+        for p in sorted(base.iterdir()):
+            if p.name.startswith(".tmp-"):
+                self.problem("temp", p, "staging name outside tmp/ (a crash leftover)")
+        for stored, probe in survey_store(self.root):
+            path, root = base / stored.name, stored.root
+            if root is None or stored.error is not None or probe is None:
+                self.problem("corrupt", path, f"not a valid root record ({stored.error}); "
+                             "prune removes nothing until it is deleted")
+                continue
+            self.count("roots")
+            if probe.state in ("gone", "replaced"):
+                self.problem("stale", path, f"root {root.path}: {probe.detail} (the next "
+                             "prune drops this record)")
+                continue
+            try:
+                if probe.state != "live":
+                    raise SporeError(probe.detail)
+                m = manifest.decode(probe.manifest or b"", f"{root.path}/manifest.json")
+            except SporeError as exc:
+                self.problem("blocked", path, f"root {root.path} cannot be judged ({exc}); "
+                             "prune removes nothing while it is there")
+                continue
+            self.manifests[root.manifest] = m
+            needed = [*m.memory.stored(), *(o.digest for o in m.state.values())]
+            missing = [f"chunk {c}" for c in sorted(set(needed))
+                       if not (self.root / "chunks" / "blake3" / c.split(":", 1)[1]).exists()]
+            if not (self.root / "rootfs" / "blake3" / m.rootfs.digest.split(":", 1)[1]).exists():
+                missing.append(f"rootfs {m.rootfs.digest}")
+            if missing:
+                self.problem("broken", path, f"live spore {root.path} needs {missing[0]}"
+                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                             + ", not in the store: it will not restore (pull or rebuild it)")
+
     # -- memfiles (checked against the indexes of manifests seen above) ----
     def memfiles(self) -> None:
         from sporevm.spore.backing import index_id
@@ -279,6 +325,7 @@ class _Checker:
         self.files("chunks/blake3", "blake3", "chunks", limit=16 << 20)
         self.kernels()
         self.keys()
+        self.roots()
         self.memfiles()
         self.state()
         for p in sorted(self.root.iterdir()):

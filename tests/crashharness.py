@@ -8,6 +8,7 @@ published file in place), so no test here ever builds a kernel.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -73,6 +74,74 @@ def seed_store(root: Path) -> Store:
                     _link_or_copy(e, root / rel)
             _link_or_copy(rec_path, root / rec_path.relative_to(src))
     return store
+
+
+def prune_victim(root: Path, garbage: int = 8000) -> tuple[Path, list[Path]]:
+    """A store as a nightly prune meets it (no VM): three live spores recorded as roots,
+    ``garbage`` unreachable chunks named by a quarter as many unreachable step snapshots
+    (record + manifest), unreachable kernel directories, memfiles and blobs, and two
+    roots whose directories are gone. Returns the store root and the live spores."""
+    import dataclasses
+    import uuid
+
+    import blake3
+
+    from sporevm.spore.sporedir import keep_spore, read_spore
+    from tests.test_bundle import make_spores
+
+    s = make_spores(root, 2)
+    live = [s.parent, *sorted(s.children.glob("*.spore"))]
+    for d in live:
+        keep_spore(str(d), s.store)
+    for d in (root / "gone-a.spore", root / "gone-b.spore"):
+        shutil.copytree(s.parent, d)
+        keep_spore(str(d), s.store)
+        shutil.rmtree(d)
+    _, m, _ = read_spore(str(s.parent))
+    chunks, steps = s.store.root / "chunks" / "blake3", s.store.root / "keys" / "step"
+    steps.mkdir(parents=True, exist_ok=True)
+
+    def put(data: bytes) -> str:  # content-addressed, as verify checks; no fsync (speed)
+        hexd = blake3.blake3(data).hexdigest()
+        (chunks / hexd).write_bytes(data)
+        return "blake3:" + hexd
+
+    ids = [put(f"garbage {i}".encode() * 8) for i in range(garbage)]
+    for i in range(0, garbage - 3, 4):
+        snap = dataclasses.replace(m, memory=dataclasses.replace(m.memory, chunks=tuple(
+            ids[i:i + 4])), generation=manifest.Generation(str(uuid.uuid4()), None, 0, 1))
+        (steps / f"{i:064x}.json").write_text(json.dumps({"manifest": put(
+            manifest.encode(snap))}))
+    for i in range(4):
+        bz = f"bzImage {i}".encode()
+        kdir = s.store.root / "kernels" / "blake3" / blake3.blake3(bz).hexdigest()
+        kdir.mkdir(parents=True)
+        for name, body in (("bzImage", bz), ("vmlinux", b"v" * 4096), ("config", b"c")):
+            (kdir / name).write_bytes(body)
+        (s.store.root / "memfiles" / "blake3" / (f"{i}" * 64)).write_bytes(b"\0" * 4096)
+        s.store.ingest_blob_bytes("sha256:" + hashlib.sha256(bz).hexdigest(), bz, what="t")
+    return s.store.root, live
+
+
+def removal_window(home: Path, *args: str) -> tuple[float, float]:
+    """Run a spore command that prunes ``home`` to the end, watching from outside:
+    (seconds until its first removal, seconds in all), so kills can be aimed at the
+    removals rather than at start-up and planning. Prune drops dead roots first, so
+    the first change to ``roots/`` (its mtime: cheap to poll) marks the start."""
+    watched = home / "roots"
+    mtime = os.stat(watched).st_mtime_ns
+    started = time.monotonic()
+    proc = subprocess.Popen(spore_argv(*args), env=spore_env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = None
+    while proc.poll() is None:
+        if first is None and os.stat(watched).st_mtime_ns != mtime:
+            first = time.monotonic() - started
+        time.sleep(0.001)
+    total = time.monotonic() - started
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return (first if first is not None else total * 0.5), total
 
 
 def managed_vmlinux() -> Path:

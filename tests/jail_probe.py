@@ -1,6 +1,6 @@
 """The real VM monitor, plus an attacker's to-do list run from inside it once it is jailed.
 
-Test helper for tests/test_jail.py, started instead of ``python -m sporevm.spore.monitor``
+Test helper for tests/test_jail.py, started instead of ``python -m sporevm.runtime.monitor``
 (same stdin/stdout/agent-fd protocol). It wraps the monitor's two jail stages:
 
 * after stage 1 (Landlock) it starts an "early" thread, which exists before seccomp
@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from sporevm.spore import confine, monitor
+from sporevm.runtime import confine, monitor
 from sporevm.vmm import kvm
 
 _libc = ctypes.CDLL(None, use_errno=True)

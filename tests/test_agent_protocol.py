@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from sporevm.errors import SporeError
-from sporevm.vmm.agent import (
+from sporevm.runtime.agent import (
     HEADER,
     HOST_TYPES,
     MAGIC,
@@ -27,7 +27,7 @@ from sporevm.vmm.agent import (
     ProbeKind,
     encode_frame,
 )
-from sporevm.vmm.agent_messages import (
+from sporevm.runtime.agent_messages import (
     Ack,
     Command,
     Done,
@@ -48,7 +48,7 @@ from sporevm.vmm.agent_messages import (
     decode_message,
     message_frame,
 )
-from sporevm.vmm.agent_session import (
+from sporevm.runtime.agent_session import (
     AgentClosedError,
     AgentError,
     AgentExecError,

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
+from sporevm.runtime.capture import capture
+from sporevm.runtime.restore import RamLoader, restore_board, restore_machine
 from sporevm.spore import vmstate
-from sporevm.spore.capture import capture
-from sporevm.spore.restore import RamLoader, restore_board, restore_machine
 from sporevm.spore.vmstate import VmState, VmStateError
-from sporevm.vmm.board import BoardConfig, build_board
+from sporevm.vmm.board import BoardConfig, BoardWiring, build_board
 from sporevm.vmm.bus import BusDevice
 from sporevm.vmm.devices.virtio import WINDOW, BlkDevice, ConsoleDevice, RngDevice, VirtioMmio
 from sporevm.vmm.devices.virtio import kernel_cmdline as virtio_cmdline
@@ -110,12 +110,9 @@ def child(state_path: str, ram_path: str) -> None:
 
     m = restore_machine(
         state,
-        RAM,
-        len(state.vcpus),
+        Machine(RAM, len(state.vcpus), strict_io=True, serial_output=serial.extend),
         timed_load,
         attach=attach,
-        strict_io=True,
-        serial_output=serial.extend,
     )
     t2 = time.perf_counter()
     r = m.run(soon())
@@ -187,11 +184,9 @@ def test_restored_state_reads_back_identical() -> None:
     port = ProbePort()
     m = restore_machine(
         vmstate.decode(vmstate.encode(a)),
-        RAM,
-        1,
+        Machine(RAM, 1, strict_io=True),
         lambda mem: mem.write(0, ram),
         attach=lambda m: attach_probe_devices(m, port),
-        strict_io=True,
     )
     with m:
         assert m.ram.read(0, RAM) == ram and not any(m.ram.vmm_dirty)
@@ -273,12 +268,9 @@ def test_console_queue_mid_stream_survives_restore(disk_fd: int) -> None:
 
     m = restore_machine(
         vmstate.decode(data),
-        RAM,
-        1,
+        Machine(RAM, 1, strict_io=True, serial_output=serial.extend),
         lambda mem: mem.write(0, ram),
         attach=attach,
-        strict_io=True,
-        serial_output=serial.extend,
     )
     with m:
         assert console2.send(b"after restore\n") == 14  # lands in the restored receive ring
@@ -306,7 +298,10 @@ def test_board_device_state_and_console_pending_round_trip(disk_fd: int) -> None
         return holder[0]
 
     with restore_machine(
-        vmstate.decode(data), RAM, 1, lambda mem: mem.write(0, ram), attach=attach
+        vmstate.decode(data),
+        Machine(RAM, 1),
+        lambda mem: mem.write(0, ram),
+        attach=attach,
     ):
         assert [t.state() for t in holder[0]] == state.virtio
         assert console2.pending == 20
@@ -319,29 +314,27 @@ def test_board_device_state_and_console_pending_round_trip(disk_fd: int) -> None
         with pytest.raises(VmStateError, match=r"virtio\[0\].*different backing disk"):
             restore_machine(
                 vmstate.decode(data),
-                RAM,
-                1,
+                Machine(RAM, 1),
                 lambda mem: None,
                 attach=lambda m: virtio_board(m, ConsoleDevice(), other),
             )
     finally:
         os.close(other)
     with pytest.raises(VmStateError, match="3 virtio devices, the board 0"):
-        restore_machine(vmstate.decode(data), RAM, 1, lambda mem: None)
+        restore_machine(vmstate.decode(data), Machine(RAM, 1), lambda mem: None)
 
 
 @needs_kvm
 def test_restore_board_rebuilds_the_spore_board(disk_fd: int) -> None:
     cfg = BoardConfig(RAM, 1, "console=ttyS0", disk_fd, os.fstat(disk_fd).st_size, b"root")
-    a = build_board(cfg, on_agent_output=lambda _b: None)
+    a = build_board(cfg, BoardWiring(on_agent_output=lambda _b: None))
     with a.machine:
         a.console.send(b"hello agent")
         state = capture(a.machine, a.transports)
         ram = a.machine.ram.read(0, RAM)
     data = vmstate.encode(state)
-    b = restore_board(
-        vmstate.decode(data), cfg, lambda mem: mem.write(0, ram), on_agent_output=lambda _b: None
-    )
+    b = restore_board(vmstate.decode(data), cfg, lambda mem: mem.write(0, ram),
+                      BoardWiring(on_agent_output=lambda _b: None))
     with b.machine:
         assert b.console.pending == 11
         assert vmstate.encode(capture(b.machine, b.transports)) != b""  # capturable again
@@ -462,9 +455,9 @@ def test_state_kvm_refuses_is_a_clear_error(sample: bytes) -> None:
     # CR0.PG without CR0.PE is architecturally invalid; KVM_SET_SREGS refuses it.
     bad: VmState = vmstate.decode(mutate(sample, _set("vcpus/0/sregs/cr0", 1 << 31)))
     with pytest.raises(VmStateError, match=r"vcpus\[0\]\.sregs: KVM refused"):
-        restore_machine(bad, RAM, 1, lambda mem: None)
+        restore_machine(bad, Machine(RAM, 1), lambda mem: None)
     with pytest.raises(VmStateError, match="1 vCPUs, the machine 2"):
-        restore_machine(vmstate.decode(sample), RAM, 2, lambda mem: None)
+        restore_machine(vmstate.decode(sample), Machine(RAM, 2), lambda mem: None)
 
 
 @needs_kvm

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sporevm.runtime.dirty import dirty_chunks
 from sporevm.spore.chunks import (
     CHUNK,
     ChunkError,
     ChunkStore,
     MemoryIndex,
     chunk_id,
-    dirty_chunks,
     is_zero,
     materialize,
     snapshot_memory,
@@ -224,7 +224,7 @@ def test_snapshot_of_guest_memory(cs: ChunkStore) -> None:
     mem = GuestMemory(2 * CHUNK)
     try:
         mem.write(CHUNK + 10, b"guest")
-        idx = snapshot_memory(mem, cs)
+        idx = snapshot_memory(mem.view(0, mem.size), cs)
         assert idx.chunks[0] is None
         assert cs.get(idx.chunks[1] or "")[10:15] == b"guest"
         # the VMM's own write is seen by dirty tracking even with an empty KVM log
@@ -233,7 +233,7 @@ def test_snapshot_of_guest_memory(cs: ChunkStore) -> None:
         log = bytes(2 * CHUNK // PAGE // 8)
         dirty = dirty_chunks(log, mem.vmm_dirty, mem.size)
         assert dirty == {0}
-        idx2 = snapshot_memory(mem, cs, idx, dirty)
+        idx2 = snapshot_memory(mem.view(0, mem.size), cs, idx, dirty)
         assert idx2.chunks[0] is not None and idx2.chunks[1] == idx.chunks[1]
     finally:
         mem.close()

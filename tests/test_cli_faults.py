@@ -92,13 +92,15 @@ def _commands(w: dict[str, Any], out: Path) -> dict[str, list[str]]:
         "cache-ls": ["cache", "ls"],
         "cache-verify": ["cache", "verify"],
         "cache-prune": ["cache", "prune", "--older-than", "1000h", "--no-wait"],
+        "cache-keep": ["cache", "keep", w["parent"]],
+        "cache-roots": ["cache", "roots"],
         "graph": ["graph", str(Path(__file__).parents[1] / "examples" / "hello")],
     }
 
 
 @pytest.mark.parametrize("name", ["inspect", "verify", "verify-bundle", "fork", "pack", "unpack",
                                   "push", "pull", "cache-ls", "cache-verify", "cache-prune",
-                                  "graph"])
+                                  "cache-keep", "cache-roots", "graph"])
 def test_injected_io_errors_give_one_line(world: dict[str, Any], name: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     scratch = world["tmp"] / "scratch"

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ import pytest
 
 from sporevm.dist import chunkpack
 from sporevm.dist.pack import pack
-from sporevm.spore.chunks import MAX_OBJECT
+from sporevm.spore.chunks import MAX_OBJECT, ChunkStore
+from sporevm.spore.manifest import verify_chunks
+from sporevm.spore.sporedir import open_spore
 from sporevm.store import Store
 from sporevm.storecheck import verify_store
 from tests import crashharness as H
@@ -116,6 +119,52 @@ def test_killed_pull_stuck_on_a_slow_server(tmp_path: Path) -> None:
         assert [r for p, r in server.log if p == stuck] == [f"bytes={have}-"]  # resumed
     finally:
         server.stop()
+
+
+def _entries(home: Path) -> set[str]:
+    return {f"{e.kind} {e.name}" for e in Store(home).entries()} | {
+        f"root {p.name}" for p in (home / "roots").iterdir()}
+
+
+def test_killed_prune_leaves_a_consistent_store(tmp_path: Path) -> None:
+    """SIGKILL `spore cache prune --all` at points drawn uniformly over its run (no VM).
+    After every kill the store verifies clean (no record names a removed entry, no
+    half-removed kernel under its name, staging only in tmp/), every live spore opens
+    with every object it names, and the next prune finishes the job."""
+    template, live = H.prune_victim(tmp_path / "victim", garbage=6000)
+    before = _entries(template)
+    ref = tmp_path / "ref"
+    shutil.copytree(template, ref, symlinks=True, copy_function=os.link)  # prune only unlinks
+    first, full_s = H.removal_window(ref, "cache", "prune", "--all")
+    after = _entries(ref)
+    assert len(before) - len(after) > 7000 and H.store_problems(ref) == []
+    rng = random.Random(SEED + 2)
+    log, partial = [], 0
+    for i in range(max(TRIALS, 6)):
+        home = tmp_path / f"store-{i}"
+        shutil.copytree(template, home, symlinks=True, copy_function=os.link)
+        delay = rng.uniform(first * 0.9, full_s)  # aimed at the removals (planning: before)
+        run = H.run_and_kill(H.spore_argv("cache", "prune", "--all"), H.spore_env(home),
+                             phase=None, delay=delay)
+        assert run.killed or run.returncode == 0, run.stderr
+        left = _entries(home)
+        partial += after < left < before
+        log.append(f"+{delay:.2f}s: {'killed' if run.killed else 'finished'}, "
+                   f"{len(before) - len(left)} of {len(before) - len(after)} removed")
+        problems = [p for p in H.store_problems(home) if not p.startswith("stale: roots/")]
+        assert problems == [], log[-1]
+        assert after <= left  # nothing a live spore needs was taken
+        for spore in live:
+            m, _, _ = open_spore(spore, Store(home))
+            verify_chunks(m, ChunkStore(Store(home)), rehash=True)
+        done = H.run_spore(home, "cache", "prune", "--all")
+        assert done.returncode == 0, done.stderr
+        assert _entries(home) == after and H.store_problems(home) == []
+        assert not any((home / "tmp").iterdir())
+        shutil.rmtree(home)
+    print(f"\nprune {full_s:.2f} s ({len(before) - len(after)} entries, the first removed "
+          f"after {first:.2f} s); kills:\n  " + "\n  ".join(log))
+    assert partial >= 1, log  # at least one kill landed mid-way
 
 
 # -- killed builds on real VMs --------------------------------------------------------

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from sporevm.spore import dirty
-from sporevm.spore.capture import capture
+from sporevm.runtime import dirty
+from sporevm.runtime.capture import capture
+from sporevm.runtime.restore import restore_machine
 from sporevm.spore.chunks import CHUNK, ChunkStore, MemoryIndex, materialize, snapshot_memory
-from sporevm.spore.restore import restore_machine
 from sporevm.spore.vmstate import VmState
 from sporevm.store import Store
 from sporevm.vmm.devices.virtio import BlkDevice, RngDevice, VirtioMmio
@@ -36,7 +36,7 @@ def soon(seconds: float = 10.0) -> float:
 
 
 def fresh(m: Machine, cs: ChunkStore) -> MemoryIndex:
-    return snapshot_memory(m.ram, cs)  # every chunk read and hashed
+    return snapshot_memory(m.ram.view(0, m.ram.size), cs)  # every chunk read and hashed
 
 
 def assert_exact(m: Machine, cs: ChunkStore, index: MemoryIndex) -> None:
@@ -61,7 +61,7 @@ def test_guest_writes_rehash_only_their_chunks(store: Store) -> None:
         assert (r.reason, r.status) == (StopReason.POWEROFF, 0), vm.output
         previous, todo = dirty.plan(m, state, cs)
         assert previous == i0 and todo is not None
-        i1 = snapshot_memory(m.ram, cs, previous, todo)
+        i1 = snapshot_memory(m.ram.view(0, m.ram.size), cs, previous, todo)
         dirty.set_base(m, i1)
         changed = {c for c in range(len(i0.chunks)) if i0.chunks[c] != i1.chunks[c]}
         print(f"\nhashed chunks {sorted(todo)}, changed {sorted(changed)}")
@@ -123,7 +123,7 @@ def test_vmm_writes_through_virtio_are_caught(
             view.release()
             previous, todo = dirty.plan(m, state, cs)
             assert previous == i1 and todo == {10, 11}
-            i2 = snapshot_memory(m.ram, cs, previous, todo)
+            i2 = snapshot_memory(m.ram.view(0, m.ram.size), cs, previous, todo)
             assert_exact(m, cs, i2)
             assert [c for c in range(len(i2.chunks)) if i2.chunks[c] != i1.chunks[c]] == [10, 11]
     finally:
@@ -215,10 +215,11 @@ def restored(m: Machine, state: VmState, cs: ChunkStore, port: StopPort) -> Mach
         return []
 
     new = restore_machine(
-        state, RAM, 1,
+        state,
+        Machine(RAM, 1, strict_io=True, dirty_log=True),
         lambda mem: materialize(index, cs, mem.view(0, mem.size, writable=True),
                                 out_is_zero=True),
-        attach=devices, strict_io=True, dirty_log=True,
+        attach=devices,
     )
     dirty.set_base(new, index)
     port.machine = new
@@ -245,6 +246,6 @@ def test_kvm_own_writes_are_caught(store: Store) -> None:
         assert dirty.pv_chunks(state, RAM) == {9, 11, 13}
         previous, todo = dirty.plan(m, state, cs)
         assert previous == i0 and todo is not None and {3, 9, 11, 13} <= todo
-        index = snapshot_memory(m.ram, cs, previous, todo)
+        index = snapshot_memory(m.ram.view(0, m.ram.size), cs, previous, todo)
         assert_exact(m, cs, index)
         assert all(index.chunks[c] != i0.chunks[c] for c in (3, 9, 11, 13))

@@ -35,14 +35,16 @@ PARSERS = {
     "sporevm/build/layers.py",
     "sporevm/build/tarsafety.py",
     "sporevm/spore/manifest.py", "sporevm/spore/chunks.py", "sporevm/spore/vmstate.py",
-    "sporevm/spore/restore.py", "sporevm/spore/monitor.py",
-    "sporevm/vmm/agent.py", "sporevm/vmm/agent_messages.py", "sporevm/vmm/agent_session.py",
+    "sporevm/runtime/protocol.py",
+    "sporevm/runtime/agent.py", "sporevm/runtime/agent_messages.py",
+    "sporevm/runtime/agent_session.py",
     "sporevm/vmm/boot.py", "sporevm/vmm/machine.py", "sporevm/vmm/devices/serial.py",
     "sporevm/vmm/devices/power.py",
     *(f"sporevm/vmm/devices/virtio/{m}.py"
       for m in ("queue", "mmio", "device", "blk", "console", "rng", "state")),
     "sporevm/dist/bundle.py", "sporevm/dist/chunkpack.py", "sporevm/dist/rootfs_artifact.py",
     "sporevm/dist/docjson.py", "sporevm/dist/uri.py", "sporevm/dist/transport_oci.py",
+    "sporevm/storeroots.py",
 }
 # Decoding toolkits the parsers above are built on: not a surface of their own,
 # but some fuzz target must reach them.
@@ -55,8 +57,10 @@ NOT_PARSERS = {
     "sporevm/build/fileslayer.py": "writes a tar of the user's files; never reads one",
     "sporevm/store.py": "its own build-key records; a corrupt one is a cache miss",
     "sporevm/storecheck.py": "re-hashes and re-reads its own store records",
-    "sporevm/spore/launcher.py": "JSON events from our own monitor process over a pipe",
-    "sporevm/spore/lazy.py": "userfaultfd messages from the kernel",
+    "sporevm/storegc.py": "its own build-key records (as store.py); one that does not parse "
+                          "reaches nothing, and live spores are judged from their manifests "
+                          "(manifest.py) and root records (storeroots.py) only",
+    "sporevm/runtime/lazy.py": "userfaultfd messages from the kernel",
     "sporevm/vmm/cpu.py": "KVM structs; the guest page walk (diagnostics) is <= 5 PTE reads "
                           "through GuestMemory's bounds checks",
     "sporevm/dist/transport_s3.py": "only encodes (endpoint split, checksum header); answers go "

@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from sporevm.build.initrd import copy_agent
-from sporevm.store import Store
-from sporevm.vmm.agent import (
+from sporevm.runtime.agent import (
     HEADER,
     MAGIC,
     ErrorCode,
@@ -35,7 +34,7 @@ from sporevm.vmm.agent import (
     ProbeKind,
     encode_frame,
 )
-from sporevm.vmm.agent_messages import (
+from sporevm.runtime.agent_messages import (
     Ack,
     Command,
     Error,
@@ -47,7 +46,8 @@ from sporevm.vmm.agent_messages import (
     decode_message,
     message_frame,
 )
-from sporevm.vmm.agent_session import AgentError, AgentExecError, AgentSession, FdChannel
+from sporevm.runtime.agent_session import AgentError, AgentExecError, AgentSession, FdChannel
+from sporevm.store import Store
 
 
 @pytest.fixture(scope="session")

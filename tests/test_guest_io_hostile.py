@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sporevm.errors import SporeError
-from sporevm.spore.monitor import MonitorConfig
+from sporevm.runtime.protocol import MonitorConfig
 from sporevm.vmm import boot
 from sporevm.vmm.devices import power, serial
 from sporevm.vmm.devices.power import I8042, PowerEvent, PowerPort
@@ -186,10 +186,11 @@ def test_machine_power_port_wrong_width_does_not_stop() -> None:
     with Machine(16 << 20, strict_io=False) as m:
         m.pio_write(0, power.SPORE_POWER_PORT, b"\x05")
         m.pio_write(0, power.SPORE_POWER_PORT, b"\x05\x00")
-        assert m._stop is None
+        assert m.run_control.result() is None
         m.pio_write(0, power.SPORE_POWER_PORT, b"\x05\x00\x00\x00")
-        assert m._stop is not None and m._stop.reason is StopReason.POWEROFF
-        assert m._stop.status == 5
+        stop = m.run_control.result()
+        assert stop is not None and stop.reason is StopReason.POWEROFF
+        assert stop.status == 5
 
 
 @needs_kvm
@@ -219,10 +220,11 @@ GOOD: dict[str, Any] = {
 
 
 def test_monitor_config_roundtrip() -> None:
-    cfg = MonitorConfig(**GOOD)
-    assert MonitorConfig.decode(cfg.encode()) == cfg
-    cfg = MonitorConfig(**{**GOOD, "timeout": None, "memory": 2 << 20})
-    assert MonitorConfig.decode(cfg.encode()) == cfg
+    for doc in (GOOD, {**GOOD, "timeout": None, "memory": 2 << 20}):
+        cfg = MonitorConfig.decode(json.dumps(doc).encode())
+        assert cfg.wire() == {**doc, "ram": "eager", "restore_id": None, "kernel_digest": None,
+                              "initrd_digest": None}
+        assert MonitorConfig.decode(cfg.encode()) == cfg
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from sporevm.cli import _parser
-from sporevm.spore.monitor import MonitorConfig
+from sporevm.runtime.agent_session import AgentSession, FdChannel
+from sporevm.runtime.protocol import MonitorConfig, MonitorError, Restore, VmConfig
 from sporevm.vmm import jail
-from sporevm.vmm.agent_session import AgentSession, FdChannel
 from tests.probe_build import build_probe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,12 +100,9 @@ def probe_monitor(tmp_path: Path, *, unjailed: bool = False,
     results = tmp_path / "results.jsonl"
     out_fd = os.open(results, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    cfg = MonitorConfig(
-        kernel=str(build_probe()), initrd=str(files / "initrd"), rootfs=str(files / "rootfs"),
-        cmdline="probe.tests=virtio_agent", memory=32 << 20, vcpus=1,
-        agent_fd=theirs.fileno(), serial_log=str(tmp_path / "serial.log"), timeout=60,
-        store=str(store),
-    )
+    vm = VmConfig(kernel=build_probe(), initrd=files / "initrd", rootfs=files / "rootfs",
+                  cmdline="probe.tests=virtio_agent", memory=32 << 20, timeout=60, store=store)
+    cfg = MonitorConfig(vm, agent_fd=theirs.fileno(), serial_log=tmp_path / "serial.log")
     env = {**os.environ, "JAIL_PROBE_FD": str(out_fd), "JAIL_PROBE_SCRATCH": str(scratch),
            "JAIL_PROBE_STORE": str(store), "PYTHONPATH": str(REPO)}
     env.pop("SPORE_NO_JAIL", None)
@@ -311,7 +308,7 @@ def test_cli_no_jail_flag_is_on_run_and_build_and_warns(tmp_path: Path) -> None:
 PUBLISHED = textwrap.dedent("""
     import errno, os, sys
     from pathlib import Path
-    from sporevm.spore import confine
+    from sporevm.runtime import confine
     from sporevm.vmm import jail
     base = Path(sys.argv[1])
     jail.restrict_filesystem([jail.PathRule(base / "chunks", confine.STORE_ENTRY),
@@ -351,15 +348,13 @@ def test_a_refused_restore_leaves_no_staging_directory(tmp_path: Path) -> None:
     store = tmp_path / "store"
     (tmp_path / "manifest.json").write_bytes(b'{"format": "not a spore"}')
     (tmp_path / "k").write_bytes(b"\0" * 4096)
-    cfg = MonitorConfig(
-        kernel=str(tmp_path / "k"), initrd=str(tmp_path / "k"), rootfs=str(tmp_path / "k"),
-        cmdline="", memory=32 << 20, vcpus=1, agent_fd=3, serial_log=str(tmp_path / "log"),
-        timeout=10, store=str(store), restore=str(tmp_path / "manifest.json"),
-        restore_id="blake3:" + "0" * 64, kernel_digest="blake3:" + "0" * 64,
-        initrd_digest="blake3:" + "0" * 64,
-    )
+    restore = Restore(tmp_path / "manifest.json", "blake3:" + "0" * 64,
+                      "blake3:" + "0" * 64, "blake3:" + "0" * 64)
+    vm = VmConfig(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
+                  cmdline="", memory=32 << 20, timeout=10, store=store, restore=restore)
+    cfg = MonitorConfig(vm, agent_fd=3, serial_log=tmp_path / "log")
     env = {k: v for k, v in os.environ.items() if k != "SPORE_NO_JAIL"}
-    proc = subprocess.run([sys.executable, "-m", "sporevm.spore.monitor"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sporevm.runtime.monitor"], cwd=REPO, env=env,
                           input=cfg.encode(), capture_output=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["event"] == "error"
@@ -382,14 +377,15 @@ def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
 @pytest.mark.parametrize("zygote", [True, False])
 def test_monitors_the_launcher_starts_are_jailed_by_default(
         tmp_path: Path, zygote: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sporevm.spore.launcher import VmProcess, VmSpec
+    from sporevm.runtime.launcher import VmProcess, VmSpec
 
     monkeypatch.delenv("SPORE_NO_JAIL", raising=False)
     (tmp_path / "initrd").write_bytes(b"\0" * 4096)
     (tmp_path / "rootfs").write_bytes(bytes(1 << 20))
-    spec = VmSpec(kernel=build_probe(), initrd=tmp_path / "initrd", rootfs=tmp_path / "rootfs",
-                  cmdline="probe.tests=virtio_agent", memory=32 << 20, timeout=60,
-                  store=tmp_path / "store", zygote=zygote)
+    spec = VmSpec(VmConfig(kernel=build_probe(), initrd=tmp_path / "initrd",
+                           rootfs=tmp_path / "rootfs", cmdline="probe.tests=virtio_agent",
+                           memory=32 << 20, timeout=60, store=tmp_path / "store"),
+                  zygote=zygote)
     with VmProcess(spec) as vm:
         vm.session.wait_ready(20)
         status = Path(f"/proc/{vm.proc.pid}/status").read_text()
@@ -397,26 +393,27 @@ def test_monitors_the_launcher_starts_are_jailed_by_default(
         exec_answers(vm.session, "/jailed")
         vm.session.shutdown()
         ev = vm.wait_exit(20)
-        assert ev is not None and ev["reason"] == "POWEROFF", ev
+        assert ev is not None and not isinstance(ev, MonitorError), ev
+        assert ev.reason == "POWEROFF", ev
 
 
 @needs_kvm
 @needs_landlock
 def test_a_refused_restore_in_a_zygote_monitor_leaves_no_staging_directory(
         tmp_path: Path) -> None:
-    from sporevm.spore.launcher import VmProcess, VmSpec
+    from sporevm.runtime.launcher import VmProcess, VmSpec
 
     store = tmp_path / "store"
     (tmp_path / "manifest.json").write_bytes(b'{"format": "not a spore"}')
     (tmp_path / "k").write_bytes(b"\0" * 4096)
-    spec = VmSpec(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
-                  cmdline="", memory=32 << 20, timeout=10, store=store,
-                  restore=tmp_path / "manifest.json", restore_id="blake3:" + "0" * 64,
-                  kernel_digest="blake3:" + "0" * 64, initrd_digest="blake3:" + "0" * 64,
-                  zygote=True)
+    restore = Restore(tmp_path / "manifest.json", "blake3:" + "0" * 64,
+                      "blake3:" + "0" * 64, "blake3:" + "0" * 64)
+    spec = VmSpec(VmConfig(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
+                           cmdline="", memory=32 << 20, timeout=10, store=store,
+                           restore=restore), zygote=True)
     with VmProcess(spec) as vm:
         ev = vm.wait_exit(30)
-        assert ev is not None and ev["event"] == "error", ev
+        assert isinstance(ev, MonitorError), ev
     assert list((store / "tmp").iterdir()) == []
 
 

@@ -21,8 +21,8 @@ from sporevm.build import lockfile, ocimanifest, ociref
 from sporevm.build.layers import DEFAULT_LIMITS, Limits, apply_layers
 from sporevm.errors import SporeError
 from sporevm.net import auth as ociauth
-from sporevm.spore import monitor
-from sporevm.spore.monitor import MonitorConfig
+from sporevm.runtime import monitor, protocol
+from sporevm.runtime.protocol import MonitorConfig, VmConfig
 from sporevm.vmm.devices.virtio.queue import MAX_INDIRECT, MAX_QUEUE_SIZE, ChainError, Virtqueue
 from sporevm.vmm.memory import GuestMemory
 from tests.layer_cases import file, make_tar, write_layers
@@ -182,9 +182,9 @@ def test_image_reference_name_length(tmp_path: Path) -> None:
 
 
 def _config(**over: Any) -> dict[str, Any]:
-    cfg = MonitorConfig(kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=64 << 20,
-                        vcpus=1, agent_fd=3, serial_log="/s", timeout=None)
-    return {**cfg.__dict__, **over}
+    vm = VmConfig(kernel=Path("/k"), initrd=Path("/i"), rootfs=Path("/r"), cmdline="",
+                  memory=64 << 20)
+    return {**MonitorConfig(vm, agent_fd=3, serial_log=Path("/s")).wire(), **over}
 
 
 def _line(doc: dict[str, Any]) -> bytes:
@@ -193,20 +193,20 @@ def _line(doc: dict[str, Any]) -> bytes:
 
 def test_monitor_config_line_size() -> None:
     base = len(_line(_config()))
-    at = _line(_config(cmdline="c" * (monitor.MAX_CONFIG - base)))
-    assert len(at) == monitor.MAX_CONFIG
-    assert MonitorConfig.decode(at).cmdline.startswith("c")
-    over = _line(_config(cmdline="c" * (monitor.MAX_CONFIG - base + 1)))
+    at = _line(_config(cmdline="c" * (protocol.MAX_CONFIG - base)))
+    assert len(at) == protocol.MAX_CONFIG
+    assert MonitorConfig.decode(at).vm.cmdline.startswith("c")
+    over = _line(_config(cmdline="c" * (protocol.MAX_CONFIG - base + 1)))
     refused(lambda: MonitorConfig.decode(over), "config line too long")
 
 
 @pytest.mark.parametrize(("field", "at", "over"), [
-    ("vcpus", monitor.MAX_VCPUS, monitor.MAX_VCPUS + 1),
-    ("memory", monitor.MAX_MEMORY, monitor.MAX_MEMORY + 4096),
-    ("timeout", monitor.MAX_TIMEOUT, monitor.MAX_TIMEOUT * (1 + 1e-15)),
+    ("vcpus", protocol.MAX_VCPUS, protocol.MAX_VCPUS + 1),
+    ("memory", protocol.MAX_MEMORY, protocol.MAX_MEMORY + 4096),
+    ("timeout", protocol.MAX_TIMEOUT, protocol.MAX_TIMEOUT * (1 + 1e-15)),
 ])
 def test_monitor_config_ranges(field: str, at: float, over: float) -> None:
-    assert getattr(MonitorConfig.decode(_line(_config(**{field: at}))), field) == at
+    assert getattr(MonitorConfig.decode(_line(_config(**{field: at}))).vm, field) == at
     refused(lambda: MonitorConfig.decode(_line(_config(**{field: over}))), field)
 
 
@@ -216,8 +216,8 @@ def test_kernel_image_size(tmp_path: Path) -> None:
     for path, size in ((at, monitor.MAX_IMAGE), (over, monitor.MAX_IMAGE + 1)):
         with open(path, "wb") as fh:
             os.ftruncate(fh.fileno(), size)
-    assert len(monitor._read_file(str(at), "kernel")) == monitor.MAX_IMAGE
-    refused(lambda: monitor._read_file(str(over), "kernel"), "larger than 256 MiB")
+    assert len(monitor._read_file(at, "kernel")) == monitor.MAX_IMAGE
+    refused(lambda: monitor._read_file(over, "kernel"), "larger than 256 MiB")
 
 
 # --- virtqueues ---------------------------------------------------------------------------

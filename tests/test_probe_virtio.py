@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sporevm.vmm.agent_session import AgentSession, QueueChannel
+from sporevm.runtime.agent_session import AgentSession, QueueChannel
 from sporevm.vmm.bus import IrqLine
 from sporevm.vmm.devices.virtio import (
     WINDOW,

@@ -17,14 +17,15 @@ import blake3
 import pytest
 
 from sporevm.errors import SporeError
+from sporevm.runtime.capture import capture
+from sporevm.runtime.lazy import LazyPager, start_pager
+from sporevm.runtime.monitor import _blake3_fd
+from sporevm.runtime.protocol import MonitorConfig, RestoreStrategy
+from sporevm.runtime.restore import RamLoader, eager_ram, map_local, restore_machine
 from sporevm.spore import vmstate
-from sporevm.spore.backing import ensure_memfile, map_local, memfile_path
-from sporevm.spore.capture import capture
+from sporevm.spore.backing import ensure_memfile, memfile_path
 from sporevm.spore.chunks import CHUNK, ChunkError, ChunkStore, MemoryIndex
 from sporevm.spore.chunks import snapshot_memory as chunk_ram
-from sporevm.spore.lazy import LazyPager, start_pager
-from sporevm.spore.monitor import MonitorConfig, _blake3_fd
-from sporevm.spore.restore import RamLoader, eager_ram, restore_machine
 from sporevm.spore.vmstate import VmState
 from sporevm.store import Store
 from sporevm.vmm.machine import Machine, StopReason
@@ -53,7 +54,8 @@ class Paused:
             self.state: VmState = vmstate.decode(vmstate.encode(capture(vm.machine)))
             self.store = Store(root)
             self.chunks = ChunkStore(self.store)
-            self.index: MemoryIndex = chunk_ram(vm.machine.ram, self.chunks)
+            ram = vm.machine.ram
+            self.index: MemoryIndex = chunk_ram(ram.view(0, ram.size), self.chunks)
             self.ram = vm.machine.ram.read(0, RAM)
 
     def restore(self, loader: RamLoader | None) -> tuple[Machine, ProbePort]:
@@ -63,12 +65,9 @@ class Paused:
         memory = eager_ram(self.index, self.chunks, RAM) if loader is None else None
         m = restore_machine(
             self.state,
-            RAM,
-            1,
+            Machine(RAM, 1, strict_io=True, memory=memory),
             loader or (lambda mem: None),
             attach=lambda m: attach_probe_devices(m, port),
-            strict_io=True,
-            memory=memory,
         )
         return m, port
 
@@ -203,7 +202,10 @@ def corrupt_child(root: str, evictable: bool) -> None:
         pagers.append(start_pager(mem, s.index, s.chunks, on_error=fail_closed))
 
     m = restore_machine(
-        s.state, RAM, 1, load, attach=lambda m: attach_probe_devices(m, port), strict_io=True
+        s.state,
+        Machine(RAM, 1, strict_io=True),
+        load,
+        attach=lambda m: attach_probe_devices(m, port),
     )
     m.run(soon(10))
     print(json.dumps({"error": None, "loop": len(port.loop)}), flush=True)
@@ -271,20 +273,22 @@ def test_eager_corrupt_chunk_raises_the_chunk_error(spore: Paused, tmp_path: Pat
     eager_ram(spore.index, chunks, RAM).close()
 
 
+def _wire(**over: object) -> bytes:
+    doc: dict[str, object] = dict(
+        kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1, agent_fd=3,
+        serial_log="/s", timeout=None, store="", restore=None, ram="eager", restore_id=None,
+        kernel_digest=None, initrd_digest=None)
+    return json.dumps({**doc, **over}).encode()
+
+
+RESTORE = dict(restore="/m.json", restore_id="blake3:" + "a" * 64,
+               kernel_digest="blake3:" + "b" * 64, initrd_digest="blake3:" + "c" * 64)
+
+
 def test_monitor_config_validates_ram() -> None:
-    good = MonitorConfig(
-        kernel="/k",
-        initrd="/i",
-        rootfs="/r",
-        cmdline="",
-        memory=RAM,
-        vcpus=1,
-        agent_fd=3,
-        serial_log="/s",
-        timeout=None,
-        ram="lazy",
-    )
-    assert MonitorConfig.decode(good.encode()).ram == "lazy"
+    good = MonitorConfig.decode(_wire(**RESTORE, ram="lazy"))
+    assert good.vm.restore is not None and good.vm.restore.ram is RestoreStrategy.LAZY
+    assert MonitorConfig.decode(good.encode()) == good
     bad = good.encode().replace(b'"lazy"', b'"mmap"')
     with pytest.raises(SporeError, match="ram must be one of eager, lazy, local"):
         MonitorConfig.decode(bad)
@@ -296,34 +300,27 @@ if __name__ == "__main__":
 
 
 def test_monitor_config_restore_id_goes_with_restore() -> None:
-    base = dict(kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1,
-                agent_fd=3, serial_log="/s", timeout=None)
-    digests = dict(kernel_digest="blake3:" + "b" * 64, initrd_digest="blake3:" + "c" * 64)
-    ok = MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "a" * 64, **digests)  # type: ignore[arg-type]
-    assert MonitorConfig.decode(ok.encode()).restore_id == ok.restore_id
-    for bad in (MonitorConfig(**base, restore="/m.json", **digests),  # type: ignore[arg-type]
-                MonitorConfig(**base, restore_id="blake3:" + "a" * 64),  # type: ignore[arg-type]
-                MonitorConfig(**base, restore="/m.json", restore_id="blake3:" + "A" * 64,  # type: ignore[arg-type]
-                              **digests)):  # type: ignore[arg-type]
+    ok = MonitorConfig.decode(_wire(**RESTORE))
+    assert ok.vm.restore is not None and ok.vm.restore.manifest_id == RESTORE["restore_id"]
+    assert MonitorConfig.decode(ok.encode()) == ok
+    for bad in (_wire(**{**RESTORE, "restore_id": None}),
+                _wire(restore_id=RESTORE["restore_id"]),
+                _wire(**{**RESTORE, "restore_id": "blake3:" + "A" * 64})):
         with pytest.raises(SporeError, match="restore_id"):
-            MonitorConfig.decode(bad.encode())
+            MonitorConfig.decode(bad)
 
 
 @pytest.mark.parametrize("field", ["kernel_digest", "initrd_digest"])
 def test_monitor_config_platform_digests_go_with_restore(field: str) -> None:
     """A restoring monitor takes the kernel and initrd digests the caller verified (it
     never reads the two files); a booting one must not be handed any."""
-    base = dict(kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1,
-                agent_fd=3, serial_log="/s", timeout=None)
-    restore = dict(restore="/m.json", restore_id="blake3:" + "a" * 64)
-    digests = dict(kernel_digest="blake3:" + "b" * 64, initrd_digest="blake3:" + "c" * 64)
-    ok = MonitorConfig(**base, **restore, **digests)  # type: ignore[arg-type]
-    assert getattr(MonitorConfig.decode(ok.encode()), field) == digests[field]
-    for bad in (MonitorConfig(**base, **restore, **{**digests, field: None}),  # type: ignore[arg-type]
-                MonitorConfig(**base, **restore, **{**digests, field: "blake3:" + "B" * 64}),  # type: ignore[arg-type]
-                MonitorConfig(**base, **{field: digests[field]})):  # type: ignore[arg-type]
+    ok = MonitorConfig.decode(_wire(**RESTORE))
+    assert getattr(ok.vm.restore, field) == RESTORE[field]
+    for bad in (_wire(**{**RESTORE, field: None}),
+                _wire(**{**RESTORE, field: "blake3:" + "B" * 64}),
+                _wire(**{field: RESTORE[field]})):
         with pytest.raises(SporeError, match=field):
-            MonitorConfig.decode(bad.encode())
+            MonitorConfig.decode(bad)
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, (1 << 20) + 7])

@@ -116,7 +116,7 @@ def test_a_kernel_without_smp_fails_clearly_instead_of_running_on_one_cpu(
     # The kvm-pvm kernel is uniprocessor and boots on hardware KVM too: as a --kernel it
     # stands for any user kernel built without CONFIG_SMP.
     store = Store(KERNEL_STORE)
-    up = K._cached(store, K.cache_key(K.build_inputs("kvm-pvm", store=store)), "kvm-pvm")
+    up = K.cached_kernel(store, K.cache_key(K.build_inputs("kvm-pvm", store=store)), "kvm-pvm")
     if up is None:
         pytest.skip("no kvm-pvm (uniprocessor) kernel in the tests' kernel store")
     proc = spore("run", "-q", "--kernel", str(up.path), "--rootfs", str(busybox_rootfs),

@@ -39,7 +39,7 @@ def _one_error_line(err: str, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("planted", ["tmp", "chunks/blake3", "chunks", "keys/rootfs", "state",
-                                     "blobs/sha256"])
+                                     "blobs/sha256", "roots"])
 @pytest.mark.parametrize("command", [["cache", "prune", "--all", "--no-wait"],
                                      ["cache", "ls"], ["cache", "verify"]])
 def test_planted_directory_link_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sporevm.spore.zygote import CHILD_AGENT_FD, Zygote, ZygoteError
+from sporevm.runtime.zygote import CHILD_AGENT_FD, Zygote, ZygoteError
 
 
 def _events(proc: object) -> list[dict[str, object]]:

@@ -11,6 +11,7 @@ from doit.doit_cmd import DoitMain
 from doit.task import Task, dict_to_task
 
 from sporevm import sporefile as sporefile_mod
+from sporevm import storeroots
 from sporevm.build import doitstate, lockfile
 from sporevm.build.graph import BuildOptions, BuildResult, _Build
 from sporevm.build.imagefs import RootfsRecord
@@ -104,6 +105,10 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
                 if rec is not None and b.spore_uptodate(keys[-1]):
                     b.result.spore = str(sf.output.spore)
                     b.result.manifest_id = rec.get("manifest")
+                    # A spore published before roots existed (or whose record was
+                    # dropped) becomes one now; unchanged records are not rewritten.
+                    storeroots.add(store.root, storeroots.root_for(sf.output.spore,
+                                                                   str(rec["manifest"])))
         if b.result.bundle is None and options.until in (None, "bundle", "push"):
             b.bundle_uptodate()
     return b.result

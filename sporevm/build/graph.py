@@ -33,9 +33,9 @@ from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm, shutd
 from sporevm.build.sealing import seal
 from sporevm.build.steps import StepResult, boot_key, run_checks, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError
+from sporevm.runtime.launcher import VmProcess
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
-from sporevm.spore.launcher import VmProcess
 from sporevm.spore.sporedir import ID_FILE, MANIFEST, read_spore, write_spore
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
@@ -410,8 +410,11 @@ class _Build:
             finally:
                 vm.close()
         m = manifest.decode(chunks.get(self.final_manifest), self.final_manifest)
-        mid = write_spore(m, self.sf.output.spore)
-        self.store.put_key("spore", self.spore_key(keys[-1]), {"manifest": mid})
+        mid = write_spore(m, self.sf.output.spore, self.store)
+        # "steps": the whole chain, so prune keeps the snapshots of steps after
+        # snapshot.after too and an unchanged Sporefile stays a no-op build.
+        self.store.put_key("spore", self.spore_key(keys[-1]), {"manifest": mid,
+                                                               "steps": keys[1:]})
         self.result.spore = str(self.sf.output.spore)
         self.result.manifest_id = mid
 
@@ -454,7 +457,8 @@ class _Build:
         res = pack(str(self.sf.output.spore), None, self.sf.output.bundle, self.store)
         key = self.bundle_key()
         assert key is not None
-        self.store.put_key("bundle", key, {"digest": res.digest})
+        # "manifest": prune keeps this record while the spore it packs is live.
+        self.store.put_key("bundle", key, {"digest": res.digest, "manifest": res.parent})
         self.result.bundle, self.result.bundle_digest = str(res.path), res.digest
         self.reporter.info(f"bundle  {res.path}  {res.digest}  ({res.objects} objects in "
                            f"{res.packs} pack(s), {res.bytes >> 20} MiB)")

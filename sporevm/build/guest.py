@@ -55,18 +55,18 @@ def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | No
         image, digest = kernel, blake3_file(kernel)[0]
     else:
         key = kernel_mod.cache_key(kernel_mod.build_inputs(host_class, store=store))
-        art = kernel_mod._cached(store, key, host_class)
+        art = kernel_mod.cached_kernel(store, key, host_class)
         if art is None:
             return None
         if host_class == "kvm-pvm":
             image, digest = art.vmlinux_path, art.vmlinux_digest
         else:
             image, digest = art.path, art.digest
-    agent = initrd_mod._cached(store, "guest-agent", initrd_mod.build_key(), "agent")
+    agent = initrd_mod.cached_artifact(store, "guest-agent", initrd_mod.build_key(), "agent")
     if agent is None:
         return None
     ikey = blake3.blake3(f"{initrd_mod.RECIPE}\0{agent[0]}".encode()).hexdigest()
-    hit = initrd_mod._cached(store, "initrd", ikey, "initrd")
+    hit = initrd_mod.cached_artifact(store, "initrd", ikey, "initrd")
     if hit is None:
         return None
     if kernel is None:

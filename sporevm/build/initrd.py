@@ -187,7 +187,7 @@ def _install(store: Store, tmp: Path) -> str:
     return digest
 
 
-def _cached(store: Store, kind: str, key: str, field: str) -> tuple[str, Path] | None:
+def cached_artifact(store: Store, kind: str, key: str, field: str) -> tuple[str, Path] | None:
     """The recorded artifact if present and intact (re-hashed: these files are small)."""
     rec = store.get_key(kind, key)
     if rec is None or not isinstance(rec.get(field), str):
@@ -205,7 +205,7 @@ def _cached(store: Store, kind: str, key: str, field: str) -> tuple[str, Path] |
 def ensure_agent(store: Store) -> tuple[str, Path]:
     """Build (or reuse) the static agent; returns (blake3 digest, path in the store)."""
     key = build_key()
-    hit = _cached(store, "guest-agent", key, "agent")
+    hit = cached_artifact(store, "guest-agent", key, "agent")
     if hit:
         return hit
     with store.staging_dir("agent") as tmp:
@@ -228,7 +228,7 @@ def ensure_initrd(store: Store) -> InitrdArtifact:
     """The initramfs for the current guest sources, built once per content key."""
     agent_digest, agent_path = ensure_agent(store)
     key = blake3.blake3(f"{RECIPE}\0{agent_digest}".encode()).hexdigest()
-    hit = _cached(store, "initrd", key, "initrd")
+    hit = cached_artifact(store, "initrd", key, "initrd")
     if hit:
         digest, path = hit
         return InitrdArtifact(digest, path, agent_digest, path.stat().st_size)

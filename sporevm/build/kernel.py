@@ -320,16 +320,17 @@ def ensure_kernel(
     say = progress or (lambda _msg: None)
     inputs = build_inputs(hc, tarball, store)
     key = cache_key(inputs)
-    if (art := _cached(store, key, hc)) is not None:
+    if (art := cached_kernel(store, key, hc)) is not None:
         return art
     # One build per key at a time: a second process waits here, then finds the result.
     with _build_lock(store, key):
-        if (art := _cached(store, key, hc)) is not None:
+        if (art := cached_kernel(store, key, hc)) is not None:
             return art
         return _build_and_publish(store, hc, key, inputs, say, jobs, tarball)
 
 
-def _cached(store: Store, key: str, hc: HostClass) -> KernelArtifact | None:
+def cached_kernel(store: Store, key: str, hc: HostClass) -> KernelArtifact | None:
+    """The kernel recorded under ``key``, if its record and files are intact (no build)."""
     record = store.get_key(KEY_KIND, key)
     return None if record is None else _artifact(store, record, hc)
 

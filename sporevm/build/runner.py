@@ -14,13 +14,14 @@ from sporevm.build.kernel import detect_host_class
 from sporevm.build.progress import Reporter
 from sporevm.build.sealing import platform_contract
 from sporevm.errors import SporeError, UsageError
+from sporevm.runtime.agent_session import AgentClosedError, AgentTimeoutError
+from sporevm.runtime.generation import generation_message
+from sporevm.runtime.launcher import VmError, VmProcess, VmSpec
+from sporevm.runtime.protocol import MonitorError, Restore, RestoreStrategy, VmConfig
 from sporevm.spore import manifest
-from sporevm.spore.fork import generation_message
-from sporevm.spore.launcher import VmError, VmProcess, VmSpec
 from sporevm.spore.manifest import check_platform
 from sporevm.spore.sporedir import open_spore, split_pin
 from sporevm.store import Store
-from sporevm.vmm.agent_session import AgentClosedError, AgentTimeoutError
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
 SHUTDOWN_TIMEOUT = 30.0
@@ -42,7 +43,7 @@ class RunRequest:
     platform: str = "linux/amd64"
     insecure_registries: frozenset[str] = frozenset()
     spore: Path | None = None  # resume this spore instead of booting
-    restore: str = "eager"  # RAM strategy of that resume: eager | lazy | local
+    restore: RestoreStrategy = RestoreStrategy.EAGER  # how that resume fills RAM
 
 
 def boot_vm(
@@ -55,8 +56,8 @@ def boot_vm(
     ``setting`` names where ``vcpus`` came from, for the one-line refusal of a count
     the host class cannot give (the Sporefile's, unless ``spore run`` says otherwise)."""
     check_vcpus(vcpus, guest.host_class, setting)
-    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus,
-                          store=store_root, zygote=zygote))
+    vm = VmProcess(VmSpec(VmConfig(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory,
+                                   vcpus, store=store_root), zygote=zygote))
     try:
         ready = vm.session.wait_ready(boot_timeout)
         if ready.cpus != vcpus:
@@ -80,7 +81,8 @@ def boot_vm(
 
 
 def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
-              hostname: str = "", ram: str = "eager", zygote: bool | None = None) -> VmProcess:
+              hostname: str = "", ram: RestoreStrategy = RestoreStrategy.EAGER,
+              zygote: bool | None = None) -> VmProcess:
     """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
     clock, and for a forked child its hostname) before anything else runs."""
     spore, pin = split_pin(str(spore))
@@ -88,10 +90,10 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     guest = ensure_guest(store, reporter, kernel)
     check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
     started = time.monotonic()
-    vm = VmProcess(VmSpec(guest.kernel, guest.initrd, rootfs, guest.cmdline, m.platform.memory,
-                          m.platform.vcpus, store=store.root, restore=mpath, ram=ram,
-                          restore_id=manifest.id_of(m), kernel_digest=guest.kernel_digest,
-                          initrd_digest=guest.initrd_digest, zygote=zygote))
+    restore = Restore(mpath, manifest.id_of(m), guest.kernel_digest, guest.initrd_digest, ram)
+    vm = VmProcess(VmSpec(VmConfig(guest.kernel, guest.initrd, rootfs, guest.cmdline,
+                                   m.platform.memory, m.platform.vcpus, store=store.root,
+                                   restore=restore), zygote=zygote))
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         # Every restore, forked or not, gets fresh entropy and a CRNG reseed:
@@ -104,8 +106,8 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
         vm.wait_exit(1.0)
         vm.close()
         ev = vm.exit_event()
-        if ev is not None and ev.get("event") == "error":
-            raise VmError(f"{spore}: {ev.get('message')}") from None  # refused before any VM
+        if isinstance(ev, MonitorError):
+            raise VmError(f"{spore}: {ev.message}") from None  # refused before any VM
         raise VmError(f"the restored guest agent did not answer: {vm.describe_exit()} "
                       f"({exc})") from None
     except BaseException:
@@ -148,7 +150,8 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
 
 def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
     if req.spore is not None:
-        vm = resume_vm(req.spore, store, reporter, req.kernel, ram=req.restore)
+        # RestoreStrategy(): the CLI hands the strategy's name (argparse choices)
+        vm = resume_vm(req.spore, store, reporter, req.kernel, ram=RestoreStrategy(req.restore))
         return _run_in(vm, req, reporter)
     if req.rootfs is not None:
         if not req.rootfs.is_file():

@@ -21,6 +21,11 @@ import blake3
 from sporevm.build.guest import GuestPlatform
 from sporevm.build.progress import Reporter
 from sporevm.errors import SporeError
+from sporevm.runtime.agent import ProbeKind
+from sporevm.runtime.agent_messages import Command as AgentCommand
+from sporevm.runtime.agent_messages import Probe
+from sporevm.runtime.agent_session import AgentSession, ExecHandle
+from sporevm.spore.platform import DEVICE_MODEL
 from sporevm.sporefile import (
     Check,
     ReadyProbe,
@@ -29,11 +34,6 @@ from sporevm.sporefile import (
     canonical_machine,
     canonical_step,
 )
-from sporevm.vmm.agent import ProbeKind
-from sporevm.vmm.agent_messages import Command as AgentCommand
-from sporevm.vmm.agent_messages import Probe
-from sporevm.vmm.agent_session import AgentSession, ExecHandle
-from sporevm.vmm.board import DEVICE_MODEL
 
 TAIL_LINES = 20
 

@@ -11,7 +11,8 @@ Order of trust (docs/bundle.md):
    (a partial pack resumes; an installed object is never fetched again), check
    each pack's sha256, install each object only if it hashes to its id;
 5. the same for the rootfs segments, assembled and BLAKE3-checked;
-6. write the spore directory in a temp dir and rename it into place: a failed
+6. write the spore directory in a temp dir and rename it into place
+   (``sporedir.write_spore``, which records it as a root of the store): a failed
    or interrupted pull leaves no output directory.
 
 Two pulls of the same bundle share the staging directory under per-file
@@ -33,12 +34,12 @@ from pathlib import Path
 
 import blake3
 
-from sporevm.atomic import atomic_write, fsync_dir
 from sporevm.dist import bundle, chunkpack, rootfs_artifact
 from sporevm.dist.chunk_cache import ChunkCache
 from sporevm.dist.docjson import BundleError
 from sporevm.dist.transports import Source
 from sporevm.spore import manifest
+from sporevm.spore.sporedir import write_spore
 from sporevm.store import Store
 
 _READ = 1 << 20
@@ -197,25 +198,6 @@ class _Puller:
             shutil.rmtree(segdir, ignore_errors=True)
 
 
-def _write_spore(out: Path, data: bytes, mid: str) -> None:
-    """The spore directory (manifest.json + id), appearing all at once or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        atomic_write(tmp / "manifest.json", data)
-        atomic_write(tmp / "id", mid.encode() + b"\n")
-        try:
-            os.rename(tmp, out)  # never over an existing directory
-        except OSError as exc:
-            raise BundleError(f"{out}: cannot publish the spore ({exc.strerror}); "
-                              "was it created meanwhile?") from None
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def pull(source: Source, store: Store, out: Path, *, child: str | None = None,
          require_pin: bool = True,
          progress: Callable[[str], None] | None = None) -> PullResult:
@@ -247,7 +229,7 @@ def pull(source: Source, store: Store, out: Path, *, child: str | None = None,
         for cid in needed:  # installed or verified above; a cheap last guard before publishing
             if not cache.chunks.has(cid):
                 raise BundleError(f"object {cid} vanished from the store during the pull")
-        manifest.decode(data)  # the exact bytes we publish, decoded once more
-        _write_spore(out, data, mid)
+        m = manifest.decode(data)  # the exact bytes we publish, decoded once more
+        write_spore(m, out, store, replace=False)  # records it as a root of the store
     return PullResult(out, digest, mid, len(needed), len(needed) - len(missing),
                       puller.packs_fetched, source.bytes_received)

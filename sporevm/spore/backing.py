@@ -1,5 +1,9 @@
 """Local backing: a spore's RAM materialized once as a file, mapped MAP_PRIVATE per restore.
 
+This module is the store side of it (the file's name, building it from verified
+chunks, verifying it before use); mapping it into a VM's RAM is the runtime's
+(``sporevm.runtime.restore.map_local``).
+
 Layout (docs/restore.md)::
 
     <store>/memfiles/blake3/<hex>   guest RAM of one memory index, byte for byte
@@ -40,7 +44,6 @@ import blake3
 from sporevm.atomic import publish
 from sporevm.spore.chunks import CHUNK, ChunkError, ChunkStore, MemoryIndex, chunk_id, is_zero
 from sporevm.store import Store
-from sporevm.vmm.memory import GuestMemory
 
 MEMFILES = Path("memfiles") / "blake3"
 _verified: set[tuple[int, int, int, int]] = set()  # (dev, ino, size, mtime_ns) this process
@@ -152,12 +155,3 @@ def _is_hole(fd: int, offset: int) -> bool:
         return os.lseek(fd, offset, os.SEEK_DATA) >= offset + CHUNK
     except OSError as exc:
         return exc.errno == errno.ENXIO  # no data at all after offset
-
-
-def map_local(mem: GuestMemory, index: MemoryIndex, chunks: ChunkStore, store: Store) -> None:
-    """Back ``mem`` by the verified memfile of ``index``, MAP_PRIVATE (a RamLoader body)."""
-    fd = open_local(index, chunks, store)
-    try:
-        mem.map_file_private(fd)
-    finally:
-        os.close(fd)  # the mapping holds the file

@@ -12,6 +12,10 @@ named the same way.
 Chunks may come from untrusted peers and the store may rot, so ``get`` hashes
 every byte it returns and evicts an entry that does not match its name; nothing
 reads chunk files except through it (and ``materialize``, which uses it).
+
+This is the spore format's side: guest RAM comes in as a plain buffer (the
+runtime hands a view of the paused VM's memory to ``snapshot_memory`` and of the
+RAM being filled to ``materialize``), so nothing here loads a VMM.
 """
 
 from __future__ import annotations
@@ -31,10 +35,8 @@ import blake3
 from sporevm.atomic import publish
 from sporevm.errors import SporeError
 from sporevm.store import Store
-from sporevm.vmm.memory import PAGE, GuestMemory
 
 CHUNK = 2 * 1024 * 1024
-PAGES_PER_CHUNK = CHUNK // PAGE
 MAX_OBJECT = 16 * 1024 * 1024  # state objects; chunks are exactly CHUNK bytes
 CHUNK_ID = re.compile(r"blake3:[0-9a-f]{64}")
 _ZERO_PIECE = bytes(256 * 1024)  # compared piecewise: stays in cache, exits early on data
@@ -256,39 +258,8 @@ def _unreadable(cid: str, path: Path, exc: OSError) -> ChunkError:
                       f"the disk, then run `spore cache verify`")
 
 
-def dirty_chunks(kvm_dirty_bitmap: bytes, vmm_dirty: bytearray, ram_size: int) -> set[int]:
-    """Chunks touched since the last snapshot, by the guest (KVM's log) or by the VMM.
-
-    ``kvm_dirty_bitmap`` is KVM_GET_DIRTY_LOG's little-endian bitmap (bit n of the
-    stream = page n); ``vmm_dirty`` is GuestMemory.vmm_dirty, one byte per page.
-    """
-    if ram_size <= 0 or ram_size % CHUNK:
-        raise ChunkError(f"guest RAM size {ram_size} is not a positive multiple of {CHUNK}")
-    pages = ram_size // PAGE
-    if len(kvm_dirty_bitmap) < (pages + 7) // 8:
-        raise ChunkError(
-            f"dirty log covers {len(kvm_dirty_bitmap) * 8} pages, guest RAM has {pages}"
-        )
-    if len(vmm_dirty) != pages:
-        raise ChunkError(f"VMM dirty map covers {len(vmm_dirty)} pages, guest RAM has {pages}")
-    per = PAGES_PER_CHUNK // 8  # bitmap bytes per chunk (512 pages = 64 bytes)
-    out: set[int] = set()
-    for c in range(pages // PAGES_PER_CHUNK):
-        if kvm_dirty_bitmap[c * per : (c + 1) * per].strip(b"\0") or any(
-            vmm_dirty[c * PAGES_PER_CHUNK : (c + 1) * PAGES_PER_CHUNK]
-        ):
-            out.add(c)
-    return out
-
-
-def _ram_view(ram: memoryview | bytes | bytearray | GuestMemory) -> memoryview:
-    if isinstance(ram, GuestMemory):
-        return ram.view(0, ram.size)
-    return memoryview(ram).cast("B")
-
-
 def snapshot_memory(
-    ram: memoryview | bytes | bytearray | GuestMemory,
+    ram: memoryview | bytes | bytearray,
     store: ChunkStore,
     previous_index: MemoryIndex | None = None,
     dirty: Iterable[int] | None = None,
@@ -299,7 +270,7 @@ def snapshot_memory(
     other chunk keeps its previous id, provided the store still holds it (a chunk
     pruned since is re-hashed, never referenced blind).
     """
-    mv = _ram_view(ram)
+    mv = memoryview(ram).cast("B")
     size = len(mv)
     if size <= 0 or size % CHUNK:
         raise ChunkError(f"guest RAM size {size} is not a positive multiple of {CHUNK}")

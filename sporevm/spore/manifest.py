@@ -24,11 +24,11 @@ import blake3
 
 from sporevm.errors import SporeError
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkError, ChunkStore, MemoryIndex
+from sporevm.spore.platform import SLOT_BLK
 from sporevm.strictjson import (
     ecma_pattern_keyword,
     load_versioned_object,
 )
-from sporevm.vmm.board import SLOT_BLK
 
 FORMAT = "spore/v1"
 MAX_MANIFEST = 16 * 1024 * 1024

@@ -2,24 +2,28 @@
 
 A spore directory holds the manifest's canonical bytes (docs/spore-format.md)
 and ``id``, the BLAKE3 of those bytes; the chunks and state objects it names
-live in a store's chunk CAS, the rootfs in its ``rootfs/blake3/``. Builds write
-it (``write_spore``), ``spore run --from``/``fork``/``inspect`` and bundles read
+live in a store's chunk CAS, the rootfs in its ``rootfs/blake3/``. Every
+publisher (build, fork, pull, unpack) writes it through ``write_spore``, which
+also records it as one of the store's roots (sporevm/storeroots.py), so prune
+keeps what it names. ``spore run --from``/``fork``/``inspect`` and bundles read
 it, always through ``read_spore``: the id, from the ``id`` file or an explicit
 ``DIR@blake3:<id>`` pin, is checked against the bytes before they are decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from sporevm.atomic import DirKind, atomic_write, replace_dir
+from sporevm import storeroots
+from sporevm.atomic import DirKind, NotReplaceable, atomic_write, publish_new_dir, replace_dir
 from sporevm.errors import SporeError
 from sporevm.spore import manifest
+from sporevm.spore.platform import SLOT_BLK
 from sporevm.store import Store
-from sporevm.vmm.board import SLOT_BLK
 
 MANIFEST = "manifest.json"
 ID_FILE = "id"  # "blake3:<hex>\n" of manifest.json: any edited byte is caught on open
@@ -93,17 +97,65 @@ def open_spore(path: Path, store: Store,
     return m, mpath, rootfs
 
 
-def write_spore(m: manifest.Manifest, out: Path) -> str:
-    """Publish ``out/manifest.json`` atomically (a whole new directory replaces the old)."""
+def write_spore(m: manifest.Manifest, out: Path, store: Store | None = None, *,
+                replace: bool = True) -> str:
+    """Publish the spore directory ``out`` (``manifest.json`` + ``id``) and record it as a
+    root of ``store``, so prune keeps what it names; returns the manifest id.
+
+    The directory is built beside ``out`` and renamed into place whole. ``replace``:
+    an existing spore directory (and only that, atomic.replace_dir) is swapped out in
+    the same step (build, fork); otherwise an existing ``out`` is refused, even one
+    created meanwhile (pull, unpack). The root record is written *before* the rename
+    and keyed by path and id, so no crash leaves a spore at ``out`` without its
+    record; the replaced spore's record is dropped afterwards (a crash in between
+    leaves it for prune to drop). Callers hold the store lock shared, so a prune sees
+    the spore and its record together or neither."""
     data = manifest.encode(m)
+    mid = manifest.manifest_id(data)
+    out = out.absolute()
+    if not replace and (out.exists() or out.is_symlink()):
+        raise NotReplaceable(f"{out}: already exists; remove it or choose another --out")
+    root = storeroots.root_for(out, mid) if store is not None else None
+    old_id = storeroots.read_id(out) if store is not None and replace else None
+    old = storeroots.root_for(out, old_id) if old_id is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-spore-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         atomic_write(tmp / MANIFEST, data)
-        atomic_write(tmp / ID_FILE, manifest.manifest_id(data).encode() + b"\n")
-        replace_dir(tmp, out, SPORE_DIR)  # never a moment without a whole spore at ``out``
+        atomic_write(tmp / ID_FILE, mid.encode() + b"\n")
+        if store is not None and root is not None:
+            storeroots.add(store.root, root)
+        if replace:
+            replace_dir(tmp, out, SPORE_DIR)  # never a moment without a whole spore at ``out``
+        else:
+            publish_new_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest.manifest_id(data)
+    if store is not None and old is not None and old != root:
+        with contextlib.suppress(OSError):
+            storeroots.discard(store.root, old)
+    return mid
+
+
+def keep_spore(text: str, store: Store) -> tuple[storeroots.Root, int]:
+    """Record an existing spore directory (``DIR`` or ``DIR@blake3:<id>``), e.g. one
+    moved or copied by hand, as a root of ``store``. Returns the root and how many of
+    the objects it names (chunks, state objects, rootfs) the store does not hold."""
+    from sporevm.spore.chunks import ChunkStore
+
+    path, pin = split_pin(text)
+    if not path.is_dir():
+        raise SporeOpenError(f"{path}: not a spore directory (expected {MANIFEST} and "
+                             f"{ID_FILE} in it)")
+    mid, m, _, _ = _read(path, None)  # the id file, which prune checks, must match
+    if pin is not None and pin != mid:
+        raise SporeOpenError(f"{path}: manifest id is {mid}, you pinned {pin}")
+    root = storeroots.Root(storeroots.check_path(os.path.realpath(path), str(path)), mid)
+    storeroots.add(store.root, root)
+    chunks = ChunkStore(store)
+    objects = [*m.memory.stored(), *(o.digest for o in m.state.values())]
+    missing = sum(not chunks.has(c) for c in set(objects))
+    missing += not store.rootfs_path(m.rootfs.digest).is_file()
+    return root, missing

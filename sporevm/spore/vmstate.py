@@ -5,7 +5,7 @@ events; the VM's irqchip, PIT and KVM clock; the board devices — encoded as
 ``{"format": "spore-vmstate/v1", "vcpus": [...], "vm": {...}, "devices": {...}}``.
 
 KVM structs are not dumped raw: each struct field becomes a JSON field of the
-same name (the layouts in ``sporevm/vmm/kvm.py`` are the schema; padding and
+same name (the layouts in ``sporevm/spore/x86.py`` are the schema; padding and
 reserved fields are dropped and written back as zero). Small byte arrays are
 lowercase hex of exact length; the two register pages (LAPIC, 1024 B; XSAVE,
 4096 B) are canonical base64 of exact length.
@@ -15,7 +15,10 @@ input must be exactly the canonical encoding of what it decodes to (sorted
 keys, no whitespace, ints only, no floats/NaN/duplicate keys), every object
 must have exactly the expected fields, every integer must fit its KVM field.
 Anything else is one-line VmStateError. Semantic checks of register values are
-KVM's: the restore turns its refusals into VmStateError too.
+the backend's (KVM's): it turns its refusals into VmStateError too.
+
+This is the spore format: it imports no VMM. A backend produces and consumes
+these objects (docs/vmm.md, "Backends"); the KVM one in ``sporevm/vmm``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sporevm.errors import SporeError
-from sporevm.strictjson import no_duplicate_keys, reject_constant, reject_float
-from sporevm.vmm.devices.virtio import mmio as virtio_mmio
-from sporevm.vmm.devices.virtio import queue as virtio_queue
-from sporevm.vmm.kvm import (
+from sporevm.spore.x86 import (
+    IoapicState,
     KvmClockData,
     KvmFpu,
     KvmLapicState,
@@ -41,12 +42,14 @@ from sporevm.vmm.kvm import (
     KvmVcpuEvents,
     KvmXcrs,
     KvmXsave,
+    PicState,
 )
+from sporevm.strictjson import no_duplicate_keys, reject_constant, reject_float
 
 FORMAT = "spore-vmstate/v1"
 MAX_VCPUS = 64
 MAX_VIRTIO_DEVICES = 16
-SERIAL_RX_LIMIT = 4096  # sporevm/vmm/devices/serial.py RX_LIMIT
+SERIAL_RX_LIMIT = 4096  # bytes the 16550 buffers for the guest (its RX_LIMIT)
 # Console pending bytes may reach 16 MiB (hex doubles it); everything else is a few KiB.
 MAX_STATE_BYTES = 40 << 20
 MAX_DEVICE_STRING = 2 * (16 << 20)
@@ -101,39 +104,20 @@ OWNED_MSRS: dict[int, str] = {
 MSR_TSC_DEADLINE = 0x6E0
 
 
-# --- irqchip payloads (the union inside struct kvm_irqchip) --------------------------------
-
-
-class PicState(ctypes.Structure):
-    """struct kvm_pic_state (arch/x86/include/uapi/asm/kvm.h)."""
-
-    _fields_ = [
-        (n, ctypes.c_uint8)
-        for n in (
-            "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
-            "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr "
-            "elcr_mask"
-        ).split()
-    ]
-
-
-IOAPIC_PINS = 24
-
-
-class IoapicState(ctypes.Structure):
-    """struct kvm_ioapic_state; ``redirtbl`` holds each pin's 64-bit redirection entry."""
-
-    _fields_ = [
-        ("base_address", ctypes.c_uint64),
-        ("ioregsel", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("irr", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("redirtbl", ctypes.c_uint64 * IOAPIC_PINS),
-    ]
-
-
-assert ctypes.sizeof(PicState) == 16 and ctypes.sizeof(IoapicState) == 216
+# --- the virtio-mmio transport's state fields (docs/devices.md, "Snapshot state") ---------
+# A transport's state() has exactly these fields, each queue's exactly those; a state
+# from another transport version is refused before any VM exists. The values are
+# checked against the attached device by the backend's transport (VirtioMmio.restore).
+VIRTIO_STATE_VERSION = 1
+VIRTIO_TRANSPORT_FIELDS = frozenset({
+    "version", "device_id", "status", "device_features_sel", "driver_features",
+    "driver_features_sel", "queue_sel", "interrupt_status", "config_generation", "error",
+    "queues", "device",
+})
+VIRTIO_QUEUE_FIELDS = frozenset({
+    "size", "ready", "desc_addr", "avail_addr", "used_addr", "last_avail_idx", "used_idx",
+    "indirect",
+})
 
 
 # --- the state objects ------------------------------------------------------------------
@@ -154,6 +138,8 @@ class VcpuState:
 
 @dataclass
 class SerialState:
+    """The COM1 16550A's registers and receive buffer (``Serial.state()``/``restore()``)."""
+
     ier: int
     lcr: int
     mcr: int
@@ -510,8 +496,8 @@ def _virtio_from_json(value: object) -> list[JsonObj]:
         w = f"devices.virtio[{i}]"
         # The transport's own field list: a state from another transport version is refused
         # here, before any VM exists.
-        s = _obj(t, w, set(virtio_mmio._STATE_KEYS))
-        if s["version"] != virtio_mmio.STATE_VERSION:
+        s = _obj(t, w, set(VIRTIO_TRANSPORT_FIELDS))
+        if s["version"] != VIRTIO_STATE_VERSION:
             raise VmStateError(f"{w}.version: unsupported {str(s['version'])[:20]}")
         for k, v in s.items():
             if k not in ("queues", "device"):
@@ -520,7 +506,7 @@ def _virtio_from_json(value: object) -> list[JsonObj]:
         if not isinstance(queues, list) or len(queues) > 8:
             raise VmStateError(f"{w}.queues: expected a list of <= 8 queues")
         for q, qs in enumerate(queues):
-            for k, v in _obj(qs, f"{w}.queues[{q}]", set(virtio_queue._STATE_KEYS)).items():
+            for k, v in _obj(qs, f"{w}.queues[{q}]", set(VIRTIO_QUEUE_FIELDS)).items():
                 _scalar(v, f"{w}.queues[{q}].{k}")
         d = s["device"]
         if not isinstance(d, dict) or len(d) > 16:

@@ -1,7 +1,8 @@
 """The spore microVM: a Machine with the standard devices wired to a kernel, initrd and rootfs.
 
-Device slots are part of the platform contract (docs/vmm.md): virtio-mmio
-window n at 0xd0000000 + n × 4 KiB on GSI 5 + n, in this order:
+Device slots are part of the platform contract (docs/vmm.md), whose constants
+the format defines (``sporevm/spore/platform.py``): virtio-mmio window n at
+0xd0000000 + n × 4 KiB on GSI 5 + n, in this order:
 
     0  virtio-blk      the immutable rootfs, read-only        (guest: /dev/vda)
     1  virtio-console  the agent channel                      (guest: /dev/hvc0)
@@ -14,19 +15,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sporevm.spore.platform import (
+    GUEST_AGENT,
+    GUEST_ROOT,
+    SLOT_BLK,
+    SLOT_CONSOLE,
+    SLOT_RNG,
+    VIRTIO_BASE,
+    VIRTIO_FIRST_GSI,
+)
 from sporevm.vmm.devices.virtio import WINDOW, VirtioMmio, kernel_cmdline
 from sporevm.vmm.devices.virtio.blk import BlkDevice
 from sporevm.vmm.devices.virtio.console import ConsoleDevice
 from sporevm.vmm.devices.virtio.rng import RngDevice
 from sporevm.vmm.machine import Machine
 from sporevm.vmm.memory import GuestMemory
-
-VIRTIO_BASE = 0xD0000000
-VIRTIO_FIRST_GSI = 5
-SLOT_BLK, SLOT_CONSOLE, SLOT_RNG = 0, 1, 2
-DEVICE_MODEL = "spore-board/1"  # bump when slots, devices or their features change
-GUEST_ROOT = "/dev/vda"
-GUEST_AGENT = "/dev/hvc0"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,17 @@ class BoardConfig:
     rootfs_fd: int  # opened read-only by the caller
     rootfs_size: int
     rootfs_serial: bytes = b""
+
+
+@dataclass(frozen=True)
+class BoardWiring:
+    """Where the board's host-side ends go: the agent console's output (and its room for
+    more input), the serial log; ``dirty_log`` registers RAM with KVM's dirty log."""
+
+    on_agent_output: Callable[[bytes], None]
+    on_agent_writable: Callable[[], None] | None = None
+    serial_output: Callable[[bytes], None] | None = None
+    dirty_log: bool = False
 
 
 @dataclass
@@ -54,20 +68,14 @@ def slot_base(slot: int) -> int:
 
 
 def build_board(
-    cfg: BoardConfig,
-    *,
-    on_agent_output: Callable[[bytes], None],
-    on_agent_writable: Callable[[], None] | None = None,
-    serial_output: Callable[[bytes], None] | None = None,
-    dirty_log: bool = False,
-    memory: GuestMemory | None = None,
+    cfg: BoardConfig, wiring: BoardWiring, *, memory: GuestMemory | None = None
 ) -> Board:
     """``memory``: RAM prepared before the VM exists (an eager restore); the machine owns it."""
-    machine = Machine(cfg.memory, cfg.vcpus, serial_output=serial_output, dirty_log=dirty_log,
-                      memory=memory)
+    machine = Machine(cfg.memory, cfg.vcpus, serial_output=wiring.serial_output,
+                      dirty_log=wiring.dirty_log, memory=memory)
     try:
         blk = BlkDevice(cfg.rootfs_fd, cfg.rootfs_size, serial=cfg.rootfs_serial)
-        console = ConsoleDevice(on_agent_output, on_writable=on_agent_writable)
+        console = ConsoleDevice(wiring.on_agent_output, on_writable=wiring.on_agent_writable)
         rng = RngDevice()
         transports: list[VirtioMmio] = []
         decls: list[str] = []

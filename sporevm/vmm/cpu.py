@@ -1,7 +1,8 @@
 """One vCPU: its fd and kvm_run page, CPUID/MSR setup, long-mode entry, state access.
 
 Every piece of architectural state a snapshot needs has a getter and a setter
-here that moves whole KVM structs; ``machine.py`` decides when to call them.
+here that moves whole KVM structs; ``capture``/``apply`` move all of them as the
+spore VM-state schema's ``VcpuState``, ``apply`` in the order KVM needs.
 ``code_at`` translates a guest virtual address through the guest's own page
 tables so fault reports can show the instruction bytes at RIP.
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from sporevm.spore.vmstate import MSR_TSC_DEADLINE, VcpuState, VmStateError
 from sporevm.vmm import kvm
 from sporevm.vmm.kvm import (
     KvmCpuid2,
@@ -287,6 +290,42 @@ class Vcpu:
             bad = list(values)[n]
             raise kvm.KvmError(f"KVM_SET_MSRS wrote {n} of {len(values)}; MSR {bad:#x} refused")
 
+    # --- the vCPU's part of a spore's VM state (docs/vm-state.md) ------------------------
+    def capture(self, msrs: list[int]) -> VcpuState:
+        """Every piece of this (stopped) vCPU's state; ``msrs``: the MSRs to read."""
+        return VcpuState(
+            regs=self.get_regs(), sregs=self.get_sregs(), fpu=self.get_fpu(),
+            xsave=self.get_xsave(), xcrs=self.get_xcrs(), msrs=self.get_msrs(msrs),
+            lapic=self.get_lapic(), events=self.get_events(), mp_state=self.get_mp_state(),
+        )
+
+    def apply(self, s: VcpuState, where: str) -> None:
+        """Write ``s`` into this never-run vCPU, in the order KVM needs (docs/vm-state.md,
+        "Restore order"): sregs before regs (the mode RIP and RFLAGS are read in, and
+        APIC_BASE); FPU, XCRs, then XSAVE (XCR0 enables what XSAVE carries; XSAVE
+        supersedes the legacy FPU image); MSRs (APIC_BASE before the LAPIC, the TSC
+        before the clock); the LAPIC; TSC_DEADLINE only after it (KVM drops a deadline
+        unless the LAPIC timer is already in deadline mode); MP state; vCPU events last
+        (pending exceptions, NMIs and the interrupt shadow apply to all of the above).
+        What KVM refuses is a VmStateError naming ``where`` and the part."""
+        early = {k: val for k, val in s.msrs.items() if k != MSR_TSC_DEADLINE}
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("sregs", lambda: self.set_sregs(s.sregs)),
+            ("regs", lambda: self.set_regs(s.regs)),
+            ("fpu", lambda: self.set_fpu(s.fpu)),
+            ("xcrs", lambda: self.set_xcrs(s.xcrs)),
+            ("xsave", lambda: self.set_xsave(s.xsave)),
+            ("msrs", lambda: self.set_msrs(early)),
+            ("lapic", lambda: self.set_lapic(s.lapic)),
+        ]
+        if MSR_TSC_DEADLINE in s.msrs:
+            deadline = {MSR_TSC_DEADLINE: s.msrs[MSR_TSC_DEADLINE]}
+            steps.append(("msrs (TSC_DEADLINE)", lambda: self.set_msrs(deadline)))
+        steps += [("mp_state", lambda: self.set_mp_state(s.mp_state)),
+                  ("events", lambda: self.set_events(s.events))]
+        for part, fn in steps:
+            refused(f"{where}.{part}", fn)
+
     def dead_halted(self) -> bool:
         """In HLT with interrupts disabled: only NMI/INIT could wake it, and we send neither."""
         if self.get_mp_state() != kvm.KVM_MP_STATE_HALTED:
@@ -303,6 +342,14 @@ class Vcpu:
                 continue
             ok.append(idx)
         return ok
+
+
+def refused(what: str, fn: Callable[[], None]) -> None:
+    """Run one step of applying a spore's state; KVM refusing it is a VmStateError."""
+    try:
+        fn()
+    except (OSError, kvm.KvmError) as e:
+        raise VmStateError(f"restoring {what}: KVM refused the state ({e})") from None
 
 
 # --- kvm_pvm fix-ups ------------------------------------------------------------------

@@ -18,7 +18,6 @@ from ctypes import (
     Union,
     c_char,
     c_int,
-    c_int64,
     c_uint8,
     c_uint16,
     c_uint32,
@@ -30,6 +29,24 @@ from ctypes import (
 from typing import TypeVar
 
 from sporevm.errors import SporeError
+
+# The state structures are the spore VM-state schema (sporevm/spore/x86.py, the format's):
+# the same layouts KVM's ioctls take, re-exported here with the rest of the KVM ABI.
+from sporevm.spore.x86 import IoapicState as IoapicState
+from sporevm.spore.x86 import KvmClockData as KvmClockData
+from sporevm.spore.x86 import KvmDtable as KvmDtable
+from sporevm.spore.x86 import KvmFpu as KvmFpu
+from sporevm.spore.x86 import KvmLapicState as KvmLapicState
+from sporevm.spore.x86 import KvmPitChannelState as KvmPitChannelState
+from sporevm.spore.x86 import KvmPitState2 as KvmPitState2
+from sporevm.spore.x86 import KvmRegs as KvmRegs
+from sporevm.spore.x86 import KvmSegment as KvmSegment
+from sporevm.spore.x86 import KvmSregs as KvmSregs
+from sporevm.spore.x86 import KvmVcpuEvents as KvmVcpuEvents
+from sporevm.spore.x86 import KvmXcr as KvmXcr
+from sporevm.spore.x86 import KvmXcrs as KvmXcrs
+from sporevm.spore.x86 import KvmXsave as KvmXsave
+from sporevm.spore.x86 import PicState as PicState
 
 
 class KvmError(SporeError):
@@ -65,54 +82,6 @@ def _iowr(nr: int, size: int) -> int:
 # --- structs ------------------------------------------------------------------------------
 
 
-class KvmRegs(Structure):
-    _fields_ = [
-        (n, c_uint64)
-        for n in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
-    ]
-
-
-class KvmSegment(Structure):
-    _fields_ = [
-        ("base", c_uint64),
-        ("limit", c_uint32),
-        ("selector", c_uint16),
-        *[(n, c_uint8) for n in "type present dpl db s l g avl unusable padding".split()],
-    ]
-
-
-class KvmDtable(Structure):
-    _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
-
-
-class KvmSregs(Structure):
-    _fields_ = [
-        *[(n, KvmSegment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
-        ("gdt", KvmDtable),
-        ("idt", KvmDtable),
-        *[(n, c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")],
-        ("interrupt_bitmap", c_uint64 * 4),
-    ]
-
-
-class KvmFpu(Structure):
-    _fields_ = [
-        ("fpr", (c_uint8 * 16) * 8),
-        ("fcw", c_uint16),
-        ("fsw", c_uint16),
-        ("ftwx", c_uint8),
-        ("pad1", c_uint8),
-        ("last_opcode", c_uint16),
-        ("last_ip", c_uint64),
-        ("last_dp", c_uint64),
-        ("xmm", (c_uint8 * 16) * 16),
-        ("mxcsr", c_uint32),
-        ("pad2", c_uint32),
-    ]
-
-
 class KvmCpuidEntry2(Structure):
     _fields_ = [
         ("function", c_uint32),
@@ -145,26 +114,6 @@ class KvmIrqchip(Structure):
 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
 
 
-_PIT_U8 = "count_latched status_latched status read_state write_state write_latch rw_mode mode"
-
-
-class KvmPitChannelState(Structure):
-    _fields_ = [
-        ("count", c_uint32),
-        ("latched_count", c_uint16),
-        *[(n, c_uint8) for n in (*_PIT_U8.split(), "bcd", "gate")],
-        ("count_load_time", c_int64),
-    ]
-
-
-class KvmPitState2(Structure):
-    _fields_ = [
-        ("channels", KvmPitChannelState * 3),
-        ("flags", c_uint32),
-        ("reserved", c_uint32 * 9),
-    ]
-
-
 class KvmPitConfig(Structure):
     _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
 
@@ -172,79 +121,10 @@ class KvmPitConfig(Structure):
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
-class KvmClockData(Structure):
-    _fields_ = [
-        ("clock", c_uint64),
-        ("flags", c_uint32),
-        ("pad0", c_uint32),
-        ("realtime", c_uint64),
-        ("host_tsc", c_uint64),
-        ("pad", c_uint32 * 4),
-    ]
-
-
-class _EvException(Structure):
-    _fields_ = [
-        ("injected", c_uint8),
-        ("nr", c_uint8),
-        ("has_error_code", c_uint8),
-        ("pending", c_uint8),
-        ("error_code", c_uint32),
-    ]
-
-
-class _EvInterrupt(Structure):
-    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
-
-
-class _EvNmi(Structure):
-    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
-
-
-class _EvSmi(Structure):
-    _fields_ = [(n, c_uint8) for n in ("smm", "pending", "smm_inside_nmi", "latched_init")]
-
-
-class KvmVcpuEvents(Structure):
-    _fields_ = [
-        ("exception", _EvException),
-        ("interrupt", _EvInterrupt),
-        ("nmi", _EvNmi),
-        ("sipi_vector", c_uint32),
-        ("flags", c_uint32),
-        ("smi", _EvSmi),
-        ("triple_fault_pending", c_uint8),
-        ("reserved", c_uint8 * 26),
-        ("exception_has_payload", c_uint8),
-        ("exception_payload", c_uint64),
-    ]
-
-
 KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
 KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
 KVM_VCPUEVENT_VALID_SHADOW = 0x4
 KVM_VCPUEVENT_VALID_SMM = 0x8
-
-
-class KvmXcr(Structure):
-    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
-
-
-class KvmXcrs(Structure):
-    _fields_ = [
-        ("nr_xcrs", c_uint32),
-        ("flags", c_uint32),
-        ("xcrs", KvmXcr * 16),
-        ("padding", c_uint64 * 16),
-    ]
-
-
-class KvmLapicState(Structure):
-    _fields_ = [("regs", c_char * 1024)]
-
-
-class KvmXsave(Structure):
-    _fields_ = [("region", c_uint32 * 1024)]
 
 
 class KvmMsrEntry(Structure):
@@ -415,22 +295,11 @@ KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2
 
 # --- layout checks ------------------------------------------------------------------------
 
+# (The VM-state structures are size-checked where they are defined: sporevm/spore/x86.py.)
 _SIZES: dict[type[Structure] | type[Union], int] = {
-    KvmRegs: 144,
-    KvmSegment: 24,
-    KvmDtable: 16,
-    KvmSregs: 312,
-    KvmFpu: 416,
     KvmCpuidEntry2: 40,
     KvmIrqchip: 520,
-    KvmPitChannelState: 24,
-    KvmPitState2: 112,
     KvmPitConfig: 64,
-    KvmClockData: 48,
-    KvmVcpuEvents: 64,
-    KvmXcrs: 392,
-    KvmLapicState: 1024,
-    KvmXsave: 4096,
     KvmMsrEntry: 16,
     KvmUserspaceMemoryRegion: 32,
     KvmDirtyLog: 16,
@@ -444,7 +313,6 @@ _SIZES: dict[type[Structure] | type[Union], int] = {
 for _t, _n in _SIZES.items():
     assert sizeof(_t) == _n, f"{_t.__name__} is {sizeof(_t)} bytes, KVM expects {_n}"
 assert KvmRun.exit.offset == 32 and KvmRun.kvm_valid_regs.offset == 288
-assert KvmVcpuEvents.exception_payload.offset == 56
 
 # --- ioctl numbers ------------------------------------------------------------------------
 

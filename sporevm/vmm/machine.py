@@ -18,22 +18,30 @@ Stopping. A stop (pause, deadline, power-off) sets ``immediate_exit`` and the
 vCPU does one more KVM_RUN, which completes a pending PIO/MMIO instruction
 without running guest code: after run() returns, registers and device state
 agree and can be captured.
+
+Snapshots. The machine is the KVM backend of a spore's VM state (docs/vmm.md,
+"Backends"): ``capture_vcpus``/``apply_vcpus``, ``capture_vm``/``apply_vm`` and
+``apply_clock`` move the schema's ``VcpuState`` and ``VmWideState``; the serial
+device moves its own ``SerialState``; ``held_still`` keeps run() out meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sporevm.errors import SporeError
+from sporevm.spore.vmstate import OWNED_MSRS, VcpuState, VmState, VmStateError, VmWideState
+from sporevm.spore.x86 import IoapicState, PicState
 from sporevm.vmm import boot, kvm, mptable
 from sporevm.vmm.bus import Bus, BusDevice, IrqLine
-from sporevm.vmm.cpu import BOOT_MSRS, Vcpu, build_cpuid, code_at, host_fixup
+from sporevm.vmm.cpu import BOOT_MSRS, Vcpu, build_cpuid, code_at, host_fixup, refused
 from sporevm.vmm.devices.power import (
     I8042,
     I8042_DATA,
@@ -58,8 +66,8 @@ from sporevm.vmm.memory import GuestMemory
 # The run loop lives in vcpu_loop; its stop types are re-exported here (explicit "as").
 from sporevm.vmm.vcpu_loop import KICK_SIGNAL as KICK_SIGNAL
 from sporevm.vmm.vcpu_loop import ExitResult as ExitResult
+from sporevm.vmm.vcpu_loop import RunControl, run_machine
 from sporevm.vmm.vcpu_loop import StopReason as StopReason
-from sporevm.vmm.vcpu_loop import run_machine
 
 # Fixed addresses KVM needs for its own use on Intel (real-mode TSS, EPT identity map):
 # three pages and one page just below the BIOS area at the top of 4 GiB, as QEMU uses.
@@ -131,10 +139,7 @@ class Machine:
         self._given_memory = memory
         self._closed = False
         self._bus_lock = threading.Lock()
-        self._kick_lock = threading.Lock()
-        self._threads: dict[int, int] = {}  # vcpu index -> thread ident while in run()
-        self._stuck: set[int] = set()  # vCPUs whose last kick found them unable to run again
-        self._stop: ExitResult | None = None
+        self.run_control = RunControl()  # shared with the run loop (vcpu_loop.py)
         self._terminal: ExitResult | None = None
         self._running = threading.Lock()
         try:
@@ -275,6 +280,99 @@ class Machine:
     def set_clock(self, s: KvmClockData) -> None:
         ioctl(self.vm_fd, kvm.KVM_SET_CLOCK, s)
 
+    # --- a spore's VM state: this machine as its backend (docs/vm-state.md) -----------
+    @contextlib.contextmanager
+    def held_still(self) -> Iterator[None]:
+        """Hold a paused machine still while its state is read: a run() started on another
+        thread meanwhile fails instead of racing the capture. VmStateError if run() is in
+        progress or the machine has stopped for good."""
+        if not self._running.acquire(blocking=False):
+            raise VmStateError("capture needs a paused machine: run() is in progress")
+        try:
+            if self._terminal is not None:
+                raise VmStateError(f"machine already stopped ({self._terminal.reason.value}): "
+                                   "nothing to capture")
+            yield
+        finally:
+            self._running.release()
+
+    def state_msrs(self) -> list[int]:
+        """The OWNED_MSRS this host's KVM lists and a vCPU can read, ascending."""
+        listed = set(self.msr_index_list)
+        candidates = sorted(i for i in OWNED_MSRS if i in listed)
+        return self.vcpus[0].readable_msrs(candidates) if self.vcpus else []
+
+    def capture_vcpus(self) -> list[VcpuState]:
+        msrs = self.state_msrs()
+        return [v.capture(msrs) for v in self.vcpus]
+
+    def check_state(self, state: VmState) -> None:
+        """Refuse, before anything is written, a state this machine cannot take."""
+        if len(state.vcpus) != len(self.vcpus):
+            raise VmStateError(
+                f"state has {len(state.vcpus)} vCPUs, the machine {len(self.vcpus)}")
+        listed = set(self.msr_index_list)
+        for i, vs in enumerate(state.vcpus):
+            missing = sorted(set(vs.msrs) - listed)
+            if missing:
+                raise VmStateError(
+                    f"vcpus[{i}]: this host's KVM does not list MSR {missing[0]:#x}; "
+                    "the spore needs a host of the same class"
+                )
+
+    def apply_vcpus(self, states: list[VcpuState]) -> None:
+        """Every vCPU's state (``Vcpu.apply`` has the order); after ``apply_vm``, so the
+        interrupt routing exists when vCPU interrupt state lands."""
+        if len(states) != len(self.vcpus):
+            raise VmStateError(f"state has {len(states)} vCPUs, the machine {len(self.vcpus)}")
+        for i, (v, s) in enumerate(zip(self.vcpus, states, strict=True)):
+            v.apply(s, f"vcpus[{i}]")
+
+    def capture_vm(self) -> VmWideState:
+        def chip(chip_id: int, size: int) -> bytes:
+            c = self.get_irqchip(chip_id)
+            # Read the union raw: the c_char field accessor would stop at the first NUL byte.
+            return ctypes.string_at(ctypes.addressof(c) + KvmIrqchip.chip.offset, size)
+
+        pic, ioapic = ctypes.sizeof(PicState), ctypes.sizeof(IoapicState)
+        return VmWideState(
+            pic_master=PicState.from_buffer_copy(chip(kvm.KVM_IRQCHIP_PIC_MASTER, pic)),
+            pic_slave=PicState.from_buffer_copy(chip(kvm.KVM_IRQCHIP_PIC_SLAVE, pic)),
+            ioapic=IoapicState.from_buffer_copy(chip(kvm.KVM_IRQCHIP_IOAPIC, ioapic)),
+            pit2=self.get_pit2(),
+            clock=self.get_clock(),
+        )
+
+    def apply_vm(self, state: VmWideState) -> None:
+        """The irqchip (PIC master, PIC slave, IOAPIC), then the PIT: VM-wide devices before
+        any vCPU. ``KVM_SET_PIT2`` re-bases the count to now (a short delay to the guest).
+        The clock is separate and last: ``apply_clock``."""
+        refused("irqchip", lambda: self._set_irqchips(state))
+        refused("PIT", lambda: self.set_pit2(state.pit2))
+
+    def _set_irqchips(self, state: VmWideState) -> None:
+        for chip_id, payload in (
+            (kvm.KVM_IRQCHIP_PIC_MASTER, state.pic_master),
+            (kvm.KVM_IRQCHIP_PIC_SLAVE, state.pic_slave),
+            (kvm.KVM_IRQCHIP_IOAPIC, state.ioapic),
+        ):
+            c = KvmIrqchip()
+            c.chip_id = chip_id
+            ctypes.memmove(
+                ctypes.addressof(c) + KvmIrqchip.chip.offset,
+                ctypes.addressof(payload),
+                ctypes.sizeof(payload),
+            )
+            self.set_irqchip(c)
+
+    def apply_clock(self, captured: KvmClockData) -> None:
+        """kvmclock resumes at exactly the captured value, with flags 0: guest time stands
+        still while the spore sleeps and never goes backwards (KVM_CLOCK_REALTIME would jump
+        it by the host wall time since the capture; the agent sets the wall clock)."""
+        clock = KvmClockData()
+        clock.clock = captured.clock
+        refused("KVM clock", lambda: self.set_clock(clock))
+
     def get_dirty_log(self) -> bytes:
         """KVM's dirty bitmap for guest RAM since the last call (bit n = page n); clears it."""
         if not self.dirty_log:
@@ -296,7 +394,7 @@ class Machine:
         if not self._running.acquire(blocking=False):
             raise KvmError("run() is already in progress on another thread")
         try:
-            self._stop = None
+            self.run_control.begin()
             result = run_machine(self, deadline)
             if result.reason in TERMINAL:
                 self._terminal = result
@@ -310,20 +408,10 @@ class Machine:
 
     def request_stop(self, result: ExitResult) -> bool:
         """First stop wins: every vCPU leaves KVM_RUN at the next instruction boundary."""
-        with self._kick_lock:
-            if self._stop is None:
-                self._stop = result
-            running = bool(self._threads)
-            for v in self.vcpus:
-                v.run.immediate_exit = 1
-            for ident in self._threads.values():
-                signal.pthread_kill(ident, KICK_SIGNAL)
-        return running
+        return self.run_control.request_stop(result, self.vcpus)
 
     def kick_all(self) -> None:
-        with self._kick_lock:
-            for ident in self._threads.values():
-                signal.pthread_kill(ident, KICK_SIGNAL)
+        self.run_control.kick_all()
 
     def _power_event(self, event: PowerEvent, status: int) -> None:
         reason = StopReason.POWEROFF if event is PowerEvent.POWEROFF else StopReason.RESET
@@ -331,8 +419,7 @@ class Machine:
 
     def vcpu_threads(self) -> list[int]:
         """Thread idents of the vCPUs inside run() right now (for CPU-time sampling)."""
-        with self._kick_lock:
-            return list(self._threads.values())
+        return self.run_control.threads()
 
     def describe(self, index: int) -> tuple[int | None, bytes | None]:
         """(RIP, instruction bytes at RIP) of a vCPU, best effort, for reports."""

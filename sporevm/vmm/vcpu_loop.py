@@ -2,7 +2,10 @@
 
 Split out of machine.py to keep that module to board wiring and state; the
 threading and kick protocol this implements is described there. Machine is
-imported for types only, so data flows one way (machine -> vcpu_loop).
+imported for types only, so data flows one way (machine -> vcpu_loop). What the
+machine and the loop share about a run (which vCPU threads are inside it, the
+first stop requested, which vCPUs look stuck) is one ``RunControl``, the only
+code that touches it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +48,79 @@ class ExitResult:
     rip: int | None = None
     code: bytes | None = None  # instruction bytes at rip, best effort
     detail: str = ""
+
+
+class RunControl:
+    """The state one run() shares between the machine (pause, power events) and its vCPU
+    threads, under one lock: which threads are inside the run, the first stop requested
+    (first one wins), and which vCPUs the latest kick found unable to run on their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[int, int] = {}  # vcpu index -> thread ident while in run()
+        self._stuck: set[int] = set()
+        self._stop: ExitResult | None = None
+
+    def begin(self) -> None:
+        """A new run(): no stop requested, nothing stuck."""
+        with self._lock:
+            self._stop = None
+            self._stuck.clear()
+
+    def result(self) -> ExitResult | None:
+        with self._lock:
+            return self._stop
+
+    def request_stop(self, result: ExitResult, vcpus: Sequence[Vcpu]) -> bool:
+        """Record ``result`` unless a stop came first; make every vCPU leave KVM_RUN at its
+        next instruction boundary. True if a vCPU thread was inside the run."""
+        with self._lock:
+            if self._stop is None:
+                self._stop = result
+            running = bool(self._threads)
+            for v in vcpus:
+                v.run.immediate_exit = 1
+            for ident in self._threads.values():
+                signal.pthread_kill(ident, KICK_SIGNAL)
+        return running
+
+    def kick_all(self) -> None:
+        with self._lock:
+            for ident in self._threads.values():
+                signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def threads(self) -> list[int]:
+        with self._lock:
+            return list(self._threads.values())
+
+    def enter(self, i: int, v: Vcpu) -> None:
+        """The calling thread runs vCPU ``i`` from now on (a stop already requested holds)."""
+        with self._lock:
+            self._threads[i] = threading.get_ident()
+            v.run.immediate_exit = 1 if self._stop is not None else 0
+
+    def leave(self, i: int, v: Vcpu) -> None:
+        with self._lock:
+            self._threads.pop(i, None)
+            v.run.immediate_exit = 0
+
+    def stopping(self, v: Vcpu) -> bool:
+        """After a kick: True if a stop was requested; else re-arm ``v`` (a pause() that
+        raced with the start of run() left immediate_exit set) and carry on."""
+        with self._lock:
+            if self._stop is not None:
+                return True
+            v.run.immediate_exit = 0
+            return False
+
+    def all_stuck(self, i: int, stuck: bool, count: int) -> bool:
+        """Record whether vCPU ``i`` is stuck; True once all ``count`` of them are."""
+        with self._lock:
+            if stuck:
+                self._stuck.add(i)
+            else:
+                self._stuck.discard(i)
+            return len(self._stuck) == count
 
 
 class _Kicker(threading.Thread):
@@ -86,8 +163,6 @@ def run_machine(m: Machine, deadline: float | None) -> ExitResult:
         for i in range(1, len(m.vcpus))
     ]
     kicker = _Kicker(m, deadline)
-    with m._kick_lock:
-        m._stuck.clear()
     kicker.start()
     for t in helpers:
         t.start()
@@ -102,8 +177,9 @@ def run_machine(m: Machine, deadline: float | None) -> ExitResult:
         kicker.stop()
     if errors:
         raise errors[0]
-    res = m._stop
-    assert res is not None
+    res = m.run_control.result()
+    if res is None:  # every vCPU loop returns only once a stop was requested
+        raise RuntimeError("run loop ended without a stop request")
     if res.rip is None:
         rip, code = m.describe(res.vcpu)
         res = ExitResult(res.reason, res.status, res.vcpu, rip, code, res.detail)
@@ -117,14 +193,10 @@ def _vcpu_loop(m: Machine, i: int, deadline: float | None) -> None:
         v.set_signal_mask({int(s) for s in old_mask} - {int(KICK_SIGNAL)})
         if deadline is not None and time.monotonic() >= deadline:
             m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))  # the kick could miss us
-        with m._kick_lock:
-            m._threads[i] = threading.get_ident()
-            v.run.immediate_exit = 1 if m._stop is not None else 0
+        m.run_control.enter(i, v)
         _vcpu_exits(m, i, v, deadline)
     finally:
-        with m._kick_lock:
-            m._threads.pop(i, None)
-            v.run.immediate_exit = 0
+        m.run_control.leave(i, v)
         while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
             pass  # drain our own kick before SIGUSR1 is unblocked again
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -178,10 +250,8 @@ def _on_kick(m: Machine, i: int, v: Vcpu, deadline: float | None) -> bool:
     # would return EINTR at once. A stop is flagged before its kick is sent, so it is seen.
     while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
         pass
-    with m._kick_lock:
-        if m._stop is not None:
-            return True
-        v.run.immediate_exit = 0  # a pause() that raced with the start of run()
+    if m.run_control.stopping(v):
+        return True
     if deadline is not None and time.monotonic() >= deadline:
         m.request_stop(ExitResult(StopReason.DEADLINE, vcpu=i))
         return True
@@ -203,12 +273,7 @@ def _all_stuck(m: Machine, i: int, v: Vcpu) -> bool:
     be read while it is inside KVM_RUN), and the VM is HALTED when all agree.
     """
     stuck = v.dead_halted() or (i > 0 and v.get_mp_state() in _NOT_STARTED)
-    with m._kick_lock:
-        if stuck:
-            m._stuck.add(i)
-        else:
-            m._stuck.discard(i)
-        return len(m._stuck) == len(m.vcpus)
+    return m.run_control.all_stuck(i, stuck, len(m.vcpus))
 
 
 def _other_exit(m: Machine, i: int, v: Vcpu, reason: int) -> bool:

@@ -5,6 +5,10 @@ so LSR always reports THRE|TEMT and the "transmitter empty" interrupt fires as
 soon as it is enabled or a byte is written. Received bytes come from ``feed``.
 The interrupt output is a level (high while IIR reports a pending source);
 the board wires it to the in-kernel irqchip through an IrqLine.
+
+Snapshots: ``state()`` and ``restore()`` move the registers and the receive
+buffer as the spore VM-state schema's ``SerialState`` (docs/vm-state.md,
+``devices.serial``), under the device lock.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from threading import Lock
 
+from sporevm.spore.vmstate import SERIAL_RX_LIMIT, SerialState, VmStateError
 from sporevm.vmm.bus import IrqLine
 
 COM1_BASE = 0x3F8
@@ -30,7 +35,8 @@ MCR_DTR, MCR_RTS, MCR_OUT1, MCR_OUT2, MCR_LOOP = 1, 2, 4, 8, 0x10
 LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
 MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 
-RX_LIMIT = 4096  # bytes buffered for the guest before feed() drops input
+RX_LIMIT = SERIAL_RX_LIMIT  # bytes buffered for the guest before feed() drops input
+FCR_KEPT = 0xC9  # the FCR bits this UART keeps
 
 
 class Serial:
@@ -56,6 +62,38 @@ class Serial:
             self._rx.extend(data[:n])
             self._update_irq()
             return n
+
+    # --- snapshot ------------------------------------------------------------------
+    def state(self) -> SerialState:
+        """Registers and unread input, consistent under the device lock."""
+        with self._lock:
+            return SerialState(
+                ier=self.ier, lcr=self.lcr, mcr=self.mcr, scr=self.scr, fcr=self.fcr,
+                divisor=self.divisor, rx=bytes(self._rx), thre_pending=self._thre_pending,
+            )
+
+    def restore(self, s: SerialState) -> None:
+        """Load ``state()`` output; a value this UART cannot hold is a VmStateError and
+        changes nothing. The IRQ line is driven to the level the registers imply."""
+        w = "devices.serial"
+        for name, value, hi in (("ier", s.ier, 0x0F), ("lcr", s.lcr, 0xFF), ("mcr", s.mcr, 0x1F),
+                                ("scr", s.scr, 0xFF), ("fcr", s.fcr, 0xFF),
+                                ("divisor", s.divisor, 0xFFFF)):
+            if not 0 <= value <= hi:
+                raise VmStateError(f"{w}.{name}: expected an integer in [0, {hi}]")
+        if s.fcr & ~FCR_KEPT:
+            raise VmStateError(f"{w}.fcr: bits {s.fcr:#x} a 16550 does not keep")
+        if len(s.rx) > RX_LIMIT:
+            raise VmStateError(f"{w}.rx: more than {RX_LIMIT} bytes")
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = s.ier, s.lcr, s.mcr, s.scr
+            self.fcr, self.divisor, self._thre_pending = s.fcr, s.divisor, s.thre_pending
+            self._rx.clear()
+            self._rx.extend(s.rx)
+            # Force the line to the level the registers imply (the irqchip state holds it
+            # too; raising it again keeps KVM's per-source line state in step).
+            self._irq_high = False
+            self._update_irq()
 
     # --- BusDevice -----------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -113,7 +151,7 @@ class Serial:
         elif reg == IIR_FCR:
             if val & FCR_CLEAR_RCVR:
                 self._rx.clear()
-            self.fcr = val & 0xC9
+            self.fcr = val & FCR_KEPT
         elif reg == LCR:
             self.lcr = val
         elif reg == MCR:

@@ -14,6 +14,7 @@ the driver acknowledges the last bit.
 from __future__ import annotations
 
 from sporevm.errors import SporeError
+from sporevm.spore.vmstate import VIRTIO_STATE_VERSION, VIRTIO_TRANSPORT_FIELDS
 from sporevm.vmm.bus import IrqLine
 from sporevm.vmm.memory import GuestMemory
 
@@ -67,21 +68,9 @@ _STATUS_DRIVER_BITS = (
 INT_VRING = 1
 INT_CONFIG = 2
 
-STATE_VERSION = 1
-_STATE_KEYS = {
-    "version",
-    "device_id",
-    "status",
-    "device_features_sel",
-    "driver_features",
-    "driver_features_sel",
-    "queue_sel",
-    "interrupt_status",
-    "config_generation",
-    "error",
-    "queues",
-    "device",
-}
+# The snapshot state's fields are part of the spore VM-state schema (the format's).
+STATE_VERSION = VIRTIO_STATE_VERSION
+_STATE_KEYS = set(VIRTIO_TRANSPORT_FIELDS)
 _ADDR_REGS = {
     REG_QUEUE_DESC_LOW: ("desc_addr", 0),
     REG_QUEUE_DESC_HIGH: ("desc_addr", 32),

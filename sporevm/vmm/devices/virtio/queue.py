@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sporevm.errors import SporeError
+from sporevm.spore.vmstate import VIRTIO_QUEUE_FIELDS
 from sporevm.vmm.memory import GuestMemory, GuestMemoryError
 
 from .state import State, VirtioStateError, expect_keys, get_bool, get_int
@@ -33,16 +34,7 @@ AVAIL_F_NO_INTERRUPT = 1
 
 DESC_SIZE = 16
 
-_STATE_KEYS = {
-    "size",
-    "ready",
-    "desc_addr",
-    "avail_addr",
-    "used_addr",
-    "last_avail_idx",
-    "used_idx",
-    "indirect",
-}
+_STATE_KEYS = set(VIRTIO_QUEUE_FIELDS)  # the spore VM-state schema's (the format's)
 
 
 class QueueError(SporeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sporevm.vmm.agent import (
+from sporevm.runtime.agent import (
     EXEC_BACKGROUND,
     EXEC_CLEAR_ENV,
     EXEC_FLAGS,

@@ -2,13 +2,14 @@
 
 It opens what it needs (kernel, initrd, rootfs read-only), builds the board,
 boots, and bridges the guest agent's virtio-console port to a socket its
-caller holds. Events go to stdout as JSON lines; nothing here parses OCI, tar
-or Sporefiles. (The seccomp jail is the hardening issue's.) When serving the VM
-fails, the monitor's last word is one ``{"event": "error", "message": ...}`` line,
-for an I/O error or a bug too, never a traceback: that line is what the user reads.
+caller holds. It speaks the typed protocol (``protocol.py``): the config line
+and commands on stdin, events on stdout; nothing here parses OCI, tar or
+Sporefiles. It jails itself (``confine.py``, docs/jail.md). When serving the VM
+fails, the monitor's last word is one ``MonitorError`` event, for an I/O error or
+a bug too, never a traceback: that line is what the user reads.
 
-    caller ──stdin: one JSON config line──► monitor
-    caller ◄─stdout: {"event": ...} lines── monitor
+    caller ──stdin: config line, then commands──► monitor
+    caller ◄─stdout: event lines───────────────── monitor
     caller ◄═agent socket (fd in config)══► monitor ◄═virtio-console═► guest agent
 """
 
@@ -16,152 +17,70 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import mmap
 import os
 import queue
-import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import blake3
 
 from sporevm.errors import SporeError
+from sporevm.runtime import dirty
+from sporevm.runtime.capture import capture
+from sporevm.runtime.confine import MonitorJail, release_staging
+from sporevm.runtime.host import host_contract
+from sporevm.runtime.protocol import (
+    MAX_CONFIG,
+    Booting,
+    Command,
+    Event,
+    Exited,
+    ExitReason,
+    MonitorConfig,
+    MonitorError,
+    ProtocolError,
+    Restore,
+    Restored,
+    RestoreStrategy,
+    SnapshotFailed,
+    SnapshotTaken,
+    StateRef,
+    decode_command,
+    encode_event,
+    text,
+)
+from sporevm.runtime.restore import eager_ram, restore_board
 from sporevm.spore import manifest, vmstate
 from sporevm.spore.backing import open_local
-from sporevm.spore.capture import capture
 from sporevm.spore.chunks import ChunkStore, snapshot_memory
-from sporevm.spore.confine import MonitorJail, release_staging
-from sporevm.spore.restore import eager_ram, restore_board
-from sporevm.strictjson import no_duplicate_keys
-from sporevm.vmm import kvm
-from sporevm.vmm.board import DEVICE_MODEL, Board, BoardConfig, build_board
+from sporevm.vmm.board import Board, BoardConfig, BoardWiring, build_board
 from sporevm.vmm.machine import ExitResult, Machine, StopReason
 from sporevm.vmm.memory import GuestMemory
 from sporevm.vmm.quiesce import Settle, wait_until_idle
 
-MAX_CONFIG = 64 * 1024
 MAX_IMAGE = 256 << 20
 MAX_SERIAL_LOG = 16 << 20
 
 
 @dataclass(frozen=True)
-class MonitorConfig:
-    kernel: str
-    initrd: str
-    rootfs: str
-    cmdline: str
-    memory: int
-    vcpus: int
-    agent_fd: int
-    serial_log: str
-    timeout: float | None  # wall-clock safety net for the whole VM
-    store: str = ""  # store root holding memory chunks and state objects ("" : no spores)
-    restore: str | None = None  # manifest.json of a spore to resume instead of booting
-    ram: str = "eager"  # restore strategy: "eager" | "lazy" | "local" (docs/restore.md)
-    # The id of the manifest the caller decoded and checked in full; the monitor accepts
-    # only bytes with this id, so it can skip the schema pass (and importing jsonschema).
-    restore_id: str | None = None
-    # On a restore, the caller's verified digests of the host's kernel and initrd (the
-    # platform contract's); the restored RAM already holds the kernel, so the monitor
-    # neither reads nor re-hashes the two files (~25 ms and ~16 MiB of heap per VM).
-    kernel_digest: str | None = None
-    initrd_digest: str | None = None
+class _Queued:
+    """A command on its way from the control thread to the run loop."""
 
-    def encode(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode() + b"\n"
-
-    @classmethod
-    def decode(cls, line: bytes) -> MonitorConfig:
-        """Parse and check the config line; any defect is a one-line SporeError."""
-        if len(line) > MAX_CONFIG:
-            raise SporeError("monitor: config line too long")
-        try:
-            doc = json.loads(line, object_pairs_hook=no_duplicate_keys)
-        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            raise SporeError(f"monitor: config line is not JSON ({type(e).__name__})") from None
-        if isinstance(doc, dict):
-            doc.setdefault("ram", "eager")  # optional fields: older callers omit them
-            doc.setdefault("restore_id", None)
-            doc.setdefault("kernel_digest", None)
-            doc.setdefault("initrd_digest", None)
-        if not isinstance(doc, dict) or set(doc) != set(cls.__dataclass_fields__):
-            raise SporeError("monitor: config has unexpected or missing fields")
-        for name in ("kernel", "initrd", "rootfs", "serial_log"):
-            _check_str(doc, name, path=True)
-        if doc["store"] != "":
-            _check_str(doc, "store", path=True)
-        if doc["restore"] is not None:
-            _check_str(doc, "restore", path=True)
-        rid = doc["restore_id"]
-        if (rid is None) != (doc["restore"] is None) or (
-            rid is not None and not (isinstance(rid, str) and _MANIFEST_ID.fullmatch(rid))
-        ):
-            raise SporeError("monitor: config restore_id must be the restored manifest's "
-                             "blake3:<64 hex> id, exactly when restore is set")
-        for name in ("kernel_digest", "initrd_digest"):
-            value = doc[name]
-            if (value is None) != (doc["restore"] is None) or (
-                value is not None
-                and not (isinstance(value, str) and _MANIFEST_ID.fullmatch(value))
-            ):
-                raise SporeError(f"monitor: config {name} must be a blake3:<64 hex> digest, "
-                                 "exactly when restore is set")
-        _check_str(doc, "cmdline", path=False)
-        if doc["ram"] not in RAM_STRATEGIES:
-            raise SporeError(f"monitor: config ram must be one of {', '.join(RAM_STRATEGIES)}")
-        _check_int(doc, "memory", MIN_MEMORY, MAX_MEMORY)
-        if doc["memory"] % PAGE:
-            raise SporeError(f"monitor: config memory {doc['memory']} is not a multiple of {PAGE}")
-        _check_int(doc, "vcpus", 1, MAX_VCPUS)
-        _check_int(doc, "agent_fd", 3, MAX_FD)
-        timeout = doc["timeout"]
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 0 < timeout <= MAX_TIMEOUT
-        ):
-            raise SporeError("monitor: config timeout must be null or a number in (0, 1e9]")
-        return cls(**doc)
+    cmd: Command
+    settle: Settle | None = None  # a snapshot's: how the guest settled first
 
 
-RAM_STRATEGIES = ("eager", "lazy", "local")
-_MANIFEST_ID = re.compile(r"blake3:[0-9a-f]{64}")
-MIN_MEMORY = 2 << 20  # boot.e820_map's minimum
-MAX_MEMORY = 3 << 30  # Machine: RAM stops at the 3 GiB MMIO hole
-PAGE = 4096
-MAX_VCPUS = 64
-MAX_FD = (1 << 31) - 1
-MAX_TIMEOUT = 1e9  # seconds; NaN and infinities fail the range check
-
-
-def _check_str(doc: dict[str, Any], name: str, *, path: bool) -> None:
-    value = doc[name]
-    if not isinstance(value, str) or "\0" in value or (path and not value):
-        what = "a non-empty string" if path else "a string"
-        raise SporeError(f"monitor: config {name} must be {what} without NUL")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise SporeError(f"monitor: config {name} is not valid UTF-8 (lone surrogate)") from None
-
-
-def _check_int(doc: dict[str, Any], name: str, lo: int, hi: int) -> None:
-    value = doc[name]
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise SporeError(f"monitor: config {name} must be an integer in [{lo}, {hi}]")
-
-
-def _emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+def emit(ev: Event) -> None:
+    sys.stdout.write(encode_event(ev).decode())
     sys.stdout.flush()
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _read_file(path: Path, what: str) -> bytes:
     with open(path, "rb") as fh:
         data = fh.read(MAX_IMAGE + 1)
     if len(data) > MAX_IMAGE:
@@ -176,11 +95,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def serve(cfg: MonitorConfig) -> ExitResult:
+    vm = cfg.vm
     # Held only until loaded: a vmlinux is ~15 MiB, per VM, for nothing. A restore
-    # never loads them (the caller vouches for their digests: MonitorConfig).
-    images: dict[str, bytes] = {} if cfg.restore is not None else {
-        "kernel": _read_file(cfg.kernel, "kernel"), "initrd": _read_file(cfg.initrd, "initrd")}
-    rootfs_fd = os.open(cfg.rootfs, os.O_RDONLY | os.O_CLOEXEC)
+    # never loads them (the caller vouches for their digests: protocol.Restore).
+    images: dict[str, bytes] = {} if vm.restore is not None else {
+        "kernel": _read_file(vm.kernel, "kernel"), "initrd": _read_file(vm.initrd, "initrd")}
+    rootfs_fd = os.open(vm.rootfs, os.O_RDONLY | os.O_CLOEXEC)
     serial_fd = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                         0o600)
     room = threading.Event()
@@ -204,27 +124,25 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         except OSError:
             hung_up.set()  # the caller went away; the pump thread stops the VM
 
-    board_cfg = BoardConfig(cfg.memory, cfg.vcpus, cfg.cmdline, rootfs_fd,
+    board_cfg = BoardConfig(vm.memory, vm.vcpus, vm.cmdline, rootfs_fd,
                             os.fstat(rootfs_fd).st_size)
-    wiring: dict[str, Any] = dict(
+    wiring = BoardWiring(
         on_agent_output=agent_output, on_agent_writable=room.set, serial_output=serial_sink,
         dirty_log=True,  # snapshots hash only chunks written since the last one (dirty.py)
     )
     # The jail (docs/jail.md), stage 1: files, while no thread exists (Landlock covers
     # only threads started after it). Stage 2 (syscalls) comes before the first KVM_RUN.
-    jailed = MonitorJail(cfg.store, cfg.restore)
+    jailed = MonitorJail(vm.store, vm.restore.manifest if vm.restore else None)
     chunks = ChunkStore(jailed.store) if jailed.store is not None else None
     jailed.files()
-    if cfg.restore is not None:
+    if vm.restore is not None:
         if chunks is None:
             raise SporeError("monitor: restoring a spore needs the store root in the config")
-        assert cfg.kernel_digest is not None and cfg.initrd_digest is not None  # decode()
-        board = _restored_board(cfg, cfg.kernel_digest, cfg.initrd_digest, rootfs_fd,
-                                board_cfg, chunks, wiring)
+        board = _restored_board(cfg, vm.restore, rootfs_fd, board_cfg, chunks, wiring)
     else:
-        board = build_board(board_cfg, **wiring)
+        board = build_board(board_cfg, wiring)
     machine = board.machine
-    commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+    commands: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
 
     def pump() -> None:
         """Caller → guest: feed the console, waiting for room when the guest is slow."""
@@ -244,7 +162,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                     room.wait(0.5)
 
     def control() -> None:
-        """Caller → monitor commands, one JSON object per line on stdin."""
+        """Caller → monitor commands, one per line on stdin (protocol.decode_command)."""
         # Raw reads on fd 0: a daemon thread blocked inside sys.stdin's buffered reader
         # aborts the interpreter at exit ("could not acquire lock ... at shutdown").
         pending = b""
@@ -260,47 +178,46 @@ def serve(cfg: MonitorConfig) -> ExitResult:
             pending = pending[-MAX_CONFIG:]
             for line in lines:
                 try:
-                    cmd = json.loads(line[:MAX_CONFIG])
-                except ValueError:
-                    continue
-                if isinstance(cmd, dict) and cmd.get("cmd") in ("snapshot", "resume", "stop"):
-                    if cmd["cmd"] == "snapshot":
-                        # Let the guest finish its queued work first, or every restore
-                        # of this snapshot would redo it before answering (quiesce.py).
-                        settle = wait_until_idle(machine.vcpu_threads)
-                        cmd = {"cmd": "snapshot", "settle": settle}
-                    commands.put(cmd)
-                    machine.pause()
-        commands.put({"cmd": "stop"})
+                    cmd = decode_command(line[:MAX_CONFIG])
+                except ProtocolError:
+                    continue  # not a command: ignored, as the caller's stray bytes always were
+                settle = None
+                if cmd is Command.SNAPSHOT:
+                    # Let the guest finish its queued work first, or every restore
+                    # of this snapshot would redo it before answering (quiesce.py).
+                    settle = wait_until_idle(machine.vcpu_threads)
+                commands.put(_Queued(cmd, settle))
+                machine.pause()
+        commands.put(_Queued(Command.STOP))
 
     signal.signal(signal.SIGTERM, lambda _s, _f: machine.pause())
     try:
-        if cfg.restore is None:
+        if vm.restore is None:
             machine.load_kernel(images.pop("kernel"), board.cmdline, images.pop("initrd"),
                                 rng_seed=os.urandom(32))
-            _emit("booting", cmdline=board.cmdline)
+            emit(Booting(text(board.cmdline)))
         else:
-            _emit("restored", manifest=cfg.restore)
+            emit(Restored(text(str(vm.restore.manifest))))
         release_freed_heap()
         jailed.syscalls()  # the jail, stage 2: seccomp on every thread from here on
         threading.Thread(target=pump, name="agent-pump", daemon=True).start()
         threading.Thread(target=control, name="control", daemon=True).start()
-        deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
+        deadline = None if vm.timeout is None else time.monotonic() + vm.timeout
         while True:
             result = machine.run(deadline)
             if result.reason is not StopReason.PAUSED or hung_up.is_set():
                 return result
             try:
-                cmd = commands.get_nowait()
+                queued = commands.get_nowait()
             except queue.Empty:
                 return result  # SIGTERM
-            while cmd["cmd"] == "snapshot":
+            while queued.cmd is Command.SNAPSHOT:
                 if chunks is None:
-                    _emit("snapshot-error", message="no store root in the monitor config")
+                    emit(SnapshotFailed("no store root in the monitor config"))
                 else:
-                    _snapshot(machine, board, chunks, cmd.get("settle"))
-                cmd = commands.get()  # stay paused until told to resume or stop
-            if cmd["cmd"] == "stop":
+                    _snapshot(machine, board, chunks, queued.settle)
+                queued = commands.get()  # stay paused until told to resume or stop
+            if queued.cmd is Command.STOP:
                 return result
     finally:
         machine.close()
@@ -314,54 +231,47 @@ def _snapshot(machine: Machine, board: Board, chunks: ChunkStore,
     """Capture the paused VM: state object + memory chunks into the store; report ids.
 
     Memory: only chunks written since this VM's previous snapshot (or its restore) are
-    hashed (sporevm.spore.dirty); ``hashed`` in the event says how many. Every device
+    hashed (sporevm.runtime.dirty); ``hashed`` in the event says how many. Every device
     lock is held throughout, so no host thread (the console pump) writes RAM between
     reading the dirty logs and reading RAM.
     """
-    import contextlib
-
-    from sporevm.spore import dirty
-
     started = time.monotonic()
     with contextlib.ExitStack() as locks:
         for t in board.transports:
             locks.enter_context(t.lock)
         captured = capture(machine, board.transports)
         previous, todo = dirty.plan(machine, captured, chunks)
-        index = snapshot_memory(machine.ram, chunks, previous, todo)
+        index = snapshot_memory(machine.ram.view(0, machine.ram.size), chunks, previous, todo)
         dirty.set_base(machine, index)
     hashed = len(index.chunks) if todo is None else len(todo)
     state = vmstate.encode(captured)
     state_id = chunks.put(state)
-    _emit("snapshot", state={"digest": state_id, "size": len(state)},
-          chunk_size=index.chunk_size, chunks=list(index.chunks), hashed=hashed,
-          seconds=round(time.monotonic() - started, 3),
-          settle_seconds=round(settle.seconds, 3) if settle else 0.0,
-          settled=settle.settled if settle else True)
+    emit(SnapshotTaken(
+        state=StateRef(state_id, len(state)), chunk_size=index.chunk_size,
+        chunks=index.chunks, hashed=hashed, seconds=round(time.monotonic() - started, 3),
+        settle_seconds=round(settle.seconds, 3) if settle else 0.0,
+        settled=settle.settled if settle else True,
+    ))
 
 
-def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int,
-                    board_cfg: BoardConfig, chunks: ChunkStore, wiring: dict[str, Any]) -> Board:
+def _restored_board(cfg: MonitorConfig, restore: Restore, rootfs_fd: int,
+                    board_cfg: BoardConfig, chunks: ChunkStore, wiring: BoardWiring) -> Board:
     """Check the spore against this host and these files, then rebuild the VM from it."""
-    assert cfg.restore is not None
-    assert cfg.restore_id is not None
-    with open(cfg.restore, "rb") as fh:
-        m = manifest.decode_vouched(fh.read(manifest.MAX_MANIFEST + 1), cfg.restore_id,
-                                    cfg.restore)
-    host = manifest.PlatformContract(
-        arch="x86_64", cpu_profile=cpu_profile(), device_model=DEVICE_MODEL,
-        memory=cfg.memory, vcpus=cfg.vcpus, kernel=kernel, initrd=initrd,
-        cmdline=cfg.cmdline,
-    )
+    vm = cfg.vm
+    with open(restore.manifest, "rb") as fh:
+        m = manifest.decode_vouched(fh.read(manifest.MAX_MANIFEST + 1), restore.manifest_id,
+                                    str(restore.manifest))
+    host = host_contract(memory=vm.memory, vcpus=vm.vcpus, kernel=restore.kernel_digest,
+                         initrd=restore.initrd_digest, cmdline=vm.cmdline)
     manifest.check_platform(m, host)  # before any VM exists
     # The rootfs is verified on the very fd the VM will read.
     digest, size = _blake3_fd(rootfs_fd)
     if (digest, size) != (m.rootfs.digest, m.rootfs.size):
-        raise SporeError(f"monitor: rootfs {cfg.rootfs} is {digest} ({size} B); the spore "
+        raise SporeError(f"monitor: rootfs {vm.rootfs} is {digest} ({size} B); the spore "
                          f"needs {m.rootfs.digest} ({m.rootfs.size} B)")
     vm_obj = m.state.get("vm")
     if vm_obj is None:
-        raise SporeError(f"{cfg.restore}: the spore has no 'vm' state object")
+        raise SporeError(f"{restore.manifest}: the spore has no 'vm' state object")
     state = vmstate.decode(chunks.get(vm_obj.digest, size=vm_obj.size))
     # Every chunk and state object must be there. Eager then reads each chunk into the
     # guest RAM and hashes it there, in one pass, before any VM exists (that memory
@@ -369,14 +279,16 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
     # against the index (backing.py), also before any VM exists; lazy hashes each chunk
     # as it is faulted in.
     manifest.verify_chunks(m, chunks, rehash=False)
-    ram = eager_ram(m.memory, chunks, cfg.memory) if cfg.ram == "eager" else None
-    memfile = open_local(m.memory, chunks, chunks.store) if cfg.ram == "local" else -1
+    ram = eager_ram(m.memory, chunks, vm.memory) if restore.ram is RestoreStrategy.EAGER \
+        else None
+    memfile = open_local(m.memory, chunks, chunks.store) \
+        if restore.ram is RestoreStrategy.LOCAL else -1
 
     def load(mem: GuestMemory) -> None:
-        if cfg.ram == "local":
+        if restore.ram is RestoreStrategy.LOCAL:
             mem.map_file_private(memfile)
-        elif cfg.ram == "lazy":
-            from sporevm.spore.lazy import start_pager
+        elif restore.ram is RestoreStrategy.LAZY:
+            from sporevm.runtime.lazy import start_pager
 
             def fail_closed(exc: BaseException) -> None:
                 # A vCPU may sit in the kernel waiting for this chunk forever; the only
@@ -392,8 +304,7 @@ def _restored_board(cfg: MonitorConfig, kernel: str, initrd: str, rootfs_fd: int
         # eager: ``ram`` was filled and verified above and is this machine's memory
 
     try:
-        return restore_board(state, board_cfg, load, memory_index=m.memory, memory=ram,
-                             **wiring)
+        return restore_board(state, board_cfg, load, wiring, memory_index=m.memory, memory=ram)
     finally:
         if memfile >= 0:
             os.close(memfile)  # the mapping keeps the file
@@ -410,11 +321,6 @@ def release_freed_heap() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-def cpu_profile() -> str:
-    """The CPU profile a spore records: the host's KVM class (kvm_pvm needs its own fix-ups)."""
-    return f"{kvm.host_class()}/v1"
 
 
 def _blake3_fd(fd: int) -> tuple[str, int]:
@@ -446,7 +352,7 @@ def _read_config_line() -> bytes:
 def _report_error(message: str) -> None:
     """The one-line error event the caller reports; best effort (the caller may be gone)."""
     with contextlib.suppress(OSError, ValueError):
-        _emit("error", message=" ".join(message.splitlines()))  # one line, whatever it holds
+        emit(MonitorError(text(" ".join(message.splitlines()))))  # one line, whatever it holds
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -476,14 +382,8 @@ def main() -> int:
         return 1
     finally:
         release_staging()  # the jail's staging dir, also when serve() failed early
-    _emit(
-        "exit",
-        reason=result.reason.name,
-        status=result.status,
-        rip=result.rip,
-        code=result.code.hex() if result.code else None,
-        detail=result.detail,
-    )
+    emit(Exited(reason=ExitReason(result.reason.name), status=result.status, rip=result.rip,
+                code=result.code or None, detail=text(result.detail)))
     return 0 if result.reason in (StopReason.POWEROFF, StopReason.PAUSED) else 3
 
 

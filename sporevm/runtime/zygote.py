@@ -1,6 +1,6 @@
 """A pre-imported VM monitor that forks monitors on request.
 
-A monitor started with ``python -m sporevm.spore.monitor`` pays the interpreter's
+A monitor started with ``python -m sporevm.runtime.monitor`` pays the interpreter's
 start and ~12 MiB of freshly imported modules, per VM. The zygote imports the
 monitor once, freezes its objects out of the garbage collector's reach, and then
 forks one child per VM: a child starts in milliseconds and shares the imported
@@ -77,7 +77,7 @@ def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, i
         else:
             os.environ.pop("SPORE_NO_JAIL", None)
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - events; fd 0 is read raw
-        from sporevm.spore import monitor
+        from sporevm.runtime import monitor
 
         code = monitor.main()
         sys.stdout.flush()
@@ -92,7 +92,7 @@ def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, i
 
 def serve(ctl: socket.socket) -> int:
     """The zygote's loop: fork on request, reap and report children; end on EOF."""
-    from sporevm.spore import confine, lazy, monitor  # noqa: F401 - the point: import once
+    from sporevm.runtime import confine, lazy, monitor  # noqa: F401 - the point: import once
     from sporevm.vmm import jail
 
     with contextlib.suppress(jail.JailError):  # a child that needs it reports the error
@@ -200,7 +200,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ctl = ours
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sporevm.spore.zygote"],
+            [sys.executable, "-m", "sporevm.runtime.zygote"],
             stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
             env={**os.environ, _CTL_FD_ENV: str(theirs.fileno())},
         )

@@ -1,9 +1,10 @@
 """Recreate a Machine from a VmState and a RAM source (docs/vm-state.md, "Restore order").
 
 A fresh Machine is built on the same board (same RAM size, vCPU count, devices
-in the same slots), its RAM is filled by the caller's ``ram_loader`` (an eager
-copy today; memory chunks supply it later), and then the state is written in
-the order KVM needs:
+in the same slots), its RAM is filled by the caller's ``ram_loader`` (``eager_ram``
+before the VM exists, ``map_local``, or the lazy pager), and then the state is
+written through the backend protocol (``sporevm.spore.backend``) in the order
+KVM needs (each backend call keeps the order inside its part):
 
 1. RAM first: nothing below reads guest memory, but a restored vCPU or device
    must never see the fresh VM's boot-time contents.
@@ -28,26 +29,18 @@ the order KVM needs:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import traceback
 from collections.abc import Callable, Sequence
 
-from sporevm.spore import dirty
+from sporevm.runtime import dirty
+from sporevm.spore.backend import MachineBackend, VirtioTransport
+from sporevm.spore.backing import open_local
 from sporevm.spore.chunks import ChunkStore, MemoryIndex, materialize
-from sporevm.spore.vmstate import (
-    MSR_TSC_DEADLINE,
-    SerialState,
-    VcpuState,
-    VmState,
-    VmStateError,
-)
-from sporevm.vmm import kvm
-from sporevm.vmm.board import Board, BoardConfig, build_board
-from sporevm.vmm.cpu import Vcpu
-from sporevm.vmm.devices.serial import Serial
+from sporevm.spore.vmstate import VmState, VmStateError
+from sporevm.store import Store
+from sporevm.vmm.board import Board, BoardConfig, BoardWiring, build_board
 from sporevm.vmm.devices.virtio import VirtioMmio, VirtioStateError
-from sporevm.vmm.kvm import KvmClockData, KvmError, KvmIrqchip
 from sporevm.vmm.machine import Machine
 from sporevm.vmm.memory import GuestMemory
 
@@ -88,18 +81,27 @@ def _clear_frames(exc: BaseException) -> None:
         todo += [e.__cause__, e.__context__]
 
 
+def map_local(mem: GuestMemory, index: MemoryIndex, chunks: ChunkStore, store: Store) -> None:
+    """Back ``mem`` by the verified memfile of ``index``, MAP_PRIVATE (a RamLoader body;
+    the file itself: ``sporevm.spore.backing``)."""
+    fd = open_local(index, chunks, store)
+    try:
+        mem.map_file_private(fd)
+    finally:
+        os.close(fd)  # the mapping holds the file
+
+
 def restore_machine(
     state: VmState,
-    memory_bytes: int,
-    vcpus: int,
+    machine: Machine,
     ram_loader: RamLoader,
     *,
     attach: Callable[[Machine], Sequence[VirtioMmio]] | None = None,
-    **machine_kwargs: object,
 ) -> Machine:
-    """A fresh Machine carrying ``state``; ``attach`` wires the board's devices (returning
-    the virtio transports in slot order) before any state is applied."""
-    machine = Machine(memory_bytes, vcpus, **machine_kwargs)  # type: ignore[arg-type]
+    """``machine`` (freshly created for the state's RAM size and vCPU count, never run)
+    carrying ``state``; ``attach`` wires the board's devices (returning the virtio
+    transports in slot order) before any state is applied. On failure the machine is
+    closed."""
     try:
         transports = attach(machine) if attach is not None else ()
         apply_state(machine, transports, state, ram_loader)
@@ -113,18 +115,20 @@ def restore_board(
     state: VmState,
     cfg: BoardConfig,
     ram_loader: RamLoader,
+    wiring: BoardWiring,
     *,
     memory_index: MemoryIndex | None = None,
-    **kw: object,
+    memory: GuestMemory | None = None,
 ) -> Board:
-    """``build_board(cfg, **kw)`` with ``state`` applied: the spore microVM, resumed.
+    """``build_board(cfg, wiring, memory=memory)`` with ``state`` applied: the spore
+    microVM, resumed.
 
     ``memory_index`` is the index ``ram_loader`` loaded RAM from (eagerly or not: what
-    counts is that RAM reads as exactly those chunks); with ``dirty_log=True`` the
+    counts is that RAM reads as exactly those chunks); with ``wiring.dirty_log`` the
     first snapshot of the restored VM then hashes only chunks written after the restore
-    (sporevm.spore.dirty). Without it that snapshot hashes all of RAM.
+    (sporevm.runtime.dirty). Without it that snapshot hashes all of RAM.
     """
-    board = build_board(cfg, **kw)  # type: ignore[arg-type]
+    board = build_board(cfg, wiring, memory=memory)
     try:
         apply_state(board.machine, board.transports, state, ram_loader)
         dirty.set_base(board.machine, memory_index)
@@ -138,89 +142,29 @@ def apply_state(
     machine: Machine, transports: Sequence[VirtioMmio], state: VmState, ram_loader: RamLoader
 ) -> None:
     """Write ``state`` into a freshly created, never-run machine (order: module docstring)."""
-    if len(state.vcpus) != len(machine.vcpus):
-        raise VmStateError(f"state has {len(state.vcpus)} vCPUs, the machine {len(machine.vcpus)}")
+    machine.check_state(state)
     if len(state.virtio) != len(transports):
         raise VmStateError(
             f"state has {len(state.virtio)} virtio devices, the board {len(transports)}"
         )
-    listed = set(machine.msr_index_list)
-    for i, vs in enumerate(state.vcpus):
-        missing = sorted(set(vs.msrs) - listed)
-        if missing:
-            raise VmStateError(
-                f"vcpus[{i}]: this host's KVM does not list MSR {missing[0]:#x}; "
-                "the spore needs a host of the same class"
-            )
     ram_loader(machine.ram)
     # The loaded RAM *is* the snapshot: only writes after this point are dirty. Both logs
     # are cleared here, before any state is set, so KVM's own writes while the state goes
     # in (KVM_SET_MSRS of the kvmclock wall-clock MSR writes guest memory) still count.
     dirty.reset(machine)
+    write_state(machine, transports, state)
 
-    _step("irqchip", lambda: _irqchip(machine, state))
-    _step("PIT", lambda: machine.set_pit2(state.vm.pit2))
-    for i, (v, s) in enumerate(zip(machine.vcpus, state.vcpus, strict=True)):
-        _vcpu(i, v, s)
-    _step("serial", lambda: restore_serial(machine.serial, state.serial))
+
+def write_state(
+    machine: MachineBackend, transports: Sequence[VirtioTransport], state: VmState
+) -> None:
+    """Everything but RAM, through the backend protocol, in the order above."""
+    machine.apply_vm(state.vm)
+    machine.apply_vcpus(state.vcpus)
+    machine.serial.restore(state.serial)
     for i, (t, ts) in enumerate(zip(transports, state.virtio, strict=True)):
         try:
             t.restore(ts)
         except VirtioStateError as e:
             raise VmStateError(f"devices.virtio[{i}]: {e}") from None
-    clock = KvmClockData()
-    clock.clock = state.vm.clock.clock  # flags 0: no KVM_CLOCK_REALTIME jump (docstring)
-    _step("KVM clock", lambda: machine.set_clock(clock))
-
-
-def _step(what: str, fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except (OSError, KvmError) as e:
-        raise VmStateError(f"restoring {what}: KVM refused the state ({e})") from None
-
-
-def _irqchip(machine: Machine, state: VmState) -> None:
-    for chip_id, payload in (
-        (kvm.KVM_IRQCHIP_PIC_MASTER, state.vm.pic_master),
-        (kvm.KVM_IRQCHIP_PIC_SLAVE, state.vm.pic_slave),
-        (kvm.KVM_IRQCHIP_IOAPIC, state.vm.ioapic),
-    ):
-        c = KvmIrqchip()
-        c.chip_id = chip_id
-        ctypes.memmove(
-            ctypes.addressof(c) + KvmIrqchip.chip.offset,
-            ctypes.addressof(payload),
-            ctypes.sizeof(payload),
-        )
-        machine.set_irqchip(c)
-
-
-def _vcpu(i: int, v: Vcpu, s: VcpuState) -> None:
-    w = f"vcpus[{i}]"
-    _step(f"{w}.sregs", lambda: v.set_sregs(s.sregs))
-    _step(f"{w}.regs", lambda: v.set_regs(s.regs))
-    _step(f"{w}.fpu", lambda: v.set_fpu(s.fpu))
-    _step(f"{w}.xcrs", lambda: v.set_xcrs(s.xcrs))
-    _step(f"{w}.xsave", lambda: v.set_xsave(s.xsave))
-    early = {k: val for k, val in s.msrs.items() if k != MSR_TSC_DEADLINE}
-    _step(f"{w}.msrs", lambda: v.set_msrs(early))
-    _step(f"{w}.lapic", lambda: v.set_lapic(s.lapic))
-    if MSR_TSC_DEADLINE in s.msrs:
-        deadline = {MSR_TSC_DEADLINE: s.msrs[MSR_TSC_DEADLINE]}
-        _step(f"{w}.msrs (TSC_DEADLINE)", lambda: v.set_msrs(deadline))
-    _step(f"{w}.mp_state", lambda: v.set_mp_state(s.mp_state))
-    _step(f"{w}.events", lambda: v.set_events(s.events))
-
-
-def restore_serial(serial: Serial, s: SerialState) -> None:
-    # Serial has no restore() of its own yet; vmstate validated every value's range.
-    with serial._lock:
-        serial.ier, serial.lcr, serial.mcr, serial.scr = s.ier, s.lcr, s.mcr, s.scr
-        serial.fcr, serial.divisor, serial._thre_pending = s.fcr, s.divisor, s.thre_pending
-        serial._rx.clear()
-        serial._rx.extend(s.rx)
-        # Force the line to the level the registers imply (the irqchip state holds it too;
-        # raising it again keeps KVM's per-source line state in step).
-        serial._irq_high = False
-        serial._update_irq()
+    machine.apply_clock(state.vm.clock)

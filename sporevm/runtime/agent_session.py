@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sporevm.errors import SporeError
-from sporevm.vmm.agent import (
+from sporevm.runtime.agent import (
     VERSION,
     AgentProtocolError,
     ErrorCode,
@@ -29,7 +29,7 @@ from sporevm.vmm.agent import (
     MsgType,
     ProbeKind,
 )
-from sporevm.vmm.agent_messages import (
+from sporevm.runtime.agent_messages import (
     Ack,
     Command,
     Done,

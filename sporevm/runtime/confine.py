@@ -1,7 +1,7 @@
 """The monitor's jail policy: what a VM monitor may still open and call (docs/jail.md).
 
 The mechanisms are ``sporevm.vmm.jail``'s; this module decides the policy for
-``sporevm.spore.monitor``:
+``sporevm.runtime.monitor``:
 
 * Files (Landlock, entered before any thread starts, i.e. before the board and
   the lazy pager exist): read chunks and state objects, publish new ones through
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import sporevm
-from sporevm.spore import lazy
+from sporevm.runtime import lazy
 from sporevm.spore.backing import MEMFILES
 from sporevm.store import Store
 from sporevm.vmm import jail, kvm
@@ -125,20 +125,20 @@ class MonitorJail:
     """One monitor's jail: build it first, ``files()`` before any thread, ``syscalls()``
     before the first KVM_RUN, ``close()`` at the end."""
 
-    def __init__(self, store_root: str, restore: str | None) -> None:
+    def __init__(self, store_root: Path | None, restore: Path | None) -> None:
         self.enabled = not jail_disabled()
         if self.enabled:
             jail.load_seccomp()  # before Landlock: importing it runs ldconfig
-        self.restore = Path(restore) if restore is not None else None
+        self.restore = restore
         self.staging: Path | None = None
         self.store: Store | None = None
         self.plan: jail.LandlockPlan | None = None
         if not self.enabled:
             warn_unjailed("this VM monitor")
-            self.store = Store(Path(store_root)) if store_root else None
+            self.store = Store(store_root) if store_root is not None else None
             return
-        if store_root:
-            root = Store(Path(store_root)).root
+        if store_root is not None:
+            root = Store(store_root).root
             for sub in (Path("chunks") / "blake3", MEMFILES):
                 (root / sub).mkdir(parents=True, exist_ok=True)  # Landlock rules need them
             self.staging = _private_dir(root / "tmp", "monitor-")

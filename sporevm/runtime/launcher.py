@@ -2,12 +2,13 @@
 
 Each VM gets a private runtime directory (mode 0700) for its serial log; the
 agent channel is one end of a socketpair whose other end the monitor holds.
+Config, commands and events are the typed protocol's (``protocol.py``); this
+module never imports the monitor.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -17,17 +18,28 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
 from sporevm.errors import SporeError
-from sporevm.spore.monitor import MonitorConfig
-from sporevm.spore.zygote import ForkedMonitor, monitor_popen
-from sporevm.vmm.agent_session import AgentSession, FdChannel
+from sporevm.runtime.agent_session import AgentSession, FdChannel
+from sporevm.runtime.protocol import (
+    Command,
+    CommandName,
+    Event,
+    Exited,
+    ExitReason,
+    MonitorConfig,
+    MonitorError,
+    ProtocolError,
+    SnapshotFailed,
+    SnapshotTaken,
+    VmConfig,
+    encode_command,
+    read_events,
+)
+from sporevm.runtime.zygote import ForkedMonitor, monitor_popen
 
 SERIAL_TAIL = 4000
-# A snapshot event lists every chunk id: ~75 B x 131072 chunks for the largest guest.
-MAX_EVENT_LINE = 16 << 20
-MAX_EVENTS = 100_000  # a build emits a few per step
 
 
 class Stoppable(Protocol):
@@ -63,21 +75,9 @@ class VmError(SporeError):
 
 @dataclass(frozen=True)
 class VmSpec:
-    kernel: Path
-    initrd: Path
-    rootfs: Path
-    cmdline: str
-    memory: int
-    vcpus: int = 1
-    timeout: float | None = None
-    store: Path | None = None  # store root: chunks and state objects (snapshots, restores)
-    restore: Path | None = None  # a spore's manifest.json to resume instead of booting
-    ram: str = "eager"  # how a restore fills RAM: eager | lazy | local (docs/restore.md)
-    restore_id: str | None = None  # id of that manifest, as the caller checked it
-    # With ``restore``: the verified digests of ``kernel`` and ``initrd`` that the caller
-    # checked the spore's platform contract against (the monitor does not re-read them).
-    kernel_digest: str | None = None
-    initrd_digest: str | None = None
+    """A VM to start: what it is (the protocol's ``VmConfig``) and how its monitor runs."""
+
+    vm: VmConfig
     # False only to debug: the monitor runs without its seccomp/Landlock jail and says so
     # (SPORE_NO_JAIL=1 in the environment has the same effect; docs/jail.md).
     jail: bool = True
@@ -103,18 +103,11 @@ class VmProcess:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             agent_fd = theirs.fileno()
         self._sock = ours
-        cfg = MonitorConfig(
-            kernel=str(spec.kernel), initrd=str(spec.initrd), rootfs=str(spec.rootfs),
-            cmdline=spec.cmdline, memory=spec.memory, vcpus=spec.vcpus,
-            agent_fd=agent_fd, serial_log=str(self.serial_log), timeout=spec.timeout,
-            store=str(spec.store) if spec.store else "",
-            restore=str(spec.restore) if spec.restore else None, ram=spec.ram,
-            restore_id=spec.restore_id, kernel_digest=spec.kernel_digest,
-            initrd_digest=spec.initrd_digest,
-        )
+        self.spec = spec
+        cfg = MonitorConfig(spec.vm, agent_fd, self.serial_log)
         if not zygote:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sporevm.spore.monitor"],
+                [sys.executable, "-m", "sporevm.runtime.monitor"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
                 env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
             )
@@ -122,7 +115,7 @@ class VmProcess:
         assert self.proc.stdin is not None
         self.proc.stdin.write(cfg.encode())
         self.proc.stdin.flush()  # stays open: the control channel (snapshot, resume, stop)
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self._event = threading.Condition()
         self._exited = threading.Event()
         self._reader = threading.Thread(target=self._read_events, daemon=True)
@@ -130,55 +123,49 @@ class VmProcess:
         self.session = AgentSession(FdChannel(ours.fileno()))
 
     def _read_events(self) -> None:
-        """Collect the monitor's event lines, bounded: a monitor is the process that runs
-        guest code, so a compromised one must not be able to exhaust this process."""
+        """Collect the monitor's events, bounded and checked (protocol.read_events): a
+        monitor is the process that runs guest code, so a compromised one must neither
+        exhaust this process nor feed it anything but well-formed events."""
         assert self.proc.stdout is not None
-        while line := self.proc.stdout.readline(MAX_EVENT_LINE + 1):
-            violation = None
-            if len(line) > MAX_EVENT_LINE:
-                violation = f"an event line over {MAX_EVENT_LINE} bytes"
-            elif len(self.events) >= MAX_EVENTS:
-                violation = f"more than {MAX_EVENTS} events"
-            if violation is not None:
-                with self._event:
-                    self.events.append({"event": "error",
-                                        "message": f"the VM monitor sent {violation}; stopped it"})
-                    self._event.notify_all()
-                self.proc.kill()
-                break
-            try:
-                event = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(event, dict):
+        try:
+            for event in read_events(self.proc.stdout):
                 with self._event:
                     self.events.append(event)
                     self._event.notify_all()
+        except ProtocolError as exc:
+            with self._event:
+                self.events.append(MonitorError(f"the VM monitor sent {exc}; stopped it"))
+                self._event.notify_all()
+            self.proc.kill()
         self._exited.set()
         with self._event:
             self._event.notify_all()
 
-    def command(self, cmd: str) -> None:
+    def command(self, cmd: Command | CommandName) -> None:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+            self.proc.stdin.write(encode_command(Command(cmd)))
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
             raise VmError(f"the VM monitor is gone: {self.describe_exit()}") from None
 
-    def snapshot(self, timeout: float = 600.0) -> dict[str, Any]:
+    def snapshot(self, timeout: float = 600.0) -> SnapshotTaken:
         """Pause the VM and capture it into the store; the VM stays paused."""
         seen = len(self.events)
-        self.command("snapshot")
+        self.command(Command.SNAPSHOT)
+        ends = (SnapshotTaken, SnapshotFailed, Exited, MonitorError)
         with self._event:
             self._event.wait_for(
-                lambda: any(e.get("event") in ("snapshot", "snapshot-error", "exit", "error")
-                            for e in self.events[seen:]) or self._exited.is_set(), timeout)
+                lambda: any(isinstance(e, ends) for e in self.events[seen:])
+                or self._exited.is_set(), timeout)
         for e in self.events[seen:]:
-            if e.get("event") == "snapshot":
+            if isinstance(e, SnapshotTaken):
+                if len(e.chunks) * e.chunk_size != self.spec.vm.memory:
+                    raise VmError(f"snapshot failed: the monitor indexed {len(e.chunks)} chunks "
+                                  f"of {e.chunk_size} B for {self.spec.vm.memory} B of RAM")
                 return e
-            if e.get("event") == "snapshot-error":
-                raise VmError(f"snapshot failed: {e.get('message')}")
+            if isinstance(e, SnapshotFailed):
+                raise VmError(f"snapshot failed: {e.message}")
         raise VmError(f"snapshot failed: {self.describe_exit()}")
 
     def serial_tail(self) -> str:
@@ -191,9 +178,9 @@ class VmProcess:
             return ""
         return data.decode(errors="replace")
 
-    def exit_event(self) -> dict[str, Any] | None:
+    def exit_event(self) -> Exited | MonitorError | None:
         for event in self.events:
-            if event.get("event") in ("exit", "error"):
+            if isinstance(event, Exited | MonitorError):
                 return event
         return None
 
@@ -201,20 +188,20 @@ class VmProcess:
         ev = self.exit_event()
         if ev is None:
             return f"the VM monitor ended (exit code {self.proc.poll()}) without a report"
-        if ev["event"] == "error":
-            return str(ev.get("message"))
-        text = f"the VM stopped: {ev['reason']}"
-        if ev.get("status") is not None:
-            text += f" (status {ev['status']})"
-        if ev.get("rip") is not None and ev["reason"] not in ("POWEROFF",):
-            text += f" at RIP {ev['rip']:#x}"
-            if ev.get("code"):
-                text += f" [{ev['code']}]"
-        if ev.get("detail"):
-            text += f": {ev['detail']}"
+        if isinstance(ev, MonitorError):
+            return ev.message
+        text = f"the VM stopped: {ev.reason.value}"
+        if ev.status is not None:
+            text += f" (status {ev.status})"
+        if ev.rip is not None and ev.reason is not ExitReason.POWEROFF:
+            text += f" at RIP {ev.rip:#x}"
+            if ev.code:
+                text += f" [{ev.code.hex()}]"
+        if ev.detail:
+            text += f": {ev.detail}"
         return text
 
-    def wait_exit(self, timeout: float) -> dict[str, Any] | None:
+    def wait_exit(self, timeout: float) -> Exited | MonitorError | None:
         """Wait for the monitor to finish; stop it (TERM, then KILL) if it does not."""
         try:
             self.proc.wait(timeout)

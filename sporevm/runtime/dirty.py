@@ -3,7 +3,7 @@
 docs/spore-format.md, "Dirty tracking", is the contract; in short:
 
 * **Guest writes** are in KVM's dirty log (the RAM slot is registered with
-  ``KVM_MEM_LOG_DIRTY_PAGES``: ``build_board(..., dirty_log=True)``). The
+  ``KVM_MEM_LOG_DIRTY_PAGES``: ``BoardWiring(dirty_log=True)``). The
   classic ``KVM_GET_DIRTY_LOG`` (we never enable ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``)
   returns the bitmap *and* clears it, write-protecting the pages again, in one
   ioctl: reading it ends one epoch and starts the next.
@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import weakref
 
-from sporevm.spore.chunks import CHUNK, ChunkStore, MemoryIndex, dirty_chunks, snapshot_memory
+from sporevm.spore.chunks import CHUNK, ChunkError, ChunkStore, MemoryIndex, snapshot_memory
 from sporevm.spore.vmstate import VmState
 from sporevm.vmm.machine import Machine
+from sporevm.vmm.memory import PAGE
+
+PAGES_PER_CHUNK = CHUNK // PAGE
 
 # MSRs whose value names guest memory that KVM itself writes.
 PV_MEMORY_MSRS: dict[int, str] = {
@@ -50,6 +53,31 @@ PV_MEMORY_MSRS: dict[int, str] = {
 _PV_SPAN = 128
 
 _bases: weakref.WeakKeyDictionary[Machine, MemoryIndex] = weakref.WeakKeyDictionary()
+
+
+def dirty_chunks(kvm_dirty_bitmap: bytes, vmm_dirty: bytearray, ram_size: int) -> set[int]:
+    """Chunks touched since the last snapshot, by the guest (KVM's log) or by the VMM.
+
+    ``kvm_dirty_bitmap`` is KVM_GET_DIRTY_LOG's little-endian bitmap (bit n of the
+    stream = page n); ``vmm_dirty`` is GuestMemory.vmm_dirty, one byte per page.
+    """
+    if ram_size <= 0 or ram_size % CHUNK:
+        raise ChunkError(f"guest RAM size {ram_size} is not a positive multiple of {CHUNK}")
+    pages = ram_size // PAGE
+    if len(kvm_dirty_bitmap) < (pages + 7) // 8:
+        raise ChunkError(
+            f"dirty log covers {len(kvm_dirty_bitmap) * 8} pages, guest RAM has {pages}"
+        )
+    if len(vmm_dirty) != pages:
+        raise ChunkError(f"VMM dirty map covers {len(vmm_dirty)} pages, guest RAM has {pages}")
+    per = PAGES_PER_CHUNK // 8  # bitmap bytes per chunk (512 pages = 64 bytes)
+    out: set[int] = set()
+    for c in range(pages // PAGES_PER_CHUNK):
+        if kvm_dirty_bitmap[c * per : (c + 1) * per].strip(b"\0") or any(
+            vmm_dirty[c * PAGES_PER_CHUNK : (c + 1) * PAGES_PER_CHUNK]
+        ):
+            out.add(c)
+    return out
 
 
 def pv_chunks(state: VmState, ram_size: int) -> set[int]:
@@ -122,6 +150,6 @@ def snapshot(machine: Machine, state: VmState, store: ChunkStore) -> tuple[Memor
     previous snapshot or restore of this machine; returns the index and how many chunks
     were read and hashed."""
     previous, todo = plan(machine, state, store)
-    index = snapshot_memory(machine.ram, store, previous, todo)
+    index = snapshot_memory(machine.ram.view(0, machine.ram.size), store, previous, todo)
     set_base(machine, index)
     return index, len(index.chunks) if todo is None else len(todo)
