@@ -117,6 +117,12 @@ class Entry:
 
 
 class Store:
+    # Whether an entry staged in tmp/ may be renamed into its content directory. A
+    # monitor jailed on Landlock ABI 1 cannot rename across directories at all
+    # (runtime/confine.py): it stages chunks beside their final name instead, and
+    # keeps the memory file of a local restore private (spore/backing.py).
+    publish_from_staging = True
+
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or default_root()).absolute()
         try:

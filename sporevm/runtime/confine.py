@@ -52,6 +52,7 @@ STORE_ENTRY = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_MAKE_REG | jail.FS_
 STAGING = STORE_ENTRY | jail.FS_WRITE_FILE | jail.FS_TRUNCATE
 _DEVICE = jail.FS_READ_FILE | jail.FS_WRITE_FILE | jail.FS_IOCTL_DEV
 _LIBRARY = jail.FS_READ_FILE | jail.FS_READ_DIR
+_PUBLISHED_READ = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_REMOVE_FILE
 
 
 def _library_dirs() -> list[Path]:
@@ -116,7 +117,12 @@ class _PrivateStaging(Store):
         self.staging = staging
 
     def temp_path(self, prefix: str) -> Path:
-        fd, name = tempfile.mkstemp(prefix=prefix + "-", dir=self.staging)
+        # Landlock ABI 1: no rename across directories, so a chunk is staged beside its
+        # final name (".tmp-*", which prune sweeps) and renamed within chunks/.
+        where = self.staging if self.publish_from_staging else self.root / "chunks" / "blake3"
+        if prefix != "chunk":
+            where = self.staging
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{prefix}-", dir=where)
         os.close(fd)
         return Path(name)
 
@@ -154,9 +160,15 @@ class MonitorJail:
         rules += [jail.PathRule(p, _LIBRARY) for p in _LIBRARY_DIRS]
         if self.store is not None and self.staging is not None:
             root = self.store.root
+            # ABI 1 (no REFER): chunks are written in chunks/ itself, so the monitor may
+            # also write there (every read re-verifies a chunk: a rewrite is denial of
+            # service, as removal already is); memfiles, which other VMs map, stay
+            # read-only and a local restore builds a private one (docs/jail.md).
+            in_place = not jail.plan_for(jail.effective_abi()).cross_directory_publish
             rules += [
-                jail.PathRule(root / "chunks" / "blake3", STORE_ENTRY),
-                jail.PathRule(root / MEMFILES, STORE_ENTRY),
+                jail.PathRule(root / "chunks" / "blake3",
+                              STORE_ENTRY | jail.FS_WRITE_FILE if in_place else STORE_ENTRY),
+                jail.PathRule(root / MEMFILES, _PUBLISHED_READ if in_place else STORE_ENTRY),
                 jail.PathRule(self.staging, STAGING),
                 jail.PathRule(root / "tmp", jail.FS_REMOVE_DIR),  # our empty staging dir
             ]
@@ -166,6 +178,8 @@ class MonitorJail:
         """Landlock: from here on only ``rules()`` can be opened (open fds stay usable)."""
         if self.enabled:
             self.plan = jail.restrict_filesystem(self.rules())
+            if self.store is not None:
+                self.store.publish_from_staging = self.plan.cross_directory_publish
 
     def syscalls(self) -> None:
         """seccomp on every thread: from here on only the allowlist runs."""

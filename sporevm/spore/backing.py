@@ -146,7 +146,36 @@ def _first_bad_chunk(fd: int, index: MemoryIndex) -> int | None:
 
 def open_local(index: MemoryIndex, chunks: ChunkStore, store: Store) -> int:
     """A verified fd of the memfile of ``index``, built first if need be (before any VM)."""
+    if not store.publish_from_staging:
+        return _private_memfile(index, chunks, store)
     return open_memfile(ensure_memfile(index, chunks, store), index)
+
+
+def _private_memfile(index: MemoryIndex, chunks: ChunkStore, store: Store) -> int:
+    """A memfile only this process maps, for a store that cannot publish one (a monitor
+    jailed on Landlock ABI 1): built from verified chunks in staging, then unlinked, so
+    it lives as long as the fd and is shared with no other VM."""
+    if index.chunk_size != CHUNK or not index.chunks:
+        raise ChunkError(f"memory index: chunk size {index.chunk_size}, expected {CHUNK}")
+    tmp = store.temp_path("memfile")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, index.memory_size)  # zero chunks stay holes
+            for c, cid in enumerate(index.chunks):
+                if cid is not None:
+                    data = chunks.get(cid, size=CHUNK)  # verified before it is written
+                    if os.pwrite(fd, data, c * CHUNK) != CHUNK:
+                        raise ChunkError(f"memory file {tmp}: short write")
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as exc:
+        raise ChunkError(f"memory file {tmp}: cannot build: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return fd
 
 
 def _is_hole(fd: int, offset: int) -> bool:

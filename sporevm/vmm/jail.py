@@ -95,7 +95,7 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-MIN_ABI = 2  # ABI 1 cannot rename across directories at all: snapshots could not publish
+MIN_ABI = 1  # below: no Landlock at all, and the monitor refuses to run (docs/jail.md)
 ABI_CAP_ENV = "SPORE_JAIL_LANDLOCK_ABI"  # tests: behave as on a kernel with this ABI
 
 
@@ -110,6 +110,9 @@ class LandlockPlan:
     scoped: int  # ABI 6: signals and abstract unix sockets stay inside
     attr_size: int  # sizeof(struct landlock_ruleset_attr) this ABI reads
     seccomp_denies_truncation: bool  # ABI < 3: truncate(2) and O_TRUNC are not Landlock's
+    # ABI 1 has no REFER right: every rename or link across directories fails, so new
+    # store entries are staged in the directory they are published in (docs/jail.md).
+    cross_directory_publish: bool
 
 
 def plan_for(abi: int) -> LandlockPlan:
@@ -117,7 +120,7 @@ def plan_for(abi: int) -> LandlockPlan:
         found = f"ABI {abi}" if abi else "no Landlock"
         raise JailError(
             f"jail: this kernel has {found}; the monitor's file jail needs Landlock ABI "
-            f">= {MIN_ABI} (Linux 5.19+ with landlock in lsm=); run with --no-jail only to "
+            f">= {MIN_ABI} (Linux 5.13+ with landlock in lsm=); run with --no-jail only to "
             "debug"
         )
     return LandlockPlan(
@@ -127,6 +130,7 @@ def plan_for(abi: int) -> LandlockPlan:
         scoped=_SCOPE_ALL if abi >= 6 else 0,
         attr_size=8 if abi < 4 else 16 if abi < 6 else 24,
         seccomp_denies_truncation=abi < 3,
+        cross_directory_publish=abi >= 2,
     )
 
 
