@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 from doit.exceptions import TaskFailed
@@ -29,16 +29,16 @@ from sporevm.build.guest import GuestPlatform, ensure_guest, lookup_guest
 from sporevm.build.imagefs import RootfsRecord, ensure_rootfs, rootfs_key
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
-from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, resume_vm, shutdown_vm
-from sporevm.build.sealing import seal
 from sporevm.build.steps import StepResult, boot_key, run_checks, run_steps, step_keys
 from sporevm.errors import LockMismatchError, SporeError
-from sporevm.runtime.launcher import VmProcess
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
 from sporevm.spore.sporedir import ID_FILE, MANIFEST, read_spore, write_spore
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
+
+if TYPE_CHECKING:  # the VM side is imported where a task runs a VM: a no-op build never does
+    from sporevm.runtime.launcher import VmProcess
 
 
 @dataclass
@@ -329,9 +329,13 @@ class _Build:
             name = self.sf.steps[self.resume_from - 1].name
             self.reporter.info(f"resuming from the snapshot after step {name} "
                                f"({self.resume_from} of {len(self.sf.steps)} steps cached)")
+            from sporevm.build.runner import resume_vm
+
             self.vm = resume_vm(ChunkStore(self.store).path(mid), self.store, self.reporter,
                                 self.kernel)
         else:
+            from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm
+
             self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,
                               DEFAULT_BOOT_TIMEOUT, store_root=self.store.root)
 
@@ -341,6 +345,8 @@ class _Build:
         guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         assert self.vm is not None and keys is not None and guest is not None and record
+        from sporevm.build.sealing import seal
+
         m = seal(self.vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
         chunks = ChunkStore(self.store)
         mid = chunks.put(manifest.encode(m))
@@ -401,6 +407,8 @@ class _Build:
         assert keys is not None and self.final_manifest is not None
         chunks = ChunkStore(self.store)
         if self.sf.verify:
+            from sporevm.build.runner import resume_vm, shutdown_vm
+
             vm = resume_vm(chunks.path(self.final_manifest), self.store, self.reporter,
                            self.kernel)
             try:
