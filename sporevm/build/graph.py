@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import blake3
 from doit.exceptions import TaskFailed
@@ -39,6 +39,18 @@ from sporevm.store import Store
 
 if TYPE_CHECKING:  # the VM side is imported where a task runs a VM: a no-op build never does
     from sporevm.runtime.launcher import VmProcess
+
+
+_T = TypeVar("_T")
+
+
+def _needed(value: _T | None, what: str) -> _T:
+    """A task's input that an earlier task makes (doit orders them; ``doit -s TASK`` or a
+    store changed under the build can still leave it missing): one line, never an assert."""
+    if value is None:
+        raise SporeError(f"build: {what} is not available: the task that makes it did not run "
+                         "(run the whole graph; with doit, not -s)")
+    return value
 
 
 @dataclass
@@ -320,7 +332,8 @@ class _Build:
         guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         keys = self.chain_keys()
-        assert guest is not None and record is not None and keys is not None
+        guest, record, keys = (_needed(guest, "the guest platform"),
+                               _needed(record, "the rootfs"), _needed(keys, "the step keys"))
         self.resume_from, mid = self.cached_prefix(keys)
         if self.resume_from == len(self.sf.steps) and self.sf.steps:
             self.final_manifest = mid  # every step cached: nothing to run, no VM needed
@@ -344,10 +357,12 @@ class _Build:
         keys = self.chain_keys()
         guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
-        assert self.vm is not None and keys is not None and guest is not None and record
+        vm = _needed(self.vm, "the build VM")
+        guest, record, keys = (_needed(guest, "the guest platform"),
+                               _needed(record, "the rootfs"), _needed(keys, "the step keys"))
         from sporevm.build.sealing import seal
 
-        m = seal(self.vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
+        m = seal(vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
         chunks = ChunkStore(self.store)
         mid = chunks.put(manifest.encode(m))
         # Unchanged chunks are reused by id, not rewritten: mark them used now, or a
@@ -382,11 +397,10 @@ class _Build:
 
     def snapshot(self) -> None:
         """Pick the snapshot that is the spore (after snapshot.after) and stop the build VM."""
-        keys = self.chain_keys()
-        assert keys is not None
+        keys = _needed(self.chain_keys(), "the step keys")
         try:
             if not self.sf.steps:  # no steps: seal the booted VM itself
-                assert self.vm is not None
+                _needed(self.vm, "the build VM")
                 self.final_manifest = self._seal_and_record(0, None)
             else:
                 self.final_manifest = self.step_snapshot(keys[self.after_index()])
@@ -403,13 +417,13 @@ class _Build:
 
     def verify(self) -> None:
         """Run the verify checks in a fresh restore of the spore, then publish it."""
-        keys = self.chain_keys()
-        assert keys is not None and self.final_manifest is not None
+        keys = _needed(self.chain_keys(), "the step keys")
+        final = _needed(self.final_manifest, "the sealed spore")
         chunks = ChunkStore(self.store)
         if self.sf.verify:
             from sporevm.build.runner import resume_vm, shutdown_vm
 
-            vm = resume_vm(chunks.path(self.final_manifest), self.store, self.reporter,
+            vm = resume_vm(chunks.path(final), self.store, self.reporter,
                            self.kernel)
             try:
                 run_checks(vm.session, self.sf.verify, self.reporter, env=dict(self.sf.env),
@@ -417,7 +431,7 @@ class _Build:
                 shutdown_vm(vm)
             finally:
                 vm.close()
-        m = manifest.decode(chunks.get(self.final_manifest), self.final_manifest)
+        m = manifest.decode(chunks.get(final), final)
         mid = write_spore(m, self.sf.output.spore, self.store)
         # "steps": the whole chain, so prune keeps the snapshots of steps after
         # snapshot.after too and an unchanged Sporefile stays a no-op build.
@@ -463,8 +477,7 @@ class _Build:
         from sporevm.dist.pack import pack
 
         res = pack(str(self.sf.output.spore), None, self.sf.output.bundle, self.store)
-        key = self.bundle_key()
-        assert key is not None
+        key = _needed(self.bundle_key(), "the bundle key")
         # "manifest": prune keeps this record while the spore it packs is live.
         self.store.put_key("bundle", key, {"digest": res.digest, "manifest": res.parent})
         self.result.bundle, self.result.bundle_digest = str(res.path), res.digest
