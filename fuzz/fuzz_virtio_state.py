@@ -1,7 +1,7 @@
 """Fuzz restoring virtio device snapshots (transport, queues, device fields).
 
 Snapshot state comes from spores, which may come from untrusted peers. The
-input is JSON restored into a blk, console and rng transport. Only
+input is JSON restored into a blk, console, rng and net transport. Only
 VirtioStateError may escape; an accepted state must round-trip exactly, and
 kicking every queue afterwards must not raise either.
 """
@@ -17,6 +17,7 @@ with atheris.instrument_imports():
     from sporevm.vmm.devices.virtio.blk import BlkDevice
     from sporevm.vmm.devices.virtio.console import ConsoleDevice
     from sporevm.vmm.devices.virtio.device import VirtioDevice
+    from sporevm.vmm.devices.virtio.net import NetDevice
     from sporevm.vmm.devices.virtio.rng import RngDevice
     from sporevm.vmm.devices.virtio.state import VirtioStateError
     from sporevm.vmm.memory import GuestMemory
@@ -27,6 +28,7 @@ MAX_INPUT = 1 << 20
 
 _disk_fd = os.memfd_create("fuzz-disk")
 os.ftruncate(_disk_fd, DISK)
+_null_fd = os.open(os.devnull, os.O_WRONLY)
 _mem = GuestMemory(RAM)
 
 
@@ -36,7 +38,12 @@ class _Irq:
 
 
 def _devices() -> list[VirtioDevice]:
-    return [BlkDevice(_disk_fd, DISK, serial=b"fuzz"), ConsoleDevice(), RngDevice()]
+    return [
+        BlkDevice(_disk_fd, DISK, serial=b"fuzz"),
+        ConsoleDevice(),
+        RngDevice(),
+        NetDevice(_null_fd, bytes.fromhex("525400000001"), mtu=1500),
+    ]
 
 
 def TestOneInput(data: bytes) -> None:
@@ -58,6 +65,9 @@ def TestOneInput(data: bytes) -> None:
             t.notify_queue(i)
         if isinstance(dev, ConsoleDevice):
             dev.send(b"x")
+        if isinstance(dev, NetDevice):
+            dev.receive(bytes(60))
+            dev.flush()
 
 
 if __name__ == "__main__":

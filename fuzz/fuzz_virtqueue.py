@@ -1,7 +1,8 @@
 """Fuzz virtqueues and the virtio devices behind them with hostile guest memory.
 
 Input layout (see ``encode``): device choice and flags, per-queue size,
-ring addresses and start indices, bytes the host sends on the console, then
+ring addresses and start indices, bytes the host sends on the console (or,
+for virtio-net, cut into frames, or read as a length-prefixed frame stream), then
 the guest RAM image. The transport is programmed through its MMIO registers
 as a driver would, then every queue is kicked a few times. No exception may
 escape the transport: guest-caused errors must end as a status byte, a
@@ -15,10 +16,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from sporevm.vmm.devices.virtio import mmio
+    from sporevm.vmm.devices.virtio import mmio, net
     from sporevm.vmm.devices.virtio.blk import BlkDevice
     from sporevm.vmm.devices.virtio.console import ConsoleDevice
     from sporevm.vmm.devices.virtio.device import F_INDIRECT_DESC, F_VERSION_1, VirtioDevice
+    from sporevm.vmm.devices.virtio.net import NetDevice
     from sporevm.vmm.devices.virtio.rng import RngDevice
     from sporevm.vmm.memory import GuestMemory
 
@@ -26,9 +28,11 @@ RAM = 64 * 1024
 DISK = 32 * 1024
 _HEAD = struct.Struct("<BBB")
 _QUEUE = struct.Struct("<BIIIHH")
-_QUEUES = (1, 2, 1)  # blk, console, rng
+_QUEUES = (1, 2, 1, 2)  # blk, console, rng, net
 
 _disk_fd = os.memfd_create("fuzz-disk")
+_null_fd = os.open(os.devnull, os.O_WRONLY)  # the net channel: takes every write
+MAC = bytes.fromhex("525400000001")
 os.write(_disk_fd, bytes(range(256)) * (DISK // 256))
 _mem = GuestMemory(RAM)
 
@@ -60,7 +64,20 @@ def _make_device(device: int, out: list[bytes]) -> "VirtioDevice":
         return BlkDevice(_disk_fd, DISK, serial=b"fuzz")
     if device == 1:
         return ConsoleDevice(out.append, host_buffer=4096)
+    if device == 3:
+        return NetDevice(_null_fd, MAC, mtu=1000, rx_backlog=8)
     return RngDevice()
+
+
+def _frames(data: bytes, flags: int) -> list[bytes]:
+    """Host frames for the net device: the channel's framing, or fixed cuts."""
+    if flags & 8:
+        try:
+            return net.FrameSplitter().feed(data)
+        except net.FrameError:
+            return []
+    step = 14 + (flags >> 4) * 67  # 14..1019 bytes: runts, fits, oversize for mtu 1000
+    return [data[i : i + step] for i in range(0, len(data), step)]
 
 
 def _w32(t: "mmio.VirtioMmio", off: int, value: int) -> None:
@@ -83,7 +100,7 @@ def TestOneInput(data: bytes) -> None:
     if len(data) < _HEAD.size:
         return
     device, flags, kicks = _HEAD.unpack_from(data)
-    device %= 3
+    device %= 4
     pos = _HEAD.size
     queues = []
     for _ in range(_QUEUES[device]):
@@ -128,6 +145,10 @@ def TestOneInput(data: bytes) -> None:
             dev.pause_output()
         accepted = dev.send(host_data)
         assert 0 <= accepted <= len(host_data)
+    if isinstance(dev, NetDevice):
+        for f in _frames(host_data, flags):
+            dev.receive(f)
+        assert dev.rx_pending <= 8
     for k in range(1 + kicks % 4):
         if flags & 4:
             _register_ops(t, host_data[k * 48 : (k + 1) * 48])
@@ -136,6 +157,9 @@ def TestOneInput(data: bytes) -> None:
         _w32(t, mmio.REG_INTERRUPT_ACK, t.read(mmio.REG_INTERRUPT_STATUS, 4)[0])
         if isinstance(dev, ConsoleDevice) and k == 1:
             dev.resume_output()
+        if isinstance(dev, NetDevice) and flags & 2:
+            dev.flush()
+            assert dev.tx_pending <= net.TX_BACKLOG
     if isinstance(dev, ConsoleDevice):
         assert dev.pending <= 4096
     # Whatever happened, the snapshot must be valid input to restore.

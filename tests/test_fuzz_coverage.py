@@ -29,21 +29,38 @@ FUZZ_GLOB = "fuzz/fuzz_*.py"
 # Every module that decodes bytes spore did not produce itself (guest memory and
 # MMIO, registries, layouts, layers, Sporefiles, spores and bundles from peers).
 PARSERS = {
-    "sporevm/sporefile.py", "sporevm/sporefile_yaml.py", "sporevm/sporefile_schema.py",
-    "sporevm/build/lockfile.py", "sporevm/build/ociref.py", "sporevm/build/ocimanifest.py",
-    "sporevm/build/oci.py", "sporevm/net/auth.py", "sporevm/net/registry.py",
+    "sporevm/sporefile.py",
+    "sporevm/sporefile_yaml.py",
+    "sporevm/sporefile_schema.py",
+    "sporevm/build/lockfile.py",
+    "sporevm/build/ociref.py",
+    "sporevm/build/ocimanifest.py",
+    "sporevm/build/oci.py",
+    "sporevm/net/auth.py",
+    "sporevm/net/registry.py",
     "sporevm/build/layers.py",
     "sporevm/build/tarsafety.py",
-    "sporevm/spore/manifest.py", "sporevm/spore/chunks.py", "sporevm/spore/vmstate.py",
+    "sporevm/spore/manifest.py",
+    "sporevm/spore/chunks.py",
+    "sporevm/spore/vmstate.py",
     "sporevm/runtime/protocol.py",
-    "sporevm/runtime/agent.py", "sporevm/runtime/agent_messages.py",
+    "sporevm/runtime/agent.py",
+    "sporevm/runtime/agent_messages.py",
     "sporevm/runtime/agent_session.py",
-    "sporevm/vmm/boot.py", "sporevm/vmm/machine.py", "sporevm/vmm/devices/serial.py",
+    "sporevm/vmm/boot.py",
+    "sporevm/vmm/machine.py",
+    "sporevm/vmm/devices/serial.py",
     "sporevm/vmm/devices/power.py",
-    *(f"sporevm/vmm/devices/virtio/{m}.py"
-      for m in ("queue", "mmio", "device", "blk", "console", "rng", "state")),
-    "sporevm/dist/bundle.py", "sporevm/dist/chunkpack.py", "sporevm/dist/rootfs_artifact.py",
-    "sporevm/dist/docjson.py", "sporevm/dist/uri.py", "sporevm/dist/transport_oci.py",
+    *(
+        f"sporevm/vmm/devices/virtio/{m}.py"
+        for m in ("queue", "mmio", "device", "blk", "console", "rng", "net", "state")
+    ),
+    "sporevm/dist/bundle.py",
+    "sporevm/dist/chunkpack.py",
+    "sporevm/dist/rootfs_artifact.py",
+    "sporevm/dist/docjson.py",
+    "sporevm/dist/uri.py",
+    "sporevm/dist/transport_oci.py",
     "sporevm/storeroots.py",
 }
 # Decoding toolkits the parsers above are built on: not a surface of their own,
@@ -58,13 +75,13 @@ NOT_PARSERS = {
     "sporevm/store.py": "its own build-key records; a corrupt one is a cache miss",
     "sporevm/storecheck.py": "re-hashes and re-reads its own store records",
     "sporevm/storegc.py": "its own build-key records (as store.py); one that does not parse "
-                          "reaches nothing, and live spores are judged from their manifests "
-                          "(manifest.py) and root records (storeroots.py) only",
+    "reaches nothing, and live spores are judged from their manifests "
+    "(manifest.py) and root records (storeroots.py) only",
     "sporevm/runtime/lazy.py": "userfaultfd messages from the kernel",
     "sporevm/vmm/cpu.py": "KVM structs; the guest page walk (diagnostics) is <= 5 PTE reads "
-                          "through GuestMemory's bounds checks",
+    "through GuestMemory's bounds checks",
     "sporevm/dist/transport_s3.py": "only encodes (endpoint split, checksum header); answers go "
-                                    "through boto3 and the bundle decoders",
+    "through boto3 and the bundle decoders",
 }
 # Decoding primitives: a module using one of these on outside bytes is a parser.
 DECODING = re.compile(
@@ -86,7 +103,7 @@ def _expand(token: str) -> list[str]:
     m = re.search(r"\{([^}]*)\}", token)
     if not m:
         return [token]
-    return [token[: m.start()] + alt + token[m.end():] for alt in m.group(1).split(",")]
+    return [token[: m.start()] + alt + token[m.end() :] for alt in m.group(1).split(",")]
 
 
 def parse_rows(text: str) -> list[Row]:
@@ -117,8 +134,9 @@ def parse_rows(text: str) -> list[Row]:
 def module_files(path: str) -> list[str]:
     """A named module, or every module of a named package directory."""
     if path.endswith("/"):
-        return sorted(str(p.relative_to(ROOT)) for p in (ROOT / path).glob("*.py")
-                      if p.name != "__init__.py")
+        return sorted(
+            str(p.relative_to(ROOT)) for p in (ROOT / path).glob("*.py") if p.name != "__init__.py"
+        )
     return [path]
 
 
@@ -243,7 +261,8 @@ def test_every_decoding_module_is_classified() -> None:
     """A module that starts decoding things needs a row (and target) or a reason here."""
     covered = covered_modules(ROWS) | PARSERS | set(SHARED_DECODERS) | set(NOT_PARSERS)
     unclassified = sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "sporevm").rglob("*.py")
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "sporevm").rglob("*.py")
         if DECODING.search(p.read_text()) and str(p.relative_to(ROOT)) not in covered
     )
     assert unclassified == [], (
@@ -285,8 +304,10 @@ def test_checker_flags_a_row_without_a_target() -> None:
 
 
 def test_checker_flags_missing_target_and_unreached_module() -> None:
-    (row,) = _rows("| T (`sporevm/build/ociref.py`, `lockfile.py`) | x | y | "
-                   "`fuzz/fuzz_ociref.py`, `fuzz/fuzz_nothing.py` |")
+    (row,) = _rows(
+        "| T (`sporevm/build/ociref.py`, `lockfile.py`) | x | y | "
+        "`fuzz/fuzz_ociref.py`, `fuzz/fuzz_nothing.py` |"
+    )
     assert row.modules == ["sporevm/build/ociref.py", "sporevm/build/lockfile.py"]
     problems = row_problems(row)
     assert any("fuzz_nothing.py does not exist" in p for p in problems)

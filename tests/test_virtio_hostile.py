@@ -7,7 +7,8 @@ indices, garbage flags) next to well-formed requests, then plays a random
 sequence of driver actions against a real transport: kicks (also of reset,
 unready and non-existent queues), register reads and writes of any width and
 offset, device resets, index jumps, descriptors rewritten between kicks, host
-console traffic. After every single action:
+console traffic, host network frames (any length) and net channel flushes. After
+every single action:
 
 - no exception escaped the transport (reads return exactly the access width);
 - the action finished inside a hard per-call deadline (SIGALRM aborts a hang);
@@ -47,6 +48,7 @@ from sporevm.vmm.devices.virtio import mmio
 from sporevm.vmm.devices.virtio.blk import BlkDevice
 from sporevm.vmm.devices.virtio.console import ConsoleDevice
 from sporevm.vmm.devices.virtio.device import F_INDIRECT_DESC, F_VERSION_1, VirtioDevice
+from sporevm.vmm.devices.virtio.net import NetDevice
 from sporevm.vmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from sporevm.vmm.devices.virtio.rng import RngDevice
 from sporevm.vmm.memory import PAGE, GuestMemory
@@ -68,8 +70,18 @@ DISK_BYTES = bytes(0x80 | (i * 37 & 0x7F) for i in range(DISK))
 U64 = (1 << 64) - 1
 
 HOSTILE_ADDRS = [
-    0, RAM - 1, RAM - 16, RAM, RAM + 16, MMIO_BASE, MMIO_BASE + mmio.REG_QUEUE_NOTIFY,
-    MMIO_BASE + 0xFF0, 1 << 32, (1 << 63), U64 - 15, U64,
+    0,
+    RAM - 1,
+    RAM - 16,
+    RAM,
+    RAM + 16,
+    MMIO_BASE,
+    MMIO_BASE + mmio.REG_QUEUE_NOTIFY,
+    MMIO_BASE + 0xFF0,
+    1 << 32,
+    (1 << 63),
+    U64 - 15,
+    U64,
 ]
 HOSTILE_LENS = [0, 1, 15, 16, 17, 511, 512, 513, SLOT, RAM, 1 << 31, 0xFFFF_FFFF]
 REGS = [v for k, v in vars(mmio).items() if k.startswith("REG_")]
@@ -93,6 +105,8 @@ def _alarm_handler() -> Iterator[None]:
 
 _disk_fd = os.memfd_create("hostile-disk", os.MFD_CLOEXEC)
 os.write(_disk_fd, DISK_BYTES)
+_null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+NET_MAC = bytes.fromhex("525400000001")
 slowest = [0.0]  # worst single call seen, for the report
 
 
@@ -117,8 +131,20 @@ BLK_TYPES = [blkmod.T_IN] * 4 + [blkmod.T_OUT, blkmod.T_FLUSH, blkmod.T_GET_ID, 
 FEATURES = [F_VERSION_1 | F_INDIRECT_DESC] * 6 + [F_VERSION_1, F_INDIRECT_DESC]
 VALUES = [0, 1, 2, 3, 0xB, 0xF, 0x40, 0xFF, 0x1000, 0xFFFF_FFFF]
 WIDTHS = [4, 4, 4, 1, 2, 8, 0, 3]
-OPS = ["kick", "publish", "reg", "read", "status0", "unready", "poke", "send", "pause",
-       "restart", "kick", "publish"]
+OPS = [
+    "kick",
+    "publish",
+    "reg",
+    "read",
+    "status0",
+    "unready",
+    "poke",
+    "send",
+    "pause",
+    "restart",
+    "kick",
+    "publish",
+]
 REGISTER_OPS = ["reg", "reg", "read", "kick", "status0", "restart", "publish"]
 
 
@@ -151,8 +177,9 @@ def read_desc(r: Reader) -> Desc:
     else:
         addr = r.uint(3) % (RAM + 64) if kind == 6 else r.uint(8)
     kind = r.below(4)
-    length = (r.uint(2) % (2 * SLOT + 1) if kind < 2
-              else r.pick(HOSTILE_LENS) if kind == 2 else r.uint(4))
+    length = (
+        r.uint(2) % (2 * SLOT + 1) if kind < 2 else r.pick(HOSTILE_LENS) if kind == 2 else r.uint(4)
+    )
     fl = r.pick(GOOD_FLAGS) if r.below(4) < 3 else r.uint(2)
     nxt = r.below(18) if r.below(2) == 0 else r.uint(2)
     return addr, length, fl, nxt
@@ -183,11 +210,18 @@ def device_buffer(writable: bool) -> Template:
     return lambda r: [(r.pick([SLOT, 64, 1, 4 * SLOT]), writable) for _ in range(1 + r.below(2))]
 
 
+def net_tx(r: Reader) -> list[tuple[int, bool]]:
+    """A virtio-net transmit: the 12-byte header, then a frame (sometimes in one buffer)."""
+    n = r.pick([14, 60, 200, SLOT, 1, 0])
+    return [(12 + n, False)] if r.below(2) else [(12, False), (n, False)]
+
+
 # Per device, per queue: the request a well-behaved driver would post.
 TEMPLATES: dict[type[VirtioDevice], list[Template]] = {
     BlkDevice: [blk_request],
     ConsoleDevice: [device_buffer(True), device_buffer(False)],
     RngDevice: [device_buffer(True)],
+    NetDevice: [device_buffer(True), net_tx],
 }
 
 
@@ -200,26 +234,31 @@ def read_queue(r: Reader, index: int, max_size: int, template: Template) -> Queu
     base = CTRL + (index % CTRL_QUEUES) * CTRL_STRIDE
     rings = [base, base + 0x1000, base + 0x2000]
     if r.below(20) == 19:  # hostile layout: unaligned, outside RAM, on the MMIO window
-        rings = [x if r.below(2) else
-                 (r.pick(HOSTILE_ADDRS) if r.below(2) else r.uint(3) % RAM) for x in rings]
+        rings = [
+            x if r.below(2) else (r.pick(HOSTILE_ADDRS) if r.below(2) else r.uint(3) % RAM)
+            for x in rings
+        ]
     good = []
     for _ in range(1 + r.below(4)):
         if r.below(8) < 6:  # what a real driver posts on this queue, at random slots
             chain = [(r.below(SLOTS), n, w) for n, w in template(r)]
         else:
-            chain = [(r.below(SLOTS), r.pick([16, 16, 1, 512, 1024, 3]), bool(r.below(2)))
-                     for _ in range(1 + r.below(4))]
+            chain = [
+                (r.below(SLOTS), r.pick([16, 16, 1, 512, 1024, 3]), bool(r.below(2)))
+                for _ in range(1 + r.below(4))
+            ]
             if r.below(8):
                 chain.sort(key=lambda seg: seg[2])  # readable first, as a real driver does
         good.append(chain)
     table = [read_desc(r) for _ in range(1 + r.below(12))]
     # A negative head -k-1 names the k-th well-formed chain (resolved when laid out).
-    heads = [-1 - r.below(4) if r.below(8) < 6 else r.below(16) if r.below(2) else r.uint(2)
-             for _ in range(1 + r.below(8))]
+    heads = [
+        -1 - r.below(4) if r.below(8) < 6 else r.below(16) if r.below(2) else r.uint(2)
+        for _ in range(1 + r.below(8))
+    ]
     posted = min(size, 16) - r.below(min(size, 16) + 1) if r.below(8) else r.uint(2)
     desc, avail, used = rings
-    return QueueSpec(size, desc, avail, used, good, table, heads, r.pick([0, 0, 1, 0xFFFF]),
-                     posted)
+    return QueueSpec(size, desc, avail, used, good, table, heads, r.pick([0, 0, 1, 0xFFFF]), posted)
 
 
 def read_op(r: Reader, nqueues: int, kinds: list[str]) -> tuple[Any, ...]:
@@ -231,8 +270,13 @@ def read_op(r: Reader, nqueues: int, kinds: list[str]) -> tuple[Any, ...]:
         return kind, r.below(nqueues), r.below(4) if r.below(8) else r.uint(2)
     if kind in ("reg", "read"):
         k = r.below(3)
-        off = (r.pick(REGS) if k == 0 else
-               r.uint(2) % 0x1200 if k == 1 else mmio.CONFIG_OFFSET + r.below(0x48))
+        off = (
+            r.pick(REGS)
+            if k == 0
+            else r.uint(2) % 0x1200
+            if k == 1
+            else mmio.CONFIG_OFFSET + r.below(0x48)
+        )
         width = r.pick(WIDTHS)
         if kind == "read":
             return kind, off, width
@@ -260,11 +304,15 @@ def read_scenario(data: bytes, device: type[VirtioDevice], register_heavy: bool)
     sizes = device.queue_max_sizes
     features = r.pick(FEATURES) if r.below(16) < 15 else r.uint(8)
     tpl = TEMPLATES.get(device, [])
-    queues = [read_queue(r, i, n, tpl[i] if i < len(tpl) else device_buffer(i % 2 == 0))
-              for i, n in enumerate(sizes)]
+    queues = [
+        read_queue(r, i, n, tpl[i] if i < len(tpl) else device_buffer(i % 2 == 0))
+        for i, n in enumerate(sizes)
+    ]
     headers = [
-        (r.pick(BLK_TYPES) if r.below(4) else r.uint(4),
-         r.below(CAPACITY + 1) if r.below(4) else r.pick([CAPACITY - 1, CAPACITY + 1, U64]))
+        (
+            r.pick(BLK_TYPES) if r.below(4) else r.uint(4),
+            r.below(CAPACITY + 1) if r.below(4) else r.pick([CAPACITY - 1, CAPACITY + 1, U64]),
+        )
         for _ in range(1 + r.below(6))
     ]
     seed = r.uint(4)
@@ -333,9 +381,11 @@ class Guest:
         for i, qs in enumerate(self.sc.queues):
             self.w32(mmio.REG_QUEUE_SEL, i)
             self.w32(mmio.REG_QUEUE_NUM, qs.size)
-            for reg, addr in ((mmio.REG_QUEUE_DESC_LOW, qs.desc),
-                              (mmio.REG_QUEUE_DRIVER_LOW, qs.avail),
-                              (mmio.REG_QUEUE_DEVICE_LOW, qs.used)):
+            for reg, addr in (
+                (mmio.REG_QUEUE_DESC_LOW, qs.desc),
+                (mmio.REG_QUEUE_DRIVER_LOW, qs.avail),
+                (mmio.REG_QUEUE_DEVICE_LOW, qs.used),
+            ):
                 self.w32(reg, addr)
                 self.w32(reg + 4, addr >> 32)
             self.w32(mmio.REG_QUEUE_READY, 1)
@@ -345,8 +395,9 @@ class Guest:
         """Ranges the device may write given RAM image ``img``: used rings, and buffers that a
         descriptor (in any table the device could walk) marks device-writable; merged, sorted."""
         out: list[tuple[int, int]] = []
-        tables = {(INDIRECT + k * INDIRECT_STRIDE, INDIRECT_STRIDE // 16)
-                  for k in range(INDIRECT_TABLES)}
+        tables = {
+            (INDIRECT + k * INDIRECT_STRIDE, INDIRECT_STRIDE // 16) for k in range(INDIRECT_TABLES)
+        }
         for q in self.t.queues:
             n = min(q.size, 256) if q.size else 256
             out.append((q.used_addr, q.used_addr + 6 + 8 * n))
@@ -467,6 +518,21 @@ class Guest:
             assert dev.pending <= dev.host_buffer
         elif kind == "pause" and isinstance(dev, ConsoleDevice):
             timed(dev.resume_output if op[1] else dev.pause_output)
+        elif kind == "send" and isinstance(dev, NetDevice):
+            n = op[1] % 1100  # mtu 1000: mostly frames that fit, some runts and oversize
+            data = (bytes(range(256)) * 5)[:n]
+            c0 = dev.counters
+            queued = timed(dev.receive, data)
+            c1 = dev.counters
+            drops = sum(
+                c1[k] - c0[k]
+                for k in ("rx_dropped_queue_full", "rx_dropped_inactive", "rx_dropped_bad_length")
+            )
+            assert drops == (0 if queued else 1), "a refused frame must be counted once"
+            assert dev.rx_pending <= dev.rx_backlog
+        elif kind == "pause" and isinstance(dev, NetDevice):
+            timed(dev.flush)  # the writer thread's round: makes room, takes stalled chains
+            assert dev.tx_pending == 0
         elif kind == "restart":
             self.w32(mmio.REG_STATUS, 0)
             self.bring_up()
@@ -479,12 +545,17 @@ class Guest:
             if q == 0:
                 return self.dev.pending > 0
             return not self.dev.tx_paused
+        if isinstance(self.dev, NetDevice):
+            if q == 0:
+                return self.dev.rx_pending > 0
+            return not self.dev.tx_stalled
         return True
 
     def finish(self) -> None:
         state = timed(self.t.state)
-        other = mmio.VirtioMmio(make_device(type(self.dev)), self.mem, RecordingIrq(),
-                                base=MMIO_BASE)
+        other = mmio.VirtioMmio(
+            make_device(type(self.dev)), self.mem, RecordingIrq(), base=MMIO_BASE
+        )
         timed(other.restore, state)
         assert other.state() == state
         assert os.pread(_disk_fd, DISK + 1, 0) == DISK_BYTES, "blk wrote its read-only disk"
@@ -502,6 +573,8 @@ def make_device(kind: type[VirtioDevice]) -> VirtioDevice:
             out.append(piece)
 
         return ConsoleDevice(sink, host_buffer=4096)
+    if kind is NetDevice:  # a channel that takes anything: flush never blocks
+        return NetDevice(_null_fd, NET_MAC, mtu=1000, rx_backlog=8)
     return kind()
 
 
@@ -521,12 +594,18 @@ def run(kind: type[VirtioDevice], sc: Scenario) -> None:
 
 
 blobs = st.binary(min_size=256, max_size=640)  # a scenario reads ~200-550 bytes
-HOSTILE = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=list(HealthCheck))
+HOSTILE = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
-@pytest.mark.parametrize("kind", [BlkDevice, ConsoleDevice, RngDevice],
-                         ids=["blk", "console", "rng"])
+@pytest.mark.parametrize(
+    "kind", [BlkDevice, ConsoleDevice, RngDevice, NetDevice], ids=["blk", "console", "rng", "net"]
+)
 @HOSTILE
 @given(data=blobs)
 def test_hostile_guest(kind: type[VirtioDevice], data: bytes) -> None:
@@ -536,7 +615,7 @@ def test_hostile_guest(kind: type[VirtioDevice], data: bytes) -> None:
 @HOSTILE
 @given(data=blobs)
 def test_hostile_guest_mmio_registers(data: bytes) -> None:
-    kind = [BlkDevice, ConsoleDevice, RngDevice][data[0] % 3 if data else 0]
+    kind = [BlkDevice, ConsoleDevice, RngDevice, NetDevice][data[0] % 4 if data else 0]
     run(kind, read_scenario(data[1:], kind, True))
 
 
@@ -558,6 +637,7 @@ def test_refused_feature_bits_do_not_break_the_snapshot() -> None:
 
 def test_deadline_alarm_catches_a_hang() -> None:
     """The per-call deadline is real: a call that never returns is aborted, not waited for."""
+
     def spin() -> None:
         while True:
             pass

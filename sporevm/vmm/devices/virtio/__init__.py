@@ -4,6 +4,7 @@ from .blk import BlkDevice
 from .console import ConsoleDevice
 from .device import VirtioDevice
 from .mmio import WINDOW, VirtioMmio, kernel_cmdline
+from .net import NetDevice
 from .queue import ChainError, DescriptorChain, QueueError, Segment, Virtqueue
 from .rng import RngDevice
 from .state import VirtioStateError
@@ -14,6 +15,7 @@ __all__ = [
     "ChainError",
     "ConsoleDevice",
     "DescriptorChain",
+    "NetDevice",
     "QueueError",
     "RngDevice",
     "Segment",

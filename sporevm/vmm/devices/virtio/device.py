@@ -39,6 +39,9 @@ class DeviceLink(Protocol):
     def needs_reset(self, reason: str) -> None:
         """The device hit guest-caused corruption: set DEVICE_NEEDS_RESET and stop."""
 
+    def config_changed(self) -> None:
+        """The device changed its config space (net link status): tell a live driver."""
+
 
 class VirtioDevice:
     """Base class: override the class attributes, ``notify`` and what else applies."""
