@@ -33,8 +33,9 @@ DEFAULT_SPOREFILE = "examples/hello/Sporefile"  # relative to doit's cwd: this f
 
 
 def _waiting() -> None:
-    print("doit: waiting for the spore store lock (a `spore cache prune` holds it)",
-          file=sys.stderr)
+    print(
+        "doit: waiting for the spore store lock (a `spore cache prune` holds it)", file=sys.stderr
+    )
 
 
 # The store is locked shared for the whole doit process, as `spore build` holds it for its
@@ -45,8 +46,9 @@ try:
     _arg = Path(get_var("sporefile", DEFAULT_SPOREFILE))
     _path = _arg / "Sporefile" if _arg.is_dir() else _arg
     if not _path.is_file():
-        raise InvalidDodoFile(f"spore: sporefile={_arg}: no Sporefile there; "
-                              "pass doit sporefile=path/to/Sporefile")
+        raise InvalidDodoFile(
+            f"spore: sporefile={_arg}: no Sporefile there; pass doit sporefile=path/to/Sporefile"
+        )
     _store = Store()
     _held.enter_context(_store.lock(on_wait=_waiting))
     BUILD = prepare(_path, _store, BuildOptions(), Reporter())

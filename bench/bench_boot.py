@@ -93,8 +93,7 @@ class Series:
             return f"{med:7.2f} s  (median of {len(self.times)}, range {spread} s)"
         assert self.failure is not None
         what = "failed" if self.failure.booted else "could not boot"
-        return (f"{what}: {self.failure.reason} "
-                f"(after {self.failure.elapsed:.1f} s)")
+        return f"{what}: {self.failure.reason} (after {self.failure.elapsed:.1f} s)"
 
 
 # -- ours ----------------------------------------------------------------------
@@ -124,13 +123,20 @@ def ours_run_true(rootfs: Path, timeout: float) -> float:
     argv = [sys.executable, "-m", "sporevm.cli", "run", "--rootfs", str(rootfs), "--", "true"]
     start = time.perf_counter()
     # its own process group, so a timeout or an interrupt also ends its VM monitor
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise BootFailed(f"spore run did not finish within {timeout:.0f} s",
-                         time.perf_counter() - start) from None
+        raise BootFailed(
+            f"spore run did not finish within {timeout:.0f} s", time.perf_counter() - start
+        ) from None
     finally:
         if proc.poll() is None:
             kill_group(proc)
@@ -159,8 +165,9 @@ def kill_group(proc: subprocess.Popen[str]) -> None:
 class QemuVm:
     """qemu-system-x86_64 -M microvm with our kernel, initrd, rootfs and agent channel."""
 
-    def __init__(self, accel: list[str], kernel: Path, initrd: Path, rootfs: Path,
-                 cmdline: str) -> None:
+    def __init__(
+        self, accel: list[str], kernel: Path, initrd: Path, rootfs: Path, cmdline: str
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="spore-bench-qemu-"))
         self.serial_log = self.dir / "serial.log"
         sock_path = self.dir / "agent.sock"
@@ -172,24 +179,54 @@ class QemuVm:
         self.fatal: str | None = None
         self.start = time.perf_counter()
         argv = [
-            QEMU, "-M", "microvm,acpi=off", *accel, "-m", f"{MEMORY >> 20}M",
-            "-smp", "1", "-nodefaults", "-no-reboot", "-no-user-config",
-            "-display", "none", "-monitor", "none", "-serial", f"file:{self.serial_log}",
-            "-kernel", str(kernel), "-initrd", str(initrd),
+            QEMU,
+            "-M",
+            "microvm,acpi=off",
+            *accel,
+            "-m",
+            f"{MEMORY >> 20}M",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-reboot",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            f"file:{self.serial_log}",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
             # microvm with acpi=off appends the virtio_mmio.device= declarations itself
-            "-append", f"{cmdline} spore.root={GUEST_ROOT} spore.agent={GUEST_AGENT}",
-            "-drive", f"id=root,file={rootfs},format=raw,if=none,readonly=on",
-            "-device", "virtio-blk-device,drive=root",
-            "-device", "virtio-serial-device",
+            "-append",
+            f"{cmdline} spore.root={GUEST_ROOT} spore.agent={GUEST_AGENT}",
+            "-drive",
+            f"id=root,file={rootfs},format=raw,if=none,readonly=on",
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-device",
+            "virtio-serial-device",
             # reboot=k resets through the keyboard controller, as on our board;
             # microvm has none by default, and without it the reboot never ends QEMU
-            "-device", "i8042",
+            "-device",
+            "i8042",
             # the first virtconsole port is the guest's /dev/hvc0
-            "-chardev", f"socket,id=agent,path={sock_path}",
-            "-device", "virtconsole,chardev=agent",
+            "-chardev",
+            f"socket,id=agent,path={sock_path}",
+            "-device",
+            "virtconsole,chardev=agent",
         ]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, errors="replace")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
 
@@ -226,8 +263,9 @@ class QemuVm:
                 self.conn, _ = self.listener.accept()
         return AgentSession(FdChannel(self.conn.fileno()))
 
-    def pump_until(self, session: AgentSession, cond: Callable[[], bool], deadline: float,
-                   what: str) -> None:
+    def pump_until(
+        self, session: AgentSession, cond: Callable[[], bool], deadline: float, what: str
+    ) -> None:
         """Pump the session in short slices, watching QEMU between them."""
         while not cond():
             self.check()
@@ -257,8 +295,15 @@ class QemuVm:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def qemu_once(accel: list[str], kernel: Path, initrd: Path, rootfs: Path, cmdline: str,
-              timeout: float, run_true: bool) -> float:
+def qemu_once(
+    accel: list[str],
+    kernel: Path,
+    initrd: Path,
+    rootfs: Path,
+    cmdline: str,
+    timeout: float,
+    run_true: bool,
+) -> float:
     """One QEMU boot: seconds to READY, or (run_true) to `true` done and QEMU exited."""
     vm = QemuVm(accel, kernel, initrd, rootfs, cmdline)
     deadline = vm.start + timeout
@@ -283,15 +328,17 @@ def qemu_once(accel: list[str], kernel: Path, initrd: Path, rootfs: Path, cmdlin
         try:
             vm.proc.wait(max(0.1, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
-            raise BootFailed("QEMU did not exit after the guest shut down",
-                             vm.elapsed(), booted=True) from None
+            raise BootFailed(
+                "QEMU did not exit after the guest shut down", vm.elapsed(), booted=True
+            ) from None
         elapsed = vm.elapsed()
         vm._reader.join(2.0)
         killed = [line for line in vm.stderr_lines if "terminating on signal" in line]
         if vm.proc.returncode != 0 or killed:
             why = killed[0] if killed else f"status {vm.proc.returncode}"
-            raise BootFailed(f"QEMU ended abnormally after the shutdown: {why}", elapsed,
-                             booted=True)
+            raise BootFailed(
+                f"QEMU ended abnormally after the shutdown: {why}", elapsed, booted=True
+            )
         return elapsed
     except BootFailed as exc:
         exc.booted = exc.booted or (session is not None and session.ready is not None)
@@ -329,8 +376,11 @@ def measure(tasks: list[Task], runs: int) -> None:
                 t = task.fn()
             except BootFailed as exc:
                 s.failure = exc
-                print(f"  {task.what} {s.name} run {i + 1}: FAILED after {exc.elapsed:.1f} s: "
-                      f"{exc.reason}", file=sys.stderr)
+                print(
+                    f"  {task.what} {s.name} run {i + 1}: FAILED after {exc.elapsed:.1f} s: "
+                    f"{exc.reason}",
+                    file=sys.stderr,
+                )
                 continue
             s.times.append(t)
             print(f"  {task.what} {s.name} run {i + 1}: {t:.2f} s", file=sys.stderr)
@@ -341,8 +391,21 @@ def make_rootfs(work: Path) -> Path:
     ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
     out = work / "busybox.ext4"
     proc = subprocess.run(
-        [sys.executable, "-m", "sporevm.cli", "rootfs", f"oci-layout:{layout}:latest",
-         "-o", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+        [
+            sys.executable,
+            "-m",
+            "sporevm.cli",
+            "rootfs",
+            f"oci-layout:{layout}:latest",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"spore rootfs failed: {proc.stderr.strip()[-500:]}")
     return out
@@ -361,11 +424,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rootfs", type=Path, help="ext4 rootfs (default: a fresh busybox one)")
-    ap.add_argument("--timeout", type=float, default=180.0,
-                    help="bound on each boot or run, seconds (default 180)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="bound on each boot or run, seconds (default 180)",
+    )
     ap.add_argument("--skip-kvm", action="store_true", help="do not try QEMU -enable-kvm")
-    ap.add_argument("--skip-tcg", action="store_true",
-                    help="do not run QEMU TCG (in the hardware-KVM lane: TCG inside TCG)")
+    ap.add_argument(
+        "--skip-tcg",
+        action="store_true",
+        help="do not run QEMU TCG (in the hardware-KVM lane: TCG inside TCG)",
+    )
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every VM, QEMU and temp dir is cleaned up
     signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
@@ -404,8 +474,9 @@ def main() -> int:
                 b, r = Series(f"QEMU-KVM -cpu {cpu}"), Series(f"QEMU-KVM -cpu {cpu}")
                 accel = kvm(cpu)
                 tasks.append(Task("boot", b, partial(qemu_once, accel, *q, run_true=False)))
-                tasks.append(Task("run-true", r, partial(qemu_once, accel, *q, run_true=True),
-                                  needs=b))
+                tasks.append(
+                    Task("run-true", r, partial(qemu_once, accel, *q, run_true=True), needs=b)
+                )
                 kvm_series.append((b, r))
         load_before = os.getloadavg()
         measure(tasks, args.runs)
@@ -414,11 +485,15 @@ def main() -> int:
         image = "vmlinux (ELF)" if guest.kernel != bzimage else "bzImage"
         print(f"host class: {host_class}   QEMU: {qemu_version()}")
         print(f"kernel: {guest.kernel_digest} (ours boots its {image}, QEMU the bzImage)")
-        print(f"initramfs: {guest.initrd_digest}   rootfs: {rootfs.name} "
-              f"({rootfs.stat().st_size >> 20} MiB)   memory {MEMORY >> 20} MiB, 1 vCPU")
+        print(
+            f"initramfs: {guest.initrd_digest}   rootfs: {rootfs.name} "
+            f"({rootfs.stat().st_size >> 20} MiB)   memory {MEMORY >> 20} MiB, 1 vCPU"
+        )
         print(f"cmdline (both): {guest.cmdline}")
-        print(f"host load average (1 min) before/after: {load_before[0]:.1f} / "
-              f"{load_after[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"host load average (1 min) before/after: {load_before[0]:.1f} / "
+            f"{load_after[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         print()
         for title, ours, peers in (
             ("boot to agent READY", boot[0], [*boot[1:], *(b for b, _ in kvm_series)]),
@@ -431,8 +506,10 @@ def main() -> int:
             for peer in peers:
                 print(f"  ratio ours/{peer.name}: {ratio(ours, peer)}")
             print()
-        print("ours `run -- true` is the `spore run` CLI as a subprocess (Python startup "
-              "included); QEMU's is spawn → READY → exec → shutdown → exit.")
+        print(
+            "ours `run -- true` is the `spore run` CLI as a subprocess (Python startup "
+            "included); QEMU's is spawn → READY → exec → shutdown → exit."
+        )
         if kvm_series and all(b.failure for b, _ in kvm_series):
             print("QEMU-KVM cannot run this guest here.")
     finally:
@@ -442,8 +519,9 @@ def main() -> int:
 
 def qemu_version() -> str:
     try:
-        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout
+        out = subprocess.run(
+            [QEMU, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return out.splitlines()[0].removeprefix("QEMU emulator version ") if out else "?"

@@ -60,9 +60,12 @@ def relay(fd: int, mtu: int) -> None:
     """In the guest namespace: tap0 ⇄ the gateway's VM socket (4-byte length + frame)."""
     tap: int = os.open("/dev/net/tun", os.O_RDWR)
     fcntl.ioctl(tap, TUNSETIFF, struct.pack("16sH", b"tap0", IFF_TAP | IFF_NO_PI))
-    for cmd in (f"link set tap0 mtu {mtu} address 02:00:00:00:00:0f up",
-                "addr add 10.0.2.15/24 dev tap0", "link set lo up",
-                "route add default via 10.0.2.2"):
+    for cmd in (
+        f"link set tap0 mtu {mtu} address 02:00:00:00:00:0f up",
+        "addr add 10.0.2.15/24 dev tap0",
+        "link set lo up",
+        "route add default via 10.0.2.2",
+    ):
         subprocess.run(["ip", *cmd.split()], check=True)
     sock = socket.socket(fileno=fd)
     reader = frames.FrameReader()
@@ -82,16 +85,28 @@ def relay(fd: int, mtu: int) -> None:
 def download(net_exec: list[str], url: str, expect: int) -> float:
     """Seconds to fetch ``url`` to /dev/null; the size must be ``expect`` bytes."""
     if shutil.which("curl"):
-        argv = ["curl", "-sS", "--max-time", "600", "-o", "/dev/null", "-w",
-                "%{size_download} %{time_total}", url]
+        argv = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "600",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+            url,
+        ]
         out = subprocess.run([*net_exec, *argv], check=True, capture_output=True, text=True)
         size, secs = out.stdout.split()
         assert int(size) == expect, f"got {size} of {expect} bytes"
         return float(secs)
-    code = ("import sys,time,urllib.request as u; t=time.monotonic(); r=u.urlopen(sys.argv[1]);"
-            "n=0\nwhile (b:=r.read(1<<20)): n+=len(b)\nprint(n, time.monotonic()-t)")
-    out = subprocess.run([*net_exec, sys.executable, "-c", code, url], check=True,
-                         capture_output=True, text=True)
+    code = (
+        "import sys,time,urllib.request as u; t=time.monotonic(); r=u.urlopen(sys.argv[1]);"
+        "n=0\nwhile (b:=r.read(1<<20)): n+=len(b)\nprint(n, time.monotonic()-t)"
+    )
+    out = subprocess.run(
+        [*net_exec, sys.executable, "-c", code, url], check=True, capture_output=True, text=True
+    )
     size, secs = out.stdout.split()
     assert int(size) == expect
     return float(secs)
@@ -102,9 +117,21 @@ def one_mtu(net: nets.Net, guest_ns: str, size: int, mtu: int, runs: int) -> dic
     ours, theirs = socket.socketpair()
     gw = launch.start(theirs.fileno(), ["198.51.100.0/24"], prefix=net.exec(net.client))
     theirs.close()
-    rel = subprocess.Popen(["ip", "netns", "exec", guest_ns, sys.executable, __file__, "relay",
-                            str(ours.fileno()), str(mtu)], pass_fds=(ours.fileno(),),
-                           stdout=subprocess.PIPE)
+    rel = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            guest_ns,
+            sys.executable,
+            __file__,
+            "relay",
+            str(ours.fileno()),
+            str(mtu),
+        ],
+        pass_fds=(ours.fileno(),),
+        stdout=subprocess.PIPE,
+    )
     ours.close()
     try:
         assert nets.wait_for_line(rel) == b"ready\n"
@@ -118,8 +145,10 @@ def one_mtu(net: nets.Net, guest_ns: str, size: int, mtu: int, runs: int) -> dic
             for k, p in pids.items():
                 cpu[k] += cpu_seconds(p) - before[k]
         mb = size / 1e6
-        res = {"direct_MBps": mb / statistics.median(direct),
-               "gateway_MBps": mb / statistics.median(via)}
+        res = {
+            "direct_MBps": mb / statistics.median(direct),
+            "gateway_MBps": mb / statistics.median(via),
+        }
         res["ratio"] = res["gateway_MBps"] / res["direct_MBps"]
         for k, secs in cpu.items():
             res[f"{k}_cpu_ms_per_MB"] = 1000 * secs / (mb * runs)
@@ -149,21 +178,39 @@ def main() -> int:
                 f.write(os.urandom(1 << 20))
         guest_ns = net.client.removesuffix("-c") + "-g"
         subprocess.run(["ip", "netns", "add", guest_ns], check=True)
-        http = nets.spawn(net, net.server, [sys.executable, "-m", "http.server", str(PORT),
-                                            "--bind", nets.SERVER_ADDR, "--directory", www],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        http = nets.spawn(
+            net,
+            net.server,
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(PORT),
+                "--bind",
+                nets.SERVER_ADDR,
+                "--directory",
+                www,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             time.sleep(1.0)
-            print(f"bench_egress: {args.mib} MiB over HTTP from {nets.SERVER_ADDR}, "
-                  f"median of {args.runs}; CPU per MB of the gateway-side processes")
+            print(
+                f"bench_egress: {args.mib} MiB over HTTP from {nets.SERVER_ADDR}, "
+                f"median of {args.runs}; CPU per MB of the gateway-side processes"
+            )
             for mtu in args.mtu or [1500, 65520]:
                 r = one_mtu(net, guest_ns, size, mtu, args.runs)
-                print(f"  guest MTU {mtu:5d}: direct {r['direct_MBps']:7.1f} MB/s, via gateway "
-                      f"{r['gateway_MBps']:7.1f} MB/s, ratio {r['ratio']:.2f}; CPU ms/MB: "
-                      f"gateway {r['gateway_cpu_ms_per_MB']:.2f}, passt "
-                      f"{r['passt_cpu_ms_per_MB']:.2f}, relay {r['relay_cpu_ms_per_MB']:.2f}; "
-                      f"RSS MiB: gateway {r['gateway_rss_MiB']:.1f}, passt "
-                      f"{r['passt_rss_MiB']:.1f}", flush=True)
+                print(
+                    f"  guest MTU {mtu:5d}: direct {r['direct_MBps']:7.1f} MB/s, via gateway "
+                    f"{r['gateway_MBps']:7.1f} MB/s, ratio {r['ratio']:.2f}; CPU ms/MB: "
+                    f"gateway {r['gateway_cpu_ms_per_MB']:.2f}, passt "
+                    f"{r['passt_cpu_ms_per_MB']:.2f}, relay {r['relay_cpu_ms_per_MB']:.2f}; "
+                    f"RSS MiB: gateway {r['gateway_rss_MiB']:.1f}, passt "
+                    f"{r['passt_rss_MiB']:.1f}",
+                    flush=True,
+                )
         finally:
             nets.stop(http)
             subprocess.run(["ip", "netns", "del", guest_ns], capture_output=True)

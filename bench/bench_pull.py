@@ -60,15 +60,27 @@ steps:
     run: echo {MARKER} > /tmp/marker
 """
 # What a node needs besides the bundle: the managed kernel and guest initrd.
-NODE_BASE = ("kernels", "guest", "keys/kernel", "keys/source-sha256", "keys/initrd",
-             "keys/guest-agent")
+NODE_BASE = (
+    "kernels",
+    "guest",
+    "keys/kernel",
+    "keys/source-sha256",
+    "keys/initrd",
+    "keys/guest-agent",
+)
 
 
 def spore_cli(*args: str, home: Path, timeout: float = 600) -> tuple[str, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "sporevm.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, check=False,
-                          env={**os.environ, "SPORE_HOME": str(home)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sporevm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "SPORE_HOME": str(home)},
+    )
     took = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"spore {args[0]} failed: {proc.stderr.strip()[-800:]}")
@@ -98,8 +110,9 @@ def clean_node(base: Path, dest: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path,
-                    default=Path.home() / ".cache" / "spore-tests" / "bench-pull")
+    ap.add_argument(
+        "--work", type=Path, default=Path.home() / ".cache" / "spore-tests" / "bench-pull"
+    )
     args = ap.parse_args()
     home = Path(os.environ.get("SPORE_HOME", Path.home() / ".cache" / "spore"))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -111,18 +124,20 @@ def main() -> None:
         try:
             # -- 1. the spore: pack, push, pull on a clean node, restore + exec ----------
             bundle = tmp / "bundle"
-            out, t_pack = spore_cli("pack", "--json", str(spore), "--out", str(bundle),
-                                    home=home)
+            out, t_pack = spore_cli("pack", "--json", str(spore), "--out", str(bundle), home=home)
             packed = json.loads(out)
-            out, t_push = spore_cli("push", "--json", str(bundle),
-                                    f"oci://{reg.host}/bench/spore", home=home)
+            out, t_push = spore_cli(
+                "push", "--json", str(bundle), f"oci://{reg.host}/bench/spore", home=home
+            )
             ref = json.loads(out)["reference"]
             node = clean_node(home, tmp / "node")
-            out, t_pull = spore_cli("pull", "--json", ref, "--out", str(tmp / "pulled.spore"),
-                                    home=node)
+            out, t_pull = spore_cli(
+                "pull", "--json", ref, "--out", str(tmp / "pulled.spore"), home=node
+            )
             pulled = json.loads(out)
-            out, t_run = spore_cli("run", "--from", str(tmp / "pulled.spore"), "--",
-                                   "cat", "/tmp/marker", home=node)
+            out, t_run = spore_cli(
+                "run", "--from", str(tmp / "pulled.spore"), "--", "cat", "/tmp/marker", home=node
+            )
             if MARKER not in out:
                 raise SystemExit(f"restored spore printed {out[:200]!r}, not the marker")
             spore_bytes = int(pulled["bytes_received"])
@@ -146,18 +161,28 @@ def main() -> None:
         finally:
             reg.stop()
 
-    print(f"spore: {packed['objects']} objects in {packed['packs']} pack(s), bundle "
-          f"{packed['bytes'] / 2**20:.1f} MiB; guest RAM {m.platform.memory >> 20} MiB")
-    print(f"spore path: pack {t_pack:.2f} s, push {t_push:.2f} s, pull {t_pull:.2f} s "
-          f"({spore_bytes / 2**20:.1f} MiB received), run --from (restore + exec) "
-          f"{t_run:.2f} s; pull+restore {t_pull + t_run:.2f} s")
-    print(f"(each spore step is one CLI process; its start-up alone is {t_cli:.2f} s; "
-          "the raw path runs in this process)")
-    print(f"raw path:   push {t_raw_push:.2f} s, pull {t_raw_pull:.2f} s "
-          f"({raw_bytes / 2**20:.1f} MiB received)")
-    print(f"ratio raw/spore: bytes {raw_bytes / spore_bytes:.1f}x, "
-          f"wall (raw pull vs spore pull+restore) {t_raw_pull / (t_pull + t_run):.2f}x, "
-          f"(raw pull vs spore pull) {t_raw_pull / t_pull:.2f}x")
+    print(
+        f"spore: {packed['objects']} objects in {packed['packs']} pack(s), bundle "
+        f"{packed['bytes'] / 2**20:.1f} MiB; guest RAM {m.platform.memory >> 20} MiB"
+    )
+    print(
+        f"spore path: pack {t_pack:.2f} s, push {t_push:.2f} s, pull {t_pull:.2f} s "
+        f"({spore_bytes / 2**20:.1f} MiB received), run --from (restore + exec) "
+        f"{t_run:.2f} s; pull+restore {t_pull + t_run:.2f} s"
+    )
+    print(
+        f"(each spore step is one CLI process; its start-up alone is {t_cli:.2f} s; "
+        "the raw path runs in this process)"
+    )
+    print(
+        f"raw path:   push {t_raw_push:.2f} s, pull {t_raw_pull:.2f} s "
+        f"({raw_bytes / 2**20:.1f} MiB received)"
+    )
+    print(
+        f"ratio raw/spore: bytes {raw_bytes / spore_bytes:.1f}x, "
+        f"wall (raw pull vs spore pull+restore) {t_raw_pull / (t_pull + t_run):.2f}x, "
+        f"(raw pull vs spore pull) {t_raw_pull / t_pull:.2f}x"
+    )
 
 
 if __name__ == "__main__":

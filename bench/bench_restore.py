@@ -105,8 +105,10 @@ def main() -> None:
             chunks = ChunkStore(store)
             index = snapshot_memory(vm.machine.ram.view(0, vm.machine.ram.size), chunks)
         stored = len(index.stored())
-        print(f"probe guest, {RAM >> 20} MiB RAM: {stored} stored chunks, "
-              f"{len(index.chunks) - stored} zero chunks")
+        print(
+            f"probe guest, {RAM >> 20} MiB RAM: {stored} stored chunks, "
+            f"{len(index.chunks) - stored} zero chunks"
+        )
 
         pagers: list[LazyPager] = []
 
@@ -146,8 +148,12 @@ def main() -> None:
         backing.memfile_path(index, store).unlink()
         backing.ensure_memfile(index, chunks, store)
         materialize_ms = (time.perf_counter() - t) * 1e3
-        for name, loader in (("eager", eager), ("lazy", lazy), ("local (re-hash)", local),
-                             ("local (verified)", local_trusted)):
+        for name, loader in (
+            ("eager", eager),
+            ("lazy", lazy),
+            ("local (re-hash)", local),
+            ("local (verified)", local_trusted),
+        ):
             best = min((one(name, loader) for _ in range(3)), key=lambda x: x[1])
             rows.append((name, *best))
         faults = pagers[-1].faults
@@ -156,14 +162,20 @@ def main() -> None:
 
         print(f"memfile materialization (once per memory index): {materialize_ms:.0f} ms")
         print(f"lazy: the guest faulted in {faults} of {stored} stored chunks")
-        print(f"{'strategy':18} {'restore ms':>10} {'-> output ms':>12} {'vs eager':>9} "
-              f"{'vs boot':>8}")
+        print(
+            f"{'strategy':18} {'restore ms':>10} {'-> output ms':>12} {'vs eager':>9} "
+            f"{'vs boot':>8}"
+        )
         eager_out = rows[0][2]
         for name, restore_ms, out_ms in rows:
-            print(f"{name:18} {restore_ms:10.1f} {out_ms:12.1f} {eager_out / out_ms:8.1f}x "
-                  f"{boot_ms / out_ms:7.1f}x")
-        print(f"raw memcpy of {RAM >> 20} MiB: {copy_ms:.1f} ms; "
-              f"cold boot -> first output: {boot_ms:.1f} ms")
+            print(
+                f"{name:18} {restore_ms:10.1f} {out_ms:12.1f} {eager_out / out_ms:8.1f}x "
+                f"{boot_ms / out_ms:7.1f}x"
+            )
+        print(
+            f"raw memcpy of {RAM >> 20} MiB: {copy_ms:.1f} ms; "
+            f"cold boot -> first output: {boot_ms:.1f} ms"
+        )
 
 
 def _attach(m: Machine, port: TestPort) -> list[VirtioMmio]:

@@ -74,8 +74,9 @@ def main() -> int:
 
             ours.append(timed(spore_side))
             size = out.stat().st_size
-            digest = json.loads(run([*spore_bin, "rootfs", ref, "-o", str(out), "--json"],
-                                    env))["digest"]
+            digest = json.loads(run([*spore_bin, "rootfs", ref, "-o", str(out), "--json"], env))[
+                "digest"
+            ]
             shutil.rmtree(home)
             out.unlink()
 
@@ -83,12 +84,32 @@ def main() -> int:
 
             def peer_side(pdir: Path = pdir, size: int = size) -> None:
                 pdir.mkdir()
-                run(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
-                     f"oci:{pdir / 'oci'}:{TAG}"])
+                run(
+                    [
+                        "skopeo",
+                        "copy",
+                        "-q",
+                        "--src-tls-verify=false",
+                        f"docker://{ref}",
+                        f"oci:{pdir / 'oci'}:{TAG}",
+                    ]
+                )
                 run(["umoci", "unpack", "--image", f"{pdir / 'oci'}:{TAG}", str(pdir / "bundle")])
-                run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d",
-                     str(pdir / "bundle" / "rootfs"), str(pdir / "peer.ext4"),
-                     f"{size // 1024}k"])
+                run(
+                    [
+                        "mke2fs",
+                        "-q",
+                        "-F",
+                        "-t",
+                        "ext4",
+                        "-b",
+                        "4096",
+                        "-d",
+                        str(pdir / "bundle" / "rootfs"),
+                        str(pdir / "peer.ext4"),
+                        f"{size // 1024}k",
+                    ]
+                )
 
             peer.append(timed(peer_side))
             shutil.rmtree(pdir)

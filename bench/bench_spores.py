@@ -107,8 +107,11 @@ steps:
 """
 # A forked child's job on the warm spore: have the background process read all of its
 # memory (shell builtins only: no exec), print the sum.
-WARM_JOB = ["sh", "-c", "read -r p < /run/warm.pid; kill -USR1 $p; read -r s < /run/warm.fifo; "
-            "echo warm-sum=$s"]
+WARM_JOB = [
+    "sh",
+    "-c",
+    "read -r p < /run/warm.pid; kill -USR1 $p; read -r s < /run/warm.fifo; echo warm-sum=$s",
+]
 WARM_SOURCE = ROOT / "bench" / "guest" / "warm.c"
 MEM_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
 
@@ -128,8 +131,10 @@ class Series:
         if not self.values:
             return "no data"
         lo, hi = min(self.values) * scale, max(self.values) * scale
-        return (f"{self.median() * scale:{fmt}} {unit} (median of {len(self.values)}, "
-                f"range {lo:{fmt}}-{hi:{fmt}})")
+        return (
+            f"{self.median() * scale:{fmt}} {unit} (median of {len(self.values)}, "
+            f"range {lo:{fmt}}-{hi:{fmt}})"
+        )
 
 
 # -- helpers -------------------------------------------------------------------
@@ -148,8 +153,10 @@ def first_output(vm: VmProcess, argv: Sequence[str], start: float, timeout: floa
     handle = vm.session.exec(list(argv), on_stdout=on_stdout, timeout=timeout)
     status = handle.wait(timeout + 5)
     if status.returncode != 0 or not first:
-        raise BenchError(f"{' '.join(argv)}: {status.describe()}, stdout {bytes(out)!r}, "
-                         f"stderr {handle.stderr[-300:]!r}")
+        raise BenchError(
+            f"{' '.join(argv)}: {status.describe()}, stdout {bytes(out)!r}, "
+            f"stderr {handle.stderr[-300:]!r}"
+        )
     if MARKER.encode() not in out:
         raise BenchError(f"{' '.join(argv)}: unexpected output {bytes(out)!r}")
     return first[0] - start
@@ -170,15 +177,33 @@ def build_spore(work: Path, timeout: float, warm_mib: int = 0) -> Path:
     src = work / ("sporefile-warm" if warm_mib else "sporefile")
     src.mkdir()
     if warm_mib:
-        subprocess.run(["musl-gcc", "-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o",
-                        str(src / "warm"), str(WARM_SOURCE)], check=True, timeout=timeout)
+        subprocess.run(
+            [
+                "musl-gcc",
+                "-O2",
+                "-static",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-o",
+                str(src / "warm"),
+                str(WARM_SOURCE),
+            ],
+            check=True,
+            timeout=timeout,
+        )
         text = WARM_SPOREFILE.format(layout=layout, mib=warm_mib)
     else:
         text = SPOREFILE.format(layout=layout)
     (src / "Sporefile").write_text(text)
     proc = subprocess.run(
         [sys.executable, "-m", "sporevm.cli", "build", "--json", str(src / "Sporefile")],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"spore build failed: {proc.stderr.strip()[-800:]}")
     return Path(json.loads(proc.stdout)["spore"])
@@ -196,17 +221,23 @@ class Snapshots:
     total_chunks: int = 0
 
 
-def cold_once(guest: GuestPlatform, rootfs: Path, memory: int, timeout: float,
-              snap_root: Path, snaps: Snapshots) -> float:
+def cold_once(
+    guest: GuestPlatform,
+    rootfs: Path,
+    memory: int,
+    timeout: float,
+    snap_root: Path,
+    snaps: Snapshots,
+) -> float:
     start = time.perf_counter()
     vm = boot_vm(guest, rootfs, memory, 1, timeout, store_root=snap_root)
     try:
         took = first_output(
-            vm, ["sh", "-c", f"echo {MARKER} > /tmp/marker && cat /tmp/marker"], start, timeout)
+            vm, ["sh", "-c", f"echo {MARKER} > /tmp/marker && cat /tmp/marker"], start, timeout
+        )
         full = vm.snapshot(timeout)
         vm.command("resume")
-        status = vm.session.exec(["sh", "-c", "echo x > /tmp/y"], timeout=timeout).wait(
-            timeout + 5)
+        status = vm.session.exec(["sh", "-c", "echo x > /tmp/y"], timeout=timeout).wait(timeout + 5)
         if status.returncode != 0:
             raise BenchError(f"echo x > /tmp/y: {status.describe()}")
         dirty = vm.snapshot(timeout)
@@ -221,8 +252,15 @@ def cold_once(guest: GuestPlatform, rootfs: Path, memory: int, timeout: float,
         stop(vm)
 
 
-def restore_once(spore: Path, store: Store, strategy: RestoreStrategy, timeout: float,
-                 resumed: Series, second: Series, zygote: bool = True) -> float:
+def restore_once(
+    spore: Path,
+    store: Store,
+    strategy: RestoreStrategy,
+    timeout: float,
+    resumed: Series,
+    second: Series,
+    zygote: bool = True,
+) -> float:
     """Seconds to the first output; ``resumed`` gets the part up to the agent's answer,
     ``second`` the same exec repeated at once in the same VM. ``zygote=False``: the
     monitor is a fresh interpreter, as for a one-off ``spore run --from``."""
@@ -244,8 +282,12 @@ FLOOR = "import sporevm.runtime.monitor, sys, time; print('ok', flush=True); tim
 def monitor_floor(timeout: float) -> tuple[float, Mem]:
     """A bare monitor interpreter: seconds to start + import, and its memory once idle."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", FLOOR.format(timeout)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOR.format(timeout)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -303,9 +345,14 @@ def read_mem(pid: int) -> Mem:
     return Mem(total, ram)
 
 
-def children_memory(children: list[Path], store: Store, timeout: float, settle: float,
-                    job: Sequence[str], expect: bytes
-                    ) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
+def children_memory(
+    children: list[Path],
+    store: Store,
+    timeout: float,
+    settle: float,
+    job: Sequence[str],
+    expect: bytes,
+) -> tuple[Mem, list[Mem], Mem | None, Mem | None, float]:
     """(one child alone, each of N children alive together, the monitor zygote's memory
     with one child and with N (None when monitors are spawned, SPORE_ZYGOTE=0), seconds
     to restore the N). The zygote is counted: its pages are what the children share."""
@@ -322,8 +369,10 @@ def children_memory(children: list[Path], store: Store, timeout: float, settle: 
             handle = vm.session.exec(list(job), timeout=timeout)
             status = handle.wait(timeout + 5)
             if status.returncode != 0 or not re.search(expect, handle.stdout):
-                raise BenchError(f"{child}: {' '.join(job)}: {status.describe()}, stdout "
-                                 f"{handle.stdout[-300:]!r}, stderr {handle.stderr[-300:]!r}")
+                raise BenchError(
+                    f"{child}: {' '.join(job)}: {status.describe()}, stdout "
+                    f"{handle.stdout[-300:]!r}, stderr {handle.stderr[-300:]!r}"
+                )
             if len(vms) == 1:
                 time.sleep(settle)
                 one = read_mem(vm.proc.pid)
@@ -359,42 +408,64 @@ class ChildrenMemory:
     def report(self) -> None:
         n, many, one = len(self.many), self.many, self.one
         one_pss, sum_pss = self.sums()
-        print(f"  {self.label}: {n} forked children restored with `local` "
-              f"({self.restore_s:.1f} s to restore them one after another), alive and idle")
+        print(
+            f"  {self.label}: {n} forked children restored with `local` "
+            f"({self.restore_s:.1f} s to restore them one after another), alive and idle"
+        )
         if self.zyg_one is not None and self.zyg_many is not None:
-            print(f"    monitors forked from one zygote (counted below): its PSS "
-                  f"{self.zyg_one.total['Pss'] / 1024:.1f} MiB with one child, "
-                  f"{self.zyg_many.total['Pss'] / 1024:.1f} MiB with {n}")
+            print(
+                f"    monitors forked from one zygote (counted below): its PSS "
+                f"{self.zyg_one.total['Pss'] / 1024:.1f} MiB with one child, "
+                f"{self.zyg_many.total['Pss'] / 1024:.1f} MiB with {n}"
+            )
         else:
             print("    monitors spawned one interpreter each (SPORE_ZYGOTE=0)")
-        print(f"    one child alone:   PSS {one_pss / 1024:7.1f} MiB "
-              f"(guest RAM {one.ram['Pss'] / 1024:.1f}, rest {one.rest_pss() / 1024:.1f})   "
-              f"RSS {one.total['Rss'] / 1024:.1f} MiB")
-        print(f"    {n} children, sum:  PSS {sum_pss / 1024:7.1f} MiB "
-              f"(guest RAM {sum(x.ram['Pss'] for x in many) / 1024:.1f}, "
-              f"rest {sum(x.rest_pss() for x in many) / 1024:.1f})   "
-              f"RSS {sum(x.total['Rss'] for x in many) / 1024:.1f} MiB")
-        print(f"    ratio {n} children / one (PSS): {sum_pss / one_pss:.2f}x "
-              f"(goal <= 1.5x); guest RAM only: "
-              f"{sum(x.ram['Pss'] for x in many) / max(one.ram['Pss'], 1):.2f}x")
-        print(f"    each further child costs {(sum_pss - one_pss) / (n - 1) / 1024:.1f} MiB PSS "
-              f"(of which guest RAM copied on write "
-              f"{statistics.median(x.ram['Private_Dirty'] for x in many) / 1024:.1f} MiB, "
-              f"monitor {statistics.median(x.total['Private_Dirty'] - x.ram['Private_Dirty'] for x in many) / 1024:.1f} MiB private)")  # noqa: E501
-        print(f"    guest-RAM mapping per child (median): "
-              f"{statistics.median(x.ram['Shared_Clean'] for x in many) / 1024:.1f} MiB shared "
-              f"clean, {statistics.median(x.ram['Private_Dirty'] + x.ram['Private_Clean'] for x in many) / 1024:.1f} MiB private (copy-on-write)")  # noqa: E501
+        print(
+            f"    one child alone:   PSS {one_pss / 1024:7.1f} MiB "
+            f"(guest RAM {one.ram['Pss'] / 1024:.1f}, rest {one.rest_pss() / 1024:.1f})   "
+            f"RSS {one.total['Rss'] / 1024:.1f} MiB"
+        )
+        print(
+            f"    {n} children, sum:  PSS {sum_pss / 1024:7.1f} MiB "
+            f"(guest RAM {sum(x.ram['Pss'] for x in many) / 1024:.1f}, "
+            f"rest {sum(x.rest_pss() for x in many) / 1024:.1f})   "
+            f"RSS {sum(x.total['Rss'] for x in many) / 1024:.1f} MiB"
+        )
+        print(
+            f"    ratio {n} children / one (PSS): {sum_pss / one_pss:.2f}x "
+            f"(goal <= 1.5x); guest RAM only: "
+            f"{sum(x.ram['Pss'] for x in many) / max(one.ram['Pss'], 1):.2f}x"
+        )
+        print(
+            f"    each further child costs {(sum_pss - one_pss) / (n - 1) / 1024:.1f} MiB PSS "
+            f"(of which guest RAM copied on write "
+            f"{statistics.median(x.ram['Private_Dirty'] for x in many) / 1024:.1f} MiB, "
+            f"monitor {statistics.median(x.total['Private_Dirty'] - x.ram['Private_Dirty'] for x in many) / 1024:.1f} MiB private)"  # noqa: E501
+        )
+        print(
+            f"    guest-RAM mapping per child (median): "
+            f"{statistics.median(x.ram['Shared_Clean'] for x in many) / 1024:.1f} MiB shared "
+            f"clean, {statistics.median(x.ram['Private_Dirty'] + x.ram['Private_Clean'] for x in many) / 1024:.1f} MiB private (copy-on-write)"  # noqa: E501
+        )
 
 
-def fork_and_measure(label: str, spore: Path, store: Store, args: argparse.Namespace,
-                     out: Path, job: Sequence[str], expect: bytes) -> ChildrenMemory:
+def fork_and_measure(
+    label: str,
+    spore: Path,
+    store: Store,
+    args: argparse.Namespace,
+    out: Path,
+    job: Sequence[str],
+    expect: bytes,
+) -> ChildrenMemory:
     m, _, _ = open_spore(spore, store)
     backing.ensure_memfile(m.memory, ChunkStore(store), store)
     for i, child in enumerate(fork_manifests(m, manifest.id_of(m), args.children)):
         write_spore(child, out / f"child-{i:04d}.spore")
     children = sorted(out.glob("child-*.spore"))
-    return ChildrenMemory(label, *children_memory(children, store, args.timeout, args.settle,
-                                                  job, expect))
+    return ChildrenMemory(
+        label, *children_memory(children, store, args.timeout, args.settle, job, expect)
+    )
 
 
 # -- driver --------------------------------------------------------------------
@@ -405,13 +476,24 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fork-count", type=int, default=16)
     ap.add_argument("--children", type=int, default=8)
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="bound on each boot, restore, build or command, seconds")
-    ap.add_argument("--settle", type=float, default=3.0,
-                    help="idle seconds before reading the children's memory")
-    ap.add_argument("--warm-mib", type=int, default=128,
-                    help="working set of the warm spore whose children section 4 also "
-                         "measures (0: skip it)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="bound on each boot, restore, build or command, seconds",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="idle seconds before reading the children's memory",
+    )
+    ap.add_argument(
+        "--warm-mib",
+        type=int,
+        default=128,
+        help="working set of the warm spore whose children section 4 also measures (0: skip it)",
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
     store = Store()
@@ -442,20 +524,33 @@ def main() -> int:
             snap_root = work / f"snap-store-{i}"
             snap_root.mkdir()
             try:
-                cold.values.append(cold_once(guest, rootfs, memory, args.timeout, snap_root,
-                                             snaps))
+                cold.values.append(cold_once(guest, rootfs, memory, args.timeout, snap_root, snaps))
             finally:
                 shutil.rmtree(snap_root, ignore_errors=True)
-            print(f"  run {i + 1}: cold boot -> output {cold.values[-1]:.2f} s; snapshots "
-                  f"full {snaps.full_s.values[-1]:.3f} s, dirty {snaps.dirty_s.values[-1]:.3f} s",
-                  file=sys.stderr)
+            print(
+                f"  run {i + 1}: cold boot -> output {cold.values[-1]:.2f} s; snapshots "
+                f"full {snaps.full_s.values[-1]:.3f} s, dirty {snaps.dirty_s.values[-1]:.3f} s",
+                file=sys.stderr,
+            )
             for s in STRATEGIES:
-                restores[s].values.append(restore_once(spore, store, s, args.timeout,
-                                                       resumed[s], second[s]))
-                print(f"  run {i + 1}: restore {s} -> output {restores[s].values[-1]:.3f} s",
-                      file=sys.stderr)
-            spawned.values.append(restore_once(spore, store, RestoreStrategy.LOCAL, args.timeout,
-                                               spawned_resumed, spawned_second, zygote=False))
+                restores[s].values.append(
+                    restore_once(spore, store, s, args.timeout, resumed[s], second[s])
+                )
+                print(
+                    f"  run {i + 1}: restore {s} -> output {restores[s].values[-1]:.3f} s",
+                    file=sys.stderr,
+                )
+            spawned.values.append(
+                restore_once(
+                    spore,
+                    store,
+                    RestoreStrategy.LOCAL,
+                    args.timeout,
+                    spawned_resumed,
+                    spawned_second,
+                    zygote=False,
+                )
+            )
 
             took, mem = monitor_floor(args.timeout)
             floor_s.values.append(took)
@@ -465,24 +560,45 @@ def main() -> int:
         fork = Series()
         for i in range(args.runs):
             fork.values.append(fork_once(m, parent_id, args.fork_count, work / f"fork-{i}"))
-        memories = [fork_and_measure(
-            "the bench spore (idle busybox guest; each child ran `cat generation.json`)",
-            spore, store, args, work / "children", ["cat", "/run/spore/generation.json"],
-            rb'"generation":"')]
+        memories = [
+            fork_and_measure(
+                "the bench spore (idle busybox guest; each child ran `cat generation.json`)",
+                spore,
+                store,
+                args,
+                work / "children",
+                ["cat", "/run/spore/generation.json"],
+                rb'"generation":"',
+            )
+        ]
         if args.warm_mib:
             warm = build_spore(work, args.timeout, args.warm_mib)
-            memories.append(fork_and_measure(
-                f"its warm variant (a background process holds {args.warm_mib} MiB; each "
-                "child's job reads all of it)", warm, store, args, work / "children-warm",
-                WARM_JOB, rb"warm-sum=[1-9][0-9]*\n"))
+            memories.append(
+                fork_and_measure(
+                    f"its warm variant (a background process holds {args.warm_mib} MiB; each "
+                    "child's job reads all of it)",
+                    warm,
+                    store,
+                    args,
+                    work / "children-warm",
+                    WARM_JOB,
+                    rb"warm-sum=[1-9][0-9]*\n",
+                )
+            )
         load_after = os.getloadavg()
 
-        print(f"spore: {spore.name} ({memory >> 20} MiB RAM, {len(m.memory.stored())} stored "
-              f"chunks of {len(m.memory.chunks)}); rootfs {rootfs.stat().st_size >> 20} MiB")
-        print(f"host load average (1 min) before/after: {load_before[0]:.1f} / "
-              f"{load_after[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"local memfile: {'built' if built else 'already present'} "
-              f"({materialize_s * 1e3:.0f} ms, once per memory index)")
+        print(
+            f"spore: {spore.name} ({memory >> 20} MiB RAM, {len(m.memory.stored())} stored "
+            f"chunks of {len(m.memory.chunks)}); rootfs {rootfs.stat().st_size >> 20} MiB"
+        )
+        print(
+            f"host load average (1 min) before/after: {load_before[0]:.1f} / "
+            f"{load_after[0]:.1f} on {os.cpu_count()} CPUs"
+        )
+        print(
+            f"local memfile: {'built' if built else 'already present'} "
+            f"({materialize_s * 1e3:.0f} ms, once per memory index)"
+        )
         print()
         print("1. -> first output (cold: boot + write + cat the marker; restore: cat it)")
         print(f"  {'cold boot':14} {cold.describe('s', fmt='.2f')}")
@@ -491,25 +607,36 @@ def main() -> int:
             # Each run's cold boot and restores are measured minutes apart at most: the
             # median of the per-run ratios is steadier on a host whose speed drifts.
             paired = statistics.median(c / x for c, x in zip(cold.values, r.values, strict=True))
-            print(f"  {'restore ' + s:14} {r.describe('ms', 1e3)}   "
-                  f"cold/restore {cold.median() / r.median():.1f}x (goal >= 20x); "
-                  f"per run {paired:.1f}x")
-            print(f"  {'':14}   of which spawn -> agent answered + clock set: "
-                  f"{resumed[s].median() * 1e3:.0f} ms; the same exec again: "
-                  f"{second[s].median() * 1e3:.0f} ms")
-        print(f"  {'restore local':14} {spawned.describe('ms', 1e3)}   "
-              f"cold/restore {cold.median() / spawned.median():.1f}x   with the monitor "
-              f"spawned as a fresh interpreter (a one-off `spore run --from`; the rows above "
-              f"fork it from this process's warm zygote)")
-        print(f"  floor: a monitor interpreter's start + imports alone: "
-              f"{floor_s.describe('ms', 1e3)}")
+            print(
+                f"  {'restore ' + s:14} {r.describe('ms', 1e3)}   "
+                f"cold/restore {cold.median() / r.median():.1f}x (goal >= 20x); "
+                f"per run {paired:.1f}x"
+            )
+            print(
+                f"  {'':14}   of which spawn -> agent answered + clock set: "
+                f"{resumed[s].median() * 1e3:.0f} ms; the same exec again: "
+                f"{second[s].median() * 1e3:.0f} ms"
+            )
+        print(
+            f"  {'restore local':14} {spawned.describe('ms', 1e3)}   "
+            f"cold/restore {cold.median() / spawned.median():.1f}x   with the monitor "
+            f"spawned as a fresh interpreter (a one-off `spore run --from`; the rows above "
+            f"fork it from this process's warm zygote)"
+        )
+        print(
+            f"  floor: a monitor interpreter's start + imports alone: {floor_s.describe('ms', 1e3)}"
+        )
         print()
         print("2. snapshot in one VM session (fresh store root; `echo x > /tmp/y` between)")
-        print(f"  full:       {snaps.full_s.describe('ms', 1e3)}, "
-              f"{snaps.full_hashed.median():.0f} of {snaps.total_chunks} chunks hashed")
-        print(f"  dirty-only: {snaps.dirty_s.describe('ms', 1e3)}, "
-              f"{snaps.dirty_hashed.median():.0f} chunks hashed   "
-              f"full/dirty {snaps.full_s.median() / max(snaps.dirty_s.median(), 1e-3):.1f}x")
+        print(
+            f"  full:       {snaps.full_s.describe('ms', 1e3)}, "
+            f"{snaps.full_hashed.median():.0f} of {snaps.total_chunks} chunks hashed"
+        )
+        print(
+            f"  dirty-only: {snaps.dirty_s.describe('ms', 1e3)}, "
+            f"{snaps.dirty_hashed.median():.0f} chunks hashed   "
+            f"full/dirty {snaps.full_s.median() / max(snaps.dirty_s.median(), 1e-3):.1f}x"
+        )
         print()
         print(f"3. fork ({args.fork_count} children: fork_manifests + write_spore)")
         print(f"  per child: {fork.describe('ms', 1e3, '.2f')} (goal <= 20 ms)")
@@ -518,10 +645,14 @@ def main() -> int:
         for section in memories:
             section.report()
         fm = floor_mem[len(floor_mem) // 2]
-        print(f"  a bare monitor interpreter (Python + imports, no VM): PSS "
-              f"{fm.total['Pss'] / 1024:.1f} MiB, RSS {fm.total['Rss'] / 1024:.1f} MiB")
-        print(f"  per-process overhead outside guest RAM (Python + VMM), median PSS: "
-              f"{statistics.median(x.rest_pss() for x in memories[0].many) / 1024:.1f} MiB")
+        print(
+            f"  a bare monitor interpreter (Python + imports, no VM): PSS "
+            f"{fm.total['Pss'] / 1024:.1f} MiB, RSS {fm.total['Rss'] / 1024:.1f} MiB"
+        )
+        print(
+            f"  per-process overhead outside guest RAM (Python + VMM), median PSS: "
+            f"{statistics.median(x.rest_pss() for x in memories[0].many) / 1024:.1f} MiB"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

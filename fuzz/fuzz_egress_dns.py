@@ -22,8 +22,15 @@ POLICY = Policy.parse(["a.example", "b.example:443"], LINK.gateway_ip, [aton("19
 
 
 def _task(filt: EgressFilter, name: str) -> DnsTask:
-    frame = packets.udp_frame(LINK.gateway_mac, GUEST_MAC, LINK.guest_ip, LINK.gateway_ip,
-                              5353, 53, dns.build_query(1, name))
+    frame = packets.udp_frame(
+        LINK.gateway_mac,
+        GUEST_MAC,
+        LINK.guest_ip,
+        LINK.gateway_ip,
+        5353,
+        53,
+        dns.build_query(1, name),
+    )
     t = filt.from_guest(frame, 0.0)
     assert isinstance(t, DnsTask)
     return t
@@ -50,15 +57,16 @@ def TestOneInput(data: bytes) -> None:
         reply = filt.dns_answer(t, result, 0.0)
         assert len(reply.frame) <= 14 + 20 + 8 + 512
         ip = packets.parse_ipv4(reply.frame)
-        dns.parse(reply.frame[ip.payload + 8:ip.end])
+        dns.parse(reply.frame[ip.payload + 8 : ip.end])
     for addr in filt.learned.addresses():
         assert floor_reason(POLICY, addr) is None
-    frame = packets.udp_frame(LINK.gateway_mac, GUEST_MAC, LINK.guest_ip, LINK.gateway_ip,
-                              5353, 53, data)
+    frame = packets.udp_frame(
+        LINK.gateway_mac, GUEST_MAC, LINK.guest_ip, LINK.gateway_ip, 5353, 53, data
+    )
     v = filt.from_guest(frame, 0.0)
     if isinstance(v, Reply):
         ip = packets.parse_ipv4(v.frame)
-        assert len(dns.parse(v.frame[ip.payload + 8:ip.end]).answers) == 0
+        assert len(dns.parse(v.frame[ip.payload + 8 : ip.end]).answers) == 0
 
 
 if __name__ == "__main__":

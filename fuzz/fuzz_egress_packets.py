@@ -15,10 +15,21 @@ with atheris.instrument_imports():
 
 LINK = Link()
 GUEST_MAC = bytes.fromhex("02000000000f")
-POLICIES = [Policy.parse(p, LINK.gateway_ip, [aton("192.0.2.2")])
-            for p in (["public"], ["198.51.100.0/24", "a.example:443"], [], ["a.example"])]
-PREFIX = packets.tcp_frame(LINK.gateway_mac, GUEST_MAC, LINK.guest_ip, aton("198.51.100.2"),
-                           40000, 80, 1, 0, packets.TCP_SYN)[:14]
+POLICIES = [
+    Policy.parse(p, LINK.gateway_ip, [aton("192.0.2.2")])
+    for p in (["public"], ["198.51.100.0/24", "a.example:443"], [], ["a.example"])
+]
+PREFIX = packets.tcp_frame(
+    LINK.gateway_mac,
+    GUEST_MAC,
+    LINK.guest_ip,
+    aton("198.51.100.2"),
+    40000,
+    80,
+    1,
+    0,
+    packets.TCP_SYN,
+)[:14]
 
 
 def _ip_frame(body: bytes) -> bytes:
@@ -29,8 +40,12 @@ def _ip_frame(body: bytes) -> bytes:
     if fdp.ConsumeBool():
         dst = LINK.gateway_ip
     rest = fdp.ConsumeBytes(fdp.remaining_bytes())
-    return packets.ether(LINK.gateway_mac, GUEST_MAC, packets.ETHERTYPE_IPV4,
-                         packets.ipv4(LINK.guest_ip, dst, proto, rest))
+    return packets.ether(
+        LINK.gateway_mac,
+        GUEST_MAC,
+        packets.ETHERTYPE_IPV4,
+        packets.ipv4(LINK.guest_ip, dst, proto, rest),
+    )
 
 
 def TestOneInput(data: bytes) -> None:

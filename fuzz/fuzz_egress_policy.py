@@ -42,9 +42,13 @@ def TestOneInput(data: bytes) -> None:
     assert Policy.parse(policy.canonical(), GW).canonical() == policy.canonical()
     learned = Learned(capacity=8)
     for _ in range(fdp.ConsumeIntInRange(0, 16)):
-        learned.learn(fdp.ConsumeIntInRange(0, 2**32 - 1), "a.example",
-                      fdp.PickValueInList([None, 80, 443]), fdp.ConsumeIntInRange(0, 10**6),
-                      float(fdp.ConsumeIntInRange(0, 1000)))
+        learned.learn(
+            fdp.ConsumeIntInRange(0, 2**32 - 1),
+            "a.example",
+            fdp.PickValueInList([None, 80, 443]),
+            fdp.ConsumeIntInRange(0, 10**6),
+            float(fdp.ConsumeIntInRange(0, 1000)),
+        )
     assert len(learned) <= 8
     for _ in range(fdp.ConsumeIntInRange(1, 16)):
         addr = fdp.ConsumeIntInRange(0, 2**32 - 1)

@@ -29,8 +29,14 @@ for _old in Path("/tmp").glob("fuzz-layers-*"):
         shutil.rmtree(_old, ignore_errors=True)
 _WORK = Path(f"/tmp/fuzz-layers-{os.getpid()}")
 _WORK.mkdir()
-_LIMITS = Limits(max_entries=256, max_total_bytes=1 << 20, max_name_bytes=1024,
-                 max_header_bytes=64 << 10, max_depth=32, max_stream_bytes=8 << 20)
+_LIMITS = Limits(
+    max_entries=256,
+    max_total_bytes=1 << 20,
+    max_name_bytes=1024,
+    max_header_bytes=64 << 10,
+    max_depth=32,
+    max_stream_bytes=8 << 20,
+)
 _TAR = "application/vnd.oci.image.layer.v1.tar"
 _GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 

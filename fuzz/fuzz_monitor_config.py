@@ -25,8 +25,7 @@ def TestOneInput(data: bytes) -> None:
     for s in (str(vm.kernel), str(vm.initrd), str(vm.rootfs), str(cfg.serial_log), vm.cmdline):
         assert isinstance(s, str) and "\0" not in s
     if vm.restore is not None:  # the restore's fields come together or not at all
-        for digest in (vm.restore.manifest_id, vm.restore.kernel_digest,
-                       vm.restore.initrd_digest):
+        for digest in (vm.restore.manifest_id, vm.restore.kernel_digest, vm.restore.initrd_digest):
             assert digest.startswith("blake3:") and len(digest) == 71
     assert MonitorConfig.decode(cfg.encode()) == cfg
 

@@ -20,10 +20,18 @@ with atheris.instrument_imports():
     from sporevm.build import ocimanifest as om
     from sporevm.errors import SporeError
 
-_HINTS = (None, om.OCI_MANIFEST, om.OCI_INDEX, om.DOCKER_MANIFEST, om.DOCKER_LIST,
-          "application/vnd.docker.distribution.manifest.v1+prettyjws", "application/json")
-_PLATFORMS = tuple(om.parse_platform(p) for p in
-                   ("linux/amd64", "linux/arm64", "linux/arm/v7", "linux/amd64/v3"))
+_HINTS = (
+    None,
+    om.OCI_MANIFEST,
+    om.OCI_INDEX,
+    om.DOCKER_MANIFEST,
+    om.DOCKER_LIST,
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/json",
+)
+_PLATFORMS = tuple(
+    om.parse_platform(p) for p in ("linux/amd64", "linux/arm64", "linux/arm/v7", "linux/amd64/v3")
+)
 _LAYOUT = Path(tempfile.mkdtemp(prefix="fuzz-oci-layout-"))
 atexit.register(shutil.rmtree, _LAYOUT, True)  # in-process replays; libFuzzer skips atexit
 (_LAYOUT / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
@@ -47,8 +55,10 @@ def TestOneInput(data: bytes) -> None:
         if selector & 1:
             config = om.decode_config(doc, what="fuzz: config")
             manifest = om.ImageManifest(
-                om.OCI_MANIFEST, om.Descriptor(om.OCI_CONFIG, "sha256:" + "0" * 64, 1),
-                tuple(om.LayerDesc(d, om.OCI_MANIFEST, 1) for d in config.diff_ids))
+                om.OCI_MANIFEST,
+                om.Descriptor(om.OCI_CONFIG, "sha256:" + "0" * 64, 1),
+                tuple(om.LayerDesc(d, om.OCI_MANIFEST, 1) for d in config.diff_ids),
+            )
             om.check_config(config, manifest, platform, what="fuzz")
             return
         hint = _HINTS[(selector >> 1) % len(_HINTS)]

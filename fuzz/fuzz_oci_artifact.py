@@ -15,8 +15,12 @@ def TestOneInput(data: bytes) -> None:
         files, digest = transport_oci.decode_artifact(data, "fuzz")
     except SporeError:
         return
-    assert transport_oci.encode_artifact(
-        [(name, d, size) for name, (d, size) in files.items()], digest) == data
+    assert (
+        transport_oci.encode_artifact(
+            [(name, d, size) for name, (d, size) in files.items()], digest
+        )
+        == data
+    )
 
 
 if __name__ == "__main__":

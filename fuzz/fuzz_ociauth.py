@@ -33,8 +33,9 @@ def _answer(data: bytes) -> None:
     mode = data[2] % 3 if len(data) > 2 else 0
     if mode:
         resp.headers["Content-Length"] = str(len(body) - (mode == 2))
-    resp.raw = urllib3.HTTPResponse(body=io.BytesIO(body), preload_content=False,
-                                    decode_content=False)
+    resp.raw = urllib3.HTTPResponse(
+        body=io.BytesIO(body), preload_content=False, decode_content=False
+    )
     limit = (data[2] if len(data) > 2 else 0) * 16
     with contextlib.closing(_REPO.transfer("fuzz", limit)) as deadline:
         try:

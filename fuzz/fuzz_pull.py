@@ -46,10 +46,12 @@ def _pristine(root: Path) -> tuple[Path, str]:
     chunk = cs.put((7).to_bytes(4, "big") * (CHUNK // 4))
     state = cs.put(b'{"state":"vm"}')
     m = mf.Manifest(
-        platform=mf.PlatformContract("x86_64", "kvm-pvm/v1", "spore-board/1", 2 * CHUNK, 1,
-                                     B3, B3, "console=ttyS0"),
-        rootfs=mf.RootfsRef("ext4-immutable", rdigest, rsize, "sha256:" + "cd" * 32,
-                            "spore-rootfs/1", 0),
+        platform=mf.PlatformContract(
+            "x86_64", "kvm-pvm/v1", "spore-board/1", 2 * CHUNK, 1, B3, B3, "console=ttyS0"
+        ),
+        rootfs=mf.RootfsRef(
+            "ext4-immutable", rdigest, rsize, "sha256:" + "cd" * 32, "spore-rootfs/1", 0
+        ),
         memory=MemoryIndex(CHUNK, (chunk, None)),
         state={"vm": mf.StateObject(state, 14)},
         generation=mf.Generation(str(uuid.UUID(int=1, version=4)), None, 0, 1),
@@ -57,23 +59,32 @@ def _pristine(root: Path) -> tuple[Path, str]:
         provenance=mf.Provenance(None, None, (), "sporevm/0.1.0"),
     )
     write_spore(m, root / "parent.spore")
-    res = pack(str(root / "parent.spore"), None, root / "pristine.bundle", store,
-               pack_limit=MAX_OBJECT, segment_limit=SEGMENT)
+    res = pack(
+        str(root / "parent.spore"),
+        None,
+        root / "pristine.bundle",
+        store,
+        pack_limit=MAX_OBJECT,
+        segment_limit=SEGMENT,
+    )
     return root / "pristine.bundle", res.digest
 
 
 WORK = Path(tempfile.mkdtemp(prefix="spore-fuzz-pull-"))
 atexit.register(shutil.rmtree, WORK, True)
 PRISTINE, DIGEST = _pristine(WORK)
-TARGETS = sorted(str(p.relative_to(PRISTINE)) for p in PRISTINE.rglob("*")
-                 if p.is_file() and p.name.endswith((".pack", ".seg")))
+TARGETS = sorted(
+    str(p.relative_to(PRISTINE))
+    for p in PRISTINE.rglob("*")
+    if p.is_file() and p.name.endswith((".pack", ".seg"))
+)
 
 
 def _damage(fdp: "atheris.FuzzedDataProvider", data: bytes) -> bytes:
     op = fdp.ConsumeIntInRange(0, 3)
     if op == 0 and data:  # flip bits at one offset
         i = fdp.ConsumeIntInRange(0, len(data) - 1)
-        return data[:i] + bytes([data[i] ^ (fdp.ConsumeIntInRange(1, 255))]) + data[i + 1:]
+        return data[:i] + bytes([data[i] ^ (fdp.ConsumeIntInRange(1, 255))]) + data[i + 1 :]
     if op == 1:  # truncate
         return data[: fdp.ConsumeIntInRange(0, len(data))]
     if op == 2:  # extend
@@ -95,9 +106,11 @@ def TestOneInput(raw: bytes) -> None:
             (remote / name).unlink()
             (remote / name).write_bytes(damaged)
         else:  # a rotten or planted entry in the node cache, under a real chunk's name
-            cached = ChunkStore(store).path(open_spore(PRISTINE.parent / "parent.spore",
-                                                       Store(WORK / "src-store"))[0]
-                                            .memory.stored()[0])
+            cached = ChunkStore(store).path(
+                open_spore(PRISTINE.parent / "parent.spore", Store(WORK / "src-store"))[
+                    0
+                ].memory.stored()[0]
+            )
             cached.parent.mkdir(parents=True, exist_ok=True)
             if fdp.ConsumeBool():
                 cached.symlink_to(PRISTINE / TARGETS[0])

@@ -28,9 +28,7 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(
-    dest: Path, mode: int = 0o644, tmp_dir: Path | None = None
-) -> Iterator[BinaryIO]:
+def atomic_output(dest: Path, mode: int = 0o644, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``dest`` only if the block succeeds.
 
     ``tmp_dir`` must be on ``dest``'s filesystem (rename is only atomic there).
@@ -57,8 +55,7 @@ def atomic_output(
 def check_file_output(dest: Path) -> None:
     """Refuse a file output path that names an existing directory (call it before work)."""
     if dest.is_dir() and not dest.is_symlink():
-        raise NotReplaceable(f"{dest}: is a directory; name a file to write (nothing was "
-                             "changed)")
+        raise NotReplaceable(f"{dest}: is a directory; name a file to write (nothing was changed)")
 
 
 def atomic_write(dest: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
@@ -144,22 +141,27 @@ def replace_dir(staged: Path, dest: Path, kind: DirKind) -> None:
     import shutil
 
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise NotReplaceable(f"{dest}: exists and is not a {kind.what}; remove it or "
-                             "choose another output path")
+        raise NotReplaceable(
+            f"{dest}: exists and is not a {kind.what}; remove it or choose another output path"
+        )
     if not dest.exists():
         os.replace(staged, dest)
         fsync_dir(dest.parent)
         return
     why = kind.refusal(dest)
     if why is not None:
-        raise NotReplaceable(f"{dest}: exists and is not a {kind.what} ({why}); nothing was "
-                             "changed; remove it or choose another output path")
+        raise NotReplaceable(
+            f"{dest}: exists and is not a {kind.what} ({why}); nothing was "
+            "changed; remove it or choose another output path"
+        )
     _exchange(staged, dest)
     why = kind.refusal(staged)  # the old directory, now at ``staged``
     if why is not None:  # changed under us: put it back, publish nothing
         _exchange(staged, dest)
-        raise NotReplaceable(f"{dest}: changed while being replaced ({why}); nothing was "
-                             "changed; remove it or choose another output path")
+        raise NotReplaceable(
+            f"{dest}: changed while being replaced ({why}); nothing was "
+            "changed; remove it or choose another output path"
+        )
     fsync_dir(dest.parent)
     shutil.rmtree(staged, ignore_errors=True)
 
@@ -170,8 +172,9 @@ def publish_new_dir(staged: Path, dest: Path) -> None:
     try:
         _rename2(staged, dest, _RENAME_NOREPLACE, "cannot rename")
     except FileExistsError:
-        raise NotReplaceable(f"{dest}: already exists (created meanwhile?); remove it or "
-                             "choose another output path") from None
+        raise NotReplaceable(
+            f"{dest}: already exists (created meanwhile?); remove it or choose another output path"
+        ) from None
     fsync_dir(dest.parent)
 
 

@@ -70,8 +70,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         _emit_json(doc)
         return 0
     if result.rootfs is not None:
-        reporter.info(f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  "
-                      f"{result.rootfs.path}")
+        reporter.info(
+            f"rootfs  {result.rootfs.digest}  {result.rootfs.size >> 20} MiB  {result.rootfs.path}"
+        )
     if result.image:
         reporter.info(f"image   {result.image} (manifest {result.manifest})")
     if result.spore:
@@ -164,8 +165,14 @@ def cmd_fork(args: argparse.Namespace) -> int:
         parent_id = manifest.id_of(m)
         for i, child in enumerate(fork_manifests(m, parent_id, args.count)):
             path = out / f"child-{i:04d}.spore"
-            children.append({"path": str(path), "manifest_id": write_spore(child, path, store),
-                             "generation": child.generation.id, "index": i})
+            children.append(
+                {
+                    "path": str(path),
+                    "manifest_id": write_spore(child, path, store),
+                    "generation": child.generation.id,
+                    "index": i,
+                }
+            )
     if args.json:
         _emit_json({"parent": parent_id, "children": children})
     else:
@@ -190,13 +197,17 @@ def _inspect_bundle(args: argparse.Namespace, verify: bool) -> int:
     print(f"parent      {meta.doc.parent}")
     for child in meta.doc.children:
         print(f"child       {child}")
-    print(f"objects     {doc['objects']} in {len(doc['packs'])} pack(s), "
-          f"{sum(p['size'] for p in doc['packs'])} B")
+    print(
+        f"objects     {doc['objects']} in {len(doc['packs'])} pack(s), "
+        f"{sum(p['size'] for p in doc['packs'])} B"
+    )
     for img in doc["rootfs"]:
         print(f"rootfs      {img['digest']} ({img['size']} B, {img['segments']} segment(s))")
     if verify:
-        print(f"{root}: OK — {doc['bytes_verified']} B of packs, objects and rootfs re-hashed "
-              f"({doc['seconds']:.2f} s)")
+        print(
+            f"{root}: OK — {doc['bytes_verified']} B of packs, objects and rootfs re-hashed "
+            f"({doc['seconds']:.2f} s)"
+        )
     return 0
 
 
@@ -218,18 +229,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     zero = sum(1 for c in m.memory.chunks if c is None)
     p, g = m.platform, m.generation
     print(f"spore       {mpath.parent}  {mid}")
-    print(f"platform    {p.arch} {p.cpu_profile} {p.device_model}, {p.memory >> 20} MiB, "
-          f"{p.vcpus} vCPU")
+    print(
+        f"platform    {p.arch} {p.cpu_profile} {p.device_model}, {p.memory >> 20} MiB, "
+        f"{p.vcpus} vCPU"
+    )
     print(f"kernel      {p.kernel}\ninitrd      {p.initrd}\ncmdline     {p.cmdline}")
-    print(f"rootfs      {m.rootfs.digest} ({m.rootfs.size} B, {m.rootfs.kind}) "
-          f"from {m.rootfs.source_image}")
-    print(f"memory      {len(m.memory.chunks)} chunks of {m.memory.chunk_size >> 20} MiB: "
-          f"{len(stored)} stored, {zero} zero")
+    print(
+        f"rootfs      {m.rootfs.digest} ({m.rootfs.size} B, {m.rootfs.kind}) "
+        f"from {m.rootfs.source_image}"
+    )
+    print(
+        f"memory      {len(m.memory.chunks)} chunks of {m.memory.chunk_size >> 20} MiB: "
+        f"{len(stored)} stored, {zero} zero"
+    )
     for name, obj in sorted(m.state.items()):
         print(f"state       {name}: {obj.digest} ({obj.size} B)")
     print(f"generation  {g.id} (index {g.index} of {g.count}, parent {g.parent or '-'})")
-    print(f"provenance  sporefile {m.provenance.sporefile or '-'}, "
-          f"{len(m.provenance.steps)} step(s), {m.provenance.builder}")
+    print(
+        f"provenance  sporefile {m.provenance.sporefile or '-'}, "
+        f"{len(m.provenance.steps)} step(s), {m.provenance.builder}"
+    )
     return 0
 
 
@@ -250,46 +269,71 @@ def cmd_verify(args: argparse.Namespace) -> int:
         manifest.verify_chunks(m, ChunkStore(store), rehash=True)
         digest, size = blake3_file(rootfs)
     if (digest, size) != (m.rootfs.digest, m.rootfs.size):
-        raise SporeError(f"{rootfs}: rootfs is {digest} ({size} B); the spore needs "
-                         f"{m.rootfs.digest} ({m.rootfs.size} B)")
+        raise SporeError(
+            f"{rootfs}: rootfs is {digest} ({size} B); the spore needs "
+            f"{m.rootfs.digest} ({m.rootfs.size} B)"
+        )
     took = time.monotonic() - started
-    doc = {"spore": str(mpath.parent), "id": manifest.id_of(m),
-           "chunks": len(m.memory.stored()), "state_objects": len(m.state),
-           "rootfs": m.rootfs.digest, "seconds": round(took, 3), "ok": True}
+    doc = {
+        "spore": str(mpath.parent),
+        "id": manifest.id_of(m),
+        "chunks": len(m.memory.stored()),
+        "state_objects": len(m.state),
+        "rootfs": m.rootfs.digest,
+        "seconds": round(took, 3),
+        "ok": True,
+    }
     if args.json:
         _emit_json(doc)
     else:
-        print(f"{mpath.parent}: OK — {doc['chunks']} chunks, {doc['state_objects']} state "
-              f"object(s) and the rootfs re-hashed and match ({took:.2f} s)")
+        print(
+            f"{mpath.parent}: OK — {doc['chunks']} chunks, {doc['state_objects']} state "
+            f"object(s) and the rootfs re-hashed and match ({took:.2f} s)"
+        )
     return 0
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from sporevm.dist.pack import pack
 
-    res = pack(args.spore, Path(args.children) if args.children else None, Path(args.out),
-               Store())
-    doc = {"bundle": str(res.path), "digest": res.digest, "parent": res.parent,
-           "children": list(res.children), "packs": res.packs, "objects": res.objects,
-           "bytes": res.bytes}
+    res = pack(args.spore, Path(args.children) if args.children else None, Path(args.out), Store())
+    doc = {
+        "bundle": str(res.path),
+        "digest": res.digest,
+        "parent": res.parent,
+        "children": list(res.children),
+        "packs": res.packs,
+        "objects": res.objects,
+        "bytes": res.bytes,
+    }
     if args.json:
         _emit_json(doc)
     else:
-        print(f"{res.path}  {res.digest}  ({res.objects} objects in {res.packs} pack(s), "
-              f"{res.bytes} B; parent {res.parent}, {len(res.children)} child(ren))")
+        print(
+            f"{res.path}  {res.digest}  ({res.objects} objects in {res.packs} pack(s), "
+            f"{res.bytes} B; parent {res.parent}, {len(res.children)} child(ren))"
+        )
     return 0
 
 
 def _pull_doc(res: Any) -> dict[str, Any]:
-    return {"spore": str(res.out), "digest": res.digest, "manifest_id": res.manifest_id,
-            "objects": res.objects, "cached": res.cached, "packs_fetched": res.packs_fetched,
-            "bytes_received": res.bytes_received}
+    return {
+        "spore": str(res.out),
+        "digest": res.digest,
+        "manifest_id": res.manifest_id,
+        "objects": res.objects,
+        "cached": res.cached,
+        "packs_fetched": res.packs_fetched,
+        "bytes_received": res.bytes_received,
+    }
 
 
 def _print_pull(res: Any) -> None:
-    print(f"{res.out}  {res.manifest_id}  (bundle {res.digest}; {res.objects} objects, "
-          f"{res.cached} cached, {res.packs_fetched} pack(s) fetched, "
-          f"{res.bytes_received} B received)")
+    print(
+        f"{res.out}  {res.manifest_id}  (bundle {res.digest}; {res.objects} objects, "
+        f"{res.cached} cached, {res.packs_fetched} pack(s) fetched, "
+        f"{res.bytes_received} B received)"
+    )
 
 
 def _progress(msg: str) -> None:
@@ -299,8 +343,13 @@ def _progress(msg: str) -> None:
 def cmd_unpack(args: argparse.Namespace) -> int:
     from sporevm.dist.pack import unpack
 
-    res = unpack(args.bundle, Path(args.out), Store(), child=args.child,
-                 progress=None if args.json else _progress)
+    res = unpack(
+        args.bundle,
+        Path(args.out),
+        Store(),
+        child=args.child,
+        progress=None if args.json else _progress,
+    )
     if args.json:
         _emit_json(_pull_doc(res))
     else:
@@ -316,8 +365,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     sink = open_sink(parse_push_uri(args.uri), s3_endpoint=args.s3_endpoint)
     res = push(Path(args.bundle), sink)
     if args.json:
-        _emit_json({"digest": res.digest, "reference": res.reference, "files": res.files,
-                    "bytes": res.bytes})
+        _emit_json(
+            {
+                "digest": res.digest,
+                "reference": res.reference,
+                "files": res.files,
+                "bytes": res.bytes,
+            }
+        )
     else:
         print(res.reference)
     return 0
@@ -328,10 +383,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from sporevm.dist.transports import open_source
     from sporevm.dist.uri import parse_pull_uri
 
-    source = open_source(parse_pull_uri(args.uri, allow_mutable=args.allow_mutable),
-                         s3_endpoint=args.s3_endpoint)
-    res = pull(source, Store(), Path(args.out), child=args.child,
-               progress=None if args.json else _progress)
+    source = open_source(
+        parse_pull_uri(args.uri, allow_mutable=args.allow_mutable), s3_endpoint=args.s3_endpoint
+    )
+    res = pull(
+        source, Store(), Path(args.out), child=args.child, progress=None if args.json else _progress
+    )
     if args.json:
         _emit_json({**_pull_doc(res), "reference": source.reference})
     else:
@@ -399,10 +456,16 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         if wait == 0:
             return
         n = store.lock_holders()
-        who = f"{n} running spore command{'s' if n != 1 else ''}" if n else (
-            "running spore commands (builds, runs, pulls)")
-        print(f"spore: cache prune: waiting up to {bound} for {who} to release the store "
-              f"lock ({store.root / 'lock'})", file=sys.stderr)
+        who = (
+            f"{n} running spore command{'s' if n != 1 else ''}"
+            if n
+            else ("running spore commands (builds, runs, pulls)")
+        )
+        print(
+            f"spore: cache prune: waiting up to {bound} for {who} to release the store "
+            f"lock ({store.root / 'lock'})",
+            file=sys.stderr,
+        )
 
     try:
         res = store.collect(older, on_wait=say_waiting, wait=wait)
@@ -414,11 +477,19 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         ) from None
     freed = sum(e.size for e in res.removed)
     if args.json:
-        _emit_json({"removed": len(res.removed), "bytes": freed, "kept": res.kept,
-                    "live_spores": res.live_spores})
+        _emit_json(
+            {
+                "removed": len(res.removed),
+                "bytes": freed,
+                "kept": res.kept,
+                "live_spores": res.live_spores,
+            }
+        )
     else:
-        print(f"removed {len(res.removed)} entries, {freed} bytes; kept {res.kept} "
-              f"(reached from {res.live_spores} live spore(s) or recently used)")
+        print(
+            f"removed {len(res.removed)} entries, {freed} bytes; kept {res.kept} "
+            f"(reached from {res.live_spores} live spore(s) or recently used)"
+        )
     return 0
 
 
@@ -430,9 +501,14 @@ def cmd_cache_keep(args: argparse.Namespace) -> int:
         kept = [keep_spore(text, store) for text in args.spores]
     rows = [{"path": r.path, "manifest_id": r.manifest, "missing": n} for r, n in kept]
     for row in rows if not args.json else ():
-        print(f"{row['path']}  {row['manifest_id']}  kept" + (
-            f"; {row['missing']} object(s) it names are not in the store: pull or rebuild it"
-            if row["missing"] else ""))
+        print(
+            f"{row['path']}  {row['manifest_id']}  kept"
+            + (
+                f"; {row['missing']} object(s) it names are not in the store: pull or rebuild it"
+                if row["missing"]
+                else ""
+            )
+        )
     return _emit_json(rows) if args.json else 0
 
 
@@ -441,14 +517,22 @@ def cmd_cache_roots(args: argparse.Namespace) -> int:
 
     store = Store()
     with store.lock():
-        rows = [{"record": s.name, "path": s.root.path if s.root else None,
-                 "manifest_id": s.root.manifest if s.root else None,
-                 "state": p.state if p else "invalid", "detail": p.detail if p else s.error}
-                for s, p in survey_store(store.root)]
+        rows = [
+            {
+                "record": s.name,
+                "path": s.root.path if s.root else None,
+                "manifest_id": s.root.manifest if s.root else None,
+                "state": p.state if p else "invalid",
+                "detail": p.detail if p else s.error,
+            }
+            for s, p in survey_store(store.root)
+        ]
     rows.sort(key=lambda r: (r["path"] or "", r["record"]))
     for r in rows if not args.json else ():
-        print(f"{r['state']:<10} {r['path'] or 'roots/' + str(r['record'])}  "
-              f"{r['manifest_id'] or '-'}" + (f"  ({r['detail']})" if r["detail"] else ""))
+        print(
+            f"{r['state']:<10} {r['path'] or 'roots/' + str(r['record'])}  "
+            f"{r['manifest_id'] or '-'}" + (f"  ({r['detail']})" if r["detail"] else "")
+        )
     return _emit_json(rows) if args.json else 0
 
 
@@ -464,8 +548,10 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         for prob in report.problems:
             print(f"{prob.kind:<9} {prob.path}: {prob.message}")
         checked = ", ".join(f"{n} {area}" for area, n in sorted(report.checked.items()))
-        print(f"{store.root}: checked {checked or 'nothing'}; {len(report.fatal())} "
-              f"problem(s), {len(report.problems) - len(report.fatal())} dangling/stale record(s)")
+        print(
+            f"{store.root}: checked {checked or 'nothing'}; {len(report.fatal())} "
+            f"problem(s), {len(report.problems) - len(report.fatal())} dangling/stale record(s)"
+        )
     return 1 if report.fatal() else 0
 
 
@@ -492,7 +578,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_no_jail(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
-            "--no-jail", action="store_true",
+            "--no-jail",
+            action="store_true",
             help="debug only: run VM monitors without their seccomp/Landlock jail "
             "(also SPORE_NO_JAIL=1; docs/jail.md)",
         )
@@ -529,7 +616,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--rootfs", metavar="FILE", help="an ext4 rootfs file (read-only)")
     src.add_argument("--from", dest="spore", metavar="SPORE", help="resume this spore")
     rn.add_argument(
-        "--restore", choices=("eager", "lazy", "local"), default="eager",
+        "--restore",
+        choices=("eager", "lazy", "local"),
+        default="eager",
         help="with --from: copy RAM up front, fault it in on demand, or map a shared "
         "local memory file (docs/restore.md)",
     )
@@ -560,16 +649,20 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("spore", metavar="SPORE")
     add_json(ins)
     ins.set_defaults(func=cmd_inspect)
-    ver = sub.add_parser("verify", help="re-hash every chunk, state object and the rootfs "
-                         "(of a spore or a bundle)")
+    ver = sub.add_parser(
+        "verify", help="re-hash every chunk, state object and the rootfs (of a spore or a bundle)"
+    )
     ver.add_argument("spore", metavar="SPORE")
     add_json(ver)
     ver.set_defaults(func=cmd_verify)
 
     pk = sub.add_parser("pack", help="write a bundle: a spore, its children, chunks, rootfs")
     pk.add_argument("spore", metavar="SPORE", help="the parent spore (DIR or DIR@blake3:<id>)")
-    pk.add_argument("--children", metavar="DIR", help="a directory of child spores "
-                    "(e.g. from `spore fork --out DIR`)")
+    pk.add_argument(
+        "--children",
+        metavar="DIR",
+        help="a directory of child spores (e.g. from `spore fork --out DIR`)",
+    )
     pk.add_argument("--out", required=True, metavar="BUNDLE")
     add_json(pk)
     pk.set_defaults(func=cmd_pack)
@@ -581,8 +674,9 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_unpack)
     ps = sub.add_parser("push", help="upload a bundle; prints the pinned reference to pull")
     ps.add_argument("bundle", metavar="BUNDLE")
-    ps.add_argument("uri", metavar="URI", help="file:///abs/dir, oci://host/repo[:tag], "
-                    "s3://bucket/prefix")
+    ps.add_argument(
+        "uri", metavar="URI", help="file:///abs/dir, oci://host/repo[:tag], s3://bucket/prefix"
+    )
     ps.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3://")
     add_json(ps)
     ps.set_defaults(func=cmd_push)
@@ -590,8 +684,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("uri", metavar="URI", help="…@sha256:<digest> as printed by `spore push`")
     pl.add_argument("--child", metavar="ID", help="a child's manifest id (default: the parent)")
     pl.add_argument("--out", required=True, metavar="SPORE")
-    pl.add_argument("--allow-mutable", action="store_true",
-                    help="allow an unpinned oci://…:tag (resolved and printed)")
+    pl.add_argument(
+        "--allow-mutable",
+        action="store_true",
+        help="allow an unpinned oci://…:tag (resolved and printed)",
+    )
     pl.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3://")
     add_json(pl)
     pl.set_defaults(func=cmd_pull)
@@ -607,15 +704,15 @@ def _parser() -> argparse.ArgumentParser:
     ls = csub.add_parser("ls", help="list store entries")
     add_json(ls)
     ls.set_defaults(func=cmd_cache_ls)
-    pr = csub.add_parser("prune", help="remove staging leftovers and entries no live spore "
-                         "needs")
+    pr = csub.add_parser("prune", help="remove staging leftovers and entries no live spore needs")
     pr.add_argument(
         "--older-than",
         metavar="DURATION",
         help="remove unreachable entries unused for this long (default 168h; 0: all of them)",
     )
-    pr.add_argument("--all", action="store_true",
-                    help="remove every unreachable entry (same as --older-than 0)")
+    pr.add_argument(
+        "--all", action="store_true", help="remove every unreachable entry (same as --older-than 0)"
+    )
     wt = pr.add_mutually_exclusive_group()
     wt.add_argument(
         "--wait",
@@ -627,16 +724,20 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument("--no-wait", action="store_true", help="same as --wait 0")
     add_json(pr)
     pr.set_defaults(func=cmd_cache_prune)
-    kp = csub.add_parser("keep", help="record spore directories (e.g. moved or copied by "
-                         "hand) as roots: prune keeps what they need")
+    kp = csub.add_parser(
+        "keep",
+        help="record spore directories (e.g. moved or copied by "
+        "hand) as roots: prune keeps what they need",
+    )
     kp.add_argument("spores", nargs="+", metavar="SPORE", help="DIR or DIR@blake3:<id>")
     add_json(kp)
     kp.set_defaults(func=cmd_cache_keep)
     rt = csub.add_parser("roots", help="list the spore directories prune keeps alive")
     add_json(rt)
     rt.set_defaults(func=cmd_cache_roots)
-    cv = csub.add_parser("verify", help="re-hash every entry and check every record "
-                         "(docs/publish-protocol.md)")
+    cv = csub.add_parser(
+        "verify", help="re-hash every entry and check every record (docs/publish-protocol.md)"
+    )
     add_json(cv)
     cv.set_defaults(func=cmd_cache_verify)
     return p
@@ -667,8 +768,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line; the traceback only on request
         if os.environ.get("SPORE_TRACEBACK"):
             raise
-        print(f"spore: internal error: {type(exc).__name__}: {_one_line(str(exc))}; this is a "
-              "bug — run again with SPORE_TRACEBACK=1 and report what it prints", file=sys.stderr)
+        print(
+            f"spore: internal error: {type(exc).__name__}: {_one_line(str(exc))}; this is a "
+            "bug — run again with SPORE_TRACEBACK=1 and report what it prints",
+            file=sys.stderr,
+        )
         return 70
 
 

@@ -34,7 +34,7 @@ class NotADirectoryInPath(OSError):
         super().__init__(errno.ENOTDIR, f"{rel} is a symbolic link or not a directory")
         self.rel = rel
         self.symlink = symlink  # which of the two it is
-        self.depth = depth      # components up to and including the refused one
+        self.depth = depth  # components up to and including the refused one
 
 
 class MissingInPath(FileNotFoundError):
@@ -92,8 +92,9 @@ def child_dir(dir_fd: int, name: str | bytes, prefix: Sequence[str | bytes] = ()
         if exc.errno == errno.ENOENT:
             raise MissingInPath(show(where), depth=len(where)) from None
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise NotADirectoryInPath(show(where), symlink=_is_symlink(dir_fd, name),
-                                      depth=len(where)) from None
+            raise NotADirectoryInPath(
+                show(where), symlink=_is_symlink(dir_fd, name), depth=len(where)
+            ) from None
         raise
 
 
@@ -127,8 +128,7 @@ def opened_dir(root_fd: int, rel: Rel) -> contextlib.AbstractContextManager[int]
     return _owned(open_dir(root_fd, rel))
 
 
-def open_file(root_fd: int, rel: Rel, *, flags: int = FILE_FLAGS,
-              regular: bool = True) -> int:
+def open_file(root_fd: int, rel: Rel, *, flags: int = FILE_FLAGS, regular: bool = True) -> int:
     """A descriptor of the file ``rel`` below ``root_fd``, no component followed.
 
     ``flags`` are for the last component (O_NOFOLLOW is always added). With
@@ -144,8 +144,9 @@ def open_file(root_fd: int, rel: Rel, *, flags: int = FILE_FLAGS,
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise MissingInPath(show(parts), depth=len(parts)) from None
-            if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR
-                                            and _is_symlink(parent, parts[-1])):
+            if exc.errno == errno.ELOOP or (
+                exc.errno == errno.ENOTDIR and _is_symlink(parent, parts[-1])
+            ):
                 raise NotARegularFile(show(parts), symlink=True) from None
             raise
     finally:

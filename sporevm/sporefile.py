@@ -184,22 +184,26 @@ def _command_obj(run: Command) -> dict[str, object]:
 def canonical_step(step: Step) -> bytes:
     """Canonical JSON of everything that can change what a step does (env sorted)."""
     ready = step.ready
-    return _canon({
-        "v": 1,
-        "name": step.name,
-        "run": _command_obj(step.run),
-        "env": sorted([k, v] for k, v in step.env),
-        "workdir": step.workdir,
-        "timeout_ms": _ms(step.timeout),
-        "background": step.background,
-        "ready": None if ready is None else {
-            "kind": ready.kind,
-            "file": ready.file,
-            "tcp": ready.tcp,
-            "command": None if ready.command is None else _command_obj(ready.command),
-            "timeout_ms": _ms(ready.timeout),
-        },
-    })
+    return _canon(
+        {
+            "v": 1,
+            "name": step.name,
+            "run": _command_obj(step.run),
+            "env": sorted([k, v] for k, v in step.env),
+            "workdir": step.workdir,
+            "timeout_ms": _ms(step.timeout),
+            "background": step.background,
+            "ready": None
+            if ready is None
+            else {
+                "kind": ready.kind,
+                "file": ready.file,
+                "tcp": ready.tcp,
+                "command": None if ready.command is None else _command_obj(ready.command),
+                "timeout_ms": _ms(ready.timeout),
+            },
+        }
+    )
 
 
 def canonical_machine(m: Machine) -> bytes:
@@ -244,20 +248,29 @@ class _Builder:
         """Resolve a context-relative path; it must stay inside, symlinks included."""
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts:
-            self.fail(path, f"{show(rel)} leaves the build context; write a path relative to "
-                      f"{self.context} without '..'")
+            self.fail(
+                path,
+                f"{show(rel)} leaves the build context; write a path relative to "
+                f"{self.context} without '..'",
+            )
         try:
             resolved = (self.context / pure).resolve(strict=must_exist)
         except FileNotFoundError:
-            self.fail(path, f"{show(rel)} does not exist in the build context {self.context}; "
-                      "create it or fix the path")
+            self.fail(
+                path,
+                f"{show(rel)} does not exist in the build context {self.context}; "
+                "create it or fix the path",
+            )
         except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop (Python 3.11)
             reason = getattr(exc, "strerror", None) or "symlink loop"
             self.fail(path, f"{show(rel)} cannot be resolved ({reason}); fix the path")
         if not resolved.is_relative_to(self.context):
-            self.fail(path, f"{show(rel)} resolves to {show(str(resolved))}, outside the build "
-                      f"context {self.context}; only files inside the Sporefile's directory may "
-                      "be used")
+            self.fail(
+                path,
+                f"{show(rel)} resolves to {show(str(resolved))}, outside the build "
+                f"context {self.context}; only files inside the Sporefile's directory may "
+                "be used",
+            )
         return resolved, str(pure)
 
     def command(self, value: str | list[str]) -> Command:
@@ -270,8 +283,11 @@ class _Builder:
             return int(value.removeprefix("0o"), 8)
         raw = self.doc.raw(path)
         if not re.fullmatch(r"0[0-7_]*", raw):  # YAML reads 755 as decimal: almost surely a slip
-            self.fail(path, f"{raw} is not written in octal; write the mode as a quoted octal "
-                      'string, e.g. "0755"')
+            self.fail(
+                path,
+                f"{raw} is not written in octal; write the mode as a quoted octal "
+                'string, e.g. "0755"',
+            )
         return value
 
     def machine(self, data: dict[str, Any]) -> Machine:
@@ -279,8 +295,11 @@ class _Builder:
         memory = self.size((*p, "memory"), data.get("memory", DEFAULT_MEMORY))
         shown = format_size(memory)
         if not MIN_MEMORY <= memory <= MAX_MEMORY:
-            self.fail((*p, "memory"), f"{shown} is out of range; expected "
-                      f"{format_size(MIN_MEMORY)} to {format_size(MAX_MEMORY)}")
+            self.fail(
+                (*p, "memory"),
+                f"{shown} is out of range; expected "
+                f"{format_size(MIN_MEMORY)} to {format_size(MAX_MEMORY)}",
+            )
         if memory % MEMORY_ALIGN:
             self.fail((*p, "memory"), f"{shown} is not a multiple of 2MiB; expected e.g. 512MiB")
         kernel: str = data.get("kernel", "managed")
@@ -288,15 +307,20 @@ class _Builder:
         if kernel != "managed":
             kernel_path, kernel = self.context_path((*p, "kernel"), kernel, must_exist=True)
             if not kernel_path.is_file():
-                self.fail((*p, "kernel"), f"{show(kernel)} is not a regular file; expected "
-                          "a bzImage, or managed")
+                self.fail(
+                    (*p, "kernel"),
+                    f"{show(kernel)} is not a regular file; expected a bzImage, or managed",
+                )
         return Machine(memory, data.get("vcpus", 1), kernel, kernel_path)
 
     def file(self, p: DocPath, data: dict[str, Any]) -> FileSpec:
         src, rel = self.context_path((*p, "src"), data["src"], must_exist=True)
         if not (src.is_file() or src.is_dir()):
-            self.fail((*p, "src"), f"{show(rel)} is neither a regular file nor a directory; "
-                      "only files and directories can be copied")
+            self.fail(
+                (*p, "src"),
+                f"{show(rel)} is neither a regular file nor a directory; "
+                "only files and directories can be copied",
+            )
         dst = self.guest_path((*p, "dst"), data["dst"])
         return FileSpec(src, rel, dst, self.mode((*p, "mode"), data.get("mode")))
 
@@ -304,24 +328,36 @@ class _Builder:
         ready = None
         if "ready" in data:
             if not data.get("background", False):
-                self.fail((*p, "ready"), "ready is only allowed on a background step; add "
-                          "background: true or remove ready", at_key=True)
+                self.fail(
+                    (*p, "ready"),
+                    "ready is only allowed on a background step; add "
+                    "background: true or remove ready",
+                    at_key=True,
+                )
             r: dict[str, Any] = data["ready"]
             rp: DocPath = (*p, "ready")
             kind: Literal["file", "tcp", "command"] = (
-                "file" if "file" in r else "tcp" if "tcp" in r else "command")
+                "file" if "file" in r else "tcp" if "tcp" in r else "command"
+            )
             ready = ReadyProbe(
                 kind,
                 self.guest_path((*rp, "file"), r["file"]) if "file" in r else None,
                 r.get("tcp"),
                 self.command(r["command"]) if "command" in r else None,
-                self.duration((*rp, "timeout"), r.get("timeout")) or DEFAULT_READY_TIMEOUT)
+                self.duration((*rp, "timeout"), r.get("timeout")) or DEFAULT_READY_TIMEOUT,
+            )
         merged = dict(env)
         merged.update(data.get("env", {}))
         wd = self.guest_path((*p, "workdir"), data["workdir"]) if "workdir" in data else workdir
-        return Step(data["name"], self.command(data["run"]), tuple(merged.items()), wd,
-                    self.duration((*p, "timeout"), data.get("timeout")),
-                    data.get("background", False), ready)
+        return Step(
+            data["name"],
+            self.command(data["run"]),
+            tuple(merged.items()),
+            wd,
+            self.duration((*p, "timeout"), data.get("timeout")),
+            data.get("background", False),
+            ready,
+        )
 
     def output(self, data: dict[str, Any], name: str, sporefile: Path) -> Output:
         paths: list[Path] = [self.context, sporefile]  # never the directory or the Sporefile
@@ -332,8 +368,11 @@ class _Builder:
             # build, but only if it is one of ours (it holds a manifest or bundle.json).
             ours = (resolved / ("manifest.json" if key == "spore" else "bundle.json")).is_file()
             if resolved in paths or (resolved.is_dir() and not ours):
-                self.fail(("output", key), f"{show(rel)} cannot be used as an output path; "
-                          "expected a distinct file path such as out/NAME.spore")
+                self.fail(
+                    ("output", key),
+                    f"{show(rel)} cannot be used as an output path; "
+                    "expected a distinct file path such as out/NAME.spore",
+                )
             paths.append(resolved)
         return Output(paths[2], paths[3])
 
@@ -346,29 +385,45 @@ class _Builder:
         for i, s in enumerate(data.get("steps", [])):
             if s["name"] in seen:
                 first, _ = self.doc.mark(("steps", seen[s["name"]], "name"))
-                self.fail(("steps", i, "name"), f"duplicate step name {show(s['name'])} (first "
-                          f"at line {first}); step names must be unique")
+                self.fail(
+                    ("steps", i, "name"),
+                    f"duplicate step name {show(s['name'])} (first "
+                    f"at line {first}); step names must be unique",
+                )
             seen[s["name"]] = i
             steps.append(self.step(("steps", i), s, env, workdir))
         after = data.get("snapshot", {}).get("after")
         if after is not None and after not in seen:
-            expected = f"expected one of: {', '.join(seen)}" if seen else \
-                "the Sporefile has no steps, so remove snapshot.after"
+            expected = (
+                f"expected one of: {', '.join(seen)}"
+                if seen
+                else "the Sporefile has no steps, so remove snapshot.after"
+            )
             self.fail(("snapshot", "after"), f"no step is named {show(after)}; {expected}")
         if after is None and steps:
             after = steps[-1].name
         verify = tuple(
             Check(self.command(c["run"]), self.duration(("verify", i, "timeout"), c.get("timeout")))
-            for i, c in enumerate(data.get("verify", [])))
+            for i, c in enumerate(data.get("verify", []))
+        )
         base = data["base"]
         return Sporefile(
-            version=VERSION, name=data["name"],
+            version=VERSION,
+            name=data["name"],
             base=Base(base["image"], base.get("platform", DEFAULT_PLATFORM)),
             machine=self.machine(data.get("machine", {})),
-            env=tuple(env.items()), workdir=workdir, files=files, steps=tuple(steps),
-            snapshot_after=after, verify=verify,
+            env=tuple(env.items()),
+            workdir=workdir,
+            files=files,
+            steps=tuple(steps),
+            snapshot_after=after,
+            verify=verify,
             output=self.output(data.get("output", {}), data["name"], path.resolve()),
-            path=path, context=self.context, digest=digest, push=tuple(data.get("push", [])))
+            path=path,
+            context=self.context,
+            digest=digest,
+            push=tuple(data.get("push", [])),
+        )
 
 
 # -- entry points ------------------------------------------------------------------------------
@@ -379,30 +434,42 @@ def loads(text: bytes | str, path: Path) -> Sporefile:
         try:
             text = text.encode("utf-8")
         except UnicodeEncodeError:
-            raise SporefileError(f"{name}: the text cannot be encoded as UTF-8; "
-                                 "save the file as UTF-8") from None
+            raise SporefileError(
+                f"{name}: the text cannot be encoded as UTF-8; save the file as UTF-8"
+            ) from None
     if len(text) > MAX_BYTES:
-        raise SporefileError(f"{name}: the file is {len(text)} bytes, over the limit of "
-                             f"{MAX_BYTES} (1 MiB); a Sporefile should be a page of YAML")
+        raise SporefileError(
+            f"{name}: the file is {len(text)} bytes, over the limit of "
+            f"{MAX_BYTES} (1 MiB); a Sporefile should be a page of YAML"
+        )
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = text.count(b"\n", 0, exc.start) + 1
         col = exc.start - (text.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise SporefileError(f"{name}:{line}:{col}: byte 0x{text[exc.start]:02x} is not valid "
-                             "UTF-8; save the file as UTF-8") from None
+        raise SporefileError(
+            f"{name}:{line}:{col}: byte 0x{text[exc.start]:02x} is not valid "
+            "UTF-8; save the file as UTF-8"
+        ) from None
     doc = Doc(name, compose(name, decoded))
     data = doc.value
     if not isinstance(data, dict):
-        raise doc.error((), f"the document is {kind(data)}, not a mapping; "
-                        "expected a mapping starting with sporefile: 1")
+        raise doc.error(
+            (),
+            f"the document is {kind(data)}, not a mapping; "
+            "expected a mapping starting with sporefile: 1",
+        )
     if "sporefile" not in data:
-        raise doc.error(("sporefile",), "missing required key \"sporefile\"; "
-                        "add sporefile: 1 as the first line")
+        raise doc.error(
+            ("sporefile",), 'missing required key "sporefile"; add sporefile: 1 as the first line'
+        )
     version = data["sporefile"]
     if type(version) is not int or version != VERSION:  # checked first: fail closed on v2+
-        raise doc.error(("sporefile",), f"unsupported Sporefile version "
-                        f"{doc.raw(('sporefile',))}; this spore understands {VERSION}")
+        raise doc.error(
+            ("sporefile",),
+            f"unsupported Sporefile version "
+            f"{doc.raw(('sporefile',))}; this spore understands {VERSION}",
+        )
     err = first_error(doc)
     if err is not None:
         raise err
@@ -410,8 +477,10 @@ def loads(text: bytes | str, path: Path) -> Sporefile:
     try:
         context = abs_path.parent.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise SporefileError(f"{name}: the Sporefile's directory {abs_path.parent} cannot be "
-                             "resolved; run spore from an existing directory") from None
+        raise SporefileError(
+            f"{name}: the Sporefile's directory {abs_path.parent} cannot be "
+            "resolved; run spore from an existing directory"
+        ) from None
     digest = "blake3:" + blake3.blake3(text).hexdigest()
     return _Builder(doc, context).build(data, abs_path, digest)
 
@@ -425,6 +494,7 @@ def load(path: Path) -> Sporefile:
         with open(path, "rb") as fh:
             data = fh.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise SporefileError(f"{path}: cannot read the Sporefile ({exc.strerror}); "
-                             "check the path given with -f") from None
+        raise SporefileError(
+            f"{path}: cannot read the Sporefile ({exc.strerror}); check the path given with -f"
+        ) from None
     return loads(data, path)

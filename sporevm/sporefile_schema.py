@@ -38,19 +38,26 @@ def schema() -> dict[str, Any]:
 def validator() -> Any:
     base = jsonschema.Draft202012Validator
     cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-        base, validators={"pattern": ecma_pattern_keyword},
-        type_checker=base.TYPE_CHECKER.redefine("integer", _is_int))
+        base,
+        validators={"pattern": ecma_pattern_keyword},
+        type_checker=base.TYPE_CHECKER.redefine("integer", _is_int),
+    )
     return cls(schema())
 
 
-_TYPE_NOUNS = {"string": "a string", "integer": "an integer", "boolean": "true or false",
-               "object": "a mapping", "array": "a list"}
+_TYPE_NOUNS = {
+    "string": "a string",
+    "integer": "an integer",
+    "boolean": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+}
 
 
 def _subschema(sub: dict[str, Any]) -> dict[str, Any]:
     ref = sub.get("$ref", "")
     if ref.startswith("#/$defs/"):
-        resolved: dict[str, Any] = schema()["$defs"][ref[len("#/$defs/"):]]
+        resolved: dict[str, Any] = schema()["$defs"][ref[len("#/$defs/") :]]
         return resolved
     return sub
 
@@ -77,13 +84,16 @@ def _describe(doc: Doc, err: Any) -> SporefileError:
         return doc.error(path, f"{show(value)} is not {noun}{tail}", at_key=True)
     if kw == "additionalProperties":
         allowed = ", ".join(sorted(sch.get("properties", {})))
-        return doc.error(path, f"unknown key {show(path[-1])}; allowed keys are: {allowed}",
-                         at_key=True)
+        return doc.error(
+            path, f"unknown key {show(path[-1])}; allowed keys are: {allowed}", at_key=True
+        )
     if kw == "required":
         missing = next(k for k in sch["required"] if k not in value)
         hint = _subschema(sch["properties"][missing]).get("x-expected")
-        return doc.error((*path, missing), f"missing required key {show(missing)}"
-                         + (f"; expected {hint}" if hint else ""))
+        return doc.error(
+            (*path, missing),
+            f"missing required key {show(missing)}" + (f"; expected {hint}" if hint else ""),
+        )
     raw = doc.raw(path)
     if kw == "type":
         want = err.validator_value
@@ -93,24 +103,30 @@ def _describe(doc: Doc, err: Any) -> SporefileError:
             return doc.error(path, f"is empty{tail or f'; expected {noun}'}")
         if "string" in types and isinstance(value, bool | int | float) and "$ref" not in sch:
             if validator().evolve(schema=sch).is_valid(raw):
-                return doc.error(path, f"{raw} is {kind(value)}, not a string; "
-                                 f'quote it: "{raw}"')
+                return doc.error(path, f'{raw} is {kind(value)}, not a string; quote it: "{raw}"')
         return doc.error(path, f"{raw} is {kind(value)}, not {noun}{tail}")
     if kw == "oneOf" and isinstance(value, dict):
         options = [b["required"][0] for b in err.validator_value]
         present = [k for k in options if k in value]
-        what = " and ".join(present) + " are all set" if present else \
-            "none of " + ", ".join(options) + " is set"
+        what = (
+            " and ".join(present) + " are all set"
+            if present
+            else "none of " + ", ".join(options) + " is set"
+        )
         return doc.error(path, what + tail)
     if kw == "minLength":
         return doc.error(path, f"is empty{tail}")
     if kw == "maxLength":
-        return doc.error(path, f"is {len(value)} characters, over the limit of "
-                         f"{err.validator_value}{tail}")
+        return doc.error(
+            path, f"is {len(value)} characters, over the limit of {err.validator_value}{tail}"
+        )
     if kw in ("minItems", "maxItems", "maxProperties"):
-        return doc.error(path, f"has {len(value)} entries, outside the allowed "
-                         f"{'minimum' if kw == 'minItems' else 'maximum'} of "
-                         f"{err.validator_value}{tail}")
+        return doc.error(
+            path,
+            f"has {len(value)} entries, outside the allowed "
+            f"{'minimum' if kw == 'minItems' else 'maximum'} of "
+            f"{err.validator_value}{tail}",
+        )
     if kw in ("minimum", "maximum"):
         return doc.error(path, f"{raw} is out of range{tail}")
     if kw == "pattern" and noun:
@@ -129,5 +145,3 @@ def first_error(doc: Doc) -> SporefileError | None:
         return line, col, -len(path), str(err.validator), str(err.message)
 
     return _describe(doc, min(errors, key=order))
-
-

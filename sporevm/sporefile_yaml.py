@@ -86,18 +86,31 @@ class _Loader(yaml.SafeLoader):
         here = tuple(self._path) if seg is None else (*self._path, seg)
         event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
-            raise _Reject(event.start_mark, here, "YAML aliases (*name) are not allowed; "
-                          "write the value out in full")
+            raise _Reject(
+                event.start_mark,
+                here,
+                "YAML aliases (*name) are not allowed; write the value out in full",
+            )
         if isinstance(event, yaml.NodeEvent) and event.anchor is not None:
-            raise _Reject(event.start_mark, here, "YAML anchors (&name) are not allowed; "
-                          "write each value out in full")
+            raise _Reject(
+                event.start_mark,
+                here,
+                "YAML anchors (&name) are not allowed; write each value out in full",
+            )
         self._nodes += 1
         if self._nodes > MAX_NODES:
-            raise _Reject(event.start_mark, here, f"the document has more than {MAX_NODES} "
-                          "keys and values; a Sporefile needs far fewer")
+            raise _Reject(
+                event.start_mark,
+                here,
+                f"the document has more than {MAX_NODES} "
+                "keys and values; a Sporefile needs far fewer",
+            )
         if len(self._path) >= MAX_DEPTH:
-            raise _Reject(event.start_mark, here, f"nested deeper than {MAX_DEPTH} levels; "
-                          "a Sporefile needs far fewer")
+            raise _Reject(
+                event.start_mark,
+                here,
+                f"nested deeper than {MAX_DEPTH} levels; a Sporefile needs far fewer",
+            )
         if seg is not None:
             self._path.append(seg)
         try:
@@ -117,15 +130,22 @@ def compose(name: str, text: str) -> yaml.Node:
     try:
         loader = _Loader(text)  # the reader rejects control characters right here
         if not loader.check_node():
-            raise SporefileError(f"{name}:1:1: the file is empty; "
-                                 "expected a mapping starting with sporefile: 1")
+            raise SporefileError(
+                f"{name}:1:1: the file is empty; expected a mapping starting with sporefile: 1"
+            )
         root = loader.get_node()
         if loader.check_node():
             event = loader.peek_event()  # type: ignore[no-untyped-call]
             mark = event.start_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-            raise located(name, line, col, None, "a second YAML document starts here; "
-                          "a Sporefile is exactly one document (remove the extra ---)")
+            raise located(
+                name,
+                line,
+                col,
+                None,
+                "a second YAML document starts here; "
+                "a Sporefile is exactly one document (remove the extra ---)",
+            )
     except _Reject as rej:
         line, col = (rej.mark.line + 1, rej.mark.column + 1) if rej.mark else (1, 1)
         raise located(name, line, col, rej.path, rej.msg) from None
@@ -133,14 +153,17 @@ def compose(name: str, text: str) -> yaml.Node:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(p for p in (exc.context, exc.problem) if p).replace("\n", " ")
-        raise SporefileError(f"{name}:{line}:{col}: invalid YAML: {what}; "
-                             "fix the syntax (check indentation and quoting)") from None
+        raise SporefileError(
+            f"{name}:{line}:{col}: invalid YAML: {what}; "
+            "fix the syntax (check indentation and quoting)"
+        ) from None
     except yaml.reader.ReaderError as exc:
         line, col = _line_col(text, int(exc.position))
-        raise SporefileError(f"{name}:{line}:{col}: invalid YAML: character "
-                             f"U+{int(exc.character):04X} is not allowed; "
-                             "remove it or write it as an escape in a double-quoted string"
-                             ) from None
+        raise SporefileError(
+            f"{name}:{line}:{col}: invalid YAML: character "
+            f"U+{int(exc.character):04X} is not allowed; "
+            "remove it or write it as an escape in a double-quoted string"
+        ) from None
     except yaml.YAMLError as exc:  # any other parser complaint, still one line
         first = (str(exc).splitlines() or ["unreadable input"])[0]
         raise SporefileError(f"{name}:1:1: invalid YAML: {first}; fix the syntax") from None
@@ -213,25 +236,38 @@ class Doc:
             if key in out:
                 first = self.keys[(*path, key)].start_mark
                 where = f" (first at line {first.line + 1})" if first else ""
-                raise _at(self.name, key_node, (*path, key),
-                          f"duplicate key {show(key)}{where}; remove one of them")
+                raise _at(
+                    self.name,
+                    key_node,
+                    (*path, key),
+                    f"duplicate key {show(key)}{where}; remove one of them",
+                )
             self.keys[(*path, key)] = key_node
             out[key] = self._convert(value_node, (*path, key))
         return out
 
     def _key(self, node: yaml.Node, path: DocPath) -> str:
         if isinstance(node, yaml.ScalarNode) and node.tag == _T + "merge":
-            raise _at(self.name, node, (*path, "<<"), "YAML merge keys (<<) are not allowed; "
-                      "write the keys out in full")
+            raise _at(
+                self.name,
+                node,
+                (*path, "<<"),
+                "YAML merge keys (<<) are not allowed; write the keys out in full",
+            )
         if not isinstance(node, yaml.ScalarNode):
-            raise _at(self.name, node, path, "a key is a list or mapping; "
-                      "keys must be plain names")
+            raise _at(self.name, node, path, "a key is a list or mapping; keys must be plain names")
         if node.tag != _T + "str":
             read_as = {_T + "bool": "a boolean", _T + "null": "empty (null)"}.get(
-                node.tag, "a number" if node.tag in _SCALAR_TAGS else f"tag {show(_tag(node.tag))}")
+                node.tag, "a number" if node.tag in _SCALAR_TAGS else f"tag {show(_tag(node.tag))}"
+            )
             raw = str(node.value)
-            raise _at(self.name, node, (*path, raw), f"key {show(raw)} is read by YAML as "
-                      f'{read_as}; quote it ("{raw}") or choose another key')
+            raise _at(
+                self.name,
+                node,
+                (*path, raw),
+                f"key {show(raw)} is read by YAML as "
+                f'{read_as}; quote it ("{raw}") or choose another key',
+            )
         key = str(node.value)
         _check_text(self.name, node, path, key)
         return key
@@ -239,8 +275,11 @@ class Doc:
     def _scalar(self, node: yaml.ScalarNode, path: DocPath) -> Any:
         tag, text = node.tag, str(node.value)
         if tag not in _SCALAR_TAGS:
-            raise self.error(path, f"tag {show(_tag(tag))} is not allowed; "
-                             "remove it (only plain YAML values are accepted)")
+            raise self.error(
+                path,
+                f"tag {show(_tag(tag))} is not allowed; "
+                "remove it (only plain YAML values are accepted)",
+            )
         if tag == _T + "str":
             _check_text(self.name, node, path, text)
             return text
@@ -252,19 +291,21 @@ class Doc:
                 raise self.error(path, f"{show(text)} is not a boolean; expected true or false")
             return value
         if len(text) > _MAX_NUMBER_CHARS:
-            raise self.error(path, f"number {show(text)} is too long; "
-                             "quote it if it is meant as text")
+            raise self.error(
+                path, f"number {show(text)} is too long; quote it if it is meant as text"
+            )
         try:
             if tag == _T + "int":
                 return self._loader.construct_yaml_int(node)
             return self._loader.construct_yaml_float(node)
         except (ValueError, ArithmeticError):
-            raise self.error(path, f"{show(text)} is not a number; "
-                             "remove the tag or quote the value") from None
+            raise self.error(
+                path, f"{show(text)} is not a number; remove the tag or quote the value"
+            ) from None
 
 
 def _tag(tag: str) -> str:
-    return "!!" + tag[len(_T):] if tag.startswith(_T) else tag
+    return "!!" + tag[len(_T) :] if tag.startswith(_T) else tag
 
 
 def _at(name: str, node: yaml.Node, path: DocPath, msg: str) -> SporefileError:
@@ -280,7 +321,6 @@ def _check_text(name: str, node: yaml.Node, path: DocPath, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _at(name, node, path, "contains an unpaired surrogate escape; "
-                  "write the character itself") from None
-
-
+        raise _at(
+            name, node, path, "contains an unpaired surrogate escape; write the character itself"
+        ) from None

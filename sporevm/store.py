@@ -56,9 +56,22 @@ _READ = 1 << 20
 # root is trusted to be what its name says: at open each of these must be a real
 # directory (never a symlink) owned by this user, or the store refuses to work.
 LAYOUT = (
-    "blobs", "blobs/sha256", "rootfs", "rootfs/blake3", "kernels", "kernels/blake3",
-    "guest", "guest/blake3", "chunks", "chunks/blake3", "memfiles", "memfiles/blake3",
-    "keys", "roots", "state", "tmp",
+    "blobs",
+    "blobs/sha256",
+    "rootfs",
+    "rootfs/blake3",
+    "kernels",
+    "kernels/blake3",
+    "guest",
+    "guest/blake3",
+    "chunks",
+    "chunks/blake3",
+    "memfiles",
+    "memfiles/blake3",
+    "keys",
+    "roots",
+    "state",
+    "tmp",
 )
 LOCK = "lock"
 
@@ -146,8 +159,10 @@ class Store:
         try:
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot open it: {exc.strerror}; "
-                             "set SPORE_HOME to a writable directory") from exc
+            raise StoreError(
+                f"store {self.root}: cannot open it: {exc.strerror}; "
+                "set SPORE_HOME to a writable directory"
+            ) from exc
         try:
             self._check_owner(os.fstat(root_fd), ".")
             for rel in LAYOUT:
@@ -182,8 +197,10 @@ class Store:
         except NotADirectoryInPath as exc:
             raise self._planted(exc.rel, "is a symbolic link or not a directory") from None
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot create {rel}/: {exc.strerror}; "
-                             "set SPORE_HOME to a writable directory") from exc
+            raise StoreError(
+                f"store {self.root}: cannot create {rel}/: {exc.strerror}; "
+                "set SPORE_HOME to a writable directory"
+            ) from exc
         if stat.S_ISLNK(st.st_mode):
             raise self._planted(rel, f"is a symbolic link (to {self._link_text(rel)})")
         if not stat.S_ISDIR(st.st_mode):
@@ -192,8 +209,9 @@ class Store:
 
     def _check_owner(self, st: os.stat_result, rel: str) -> None:
         if st.st_uid != os.geteuid():
-            raise self._planted(rel, f"is owned by uid {st.st_uid}, not by this user "
-                                f"(uid {os.geteuid()})")
+            raise self._planted(
+                rel, f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+            )
 
     def _link_text(self, rel: str) -> str:
         try:
@@ -202,9 +220,11 @@ class Store:
             return "?"
 
     def _planted(self, rel: str, what: str) -> StoreError:
-        return StoreError(f"store {self.root}: {rel} {what}; the store never follows or "
-                          "trusts entries it did not make — remove that entry (or the whole "
-                          "store) and run again")
+        return StoreError(
+            f"store {self.root}: {rel} {what}; the store never follows or "
+            "trusts entries it did not make — remove that entry (or the whole "
+            "store) and run again"
+        )
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
@@ -477,8 +497,10 @@ class Store:
             try:
                 p = plan(self, root_fd, entries, cutoff)  # raises before anything is removed
                 self._sweep_staging(root_fd)
-                dead = [Entry("root", j.root.path, 0, 0.0, self.root / "roots" / j.name)
-                        for j in p.dead_roots]
+                dead = [
+                    Entry("root", j.root.path, 0, 0.0, self.root / "roots" / j.name)
+                    for j in p.dead_roots
+                ]
                 removed += self._remove(root_fd, dead)
                 removed += self._remove(root_fd, p.remove)
             finally:

@@ -44,8 +44,21 @@ _KIND = re.compile(r"[a-z0-9-]+")
 _READ = 1 << 20
 _KERNEL_FILES = frozenset({"bzImage", "vmlinux", "config"})
 # Top-level names the store itself writes; anything else is reported, not judged.
-_KNOWN_TOP = frozenset({"blobs", "rootfs", "chunks", "guest", "kernels", "memfiles", "keys",
-                        "roots", "state", "tmp", "lock"})
+_KNOWN_TOP = frozenset(
+    {
+        "blobs",
+        "rootfs",
+        "chunks",
+        "guest",
+        "kernels",
+        "memfiles",
+        "keys",
+        "roots",
+        "state",
+        "tmp",
+        "lock",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +83,13 @@ class Report:
         return [p for p in self.problems if p.kind not in ("dangling", "stale")]
 
     def to_json(self) -> dict[str, Any]:
-        return {"root": str(self.root), "checked": self.checked,
-                "problems": [p.to_json() for p in self.problems], "unknown": self.unknown,
-                "ok": not self.fatal()}
+        return {
+            "root": str(self.root),
+            "checked": self.checked,
+            "problems": [p.to_json() for p in self.problems],
+            "unknown": self.unknown,
+            "ok": not self.fatal(),
+        }
 
 
 def _hash(path: Path, algo: str) -> str:
@@ -136,8 +153,9 @@ class _Checker:
                 continue
             names = {p.name for p in d.iterdir()}
             if names != _KERNEL_FILES:
-                self.problem("corrupt", d, f"holds {sorted(names)}, expected "
-                             f"{sorted(_KERNEL_FILES)}")
+                self.problem(
+                    "corrupt", d, f"holds {sorted(names)}, expected {sorted(_KERNEL_FILES)}"
+                )
                 continue
             if not all(self.regular(d / n) for n in _KERNEL_FILES):
                 continue
@@ -174,8 +192,12 @@ class _Checker:
             return
         self.count("keys")
         check: Callable[[Path, dict[str, Any]], None] | None = {
-            "rootfs": self.rec_rootfs, "step": self.rec_manifest, "spore": self.rec_manifest,
-            "kernel": self.rec_kernel, "guest-agent": self.rec_guest, "initrd": self.rec_guest,
+            "rootfs": self.rec_rootfs,
+            "step": self.rec_manifest,
+            "spore": self.rec_manifest,
+            "kernel": self.rec_kernel,
+            "guest-agent": self.rec_guest,
+            "initrd": self.rec_guest,
         }.get(kind)
         if check is not None:
             check(path, rec)
@@ -191,11 +213,14 @@ class _Checker:
         if value is None:
             self.problem("stale", path, f"has no {name!r} (an older record format: a miss)")
             return ""
-        if not isinstance(value, str) or not value.startswith(algo + ":") or not _HEX.fullmatch(
-                value[len(algo) + 1:]):
+        if (
+            not isinstance(value, str)
+            or not value.startswith(algo + ":")
+            or not _HEX.fullmatch(value[len(algo) + 1 :])
+        ):
             self.problem("corrupt", path, f"field {name!r} is not a {algo} digest")
             return ""
-        return value[len(algo) + 1:]
+        return value[len(algo) + 1 :]
 
     def rec_rootfs(self, path: Path, rec: dict[str, Any]) -> None:
         hexd = self.digest(path, rec, "digest")
@@ -234,8 +259,11 @@ class _Checker:
             return
         self.manifests["blake3:" + hexd] = m
         for cid in [*m.memory.stored(), *(o.digest for o in m.state.values())]:
-            if not self.need(path, f"chunk {cid} (via manifest blake3:{hexd})",
-                             self.root / "chunks" / "blake3" / cid.split(":", 1)[1]):
+            if not self.need(
+                path,
+                f"chunk {cid} (via manifest blake3:{hexd})",
+                self.root / "chunks" / "blake3" / cid.split(":", 1)[1],
+            ):
                 return  # one is enough to make the record a miss
 
     # -- roots: the spore directories prune keeps alive (sporevm/storeroots.py) ----
@@ -252,32 +280,50 @@ class _Checker:
         for stored, probe in survey_store(self.root):
             path, root = base / stored.name, stored.root
             if root is None or stored.error is not None or probe is None:
-                self.problem("corrupt", path, f"not a valid root record ({stored.error}); "
-                             "prune removes nothing until it is deleted")
+                self.problem(
+                    "corrupt",
+                    path,
+                    f"not a valid root record ({stored.error}); "
+                    "prune removes nothing until it is deleted",
+                )
                 continue
             self.count("roots")
             if probe.state in ("gone", "replaced"):
-                self.problem("stale", path, f"root {root.path}: {probe.detail} (the next "
-                             "prune drops this record)")
+                self.problem(
+                    "stale",
+                    path,
+                    f"root {root.path}: {probe.detail} (the next prune drops this record)",
+                )
                 continue
             try:
                 if probe.state != "live":
                     raise SporeError(probe.detail)
                 m = manifest.decode(probe.manifest or b"", f"{root.path}/manifest.json")
             except SporeError as exc:
-                self.problem("blocked", path, f"root {root.path} cannot be judged ({exc}); "
-                             "prune removes nothing while it is there")
+                self.problem(
+                    "blocked",
+                    path,
+                    f"root {root.path} cannot be judged ({exc}); "
+                    "prune removes nothing while it is there",
+                )
                 continue
             self.manifests[root.manifest] = m
             needed = [*m.memory.stored(), *(o.digest for o in m.state.values())]
-            missing = [f"chunk {c}" for c in sorted(set(needed))
-                       if not (self.root / "chunks" / "blake3" / c.split(":", 1)[1]).exists()]
+            missing = [
+                f"chunk {c}"
+                for c in sorted(set(needed))
+                if not (self.root / "chunks" / "blake3" / c.split(":", 1)[1]).exists()
+            ]
             if not (self.root / "rootfs" / "blake3" / m.rootfs.digest.split(":", 1)[1]).exists():
                 missing.append(f"rootfs {m.rootfs.digest}")
             if missing:
-                self.problem("broken", path, f"live spore {root.path} needs {missing[0]}"
-                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                             + ", not in the store: it will not restore (pull or rebuild it)")
+                self.problem(
+                    "broken",
+                    path,
+                    f"live spore {root.path} needs {missing[0]}"
+                    + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                    + ", not in the store: it will not restore (pull or rebuild it)",
+                )
 
     # -- memfiles (checked against the indexes of manifests seen above) ----
     def memfiles(self) -> None:
@@ -298,8 +344,11 @@ class _Checker:
             with open(p, "rb") as fh:
                 for c, cid in enumerate(index.chunks):
                     data = os.pread(fh.fileno(), CHUNK, c * CHUNK)
-                    ok = (data.count(0) == len(data) if cid is None
-                          else "blake3:" + blake3.blake3(data).hexdigest() == cid)
+                    ok = (
+                        data.count(0) == len(data)
+                        if cid is None
+                        else "blake3:" + blake3.blake3(data).hexdigest() == cid
+                    )
                     if not ok:
                         self.problem("corrupt", p, f"chunk {c} does not match the index")
                         break

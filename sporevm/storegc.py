@@ -78,12 +78,14 @@ def judge_roots(root_fd: int, store_root: Path) -> list[JudgedRoot]:
                 f"cache prune: {path} is not a valid root record ({stored.error}); nothing "
                 "was removed — the spore it protected cannot be told, so run `spore cache "
                 "roots`, delete that file, re-register live spores with `spore cache keep "
-                "DIR`, and prune again")
+                "DIR`, and prune again"
+            )
         if p.state == "unreadable":
             raise UnjudgedRoot(
                 f"cache prune: cannot tell whether {stored.root.path} still holds spore "
                 f"{stored.root.manifest} ({p.detail}); nothing was removed — fix or remove "
-                f"that directory, or delete its record {path}, and prune again")
+                f"that directory, or delete its record {path}, and prune again"
+            )
         out.append(JudgedRoot(stored.name, stored.root, p))
     return out
 
@@ -103,9 +105,11 @@ def plan(store: Store, root_fd: int, entries: list[Entry], cutoff: float | None)
         try:
             m = manifest.decode(judged.probe.manifest or b"", f"{root.path}/manifest.json")
         except SporeError as exc:
-            raise UnjudgedRoot(f"cache prune: {exc}; nothing was removed — a spore this "
-                               "version cannot read may need anything in the store (prune "
-                               "with the spore version that wrote it)") from None
+            raise UnjudgedRoot(
+                f"cache prune: {exc}; nothing was removed — a spore this "
+                "version cannot read may need anything in the store (prune "
+                "with the spore version that wrote it)"
+            ) from None
         marker.manifests[root.manifest] = m
         marker.reach(MANIFEST_TOKEN + root.manifest)
         result.live_roots.append(root)
@@ -139,10 +143,10 @@ class _Marker:
         self._oci: dict[str, Any] | None = None  # blob hex -> decoded manifest/index
         for rel, e in self.present.items():
             if e.kind.startswith("key/"):
-                self._record(rel, e.kind[len("key/"):])
+                self._record(rel, e.kind[len("key/") :])
 
     def rel(self, e: Entry) -> str:
-        return str(e.path)[self._cut:]  # entries() builds every path below the root
+        return str(e.path)[self._cut :]  # entries() builds every path below the root
 
     def reach(self, token: str) -> None:
         if token not in self.reached:
@@ -165,7 +169,7 @@ class _Marker:
         if token in self.refs:
             return self.refs[token]
         if token.startswith(MANIFEST_TOKEN):
-            return self._manifest_refs(token[len(MANIFEST_TOKEN):])
+            return self._manifest_refs(token[len(MANIFEST_TOKEN) :])
         if token.startswith("blobs/sha256/") and token in self.present:
             return self._blob_refs(token)
         return ()
@@ -181,10 +185,13 @@ class _Marker:
         objects = [*m.memory.stored(), *(o.digest for o in m.state.values())]
         out += [f"chunks/blake3/{c.removeprefix('blake3:')}" for c in objects]
         p = m.platform
-        out += [f"rootfs/blake3/{m.rootfs.digest.removeprefix('blake3:')}",
-                f"kernels/blake3/{p.kernel.removeprefix('blake3:')}", VMLINUX_TOKEN + p.kernel,
-                f"guest/blake3/{p.initrd.removeprefix('blake3:')}",
-                f"memfiles/blake3/{index_id(m.memory)}"]
+        out += [
+            f"rootfs/blake3/{m.rootfs.digest.removeprefix('blake3:')}",
+            f"kernels/blake3/{p.kernel.removeprefix('blake3:')}",
+            VMLINUX_TOKEN + p.kernel,
+            f"guest/blake3/{p.initrd.removeprefix('blake3:')}",
+            f"memfiles/blake3/{index_id(m.memory)}",
+        ]
         out += [f"keys/step/{k}.json" for k in m.provenance.steps]
         return out
 
@@ -247,8 +254,9 @@ class _Marker:
                 keeps.append(f"chunks/blake3/{mid.removeprefix('blake3:')}")
             steps = rec.get("steps")  # spore records: the whole chain the build ran
             if kind == "spore" and isinstance(steps, list):
-                refs += [f"keys/step/{k}.json" for k in steps
-                         if isinstance(k, str) and KEY.fullmatch(k)]
+                refs += [
+                    f"keys/step/{k}.json" for k in steps if isinstance(k, str) and KEY.fullmatch(k)
+                ]
         self.refs[rel] = refs
         for tok in keeps:
             self.triggers.setdefault(tok, []).append(rel)
@@ -265,8 +273,9 @@ class _Marker:
             return []
         if isinstance(doc, ImageIndex):
             return [f"blobs/sha256/{d.digest.removeprefix('sha256:')}" for d in doc.manifests]
-        return [f"blobs/sha256/{d.digest.removeprefix('sha256:')}"
-                for d in (doc.config, *doc.layers)]
+        return [
+            f"blobs/sha256/{d.digest.removeprefix('sha256:')}" for d in (doc.config, *doc.layers)
+        ]
 
     def _oci_docs(self) -> dict[str, Any]:
         """Every manifest and index blob, decoded once (only when a blob is reached)."""
@@ -304,8 +313,12 @@ class _Marker:
         the platform contract names the vmlinux, the directory its bzImage), checked by
         hashing, so neither a missing nor a wrong kernel record can lose it. True if
         something new was reached."""
-        wanted = {t[len(VMLINUX_TOKEN):] for t in self.reached if t.startswith(VMLINUX_TOKEN)
-                  and f"kernels/blake3/{t.rsplit(':', 1)[1]}" not in self.present}
+        wanted = {
+            t[len(VMLINUX_TOKEN) :]
+            for t in self.reached
+            if t.startswith(VMLINUX_TOKEN)
+            and f"kernels/blake3/{t.rsplit(':', 1)[1]}" not in self.present
+        }
         dirs = [rel for rel, e in self.present.items() if e.kind == "kernel"]
         have = {self._vmlinux(rel) for rel in dirs if rel in self.reached}
         grew = False

@@ -69,16 +69,21 @@ def check_path(path: str, what: str) -> str:
     try:
         raw = path.encode("utf-8")
     except UnicodeEncodeError:
-        raise RootError(f"{what}: path {path!r} is not UTF-8; spore records roots by "
-                        "UTF-8 path only — use such a path") from None
+        raise RootError(
+            f"{what}: path {path!r} is not UTF-8; spore records roots by "
+            "UTF-8 path only — use such a path"
+        ) from None
     if len(raw) > MAX_PATH:
         raise RootError(f"{what}: path longer than {MAX_PATH} bytes")
     if _CONTROL.search(path) or not path.startswith("/") or path == "/":
-        raise RootError(f"{what}: path {path[:200]!r} is not an absolute directory path "
-                        "without control characters")
+        raise RootError(
+            f"{what}: path {path[:200]!r} is not an absolute directory path "
+            "without control characters"
+        )
     if any(part in ("", ".", "..") for part in path[1:].split("/")):
-        raise RootError(f"{what}: path {path[:200]!r} is not normalized (empty, . or .. "
-                        "components)")
+        raise RootError(
+            f"{what}: path {path[:200]!r} is not normalized (empty, . or .. components)"
+        )
     return path
 
 
@@ -90,8 +95,9 @@ def encode(root: Root) -> bytes:
 
 def decode(data: bytes, what: str = "root record") -> Root:
     """A record from bytes nobody vouches for: bounded, strict, canonical bytes only."""
-    doc = load_versioned_object(data, what, limit=MAX_RECORD, encoding="utf-8", fmt=FORMAT,
-                                error=RootError)
+    doc = load_versioned_object(
+        data, what, limit=MAX_RECORD, encoding="utf-8", fmt=FORMAT, error=RootError
+    )
     if set(doc) != {"format", "manifest", "path"}:
         raise RootError(f"{what}: fields must be exactly format, manifest, path")
     mid, path = doc["manifest"], doc["path"]

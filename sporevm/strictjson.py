@@ -26,8 +26,9 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_versioned_object(data: bytes, what: str, *, limit: int, encoding: str, fmt: str,
-                          error: type[Exception]) -> dict[str, Any]:
+def load_versioned_object(
+    data: bytes, what: str, *, limit: int, encoding: str, fmt: str, error: type[Exception]
+) -> dict[str, Any]:
     """Bounded strict parse of a JSON object whose ``format`` must be ``fmt``.
 
     Every defect is one ``error`` naming ``what``; the format is checked first and
@@ -36,8 +37,12 @@ def load_versioned_object(data: bytes, what: str, *, limit: int, encoding: str, 
     if len(data) > limit:
         raise error(f"{what}: larger than {limit} bytes; refusing to parse it")
     try:
-        doc = json.loads(data.decode(encoding), object_pairs_hook=no_duplicate_keys,
-                         parse_float=reject_float, parse_constant=reject_constant)
+        doc = json.loads(
+            data.decode(encoding),
+            object_pairs_hook=no_duplicate_keys,
+            parse_float=reject_float,
+            parse_constant=reject_constant,
+        )
     except UnicodeDecodeError:
         raise error(f"{what}: not {_TEXT[encoding]} text") from None
     except RecursionError:
@@ -48,8 +53,10 @@ def load_versioned_object(data: bytes, what: str, *, limit: int, encoding: str, 
     if not isinstance(doc, dict):
         raise error(f"{what}: expected a JSON object, got {type(doc).__name__}")
     if doc.get("format") != fmt:
-        raise error(f"{what}: format {str(doc.get('format'))[:40]!r} is not supported "
-                    f"(this spore reads {fmt})")
+        raise error(
+            f"{what}: format {str(doc.get('format'))[:40]!r} is not supported "
+            f"(this spore reads {fmt})"
+        )
     return doc
 
 
@@ -73,8 +80,7 @@ def ecma_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def ecma_pattern_keyword(validator: Any, pattern: str, instance: Any,
-                         schema: Any) -> Iterator[Any]:
+def ecma_pattern_keyword(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
     """A jsonschema ``pattern`` implementation with ECMA-262 end-of-input semantics."""
     import jsonschema.exceptions  # only schema users pay for it (the monitor is not one)
 

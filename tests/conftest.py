@@ -46,8 +46,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry
 
 
 @pytest.fixture(scope="session")
-def busybox_image(registry: LocalRegistry,
-                  tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
+def busybox_image(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
     layout = tmp_path_factory.mktemp("busybox") / "layout"
     digest = ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
     ref = registry.push(layout, "library/busybox:latest")
@@ -55,16 +54,18 @@ def busybox_image(registry: LocalRegistry,
 
 
 @pytest.fixture(scope="session")
-def multilayer_image(registry: LocalRegistry,
-                     tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
+def multilayer_image(
+    registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> PushedImage:
     """tests/layer_cases' three-layer image (every layer semantic), one compression each."""
     from tests.layer_cases import multi_layer_case
 
     layout = tmp_path_factory.mktemp("multilayer") / "layout"
     layers, _ = multi_layer_case()
     compressions: list[ociimage.Compression] = ["none", "gzip", "zstd"]
-    digest = ociimage.write_layout(layout, list(layers), tag="latest",
-                                   compression=compressions[:len(layers)])
+    digest = ociimage.write_layout(
+        layout, list(layers), tag="latest", compression=compressions[: len(layers)]
+    )
     ref = registry.push(layout, "library/multilayer:latest")
     return PushedImage(ref, layout, "latest", digest)
 
@@ -80,8 +81,7 @@ def throwaway_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
 
 
 @pytest.fixture(scope="session")
-def minbase_image(registry: LocalRegistry,
-                  tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
+def minbase_image(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> PushedImage:
     if shutil.which("debootstrap") is None:
         pytest.fail("debootstrap is missing; run scripts/setup")
     layout = tmp_path_factory.mktemp("minbase") / "layout"
@@ -100,8 +100,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests using the image fixtures need the registry; mark them so `-m 'not registry'` works.
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"registry", "busybox_image", "minbase_image", "multilayer_image",
-                    "throwaway_registry"}:
+        if names & {
+            "registry",
+            "busybox_image",
+            "minbase_image",
+            "multilayer_image",
+            "throwaway_registry",
+        }:
             item.add_marker(pytest.mark.registry)
         if "minbase_image" in names:
             item.add_marker(pytest.mark.minbase)

@@ -31,8 +31,14 @@ from sporevm.storecheck import verify_store
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_STORE = Path.home() / ".cache" / "spore-tests" / "kernel-store"
-SEEDED_KINDS = ("kernel", "source-sha256", "source-version", "tool-version", "guest-agent",
-                "initrd")
+SEEDED_KINDS = (
+    "kernel",
+    "source-sha256",
+    "source-version",
+    "tool-version",
+    "guest-agent",
+    "initrd",
+)
 
 # What `spore build` prints when a task starts: the phases a kill is aimed at.
 TASK_LINE = re.compile(r"^▶ (\S+)", re.M)
@@ -108,10 +114,12 @@ def prune_victim(root: Path, garbage: int = 8000) -> tuple[Path, list[Path]]:
 
     ids = [put(f"garbage {i}".encode() * 8) for i in range(garbage)]
     for i in range(0, garbage - 3, 4):
-        snap = dataclasses.replace(m, memory=dataclasses.replace(m.memory, chunks=tuple(
-            ids[i:i + 4])), generation=manifest.Generation(str(uuid.uuid4()), None, 0, 1))
-        (steps / f"{i:064x}.json").write_text(json.dumps({"manifest": put(
-            manifest.encode(snap))}))
+        snap = dataclasses.replace(
+            m,
+            memory=dataclasses.replace(m.memory, chunks=tuple(ids[i : i + 4])),
+            generation=manifest.Generation(str(uuid.uuid4()), None, 0, 1),
+        )
+        (steps / f"{i:064x}.json").write_text(json.dumps({"manifest": put(manifest.encode(snap))}))
     for i in range(4):
         bz = f"bzImage {i}".encode()
         kdir = s.store.root / "kernels" / "blake3" / blake3.blake3(bz).hexdigest()
@@ -131,8 +139,9 @@ def removal_window(home: Path, *args: str) -> tuple[float, float]:
     watched = home / "roots"
     mtime = os.stat(watched).st_mtime_ns
     started = time.monotonic()
-    proc = subprocess.Popen(spore_argv(*args), env=spore_env(home), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        spore_argv(*args), env=spore_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     first = None
     while proc.poll() is None:
         if first is None and os.stat(watched).st_mtime_ns != mtime:
@@ -164,12 +173,22 @@ def busybox_layout(dest: Path) -> Path:
     return dest
 
 
-def sporefile(layout: Path, name: str, token: str, steps: Sequence[str] = ("a", "b"),
-              kernel: str | None = None, verify: bool = True) -> str:
+def sporefile(
+    layout: Path,
+    name: str,
+    token: str,
+    steps: Sequence[str] = ("a", "b"),
+    kernel: str | None = None,
+    verify: bool = True,
+) -> str:
     """A small Sporefile: each step appends its name to a file; the spore checks it."""
     lines = [
-        "sporefile: 1", f"name: {name}", "base:", f"  image: oci-layout:{layout}:latest",
-        "machine:", "  memory: 256MiB",
+        "sporefile: 1",
+        f"name: {name}",
+        "base:",
+        f"  image: oci-layout:{layout}:latest",
+        "machine:",
+        "  memory: 256MiB",
     ]
     if kernel is not None:
         lines.append(f"  kernel: {kernel}")
@@ -190,8 +209,9 @@ def spore_argv(*args: str) -> list[str]:
 
 
 def run_spore(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(spore_argv(*args), capture_output=True, text=True,
-                          env=spore_env(home), timeout=timeout)
+    return subprocess.run(
+        spore_argv(*args), capture_output=True, text=True, env=spore_env(home), timeout=timeout
+    )
 
 
 @dataclass
@@ -216,14 +236,22 @@ class Attempt:
         return out
 
 
-def run_and_kill(argv: list[str], env: dict[str, str], *, phase: str | None, delay: float,
-                 timeout: float = 600, when: threading.Event | None = None) -> Attempt:
+def run_and_kill(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    phase: str | None,
+    delay: float,
+    timeout: float = 600,
+    when: threading.Event | None = None,
+) -> Attempt:
     """Start ``argv`` in its own process group; once ``phase`` is printed (None: at once)
     or ``when`` is set (an event outside the process, e.g. a test server stalling it),
     wait ``delay`` seconds and SIGKILL the whole group (the VM monitors die with it)."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     err: list[str] = []
     out: list[bytes] = []
     starts: list[tuple[str, float]] = []
@@ -246,8 +274,10 @@ def run_and_kill(argv: list[str], env: dict[str, str], *, phase: str | None, del
         assert proc.stdout is not None
         out.append(proc.stdout.read())
 
-    readers = [threading.Thread(target=read_err, daemon=True),
-               threading.Thread(target=read_out, daemon=True)]
+    readers = [
+        threading.Thread(target=read_err, daemon=True),
+        threading.Thread(target=read_out, daemon=True),
+    ]
     for t in readers:
         t.start()
     killed = False
@@ -272,9 +302,16 @@ def run_and_kill(argv: list[str], env: dict[str, str], *, phase: str | None, del
         t.join(10)
     text = "".join(err)
     last = TASK_LINE.findall(text)
-    return Attempt(killed, proc.returncode, time.monotonic() - started, text,
-                   b"".join(out).decode(errors="replace"), last[-1] if last else None,
-                   f"{phase}+{delay:.2f}s", starts)
+    return Attempt(
+        killed,
+        proc.returncode,
+        time.monotonic() - started,
+        text,
+        b"".join(out).decode(errors="replace"),
+        last[-1] if last else None,
+        f"{phase}+{delay:.2f}s",
+        starts,
+    )
 
 
 def with_pgid(pgid: int, sig: int) -> None:
@@ -357,8 +394,9 @@ def outcome(sporefile_path: Path, spore_dir: Path) -> Outcome:
         "chunks": (m.memory.chunk_size, len(m.memory.chunks)),
         "state": sorted(m.state),
     }
-    return Outcome(lock.images[0].digest, m.rootfs.digest, manifest.manifest_id(data),
-                   lock.encode(), stable)
+    return Outcome(
+        lock.images[0].digest, m.rootfs.digest, manifest.manifest_id(data), lock.encode(), stable
+    )
 
 
 def pick(rng: random.Random, timeline: dict[str, tuple[float, float]]) -> tuple[str, float]:

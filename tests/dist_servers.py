@@ -32,8 +32,11 @@ import pytest
 import requests
 from registry import free_port
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 class S3Server:
@@ -76,17 +79,21 @@ class AuthRegistry:
         self.host = f"127.0.0.1:{self.port}"
         (workdir / "htpasswd").write_text(
             # bcrypt cost 4: the registry checks it on every request
-            f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n")
+            f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n"
+        )
         (workdir / "config.yml").write_text(
             "version: 0.1\n"
             "log: {level: error, accesslog: {disabled: true}}\n"
             f"storage: {{filesystem: {{rootdirectory: {workdir / 'storage'}}}}}\n"
             f"auth: {{htpasswd: {{realm: spore-test, path: {workdir / 'htpasswd'}}}}}\n"
-            f"http: {{addr: '{self.host}'}}\n")
+            f"http: {{addr: '{self.host}'}}\n"
+        )
         self._log = open(workdir / "registry.log", "wb")
-        self.proc = subprocess.Popen(["/usr/bin/docker-registry", "serve",
-                                      str(workdir / "config.yml")],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            ["/usr/bin/docker-registry", "serve", str(workdir / "config.yml")],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -153,7 +160,7 @@ class _Handler(QuietHandler):
             # Announce the whole body, send part of it, hang up: a broken transfer.
             self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body[:srv.cut_after])
+            self.wfile.write(body[: srv.cut_after])
             self.wfile.flush()
             self.close_connection = True
             return
@@ -170,9 +177,9 @@ class _Server(http.server.ThreadingHTTPServer):
         self.log: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
         self.ignore_range = False
-        self.redirect_to: str | None = None       # redirect every request here
-        self.redirects: dict[str, str] = {}       # or just these paths
-        self.authorized: list[str] = []           # paths requested with credentials
+        self.redirect_to: str | None = None  # redirect every request here
+        self.redirects: dict[str, str] = {}  # or just these paths
+        self.authorized: list[str] = []  # paths requested with credentials
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hanging up on a cut or refused transfer are expected here
@@ -253,12 +260,12 @@ class _SlowHandler(QuietHandler):
                 self.wfile.write(body)
                 return
             self.close_connection = True
-            self.wfile.write(body[:slow.first])
+            self.wfile.write(body[: slow.first])
             srv.stalled.set()
             for pos in range(slow.first, len(body)):
                 if self._gone(slow.byte_gap):
                     return
-                self.wfile.write(body[pos:pos + 1])
+                self.wfile.write(body[pos : pos + 1])
         except OSError:
             self.close_connection = True  # the client gave up on us: what the tests want
 
@@ -284,7 +291,7 @@ class _SlowHTTPServer(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.slow: dict[str, Slow] = {}
         self.log: list[tuple[str, str | None]] = []
-        self.stalled = threading.Event()    # a slow body's first bytes are out
+        self.stalled = threading.Event()  # a slow body's first bytes are out
         self.stopping = threading.Event()
 
     def handle_error(self, request: Any, client_address: Any) -> None:

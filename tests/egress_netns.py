@@ -30,9 +30,11 @@ CLIENT_ADDR, SERVER_ADDR = "198.51.100.1", "198.51.100.2"
 
 # name → records the fake DNS server answers with (CNAME chains, and rebinding).
 ZONE: dict[str, list[tuple[str, str, int | str]]] = {
-    "mirror.test": [("mirror.test", "CNAME", "cdn.mirror.test"),
-                    ("cdn.mirror.test", "CNAME", "edge.cdn.test"),
-                    ("edge.cdn.test", "A", SERVER_ADDR)],
+    "mirror.test": [
+        ("mirror.test", "CNAME", "cdn.mirror.test"),
+        ("cdn.mirror.test", "CNAME", "edge.cdn.test"),
+        ("edge.cdn.test", "A", SERVER_ADDR),
+    ],
     "rebind.test": [("rebind.test", "A", "127.0.0.1"), ("rebind.test", "A", CLIENT_ADDR)],
     "direct.test": [("direct.test", "A", SERVER_ADDR)],
 }
@@ -58,7 +60,7 @@ def sweep() -> None:
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
         if name.startswith(PREFIX):
-            pid = name[len(PREFIX):].split("-")[0]
+            pid = name[len(PREFIX) :].split("-")[0]
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
@@ -80,8 +82,20 @@ def namespaces() -> Iterator[Net]:
     try:
         _ip("netns", "add", net.client)
         _ip("netns", "add", net.server)
-        _ip("link", "add", "egt0", "netns", net.client, "type", "veth", "peer", "name", "egt1",
-            "netns", net.server)
+        _ip(
+            "link",
+            "add",
+            "egt0",
+            "netns",
+            net.client,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "egt1",
+            "netns",
+            net.server,
+        )
         _ip("-n", net.client, "addr", "add", f"{CLIENT_ADDR}/24", "dev", "egt0")
         _ip("-n", net.server, "addr", "add", f"{SERVER_ADDR}/24", "dev", "egt1")
         for ns, dev in ((net.client, "egt0"), (net.server, "egt1")):
@@ -96,8 +110,9 @@ def namespaces() -> Iterator[Net]:
 
 def spawn(net: Net, ns: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
     """A process inside ``ns``, in its own session (so the whole group can be killed)."""
-    proc: subprocess.Popen[bytes] = subprocess.Popen([*net.exec(ns), *argv],
-                                                     start_new_session=True, **kw)
+    proc: subprocess.Popen[bytes] = subprocess.Popen(
+        [*net.exec(ns), *argv], start_new_session=True, **kw
+    )
     return proc
 
 
@@ -115,6 +130,7 @@ def wait_for_line(proc: subprocess.Popen[bytes], timeout: float = 10) -> bytes:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     import select
+
     while time.monotonic() < deadline:
         r, _, _ = select.select([proc.stdout], [], [], 0.2)
         if r:
@@ -151,6 +167,7 @@ def _trap(port: int, addrs: list[str]) -> None:
         socks.append(s)
     print("ready", flush=True)
     import select
+
     while True:
         r, _, _ = select.select(socks, [], [])
         for s in r:

@@ -76,22 +76,28 @@ def attempts(unjailed: bool) -> dict[str, Callable[[], object]]:
         "thread": _thread,  # must keep working: the run loop starts threads
         # A published entry must never change in place (other VMs map memfiles).
         "truncate_chunk": lambda: os.truncate(STORE / "chunks" / "blake3" / "victim", 0),
-        "open_trunc_chunk": lambda: os.close(os.open(STORE / "chunks" / "blake3" / "victim",
-                                                     os.O_RDONLY | os.O_TRUNC)),
+        "open_trunc_chunk": lambda: os.close(
+            os.open(STORE / "chunks" / "blake3" / "victim", os.O_RDONLY | os.O_TRUNC)
+        ),
     }
     if unjailed:
         return ops  # the rest would replace or disturb the process even when allowed
-    ops.update({
-        "execve": lambda: os.execv("/bin/true", ["true"]),
-        "fork": _fork,
-        "ptrace": lambda: _libc_call(lambda: int(_libc.ptrace(PTRACE_ATTACH, os.getppid(), 0, 0))),
-        "mount": lambda: _libc_call(lambda: int(_libc.mount(b"none", str(SCRATCH).encode(),
-                                                            b"tmpfs", 0, None))),
-        "mmap_exec": lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC),
-        "kvm_create_vm": _kvm_create_vm,
-        "kill_parent": lambda: os.kill(os.getppid(), 0),
-        "open_trunc_staging": _open_trunc_staging,
-    })
+    ops.update(
+        {
+            "execve": lambda: os.execv("/bin/true", ["true"]),
+            "fork": _fork,
+            "ptrace": lambda: _libc_call(
+                lambda: int(_libc.ptrace(PTRACE_ATTACH, os.getppid(), 0, 0))
+            ),
+            "mount": lambda: _libc_call(
+                lambda: int(_libc.mount(b"none", str(SCRATCH).encode(), b"tmpfs", 0, None))
+            ),
+            "mmap_exec": lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC),
+            "kvm_create_vm": _kvm_create_vm,
+            "kill_parent": lambda: os.kill(os.getppid(), 0),
+            "open_trunc_staging": _open_trunc_staging,
+        }
+    )
     return ops
 
 

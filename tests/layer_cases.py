@@ -31,8 +31,14 @@ MEDIA = {
 Entry = tuple[tarfile.TarInfo, bytes | None]
 
 
-def _info(name: str, type_: bytes, mode: int, uid: int, gid: int,
-          xattrs: Mapping[str, bytes] | None = None) -> tarfile.TarInfo:
+def _info(
+    name: str,
+    type_: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    xattrs: Mapping[str, bytes] | None = None,
+) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.type = type_
     ti.mode = mode
@@ -41,21 +47,34 @@ def _info(name: str, type_: bytes, mode: int, uid: int, gid: int,
     ti.mtime = MTIME
     if xattrs:
         # tarfile writes PAX values as UTF-8; surrogateescape carries arbitrary bytes.
-        ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
-                          for k, v in xattrs.items()}
+        ti.pax_headers = {
+            f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
+        }
     return ti
 
 
-def file(name: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0,
-         xattrs: Mapping[str, bytes] | None = None, mtime: int = MTIME) -> Entry:
+def file(
+    name: str,
+    data: bytes = b"",
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    xattrs: Mapping[str, bytes] | None = None,
+    mtime: int = MTIME,
+) -> Entry:
     ti = _info(name, tarfile.REGTYPE, mode, uid, gid, xattrs)
     ti.size = len(data)
     ti.mtime = mtime
     return ti, data
 
 
-def directory(name: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
-              xattrs: Mapping[str, bytes] | None = None) -> Entry:
+def directory(
+    name: str,
+    mode: int = 0o755,
+    uid: int = 0,
+    gid: int = 0,
+    xattrs: Mapping[str, bytes] | None = None,
+) -> Entry:
     return _info(name, tarfile.DIRTYPE, mode, uid, gid, xattrs), None
 
 
@@ -122,8 +141,14 @@ def write_layers(directory_: Path, tars: Iterable[bytes], fmt: str = "tar") -> l
 # -- hand-crafted tar bytes for hostile cases ----------------------------------
 
 
-def raw_header(name: bytes, type_: bytes = b"0", size: int = 0, linkname: bytes = b"",
-               mode: int = 0o644, size_field: bytes | None = None) -> bytes:
+def raw_header(
+    name: bytes,
+    type_: bytes = b"0",
+    size: int = 0,
+    linkname: bytes = b"",
+    mode: int = 0o644,
+    size_field: bytes | None = None,
+) -> bytes:
     """One ustar header block with a correct checksum; ``size_field`` overrides the size."""
     hdr = bytearray(512)
     hdr[0 : len(name[:100])] = name[:100]
@@ -152,8 +177,13 @@ def pax_record(key: bytes, value: bytes) -> bytes:
     return str(n).encode() + body
 
 
-def raw_member(name: bytes, data: bytes = b"", type_: bytes = b"0", linkname: bytes = b"",
-               pax: Mapping[bytes, bytes] | None = None) -> bytes:
+def raw_member(
+    name: bytes,
+    data: bytes = b"",
+    type_: bytes = b"0",
+    linkname: bytes = b"",
+    pax: Mapping[bytes, bytes] | None = None,
+) -> bytes:
     out = b""
     if pax:
         payload = b"".join(pax_record(k, v) for k, v in pax.items())
@@ -164,8 +194,9 @@ def raw_member(name: bytes, data: bytes = b"", type_: bytes = b"0", linkname: by
 END = b"\0" * 1024
 
 
-def write_oci_layout(layout: Path, tars: Iterable[bytes], fmt: str = "tar",
-                     ref: str = "latest") -> str:
+def write_oci_layout(
+    layout: Path, tars: Iterable[bytes], fmt: str = "tar", ref: str = "latest"
+) -> str:
     """An OCI image layout holding ``tars`` as one image tagged ``ref``; returns its digest."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -177,16 +208,28 @@ def write_oci_layout(layout: Path, tars: Iterable[bytes], fmt: str = "tar",
 
     tars = list(tars)
     layers = [dict(put(compress(t, fmt)), mediaType=MEDIA[fmt]) for t in tars]
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers",
-                         "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]}}
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": dict(put(json.dumps(config).encode()),
-                               mediaType="application/vnd.oci.image.config.v1+json"),
-                "layers": layers}
-    desc = dict(put(json.dumps(manifest).encode()),
-                mediaType="application/vnd.oci.image.manifest.v1+json",
-                annotations={"org.opencontainers.image.ref.name": ref})
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars],
+        },
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": dict(
+            put(json.dumps(config).encode()), mediaType="application/vnd.oci.image.config.v1+json"
+        ),
+        "layers": layers,
+    }
+    desc = dict(
+        put(json.dumps(manifest).encode()),
+        mediaType="application/vnd.oci.image.manifest.v1+json",
+        annotations={"org.opencontainers.image.ref.name": ref},
+    )
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
     return str(desc["digest"])
@@ -228,8 +271,10 @@ def describe_tree(root: Path) -> dict[str, dict[str, Any]]:
                 d["mtime"] = int(st.st_mtime)
                 if st.st_nlink > 1:
                     inodes.setdefault(st.st_ino, []).append(rel)
-            xattrs = {k: os.getxattr(full, k, follow_symlinks=False)
-                      for k in os.listxattr(full, follow_symlinks=False)}
+            xattrs = {
+                k: os.getxattr(full, k, follow_symlinks=False)
+                for k in os.listxattr(full, follow_symlinks=False)
+            }
             if xattrs:
                 d["xattrs"] = xattrs
             out[rel] = d
@@ -246,67 +291,88 @@ CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # v2, p
 
 def multi_layer_case() -> tuple[list[bytes], dict[str, dict[str, Any]]]:
     """Three uncompressed layers covering every layer semantic, and the expected tree."""
-    base = make_tar([
-        directory("./"),
-        directory("etc"),
-        file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
-        file("etc/shadow", b"root:*::::::\n", mode=0o640, gid=42),
-        file("etc/keep", b"keep\n", xattrs={"user.note": b"kept"}),
-        directory("usr"), directory("usr/bin"), directory("usr/lib"),
-        file("usr/bin/su", b"su-binary", mode=0o4755),
-        file("usr/bin/wall", b"wall-binary", mode=0o2755, gid=5),
-        file("usr/bin/ping", b"ping-binary", mode=0o755,
-             xattrs={"security.capability": CAP_NET_RAW}),
-        file("usr/bin/perl5", b"perl-old"),
-        hardlink("usr/bin/perl", "usr/bin/perl5"),
-        file("usr/lib/libx.so.1", b"\x7fELF lib"),
-        symlink("usr/lib/libx.so", "libx.so.1"),
-        symlink("bin", "usr/bin"),
-        directory("tmp", mode=0o1777),
-        directory("home"), directory("home/user", mode=0o700, uid=1000, gid=1000),
-        file("home/user/.profile", b"export A=1\n", mode=0o600, uid=1000, gid=1000),
-        directory("var"), directory("var/log"), file("var/log/old.log", b"old"),
-        directory("var/cache"), directory("var/cache/apt"),
-        file("var/cache/apt/pkgcache.bin", b"cache"),
-        directory("var/cache/apt/archives"),
-        directory("srv"), file("srv/data", b"was a file"),
-        directory("srv/dir1"), file("srv/dir1/child", b"child"),
-        symlink("srv/link1", "/nonexistent"),
-        file("srv/f2sym", b"becomes a symlink"),
-        directory("opt", xattrs={"trusted.spore": b"lower"}),
-        file("opt/old", b"old opt"),
-        directory("dev"),
-        device("dev/null", "chr", 1, 3), device("dev/loop0", "blk", 7, 0, mode=0o660),
-        directory("run"), fifo("run/initctl", mode=0o600),
-    ])
-    middle = make_tar([
-        whiteout("etc/shadow"),                  # a lower file
-        whiteout("var/log"),                     # a lower directory tree
-        file("var/cache/apt/new.bin", b"new"),   # kept: this layer, before the opaque marker
-        opaque("var/cache/apt"),
-        file("var/cache/apt/after.bin", b"after"),
-        file("etc/samelayer", b"same"),
-        whiteout("etc/samelayer"),               # same layer: must NOT remove it
-        directory("srv/data"), file("srv/data/inner", b"inner"),   # file -> dir
-        file("srv/dir1", b"now a file"),                           # dir -> file
-        directory("srv/link1", mode=0o750),                        # symlink -> dir
-        symlink("srv/f2sym", "/etc/passwd"),                       # file -> symlink
-        directory("usr/lib", mode=0o700, uid=2, gid=2),            # dir over dir: keep children
-        hardlink("usr/bin/su-link", "usr/bin/su"),                 # hardlink to a lower entry
-        file("usr/bin/perl", b"perl-new", mode=0o755),             # replace one hardlinked name
-        device("dev/null", "chr", 1, 3, mode=0o666),
-    ])
-    top = make_tar([
-        whiteout("etc/samelayer"),               # now it is lower: removed
-        file("opt/new", b"new opt"),
-        opaque("opt"),                           # removes opt/old, keeps opt/new and opt itself
-        directory("data"),
-        file("data/a", b"shared", mode=0o640, uid=7, gid=8),
-        hardlink("data/b", "data/a"),            # hardlink within the layer
-        whiteout("usr/lib/libx.so"),             # removes the symlink, not its target
-        fifo("srv/dir1", mode=0o620),            # file -> fifo
-        whiteout("nothing-here"),                # whiteout of nothing: no-op
-    ])
+    base = make_tar(
+        [
+            directory("./"),
+            directory("etc"),
+            file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+            file("etc/shadow", b"root:*::::::\n", mode=0o640, gid=42),
+            file("etc/keep", b"keep\n", xattrs={"user.note": b"kept"}),
+            directory("usr"),
+            directory("usr/bin"),
+            directory("usr/lib"),
+            file("usr/bin/su", b"su-binary", mode=0o4755),
+            file("usr/bin/wall", b"wall-binary", mode=0o2755, gid=5),
+            file(
+                "usr/bin/ping",
+                b"ping-binary",
+                mode=0o755,
+                xattrs={"security.capability": CAP_NET_RAW},
+            ),
+            file("usr/bin/perl5", b"perl-old"),
+            hardlink("usr/bin/perl", "usr/bin/perl5"),
+            file("usr/lib/libx.so.1", b"\x7fELF lib"),
+            symlink("usr/lib/libx.so", "libx.so.1"),
+            symlink("bin", "usr/bin"),
+            directory("tmp", mode=0o1777),
+            directory("home"),
+            directory("home/user", mode=0o700, uid=1000, gid=1000),
+            file("home/user/.profile", b"export A=1\n", mode=0o600, uid=1000, gid=1000),
+            directory("var"),
+            directory("var/log"),
+            file("var/log/old.log", b"old"),
+            directory("var/cache"),
+            directory("var/cache/apt"),
+            file("var/cache/apt/pkgcache.bin", b"cache"),
+            directory("var/cache/apt/archives"),
+            directory("srv"),
+            file("srv/data", b"was a file"),
+            directory("srv/dir1"),
+            file("srv/dir1/child", b"child"),
+            symlink("srv/link1", "/nonexistent"),
+            file("srv/f2sym", b"becomes a symlink"),
+            directory("opt", xattrs={"trusted.spore": b"lower"}),
+            file("opt/old", b"old opt"),
+            directory("dev"),
+            device("dev/null", "chr", 1, 3),
+            device("dev/loop0", "blk", 7, 0, mode=0o660),
+            directory("run"),
+            fifo("run/initctl", mode=0o600),
+        ]
+    )
+    middle = make_tar(
+        [
+            whiteout("etc/shadow"),  # a lower file
+            whiteout("var/log"),  # a lower directory tree
+            file("var/cache/apt/new.bin", b"new"),  # kept: this layer, before the opaque marker
+            opaque("var/cache/apt"),
+            file("var/cache/apt/after.bin", b"after"),
+            file("etc/samelayer", b"same"),
+            whiteout("etc/samelayer"),  # same layer: must NOT remove it
+            directory("srv/data"),
+            file("srv/data/inner", b"inner"),  # file -> dir
+            file("srv/dir1", b"now a file"),  # dir -> file
+            directory("srv/link1", mode=0o750),  # symlink -> dir
+            symlink("srv/f2sym", "/etc/passwd"),  # file -> symlink
+            directory("usr/lib", mode=0o700, uid=2, gid=2),  # dir over dir: keep children
+            hardlink("usr/bin/su-link", "usr/bin/su"),  # hardlink to a lower entry
+            file("usr/bin/perl", b"perl-new", mode=0o755),  # replace one hardlinked name
+            device("dev/null", "chr", 1, 3, mode=0o666),
+        ]
+    )
+    top = make_tar(
+        [
+            whiteout("etc/samelayer"),  # now it is lower: removed
+            file("opt/new", b"new opt"),
+            opaque("opt"),  # removes opt/old, keeps opt/new and opt itself
+            directory("data"),
+            file("data/a", b"shared", mode=0o640, uid=7, gid=8),
+            hardlink("data/b", "data/a"),  # hardlink within the layer
+            whiteout("usr/lib/libx.so"),  # removes the symlink, not its target
+            fifo("srv/dir1", mode=0o620),  # file -> fifo
+            whiteout("nothing-here"),  # whiteout of nothing: no-op
+        ]
+    )
     root = {"uid": 0, "gid": 0}
     f = dict(root, type="file", mode=0o644, mtime=MTIME)
     d = dict(root, type="dir", mode=0o755)
@@ -339,8 +405,9 @@ def multi_layer_case() -> tuple[list[bytes], dict[str, dict[str, Any]]]:
         "usr/bin": d,
         "usr/bin/perl": dict(f, data=b"perl-new", mode=0o755),
         "usr/bin/perl5": dict(f, data=b"perl-old"),
-        "usr/bin/ping": dict(f, data=b"ping-binary", mode=0o755,
-                             xattrs={"security.capability": CAP_NET_RAW}),
+        "usr/bin/ping": dict(
+            f, data=b"ping-binary", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}
+        ),
         "usr/bin/su": dict(f, data=b"su-binary", mode=0o4755, link_group="usr/bin/su"),
         "usr/bin/su-link": dict(f, data=b"su-binary", mode=0o4755, link_group="usr/bin/su"),
         "usr/bin/wall": dict(f, data=b"wall-binary", mode=0o2755, gid=5),

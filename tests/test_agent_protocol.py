@@ -269,8 +269,9 @@ def test_session_exec_streams_and_exits(guest_pair: Callable[..., AgentSession])
 def test_session_exec_failure(guest_pair: Callable[..., AgentSession]) -> None:
     def script(g: FakeGuest) -> None:
         frame, _ = g.recv()
-        g.send(Error(ErrorCode.EXEC_FAILED, 2, "exec nope: No such file or directory"),
-               frame.stream)
+        g.send(
+            Error(ErrorCode.EXEC_FAILED, 2, "exec nope: No such file or directory"), frame.stream
+        )
 
     session = guest_pair(script)
     with pytest.raises(AgentExecError, match="No such file") as exc:

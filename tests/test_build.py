@@ -33,8 +33,14 @@ steps:
 
 def spore(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPORE_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "sporevm.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sporevm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def build_json(home: Path, sporefile: Path, *extra: str) -> dict[str, Any]:
@@ -54,8 +60,11 @@ def write_sporefile(directory: Path, image: str) -> Path:
 def test_build_then_rebuild_does_no_work(tmp_path: Path, busybox_image: Any) -> None:
     sf = write_sporefile(tmp_path / "proj", busybox_image.ref)
     first = build_json(tmp_path / "home", sf)
-    assert first["tasks"] == {"resolve:base": "executed", "fetch:base": "executed",
-                              "rootfs": "executed"}
+    assert first["tasks"] == {
+        "resolve:base": "executed",
+        "fetch:base": "executed",
+        "rootfs": "executed",
+    }
     assert Path(first["rootfs"]["path"]).stat().st_size == first["rootfs"]["size"]
     lock = json.loads((sf.parent / "Sporefile.lock").read_text())
     assert lock["images"][0]["digest"] == first["image"]
@@ -147,8 +156,17 @@ def test_graph_shows_the_pipeline(tmp_path: Path, busybox_image: Any) -> None:
     proc = spore(tmp_path / "home", "graph", "--json", str(sf))
     assert proc.returncode == 0, proc.stderr
     names = [t["name"] for t in json.loads(proc.stdout)["tasks"]]
-    assert names == ["resolve:base", "fetch:base", "rootfs", "guest", "boot", "steps", "snapshot",
-                     "verify", "bundle"]
+    assert names == [
+        "resolve:base",
+        "fetch:base",
+        "rootfs",
+        "guest",
+        "boot",
+        "steps",
+        "snapshot",
+        "verify",
+        "bundle",
+    ]
 
 
 @pytest.mark.mount
@@ -169,8 +187,11 @@ def test_minbase_tree_equals_umoci_unpack(tmp_path: Path, minbase_image: Any) ->
     sf = write_sporefile(tmp_path / "proj", minbase_image.ref)
     doc = build_json(tmp_path / "home", sf)
     bundle = tmp_path / "umoci-bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{minbase_image.layout}:{minbase_image.tag}",
-                    str(bundle)], check=True, capture_output=True)
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{minbase_image.layout}:{minbase_image.tag}", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
     want = describe_tree(bundle / "rootfs")
     with mounted_ro(Path(doc["rootfs"]["path"])) as mnt:
         got = describe_tree(mnt)

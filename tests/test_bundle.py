@@ -66,8 +66,9 @@ def make_spores(root: Path, n_children: int = 2, store: Store | None = None) -> 
     state = cs.put(b'{"state":"vm"}')
     b3 = "blake3:" + "ab" * 32
     parent = mf.Manifest(
-        platform=mf.PlatformContract("x86_64", "kvm-pvm/v1", "spore-board/1", 4 * CHUNK, 1,
-                                     b3, b3, "console=ttyS0"),
+        platform=mf.PlatformContract(
+            "x86_64", "kvm-pvm/v1", "spore-board/1", 4 * CHUNK, 1, b3, b3, "console=ttyS0"
+        ),
         rootfs=mf.RootfsRef("ext4-immutable", rdigest, rsize, SHA, "spore-rootfs/1", 0),
         memory=MemoryIndex(CHUNK, chunks),
         state={"vm": mf.StateObject(state, 14)},
@@ -80,11 +81,14 @@ def make_spores(root: Path, n_children: int = 2, store: Store | None = None) -> 
     for i in range(n_children):
         own = cs.put(chunk_bytes(100 + i))
         child = dataclasses.replace(
-            parent, memory=MemoryIndex(CHUNK, (*chunks[:3], own)),
-            generation=mf.Generation(str(uuid.uuid4()), pid, i, n_children))
+            parent,
+            memory=MemoryIndex(CHUNK, (*chunks[:3], own)),
+            generation=mf.Generation(str(uuid.uuid4()), pid, i, n_children),
+        )
         private[spore_dir(root / "children" / f"child-{i}.spore", child)] = own
-    return Spores(store, root / "parent.spore", root / "children", pid,
-                  tuple(sorted(private)), private)
+    return Spores(
+        store, root / "parent.spore", root / "children", pid, tuple(sorted(private)), private
+    )
 
 
 @pytest.fixture
@@ -93,13 +97,17 @@ def spores(tmp_path: Path) -> Spores:
 
 
 def do_pack(s: Spores, out: Path) -> str:
-    return pack(str(s.parent), s.children, out, s.store, pack_limit=MAX_OBJECT,
-                segment_limit=SEG).digest
+    return pack(
+        str(s.parent), s.children, out, s.store, pack_limit=MAX_OBJECT, segment_limit=SEG
+    ).digest
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- format --------------------------------------------------------------------------------
@@ -112,13 +120,27 @@ def test_schemas_are_valid_2020_12() -> None:
 
 def test_layout_and_dedup(spores: Spores, tmp_path: Path) -> None:
     out = tmp_path / "b.bundle"
-    res = pack(str(spores.parent), spores.children, out, spores.store, pack_limit=MAX_OBJECT,
-               segment_limit=SEG)
+    res = pack(
+        str(spores.parent),
+        spores.children,
+        out,
+        spores.store,
+        pack_limit=MAX_OBJECT,
+        segment_limit=SEG,
+    )
     names = set(tree(out))
-    assert names == {"bundle.json", "chunkpack.index.json", "rootfs.index.json",
-                     *(bundle.manifest_name(m) for m in (spores.parent_id, *spores.child_ids)),
-                     "packs/000000.pack", "packs/000001.pack", "packs/000002.pack",
-                     "rootfs/000000.seg", "rootfs/000001.seg", "rootfs/000002.seg"}
+    assert names == {
+        "bundle.json",
+        "chunkpack.index.json",
+        "rootfs.index.json",
+        *(bundle.manifest_name(m) for m in (spores.parent_id, *spores.child_ids)),
+        "packs/000000.pack",
+        "packs/000001.pack",
+        "packs/000002.pack",
+        "rootfs/000000.seg",
+        "rootfs/000001.seg",
+        "rootfs/000002.seg",
+    }
     idx = chunkpack.decode((out / "chunkpack.index.json").read_bytes())
     # 3 parent chunks + state object, then one private chunk per child: each stored once.
     assert len(idx.objects) == 4 + 2 == res.objects
@@ -156,18 +178,26 @@ def test_only_canonical_bytes(spores: Spores, tmp_path: Path, name: str) -> None
     out = tmp_path / "b.bundle"
     do_pack(spores, out)
     data = (out / name).read_bytes()
-    decode = {"bundle.json": bundle.decode, "chunkpack.index.json": chunkpack.decode,
-              "rootfs.index.json": rootfs_artifact.decode}[name]
+    decode = {
+        "bundle.json": bundle.decode,
+        "chunkpack.index.json": chunkpack.decode,
+        "rootfs.index.json": rootfs_artifact.decode,
+    }[name]
     decode(data)
     doc = json.loads(data)
-    for other in (data + b"\n", json.dumps(doc, sort_keys=True).encode(),
-                  json.dumps(doc, indent=1, sort_keys=True).encode(),
-                  json.dumps(dict(reversed(doc.items())), separators=(",", ":")).encode()):
+    for other in (
+        data + b"\n",
+        json.dumps(doc, sort_keys=True).encode(),
+        json.dumps(doc, indent=1, sort_keys=True).encode(),
+        json.dumps(dict(reversed(doc.items())), separators=(",", ":")).encode(),
+    ):
         with pytest.raises(BundleError):
             decode(other)
-    for bad, why in ((dict(doc, format=doc["format"][:-1] + "2"), "not supported"),
-                     (dict(doc, zz_extra=1), "zz_extra"),
-                     ({k: v for k, v in doc.items() if k != "format"}, "not supported")):
+    for bad, why in (
+        (dict(doc, format=doc["format"][:-1] + "2"), "not supported"),
+        (dict(doc, zz_extra=1), "zz_extra"),
+        ({k: v for k, v in doc.items() if k != "format"}, "not supported"),
+    ):
         with pytest.raises(BundleError, match=why):
             decode(json.dumps(bad, sort_keys=True, separators=(",", ":")).encode())
     with pytest.raises(BundleError, match="duplicate key"):
@@ -178,13 +208,19 @@ def test_only_canonical_bytes(spores: Spores, tmp_path: Path, name: str) -> None
 
 def test_chunkpack_tiling_and_types() -> None:
     cid = "blake3:" + "11" * 32
-    good = chunkpack.ChunkpackIndex((chunkpack.Pack("packs/000000.pack", 10, SHA),),
-                                    {cid: chunkpack.Placement(0, 0, 10)})
+    good = chunkpack.ChunkpackIndex(
+        (chunkpack.Pack("packs/000000.pack", 10, SHA),), {cid: chunkpack.Placement(0, 0, 10)}
+    )
     assert chunkpack.decode(chunkpack.encode(good)) == good
     doc = chunkpack.to_document(good)
-    for objects, why in (({cid: [0, 1, 9]}, "gap or overlap"), ({cid: [0, 0, 9]}, "cover"),
-                         ({cid: [1, 0, 10]}, "does not exist"), ({cid: [0, 0, True]}, "three"),
-                         ({cid: [0, 0]}, "three"), ({cid.upper(): [0, 0, 10]}, "not a chunk")):
+    for objects, why in (
+        ({cid: [0, 1, 9]}, "gap or overlap"),
+        ({cid: [0, 0, 9]}, "cover"),
+        ({cid: [1, 0, 10]}, "does not exist"),
+        ({cid: [0, 0, True]}, "three"),
+        ({cid: [0, 0]}, "three"),
+        ({cid.upper(): [0, 0, 10]}, "not a chunk"),
+    ):
         raw = json.dumps({**doc, "objects": objects}, sort_keys=True, separators=(",", ":"))
         with pytest.raises(BundleError, match=why):
             chunkpack.decode(raw.encode())
@@ -195,8 +231,11 @@ def test_chunkpack_tiling_and_types() -> None:
 
 def test_bundle_json_rules() -> None:
     a, b, c = ("blake3:" + x * 32 for x in ("aa", "bb", "cc"))
-    for doc, why in ((bundle.BundleDoc(a, (b, b)), "sorted"), (bundle.BundleDoc(a, (a,)), "own"),
-                     (bundle.BundleDoc(a, (c, b)), "sorted")):
+    for doc, why in (
+        (bundle.BundleDoc(a, (b, b)), "sorted"),
+        (bundle.BundleDoc(a, (a,)), "own"),
+        (bundle.BundleDoc(a, (c, b)), "sorted"),
+    ):
         with pytest.raises(BundleError, match=why):
             bundle.encode(doc)
     d = bundle.to_document(bundle.BundleDoc(a, (b,)))
@@ -216,26 +255,32 @@ def test_cross_checks(spores: Spores, tmp_path: Path) -> None:
     last = len(cp.packs)
     more = chunkpack.ChunkpackIndex(
         (*cp.packs, chunkpack.Pack(chunkpack.pack_name(last), 5, SHA)),
-        {**cp.objects, extra: chunkpack.Placement(last, 0, 5)})
+        {**cp.objects, extra: chunkpack.Placement(last, 0, 5)},
+    )
     with pytest.raises(BundleError, match="no manifest uses"):
-        bundle.assemble([(n, chunkpack.encode(more) if n == "chunkpack.index.json" else d)
-                         for n, d in files])
+        bundle.assemble(
+            [(n, chunkpack.encode(more) if n == "chunkpack.index.json" else d) for n, d in files]
+        )
     # an object a manifest needs, missing
-    fewer = chunkpack.ChunkpackIndex(cp.packs[:-1], {c: p for c, p in cp.objects.items()
-                                                     if p.pack < last - 1})
+    fewer = chunkpack.ChunkpackIndex(
+        cp.packs[:-1], {c: p for c, p in cp.objects.items() if p.pack < last - 1}
+    )
     with pytest.raises(BundleError, match="is not packed"):
-        bundle.assemble([(n, chunkpack.encode(fewer) if n == "chunkpack.index.json" else d)
-                         for n, d in files])
+        bundle.assemble(
+            [(n, chunkpack.encode(fewer) if n == "chunkpack.index.json" else d) for n, d in files]
+        )
     # rootfs images must be exactly the manifests'
     rf = rootfs_artifact.RootfsIndex(())
     with pytest.raises(BundleError, match="images do not match"):
-        bundle.assemble([(n, rootfs_artifact.encode(rf) if n == "rootfs.index.json" else d)
-                         for n, d in files])
+        bundle.assemble(
+            [(n, rootfs_artifact.encode(rf) if n == "rootfs.index.json" else d) for n, d in files]
+        )
     # a manifest whose bytes do not hash to its name
     name = bundle.manifest_name(spores.parent_id)
     with pytest.raises(BundleError, match="manifest id is"):
-        bundle.assemble([(n, d.replace(b"synthetic", b"synthetix") if n == name else d)
-                         for n, d in files])
+        bundle.assemble(
+            [(n, d.replace(b"synthetic", b"synthetix") if n == name else d) for n, d in files]
+        )
 
 
 # -- pack / unpack ---------------------------------------------------------------------------
@@ -254,8 +299,10 @@ def test_unpack_child_installs_only_its_objects(spores: Spores, tmp_path: Path) 
     assert have == set(bundle.objects_of(m, "child"))
     assert spores.private[spores.child_ids[0]] not in have
     opened, _, rootfs = open_spore(tmp_path / "c.spore", clean)  # what `spore run --from` does
-    assert opened == m and rootfs.read_bytes() == (spores.store.rootfs_path(
-        m.rootfs.digest)).read_bytes()
+    assert (
+        opened == m
+        and rootfs.read_bytes() == (spores.store.rootfs_path(m.rootfs.digest)).read_bytes()
+    )
     mf.verify_chunks(m, ChunkStore(clean), rehash=True)
     assert not list((clean.root / "tmp").iterdir())  # staging cleaned up
 
@@ -296,23 +343,52 @@ def test_pack_limit_bounds() -> None:
         chunkpack.plan([], limit=MAX_OBJECT - 1)
     # objects larger than the remaining room start a new pack; duplicates are dropped
     a, b = "blake3:" + "aa" * 32, "blake3:" + "bb" * 32
-    assert chunkpack.plan([[(a, MAX_OBJECT)], [(a, MAX_OBJECT), (b, 1)]], MAX_OBJECT) == \
-        [[(a, MAX_OBJECT)], [(b, 1)]]
+    assert chunkpack.plan([[(a, MAX_OBJECT)], [(a, MAX_OBJECT), (b, 1)]], MAX_OBJECT) == [
+        [(a, MAX_OBJECT)],
+        [(b, 1)],
+    ]
 
 
-def test_cli_pack_and_unpack(spores: Spores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_pack_and_unpack(
+    spores: Spores,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from sporevm.cli import main
 
     monkeypatch.setenv("SPORE_HOME", str(spores.store.root))
     out = tmp_path / "cli.bundle"
-    assert main(["pack", str(spores.parent), "--children", str(spores.children),
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "pack",
+                str(spores.parent),
+                "--children",
+                str(spores.children),
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["digest"].startswith("sha256:") and doc["children"] == list(spores.child_ids)
     monkeypatch.setenv("SPORE_HOME", str(tmp_path / "other"))
-    assert main(["unpack", f"{out}@{doc['digest']}", "--child", spores.child_ids[0],
-                 "--out", str(tmp_path / "u.spore")]) == 0
+    assert (
+        main(
+            [
+                "unpack",
+                f"{out}@{doc['digest']}",
+                "--child",
+                spores.child_ids[0],
+                "--out",
+                str(tmp_path / "u.spore"),
+            ]
+        )
+        == 0
+    )
     assert read_spore(str(tmp_path / "u.spore"))[0] == spores.child_ids[0]
     assert main(["unpack", f"{out}@sha256:{'1' * 64}", "--out", str(tmp_path / "v")]) == 1
     assert "pinned" in capsys.readouterr().err
@@ -327,8 +403,11 @@ def _users_dir(root: Path) -> dict[str, bytes]:
 
 
 def test_cli_pack_out_never_replaces_a_users_directory(
-        spores: Spores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    spores: Spores,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """`spore pack --out v` with v a directory of the user's: refused, v untouched."""
     from sporevm.cli import main
 
@@ -343,16 +422,20 @@ def test_cli_pack_out_never_replaces_a_users_directory(
     # over an earlier bundle, and over an empty directory, it is replaced
     b = tmp_path / "b"
     assert main(["pack", str(spores.parent), "--out", str(b)]) == 0
-    assert main(["pack", str(spores.parent), "--children", str(spores.children),
-                 "--out", str(b)]) == 0
+    assert (
+        main(["pack", str(spores.parent), "--children", str(spores.children), "--out", str(b)]) == 0
+    )
     assert len(list((b / "manifests").iterdir())) == 3
     (tmp_path / "empty").mkdir()
     assert main(["pack", str(spores.parent), "--out", str(tmp_path / "empty")]) == 0
 
 
 def test_cli_fork_out_never_replaces_a_users_directory(
-        spores: Spores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    spores: Spores,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from sporevm.cli import main
 
     monkeypatch.setenv("SPORE_HOME", str(spores.store.root))
@@ -372,8 +455,9 @@ def test_sporefile_push_list(tmp_path: Path) -> None:
     from sporevm.errors import SporefileError
 
     head = "sporefile: 1\nname: app\nbase: {image: busybox}\n"
-    sf = sporefile.loads(head + "push: [oci://127.0.0.1:5000/spores/app, file:///srv/b]\n",
-                         tmp_path / "Sporefile")
+    sf = sporefile.loads(
+        head + "push: [oci://127.0.0.1:5000/spores/app, file:///srv/b]\n", tmp_path / "Sporefile"
+    )
     assert sf.push == ("oci://127.0.0.1:5000/spores/app", "file:///srv/b")
     _check_push_uris(sf)
     assert sporefile.loads(head, tmp_path / "Sporefile").push == ()
@@ -384,9 +468,12 @@ def test_sporefile_push_list(tmp_path: Path) -> None:
         _check_push_uris(bad)
 
 
-def test_cli_inspect_and_verify_bundle(spores: Spores, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_inspect_and_verify_bundle(
+    spores: Spores,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from sporevm.cli import main
 
     monkeypatch.setenv("SPORE_HOME", str(tmp_path / "home"))
@@ -410,8 +497,11 @@ def test_cli_inspect_and_verify_bundle(spores: Spores, tmp_path: Path,
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, MAX_OBJECT)),
-                         max_size=12), max_size=5))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 40), st.integers(0, MAX_OBJECT)), max_size=12), max_size=5
+    )
+)
 def test_plan_places_each_object_once_and_round_trips(groups: list[list[tuple[int, int]]]) -> None:
     sizes: dict[str, int] = {}
     named: list[list[tuple[str, int]]] = []
@@ -425,10 +515,16 @@ def test_plan_places_each_object_once_and_round_trips(groups: list[list[tuple[in
     placed = [cid for pack_ in layout for cid, _ in pack_]
     assert sorted(placed) == sorted(sizes) and len(placed) == len(set(placed))
     assert all(sum(s for _, s in p) <= MAX_OBJECT or len(p) == 1 for p in layout)
-    objects = {cid: chunkpack.Placement(i, off, size) for i, p in enumerate(layout)
-               for cid, size, off in ((c, s, sum(x for _, x in p[:j])) for j, (c, s)
-                                      in enumerate(p))}
+    objects = {
+        cid: chunkpack.Placement(i, off, size)
+        for i, p in enumerate(layout)
+        for cid, size, off in ((c, s, sum(x for _, x in p[:j])) for j, (c, s) in enumerate(p))
+    }
     index = chunkpack.ChunkpackIndex(
-        tuple(chunkpack.Pack(chunkpack.pack_name(i), sum(s for _, s in p), SHA)
-              for i, p in enumerate(layout)), objects)
+        tuple(
+            chunkpack.Pack(chunkpack.pack_name(i), sum(s for _, s in p), SHA)
+            for i, p in enumerate(layout)
+        ),
+        objects,
+    )
     assert chunkpack.decode(chunkpack.encode(index)) == index

@@ -333,8 +333,12 @@ def test_restore_board_rebuilds_the_spore_board(disk_fd: int) -> None:
         state = capture(a.machine, a.transports)
         ram = a.machine.ram.read(0, RAM)
     data = vmstate.encode(state)
-    b = restore_board(vmstate.decode(data), cfg, lambda mem: mem.write(0, ram),
-                      BoardWiring(on_agent_output=lambda _b: None))
+    b = restore_board(
+        vmstate.decode(data),
+        cfg,
+        lambda mem: mem.write(0, ram),
+        BoardWiring(on_agent_output=lambda _b: None),
+    )
     with b.machine:
         assert b.console.pending == 11
         assert vmstate.encode(capture(b.machine, b.transports)) != b""  # capturable again

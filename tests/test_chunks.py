@@ -113,11 +113,16 @@ def test_corrupt_chunk_that_cannot_be_evicted_is_still_reported(cs: ChunkStore) 
     os.chmod(path, 0o644)
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with immutable([path]):
-        for read in (lambda: cs.get(cid), lambda: cs.read_into(cid, memoryview(bytearray(CHUNK))),
-                     lambda: materialize(MemoryIndex(CHUNK, (cid,)), cs,
-                                         memoryview(bytearray(CHUNK)))):
-            with pytest.raises(ChunkError, match=r"corrupt\) and could not be evicted "
-                               r"\(Operation not permitted\); delete that file") as info:
+        for read in (
+            lambda: cs.get(cid),
+            lambda: cs.read_into(cid, memoryview(bytearray(CHUNK))),
+            lambda: materialize(MemoryIndex(CHUNK, (cid,)), cs, memoryview(bytearray(CHUNK))),
+        ):
+            with pytest.raises(
+                ChunkError,
+                match=r"corrupt\) and could not be evicted "
+                r"\(Operation not permitted\); delete that file",
+            ) as info:
                 read()
             assert str(path) in str(info.value) and "pull or unpack" in str(info.value)
         with pytest.raises(ChunkError, match="cannot publish"):
@@ -278,7 +283,8 @@ def test_materialize_verifies(cs: ChunkStore) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_materialize_with_workers_writes_every_chunk_and_fails_on_any(
-        cs: ChunkStore, workers: int) -> None:
+    cs: ChunkStore, workers: int
+) -> None:
     ram = ram_of(5)
     for c in (0, 1, 3, 4):
         ram[c * CHUNK + 7] = c + 1
@@ -324,8 +330,9 @@ _writes = st.lists(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(first=_writes, second=_writes)
-def test_snapshot_reassembles_ram(cs: ChunkStore, first: list[tuple[int, bytes]],
-                                  second: list[tuple[int, bytes]]) -> None:
+def test_snapshot_reassembles_ram(
+    cs: ChunkStore, first: list[tuple[int, bytes]], second: list[tuple[int, bytes]]
+) -> None:
     size = 3 * CHUNK
     ram = bytearray(size)
     vmm = bytearray(size // PAGE)

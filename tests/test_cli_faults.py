@@ -24,9 +24,28 @@ import pytest
 from sporevm.cli import main
 from tests.test_bundle import make_spores
 
-_CALLS = ("open", "read", "write", "pread", "pwrite", "fsync", "replace", "rename", "mkdir",
-          "unlink", "listdir", "scandir", "rmdir", "ftruncate", "readlink", "stat", "lstat",
-          "utime", "link", "fstat")
+_CALLS = (
+    "open",
+    "read",
+    "write",
+    "pread",
+    "pwrite",
+    "fsync",
+    "replace",
+    "rename",
+    "mkdir",
+    "unlink",
+    "listdir",
+    "scandir",
+    "rmdir",
+    "ftruncate",
+    "readlink",
+    "stat",
+    "lstat",
+    "utime",
+    "link",
+    "fstat",
+)
 POINTS = 24  # injection points per command, spread over its host calls
 
 
@@ -41,9 +60,13 @@ class Injector:
         def call(*args: Any, **kw: Any) -> Any:
             self.count += 1
             if self.count == self.fail_at:
-                raise OSError(errno.EIO, f"Input/output error (injected in {name})",
-                              str(args[0]) if args else None)
+                raise OSError(
+                    errno.EIO,
+                    f"Input/output error (injected in {name})",
+                    str(args[0]) if args else None,
+                )
             return fn(*args, **kw)
+
         return call
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
@@ -55,8 +78,9 @@ class Injector:
         mp.setattr(io, "open", wrapped)
 
 
-def _run(argv: list[str], fail_at: int | None, capsys: pytest.CaptureFixture[str]
-         ) -> tuple[int, str, int]:
+def _run(
+    argv: list[str], fail_at: int | None, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, int]:
     inj = Injector(fail_at)
     with pytest.MonkeyPatch.context() as mp:
         inj.install(mp)
@@ -65,17 +89,25 @@ def _run(argv: list[str], fail_at: int | None, capsys: pytest.CaptureFixture[str
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-          capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+def world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> dict[str, Any]:
     s = make_spores(tmp_path / "w", n_children=1)
     monkeypatch.setenv("SPORE_HOME", str(s.store.root))
     monkeypatch.delenv("SPORE_TRACEBACK", raising=False)
     bundle = tmp_path / "w" / "b.bundle"
-    assert main(["pack", str(s.parent), "--children", str(s.children), "--out", str(bundle),
-                 "--json"]) == 0
+    assert (
+        main(["pack", str(s.parent), "--children", str(s.children), "--out", str(bundle), "--json"])
+        == 0
+    )
     digest = json.loads(capsys.readouterr().out)["digest"]
-    return {"parent": str(s.parent), "children": str(s.children), "bundle": str(bundle),
-            "digest": digest, "tmp": tmp_path}
+    return {
+        "parent": str(s.parent),
+        "children": str(s.children),
+        "bundle": str(bundle),
+        "digest": digest,
+        "tmp": tmp_path,
+    }
 
 
 def _commands(w: dict[str, Any], out: Path) -> dict[str, list[str]]:
@@ -98,11 +130,28 @@ def _commands(w: dict[str, Any], out: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("name", ["inspect", "verify", "verify-bundle", "fork", "pack", "unpack",
-                                  "push", "pull", "cache-ls", "cache-verify", "cache-prune",
-                                  "cache-keep", "cache-roots", "graph"])
-def test_injected_io_errors_give_one_line(world: dict[str, Any], name: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "inspect",
+        "verify",
+        "verify-bundle",
+        "fork",
+        "pack",
+        "unpack",
+        "push",
+        "pull",
+        "cache-ls",
+        "cache-verify",
+        "cache-prune",
+        "cache-keep",
+        "cache-roots",
+        "graph",
+    ],
+)
+def test_injected_io_errors_give_one_line(
+    world: dict[str, Any], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     scratch = world["tmp"] / "scratch"
 
     def fresh() -> list[str]:

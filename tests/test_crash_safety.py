@@ -54,17 +54,24 @@ def test_storecheck_finds_torn_and_stray_entries(tmp_path: Path) -> None:
     assert verify_store(store).problems == []
     blob.write_bytes(b"y")  # bytes no longer match the name
     (store.root / "keys" / "rootfs").mkdir(parents=True)
-    (store.root / "keys" / "rootfs" / ("a" * 64 + ".json")).write_text('{"digest": "blake3:'
-                                                                       + "b" * 64 + '", "size": 1')
+    (store.root / "keys" / "rootfs" / ("a" * 64 + ".json")).write_text(
+        '{"digest": "blake3:' + "b" * 64 + '", "size": 1'
+    )
     (store.root / "keys" / "rootfs" / ".tmp-x1").write_bytes(b"")
     (store.root / "keys" / "rootfs" / ("c" * 64 + ".json")).write_text(
-        json.dumps({"digest": "blake3:" + "d" * 64, "size": 1}))
+        json.dumps({"digest": "blake3:" + "d" * 64, "size": 1})
+    )
     chunks = store.root / "chunks" / "blake3"
     chunks.mkdir(parents=True, exist_ok=True)
     (chunks / ("e" * 64)).write_bytes(b"half")
     kinds = sorted((p.kind, p.path.split("/")[-1][:6]) for p in verify_store(store).problems)
-    assert kinds == [("corrupt", "2d7116"), ("corrupt", "aaaaaa"), ("corrupt", "eeeeee"),
-                     ("dangling", "cccccc"), ("temp", ".tmp-x")]
+    assert kinds == [
+        ("corrupt", "2d7116"),
+        ("corrupt", "aaaaaa"),
+        ("corrupt", "eeeeee"),
+        ("dangling", "cccccc"),
+        ("temp", ".tmp-x"),
+    ]
     assert len(verify_store(store).fatal()) == 4
 
 
@@ -72,7 +79,8 @@ def test_prune_sweeps_staging_leftovers_everywhere(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     store.put_key("rootfs", "f" * 64, {"x": 1})
     assert list((store.root / "keys" / "rootfs").iterdir()) == [
-        store.root / "keys" / "rootfs" / ("f" * 64 + ".json")]  # staged in tmp/, not beside
+        store.root / "keys" / "rootfs" / ("f" * 64 + ".json")
+    ]  # staged in tmp/, not beside
     for d in ("keys/rootfs", "blobs/sha256", "tmp"):
         (store.root / d / ".tmp-left").write_bytes(b"")
     store.prune(10_000)
@@ -87,8 +95,7 @@ def test_killed_pull_stuck_on_a_slow_server(tmp_path: Path) -> None:
     pack from what the killed one had verified and written (no VM)."""
     s = make_spores(tmp_path / "src")
     local = tmp_path / "b.bundle"
-    res = pack(str(s.parent), s.children, local, s.store, pack_limit=MAX_OBJECT,
-               segment_limit=SEG)
+    res = pack(str(s.parent), s.children, local, s.store, pack_limit=MAX_OBJECT, segment_limit=SEG)
     server = SlowServer()
     try:
         for f in local.rglob("*"):
@@ -98,8 +105,14 @@ def test_killed_pull_stuck_on_a_slow_server(tmp_path: Path) -> None:
         server.slow[stuck] = Slow(first=1 << 20, byte_gap=None)  # then nothing, ever
         home, out = tmp_path / "home", tmp_path / "pulled.spore"
         uri = f"{server.url}/b@{res.digest}"
-        run = H.run_and_kill(H.spore_argv("pull", uri, "--out", str(out)), H.spore_env(home),
-                             phase=None, delay=1.0, when=server.stalled, timeout=120)
+        run = H.run_and_kill(
+            H.spore_argv("pull", uri, "--out", str(out)),
+            H.spore_env(home),
+            phase=None,
+            delay=1.0,
+            when=server.stalled,
+            timeout=120,
+        )
         assert run.killed and server.stalled.is_set(), run.stderr
         assert "fetch packs/" in run.stderr  # killed in the transfer, not before it
         assert H.store_problems(home) == []
@@ -123,7 +136,8 @@ def test_killed_pull_stuck_on_a_slow_server(tmp_path: Path) -> None:
 
 def _entries(home: Path) -> set[str]:
     return {f"{e.kind} {e.name}" for e in Store(home).entries()} | {
-        f"root {p.name}" for p in (home / "roots").iterdir()}
+        f"root {p.name}" for p in (home / "roots").iterdir()
+    }
 
 
 def test_killed_prune_leaves_a_consistent_store(tmp_path: Path) -> None:
@@ -144,13 +158,16 @@ def test_killed_prune_leaves_a_consistent_store(tmp_path: Path) -> None:
         home = tmp_path / f"store-{i}"
         shutil.copytree(template, home, symlinks=True, copy_function=os.link)
         delay = rng.uniform(first * 0.9, full_s)  # aimed at the removals (planning: before)
-        run = H.run_and_kill(H.spore_argv("cache", "prune", "--all"), H.spore_env(home),
-                             phase=None, delay=delay)
+        run = H.run_and_kill(
+            H.spore_argv("cache", "prune", "--all"), H.spore_env(home), phase=None, delay=delay
+        )
         assert run.killed or run.returncode == 0, run.stderr
         left = _entries(home)
         partial += after < left < before
-        log.append(f"+{delay:.2f}s: {'killed' if run.killed else 'finished'}, "
-                   f"{len(before) - len(left)} of {len(before) - len(after)} removed")
+        log.append(
+            f"+{delay:.2f}s: {'killed' if run.killed else 'finished'}, "
+            f"{len(before) - len(left)} of {len(before) - len(after)} removed"
+        )
         problems = [p for p in H.store_problems(home) if not p.startswith("stale: roots/")]
         assert problems == [], log[-1]
         assert after <= left  # nothing a live spore needs was taken
@@ -162,8 +179,10 @@ def test_killed_prune_leaves_a_consistent_store(tmp_path: Path) -> None:
         assert _entries(home) == after and H.store_problems(home) == []
         assert not any((home / "tmp").iterdir())
         shutil.rmtree(home)
-    print(f"\nprune {full_s:.2f} s ({len(before) - len(after)} entries, the first removed "
-          f"after {first:.2f} s); kills:\n  " + "\n  ".join(log))
+    print(
+        f"\nprune {full_s:.2f} s ({len(before) - len(after)} entries, the first removed "
+        f"after {first:.2f} s); kills:\n  " + "\n  ".join(log)
+    )
     assert partial >= 1, log  # at least one kill landed mid-way
 
 
@@ -197,13 +216,16 @@ def reference(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Referen
     base = tmp_path_factory.mktemp("crash-ref")
     H.seed_store(base / "store")
     sf = _project(base, layout, "proj")
-    run = H.run_and_kill(H.spore_argv("build", str(sf)), H.spore_env(base / "store"),
-                         phase=None, delay=1e9)
+    run = H.run_and_kill(
+        H.spore_argv("build", str(sf)), H.spore_env(base / "store"), phase=None, delay=1e9
+    )
     assert run.returncode == 0 and not run.killed, run.stderr
     assert H.store_problems(base / "store") == []
     timeline = {k: v for k, v in run.timeline().items() if k != "steps"}  # steps = step:*
-    print(f"\nreference build {run.seconds:.1f} s: "
-          + ", ".join(f"{k} {d:.2f}" for k, (_, d) in timeline.items()))
+    print(
+        f"\nreference build {run.seconds:.1f} s: "
+        + ", ".join(f"{k} {d:.2f}" for k, (_, d) in timeline.items())
+    )
     spore = sf.parent / "out" / "crash.spore"
     return Reference(H.outcome(sf, spore), timeline, run.seconds, base / "store", spore)
 
@@ -217,8 +239,9 @@ def _final_step_record(home: Path, reference: Reference) -> str | None:
 
 @pytest.mark.vm
 @pytest.mark.kernelbuild
-def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Path,
-                                                tmp_path: Path) -> None:
+def test_killed_builds_leave_a_consistent_store(
+    reference: Reference, layout: Path, tmp_path: Path
+) -> None:
     rng = random.Random(SEED)
     trials, kills, started = 0, 0, time.monotonic()
     log: list[str] = []
@@ -229,18 +252,26 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
         sf = _project(tmp_path, layout, f"proj-{chain}")
         env = H.spore_env(home)
         n = min(CHAIN, TRIALS - trials)
-        points = sorted((H.pick(rng, reference.timeline) for _ in range(n)),
-                        key=lambda p: reference.timeline[p[0]][0])
+        points = sorted(
+            (H.pick(rng, reference.timeline) for _ in range(n)),
+            key=lambda p: reference.timeline[p[0]][0],
+        )
         for phase, delay in points:
             run = H.run_and_kill(H.spore_argv("build", str(sf)), env, phase=phase, delay=delay)
             trials += 1
             kills += run.killed
-            log.append(f"chain {chain}: {run.target} -> "
-                       + (f"killed in {run.phase} at {run.seconds:.1f} s" if run.killed
-                          else f"finished (rc {run.returncode}) in {run.seconds:.1f} s"))
+            log.append(
+                f"chain {chain}: {run.target} -> "
+                + (
+                    f"killed in {run.phase} at {run.seconds:.1f} s"
+                    if run.killed
+                    else f"finished (rc {run.returncode}) in {run.seconds:.1f} s"
+                )
+            )
             assert run.killed or run.returncode == 0, run.stderr[-3000:]
-            problems = H.store_problems(home) + H.spore_dir_problems(sf.parent / "out" /
-                                                                     "crash.spore")
+            problems = H.store_problems(home) + H.spore_dir_problems(
+                sf.parent / "out" / "crash.spore"
+            )
             problems += H.bundle_problems(home, sf.parent / "out" / "crash.bundle", tmp_path)[0]
             assert problems == [], f"after {log[-1]}:\n" + "\n".join(problems)
             if not run.killed:
@@ -252,7 +283,11 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
         got = H.outcome(sf, sf.parent / "out" / "crash.spore")
         ref = reference.outcome
         assert (got.image, got.rootfs, got.lock, got.stable) == (
-            ref.image, ref.rootfs, ref.lock, ref.stable)
+            ref.image,
+            ref.rootfs,
+            ref.lock,
+            ref.stable,
+        )
         if recorded is not None:
             assert got.manifest_id == recorded  # the snapshot the kills left is the spore
         bad, packed = H.bundle_problems(home, sf.parent / "out" / "crash.bundle", tmp_path)
@@ -263,22 +298,35 @@ def test_killed_builds_leave_a_consistent_store(reference: Reference, layout: Pa
         assert pruned.returncode == 0, pruned.stderr
         assert not any((home / "tmp").iterdir()) and H.store_problems(home) == []
         assert H.spore_dir_problems(sf.parent / "out" / "crash.spore") == []
-        log.append(f"chain {chain}: completing run {final.seconds:.1f} s, spore "
-                   f"{got.manifest_id[:19]} ({'reused' if recorded else 'fresh'} snapshot), "
-                   f"{garbage} staging leftover(s) pruned")
+        log.append(
+            f"chain {chain}: completing run {final.seconds:.1f} s, spore "
+            f"{got.manifest_id[:19]} ({'reused' if recorded else 'fresh'} snapshot), "
+            f"{garbage} staging leftover(s) pruned"
+        )
         chain += 1
     # The last chain's spore runs: the steps' effects are in the restored guest.
-    proc = H.run_spore(home, "run", "-q", "--from", str(sf.parent / "out" / "crash.spore"),
-                       "--", "cat", "/root/log")
+    proc = H.run_spore(
+        home,
+        "run",
+        "-q",
+        "--from",
+        str(sf.parent / "out" / "crash.spore"),
+        "--",
+        "cat",
+        "/root/log",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "a t0k3n\nb t0k3n\n"
-    print(f"\n{trials} kill trials ({kills} killed mid-run), seed {SEED}, "
-          f"{time.monotonic() - started:.0f} s:\n  " + "\n  ".join(log))
+    print(
+        f"\n{trials} kill trials ({kills} killed mid-run), seed {SEED}, "
+        f"{time.monotonic() - started:.0f} s:\n  " + "\n  ".join(log)
+    )
 
 
 def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
@@ -309,11 +357,17 @@ def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
     out.mkdir()
     for _ in range(n):
         delay = rng.uniform(startup, pack_s * 1.1)
-        run = H.run_and_kill(H.spore_argv("pack", str(spore), "--out", str(out / "b")),
-                             H.spore_env(home), phase=None, delay=delay)
+        run = H.run_and_kill(
+            H.spore_argv("pack", str(spore), "--out", str(out / "b")),
+            H.spore_env(home),
+            phase=None,
+            delay=delay,
+        )
         assert run.killed or run.returncode == 0, run.stderr
-        log.append(f"pack +{delay:.2f}s: {'killed' if run.killed else 'finished'}, bundle "
-                   + ("present" if (out / "b").exists() else "absent"))
+        log.append(
+            f"pack +{delay:.2f}s: {'killed' if run.killed else 'finished'}, bundle "
+            + ("present" if (out / "b").exists() else "absent")
+        )
         if (out / "b").exists():
             assert _tree(out / "b") == _tree(want), log[-1]  # whole, byte-identical, or absent
         assert H.store_problems(home) == []
@@ -337,23 +391,33 @@ def test_killed_pack_and_pull(reference: Reference, tmp_path: Path) -> None:
         dest = tmp_path / f"pulled-{i}"
         dest.mkdir()
         delay = rng.uniform(startup, pull_s * 1.1)
-        run = H.run_and_kill(H.spore_argv("pull", ref, "--out", str(dest / "s.spore")),
-                             H.spore_env(home_i), phase=None, delay=delay)
+        run = H.run_and_kill(
+            H.spore_argv("pull", ref, "--out", str(dest / "s.spore")),
+            H.spore_env(home_i),
+            phase=None,
+            delay=delay,
+        )
         assert run.killed or run.returncode == 0, run.stderr
         staged = list((home_i / "tmp").glob("pull-*/*"))
-        log.append(f"pull +{delay:.2f}s: {'killed' if run.killed else 'finished'}, "
-                   f"{len(staged)} staged file(s) left in tmp/")
+        log.append(
+            f"pull +{delay:.2f}s: {'killed' if run.killed else 'finished'}, "
+            f"{len(staged)} staged file(s) left in tmp/"
+        )
         assert H.store_problems(home_i) == [], log[-1]
         assert H.spore_dir_problems(dest / "s.spore") == []
         if run.killed:
             assert not (dest / "s.spore").exists() or (dest / "s.spore" / "id").is_file()
-            done = H.run_spore(home_i, "pull", ref, "--out", str(dest / "s.spore")) if not (
-                dest / "s.spore").exists() else None
+            done = (
+                H.run_spore(home_i, "pull", ref, "--out", str(dest / "s.spore"))
+                if not (dest / "s.spore").exists()
+                else None
+            )
             assert done is None or done.returncode == 0, done.stderr if done else ""
         assert (dest / "s.spore" / "id").read_text().strip() == mid
         check = H.run_spore(home_i, "verify", str(dest / "s.spore"))
         assert check.returncode == 0, check.stderr
         assert H.store_problems(home_i) == []
-    print(f"\npack {pack_s:.2f} s, pull {pull_s:.2f} s, start-up {startup:.2f} s; "
-          f"{n} + {n} kill trials:\n  "
-          + "\n  ".join(log))
+    print(
+        f"\npack {pack_s:.2f} s, pull {pull_s:.2f} s, start-up {startup:.2f} s; "
+        f"{n} + {n} kill trials:\n  " + "\n  ".join(log)
+    )

@@ -110,8 +110,10 @@ def test_vmm_writes_through_virtio_are_caught(
             after = m.ram.read(0, RAM)
             (log,) = logs
             vmm_only_changed = [
-                p for p in range(RAM // PAGE)
-                if vmm[p] and not log[p // 8] >> (p % 8) & 1
+                p
+                for p in range(RAM // PAGE)
+                if vmm[p]
+                and not log[p // 8] >> (p % 8) & 1
                 and before[p * PAGE : (p + 1) * PAGE] != after[p * PAGE : (p + 1) * PAGE]
             ]
             assert len(vmm_only_changed) >= len(data) // PAGE // 2, vmm_only_changed
@@ -217,8 +219,7 @@ def restored(m: Machine, state: VmState, cs: ChunkStore, port: StopPort) -> Mach
     new = restore_machine(
         state,
         Machine(RAM, 1, strict_io=True, dirty_log=True),
-        lambda mem: materialize(index, cs, mem.view(0, mem.size, writable=True),
-                                out_is_zero=True),
+        lambda mem: materialize(index, cs, mem.view(0, mem.size, writable=True), out_is_zero=True),
         attach=devices,
     )
     dirty.set_base(new, index)

@@ -45,8 +45,13 @@ CHECK = ["sh", "-c", 'read -r s < /root/state.txt; echo "$s"']
 
 def spore(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPORE_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "sporevm.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "sporevm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -65,29 +70,52 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(request: pytest.FixtureRequest, busybox_image: PushedImage,
-          tmp_path_factory: pytest.TempPathFactory) -> Built:
+def built(
+    request: pytest.FixtureRequest,
+    busybox_image: PushedImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Built:
     request.getfixturevalue("built_kernel")
     ctx = tmp_path_factory.mktemp("distdemo")
-    (ctx / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout,
-                                                    pushed=ctx / "pushed"))
+    (ctx / "Sporefile").write_text(
+        SPOREFILE.format(layout=busybox_image.layout, pushed=ctx / "pushed")
+    )
     build_ref = ok(spore(KERNEL_STORE, "build", str(ctx / "Sporefile"))).strip()
     spore_dir = ctx / "out" / "distdemo.spore"
     expected = ok(spore(KERNEL_STORE, "run", "-q", "--from", str(spore_dir), "--", *CHECK))
     assert expected.startswith("warm ")
     ok(spore(KERNEL_STORE, "fork", str(spore_dir), "--count", "2", "--out", str(ctx / "kids")))
-    doc = json.loads(ok(spore(KERNEL_STORE, "pack", str(spore_dir), "--children",
-                              str(ctx / "kids"), "--out", str(ctx / "b.bundle"), "--json")))
-    return Built(spore_dir, ctx / "b.bundle", tuple(doc["children"]), expected,
-                 ctx / "Sporefile", build_ref)
+    doc = json.loads(
+        ok(
+            spore(
+                KERNEL_STORE,
+                "pack",
+                str(spore_dir),
+                "--children",
+                str(ctx / "kids"),
+                "--out",
+                str(ctx / "b.bundle"),
+                "--json",
+            )
+        )
+    )
+    return Built(
+        spore_dir, ctx / "b.bundle", tuple(doc["children"]), expected, ctx / "Sporefile", build_ref
+    )
 
 
 def clean_store(path: Path) -> Path:
     """A store with the managed kernel and guest agent only: no chunks, no rootfs."""
     for sub in ("kernels", "guest"):
         shutil.copytree(KERNEL_STORE / sub, path / sub, symlinks=True)
-    for kind in ("kernel", "guest-agent", "initrd", "source-sha256", "source-version",
-                 "tool-version"):
+    for kind in (
+        "kernel",
+        "guest-agent",
+        "initrd",
+        "source-sha256",
+        "source-version",
+        "tool-version",
+    ):
         if (KERNEL_STORE / "keys" / kind).is_dir():
             shutil.copytree(KERNEL_STORE / "keys" / kind, path / "keys" / kind)
     return path
@@ -120,25 +148,40 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
 
 def test_round_trip(built: Built, remote: Remote, tmp_path: Path) -> None:
     env_home = clean_store(tmp_path / "clean")
-    ref = ok(spore(KERNEL_STORE, "push", str(built.bundle), remote.push_uri,
-                   *remote.extra)).strip()
+    ref = ok(spore(KERNEL_STORE, "push", str(built.bundle), remote.push_uri, *remote.extra)).strip()
     assert "@sha256:" in ref
     pull_ref = remote.pull_text.format(ref=ref, pin=ref.rpartition("@")[2])
     out = tmp_path / "pulled.spore"
-    doc = json.loads(ok(spore(env_home, "pull", pull_ref, "--out", str(out), "--json",
-                              *remote.extra)))
+    doc = json.loads(
+        ok(spore(env_home, "pull", pull_ref, "--out", str(out), "--json", *remote.extra))
+    )
     assert doc["cached"] == 0 and doc["bytes_received"] > 0
     got = ok(spore(env_home, "run", "-q", "--from", str(out), "--", *CHECK))
     assert got == built.expected
     # a forked child on a node that holds the parent: fork children share every chunk,
     # so only the metadata crosses the wire
     child = built.children[0]
-    doc2 = json.loads(ok(spore(env_home, "pull", pull_ref, "--child", child, "--out",
-                               str(tmp_path / "child.spore"), "--json", *remote.extra)))
+    doc2 = json.loads(
+        ok(
+            spore(
+                env_home,
+                "pull",
+                pull_ref,
+                "--child",
+                child,
+                "--out",
+                str(tmp_path / "child.spore"),
+                "--json",
+                *remote.extra,
+            )
+        )
+    )
     assert doc2["packs_fetched"] == 0 and doc2["cached"] == doc2["objects"]
     assert doc2["bytes_received"] < 64 * 1024, doc2
-    print(f"\n{remote.name}: parent pull {doc['bytes_received']} B, "
-          f"child pull {doc2['bytes_received']} B")
+    print(
+        f"\n{remote.name}: parent pull {doc['bytes_received']} B, "
+        f"child pull {doc2['bytes_received']} B"
+    )
 
 
 def test_build_packs_and_pushes(built: Built, tmp_path: Path) -> None:

@@ -30,8 +30,15 @@ SCHEMA = ROOT / "sporefile.schema.json"
 
 def doit(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPORE_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "doit", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "doit", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def listed(home: Path, *args: str) -> list[str]:
@@ -86,7 +93,8 @@ def test_package_ships_the_root_schema() -> None:
     shipped = importlib.resources.files("sporevm").joinpath("sporefile.schema.json")
     assert shipped.read_bytes() == SCHEMA.read_bytes(), (
         "sporevm/sporefile.schema.json differs from sporefile.schema.json at the root; "
-        "edit the root file and run: cp sporefile.schema.json sporevm/")
+        "edit the root file and run: cp sporefile.schema.json sporevm/"
+    )
     assert json.loads(SCHEMA.read_bytes())["$id"] == "https://sporevm.dev/schemas/sporefile-1.json"
 
 

@@ -51,8 +51,13 @@ def test_unlisted_name_is_refused_at_dns_and_logged() -> None:
     f, events = make("mirror.example")
     r = reply_of(f.from_guest(g.dns_query("other.example"), NOW)).dns
     assert r.rcode == dns.REFUSED and r.id == 0x1234 and not r.answers
-    assert events[-1] == {"event": "dns", "name": "other.example", "qtype": 1, "allow": False,
-                          "reason": "name-not-allowed"}
+    assert events[-1] == {
+        "event": "dns",
+        "name": "other.example",
+        "qtype": 1,
+        "allow": False,
+        "reason": "name-not-allowed",
+    }
 
 
 def test_allowed_name_goes_to_the_resolver_and_teaches_its_addresses() -> None:
@@ -78,8 +83,11 @@ def test_rebinding_answer_is_refused() -> None:
     r = g.seen(f.dns_answer(task, chain, NOW).frame).dns
     assert r.rcode == dns.REFUSED and not r.answers
     assert events[-1]["reason"] == "rebinding"
-    assert {x["reason"] for x in events[-1]["refused"]} == \
-        {"floor:127.0.0.0/8", "floor:host-address", "floor:gateway"}
+    assert {x["reason"] for x in events[-1]["refused"]} == {
+        "floor:127.0.0.0/8",
+        "floor:host-address",
+        "floor:gateway",
+    }
     assert not f.learned.lookup(aton("127.0.0.1"), NOW)
     # a mixed answer keeps only what is outside the floor
     task2 = f.from_guest(g.dns_query("mirror.example", ident=9), NOW)
@@ -109,8 +117,12 @@ def test_malformed_dns_is_dropped() -> None:
 
 def test_syn_to_refused_addresses_gets_rst_and_is_logged() -> None:
     f, events = make("198.51.100.0/24")
-    for dst, reason in (("127.0.0.1", "floor:127.0.0.0/8"), ("10.0.2.2", "floor:gateway"),
-                        ("192.0.2.2", "floor:host-address"), ("203.0.113.9", "default")):
+    for dst, reason in (
+        ("127.0.0.1", "floor:127.0.0.0/8"),
+        ("10.0.2.2", "floor:gateway"),
+        ("192.0.2.2", "floor:host-address"),
+        ("203.0.113.9", "default"),
+    ):
         rst = reply_of(f.from_guest(g.syn(dst, 8080, seq=77), NOW))
         assert rst.tcp is not None and rst.ip is not None
         assert rst.tcp.flags == packets.TCP_RST | packets.TCP_ACK and rst.tcp.ack == 78
@@ -134,15 +146,36 @@ def test_flow_cache_is_bounded() -> None:
     assert len(f.flows) == MAX_FLOWS
 
 
-@pytest.mark.parametrize("frame,reason", [
-    (packets.ether(g.LINK.gateway_mac, g.GUEST_MAC, 0x86DD, b"\0" * 40), "ethertype-0x86dd"),
-    (packets.tcp_frame(g.LINK.gateway_mac, g.GUEST_MAC, aton("10.0.2.99"), aton("198.51.100.2"),
-                       1, 80, 0, 0, packets.TCP_SYN), "ipv4-source-not-guest"),
-    (packets.ether(g.LINK.gateway_mac, g.GUEST_MAC, 0x0800,
-                   packets.ipv4(g.LINK.guest_ip, aton("198.51.100.2"), 1, b"\x08\0\0\0")),
-     "ipv4-protocol-1"),
-    (b"\0" * 10, "ether-short"),
-])
+@pytest.mark.parametrize(
+    "frame,reason",
+    [
+        (packets.ether(g.LINK.gateway_mac, g.GUEST_MAC, 0x86DD, b"\0" * 40), "ethertype-0x86dd"),
+        (
+            packets.tcp_frame(
+                g.LINK.gateway_mac,
+                g.GUEST_MAC,
+                aton("10.0.2.99"),
+                aton("198.51.100.2"),
+                1,
+                80,
+                0,
+                0,
+                packets.TCP_SYN,
+            ),
+            "ipv4-source-not-guest",
+        ),
+        (
+            packets.ether(
+                g.LINK.gateway_mac,
+                g.GUEST_MAC,
+                0x0800,
+                packets.ipv4(g.LINK.guest_ip, aton("198.51.100.2"), 1, b"\x08\0\0\0"),
+            ),
+            "ipv4-protocol-1",
+        ),
+        (b"\0" * 10, "ether-short"),
+    ],
+)
 def test_unsupported_frames_are_dropped(frame: bytes, reason: str) -> None:
     f, _ = make("public")
     assert f.from_guest(frame, NOW) == Drop(reason)
@@ -191,21 +224,28 @@ def test_resolver_round_trip_with_cname_chain() -> None:
     assert res.submit(_task(f), NOW) == [] and res.pending == 1
     q = srv.query()
     assert q.questions[0].name == "mirror.example" and q.flags & dns.FLAG_RD
-    wrong_id = g.answer("mirror.example", [("mirror.example", "A", "198.51.100.1")],
-                        ident=q.id ^ 1)
+    wrong_id = g.answer("mirror.example", [("mirror.example", "A", "198.51.100.1")], ident=q.id ^ 1)
     assert res.answer(wrong_id, NOW) == []
-    srv.server.send(g.answer("mirror.example", [("mirror.example", "CNAME", "cdn.example"),
-                                                ("cdn.example", "A", "198.51.100.8")],
-                             ident=q.id))
+    srv.server.send(
+        g.answer(
+            "mirror.example",
+            [("mirror.example", "CNAME", "cdn.example"), ("cdn.example", "A", "198.51.100.8")],
+            ident=q.id,
+        )
+    )
     ((task, result),) = res.readable(srv.client, NOW)
     assert isinstance(result, dns.Chain) and result.addresses == (aton("198.51.100.8"),)
     assert res.pending == 0
 
 
-@pytest.mark.parametrize("kw,expect", [
-    ({"rcode": dns.NXDOMAIN}, "nxdomain"), ({"rcode": dns.SERVFAIL}, "upstream-rcode-2"),
-    ({"tc": True}, "upstream-truncated"),
-])
+@pytest.mark.parametrize(
+    "kw,expect",
+    [
+        ({"rcode": dns.NXDOMAIN}, "nxdomain"),
+        ({"rcode": dns.SERVFAIL}, "upstream-rcode-2"),
+        ({"tc": True}, "upstream-truncated"),
+    ],
+)
 def test_resolver_failures(kw: dict[str, Any], expect: str) -> None:
     f, _ = make("mirror.example")
     srv = FakeServer()
@@ -237,8 +277,10 @@ def test_resolver_times_out_over_servers_and_is_bounded() -> None:
 
 def test_hosts_file_first_and_config_parsing(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 localhost\n198.51.100.2 Mirror.Example mirror2.example # c\n"
-                     "::1 ip6-localhost\nbogus line\n198.51.100.3 mirror.example\n")
+    hosts.write_text(
+        "127.0.0.1 localhost\n198.51.100.2 Mirror.Example mirror2.example # c\n"
+        "::1 ip6-localhost\nbogus line\n198.51.100.3 mirror.example\n"
+    )
     table = read_hosts(hosts)
     assert table["mirror.example"] == (aton("198.51.100.2"), aton("198.51.100.3"))
     f, _ = make("mirror.example")
@@ -246,8 +288,10 @@ def test_hosts_file_first_and_config_parsing(tmp_path: Path) -> None:
     assert isinstance(chain, dns.Chain) and chain.addresses[0] == aton("198.51.100.2")
     assert Resolver([], {}).submit(_task(f), NOW)[0][1] == "no-resolver"
     conf = tmp_path / "resolv.conf"
-    conf.write_text("search x\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver bad\n"
-                    "nameserver 1.1.1.1\nnameserver 8.8.8.8\n")
+    conf.write_text(
+        "search x\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver bad\n"
+        "nameserver 1.1.1.1\nnameserver 8.8.8.8\n"
+    )
     assert nameservers(conf) == [("192.0.2.53", 53), ("fe80::1", 53), ("1.1.1.1", 53)]
     assert parse_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
     assert parse_server("[::1]:53") == ("::1", 53)
@@ -272,10 +316,16 @@ def test_decision_log_is_json_lines_and_bounded(tmp_path: Path) -> None:
 
 
 @settings(max_examples=500)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 65535), st.sampled_from([6, 17, 1]),
-       st.binary(max_size=40), st.booleans())
-def test_property_filter_never_forwards_into_the_floor(dst: int, port: int, proto: int,
-                                                       tail: bytes, to_gateway: bool) -> None:
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 65535),
+    st.sampled_from([6, 17, 1]),
+    st.binary(max_size=40),
+    st.booleans(),
+)
+def test_property_filter_never_forwards_into_the_floor(
+    dst: int, port: int, proto: int, tail: bytes, to_gateway: bool
+) -> None:
     f, _ = make("public", "198.51.100.0/24", "a.example")
     if to_gateway:
         dst = g.LINK.gateway_ip
@@ -283,8 +333,12 @@ def test_property_filter_never_forwards_into_the_floor(dst: int, port: int, prot
         seg = packets.tcp(g.LINK.guest_ip, dst, 40000, port, 1, 0, packets.TCP_SYN, tail)
     else:
         seg = packets.udp(g.LINK.guest_ip, dst, 40000, port, tail) if proto == 17 else tail
-    frame = packets.ether(g.LINK.gateway_mac, g.GUEST_MAC, packets.ETHERTYPE_IPV4,
-                          packets.ipv4(g.LINK.guest_ip, dst, proto, seg))
+    frame = packets.ether(
+        g.LINK.gateway_mac,
+        g.GUEST_MAC,
+        packets.ETHERTYPE_IPV4,
+        packets.ipv4(g.LINK.guest_ip, dst, proto, seg),
+    )
     v = f.from_guest(frame, NOW)
     if v is FORWARD:
         assert floor_reason(f.policy, dst) is None and proto in (6, 17)

@@ -72,8 +72,9 @@ def _dns_reply(vm: FakeVM, ident: int) -> dns.Message:
 
 
 class Rig:
-    def __init__(self, vm: FakeVM, gw: launch.GatewayProcess, log: Path,
-                 trap: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, vm: FakeVM, gw: launch.GatewayProcess, log: Path, trap: subprocess.Popen[bytes]
+    ) -> None:
         self.vm, self.gw, self.log, self.trap = vm, gw, log, trap
 
     def events(self) -> list[dict[str, Any]]:
@@ -90,23 +91,43 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         procs = []
         try:
             kw: dict[str, Any] = {"stdout": subprocess.PIPE, "cwd": ROOT}
-            dnsd = nets.spawn(net, net.client, [*py, "tests.egress_netns", "dnsd",
-                                                str(DNS_PORT)], **kw)
-            trap = nets.spawn(net, net.client, [*py, "tests.egress_netns", "trap",
-                                                str(HTTP_PORT), "127.0.0.1", nets.CLIENT_ADDR],
-                              **kw)
-            http = nets.spawn(net, net.server, [*py, "http.server", str(HTTP_PORT), "--bind",
-                                                nets.SERVER_ADDR, "--directory",
-                                                str(tmp / "www")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            dnsd = nets.spawn(
+                net, net.client, [*py, "tests.egress_netns", "dnsd", str(DNS_PORT)], **kw
+            )
+            trap = nets.spawn(
+                net,
+                net.client,
+                [*py, "tests.egress_netns", "trap", str(HTTP_PORT), "127.0.0.1", nets.CLIENT_ADDR],
+                **kw,
+            )
+            http = nets.spawn(
+                net,
+                net.server,
+                [
+                    *py,
+                    "http.server",
+                    str(HTTP_PORT),
+                    "--bind",
+                    nets.SERVER_ADDR,
+                    "--directory",
+                    str(tmp / "www"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             procs += [dnsd, trap, http]
             assert nets.wait_for_line(dnsd) == b"ready\n"
             assert nets.wait_for_line(trap) == b"ready\n"
             ours, theirs = socket.socketpair()
             log = tmp / "net.log"
-            gw = launch.start(theirs.fileno(), ["mirror.test", "rebind.test"],
-                              prefix=net.exec(net.client), log=log,
-                              resolvers=[f"127.0.0.1:{DNS_PORT}"], hosts="")
+            gw = launch.start(
+                theirs.fileno(),
+                ["mirror.test", "rebind.test"],
+                prefix=net.exec(net.client),
+                log=log,
+                resolvers=[f"127.0.0.1:{DNS_PORT}"],
+                hosts="",
+            )
             theirs.close()
             _wait_http(net)
             yield Rig(FakeVM(ours), gw, log, trap)
@@ -119,9 +140,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 def _wait_http(net: nets.Net) -> None:
     for _ in range(100):
-        r = subprocess.run([*net.exec(net.server), sys.executable, "-c",
-                            f"import socket; socket.create_connection(('{nets.SERVER_ADDR}', "
-                            f"{HTTP_PORT}), 1)"], capture_output=True)
+        r = subprocess.run(
+            [
+                *net.exec(net.server),
+                sys.executable,
+                "-c",
+                f"import socket; socket.create_connection(('{nets.SERVER_ADDR}', {HTTP_PORT}), 1)",
+            ],
+            capture_output=True,
+        )
         if r.returncode == 0:
             return
         time.sleep(0.1)
@@ -157,8 +184,9 @@ def test_allowed_name_is_answered_through_a_cname_chain(rig: Rig) -> None:
 def test_unlisted_name_is_refused(rig: Rig) -> None:
     rig.vm.send(g.dns_query("direct.test", ident=102))
     assert _dns_reply(rig.vm, 102).rcode == dns.REFUSED
-    assert any(e.get("name") == "direct.test" and e["reason"] == "name-not-allowed"
-               for e in rig.events())
+    assert any(
+        e.get("name") == "direct.test" and e["reason"] == "name-not-allowed" for e in rig.events()
+    )
 
 
 def test_rebinding_answer_is_refused(rig: Rig) -> None:
@@ -178,8 +206,12 @@ def test_syn_to_refused_address_is_dropped_and_logged(rig: Rig, dst: str) -> Non
     assert rst.tcp is not None and rst.tcp.flags & packets.TCP_RST  # answered here, not by dst
     ev = [e for e in rig.events() if e["event"] == "flow" and e["sport"] == sport][-1]
     assert ev["allow"] is False and ev["reason"].startswith("floor:") and ev["dst"] == dst
-    rig.vm.quiet(lambda s: s.tcp is not None and s.tcp.dport == sport
-                 and bool(s.tcp.flags & packets.TCP_SYN), 0.5)
+    rig.vm.quiet(
+        lambda s: (
+            s.tcp is not None and s.tcp.dport == sport and bool(s.tcp.flags & packets.TCP_SYN)
+        ),
+        0.5,
+    )
 
 
 def test_tcp_to_allowed_address_reaches_the_http_server(rig: Rig) -> None:
@@ -189,15 +221,28 @@ def test_tcp_to_allowed_address_reaches_the_http_server(rig: Rig) -> None:
     rig.vm.send(g.syn(nets.SERVER_ADDR, HTTP_PORT, sport=sport, seq=seq))
     synack = rig.vm.expect(lambda s: s.tcp is not None and s.tcp.dport == sport)
     assert synack.tcp is not None
-    assert synack.tcp.flags & (packets.TCP_SYN | packets.TCP_ACK) == \
-        packets.TCP_SYN | packets.TCP_ACK and synack.tcp.ack == seq + 1
+    assert (
+        synack.tcp.flags & (packets.TCP_SYN | packets.TCP_ACK) == packets.TCP_SYN | packets.TCP_ACK
+        and synack.tcp.ack == seq + 1
+    )
     theirs = synack.tcp.seq + 1
     request = b"GET /hello.txt HTTP/1.0\r\nHost: mirror.test\r\n\r\n"
 
     def send(flags: int, payload: bytes = b"") -> None:
-        rig.vm.send(packets.tcp_frame(g.LINK.gateway_mac, g.GUEST_MAC, g.LINK.guest_ip,
-                                      aton(nets.SERVER_ADDR), sport, HTTP_PORT, seq + 1,
-                                      theirs, flags, payload))
+        rig.vm.send(
+            packets.tcp_frame(
+                g.LINK.gateway_mac,
+                g.GUEST_MAC,
+                g.LINK.guest_ip,
+                aton(nets.SERVER_ADDR),
+                sport,
+                HTTP_PORT,
+                seq + 1,
+                theirs,
+                flags,
+                payload,
+            )
+        )
 
     send(packets.TCP_ACK)
     send(packets.TCP_ACK | packets.TCP_PSH, request)

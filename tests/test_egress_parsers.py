@@ -62,8 +62,13 @@ def test_tcp_and_udp_frames_round_trip() -> None:
     f = g.syn("198.51.100.2", 80, sport=40000, seq=7)
     s = g.seen(f)
     assert s.ip is not None and s.tcp is not None
-    assert (s.ip.src, s.ip.dst, s.tcp.sport, s.tcp.dport, s.tcp.seq) == \
-        (g.LINK.guest_ip, aton("198.51.100.2"), 40000, 80, 7)
+    assert (s.ip.src, s.ip.dst, s.tcp.sport, s.tcp.dport, s.tcp.seq) == (
+        g.LINK.guest_ip,
+        aton("198.51.100.2"),
+        40000,
+        80,
+        7,
+    )
     assert s.tcp.flags == packets.TCP_SYN and not s.ip.fragment and not s.ip.options
     u = g.seen(g.udp("198.51.100.2", 9, b"hello"))
     assert u.udp is not None and u.payload == b"hello"
@@ -72,21 +77,28 @@ def test_tcp_and_udp_frames_round_trip() -> None:
 def test_checksums_verify() -> None:
     f = bytearray(g.udp("198.51.100.2", 9))
     ip = packets.parse_ipv4(bytes(f))
-    pseudo = ip.src.to_bytes(4, "big") + ip.dst.to_bytes(4, "big") + b"\0\x11" \
+    pseudo = (
+        ip.src.to_bytes(4, "big")
+        + ip.dst.to_bytes(4, "big")
+        + b"\0\x11"
         + (ip.end - ip.payload).to_bytes(2, "big")
-    assert packets.checksum(pseudo + bytes(f[ip.payload:ip.end])) == 0
+    )
+    assert packets.checksum(pseudo + bytes(f[ip.payload : ip.end])) == 0
     f[packets.ETH_HLEN + 8] ^= 1  # TTL changed, header checksum now wrong
     with pytest.raises(PacketError, match="ipv4-checksum"):
         packets.parse_ipv4(bytes(f))
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    (lambda f: f[:13], "ether-short"),
-    (lambda f: f[:14 + 19], "ipv4-short"),
-    (lambda f: f[:14] + bytes([0x65]) + f[15:], "ipv4-version"),
-    (lambda f: f[:14] + bytes([0x44]) + f[15:], "ipv4-header-length"),
-    (lambda f: f[:-1], "ipv4-total-length"),
-])
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda f: f[:13], "ether-short"),
+        (lambda f: f[: 14 + 19], "ipv4-short"),
+        (lambda f: f[:14] + bytes([0x65]) + f[15:], "ipv4-version"),
+        (lambda f: f[:14] + bytes([0x44]) + f[15:], "ipv4-header-length"),
+        (lambda f: f[:-1], "ipv4-total-length"),
+    ],
+)
 def test_malformed_headers(mutate: object, reason: str) -> None:
     frame = g.syn("198.51.100.2", 80)
     assert callable(mutate)
@@ -100,8 +112,12 @@ def test_arp_round_trip() -> None:
     req = packets.parse_arp(g.arp_who_has_gateway())
     assert (req.op, req.spa, req.tpa) == (1, g.LINK.guest_ip, g.LINK.gateway_ip)
     rep = packets.parse_arp(packets.arp_reply(g.LINK.gateway_mac, g.LINK.gateway_ip, req))
-    assert (rep.op, rep.sha, rep.spa, rep.tha) == (2, g.LINK.gateway_mac, g.LINK.gateway_ip,
-                                                    g.GUEST_MAC)
+    assert (rep.op, rep.sha, rep.spa, rep.tha) == (
+        2,
+        g.LINK.gateway_mac,
+        g.LINK.gateway_ip,
+        g.GUEST_MAC,
+    )
     with pytest.raises(PacketError, match="arp-short"):
         packets.parse_arp(g.arp_who_has_gateway()[:40])
 
@@ -128,8 +144,11 @@ def test_property_headers_raise_only_packet_error(data: bytes) -> None:
 
 def test_query_round_trip_and_response() -> None:
     q = dns.parse(dns.build_query(42, "Mirror.Example"))
-    assert (q.id, q.questions, q.edns_payload) == \
-        (42, (dns.Question("Mirror.Example", dns.TYPE_A, 1),), dns.EDNS_PAYLOAD)
+    assert (q.id, q.questions, q.edns_payload) == (
+        42,
+        (dns.Question("Mirror.Example", dns.TYPE_A, 1),),
+        dns.EDNS_PAYLOAD,
+    )
     r = dns.parse(dns.build_response(q, dns.NOERROR, (aton("198.51.100.2"),), 60))
     assert r.is_response and r.id == 42 and r.questions[0].name == "Mirror.Example"
     assert [a.address for a in r.answers] == [aton("198.51.100.2")]
@@ -145,31 +164,55 @@ def test_response_fits_512_bytes() -> None:
 
 
 def test_cname_chain_in_order() -> None:
-    msg = dns.parse(g.answer("deb.example", [
-        ("deb.example", "CNAME", "cdn.example"), ("cdn.example", "CNAME", "edge.example"),
-        ("edge.example", "A", "198.51.100.5"), ("edge.example", "A", "198.51.100.6"),
-        ("other.example", "A", "198.51.100.66")]))
+    msg = dns.parse(
+        g.answer(
+            "deb.example",
+            [
+                ("deb.example", "CNAME", "cdn.example"),
+                ("cdn.example", "CNAME", "edge.example"),
+                ("edge.example", "A", "198.51.100.5"),
+                ("edge.example", "A", "198.51.100.6"),
+                ("other.example", "A", "198.51.100.66"),
+            ],
+        )
+    )
     c = dns.chain(msg, "DEB.example")
     assert c.names == ("deb.example", "cdn.example", "edge.example")
     assert c.addresses == (aton("198.51.100.5"), aton("198.51.100.6")) and c.ttl == 120
 
 
 def test_cname_chain_ignores_other_owners_and_out_of_order_links() -> None:
-    msg = dns.parse(g.answer("deb.example", [
-        ("cdn.example", "A", "198.51.100.9"),  # before the CNAME that leads there
-        ("deb.example", "CNAME", "cdn.example")]))
+    msg = dns.parse(
+        g.answer(
+            "deb.example",
+            [
+                ("cdn.example", "A", "198.51.100.9"),  # before the CNAME that leads there
+                ("deb.example", "CNAME", "cdn.example"),
+            ],
+        )
+    )
     assert dns.chain(msg, "deb.example").addresses == ()
     msg = dns.parse(g.answer("deb.example", [("evil.example", "A", "198.51.100.1")]))
     assert dns.chain(msg, "deb.example").addresses == ()
 
 
-@pytest.mark.parametrize("records,reason", [
-    ([("a.example", "CNAME", "b.example"), ("b.example", "CNAME", "a.example")], "cname-loop"),
-    ([("a.example", "CNAME", "b.example"), ("a.example", "CNAME", "c.example")],
-     "cname-conflict"),
-    ([(f"n{i}.example", "CNAME", f"n{i + 1}.example") for i in range(dns.MAX_CNAME_CHAIN + 1)],
-     "cname-chain-too-long"),
-])
+@pytest.mark.parametrize(
+    "records,reason",
+    [
+        ([("a.example", "CNAME", "b.example"), ("b.example", "CNAME", "a.example")], "cname-loop"),
+        (
+            [("a.example", "CNAME", "b.example"), ("a.example", "CNAME", "c.example")],
+            "cname-conflict",
+        ),
+        (
+            [
+                (f"n{i}.example", "CNAME", f"n{i + 1}.example")
+                for i in range(dns.MAX_CNAME_CHAIN + 1)
+            ],
+            "cname-chain-too-long",
+        ),
+    ],
+)
 def test_cname_chain_refusals(records: list[tuple[str, str, int | str]], reason: str) -> None:
     first = records[0][0]
     with pytest.raises(dns.DnsError, match=reason):
@@ -178,7 +221,8 @@ def test_cname_chain_refusals(records: list[tuple[str, str, int | str]], reason:
 
 def test_cname_chain_at_the_limit() -> None:
     recs: list[tuple[str, str, int | str]] = [
-        (f"n{i}.example", "CNAME", f"n{i + 1}.example") for i in range(dns.MAX_CNAME_CHAIN)]
+        (f"n{i}.example", "CNAME", f"n{i + 1}.example") for i in range(dns.MAX_CNAME_CHAIN)
+    ]
     recs.append((f"n{dns.MAX_CNAME_CHAIN}.example", "A", "198.51.100.3"))
     assert dns.chain(dns.parse(g.answer("n0.example", recs)), "n0.example").addresses
 
@@ -187,20 +231,23 @@ def _header(qd: int = 1, an: int = 0) -> bytes:
     return struct.pack("!HHHHHH", 1, 0, qd, an, 0, 0)
 
 
-@pytest.mark.parametrize("data,reason", [
-    (_header() + b"\xc0\x0c\0\x01\0\x01", "name-pointer-forward"),  # points at itself
-    (_header() + b"\x01a\xc0\x0c\0\x01\0\x01", "name-pointer-forward"),  # a loop via a label
-    (_header() + b"\x01a\xc0\x0e\0\x01\0\x01", "name-pointer-forward"),  # points ahead
-    (_header() + b"\x40a\0\0\x01\0\x01", "name-label-type"),
-    (_header() + b"\x03a\0\0\0\x01\0\x01", "name-characters"),
-    (_header() + b"\x05abcd", "name-truncated"),
-    (_header() + b"\x01a\0\0\x01", "question-truncated"),
-    (_header(qd=5) + b"\0" * 40, "too-many-entries"),
-    (_header(an=3) + b"\x01a\0\0\x01\0\x01", "counts-exceed"),
-    (_header() + b"\x01a\0\0\x01\0\x01\0", "trailing-bytes"),
-    (b"\0" * 11, "header-short"),
-    (_header() + b"\0" * (dns.MAX_MESSAGE - 12 + 1), "message-too-long"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (_header() + b"\xc0\x0c\0\x01\0\x01", "name-pointer-forward"),  # points at itself
+        (_header() + b"\x01a\xc0\x0c\0\x01\0\x01", "name-pointer-forward"),  # a loop via a label
+        (_header() + b"\x01a\xc0\x0e\0\x01\0\x01", "name-pointer-forward"),  # points ahead
+        (_header() + b"\x40a\0\0\x01\0\x01", "name-label-type"),
+        (_header() + b"\x03a\0\0\0\x01\0\x01", "name-characters"),
+        (_header() + b"\x05abcd", "name-truncated"),
+        (_header() + b"\x01a\0\0\x01", "question-truncated"),
+        (_header(qd=5) + b"\0" * 40, "too-many-entries"),
+        (_header(an=3) + b"\x01a\0\0\x01\0\x01", "counts-exceed"),
+        (_header() + b"\x01a\0\0\x01\0\x01\0", "trailing-bytes"),
+        (b"\0" * 11, "header-short"),
+        (_header() + b"\0" * (dns.MAX_MESSAGE - 12 + 1), "message-too-long"),
+    ],
+)
 def test_malformed_messages(data: bytes, reason: str) -> None:
     with pytest.raises(dns.DnsError, match=reason):
         dns.parse(data)

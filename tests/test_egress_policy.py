@@ -39,33 +39,51 @@ def flow(addr: str | int, port: int = 443, proto: str = "tcp") -> Flow:
 # --- entries ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,kind,canonical", [
-    ("public", "public", "public"),
-    ("198.51.100.0/24", "cidr", "198.51.100.0/24"),
-    ("198.51.100.7", "cidr", "198.51.100.7/32"),
-    ("198.51.100.7:8080", "addrport", "198.51.100.7:8080"),
-    ("Mirror.Example.", "host", "mirror.example"),
-    ("mirror.example:443", "hostport", "mirror.example:443"),
-    ("_http._tcp.example.org", "host", "_http._tcp.example.org"),
-    ("0.0.0.0/0", "cidr", "0.0.0.0/0"),
-])
+@pytest.mark.parametrize(
+    "text,kind,canonical",
+    [
+        ("public", "public", "public"),
+        ("198.51.100.0/24", "cidr", "198.51.100.0/24"),
+        ("198.51.100.7", "cidr", "198.51.100.7/32"),
+        ("198.51.100.7:8080", "addrport", "198.51.100.7:8080"),
+        ("Mirror.Example.", "host", "mirror.example"),
+        ("mirror.example:443", "hostport", "mirror.example:443"),
+        ("_http._tcp.example.org", "host", "_http._tcp.example.org"),
+        ("0.0.0.0/0", "cidr", "0.0.0.0/0"),
+    ],
+)
 def test_entries_parse_to_canonical_form(text: str, kind: str, canonical: str) -> None:
     e = parse_entry(text)
     assert (e.kind, e.text) == (kind, canonical)
     assert parse_entry(e.text) == e  # canonical text parses to itself
 
 
-@pytest.mark.parametrize("text,why", [
-    ("", "1..260"), ("x" * 261, "1..260"),
-    ("198.51.100.1/24", "host bits"), ("198.51.100.0/33", "prefix"), ("1.2.3.0/024", "prefix"),
-    ("10.1.2.3", "inside the floor"), ("10.0.0.0/8", "inside the floor"),
-    ("127.0.0.1:80", "inside the floor"), ("169.254.169.254", "inside the floor"),
-    ("224.0.0.0/4", "inside the floor"), ("mirror.example:0", "port"),
-    ("mirror.example:65536", "port"), ("mirror.example:http", "port"),
-    ("localhost", "not a host name"), ("1.2.3", "not a host name"), ("01.2.3.4", "not a host"),
-    ("::1", "IPv6"), ("[2001:db8::1]:80", "IPv6"), ("*.example.org", "not a host name"),
-    ("a..b", "not a host name"), ("-a.example", "not a host name"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("", "1..260"),
+        ("x" * 261, "1..260"),
+        ("198.51.100.1/24", "host bits"),
+        ("198.51.100.0/33", "prefix"),
+        ("1.2.3.0/024", "prefix"),
+        ("10.1.2.3", "inside the floor"),
+        ("10.0.0.0/8", "inside the floor"),
+        ("127.0.0.1:80", "inside the floor"),
+        ("169.254.169.254", "inside the floor"),
+        ("224.0.0.0/4", "inside the floor"),
+        ("mirror.example:0", "port"),
+        ("mirror.example:65536", "port"),
+        ("mirror.example:http", "port"),
+        ("localhost", "not a host name"),
+        ("1.2.3", "not a host name"),
+        ("01.2.3.4", "not a host"),
+        ("::1", "IPv6"),
+        ("[2001:db8::1]:80", "IPv6"),
+        ("*.example.org", "not a host name"),
+        ("a..b", "not a host name"),
+        ("-a.example", "not a host name"),
+    ],
+)
 def test_bad_entries_are_one_line_errors(text: str, why: str) -> None:
     with pytest.raises(PolicyError, match=why) as info:
         parse_entry(text)
@@ -90,19 +108,43 @@ def test_names_normalize() -> None:
 # --- the floor ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("addr", ["0.1.2.3", "10.9.9.9", "127.0.0.53", "169.254.169.254",
-                                  "172.31.255.255", "192.168.1.1", "100.100.100.200",
-                                  "192.0.0.170", "198.19.0.1", "224.0.0.251",
-                                  "239.255.255.250", "255.255.255.255", "240.0.0.1"])
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "0.1.2.3",
+        "10.9.9.9",
+        "127.0.0.53",
+        "169.254.169.254",
+        "172.31.255.255",
+        "192.168.1.1",
+        "100.100.100.200",
+        "192.0.0.170",
+        "198.19.0.1",
+        "224.0.0.251",
+        "239.255.255.250",
+        "255.255.255.255",
+        "240.0.0.1",
+    ],
+)
 def test_floor_ranges(addr: str) -> None:
     assert floor_reason(policy("public"), aton(addr)) is not None
 
 
 def test_floor_boundaries() -> None:
     p = policy("public", host=())
-    for just_outside in ("11.0.0.0", "9.255.255.255", "172.15.255.255", "172.32.0.0",
-                         "100.63.255.255", "100.128.0.0", "192.0.1.0", "198.17.255.255",
-                         "198.20.0.0", "223.255.255.255", "1.0.0.0"):
+    for just_outside in (
+        "11.0.0.0",
+        "9.255.255.255",
+        "172.15.255.255",
+        "172.32.0.0",
+        "100.63.255.255",
+        "100.128.0.0",
+        "192.0.1.0",
+        "198.17.255.255",
+        "198.20.0.0",
+        "223.255.255.255",
+        "1.0.0.0",
+    ):
         assert floor_reason(p, aton(just_outside)) is None, just_outside
 
 
@@ -132,13 +174,22 @@ def test_floor_overrides_dns_learned_and_hostport() -> None:
 
 
 @settings(max_examples=400)
-@given(st.sampled_from(FLOOR), st.integers(0, 2**32 - 1),
-       st.lists(st.sampled_from(["public", "0.0.0.0/0", "8.0.0.0/7", "a.example",
-                                 "a.example:80", "198.51.100.0/24"]), max_size=6),
-       st.integers(1, 65535))
-def test_property_floor_always_wins(block: object, bits: int, entries: list[str],
-                                    port: int) -> None:
+@given(
+    st.sampled_from(FLOOR),
+    st.integers(0, 2**32 - 1),
+    st.lists(
+        st.sampled_from(
+            ["public", "0.0.0.0/0", "8.0.0.0/7", "a.example", "a.example:80", "198.51.100.0/24"]
+        ),
+        max_size=6,
+    ),
+    st.integers(1, 65535),
+)
+def test_property_floor_always_wins(
+    block: object, bits: int, entries: list[str], port: int
+) -> None:
     from sporevm.egress.policy import Cidr
+
     assert isinstance(block, Cidr)
     addr = block.net | (bits & ~block.mask & 0xFFFFFFFF)
     learned = Learned()
@@ -198,8 +249,9 @@ def test_hostport_rules_only_their_port() -> None:
     learned = Learned()
     learned.learn(PUBLIC, "a.example:443", 443, 60, NOW)
     p = policy("a.example:443", "198.51.100.9:8080")
-    assert decide(p, learned, flow(PUBLIC, 443), NOW) == \
-        Decision(True, "host:port", "a.example:443")
+    assert decide(p, learned, flow(PUBLIC, 443), NOW) == Decision(
+        True, "host:port", "a.example:443"
+    )
     assert not decide(p, learned, flow(PUBLIC, 80), NOW).allow
     assert decide(p, learned, flow("198.51.100.9", 8080, "udp"), NOW).reason == "host:port"
     assert not decide(p, learned, flow("198.51.100.9", 8081), NOW).allow

@@ -60,8 +60,9 @@ def inputs(name: str) -> Iterator[Path]:
             yield from sorted(p for p in d.rglob("*") if p.is_file())
 
 
-def replay(one_input: Callable[[bytes], None], files: list[Path],
-           seconds: float = INPUT_DEADLINE_S) -> None:
+def replay(
+    one_input: Callable[[bytes], None], files: list[Path], seconds: float = INPUT_DEADLINE_S
+) -> None:
     """Run every file through the target; the first failure or overrun raises AssertionError."""
     old = signal.signal(signal.SIGALRM, _alarm)
     try:
@@ -92,8 +93,11 @@ def test_replay_seeds_and_regressions(name: str) -> None:
 def test_regressions_belong_to_targets() -> None:
     """A regression kept for a target that was renamed or removed would silently stop running."""
     reg = FUZZ / "regressions"
-    stray = sorted(p.name for p in reg.iterdir() if p.is_dir() and p.name not in TARGETS) \
-        if reg.is_dir() else []
+    stray = (
+        sorted(p.name for p in reg.iterdir() if p.is_dir() and p.name not in TARGETS)
+        if reg.is_dir()
+        else []
+    )
     assert stray == []
 
 

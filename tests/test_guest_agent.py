@@ -69,8 +69,7 @@ def agent(agent_bin: Path, tmp_path: Path) -> Iterator[Running]:
     host, guest = socket.socketpair()
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [str(agent_bin), "--serve-fd", str(guest.fileno()), "--sandbox", "--run-dir",
-         str(run_dir)],
+        [str(agent_bin), "--serve-fd", str(guest.fileno()), "--sandbox", "--run-dir", str(run_dir)],
         pass_fds=[guest.fileno()],
     )
     guest.close()
@@ -154,8 +153,7 @@ def test_commands_start_with_default_signals_and_an_empty_mask(agent: Running) -
     assert h.stdout.split() == [b"SigBlk:", b"0" * 16, b"SigIgn:", b"0" * 16]
 
 
-def test_path_search_follows_the_commands_path_like_execvp(agent: Running,
-                                                            tmp_path: Path) -> None:
+def test_path_search_follows_the_commands_path_like_execvp(agent: Running, tmp_path: Path) -> None:
     # The agent searches PATH itself (stat, not a failed execve per entry); the
     # answer must be execvp's: the first regular, executable file, in order.
     dirs = [tmp_path / d for d in ("a", "b", "c", "d")]
@@ -233,8 +231,9 @@ def test_big_output_both_streams_with_backpressure(agent: Running) -> None:
 
 def test_background_output_keeps_flowing(agent: Running) -> None:
     seen: list[bytes] = []
-    bg = agent.session.exec("for i in 1 2 3; do echo tick$i; sleep 0.1; done",
-                            background=True, on_stdout=seen.append)
+    bg = agent.session.exec(
+        "for i in 1 2 3; do echo tick$i; sleep 0.1; done", background=True, on_stdout=seen.append
+    )
     bg.wait_started(10)
     assert agent.session.exec(["sleep", "0.5"]).wait(10).exit_code == 0
     assert bg.wait(10).exit_code == 0
@@ -266,13 +265,13 @@ def test_probe_command(agent: Running, tmp_path: Path) -> None:
     flag = tmp_path / "flag"
     agent.session.exec(f"sleep 0.3; touch {flag}", background=True)
     res = agent.session.probe(
-        Probe(ProbeKind.COMMAND, 5000, 50, command=Command((f"test -e {flag}",), True)))
+        Probe(ProbeKind.COMMAND, 5000, 50, command=Command((f"test -e {flag}",), True))
+    )
     assert res.ok and res.attempts > 1
     res = agent.session.probe(Probe(ProbeKind.COMMAND, 300, 50, command=Command(("false",))))
     assert not res.ok and res.last == 1
     t0 = time.monotonic()  # an attempt that never finishes is killed at the deadline
-    res = agent.session.probe(Probe(ProbeKind.COMMAND, 300, 50,
-                                    command=Command(("sleep", "100"))))
+    res = agent.session.probe(Probe(ProbeKind.COMMAND, 300, 50, command=Command(("sleep", "100"))))
     assert not res.ok and time.monotonic() - t0 < 3
 
 
@@ -282,7 +281,11 @@ def test_generation(agent: Running) -> None:
     doc = json.loads((agent.run_dir / "generation.json").read_text())
     assert doc["generation"] == "gen-7f" and doc["parent"] == "parent.1"
     assert (doc["index"], doc["count"], doc["hostname"], doc["entropy_bytes"]) == (
-        2, 4, "child-2", 64)
+        2,
+        4,
+        "child-2",
+        64,
+    )
     with pytest.raises(AgentError, match="malformed or unsafe"):
         agent.session.apply_generation(Generation('x"}, {"evil'))
 
@@ -315,8 +318,9 @@ def test_shutdown_ends_serve_mode(agent: Running) -> None:
 
 def test_host_hangup_kills_children(agent_bin: Path, tmp_path: Path) -> None:
     host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(agent_bin), "--serve-fd", str(guest.fileno()), "--sandbox"],
-                            pass_fds=[guest.fileno()])
+    proc = subprocess.Popen(
+        [str(agent_bin), "--serve-fd", str(guest.fileno()), "--sandbox"], pass_fds=[guest.fileno()]
+    )
     guest.close()
     session = AgentSession(FdChannel(host.fileno()))
     session.wait_ready(10)
@@ -367,38 +371,77 @@ def _exec_payload(argv_list: bytes) -> bytes:
     ("data", "code", "match"),
     [
         (b"garbage that is not a frame at all!", ErrorCode.BAD_FRAME, "bad magic"),
-        (HEADER.pack(MAGIC, 9, MsgType.HELLO, 0, 1, 12) + bytes(12), ErrorCode.BAD_FRAME,
-         "unsupported protocol version"),
-        (HEADER.pack(MAGIC, 1, MsgType.HELLO, 0x8000, 1, 12) + bytes(12), ErrorCode.BAD_FRAME,
-         "reserved flags"),
-        (HEADER.pack(MAGIC, 1, MsgType.HELLO, 0, 1, 0x7FFFFFFF), ErrorCode.BAD_FRAME,
-         "over 64 KiB"),
+        (
+            HEADER.pack(MAGIC, 9, MsgType.HELLO, 0, 1, 12) + bytes(12),
+            ErrorCode.BAD_FRAME,
+            "unsupported protocol version",
+        ),
+        (
+            HEADER.pack(MAGIC, 1, MsgType.HELLO, 0x8000, 1, 12) + bytes(12),
+            ErrorCode.BAD_FRAME,
+            "reserved flags",
+        ),
+        (
+            HEADER.pack(MAGIC, 1, MsgType.HELLO, 0, 1, 0x7FFFFFFF),
+            ErrorCode.BAD_FRAME,
+            "over 64 KiB",
+        ),
         (encode_frame(0x42, 5, b"abc"), ErrorCode.UNKNOWN_TYPE, "0x42"),
         (encode_frame(MsgType.READY, 5, b""), ErrorCode.UNKNOWN_TYPE, "0x81"),
         (encode_frame(MsgType.HELLO, 5, b"\x01\x02"), ErrorCode.BAD_PAYLOAD, "HELLO"),
         (encode_frame(MsgType.EXEC, 5, b"\x00\x00"), ErrorCode.BAD_PAYLOAD, "EXEC"),
         (encode_frame(MsgType.EXEC, 5, b"\x80" + bytes(4)), ErrorCode.BAD_PAYLOAD, "flags"),
-        (encode_frame(MsgType.EXEC, 5, _exec_payload(struct.pack("<I", 0xFFFFFFFF))),
-         ErrorCode.BAD_PAYLOAD, "EXEC"),
-        (encode_frame(MsgType.EXEC, 5, _exec_payload(struct.pack("<II", 1, 3) + b"a\0b"
-                                                     + struct.pack("<I", 0))),
-         ErrorCode.BAD_PAYLOAD, "EXEC"),
-        (encode_frame(MsgType.EXEC, 5, _exec_payload(struct.pack("<I", 0) * 2)),
-         ErrorCode.BAD_PAYLOAD, "argv must be non-empty"),
-        (encode_frame(MsgType.EXEC, 0, Exec(Command(("true",))).encode()),
-         ErrorCode.BAD_STREAM, "reserved"),
+        (
+            encode_frame(MsgType.EXEC, 5, _exec_payload(struct.pack("<I", 0xFFFFFFFF))),
+            ErrorCode.BAD_PAYLOAD,
+            "EXEC",
+        ),
+        (
+            encode_frame(
+                MsgType.EXEC,
+                5,
+                _exec_payload(struct.pack("<II", 1, 3) + b"a\0b" + struct.pack("<I", 0)),
+            ),
+            ErrorCode.BAD_PAYLOAD,
+            "EXEC",
+        ),
+        (
+            encode_frame(MsgType.EXEC, 5, _exec_payload(struct.pack("<I", 0) * 2)),
+            ErrorCode.BAD_PAYLOAD,
+            "argv must be non-empty",
+        ),
+        (
+            encode_frame(MsgType.EXEC, 0, Exec(Command(("true",))).encode()),
+            ErrorCode.BAD_STREAM,
+            "reserved",
+        ),
         (encode_frame(MsgType.SIGNAL, 5, struct.pack("<I", 0)), ErrorCode.BAD_PAYLOAD, "signal"),
-        (encode_frame(MsgType.SIGNAL, 5, struct.pack("<I", 15)), ErrorCode.BAD_STREAM,
-         "no running command"),
-        (encode_frame(MsgType.PROBE, 5, b"\x09" + bytes(8)), ErrorCode.BAD_PAYLOAD,
-         "unknown probe kind"),
-        (encode_frame(MsgType.PROBE, 5, b"\x02" + bytes(8) + b"\x00\x00"),
-         ErrorCode.BAD_PAYLOAD, "tcp port 0"),
-        (encode_frame(MsgType.SET_TIME, 5, struct.pack("<qI", 1, 2_000_000_000)),
-         ErrorCode.BAD_PAYLOAD, "SET_TIME"),
+        (
+            encode_frame(MsgType.SIGNAL, 5, struct.pack("<I", 15)),
+            ErrorCode.BAD_STREAM,
+            "no running command",
+        ),
+        (
+            encode_frame(MsgType.PROBE, 5, b"\x09" + bytes(8)),
+            ErrorCode.BAD_PAYLOAD,
+            "unknown probe kind",
+        ),
+        (
+            encode_frame(MsgType.PROBE, 5, b"\x02" + bytes(8) + b"\x00\x00"),
+            ErrorCode.BAD_PAYLOAD,
+            "tcp port 0",
+        ),
+        (
+            encode_frame(MsgType.SET_TIME, 5, struct.pack("<qI", 1, 2_000_000_000)),
+            ErrorCode.BAD_PAYLOAD,
+            "SET_TIME",
+        ),
         (encode_frame(MsgType.SHUTDOWN, 5, b"\x07"), ErrorCode.BAD_PAYLOAD, "SHUTDOWN"),
-        (encode_frame(MsgType.GENERATION, 5, struct.pack("<I", 5000)), ErrorCode.BAD_PAYLOAD,
-         "GENERATION"),
+        (
+            encode_frame(MsgType.GENERATION, 5, struct.pack("<I", 5000)),
+            ErrorCode.BAD_PAYLOAD,
+            "GENERATION",
+        ),
     ],
 )
 def test_malformed_host_frames(agent: Running, data: bytes, code: ErrorCode, match: str) -> None:

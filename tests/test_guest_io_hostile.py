@@ -222,8 +222,13 @@ GOOD: dict[str, Any] = {
 def test_monitor_config_roundtrip() -> None:
     for doc in (GOOD, {**GOOD, "timeout": None, "memory": 2 << 20}):
         cfg = MonitorConfig.decode(json.dumps(doc).encode())
-        assert cfg.wire() == {**doc, "ram": "eager", "restore_id": None, "kernel_digest": None,
-                              "initrd_digest": None}
+        assert cfg.wire() == {
+            **doc,
+            "ram": "eager",
+            "restore_id": None,
+            "kernel_digest": None,
+            "initrd_digest": None,
+        }
         assert MonitorConfig.decode(cfg.encode()) == cfg
 
 

@@ -53,11 +53,14 @@ CHECK = f"cat /sys/class/net/lo/flags && wget -qO- {URL}"
 
 
 def test_local_tcp_service_is_reachable_in_build_restore_and_fork(
-    busybox_image: PushedImage, busybox_rootfs: Path, tmp_path: Path,  # noqa: F811
+    busybox_image: PushedImage,
+    busybox_rootfs: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     token = uuid.uuid4().hex
     (tmp_path / "Sporefile").write_text(
-        SPOREFILE.format(layout=busybox_image.layout, token=token, port=PORT, url=URL))
+        SPOREFILE.format(layout=busybox_image.layout, token=token, port=PORT, url=URL)
+    )
     proc = spore("build", str(tmp_path / "Sporefile"))
     # Without loopback the tcp probe fails: "step server: not ready after 30 s".
     assert proc.returncode == 0, proc.stderr
@@ -72,8 +75,9 @@ def test_local_tcp_service_is_reachable_in_build_restore_and_fork(
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout == f"0x9\nserved {token}\n"
 
-    forks = spore("fork", str(spore_dir), "--count", "2", "--out", str(tmp_path / "forks"),
-                  "--json")
+    forks = spore(
+        "fork", str(spore_dir), "--count", "2", "--out", str(tmp_path / "forks"), "--json"
+    )
     assert forks.returncode == 0, forks.stderr
     children = json.loads(forks.stdout)["children"]
     assert len(children) == 2

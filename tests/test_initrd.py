@@ -18,12 +18,24 @@ def _parse_newc(data: bytes) -> list[dict[str, int | str | bytes]]:
     """Independent reader of what pack_cpio writes (strict: the test's oracle)."""
     out: list[dict[str, int | str | bytes]] = []
     pos = 0
-    names = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor",
-             "devminor", "rdevmajor", "rdevminor", "namesize", "check")
+    names = (
+        "ino",
+        "mode",
+        "uid",
+        "gid",
+        "nlink",
+        "mtime",
+        "filesize",
+        "devmajor",
+        "devminor",
+        "rdevmajor",
+        "rdevminor",
+        "namesize",
+        "check",
+    )
     while True:
         assert data[pos : pos + 6] == b"070701" and pos % 4 == 0
-        fields = {n: int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i, n in
-                  enumerate(names)}
+        fields = {n: int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i, n in enumerate(names)}
         name_end = pos + 110 + fields["namesize"]
         name = data[pos + 110 : name_end - 1].decode()
         assert data[name_end - 1] == 0
@@ -56,13 +68,22 @@ def test_layout(built: tuple[Store, initrd.InitrdArtifact]) -> None:
     store, art = built
     entries = _parse_newc(art.path.read_bytes())
     assert [e["name"] for e in entries] == [
-        "dev", "dev/console", "init", "newroot", "proc", "run", "sys"]
+        "dev",
+        "dev/console",
+        "init",
+        "newroot",
+        "proc",
+        "run",
+        "sys",
+    ]
     assert [e["ino"] for e in entries] == list(range(1, 8))
     for e in entries:
         assert (e["uid"], e["gid"], e["mtime"]) == (0, 0, 0)
     console = entries[1]
     assert stat.S_ISCHR(int(console["mode"])) and (console["rdevmajor"], console["rdevminor"]) == (
-        5, 1)
+        5,
+        1,
+    )
     init = entries[2]
     assert int(init["mode"]) == stat.S_IFREG | 0o755
     agent = initrd.guest_path(store, art.agent_digest).read_bytes()
@@ -74,11 +95,13 @@ def test_agent_is_static_without_build_id(built: tuple[Store, initrd.InitrdArtif
     path = initrd.guest_path(store, art.agent_digest)
     if shutil.which("readelf") is None:
         pytest.skip("readelf not installed")
-    headers = subprocess.run(["readelf", "-lW", str(path)], capture_output=True, text=True,
-                             check=True).stdout
+    headers = subprocess.run(
+        ["readelf", "-lW", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "INTERP" not in headers and "DYNAMIC" not in headers
-    notes = subprocess.run(["readelf", "-n", str(path)], capture_output=True, text=True,
-                           check=True).stdout
+    notes = subprocess.run(
+        ["readelf", "-n", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "Build ID" not in notes
 
 
@@ -86,19 +109,28 @@ def test_agent_is_static_without_build_id(built: tuple[Store, initrd.InitrdArtif
 def test_cpio_tool_reads_it(built: tuple[Store, initrd.InitrdArtifact]) -> None:
     _, art = built
     with open(art.path, "rb") as fh:
-        out = subprocess.run(["cpio", "-itv", "--quiet"], stdin=fh, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["cpio", "-itv", "--quiet"], stdin=fh, capture_output=True, text=True, check=True
+        ).stdout
     lines = out.splitlines()
     assert [ln.split()[-1] for ln in lines] == [
-        "dev", "dev/console", "init", "newroot", "proc", "run", "sys"]
+        "dev",
+        "dev/console",
+        "init",
+        "newroot",
+        "proc",
+        "run",
+        "sys",
+    ]
     assert lines[1].startswith("crw-------") and "5,   1" in lines[1]
 
 
 @pytest.mark.skipif(shutil.which("bsdtar") is None, reason="bsdtar not installed")
 def test_bsdtar_reads_it(built: tuple[Store, initrd.InitrdArtifact]) -> None:
     _, art = built
-    out = subprocess.run(["bsdtar", "-tf", str(art.path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["bsdtar", "-tf", str(art.path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "init" in out.split()
 
 
@@ -149,8 +181,7 @@ def test_pack_cpio_rules() -> None:
     d = stat.S_IFDIR | 0o755
     data = pack_cpio([CpioEntry("b", d), CpioEntry("a", stat.S_IFREG | 0o644, b"xyz")])
     parsed = _parse_newc(data)
-    assert [(e["name"], e["data"], e["nlink"]) for e in parsed] == [("a", b"xyz", 1),
-                                                                     ("b", b"", 2)]
+    assert [(e["name"], e["data"], e["nlink"]) for e in parsed] == [("a", b"xyz", 1), ("b", b"", 2)]
     for bad in (CpioEntry("/abs", d), CpioEntry("a/../b", d), CpioEntry("", d)):
         with pytest.raises(InitrdError, match="bad cpio entry name"):
             pack_cpio([bad])

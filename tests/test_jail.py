@@ -32,15 +32,31 @@ from sporevm.vmm import jail
 from tests.probe_build import build_probe
 
 REPO = Path(__file__).resolve().parent.parent
-needs_kvm = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
-                               reason="needs /dev/kvm")
-needs_landlock = pytest.mark.skipif(jail.landlock_abi() < jail.MIN_ABI,
-                                    reason=f"needs Landlock ABI >= {jail.MIN_ABI}")
+needs_kvm = pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm"
+)
+needs_landlock = pytest.mark.skipif(
+    jail.landlock_abi() < jail.MIN_ABI, reason=f"needs Landlock ABI >= {jail.MIN_ABI}"
+)
 
-DENIED_BY_SECCOMP = {"execve", "fork", "ptrace", "mount", "mmap_exec", "kvm_create_vm",
-                     "kill_parent", "socket_inet", "socket_inet6", "socket_unix"}
-DENIED_BY_LANDLOCK = {"open_new_path", "open_existing_outside", "write_store_outside_chunks",
-                      "proc_self_mem"}
+DENIED_BY_SECCOMP = {
+    "execve",
+    "fork",
+    "ptrace",
+    "mount",
+    "mmap_exec",
+    "kvm_create_vm",
+    "kill_parent",
+    "socket_inet",
+    "socket_inet6",
+    "socket_unix",
+}
+DENIED_BY_LANDLOCK = {
+    "open_new_path",
+    "open_existing_outside",
+    "write_store_outside_chunks",
+    "proc_self_mem",
+}
 OPENS_WITH_TRUNC = {"open_new_path", "write_store_outside_chunks"}
 VICTIM = b"a published chunk" * 100
 
@@ -48,8 +64,11 @@ VICTIM = b"a published chunk" * 100
 # Truncation: truncate(2) is never on the allowlist; O_TRUNC on a published entry is
 # Landlock's to refuse from ABI 3 on, and seccomp's (every O_TRUNC) below it.
 def truncation_expected(older: bool) -> dict[str, str]:
-    return {"truncate_chunk": "EPERM", "open_trunc_chunk": "EPERM" if older else "EACCES",
-            "open_trunc_staging": "EPERM" if older else "ok"}
+    return {
+        "truncate_chunk": "EPERM",
+        "open_trunc_chunk": "EPERM" if older else "EACCES",
+        "open_trunc_staging": "EPERM" if older else "ok",
+    }
 
 
 @dataclass
@@ -87,8 +106,9 @@ class Monitor:
 
 
 @contextmanager
-def probe_monitor(tmp_path: Path, *, unjailed: bool = False,
-                  abi_cap: int | None = None) -> Iterator[Monitor]:
+def probe_monitor(
+    tmp_path: Path, *, unjailed: bool = False, abi_cap: int | None = None
+) -> Iterator[Monitor]:
     files = tmp_path / "files"
     scratch = tmp_path / "scratch"
     store = tmp_path / "store"
@@ -100,11 +120,23 @@ def probe_monitor(tmp_path: Path, *, unjailed: bool = False,
     results = tmp_path / "results.jsonl"
     out_fd = os.open(results, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    vm = VmConfig(kernel=build_probe(), initrd=files / "initrd", rootfs=files / "rootfs",
-                  cmdline="probe.tests=virtio_agent", memory=32 << 20, timeout=60, store=store)
+    vm = VmConfig(
+        kernel=build_probe(),
+        initrd=files / "initrd",
+        rootfs=files / "rootfs",
+        cmdline="probe.tests=virtio_agent",
+        memory=32 << 20,
+        timeout=60,
+        store=store,
+    )
     cfg = MonitorConfig(vm, agent_fd=theirs.fileno(), serial_log=tmp_path / "serial.log")
-    env = {**os.environ, "JAIL_PROBE_FD": str(out_fd), "JAIL_PROBE_SCRATCH": str(scratch),
-           "JAIL_PROBE_STORE": str(store), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "JAIL_PROBE_FD": str(out_fd),
+        "JAIL_PROBE_SCRATCH": str(scratch),
+        "JAIL_PROBE_STORE": str(store),
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("SPORE_NO_JAIL", None)
     if unjailed:
         env["SPORE_NO_JAIL"] = "1"
@@ -112,8 +144,12 @@ def probe_monitor(tmp_path: Path, *, unjailed: bool = False,
     if abi_cap is not None:
         env[jail.ABI_CAP_ENV] = str(abi_cap)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.jail_probe"], cwd=REPO, env=env,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "tests.jail_probe"],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         pass_fds=(theirs.fileno(), out_fd),
     )
     theirs.close()
@@ -140,7 +176,8 @@ def exec_answers(session: AgentSession, argv0: str) -> None:
 @needs_landlock
 @pytest.mark.parametrize("abi_cap", [None, 2, 1], ids=["kernel-abi", "as-abi-2", "as-abi-1"])
 def test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_running(
-        tmp_path: Path, abi_cap: int | None) -> None:
+    tmp_path: Path, abi_cap: int | None
+) -> None:
     """With the kernel's own Landlock ABI, and behaving as on a kernel with ABI 2
     (Debian 12, Amazon Linux 2023) or ABI 1 (Ubuntu 22.04): the same operations fail
     every way, and the snapshot still publishes (on ABI 1, staged in chunks/ itself)."""
@@ -265,28 +302,44 @@ CHILD = textwrap.dedent("""
 def test_mechanisms_deny_what_they_do_not_list(tmp_path: Path) -> None:
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(sandbox)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(sandbox)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out == {
-        "write_inside": "ok", "read_outside": "EACCES", "create_outside": "EACCES",
-        "unlink_inside": "EACCES", "early_thread_socket": "EPERM", "clone3": "ENOSYS",
+        "write_inside": "ok",
+        "read_outside": "EACCES",
+        "create_outside": "EACCES",
+        "unlink_inside": "EACCES",
+        "early_thread_socket": "EPERM",
+        "clone3": "ENOSYS",
         "new_thread": "ok",
         # fd 0 is not a KVM fd: a listed request reaches the kernel (ENOTTY), an unlisted
         # one never does (EPERM).
-        "ioctl_listed": "ENOTTY", "ioctl_unlisted": "EPERM",
-        "tgkill_self": "ok", "tgkill_parent": "EPERM", "setns": "EPERM", "unshare": "EPERM",
+        "ioctl_listed": "ENOTTY",
+        "ioctl_unlisted": "EPERM",
+        "tgkill_self": "ok",
+        "tgkill_parent": "EPERM",
+        "setns": "EPERM",
+        "unshare": "EPERM",
     }
     assert not (tmp_path / "escaped").exists()
 
 
 def test_landlock_refuses_a_process_that_already_has_threads(tmp_path: Path) -> None:
-    code = ("import threading, time; from pathlib import Path; from sporevm.vmm import jail\n"
-            "threading.Thread(target=time.sleep, args=(2,), daemon=True).start()\n"
-            "jail.restrict_filesystem([jail.PathRule(Path('/tmp'), jail.FS_READ_FILE)])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    code = (
+        "import threading, time; from pathlib import Path; from sporevm.vmm import jail\n"
+        "threading.Thread(target=time.sleep, args=(2,), daemon=True).start()\n"
+        "jail.restrict_filesystem([jail.PathRule(Path('/tmp'), jail.FS_READ_FILE)])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     if jail.landlock_abi() < jail.MIN_ABI:
         assert "Landlock ABI >= 1" in proc.stderr
     else:
@@ -300,8 +353,14 @@ def test_cli_no_jail_flag_is_on_run_and_build_and_warns(tmp_path: Path) -> None:
     assert p.parse_args(["build", "--no-jail"]).no_jail
     assert not p.parse_args(["build"]).no_jail
     env = {**os.environ, "SPORE_NO_JAIL": "1", "SPORE_HOME": str(tmp_path / "store")}
-    proc = subprocess.run([sys.executable, "-m", "sporevm.cli", "cache", "ls", "--json"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sporevm.cli", "cache", "ls", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "WARNING: every VM monitor this command starts runs WITHOUT its jail" in proc.stderr
 
@@ -336,8 +395,13 @@ def test_published_store_entries_cannot_be_rewritten_in_place(tmp_path: Path) ->
     (tmp_path / "chunks").mkdir()
     (tmp_path / "staging").mkdir()
     (tmp_path / "chunks" / "old").write_bytes(b"published")
-    proc = subprocess.run([sys.executable, "-c", PUBLISHED, str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", PUBLISHED, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["ok", "EACCES", "EXDEV", "ok"]
     assert (tmp_path / "chunks" / "old").read_bytes() == b"published"
@@ -349,25 +413,43 @@ def test_a_refused_restore_leaves_no_staging_directory(tmp_path: Path) -> None:
     store = tmp_path / "store"
     (tmp_path / "manifest.json").write_bytes(b'{"format": "not a spore"}')
     (tmp_path / "k").write_bytes(b"\0" * 4096)
-    restore = Restore(tmp_path / "manifest.json", "blake3:" + "0" * 64,
-                      "blake3:" + "0" * 64, "blake3:" + "0" * 64)
-    vm = VmConfig(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
-                  cmdline="", memory=32 << 20, timeout=10, store=store, restore=restore)
+    restore = Restore(
+        tmp_path / "manifest.json", "blake3:" + "0" * 64, "blake3:" + "0" * 64, "blake3:" + "0" * 64
+    )
+    vm = VmConfig(
+        kernel=tmp_path / "k",
+        initrd=tmp_path / "k",
+        rootfs=tmp_path / "k",
+        cmdline="",
+        memory=32 << 20,
+        timeout=10,
+        store=store,
+        restore=restore,
+    )
     cfg = MonitorConfig(vm, agent_fd=3, serial_log=tmp_path / "log")
     env = {k: v for k, v in os.environ.items() if k != "SPORE_NO_JAIL"}
-    proc = subprocess.run([sys.executable, "-m", "sporevm.runtime.monitor"], cwd=REPO, env=env,
-                          input=cfg.encode(), capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sporevm.runtime.monitor"],
+        cwd=REPO,
+        env=env,
+        input=cfg.encode(),
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 1, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["event"] == "error"
     assert list((store / "tmp").iterdir()) == []
 
 
 def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
-    code = ("from sporevm.vmm import jail\n"
-            "jail.landlock_abi = lambda: 0\n"
-            "jail.restrict_filesystem([])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    code = (
+        "from sporevm.vmm import jail\n"
+        "jail.landlock_abi = lambda: 0\n"
+        "jail.restrict_filesystem([])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "JailError: jail: this kernel has no Landlock" in proc.stderr
     assert "--no-jail" in proc.stderr
@@ -377,16 +459,25 @@ def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
 @needs_landlock
 @pytest.mark.parametrize("zygote", [True, False])
 def test_monitors_the_launcher_starts_are_jailed_by_default(
-        tmp_path: Path, zygote: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, zygote: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sporevm.runtime.launcher import VmProcess, VmSpec
 
     monkeypatch.delenv("SPORE_NO_JAIL", raising=False)
     (tmp_path / "initrd").write_bytes(b"\0" * 4096)
     (tmp_path / "rootfs").write_bytes(bytes(1 << 20))
-    spec = VmSpec(VmConfig(kernel=build_probe(), initrd=tmp_path / "initrd",
-                           rootfs=tmp_path / "rootfs", cmdline="probe.tests=virtio_agent",
-                           memory=32 << 20, timeout=60, store=tmp_path / "store"),
-                  zygote=zygote)
+    spec = VmSpec(
+        VmConfig(
+            kernel=build_probe(),
+            initrd=tmp_path / "initrd",
+            rootfs=tmp_path / "rootfs",
+            cmdline="probe.tests=virtio_agent",
+            memory=32 << 20,
+            timeout=60,
+            store=tmp_path / "store",
+        ),
+        zygote=zygote,
+    )
     with VmProcess(spec) as vm:
         vm.session.wait_ready(20)
         status = Path(f"/proc/{vm.proc.pid}/status").read_text()
@@ -400,18 +491,28 @@ def test_monitors_the_launcher_starts_are_jailed_by_default(
 
 @needs_kvm
 @needs_landlock
-def test_a_refused_restore_in_a_zygote_monitor_leaves_no_staging_directory(
-        tmp_path: Path) -> None:
+def test_a_refused_restore_in_a_zygote_monitor_leaves_no_staging_directory(tmp_path: Path) -> None:
     from sporevm.runtime.launcher import VmProcess, VmSpec
 
     store = tmp_path / "store"
     (tmp_path / "manifest.json").write_bytes(b'{"format": "not a spore"}')
     (tmp_path / "k").write_bytes(b"\0" * 4096)
-    restore = Restore(tmp_path / "manifest.json", "blake3:" + "0" * 64,
-                      "blake3:" + "0" * 64, "blake3:" + "0" * 64)
-    spec = VmSpec(VmConfig(kernel=tmp_path / "k", initrd=tmp_path / "k", rootfs=tmp_path / "k",
-                           cmdline="", memory=32 << 20, timeout=10, store=store,
-                           restore=restore), zygote=True)
+    restore = Restore(
+        tmp_path / "manifest.json", "blake3:" + "0" * 64, "blake3:" + "0" * 64, "blake3:" + "0" * 64
+    )
+    spec = VmSpec(
+        VmConfig(
+            kernel=tmp_path / "k",
+            initrd=tmp_path / "k",
+            rootfs=tmp_path / "k",
+            cmdline="",
+            memory=32 << 20,
+            timeout=10,
+            store=store,
+            restore=restore,
+        ),
+        zygote=True,
+    )
     with VmProcess(spec) as vm:
         ev = vm.wait_exit(30)
         assert isinstance(ev, MonitorError), ev

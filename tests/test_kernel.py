@@ -128,7 +128,8 @@ def test_build_inputs_name_source_and_toolchain() -> None:
 
 @pytest.mark.skipif(not K.SOURCE_TARBALL.is_file(), reason="linux-source-6.1 not installed")
 def test_build_inputs_memoized_in_the_store_equal_a_fresh_lookup(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = Store(tmp_path / "store")
     fresh = K.build_inputs("kvm-pvm")
     assert K.build_inputs("kvm-pvm", store=store) == fresh

@@ -53,9 +53,21 @@ FLOORS: dict[str, str] = {
     "sporevm.spore": "format",
     "sporevm.storegc": "store tools",
     "sporevm.storecheck": "store tools",
-    **{f"sporevm.{m}": "bottom" for m in (
-        "store", "storeroots", "sporefile", "sporefile_schema", "sporefile_yaml", "errors",
-        "atomic", "nofollow", "strictjson", "net")},
+    **{
+        f"sporevm.{m}": "bottom"
+        for m in (
+            "store",
+            "storeroots",
+            "sporefile",
+            "sporefile_schema",
+            "sporefile_yaml",
+            "errors",
+            "atomic",
+            "nofollow",
+            "strictjson",
+            "net",
+        )
+    },
     "sporevm": "bottom",  # the package itself (__version__)
 }
 ALL = frozenset(set(FLOORS.values()))
@@ -81,9 +93,11 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 
 def floor_of(module: str) -> str | None:
-    best = max((p for p in FLOORS
-                if module == p or (p != PACKAGE and module.startswith(p + "."))),
-               key=len, default=None)
+    best = max(
+        (p for p in FLOORS if module == p or (p != PACKAGE and module.startswith(p + "."))),
+        key=len,
+        default=None,
+    )
     return FLOORS[best] if best is not None else None
 
 
@@ -127,8 +141,9 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[int, 
     return out
 
 
-def violations(root: Path, package: str = PACKAGE,
-               allowed: dict[tuple[str, str], str] | None = None) -> list[str]:
+def violations(
+    root: Path, package: str = PACKAGE, allowed: dict[tuple[str, str], str] | None = None
+) -> list[str]:
     """Every import between floors that the floors forbid, as one line each."""
     allowed = ALLOWED if allowed is None else allowed
     known = _modules(root, package)
@@ -145,8 +160,7 @@ def violations(root: Path, package: str = PACKAGE,
             theirs = floor_of(target)
             if theirs is None or theirs in MAY_IMPORT[mine]:
                 continue  # a module on no floor is reported where it is defined
-            if any(module == a and (target == b or target.startswith(b + "."))
-                   for a, b in allowed):
+            if any(module == a and (target == b or target.startswith(b + ".")) for a, b in allowed):
                 continue
             found.append(f"{where}:{line}: {module} ({mine}) imports {target} ({theirs})")
     return found
@@ -187,26 +201,32 @@ def test_a_clean_synthetic_tree_passes(tmp_path: Path) -> None:
     assert violations(_tree(tmp_path, BASE)) == []
 
 
-@pytest.mark.parametrize(("path", "line", "edge"), [
-    ("sporevm/spore/manifest.py", "from sporevm.vmm.board import SLOT_BLK", "(format) imports"),
-    ("sporevm/spore/fork.py", "from sporevm.runtime import monitor", "(format) imports"),
-    ("sporevm/build/steps.py", "from sporevm.dist import pack", "(build) imports"),
-    ("sporevm/dist/pull.py", "from sporevm.build import graph", "(dist) imports"),
-    ("sporevm/dist/pull.py", "from sporevm.runtime.monitor import x", "(dist) imports"),
-    ("sporevm/dist/pull.py", "import sporevm.vmm.machine", "(dist) imports"),
-    ("sporevm/vmm/board.py", "from sporevm.runtime import monitor", "(vmm) imports"),
-    ("sporevm/vmm/board.py", "from sporevm.build import graph", "(vmm) imports"),
-    ("sporevm/store.py", "from sporevm.spore import manifest", "(bottom) imports"),
-    ("sporevm/nofollow.py", "from sporevm.dist import pack", "(bottom) imports"),
-    ("sporevm/net/http.py", "from sporevm.build import graph", "(bottom) imports"),
-    # lazy, inside a function, and relative: still an edge
-    ("sporevm/spore/chunks.py", "def f():\n    from ..vmm import memory\n", "(format) imports"),
-    ("sporevm/spore/chunks.py", "from sporevm import vmm", "(format) imports"),
-])
-def test_a_planted_forbidden_import_fails(tmp_path: Path, path: str, line: str,
-                                           edge: str) -> None:
-    files = {**BASE, "sporevm/vmm/board.py": "", "sporevm/vmm/memory.py": "",
-             "sporevm/dist/pack.py": ""}
+@pytest.mark.parametrize(
+    ("path", "line", "edge"),
+    [
+        ("sporevm/spore/manifest.py", "from sporevm.vmm.board import SLOT_BLK", "(format) imports"),
+        ("sporevm/spore/fork.py", "from sporevm.runtime import monitor", "(format) imports"),
+        ("sporevm/build/steps.py", "from sporevm.dist import pack", "(build) imports"),
+        ("sporevm/dist/pull.py", "from sporevm.build import graph", "(dist) imports"),
+        ("sporevm/dist/pull.py", "from sporevm.runtime.monitor import x", "(dist) imports"),
+        ("sporevm/dist/pull.py", "import sporevm.vmm.machine", "(dist) imports"),
+        ("sporevm/vmm/board.py", "from sporevm.runtime import monitor", "(vmm) imports"),
+        ("sporevm/vmm/board.py", "from sporevm.build import graph", "(vmm) imports"),
+        ("sporevm/store.py", "from sporevm.spore import manifest", "(bottom) imports"),
+        ("sporevm/nofollow.py", "from sporevm.dist import pack", "(bottom) imports"),
+        ("sporevm/net/http.py", "from sporevm.build import graph", "(bottom) imports"),
+        # lazy, inside a function, and relative: still an edge
+        ("sporevm/spore/chunks.py", "def f():\n    from ..vmm import memory\n", "(format) imports"),
+        ("sporevm/spore/chunks.py", "from sporevm import vmm", "(format) imports"),
+    ],
+)
+def test_a_planted_forbidden_import_fails(tmp_path: Path, path: str, line: str, edge: str) -> None:
+    files = {
+        **BASE,
+        "sporevm/vmm/board.py": "",
+        "sporevm/vmm/memory.py": "",
+        "sporevm/dist/pack.py": "",
+    }
     files[path] = files.get(path, "") + line + "\n"
     found = violations(_tree(tmp_path, files))
     assert len(found) == 1 and path in found[0] and edge in found[0], found
@@ -218,10 +238,14 @@ def test_an_unclaimed_module_fails(tmp_path: Path) -> None:
 
 
 def test_an_allowed_edge_is_named_exactly(tmp_path: Path) -> None:
-    files = {**BASE, "sporevm/build/graph.py": "from sporevm.dist import pack\n",
-             "sporevm/build/other.py": "from sporevm.dist import pack\n"}
-    found = violations(_tree(tmp_path, files),
-                       allowed={("sporevm.build.graph", "sporevm.dist"): "test"})
+    files = {
+        **BASE,
+        "sporevm/build/graph.py": "from sporevm.dist import pack\n",
+        "sporevm/build/other.py": "from sporevm.dist import pack\n",
+    }
+    found = violations(
+        _tree(tmp_path, files), allowed={("sporevm.build.graph", "sporevm.dist"): "test"}
+    )
     assert len(found) == 1 and "sporevm.build.other" in found[0], found
 
 
@@ -237,9 +261,14 @@ sys.stderr.write("\\nLOADED " + json.dumps({"code": code, "loaded": loaded}) + "
 
 
 def _spore_cli(home: Path, *args: str) -> tuple[str, list[str]]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=120,
-                          env={**os.environ, "SPORE_HOME": str(home)})
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "SPORE_HOME": str(home)},
+    )
     marker = proc.stderr.rpartition("\nLOADED ")[2]
     assert marker and proc.returncode == 0, (args, proc.stdout, proc.stderr)
     doc = json.loads(marker)

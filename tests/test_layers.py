@@ -69,16 +69,23 @@ def sentinel(tmp_path: Path) -> Path:
     return s
 
 
-def _apply_raw(tmp_path: Path, tars: list[bytes], fmt: str = "tar",
-               limits: Limits | None = None) -> Path:
+def _apply_raw(
+    tmp_path: Path, tars: list[bytes], fmt: str = "tar", limits: Limits | None = None
+) -> Path:
     dest = tmp_path / "root"
     layers = write_layers(tmp_path / "blobs", tars, fmt)
     apply_layers(layers, dest, limits or Limits())
     return dest
 
 
-def _rejected(tmp_path: Path, sentinel: Path, tars: list[bytes], match: str,
-              fmt: str = "tar", limits: Limits | None = None) -> LayerError:
+def _rejected(
+    tmp_path: Path,
+    sentinel: Path,
+    tars: list[bytes],
+    match: str,
+    fmt: str = "tar",
+    limits: Limits | None = None,
+) -> LayerError:
     before = _listing(sentinel)
     dest = tmp_path / "root"
     with pytest.raises(LayerError, match=match) as info:
@@ -106,8 +113,9 @@ def test_multi_layer_case(tmp_path: Path, fmt: str) -> None:
 
 
 def test_root_and_directory_times(tmp_path: Path) -> None:
-    tar = make_tar([directory("./", mode=0o750), directory("a"), file("a/f", b"1"),
-                    file("implicit/g", b"2")])
+    tar = make_tar(
+        [directory("./", mode=0o750), directory("a"), file("a/f", b"1"), file("implicit/g", b"2")]
+    )
     later = make_tar([file("a/h", b"3")])
     dest = _apply_raw(tmp_path, [tar, later])
     assert (dest.stat().st_mode & 0o7777) == 0o750
@@ -121,8 +129,9 @@ def test_root_and_directory_times(tmp_path: Path) -> None:
 def test_absolute_name_stays_inside(tmp_path: Path, sentinel: Path) -> None:
     before = _listing(sentinel)
     outside = tmp_path / "abs-target"
-    dest = _apply_raw(tmp_path, [make_tar([file(str(outside), b"pwned"),
-                                           file("/etc/passwd", b"inside")])])
+    dest = _apply_raw(
+        tmp_path, [make_tar([file(str(outside), b"pwned"), file("/etc/passwd", b"inside")])]
+    )
     assert not outside.exists()
     assert (dest / str(outside).lstrip("/")).read_bytes() == b"pwned"
     assert (dest / "etc/passwd").read_bytes() == b"inside"
@@ -130,9 +139,10 @@ def test_absolute_name_stays_inside(tmp_path: Path, sentinel: Path) -> None:
 
 
 def test_final_symlink_is_replaced_not_followed(tmp_path: Path, sentinel: Path) -> None:
-    tars = [make_tar([symlink("evil", str(sentinel / "passwd")),
-                      symlink("evildir", str(sentinel))]),
-            make_tar([file("evil", b"replaced"), directory("evildir")])]
+    tars = [
+        make_tar([symlink("evil", str(sentinel / "passwd")), symlink("evildir", str(sentinel))]),
+        make_tar([file("evil", b"replaced"), directory("evildir")]),
+    ]
     before = _listing(sentinel)
     dest = _apply_raw(tmp_path, tars)
     assert (dest / "evil").read_bytes() == b"replaced"
@@ -147,16 +157,27 @@ def test_hardlink_to_symlink_links_the_symlink(tmp_path: Path) -> None:
 
 
 def test_aufs_metadata_is_skipped(tmp_path: Path) -> None:
-    dest = _apply_raw(tmp_path, [make_tar([directory(".wh..wh.plnk"),
-                                           file(".wh..wh.plnk/1.2", b"x"),
-                                           file(".wh..wh.aufs"), file("ok", b"1")])])
+    dest = _apply_raw(
+        tmp_path,
+        [
+            make_tar(
+                [
+                    directory(".wh..wh.plnk"),
+                    file(".wh..wh.plnk/1.2", b"x"),
+                    file(".wh..wh.aufs"),
+                    file("ok", b"1"),
+                ]
+            )
+        ],
+    )
     assert sorted(os.listdir(dest)) == ["ok"]
 
 
 def test_gnu_format_long_names(tmp_path: Path) -> None:
     long = "d/" + "x" * 200 + "/" + "y" * 150
-    dest = _apply_raw(tmp_path, [make_tar([file(long, b"1"), symlink("l", "t" * 300)],
-                                          fmt=tarfile.GNU_FORMAT)])
+    dest = _apply_raw(
+        tmp_path, [make_tar([file(long, b"1"), symlink("l", "t" * 300)], fmt=tarfile.GNU_FORMAT)]
+    )
     assert (dest / long).read_bytes() == b"1"
     assert os.readlink(dest / "l") == "t" * 300
 
@@ -184,8 +205,12 @@ def test_nondistributable_and_docker_media_types(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(blob)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    for i, mt in enumerate(["application/vnd.docker.image.rootfs.diff.tar.gzip",
-                            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"]):
+    for i, mt in enumerate(
+        [
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        ]
+    ):
         apply_layers([Layer(digest, mt, path)], tmp_path / f"r{i}")
 
 
@@ -218,40 +243,72 @@ def test_pax_parser_is_linear() -> None:
 
 
 def test_dotdot_traversal(tmp_path: Path, sentinel: Path) -> None:
-    _rejected(tmp_path, sentinel, [make_tar([file("../sentinel/passwd", b"pwned")])],
-              r"member '\.\./sentinel/passwd': name contains '\.\.'")
+    _rejected(
+        tmp_path,
+        sentinel,
+        [make_tar([file("../sentinel/passwd", b"pwned")])],
+        r"member '\.\./sentinel/passwd': name contains '\.\.'",
+    )
     _rejected(tmp_path, sentinel, [make_tar([file("a/../../sentinel/x", b"pwned")])], r"'\.\.'")
 
 
 def test_write_through_absolute_symlink(tmp_path: Path, sentinel: Path) -> None:
     tars = [make_tar([symlink("evil", str(sentinel))]), make_tar([file("evil/passwd", b"pwned")])]
-    _rejected(tmp_path, sentinel, tars,
-              r"layer 2 \(sha256:[0-9a-f]{12}\) member 'evil/passwd': parent 'evil' is a "
-              r"symlink; layers must name real paths")
+    _rejected(
+        tmp_path,
+        sentinel,
+        tars,
+        r"layer 2 \(sha256:[0-9a-f]{12}\) member 'evil/passwd': parent 'evil' is a "
+        r"symlink; layers must name real paths",
+    )
 
 
 def test_write_through_relative_symlink(tmp_path: Path, sentinel: Path) -> None:
-    tars = [make_tar([directory("a"), symlink("a/up", "../../sentinel"),
-                      file("a/up/passwd", b"pwned")])]
+    tars = [
+        make_tar([directory("a"), symlink("a/up", "../../sentinel"), file("a/up/passwd", b"pwned")])
+    ]
     _rejected(tmp_path, sentinel, tars, r"parent 'a/up' is a symlink")
 
 
 def test_write_through_chained_symlinks(tmp_path: Path, sentinel: Path) -> None:
-    tars = [make_tar([symlink("one", "two"), symlink("two", "three"),
-                      symlink("three", "../sentinel"), directory("one/sub")])]
+    tars = [
+        make_tar(
+            [
+                symlink("one", "two"),
+                symlink("two", "three"),
+                symlink("three", "../sentinel"),
+                directory("one/sub"),
+            ]
+        )
+    ]
     _rejected(tmp_path, sentinel, tars, r"parent 'one' is a symlink")
 
 
 def test_hardlink_escapes(tmp_path: Path, sentinel: Path) -> None:
-    _rejected(tmp_path, sentinel, [make_tar([hardlink("h", "../sentinel/passwd")])],
-              r"hardlink target contains '\.\.'")
-    _rejected(tmp_path, sentinel,
-              [make_tar([symlink("s", str(sentinel)), hardlink("h", "s/passwd")])],
-              r"parent 's' is a symlink")
-    _rejected(tmp_path, sentinel, [make_tar([directory("d"), hardlink("h", "d")])],
-              r"hardlink target 'd' is a directory")
-    _rejected(tmp_path, sentinel, [make_tar([hardlink("h", "missing")])],
-              r"hardlink target 'missing' does not exist")
+    _rejected(
+        tmp_path,
+        sentinel,
+        [make_tar([hardlink("h", "../sentinel/passwd")])],
+        r"hardlink target contains '\.\.'",
+    )
+    _rejected(
+        tmp_path,
+        sentinel,
+        [make_tar([symlink("s", str(sentinel)), hardlink("h", "s/passwd")])],
+        r"parent 's' is a symlink",
+    )
+    _rejected(
+        tmp_path,
+        sentinel,
+        [make_tar([directory("d"), hardlink("h", "d")])],
+        r"hardlink target 'd' is a directory",
+    )
+    _rejected(
+        tmp_path,
+        sentinel,
+        [make_tar([hardlink("h", "missing")])],
+        r"hardlink target 'missing' does not exist",
+    )
     _rejected(tmp_path, sentinel, [make_tar([file("f"), hardlink("f", "f")])], r"itself")
 
 
@@ -272,14 +329,16 @@ def test_symlink_named_root(tmp_path: Path, sentinel: Path, name: str) -> None:
 
 
 def test_parent_not_a_directory(tmp_path: Path, sentinel: Path) -> None:
-    _rejected(tmp_path, sentinel, [make_tar([file("f"), file("f/g")])],
-              r"parent 'f' is not a directory")
+    _rejected(
+        tmp_path, sentinel, [make_tar([file("f"), file("f/g")])], r"parent 'f' is not a directory"
+    )
 
 
 def test_entry_count_bomb(tmp_path: Path, sentinel: Path) -> None:
     tar = make_tar([file(f"f{i}") for i in range(50)])
-    _rejected(tmp_path, sentinel, [tar, tar], r"more than 60 entries",
-              limits=Limits(max_entries=60))
+    _rejected(
+        tmp_path, sentinel, [tar, tar], r"more than 60 entries", limits=Limits(max_entries=60)
+    )
 
 
 def test_size_bombs(tmp_path: Path, sentinel: Path) -> None:
@@ -290,10 +349,22 @@ def test_size_bombs(tmp_path: Path, sentinel: Path) -> None:
     _rejected(tmp_path, sentinel, [negative], r"member 'neg': size -1 would exceed")
     # A decompression bomb: 64 MiB of zeros in a small gzip blob.
     bomb = make_tar([file("zeros", bytes(64 << 20))])
-    _rejected(tmp_path, sentinel, [bomb], r"size 67108864 would exceed", fmt="gzip",
-              limits=Limits(max_total_bytes=1 << 20))
-    _rejected(tmp_path, sentinel, [bomb], r"decompressed tar", fmt="zstd",
-              limits=Limits(max_stream_bytes=1 << 20))
+    _rejected(
+        tmp_path,
+        sentinel,
+        [bomb],
+        r"size 67108864 would exceed",
+        fmt="gzip",
+        limits=Limits(max_total_bytes=1 << 20),
+    )
+    _rejected(
+        tmp_path,
+        sentinel,
+        [bomb],
+        r"decompressed tar",
+        fmt="zstd",
+        limits=Limits(max_stream_bytes=1 << 20),
+    )
 
 
 @pytest.mark.parametrize("type_", [b"x", b"L", b"K"])
@@ -339,14 +410,21 @@ def test_malformed_tars(tmp_path: Path, sentinel: Path) -> None:
 
 
 def test_bad_ids_and_times(tmp_path: Path, sentinel: Path) -> None:
-    _rejected(tmp_path, sentinel, [raw_member(b"a", pax={b"uid": b"4294967295"}) + END],
-              r"out of range")
-    _rejected(tmp_path, sentinel, [raw_member(b"a", pax={b"mtime": b"inf"}) + END],
-              r"not a decimal time")
-    _rejected(tmp_path, sentinel, [raw_member(b"a", pax={b"uid": b"-1"}) + END],
-              r"not a decimal number")
-    _rejected(tmp_path, sentinel, [raw_member(b"a", pax={b"SCHILY.xattr.system.x": b"1"}) + END],
-              r"xattr 'system.x' is not supported")
+    _rejected(
+        tmp_path, sentinel, [raw_member(b"a", pax={b"uid": b"4294967295"}) + END], r"out of range"
+    )
+    _rejected(
+        tmp_path, sentinel, [raw_member(b"a", pax={b"mtime": b"inf"}) + END], r"not a decimal time"
+    )
+    _rejected(
+        tmp_path, sentinel, [raw_member(b"a", pax={b"uid": b"-1"}) + END], r"not a decimal number"
+    )
+    _rejected(
+        tmp_path,
+        sentinel,
+        [raw_member(b"a", pax={b"SCHILY.xattr.system.x": b"1"}) + END],
+        r"xattr 'system.x' is not supported",
+    )
 
 
 def test_digest_and_media_type_checks(tmp_path: Path, sentinel: Path) -> None:
@@ -455,8 +533,12 @@ class _Model:
             return [opaque(path)]
         if kind == "hardlink":
             target = self.tree.get(op[2])
-            if (target is None or target[0] == "dir" or op[2] == path
-                    or op[2].startswith(path + "/")):
+            if (
+                target is None
+                or target[0] == "dir"
+                or op[2] == path
+                or op[2].startswith(path + "/")
+            ):
                 return None
         if kind == "whiteout":
             if not self._whiteout_ok(path):
@@ -522,12 +604,15 @@ def _describe_fs(root: Path) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.lists(_op, max_size=8), min_size=1, max_size=3),
-       st.sampled_from(["tar", "gzip"]))
-def test_random_benign_layers_match_model(tmp_path: Path, layers: list[list[Any]],
-                                          fmt: str) -> None:
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.lists(_op, max_size=8), min_size=1, max_size=3), st.sampled_from(["tar", "gzip"])
+)
+def test_random_benign_layers_match_model(
+    tmp_path: Path, layers: list[list[Any]], fmt: str
+) -> None:
     model, layer_entries = _model_layers(layers)
     tars = [make_tar(entries) for entries in layer_entries]
     work = Path(os.path.join(tmp_path, f"ex{time.monotonic_ns()}"))
@@ -541,8 +626,12 @@ _UMOCI = shutil.which("umoci")
 
 def _umoci_unpack(work: Path, tars: list[bytes]) -> Path:
     write_oci_layout(work / "oci", tars)
-    subprocess.run([str(_UMOCI), "raw", "unpack", "--image", f"{work}/oci:latest",
-                    str(work / "umoci")], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(_UMOCI), "raw", "unpack", "--image", f"{work}/oci:latest", str(work / "umoci")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return work / "umoci"
 
 
@@ -553,8 +642,9 @@ def test_multi_layer_case_matches_umoci(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(_UMOCI is None, reason="umoci is not installed")
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(st.lists(_op, max_size=8), min_size=1, max_size=3))
 def test_random_benign_layers_match_umoci(tmp_path: Path, layers: list[list[Any]]) -> None:
     # Differential: the same layers through umoci, an independent implementation.
@@ -576,8 +666,10 @@ def test_xattr_values_round_trip_binary(tmp_path: Path) -> None:
 
 
 def test_special_files(tmp_path: Path) -> None:
-    dest = _apply_raw(tmp_path, [make_tar([device("c", "chr", 4, 64), device("b", "blk", 8, 1),
-                                           fifo("p", mode=0o4640)])])
+    dest = _apply_raw(
+        tmp_path,
+        [make_tar([device("c", "chr", 4, 64), device("b", "blk", 8, 1), fifo("p", mode=0o4640)])],
+    )
     tree = describe_tree(dest)
     assert tree["c"]["rdev"] == (4, 64) and tree["b"]["type"] == "blk"
     assert tree["p"]["mode"] == 0o4640

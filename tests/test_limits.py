@@ -73,8 +73,7 @@ def test_sporefile_yaml_node_count(tmp_path: Path) -> None:
     n = sporefile_yaml.MAX_NODES - 11
     msg = refused(lambda: _sporefile(tmp_path, _env_list(n)), "env")
     assert "keys and values" not in msg  # the schema refuses a list; the node bound did not
-    refused(lambda: _sporefile(tmp_path, _env_list(n + 1)),
-            r"more than 10000 keys and values")
+    refused(lambda: _sporefile(tmp_path, _env_list(n + 1)), r"more than 10000 keys and values")
 
 
 def _nested(depth: int) -> str:
@@ -85,38 +84,47 @@ def _nested(depth: int) -> str:
 def test_sporefile_yaml_nesting(tmp_path: Path) -> None:
     msg = refused(lambda: _sporefile(tmp_path, _nested(sporefile_yaml.MAX_DEPTH)), "env")
     assert "nested deeper" not in msg
-    refused(lambda: _sporefile(tmp_path, _nested(sporefile_yaml.MAX_DEPTH + 1)),
-            "nested deeper than 16 levels")
+    refused(
+        lambda: _sporefile(tmp_path, _nested(sporefile_yaml.MAX_DEPTH + 1)),
+        "nested deeper than 16 levels",
+    )
 
 
 def test_lock_size(tmp_path: Path) -> None:
     doc = json.dumps({"lockVersion": lockfile.LOCK_VERSION, "images": []}).encode()
     path = tmp_path / "Sporefile.lock"
     assert lockfile.decode(padded(doc, lockfile.MAX_LOCK_BYTES), path).images == ()
-    refused(lambda: lockfile.decode(padded(doc, lockfile.MAX_LOCK_BYTES + 1), path),
-            "larger than 1048576 bytes")
+    refused(
+        lambda: lockfile.decode(padded(doc, lockfile.MAX_LOCK_BYTES + 1), path),
+        "larger than 1048576 bytes",
+    )
 
 
 # --- registries and OCI layouts -----------------------------------------------------------
 
 
 def _manifest(layers: int) -> bytes:
-    desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": DIGEST,
-            "size": 1}
-    return json.dumps({
-        "schemaVersion": 2,
-        "mediaType": ocimanifest.OCI_MANIFEST,
-        "config": {"mediaType": ocimanifest.OCI_CONFIG,
-                   "digest": DIGEST, "size": 2},
-        "layers": [desc] * layers,
-    }).encode()
+    desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": DIGEST, "size": 1}
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": ocimanifest.OCI_MANIFEST,
+            "config": {"mediaType": ocimanifest.OCI_CONFIG, "digest": DIGEST, "size": 2},
+            "layers": [desc] * layers,
+        }
+    ).encode()
 
 
 def _index(entries: int) -> bytes:
-    m = {"mediaType": ocimanifest.OCI_MANIFEST, "digest": DIGEST, "size": 100,
-         "platform": {"os": "linux", "architecture": "amd64"}}
-    return json.dumps({"schemaVersion": 2, "mediaType": ocimanifest.OCI_INDEX,
-                       "manifests": [m] * entries}).encode()
+    m = {
+        "mediaType": ocimanifest.OCI_MANIFEST,
+        "digest": DIGEST,
+        "size": 100,
+        "platform": {"os": "linux", "architecture": "amd64"},
+    }
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": ocimanifest.OCI_INDEX, "manifests": [m] * entries}
+    ).encode()
 
 
 def _decode(data: bytes) -> Any:
@@ -126,8 +134,7 @@ def _decode(data: bytes) -> Any:
 def test_oci_document_size() -> None:
     doc = _manifest(1)
     _decode(padded(doc, ocimanifest.MAX_DOC_SIZE))
-    refused(lambda: _decode(padded(doc, ocimanifest.MAX_DOC_SIZE + 1)),
-            "larger than 4194304 bytes")
+    refused(lambda: _decode(padded(doc, ocimanifest.MAX_DOC_SIZE + 1)), "larger than 4194304 bytes")
 
 
 def test_oci_layers_per_manifest() -> None:
@@ -143,10 +150,13 @@ def test_oci_index_entries() -> None:
 def test_token_response_and_token_size() -> None:
     token = "t" * ociauth.MAX_TOKEN_LEN
     doc = json.dumps({"token": token}).encode()
-    assert ociauth.decode_token_response(padded(doc, ociauth.MAX_TOKEN_RESPONSE),
-                                         what="t") == token
-    refused(lambda: ociauth.decode_token_response(padded(doc, ociauth.MAX_TOKEN_RESPONSE + 1),
-                                                  what="t"), "larger than 1048576 bytes")
+    assert ociauth.decode_token_response(padded(doc, ociauth.MAX_TOKEN_RESPONSE), what="t") == token
+    refused(
+        lambda: ociauth.decode_token_response(
+            padded(doc, ociauth.MAX_TOKEN_RESPONSE + 1), what="t"
+        ),
+        "larger than 1048576 bytes",
+    )
     over = json.dumps({"token": token + "t"}).encode()
     refused(lambda: ociauth.decode_token_response(over, what="t"), "malformed token")
 
@@ -162,8 +172,10 @@ def test_challenge_length_and_parameters() -> None:
         return "Bearer " + ",".join(f'p{i}="v"' for i in range(n))
 
     assert len(ociauth.parse_challenges(params(ociauth.MAX_CHALLENGE_PARAMS))[0].params) == 32
-    refused(lambda: ociauth.parse_challenges(params(ociauth.MAX_CHALLENGE_PARAMS + 1)),
-            "too many parameters")
+    refused(
+        lambda: ociauth.parse_challenges(params(ociauth.MAX_CHALLENGE_PARAMS + 1)),
+        "too many parameters",
+    )
     schemes = ", ".join(["Basic"] * ociauth.MAX_CHALLENGE_PARAMS)
     assert len(ociauth.parse_challenges(schemes)) == 32
     refused(lambda: ociauth.parse_challenges(schemes + ", Basic"), "too many schemes")
@@ -172,18 +184,23 @@ def test_challenge_length_and_parameters() -> None:
 def test_image_reference_name_length(tmp_path: Path) -> None:
     repo = "a" * (ociref.MAX_NAME_LEN - len("example.com") - 1)
     assert ociref.parse_ref(f"example.com/{repo}:1", tmp_path).repository == repo
-    refused(lambda: ociref.parse_ref(f"example.com/{repo}a:1", tmp_path),
-            "name longer than 255 characters")
-    refused(lambda: ociref.parse_ref("a" * (ociref.MAX_REF_LEN + 1), tmp_path),
-            "longer than 4096 characters")
+    refused(
+        lambda: ociref.parse_ref(f"example.com/{repo}a:1", tmp_path),
+        "name longer than 255 characters",
+    )
+    refused(
+        lambda: ociref.parse_ref("a" * (ociref.MAX_REF_LEN + 1), tmp_path),
+        "longer than 4096 characters",
+    )
 
 
 # --- monitor config and kernel image ------------------------------------------------------
 
 
 def _config(**over: Any) -> dict[str, Any]:
-    vm = VmConfig(kernel=Path("/k"), initrd=Path("/i"), rootfs=Path("/r"), cmdline="",
-                  memory=64 << 20)
+    vm = VmConfig(
+        kernel=Path("/k"), initrd=Path("/i"), rootfs=Path("/r"), cmdline="", memory=64 << 20
+    )
     return {**MonitorConfig(vm, agent_fd=3, serial_log=Path("/s")).wire(), **over}
 
 
@@ -200,11 +217,14 @@ def test_monitor_config_line_size() -> None:
     refused(lambda: MonitorConfig.decode(over), "config line too long")
 
 
-@pytest.mark.parametrize(("field", "at", "over"), [
-    ("vcpus", protocol.MAX_VCPUS, protocol.MAX_VCPUS + 1),
-    ("memory", protocol.MAX_MEMORY, protocol.MAX_MEMORY + 4096),
-    ("timeout", protocol.MAX_TIMEOUT, protocol.MAX_TIMEOUT * (1 + 1e-15)),
-])
+@pytest.mark.parametrize(
+    ("field", "at", "over"),
+    [
+        ("vcpus", protocol.MAX_VCPUS, protocol.MAX_VCPUS + 1),
+        ("memory", protocol.MAX_MEMORY, protocol.MAX_MEMORY + 4096),
+        ("timeout", protocol.MAX_TIMEOUT, protocol.MAX_TIMEOUT * (1 + 1e-15)),
+    ],
+)
 def test_monitor_config_ranges(field: str, at: float, over: float) -> None:
     assert getattr(MonitorConfig.decode(_line(_config(**{field: at}))).vm, field) == at
     refused(lambda: MonitorConfig.decode(_line(_config(**{field: over}))), field)
@@ -276,27 +296,49 @@ def _tar_boundary(tmp_path: Path, at: bytes, over: bytes, limits: Limits, patter
 
 def test_layer_entries(tmp_path: Path) -> None:
     n = 20
-    _tar_boundary(tmp_path, make_tar([file(f"f{i}") for i in range(n)]),
-                  make_tar([file(f"f{i}") for i in range(n + 1)]),
-                  Limits(max_entries=n), f"more than {n} entries")
+    _tar_boundary(
+        tmp_path,
+        make_tar([file(f"f{i}") for i in range(n)]),
+        make_tar([file(f"f{i}") for i in range(n + 1)]),
+        Limits(max_entries=n),
+        f"more than {n} entries",
+    )
 
 
 def test_layer_file_bytes(tmp_path: Path) -> None:
-    _tar_boundary(tmp_path, make_tar([file("a", b"x" * 600), file("b", b"y" * 424)]),
-                  make_tar([file("a", b"x" * 600), file("b", b"y" * 425)]),
-                  Limits(max_total_bytes=1024), "425 would exceed the limit of 1024")
+    _tar_boundary(
+        tmp_path,
+        make_tar([file("a", b"x" * 600), file("b", b"y" * 424)]),
+        make_tar([file("a", b"x" * 600), file("b", b"y" * 425)]),
+        Limits(max_total_bytes=1024),
+        "425 would exceed the limit of 1024",
+    )
 
 
 def test_layer_name_component_and_depth(tmp_path: Path) -> None:
     c = DEFAULT_LIMITS.max_component_bytes
-    _tar_boundary(tmp_path, make_tar([file("a" * c)]), make_tar([file("a" * (c + 1))]),
-                  DEFAULT_LIMITS, "component of 256 bytes, over the limit of 255")
+    _tar_boundary(
+        tmp_path,
+        make_tar([file("a" * c)]),
+        make_tar([file("a" * (c + 1))]),
+        DEFAULT_LIMITS,
+        "component of 256 bytes, over the limit of 255",
+    )
     d = DEFAULT_LIMITS.max_depth
-    _tar_boundary(tmp_path, make_tar([file("/".join(["d"] * d))]),
-                  make_tar([file("/".join(["d"] * (d + 1)))]), DEFAULT_LIMITS,
-                  "257 levels deep, over the limit of 256")
+    _tar_boundary(
+        tmp_path,
+        make_tar([file("/".join(["d"] * d))]),
+        make_tar([file("/".join(["d"] * (d + 1)))]),
+        DEFAULT_LIMITS,
+        "257 levels deep, over the limit of 256",
+    )
     n = DEFAULT_LIMITS.max_name_bytes  # 4096 bytes of name in 200-byte components
     at = "/".join(["n" * 199] * 20) + "/" + "m" * (n - 20 * 200)
     assert len(at) == n
-    _tar_boundary(tmp_path, make_tar([file(at)]), make_tar([file(at + "m")]),
-                  DEFAULT_LIMITS, "4097 bytes, over the limit of 4096")
+    _tar_boundary(
+        tmp_path,
+        make_tar([file(at)]),
+        make_tar([file(at + "m")]),
+        DEFAULT_LIMITS,
+        "4097 bytes, over the limit of 4096",
+    )

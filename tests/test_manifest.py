@@ -22,19 +22,32 @@ SHA = "sha256:" + "cd" * 32
 def sample(chunks: tuple[str | None, ...] = (None, B3)) -> mf.Manifest:
     return mf.Manifest(
         platform=mf.PlatformContract(
-            arch="x86_64", cpu_profile="kvm-pvm/v1", device_model="spore-board/1",
-            memory=len(chunks) * CHUNK, vcpus=1, kernel=B3, initrd=B3,
+            arch="x86_64",
+            cpu_profile="kvm-pvm/v1",
+            device_model="spore-board/1",
+            memory=len(chunks) * CHUNK,
+            vcpus=1,
+            kernel=B3,
+            initrd=B3,
             cmdline="console=ttyS0 quiet",
         ),
-        rootfs=mf.RootfsRef(kind="ext4-immutable", digest=B3, size=1 << 20,
-                            source_image=SHA, builder="spore-rootfs/1", blk_slot=0),
+        rootfs=mf.RootfsRef(
+            kind="ext4-immutable",
+            digest=B3,
+            size=1 << 20,
+            source_image=SHA,
+            builder="spore-rootfs/1",
+            blk_slot=0,
+        ),
         memory=MemoryIndex(CHUNK, chunks),
         state={"vcpu/0": mf.StateObject(B3, 4096), "vm": mf.StateObject(B3, 100)},
-        generation=mf.Generation(id="0f8fad5b-d9cb-469f-a165-70867728950e", parent=None,
-                                 index=0, count=1),
+        generation=mf.Generation(
+            id="0f8fad5b-d9cb-469f-a165-70867728950e", parent=None, index=0, count=1
+        ),
         annotations={"org.example/purpose": "tests ✓"},
-        provenance=mf.Provenance(sporefile=B3, lock=None, steps=("0" * 64,),
-                                 builder="sporevm/0.1.0"),
+        provenance=mf.Provenance(
+            sporefile=B3, lock=None, steps=("0" * 64,), builder="sporevm/0.1.0"
+        ),
     )
 
 
@@ -76,22 +89,31 @@ def test_roundtrip_and_identity() -> None:
 def test_generation_changes_identity() -> None:
     a = mf.encode(sample())
     m = sample()
-    b = mf.encode(dataclasses.replace(
-        m, generation=mf.Generation("6ba7b810-9dad-41d1-80b4-00c04fd430c8",
-                                    mf.manifest_id(a), 1, 2)))
+    b = mf.encode(
+        dataclasses.replace(
+            m,
+            generation=mf.Generation(
+                "6ba7b810-9dad-41d1-80b4-00c04fd430c8", mf.manifest_id(a), 1, 2
+            ),
+        )
+    )
     assert mf.manifest_id(a) != mf.manifest_id(b)
     assert mf.decode(b).generation.parent == mf.manifest_id(a)
 
 
-@pytest.mark.parametrize("variant", [
-    lambda b: json.dumps(json.loads(b), indent=1).encode(),
-    lambda b: json.dumps(json.loads(b), sort_keys=True).encode(),  # ", " and ": "
-    lambda b: json.dumps(json.loads(b), sort_keys=True, separators=(",", ":")).encode(),  # \u
-    lambda b: b + b"\n",
-    lambda b: b"\xef\xbb\xbf" + b,
-    lambda b: json.dumps(dict(reversed(json.loads(b).items())), separators=(",", ":"),
-                         ensure_ascii=False).encode(),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        lambda b: json.dumps(json.loads(b), indent=1).encode(),
+        lambda b: json.dumps(json.loads(b), sort_keys=True).encode(),  # ", " and ": "
+        lambda b: json.dumps(json.loads(b), sort_keys=True, separators=(",", ":")).encode(),  # \u
+        lambda b: b + b"\n",
+        lambda b: b"\xef\xbb\xbf" + b,
+        lambda b: json.dumps(
+            dict(reversed(json.loads(b).items())), separators=(",", ":"), ensure_ascii=False
+        ).encode(),
+    ],
+)
 def test_only_canonical_bytes_accepted(variant: Any) -> None:
     data = mf.encode(sample())
     other = variant(data)
@@ -122,10 +144,19 @@ def test_unknown_version() -> None:
         mf.decode(raw(d))
 
 
-@pytest.mark.parametrize("path", [
-    (), ("platform",), ("rootfs",), ("memory",), ("state",), ("state", "objects", "vm"),
-    ("generation",), ("provenance",),
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        (),
+        ("platform",),
+        ("rootfs",),
+        ("memory",),
+        ("state",),
+        ("state", "objects", "vm"),
+        ("generation",),
+        ("provenance",),
+    ],
+)
 def test_unknown_field_at_each_level(path: tuple[str, ...]) -> None:
     d = doc()
     target = d
@@ -136,8 +167,9 @@ def test_unknown_field_at_each_level(path: tuple[str, ...]) -> None:
         mf.decode(raw(d))
 
 
-@pytest.mark.parametrize("section", ["platform", "rootfs", "memory", "state", "generation",
-                                     "annotations", "provenance"])
+@pytest.mark.parametrize(
+    "section", ["platform", "rootfs", "memory", "state", "generation", "annotations", "provenance"]
+)
 def test_missing_section(section: str) -> None:
     d = doc()
     del d[section]
@@ -145,8 +177,10 @@ def test_missing_section(section: str) -> None:
         mf.decode(raw(d))
 
 
-@pytest.mark.parametrize("field", ["arch", "cpu_profile", "device_model", "memory", "vcpus",
-                                   "kernel", "initrd", "cmdline"])
+@pytest.mark.parametrize(
+    "field",
+    ["arch", "cpu_profile", "device_model", "memory", "vcpus", "kernel", "initrd", "cmdline"],
+)
 def test_missing_platform_field(field: str) -> None:
     d = doc()
     del d["platform"][field]
@@ -160,16 +194,19 @@ def test_duplicate_keys() -> None:
         mf.decode(data)
 
 
-@pytest.mark.parametrize("bad", [
-    ("platform", "kernel", "blake3:" + "AB" * 32),
-    ("platform", "initrd", "sha256:" + "ab" * 32),
-    ("platform", "kernel", B3 + "\n"),
-    ("rootfs", "digest", "blake3:abc"),
-    ("rootfs", "source_image", B3),
-    ("generation", "parent", "blake3:"),
-    ("provenance", "sporefile", SHA),
-    ("provenance", "lock", "blake3:" + "g" * 64),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("platform", "kernel", "blake3:" + "AB" * 32),
+        ("platform", "initrd", "sha256:" + "ab" * 32),
+        ("platform", "kernel", B3 + "\n"),
+        ("rootfs", "digest", "blake3:abc"),
+        ("rootfs", "source_image", B3),
+        ("generation", "parent", "blake3:"),
+        ("provenance", "sporefile", SHA),
+        ("provenance", "lock", "blake3:" + "g" * 64),
+    ],
+)
 def test_bad_digests(bad: tuple[str, str, str]) -> None:
     section, field, value = bad
     d = doc()
@@ -189,26 +226,29 @@ def test_bad_chunk_and_object_digests() -> None:
         mf.decode(raw(d))
 
 
-@pytest.mark.parametrize("bad", [
-    ("platform", "arch", "aarch64"),
-    ("platform", "vcpus", 0),
-    ("platform", "vcpus", True),
-    ("platform", "vcpus", "1"),
-    ("platform", "memory", CHUNK + 4096),
-    ("platform", "memory", 0),
-    ("platform", "cmdline", "a\nb"),
-    ("platform", "cmdline", "x" * 4097),
-    ("platform", "cpu_profile", "KVM"),
-    ("rootfs", "kind", "ext4"),
-    ("rootfs", "blk_slot", 1),
-    ("rootfs", "size", -1),
-    ("memory", "chunk_size", 4096),
-    ("generation", "id", "not-a-uuid"),
-    ("generation", "id", "0f8fad5b-d9cb-169f-a165-70867728950e"),  # uuid1
-    ("generation", "count", 0),
-    ("provenance", "steps", ["xyz"]),
-    ("provenance", "steps", "0" * 64),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("platform", "arch", "aarch64"),
+        ("platform", "vcpus", 0),
+        ("platform", "vcpus", True),
+        ("platform", "vcpus", "1"),
+        ("platform", "memory", CHUNK + 4096),
+        ("platform", "memory", 0),
+        ("platform", "cmdline", "a\nb"),
+        ("platform", "cmdline", "x" * 4097),
+        ("platform", "cpu_profile", "KVM"),
+        ("rootfs", "kind", "ext4"),
+        ("rootfs", "blk_slot", 1),
+        ("rootfs", "size", -1),
+        ("memory", "chunk_size", 4096),
+        ("generation", "id", "not-a-uuid"),
+        ("generation", "id", "0f8fad5b-d9cb-169f-a165-70867728950e"),  # uuid1
+        ("generation", "count", 0),
+        ("provenance", "steps", ["xyz"]),
+        ("provenance", "steps", "0" * 64),
+    ],
+)
 def test_bad_values(bad: tuple[str, str, Any]) -> None:
     section, field, value = bad
     d = doc()
@@ -254,8 +294,16 @@ def test_state_object_names() -> None:
 
 
 def test_malformed_input() -> None:
-    for data in (b"", b"[]", b"{", b"\xff\xfe", b'{"format":"spore/v1"}', b"null",
-                 b"[" * 100000 + b"]" * 100000, b'{"a":' + b"9" * 5000 + b"}"):
+    for data in (
+        b"",
+        b"[]",
+        b"{",
+        b"\xff\xfe",
+        b'{"format":"spore/v1"}',
+        b"null",
+        b"[" * 100000 + b"]" * 100000,
+        b'{"a":' + b"9" * 5000 + b"}",
+    ):
         with pytest.raises(mf.ManifestError):
             mf.decode(data)
     with pytest.raises(mf.ManifestError, match="larger than"):
@@ -281,9 +329,14 @@ def test_check_platform_each_field() -> None:
     m = sample()
     mf.check_platform(m, m.platform)
     other: dict[str, Any] = {
-        "arch": "aarch64", "cpu_profile": "kvm/v1", "device_model": "spore-board/2",
-        "memory": 4 * CHUNK, "vcpus": 2, "kernel": "blake3:" + "00" * 32,
-        "initrd": "blake3:" + "11" * 32, "cmdline": "console=ttyS0",
+        "arch": "aarch64",
+        "cpu_profile": "kvm/v1",
+        "device_model": "spore-board/2",
+        "memory": 4 * CHUNK,
+        "vcpus": 2,
+        "kernel": "blake3:" + "00" * 32,
+        "initrd": "blake3:" + "11" * 32,
+        "cmdline": "console=ttyS0",
     }
     for field, value in other.items():
         host = dataclasses.replace(m.platform, **{field: value})

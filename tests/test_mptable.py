@@ -58,8 +58,21 @@ def parse(ram: bytes) -> Parsed:
     feature1, feature2 = ram[at + 11], ram[at + 12]
     assert feature1 == 0  # 0: a configuration table is present (no default configuration)
     assert feature2 == 0 and ram[at + 13 : at + 16] == b"\0\0\0"
-    (sig, length, spec, _ck, oem, _product, oemptr, oemsize, count, lapic, ext_len, ext_ck,
-     _res) = struct.unpack_from("<4sHBB8s12sIHHIHBB", ram, physptr)
+    (
+        sig,
+        length,
+        spec,
+        _ck,
+        oem,
+        _product,
+        oemptr,
+        oemsize,
+        count,
+        lapic,
+        ext_len,
+        ext_ck,
+        _res,
+    ) = struct.unpack_from("<4sHBB8s12sIHHIHBB", ram, physptr)
     assert sig == b"PCMP" and spec in (1, 4) and lapic != 0
     assert sum(ram[physptr : physptr + length]) % 256 == 0, "configuration table checksum"
     assert (oemptr, oemsize, ext_len, ext_ck) == (0, 0, 0, 0)
@@ -76,8 +89,9 @@ def parse(ram: bytes) -> Parsed:
         if kind == mptable.MP_BUS:
             p.buses.append((fields[1], bytes(ram[pos + 2 : pos + 8])))
         elif kind == mptable.MP_IOAPIC:
-            p.ioapics.append((fields[1], fields[2], fields[3],
-                              struct.unpack_from("<I", ram, pos + 4)[0]))
+            p.ioapics.append(
+                (fields[1], fields[2], fields[3], struct.unpack_from("<I", ram, pos + 4)[0])
+            )
         elif kind == mptable.MP_INTSRC:
             irqtype, irqflag = fields[1], struct.unpack_from("<H", ram, pos + 2)[0]
             p.intsrc.append((irqtype, irqflag, *fields[4:8]))

@@ -62,40 +62,46 @@ def js(obj: Any) -> bytes:
 # -- references ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, canonical", [
-    ("busybox", "docker.io/library/busybox:latest"),
-    ("busybox:1.36", "docker.io/library/busybox:1.36"),
-    ("library/busybox", "docker.io/library/busybox:latest"),
-    ("index.docker.io/foo/bar", "docker.io/foo/bar:latest"),
-    ("docker.io/library/busybox:latest", "docker.io/library/busybox:latest"),
-    ("ghcr.io/o/r/sub:v1", "ghcr.io/o/r/sub:v1"),
-    ("127.0.0.1:5000/x/y:tag", "127.0.0.1:5000/x/y:tag"),
-    ("localhost/x", "localhost/x:latest"),
-    ("localhost:5000/x", "localhost:5000/x:latest"),
-    ("[::1]:5000/x", "[::1]:5000/x:latest"),
-    (f"busybox@{D1}", f"docker.io/library/busybox@{D1}"),
-    (f"127.0.0.1:5000/x:t@{D1}", f"127.0.0.1:5000/x:t@{D1}"),
-    ("my-reg.example.com/a__b/c.d-e", "my-reg.example.com/a__b/c.d-e:latest"),
-])
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("busybox", "docker.io/library/busybox:latest"),
+        ("busybox:1.36", "docker.io/library/busybox:1.36"),
+        ("library/busybox", "docker.io/library/busybox:latest"),
+        ("index.docker.io/foo/bar", "docker.io/foo/bar:latest"),
+        ("docker.io/library/busybox:latest", "docker.io/library/busybox:latest"),
+        ("ghcr.io/o/r/sub:v1", "ghcr.io/o/r/sub:v1"),
+        ("127.0.0.1:5000/x/y:tag", "127.0.0.1:5000/x/y:tag"),
+        ("localhost/x", "localhost/x:latest"),
+        ("localhost:5000/x", "localhost:5000/x:latest"),
+        ("[::1]:5000/x", "[::1]:5000/x:latest"),
+        (f"busybox@{D1}", f"docker.io/library/busybox@{D1}"),
+        (f"127.0.0.1:5000/x:t@{D1}", f"127.0.0.1:5000/x:t@{D1}"),
+        ("my-reg.example.com/a__b/c.d-e", "my-reg.example.com/a__b/c.d-e:latest"),
+    ],
+)
 def test_parse_registry_refs(text: str, canonical: str) -> None:
     ref = parse_ref(text, Path("/"))
     assert ref.kind == "registry" and str(ref) == canonical
     assert str(parse_ref(str(ref), Path("/"))) == canonical  # canonical form round-trips
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("", "empty"),
-    ("Busybox", "lowercase"),
-    ("busybox:", "not a valid tag"),
-    ("busybox:-x", "not a valid tag"),
-    ("busybox@sha256:abc", "not a valid digest"),
-    (f"busybox@sha512:{'a' * 128}", "unsupported algorithm"),
-    ("docker://busybox", "URL schemes"),
-    ("a b", "whitespace"),
-    ("x//y", "not a valid repository path component"),
-    ("bad_host.com:x/y", "registry host"),
-    ("a" * 300, "longer than 255"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "empty"),
+        ("Busybox", "lowercase"),
+        ("busybox:", "not a valid tag"),
+        ("busybox:-x", "not a valid tag"),
+        ("busybox@sha256:abc", "not a valid digest"),
+        (f"busybox@sha512:{'a' * 128}", "unsupported algorithm"),
+        ("docker://busybox", "URL schemes"),
+        ("a b", "whitespace"),
+        ("x//y", "not a valid repository path component"),
+        ("bad_host.com:x/y", "registry host"),
+        ("a" * 300, "longer than 255"),
+    ],
+)
 def test_parse_ref_errors(text: str, needle: str) -> None:
     with pytest.raises(OCIError, match=needle) as info:
         parse_ref(text, Path("/"))
@@ -105,7 +111,11 @@ def test_parse_ref_errors(text: str, needle: str) -> None:
 def test_parse_layout_refs(tmp_path: Path) -> None:
     ref = parse_ref("oci-layout:images/bb", tmp_path)
     assert (ref.kind, ref.layout_path, ref.tag, ref.digest) == (
-        "oci-layout", tmp_path / "images/bb", "latest", None)
+        "oci-layout",
+        tmp_path / "images/bb",
+        "latest",
+        None,
+    )
     assert str(ref) == f"oci-layout:{tmp_path}/images/bb:latest"
     assert parse_ref("oci-layout:./bb:v2", tmp_path).tag == "v2"
     pinned = parse_ref(f"oci-layout:bb@{D1}", tmp_path)
@@ -135,10 +145,14 @@ def manifest_doc(**over: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D1,
-                   "size": 10},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D2,
-                    "size": 20}],
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": D1,
+            "size": 10,
+        },
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D2, "size": 20}
+        ],
     }
     doc.update(over)
     return doc
@@ -156,28 +170,87 @@ def test_manifest_decoding_accepts_oci_and_docker() -> None:
     assert isinstance(decode_manifest_or_index(js(no_type), what="m"), ImageManifest)
 
 
-@pytest.mark.parametrize("doc, needle", [
-    ({"schemaVersion": 1, "name": "x", "fsLayers": []}, "schema 1"),
-    (manifest_doc(mediaType="application/vnd.docker.distribution.manifest.v1+prettyjws"),
-     "schema 1"),
-    (manifest_doc(schemaVersion=3), "schemaVersion"),
-    (manifest_doc(mediaType="application/vnd.oci.artifact.manifest.v1+json"),
-     "unsupported media type"),
-    (manifest_doc(manifests=[]), "ambiguous"),
-    (manifest_doc(layers=[{"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-                           "digest": D2, "size": 1, "urls": ["https://x"]}]), "foreign"),
-    (manifest_doc(layers=[{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                           "digest": D2, "size": 1, "urls": ["https://x"]}]), "external URLs"),
-    (manifest_doc(layers=[{"mediaType": "application/x-squashfs", "digest": D2, "size": 1}]),
-     "unsupported media type"),
-    (manifest_doc(layers=[{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                           "digest": D2, "size": -1}]), "non-negative"),
-    (manifest_doc(layers=[{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                           "digest": D2, "size": 1 << 40}]), "limit"),
-    (manifest_doc(config={"mediaType": "application/vnd.cncf.helm.config.v1+json",
-                          "digest": D1, "size": 1}), "not a container image config"),
-    (manifest_doc(layers="x"), "must be a list"),
-])
+@pytest.mark.parametrize(
+    "doc, needle",
+    [
+        ({"schemaVersion": 1, "name": "x", "fsLayers": []}, "schema 1"),
+        (
+            manifest_doc(mediaType="application/vnd.docker.distribution.manifest.v1+prettyjws"),
+            "schema 1",
+        ),
+        (manifest_doc(schemaVersion=3), "schemaVersion"),
+        (
+            manifest_doc(mediaType="application/vnd.oci.artifact.manifest.v1+json"),
+            "unsupported media type",
+        ),
+        (manifest_doc(manifests=[]), "ambiguous"),
+        (
+            manifest_doc(
+                layers=[
+                    {
+                        "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                        "digest": D2,
+                        "size": 1,
+                        "urls": ["https://x"],
+                    }
+                ]
+            ),
+            "foreign",
+        ),
+        (
+            manifest_doc(
+                layers=[
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": D2,
+                        "size": 1,
+                        "urls": ["https://x"],
+                    }
+                ]
+            ),
+            "external URLs",
+        ),
+        (
+            manifest_doc(layers=[{"mediaType": "application/x-squashfs", "digest": D2, "size": 1}]),
+            "unsupported media type",
+        ),
+        (
+            manifest_doc(
+                layers=[
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": D2,
+                        "size": -1,
+                    }
+                ]
+            ),
+            "non-negative",
+        ),
+        (
+            manifest_doc(
+                layers=[
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": D2,
+                        "size": 1 << 40,
+                    }
+                ]
+            ),
+            "limit",
+        ),
+        (
+            manifest_doc(
+                config={
+                    "mediaType": "application/vnd.cncf.helm.config.v1+json",
+                    "digest": D1,
+                    "size": 1,
+                }
+            ),
+            "not a container image config",
+        ),
+        (manifest_doc(layers="x"), "must be a list"),
+    ],
+)
 def test_manifest_decoding_rejects(doc: dict[str, Any], needle: str) -> None:
     with pytest.raises(OCIError, match=needle) as info:
         decode_manifest_or_index(js(doc), what="ref: manifest")
@@ -185,18 +258,23 @@ def test_manifest_decoding_rejects(doc: dict[str, Any], needle: str) -> None:
 
 
 def test_strict_json() -> None:
-    for raw, needle in [(b'{"schemaVersion": 2, "schemaVersion": 2}', "duplicate key"),
-                        (b"[" * 100_000, "nested too deeply|invalid JSON"),
-                        (b'{"schemaVersion": NaN}', "invalid JSON"),
-                        (b"\xff\xfe", "not UTF-8"), (b"[]", "JSON object")]:
+    for raw, needle in [
+        (b'{"schemaVersion": 2, "schemaVersion": 2}', "duplicate key"),
+        (b"[" * 100_000, "nested too deeply|invalid JSON"),
+        (b'{"schemaVersion": NaN}', "invalid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[]", "JSON object"),
+    ]:
         with pytest.raises(OCIError, match=needle):
             decode_manifest_or_index(raw, what="m")
     with pytest.raises(OCIError, match="served as"):
-        decode_manifest_or_index(js(manifest_doc()), what="m",
-                                 media_type="application/vnd.oci.image.index.v1+json")
+        decode_manifest_or_index(
+            js(manifest_doc()), what="m", media_type="application/vnd.oci.image.index.v1+json"
+        )
     with pytest.raises(OCIError, match="schema 1"):
-        decode_manifest_or_index(b"{}", what="m",
-                                 media_type="application/vnd.docker.distribution.manifest.v1+json")
+        decode_manifest_or_index(
+            b"{}", what="m", media_type="application/vnd.docker.distribution.manifest.v1+json"
+        )
 
 
 def index_doc(*platforms: str) -> bytes:
@@ -204,20 +282,30 @@ def index_doc(*platforms: str) -> bytes:
     for i, p in enumerate(platforms):
         os_, arch, *variant = p.split("/")
         plat = {"os": os_, "architecture": arch, **({"variant": variant[0]} if variant else {})}
-        entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": "sha256:" + f"{i:064x}", "size": 1, "platform": plat})
+        entries.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + f"{i:064x}",
+                "size": 1,
+                "platform": plat,
+            }
+        )
     return js({"schemaVersion": 2, "manifests": entries})
 
 
 def test_platform_selection() -> None:
     index = decode_manifest_or_index(
-        index_doc("linux/amd64", "linux/arm64/v8", "linux/arm/v6", "unknown/unknown"), what="i")
+        index_doc("linux/amd64", "linux/arm64/v8", "linux/arm/v6", "unknown/unknown"), what="i"
+    )
     assert isinstance(index, ImageIndex)
     pick = select_platform(index, parse_platform("linux/arm64"), what="i")
     assert pick.digest.endswith("1")  # arm64 means arm64/v8
     assert select_platform(index, parse_platform("linux/amd64/v1"), what="i").digest.endswith("0")
-    with pytest.raises(OCIError, match=r"linux/s390x \(available: linux/amd64, linux/arm/v6, "
-                                       r"linux/arm64/v8\)"):
+    with pytest.raises(
+        OCIError,
+        match=r"linux/s390x \(available: linux/amd64, linux/arm/v6, "
+        r"linux/arm64/v8\)",
+    ):
         select_platform(index, parse_platform("linux/s390x"), what="i")
     with pytest.raises(OCIError, match=r"no image for platform linux/arm \("):
         select_platform(index, parse_platform("linux/arm"), what="i")
@@ -228,7 +316,8 @@ def test_platform_selection() -> None:
 
 def test_config_decoding() -> None:
     cfg: dict[str, Any] = {
-        "architecture": "amd64", "os": "linux",
+        "architecture": "amd64",
+        "os": "linux",
         "config": {"Env": ["PATH=/bin"], "WorkingDir": "/w", "Cmd": None},
         "rootfs": {"type": "layers", "diff_ids": [D1]},
     }
@@ -246,29 +335,44 @@ def test_config_decoding() -> None:
 
 
 def test_auth_parsers(tmp_path: Path) -> None:
-    [bearer] = parse_challenges('Bearer realm="https://auth.docker.io/token",'
-                                'service="registry.docker.io",scope="repository:library/x:pull"')
+    [bearer] = parse_challenges(
+        'Bearer realm="https://auth.docker.io/token",'
+        'service="registry.docker.io",scope="repository:library/x:pull"'
+    )
     assert bearer.scheme == "bearer"
-    assert bearer.params == {"realm": "https://auth.docker.io/token",
-                             "service": "registry.docker.io",
-                             "scope": "repository:library/x:pull"}
+    assert bearer.params == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:library/x:pull",
+    }
     two = parse_challenges('Basic realm="r\\"q", Bearer realm="https://a/t" , service=svc')
     assert [(c.scheme, c.params) for c in two] == [
-        ("basic", {"realm": 'r"q'}), ("bearer", {"realm": "https://a/t", "service": "svc"})]
-    for bad in ('"quoted"', "", "Bearer realm=\"x\" ="):
+        ("basic", {"realm": 'r"q'}),
+        ("bearer", {"realm": "https://a/t", "service": "svc"}),
+    ]
+    for bad in ('"quoted"', "", 'Bearer realm="x" ='):
         with pytest.raises(OCIError):
             parse_challenges(bad)
     assert decode_token_response(b'{"access_token": "abc.def"}', what="t") == "abc.def"
     for bad_token in (b'{"token": ""}', b'{"token": "a\\r\\nX-Evil: 1"}', b"{}"):
         with pytest.raises(OCIError):
             decode_token_response(bad_token, what="t")
-    assert summarize_errors(js({"errors": [{"code": "DENIED", "message": "no\x1b[31m"}]})) == \
-        "DENIED: no?[31m"
+    assert (
+        summarize_errors(js({"errors": [{"code": "DENIED", "message": "no\x1b[31m"}]}))
+        == "DENIED: no?[31m"
+    )
     assert summarize_errors(b"<html>") == ""
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"auths": {
-        "https://index.docker.io/v1/": {"auth": base64.b64encode(b"u:p").decode()},
-        "reg.example:5000": {"username": "a", "password": "b"}}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": base64.b64encode(b"u:p").decode()},
+                    "reg.example:5000": {"username": "a", "password": "b"},
+                }
+            }
+        )
+    )
     assert load_credentials("docker.io", cfg) == base64.b64encode(b"u:p").decode()
     assert load_credentials("reg.example:5000", cfg) == base64.b64encode(b"a:b").decode()
     assert load_credentials("other.example", cfg) is None
@@ -281,13 +385,15 @@ def test_auth_parsers(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def small_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     layout = tmp_path_factory.mktemp("small") / "layout"
-    layer = ociimage.tar_layer({"etc": None, "etc/hello": b"hi\n", "bin": None,
-                                "bin/sh": "/bin/busybox"})
+    layer = ociimage.tar_layer(
+        {"etc": None, "etc/hello": b"hi\n", "bin": None, "bin/sh": "/bin/busybox"}
+    )
     return layout, ociimage.write_layout(layout, [layer], tag="v1", compression="zstd")
 
 
-def test_layout_tag_and_digest(small_layout: tuple[Path, str], store: Store,
-                               tmp_path: Path) -> None:
+def test_layout_tag_and_digest(
+    small_layout: tuple[Path, str], store: Store, tmp_path: Path
+) -> None:
     layout, digest = small_layout
     client = OCIClient(store)
     ref = parse_ref(f"oci-layout:{layout.name}:v1", layout.parent)
@@ -308,8 +414,9 @@ def test_layout_tag_and_digest(small_layout: tuple[Path, str], store: Store,
         OCIClient(Store(tmp_path / "s3")).fetch(pinned, digest, "linux/arm64")
 
 
-def test_layout_symlinked_blob_is_not_followed(small_layout: tuple[Path, str],
-                                               tmp_path: Path) -> None:
+def test_layout_symlinked_blob_is_not_followed(
+    small_layout: tuple[Path, str], tmp_path: Path
+) -> None:
     src, digest = small_layout
     layout = tmp_path / "evil"
     (layout / "blobs" / "sha256").mkdir(parents=True)
@@ -331,8 +438,9 @@ def test_layout_descriptor_size_mismatch(tmp_path: Path) -> None:
     layout = tmp_path / "l"
     ociimage.write_layout(layout, [ociimage.tar_layer({"a": b"x"})], tag="t", compression="none")
     index = json.loads((layout / "index.json").read_bytes())
-    manifest = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"][7:])
-                          .read_bytes())
+    manifest = json.loads(
+        (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_bytes()
+    )
     manifest["layers"][0]["size"] += 1  # lie about the size; content digest still right
     data = js(manifest)
     (layout / "blobs/sha256" / sha(data)[7:]).write_bytes(data)
@@ -346,8 +454,9 @@ def test_layout_descriptor_size_mismatch(tmp_path: Path) -> None:
 # -- registry -----------------------------------------------------------------------
 
 
-def test_resolve_and_fetch(registry: LocalRegistry, busybox_image: PushedImage,
-                           store: Store) -> None:
+def test_resolve_and_fetch(
+    registry: LocalRegistry, busybox_image: PushedImage, store: Store
+) -> None:
     client = OCIClient(store)
     ref = parse_ref(busybox_image.ref, Path("/"))
     digest = client.resolve(ref, AMD64)
@@ -366,8 +475,9 @@ def test_resolve_and_fetch(registry: LocalRegistry, busybox_image: PushedImage,
         client.resolve(parse_ref(f"{registry.host}/library/busybox:nope", Path("/")), AMD64)
 
 
-def test_cached_fetch_with_registry_down(busybox_image: PushedImage, store: Store,
-                                         throwaway_registry: LocalRegistry) -> None:
+def test_cached_fetch_with_registry_down(
+    busybox_image: PushedImage, store: Store, throwaway_registry: LocalRegistry
+) -> None:
     reg = throwaway_registry
     try:
         ref = parse_ref(reg.push(busybox_image.layout, "x/bb:latest"), Path("/"))
@@ -396,17 +506,26 @@ def test_every_layer_compression(multilayer_image: PushedImage, store: Store) ->
     ref = parse_ref(multilayer_image.ref, Path("/"))
     img = client.fetch(ref, client.resolve(ref, AMD64), AMD64)
     assert [layer.media_type.rsplit(".", 1)[1] for layer in img.layers] == [
-        "tar", "tar+gzip", "tar+zstd"]
+        "tar",
+        "tar+gzip",
+        "tar+zstd",
+    ]
     assert list(img.diff_ids) == [sha(tar) for tar in multi_layer_case()[0]]
 
 
 def test_multi_platform_index(registry: LocalRegistry, store: Store, tmp_path: Path) -> None:
     layout = tmp_path / "multi"
-    index_digest = ociimage.write_index_layout(layout, {
-        "linux/amd64": [ociimage.tar_layer({"arch": b"amd64\n"})],
-        "linux/arm64": [ociimage.tar_layer({"arch": b"arm64\n"}),
-                        ociimage.tar_layer({"extra": b"x"})],
-    }, tag="multi")
+    index_digest = ociimage.write_index_layout(
+        layout,
+        {
+            "linux/amd64": [ociimage.tar_layer({"arch": b"amd64\n"})],
+            "linux/arm64": [
+                ociimage.tar_layer({"arch": b"arm64\n"}),
+                ociimage.tar_layer({"extra": b"x"}),
+            ],
+        },
+        tag="multi",
+    )
     ref = parse_ref(registry.push(layout, "test/multi:multi", tag="multi"), Path("/"))
     client = OCIClient(store)
     assert client.resolve(ref, "linux/arm64") == index_digest
@@ -415,8 +534,11 @@ def test_multi_platform_index(registry: LocalRegistry, store: Store, tmp_path: P
     assert arm.index_digest == amd.index_digest == index_digest
     assert arm.manifest_digest != amd.manifest_digest
     assert (len(arm.layers), len(amd.layers)) == (2, 1)
-    with pytest.raises(OCIError, match=r"no image for platform linux/riscv64 \(available: "
-                                       r"linux/amd64, linux/arm64\)"):
+    with pytest.raises(
+        OCIError,
+        match=r"no image for platform linux/riscv64 \(available: "
+        r"linux/amd64, linux/arm64\)",
+    ):
         client.fetch(ref, index_digest, "linux/riscv64")
 
 
@@ -431,24 +553,28 @@ def test_corrupt_blob_is_rejected(registry: LocalRegistry, store: Store, tmp_pat
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same length, different bytes
     blob.write_bytes(bytes(data))
-    with pytest.raises(OCIError, match=f"layer {layer}: content digest is sha256:[0-9a-f]{{64}}, "
-                                       f"expected {layer}"):
+    with pytest.raises(
+        OCIError, match=f"layer {layer}: content digest is sha256:[0-9a-f]{{64}}, expected {layer}"
+    ):
         OCIClient(store).fetch(ref, digest, AMD64)
     assert not store.has_blob(layer)
     assert list((store.root / "tmp").iterdir()) == []
 
 
-def test_insecure_registry_policy(busybox_image: PushedImage, store: Store,
-                                  tmp_path: Path) -> None:
+def test_insecure_registry_policy(busybox_image: PushedImage, store: Store, tmp_path: Path) -> None:
     # Our own non-loopback address: plain HTTP must not be used unless the user says so.
     ip = non_loopback_ip()
     reg = LocalRegistry(tmp_path / "reg", bind="0.0.0.0", host=ip)
     try:
-        ociimage.push_layout(busybox_image.layout, "latest",
-                             f"127.0.0.1:{reg.port}/library/busybox:latest")
+        ociimage.push_layout(
+            busybox_image.layout, "latest", f"127.0.0.1:{reg.port}/library/busybox:latest"
+        )
         ref = parse_ref(f"{reg.host}/library/busybox:latest", Path("/"))
-        with pytest.raises(OCIError, match=f"TLS handshake with registry {reg.host} failed; "
-                                           f"if it serves plain HTTP, pass --insecure-registry"):
+        with pytest.raises(
+            OCIError,
+            match=f"TLS handshake with registry {reg.host} failed; "
+            f"if it serves plain HTTP, pass --insecure-registry",
+        ):
             OCIClient(store).resolve(ref, AMD64)
         client = OCIClient(store, insecure_registries=frozenset({reg.host}))
         assert client.resolve(ref, AMD64) == busybox_image.digest
@@ -516,23 +642,39 @@ class AuthGate:
         auth = h.headers.get("Authorization", "")
         if url.path.startswith("/redirected/"):
             self.blob_auth.append(auth)
-            h.path = h.path[len("/redirected"):]
+            h.path = h.path[len("/redirected") :]
         elif not auth.startswith("Bearer ") or auth[7:] not in self.issued:
-            challenge = (f'Bearer realm="http://{self.host}/token",service="gate",'
-                         f'scope="repository:{url.path.split("/")[2]}/'
-                         f'{url.path.split("/")[3]}:pull"')
-            return self.reply(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}',
-                              {"WWW-Authenticate": challenge})
+            challenge = (
+                f'Bearer realm="http://{self.host}/token",service="gate",'
+                f'scope="repository:{url.path.split("/")[2]}/'
+                f'{url.path.split("/")[3]}:pull"'
+            )
+            return self.reply(
+                h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}
+            )
         if self.redirect_blobs and "/blobs/" in url.path and not url.path.startswith("/redir"):
             return self.reply(h, 307, b"", {"Location": self.redirect_blobs + h.path})
-        up = requests.request(method, self.upstream + h.path, timeout=5,
-                              headers={"Accept": h.headers.get("Accept", "*/*")})
-        keep = {k: v for k, v in up.headers.items()
-                if k == "Content-Type" or (k == "Docker-Content-Digest" and self.send_digest)}
+        up = requests.request(
+            method,
+            self.upstream + h.path,
+            timeout=5,
+            headers={"Accept": h.headers.get("Accept", "*/*")},
+        )
+        keep = {
+            k: v
+            for k, v in up.headers.items()
+            if k == "Content-Type" or (k == "Docker-Content-Digest" and self.send_digest)
+        }
         self.reply(h, up.status_code, up.content, keep, head=method == "HEAD")
 
-    def reply(self, h: BaseHTTPRequestHandler, status: int, body: bytes,
-              headers: dict[str, str], head: bool = False) -> None:
+    def reply(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        head: bool = False,
+    ) -> None:
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
@@ -553,8 +695,9 @@ def gate(registry: LocalRegistry) -> Iterator[AuthGate]:
     g.close()
 
 
-def test_bearer_token_flow_anonymous(gate: AuthGate, busybox_image: PushedImage,
-                                     store: Store) -> None:
+def test_bearer_token_flow_anonymous(
+    gate: AuthGate, busybox_image: PushedImage, store: Store
+) -> None:
     ref = parse_ref(f"{gate.host}/library/busybox:latest", Path("/"))
     client = OCIClient(store)
     digest = client.resolve(ref, AMD64)
@@ -565,24 +708,27 @@ def test_bearer_token_flow_anonymous(gate: AuthGate, busybox_image: PushedImage,
     assert gate.token_requests == [{"service": "gate", "scope": "repository:library/busybox:pull"}]
 
 
-def test_bearer_token_flow_with_credentials(registry: LocalRegistry, busybox_image: PushedImage,
-                                            store: Store, tmp_path: Path) -> None:
+def test_bearer_token_flow_with_credentials(
+    registry: LocalRegistry, busybox_image: PushedImage, store: Store, tmp_path: Path
+) -> None:
     gate = AuthGate(registry.url, user="alice")
     try:
         ref = parse_ref(f"{gate.host}/library/busybox:latest", Path("/"))
         with pytest.raises(OCIError, match=r"token server .*HTTP 401 \(UNAUTHORIZED\)"):
             OCIClient(store, auth_config=tmp_path / "none.json").resolve(ref, AMD64)
         config = tmp_path / "config.json"
-        config.write_text(json.dumps({"auths": {gate.host: {
-            "auth": base64.b64encode(b"alice:secret").decode()}}}))
+        config.write_text(
+            json.dumps({"auths": {gate.host: {"auth": base64.b64encode(b"alice:secret").decode()}}})
+        )
         client = OCIClient(store, auth_config=config)
         assert client.resolve(ref, AMD64) == busybox_image.digest
     finally:
         gate.close()
 
 
-def test_tag_resolution_without_digest_header(gate: AuthGate, busybox_image: PushedImage,
-                                              store: Store) -> None:
+def test_tag_resolution_without_digest_header(
+    gate: AuthGate, busybox_image: PushedImage, store: Store
+) -> None:
     # Some registries answer HEAD without Docker-Content-Digest: GET and hash the bytes.
     gate.send_digest = False
     ref = parse_ref(f"{gate.host}/library/busybox:latest", Path("/"))
@@ -590,8 +736,9 @@ def test_tag_resolution_without_digest_header(gate: AuthGate, busybox_image: Pus
     assert store.has_blob(busybox_image.digest)
 
 
-def test_blob_redirects(gate: AuthGate, busybox_image: PushedImage, store: Store,
-                        tmp_path: Path) -> None:
+def test_blob_redirects(
+    gate: AuthGate, busybox_image: PushedImage, store: Store, tmp_path: Path
+) -> None:
     ref = parse_ref(f"{gate.host}/library/busybox:latest", Path("/")).pinned(busybox_image.digest)
     # Storage on another host (here: another loopback name) gets no credentials.
     gate.redirect_blobs = f"http://localhost:{gate.host.split(':')[1]}/redirected"

@@ -228,11 +228,21 @@ AP_CODE = 0x8000  # free low page: between boot_params (0x7000) and the PML4 (0x
 def _start_ap(vm: ProbeVm, code: bytes) -> None:
     """Put vCPU 1 straight into long mode at ``code`` (as if the guest had started it)."""
     vm.machine.ram.write(AP_CODE, code)
-    vm.machine.vcpus[1].enter_long_mode(LongModeEntry(
-        rip=AP_CODE, rsi=0, cr3=boot.PML4_ADDR, gdt_base=boot.GDT_ADDR, gdt_limit=6 * 8 - 1,
-        code_selector=boot.CODE_SELECTOR, data_selector=boot.DATA_SELECTOR,
-        tss_selector=boot.TSS_SELECTOR, tss_base=boot.TSS_ADDR, tss_limit=boot.TSS_LIMIT,
-        rsp=0x3000))
+    vm.machine.vcpus[1].enter_long_mode(
+        LongModeEntry(
+            rip=AP_CODE,
+            rsi=0,
+            cr3=boot.PML4_ADDR,
+            gdt_base=boot.GDT_ADDR,
+            gdt_limit=6 * 8 - 1,
+            code_selector=boot.CODE_SELECTOR,
+            data_selector=boot.DATA_SELECTOR,
+            tss_selector=boot.TSS_SELECTOR,
+            tss_base=boot.TSS_ADDR,
+            tss_limit=boot.TSS_LIMIT,
+            rsp=0x3000,
+        )
+    )
     vm.machine.vcpus[1].set_mp_state(kvm.KVM_MP_STATE_RUNNABLE)
 
 

@@ -66,32 +66,44 @@ def _snapshot(**over: object) -> bytes:
     return json.dumps({**doc, **over}).encode()
 
 
-@pytest.mark.parametrize(("line", "words"), [
-    (_snapshot(chunk_size=4096), "chunk_size"),
-    (_snapshot(chunks=[]), "chunks"),
-    (_snapshot(chunks=["blake3:../../etc/passwd"]), r"chunks\[0\]"),
-    (_snapshot(chunks=[None] * (protocol.MAX_CHUNKS + 1)), "chunks"),
-    (_snapshot(hashed=4), "hashed"),
-    (_snapshot(seconds=-1), "seconds"),
-    (_snapshot(seconds=True), "seconds"),
-    (_snapshot(settled=1), "settled"),
-    (_snapshot(state={"digest": ID}), "state"),
-    (_snapshot(state={"digest": ID, "size": 0}), "state.size"),
-    (_snapshot(state={"digest": "sha256:" + "0" * 64, "size": 1}), "state.digest"),
-    (b'{"event": "exit", "reason": "EXPLODED", "status": null, "rip": null, "code": null, '
-     b'"detail": ""}', "reason"),
-    (b'{"event": "exit", "reason": "POWEROFF", "status": -1, "rip": null, "code": null, '
-     b'"detail": ""}', "status"),
-    (b'{"event": "exit", "reason": "POWEROFF", "status": null, "rip": null, "code": "", '
-     b'"detail": ""}', "code"),
-    (b'{"event": "error", "message": "\\u0007bell"}', "control characters"),
-    (b'{"event": "error", "message": "' + b"x" * (protocol.MAX_TEXT + 1) + b'"}', "message"),
-    (b'{"event": "error", "message": 1}', "message"),
-    (b'{"event": "error", "message": "a", "event": "exit"}', "not JSON"),
-    (b'{"event": "snapshot", "seconds": Infinity}', "not JSON"),
-    (b'"error"', "not a JSON object"),
-    (b'\xff', "not JSON"),
-])
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (_snapshot(chunk_size=4096), "chunk_size"),
+        (_snapshot(chunks=[]), "chunks"),
+        (_snapshot(chunks=["blake3:../../etc/passwd"]), r"chunks\[0\]"),
+        (_snapshot(chunks=[None] * (protocol.MAX_CHUNKS + 1)), "chunks"),
+        (_snapshot(hashed=4), "hashed"),
+        (_snapshot(seconds=-1), "seconds"),
+        (_snapshot(seconds=True), "seconds"),
+        (_snapshot(settled=1), "settled"),
+        (_snapshot(state={"digest": ID}), "state"),
+        (_snapshot(state={"digest": ID, "size": 0}), "state.size"),
+        (_snapshot(state={"digest": "sha256:" + "0" * 64, "size": 1}), "state.digest"),
+        (
+            b'{"event": "exit", "reason": "EXPLODED", "status": null, "rip": null, "code": null, '
+            b'"detail": ""}',
+            "reason",
+        ),
+        (
+            b'{"event": "exit", "reason": "POWEROFF", "status": -1, "rip": null, "code": null, '
+            b'"detail": ""}',
+            "status",
+        ),
+        (
+            b'{"event": "exit", "reason": "POWEROFF", "status": null, "rip": null, "code": "", '
+            b'"detail": ""}',
+            "code",
+        ),
+        (b'{"event": "error", "message": "\\u0007bell"}', "control characters"),
+        (b'{"event": "error", "message": "' + b"x" * (protocol.MAX_TEXT + 1) + b'"}', "message"),
+        (b'{"event": "error", "message": 1}', "message"),
+        (b'{"event": "error", "message": "a", "event": "exit"}', "not JSON"),
+        (b'{"event": "snapshot", "seconds": Infinity}', "not JSON"),
+        (b'"error"', "not a JSON object"),
+        (b"\xff", "not JSON"),
+    ],
+)
 def test_hostile_events_are_refused(line: bytes, words: str) -> None:
     with pytest.raises(ProtocolError, match=words):
         decode_event(line)

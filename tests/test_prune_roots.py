@@ -122,9 +122,11 @@ def test_gone_and_replaced_roots_are_dropped_and_their_objects_go(tmp_path: Path
     old_id, m, _ = read_spore(str(kept))
     other = dataclasses.replace(m, generation=mf.Generation(str(uuid.uuid4()), None, 0, 1))
     write_spore(other, kept)  # no store: not recorded
-    assert problems(s.store) == [f"stale: roots/{Root(str(kept), old_id).name()}: root {kept}: "
-                                 "holds another spore (its id differs) (the next prune drops "
-                                 "this record)"]
+    assert problems(s.store) == [
+        f"stale: roots/{Root(str(kept), old_id).name()}: root {kept}: "
+        "holds another spore (its id differs) (the next prune drops "
+        "this record)"
+    ]
     assert [e.kind for e in s.store.prune(None) if e.kind == "root"] == ["root"]
     assert not cs.has(str(private[kept]))  # only the replaced child had it
     restorable(s.store, s.parent)
@@ -169,8 +171,9 @@ def test_write_spore_records_the_root_and_drops_the_replaced_one(tmp_path: Path)
     second_m = dataclasses.replace(m, generation=mf.Generation(str(uuid.uuid4()), None, 0, 1))
     second = write_spore(second_m, out, s.store)
     survey = storeroots.survey_store(s.store.root)
-    assert [(st.root.manifest if st.root else None, p.state if p else None)
-            for st, p in survey] == [(second, "live")]
+    assert [
+        (st.root.manifest if st.root else None, p.state if p else None) for st, p in survey
+    ] == [(second, "live")]
     assert first != second and not list(out.parent.glob(".tmp-*"))
     empty = tmp_path / "empty.spore"
     empty.mkdir()  # rename(2) would replace an empty directory; the publisher never does
@@ -185,8 +188,12 @@ def test_crash_between_record_and_rename_keeps_the_spore_still_there(tmp_path: P
     s = registered(tmp_path, 0)
     _, m, _ = read_spore(str(s.parent))
     cs = ChunkStore(s.store)
-    new = dataclasses.replace(m, memory=dataclasses.replace(
-        m.memory, chunks=(*m.memory.chunks[:3], cs.put(chunk_bytes(77)))))
+    new = dataclasses.replace(
+        m,
+        memory=dataclasses.replace(
+            m.memory, chunks=(*m.memory.chunks[:3], cs.put(chunk_bytes(77)))
+        ),
+    )
     storeroots.add(s.store.root, storeroots.root_for(s.parent, mf.id_of(new)))
     age_everything(s.store)
     removed = s.store.prune(None)
@@ -201,19 +208,45 @@ def test_crash_between_record_and_rename_keeps_the_spore_still_there(tmp_path: P
 def _oci_image(store: Store) -> tuple[str, list[str]]:
     """An index -> manifest -> config + layer, as the build stores them; (manifest, all)."""
     layer = b"\x1f\x8b layer bytes"
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [sha(b"tar")]}}).encode()
-    man = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": sha(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": sha(layer), "size": len(layer)}]}).encode()
-    index = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": sha(man), "size": len(man),
-                       "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(b"tar")]},
+        }
+    ).encode()
+    man = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": sha(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": sha(man),
+                    "size": len(man),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
+    ).encode()
     for data in (layer, config, man, index):
         store.ingest_blob_bytes(sha(data), data, what="t")
     return sha(man), [sha(d) for d in (layer, config, man, index)]
@@ -232,22 +265,36 @@ def test_build_records_of_a_live_spore_are_kept_with_what_they_name(tmp_path: Pa
     (guest / b3(b"initrd").split(":")[1]).write_bytes(b"initrd")
     (guest / b3(b"agent").split(":")[1]).write_bytes(b"agent")
     step_key, older = "5" * 64, "4" * 64
-    earlier = dataclasses.replace(m, generation=mf.Generation(str(uuid.uuid4()), None, 0, 1),
-                                  memory=dataclasses.replace(m.memory, chunks=(
-                                      cs.put(chunk_bytes(55)), None, None, None)))
-    m = dataclasses.replace(m, platform=dataclasses.replace(
-        m.platform, kernel=b3(vmlinux), initrd=b3(b"initrd")),
-        provenance=dataclasses.replace(m.provenance, steps=(older, step_key)))
+    earlier = dataclasses.replace(
+        m,
+        generation=mf.Generation(str(uuid.uuid4()), None, 0, 1),
+        memory=dataclasses.replace(m.memory, chunks=(cs.put(chunk_bytes(55)), None, None, None)),
+    )
+    m = dataclasses.replace(
+        m,
+        platform=dataclasses.replace(m.platform, kernel=b3(vmlinux), initrd=b3(b"initrd")),
+        provenance=dataclasses.replace(m.provenance, steps=(older, step_key)),
+    )
     mid = cs.put(mf.encode(m))
     write_spore(m, s.parent, store)
     store.put_key("step", step_key, {"manifest": mid, "step": "b", "exit": 0, "seconds": 1})
-    store.put_key("step", older, {"manifest": cs.put(mf.encode(earlier)), "step": "a",
-                                  "exit": 0, "seconds": 1})
+    store.put_key(
+        "step",
+        older,
+        {"manifest": cs.put(mf.encode(earlier)), "step": "a", "exit": 0, "seconds": 1},
+    )
     store.put_key("spore", "3" * 64, {"manifest": mid, "steps": [older, step_key]})
-    store.put_key("rootfs", "2" * 64, {"digest": m.rootfs.digest, "size": m.rootfs.size,
-                                      "image": man, "builder": "spore-rootfs/1"})
-    store.put_key("initrd", "1" * 64, {"initrd": b3(b"initrd"), "agent": b3(b"agent"),
-                                      "size": 6})
+    store.put_key(
+        "rootfs",
+        "2" * 64,
+        {
+            "digest": m.rootfs.digest,
+            "size": m.rootfs.size,
+            "image": man,
+            "builder": "spore-rootfs/1",
+        },
+    )
+    store.put_key("initrd", "1" * 64, {"initrd": b3(b"initrd"), "agent": b3(b"agent"), "size": 6})
     store.put_key("guest-agent", "6" * 64, {"agent": b3(b"agent")})
     store.put_key("source-sha256", "9" * 64, {"ident": "x", "value": "y"})  # a memo
     store.put_key("bundle", "b" * 64, {"digest": sha(b"bundle"), "manifest": mid})
@@ -256,12 +303,25 @@ def test_build_records_of_a_live_spore_are_kept_with_what_they_name(tmp_path: Pa
     junk = garbage(store)
     age_everything(store)
     removed = {(e.kind, e.name) for e in store.prune(None)}
-    assert removed >= {("key/source-sha256", "9" * 64), ("key/step", "a" * 64),
-                       ("key/bundle", "c" * 64)}
+    assert removed >= {
+        ("key/source-sha256", "9" * 64),
+        ("key/step", "a" * 64),
+        ("key/bundle", "c" * 64),
+    }
     assert not any(p.exists() for p in junk)
     left = {e.kind + " " + e.name for e in store.entries()}
-    assert {f"key/{k} {n * 64}" for k, n in (("step", "5"), ("step", "4"), ("spore", "3"),
-            ("rootfs", "2"), ("initrd", "1"), ("guest-agent", "6"), ("bundle", "b"))} <= left
+    assert {
+        f"key/{k} {n * 64}"
+        for k, n in (
+            ("step", "5"),
+            ("step", "4"),
+            ("spore", "3"),
+            ("rootfs", "2"),
+            ("initrd", "1"),
+            ("guest-agent", "6"),
+            ("bundle", "b"),
+        )
+    } <= left
     assert {f"blob {d}" for d in blobs} <= left  # rebuilding needs no registry
     assert f"kernel blake3:{kdir.name}" in left  # found by its vmlinux, without a record
     assert {f"guest {b3(b'initrd')}", f"guest {b3(b'agent')}"} <= left
@@ -291,11 +351,16 @@ def _root_file(store: Store, name: str = "ab" * 32 + ".json") -> Path:
     return store.root / "roots" / name
 
 
-@pytest.mark.parametrize("body", [b"{not json", b'{"format":"spore-root/v2"}', b"[]",
-                                  b'{"format":"spore-root/v1","manifest":"blake3:' + b"a" * 64
-                                  + b'","path":"rel/x"}'])
-def test_an_invalid_root_record_stops_prune_and_fails_verify(tmp_path: Path,
-                                                             body: bytes) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"format":"spore-root/v2"}',
+        b"[]",
+        b'{"format":"spore-root/v1","manifest":"blake3:' + b"a" * 64 + b'","path":"rel/x"}',
+    ],
+)
+def test_an_invalid_root_record_stops_prune_and_fails_verify(tmp_path: Path, body: bytes) -> None:
     s = registered(tmp_path, 0)
     junk = garbage(s.store)
     _root_file(s.store).write_bytes(body)
@@ -348,19 +413,40 @@ def test_root_record_decoding_is_strict_and_bounded() -> None:
         assert storeroots.decode(storeroots.encode(r)) == r
     at = "/" + "x" * (storeroots.MAX_PATH - 1)
     assert storeroots.decode(storeroots.encode(Root(at, mid))).path == at
-    assert len(storeroots.encode(Root('/"' * (storeroots.MAX_PATH // 2), mid))) <= \
-        storeroots.MAX_RECORD
-    bad = ["/" + "x" * storeroots.MAX_PATH, "rel", "/", "/a//b", "/a/./b", "/a/../b", "/a/",
-           "/a\nb", "/a\0b", "/\udcff"]
+    assert (
+        len(storeroots.encode(Root('/"' * (storeroots.MAX_PATH // 2), mid)))
+        <= storeroots.MAX_RECORD
+    )
+    bad = [
+        "/" + "x" * storeroots.MAX_PATH,
+        "rel",
+        "/",
+        "/a//b",
+        "/a/./b",
+        "/a/../b",
+        "/a/",
+        "/a\nb",
+        "/a\0b",
+        "/\udcff",
+    ]
     for path in bad:
         with pytest.raises(RootError):
-            storeroots.decode(json.dumps({"format": "spore-root/v1", "manifest": mid,
-                                          "path": path}, sort_keys=True,
-                                         separators=(",", ":")).encode())
+            storeroots.decode(
+                json.dumps(
+                    {"format": "spore-root/v1", "manifest": mid, "path": path},
+                    sort_keys=True,
+                    separators=(",", ":"),
+                ).encode()
+            )
     good = storeroots.encode(Root("/a", mid))
-    for data in (good.replace(b",", b", "), good + b"\n", good.replace(b'"/a"', b'"\\/a"'),
-                 b" " * (storeroots.MAX_RECORD + 1),
-                 good[:-1] + b',"path":"/b"}', good.replace(b"blake3:", b"sha256:")):
+    for data in (
+        good.replace(b",", b", "),
+        good + b"\n",
+        good.replace(b'"/a"', b'"\\/a"'),
+        b" " * (storeroots.MAX_RECORD + 1),
+        good[:-1] + b',"path":"/b"}',
+        good.replace(b"blake3:", b"sha256:"),
+    ):
         with pytest.raises(RootError):
             storeroots.decode(data)
 
@@ -368,8 +454,9 @@ def test_root_record_decoding_is_strict_and_bounded() -> None:
 # -- the commands -----------------------------------------------------------------------------
 
 
-def test_cache_keep_and_roots_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_keep_and_roots_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     s = make_spores(tmp_path, 1)
     monkeypatch.setenv("SPORE_HOME", str(s.store.root))
     assert main(["cache", "keep", str(s.parent), "--json"]) == 0
@@ -385,8 +472,9 @@ def test_cache_keep_and_roots_commands(tmp_path: Path, monkeypatch: pytest.Monke
     restorable(s.store, s.parent)
 
 
-def test_unpack_and_fork_record_their_spores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_unpack_and_fork_record_their_spores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sporevm.dist.pack import pack, unpack
 
     s = make_spores(tmp_path / "src", 1)
@@ -395,13 +483,20 @@ def test_unpack_and_fork_record_their_spores(tmp_path: Path, monkeypatch: pytest
     node = Store(tmp_path / "node")
     unpack(str(bundle), tmp_path / "u.spore", node)
     monkeypatch.setenv("SPORE_HOME", str(node.root))
-    assert main(["fork", str(tmp_path / "u.spore"), "--count", "2", "--out",
-                 str(tmp_path / "forks")]) == 0
+    assert (
+        main(["fork", str(tmp_path / "u.spore"), "--count", "2", "--out", str(tmp_path / "forks")])
+        == 0
+    )
     capsys.readouterr()
-    states = [(st.root.path if st.root else None, p.state if p else None)
-              for st, p in storeroots.survey_store(node.root)]
-    spores = [tmp_path / "u.spore", tmp_path / "forks" / "child-0000.spore",
-              tmp_path / "forks" / "child-0001.spore"]
+    states = [
+        (st.root.path if st.root else None, p.state if p else None)
+        for st, p in storeroots.survey_store(node.root)
+    ]
+    spores = [
+        tmp_path / "u.spore",
+        tmp_path / "forks" / "child-0000.spore",
+        tmp_path / "forks" / "child-0001.spore",
+    ]
     assert sorted(states) == sorted((str(p), "live") for p in spores)
     age_everything(node)
     assert node.collect(None).live_spores == 3
@@ -414,8 +509,16 @@ def test_records_that_do_not_parse_reach_nothing(tmp_path: Path) -> None:
     s = registered(tmp_path, 0)
     steps = s.store.root / "keys" / "step"
     steps.mkdir(parents=True, exist_ok=True)
-    for i, body in enumerate([b"[" * 200_000, b"{not json", b"1" * 10_000, b'"x"',
-                              b'{"manifest": 7}', b"{" + b" " * (1 << 20) + b"}"]):
+    for i, body in enumerate(
+        [
+            b"[" * 200_000,
+            b"{not json",
+            b"1" * 10_000,
+            b'"x"',
+            b'{"manifest": 7}',
+            b"{" + b" " * (1 << 20) + b"}",
+        ]
+    ):
         (steps / f"{i:064x}.json").write_bytes(body)
     age_everything(s.store)
     removed = s.store.prune(None)

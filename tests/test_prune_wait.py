@@ -43,8 +43,13 @@ def holder(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     """A store with entries, and a process holding its lock shared until told to go."""
     home = tmp_path / "store"
     _seed(home)
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER], env=H.spore_env(home),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER],
+        env=H.spore_env(home),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdin is not None
     try:
         assert proc.stdout.readline() == "held\n"
@@ -63,7 +68,8 @@ def _release(proc: subprocess.Popen[str]) -> None:
 
 
 def test_prune_gives_up_after_wait_and_removes_nothing(
-        holder: tuple[Path, subprocess.Popen[str]]) -> None:
+    holder: tuple[Path, subprocess.Popen[str]],
+) -> None:
     home, proc = holder
     before = _files(home)
     started = time.monotonic()
@@ -90,26 +96,34 @@ def test_prune_gives_up_after_wait_and_removes_nothing(
 
 
 @pytest.mark.parametrize("flags", [("--wait", "0"), ("--wait", "0s"), ("--no-wait",)])
-def test_prune_no_wait_fails_at_once(holder: tuple[Path, subprocess.Popen[str]],
-                                     flags: tuple[str, ...]) -> None:
+def test_prune_no_wait_fails_at_once(
+    holder: tuple[Path, subprocess.Popen[str]], flags: tuple[str, ...]
+) -> None:
     home, _ = holder
     before = _files(home)
     started = time.monotonic()
     r = H.run_spore(home, "cache", "prune", "--all", *flags, timeout=60)
     assert time.monotonic() - started < 3.0
     assert r.returncode == 1
-    assert r.stderr == (f"spore: error: cache prune: the store {home} is in use (running "
-                        "builds or VMs hold it); nothing was removed; retry later or pass "
-                        "--wait LONGER\n")
+    assert r.stderr == (
+        f"spore: error: cache prune: the store {home} is in use (running "
+        "builds or VMs hold it); nothing was removed; retry later or pass "
+        "--wait LONGER\n"
+    )
     assert _files(home) == before
 
 
 def test_prune_waits_then_succeeds_when_the_holder_leaves_in_time(
-        holder: tuple[Path, subprocess.Popen[str]]) -> None:
+    holder: tuple[Path, subprocess.Popen[str]],
+) -> None:
     home, proc = holder
-    prune = subprocess.Popen(H.spore_argv("cache", "prune", "--all", "--wait", "30s"),
-                             env=H.spore_env(home), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    prune = subprocess.Popen(
+        H.spore_argv("cache", "prune", "--all", "--wait", "30s"),
+        env=H.spore_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     assert prune.poll() is None  # waiting
     _release(proc)

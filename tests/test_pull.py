@@ -31,8 +31,8 @@ from tests.test_bundle import SEG, Spores, make_spores
 @dataclass(frozen=True)
 class Pushed:
     spores: Spores
-    root: Path      # the pushed bundle directory (the "remote")
-    ref: str        # file:///…@sha256:…
+    root: Path  # the pushed bundle directory (the "remote")
+    ref: str  # file:///…@sha256:…
     digest: str
     metadata: list[tuple[str, bytes]]
 
@@ -74,8 +74,9 @@ def copy(pushed: Pushed, tmp_path: Path) -> Iterator[Pushed]:
             dest = root / f.relative_to(pushed.root)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(f.read_bytes())
-    yield Pushed(pushed.spores, root, f"file://{root}@{pushed.digest}", pushed.digest,
-                 pushed.metadata)
+    yield Pushed(
+        pushed.spores, root, f"file://{root}@{pushed.digest}", pushed.digest, pushed.metadata
+    )
 
 
 def assert_nothing_published(tmp_path: Path, out: Path) -> None:
@@ -94,8 +95,7 @@ def test_pull_parent_and_restore_view(pushed: Pushed, tmp_path: Path) -> None:
     # parent pack + 3 segments + metadata: the children's packs were not fetched
     idx = chunkpack.decode(dict(pushed.metadata)[chunkpack.NAME])
     assert res.packs_fetched == 1
-    assert res.bytes_received == metadata_bytes(pushed) + idx.packs[0].size + \
-        m.rootfs.size
+    assert res.bytes_received == metadata_bytes(pushed) + idx.packs[0].size + m.rootfs.size
     assert not list((store.root / "tmp").iterdir())
 
 
@@ -128,7 +128,7 @@ def test_every_metadata_byte_flipped_fails_before_any_pack(copy: Pushed, tmp_pat
     for name, data in copy.metadata:
         path = copy.root / name
         for i in range(len(data)):
-            path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+            path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :])
             src = source(copy.ref)
             with pytest.raises(SporeError) as err:
                 pull(src, store, out)
@@ -164,7 +164,7 @@ def test_flipped_pack_and_segment_bytes_fail(copy: Pushed, tmp_path: Path) -> No
     for n, (name, off, child) in enumerate(cases):
         path = copy.root / name
         original = path.read_bytes()
-        path.write_bytes(original[:off] + bytes([original[off] ^ 0x80]) + original[off + 1:])
+        path.write_bytes(original[:off] + bytes([original[off] ^ 0x80]) + original[off + 1 :])
         out = tmp_path / f"x{n}.spore"
         with pytest.raises(SporeError, match="sha256|does not match") as err:
             do_pull(copy.ref, Store(tmp_path / f"s{n}"), out, child=child)
@@ -192,8 +192,9 @@ class BreakingSource(FileSource):
         super().__init__(uri)
         self.name, self.cut = name, cut
 
-    def _open(self, name: str, start: int, size: int | None,
-              what: str) -> tuple[int, Iterator[bytes]]:
+    def _open(
+        self, name: str, start: int, size: int | None, what: str
+    ) -> tuple[int, Iterator[bytes]]:
         got, blocks = super()._open(name, start, size, what)
         if name != self.name:
             return got, blocks
@@ -207,6 +208,7 @@ class BreakingSource(FileSource):
                 yield block[:room]
                 pos += len(block[:room])
             raise DistError(f"{what}: connection reset (test)")
+
         return got, broken()
 
 
@@ -225,8 +227,9 @@ def test_interrupted_pull_resumes_without_refetching(pushed: Pushed, tmp_path: P
     assert res.bytes_received == metadata_bytes(pushed) + (size - size // 2) + m.rootfs.size
 
 
-def test_corrupt_symlinked_and_odd_cache_entries_are_refetched(pushed: Pushed,
-                                                                tmp_path: Path) -> None:
+def test_corrupt_symlinked_and_odd_cache_entries_are_refetched(
+    pushed: Pushed, tmp_path: Path
+) -> None:
     store = Store(tmp_path / "s")
     do_pull(pushed.ref, store, tmp_path / "a.spore")
     _, m, _ = read_spore(str(tmp_path / "a.spore"))
@@ -236,13 +239,13 @@ def test_corrupt_symlinked_and_odd_cache_entries_are_refetched(pushed: Pushed,
     bait.write_bytes(b"not a chunk")
     pa = chunks.path(a)
     data = pa.read_bytes()
-    pa.write_bytes(data[:10] + bytes([data[10] ^ 1]) + data[11:])   # rot
+    pa.write_bytes(data[:10] + bytes([data[10] ^ 1]) + data[11:])  # rot
     chunks.path(b).unlink()
-    chunks.path(b).symlink_to(bait)                                  # planted symlink
+    chunks.path(b).symlink_to(bait)  # planted symlink
     chunks.path(c).unlink()
-    chunks.path(c).mkdir()                                           # not a regular file
+    chunks.path(c).mkdir()  # not a regular file
     rootfs = store.rootfs_path(m.rootfs.digest)
-    rootfs.write_bytes(b"\0" * m.rootfs.size)                        # rotten image
+    rootfs.write_bytes(b"\0" * m.rootfs.size)  # rotten image
     res = do_pull(pushed.ref, store, tmp_path / "b.spore")
     assert res.cached == 1  # only the state object survived
     mf.verify_chunks(m, chunks, rehash=True)
@@ -256,8 +259,9 @@ def test_two_pulls_at_once(pushed: Pushed, tmp_path: Path) -> None:
 
     def run(i: int) -> None:
         try:
-            results[i] = do_pull(pushed.ref, store, tmp_path / f"{i}.spore",
-                                 child=pushed.spores.child_ids[0])
+            results[i] = do_pull(
+                pushed.ref, store, tmp_path / f"{i}.spore", child=pushed.spores.child_ids[0]
+            )
         except BaseException as exc:  # reported below
             results[i] = exc
 
@@ -282,10 +286,23 @@ def test_two_processes_pull_at_once(pushed: Pushed, tmp_path: Path) -> None:
     import sys
 
     env = {**os.environ, "SPORE_HOME": str(tmp_path / "s")}
-    procs = [subprocess.Popen([sys.executable, "-m", "sporevm.cli", "pull", pushed.ref,
-                               "--out", str(tmp_path / f"{i}.spore")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sporevm.cli",
+                "pull",
+                pushed.ref,
+                "--out",
+                str(tmp_path / f"{i}.spore"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

@@ -38,14 +38,14 @@ BUCKET, PREFIX, REPO = "bkt", "spores/app", "spores/app"
 class Bundle:
     files: dict[str, bytes]  # bundle-relative name -> bytes
     digest: str
-    pack: str                # the parent's pack: several MiB
+    pack: str  # the parent's pack: several MiB
 
 
 @dataclass(frozen=True)
 class Served:
     uri: str
     args: list[str]
-    paths: dict[str, str]    # bundle file (or "manifest" for oci) -> URL path on the server
+    paths: dict[str, str]  # bundle file (or "manifest" for oci) -> URL path on the server
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,8 @@ def bundle_files(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     tmp = tmp_path_factory.mktemp("deadline-bundle")
     s = make_spores(tmp)
     out = tmp / "b.bundle"
-    res = pack(str(s.parent), s.children, out, s.store, pack_limit=MAX_OBJECT,
-               segment_limit=SEG)
-    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-             if p.is_file()}
+    res = pack(str(s.parent), s.children, out, s.store, pack_limit=MAX_OBJECT, segment_limit=SEG)
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     first = chunkpack.decode(files[chunkpack.NAME]).packs[0].name
     assert len(files[first]) > 2 << 20
     return Bundle(files, res.digest, first)
@@ -92,11 +90,11 @@ def serve(server: SlowServer, b: Bundle, scheme: str) -> Served:
         served = Served(f"{server.url}/b@{b.digest}", [], paths)
     elif scheme == "s3":
         paths = {n: f"/{BUCKET}/{PREFIX}/{n}" for n in b.files}
-        served = Served(f"s3://{BUCKET}/{PREFIX}@{b.digest}", ["--s3-endpoint", server.url],
-                        paths)
+        served = Served(f"s3://{BUCKET}/{PREFIX}@{b.digest}", ["--s3-endpoint", server.url], paths)
     else:
-        layers = [(n, "sha256:" + hashlib.sha256(d).hexdigest(), len(d))
-                  for n, d in b.files.items()]
+        layers = [
+            (n, "sha256:" + hashlib.sha256(d).hexdigest(), len(d)) for n, d in b.files.items()
+        ]
         manifest = encode_artifact(layers, b.digest)
         pin = "sha256:" + hashlib.sha256(manifest).hexdigest()
         paths = {n: f"/v2/{REPO}/blobs/{d}" for n, d, _ in layers}
@@ -108,8 +106,9 @@ def serve(server: SlowServer, b: Bundle, scheme: str) -> Served:
     return served
 
 
-def failed_pull(served: Served, out: Path, capsys: pytest.CaptureFixture[str],
-                within: float) -> str:
+def failed_pull(
+    served: Served, out: Path, capsys: pytest.CaptureFixture[str], within: float
+) -> str:
     """`spore pull` fails within ``within`` s: exit 1, one error line (returned), no
     output, and the store lock is free again."""
     t0 = time.monotonic()
@@ -127,9 +126,13 @@ def failed_pull(served: Served, out: Path, capsys: pytest.CaptureFixture[str],
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_trickled_headers_fail_the_pull(scheme: str, slow_server: SlowServer,
-                                        bundle_files: Bundle, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_trickled_headers_fail_the_pull(
+    scheme: str,
+    slow_server: SlowServer,
+    bundle_files: Bundle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     served = serve(slow_server, bundle_files, scheme)
     slow_server.slow[served.paths["bundle.json"]] = Slow(header_gap=0.2)
     line = failed_pull(served, tmp_path / "out.spore", capsys, within=6)
@@ -139,8 +142,11 @@ def test_trickled_headers_fail_the_pull(scheme: str, slow_server: SlowServer,
 
 
 def test_trickled_oci_manifest_headers_fail_the_pull(
-        slow_server: SlowServer, bundle_files: Bundle, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    slow_server: SlowServer,
+    bundle_files: Bundle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     served = serve(slow_server, bundle_files, "oci")
     slow_server.slow[served.paths["manifest"]] = Slow(header_gap=0.2)
     line = failed_pull(served, tmp_path / "out.spore", capsys, within=6)
@@ -149,23 +155,36 @@ def test_trickled_oci_manifest_headers_fail_the_pull(
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_metadata_a_byte_at_a_time_fails_the_pull(scheme: str, slow_server: SlowServer,
-                                                  bundle_files: Bundle, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_metadata_a_byte_at_a_time_fails_the_pull(
+    scheme: str,
+    slow_server: SlowServer,
+    bundle_files: Bundle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     served = serve(slow_server, bundle_files, scheme)
     slow_server.slow[served.paths["bundle.json"]] = Slow(first=0, byte_gap=0.1)
     line = failed_pull(served, tmp_path / "out.spore", capsys, within=6)
     # read whole, up to its 1 MiB limit: 1 s + 1 MiB at 8 MiB/s
     assert "bundle.json" in line and slow_server.host in line, line
-    assert re.search(r"sent \d+ of at most 1048576 bytes in the 1 s allowed "
-                     r"\(1 s \+ the size at 8192 KiB/s\)", line), line
+    assert re.search(
+        r"sent \d+ of at most 1048576 bytes in the 1 s allowed "
+        r"\(1 s \+ the size at 8192 KiB/s\)",
+        line,
+    ), line
 
 
-@pytest.mark.parametrize(("scheme", "gap"), [("http", None), ("http", 0.3), ("s3", 0.3),
-                                             ("oci", 0.3)])
+@pytest.mark.parametrize(
+    ("scheme", "gap"), [("http", None), ("http", 0.3), ("s3", 0.3), ("oci", 0.3)]
+)
 def test_pack_stalled_after_its_first_mib_fails_then_resumes(
-        scheme: str, gap: float | None, slow_server: SlowServer, bundle_files: Bundle,
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scheme: str,
+    gap: float | None,
+    slow_server: SlowServer,
+    bundle_files: Bundle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     served = serve(slow_server, bundle_files, scheme)
     path = served.paths[bundle_files.pack]
     slow_server.slow[path] = Slow(first=1 << 20, byte_gap=gap)
@@ -179,8 +198,9 @@ def test_pack_stalled_after_its_first_mib_fails_then_resumes(
     slow_server.slow.clear()
     slow_server.log.clear()
     out = tmp_path / "out.spore"
-    assert main(["pull", served.uri, "--out", str(out), "--json", *served.args]) == 0, \
+    assert main(["pull", served.uri, "--out", str(out), "--json", *served.args]) == 0, (
         capsys.readouterr().err
+    )
     assert (out / "id").is_file()
     ranges = [r for p, r in slow_server.log if p == path]
     assert len(ranges) == 1 and ranges[0] is not None, ranges

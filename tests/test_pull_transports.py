@@ -31,7 +31,7 @@ from tests.test_bundle import SEG, Spores, make_spores
 class Remote:
     scheme: str
     push_uri: str
-    pull_uri: Callable[[str], str]           # pushed reference -> what to pull
+    pull_uri: Callable[[str], str]  # pushed reference -> what to pull
     replace: Callable[[str, bytes, bytes], object]  # (name, old bytes, new bytes) on the server
     s3_endpoint: str | None = None
 
@@ -49,34 +49,53 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Spores, Path]:
 def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
     unique = secrets.token_hex(4)
     if request.param == "file":
-        yield Remote("file", f"file://{tmp_path}/remote", lambda ref: ref,
-                     lambda name, old, new: (tmp_path / "remote" / name).write_bytes(new))
+        yield Remote(
+            "file",
+            f"file://{tmp_path}/remote",
+            lambda ref: ref,
+            lambda name, old, new: (tmp_path / "remote" / name).write_bytes(new),
+        )
     elif request.param == "http":
         www: StaticServer = request.getfixturevalue("static_server")
         www.reset()
-        yield Remote("http", f"file://{www.root}/{unique}",
-                     lambda ref: f"{www.url}/{unique}@{ref.rpartition('@')[2]}",
-                     lambda name, old, new: (www.root / unique / name).write_bytes(new))
+        yield Remote(
+            "http",
+            f"file://{www.root}/{unique}",
+            lambda ref: f"{www.url}/{unique}@{ref.rpartition('@')[2]}",
+            lambda name, old, new: (www.root / unique / name).write_bytes(new),
+        )
         www.reset()
     elif request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         s3.client().create_bucket(Bucket=f"b-{unique}")
-        yield Remote("s3", f"s3://b-{unique}/spores/app", lambda ref: ref,
-                     lambda name, old, new: s3.client().put_object(
-                         Bucket=f"b-{unique}", Key=f"spores/app/{name}", Body=new),
-                     s3.endpoint)
+        yield Remote(
+            "s3",
+            f"s3://b-{unique}/spores/app",
+            lambda ref: ref,
+            lambda name, old, new: s3.client().put_object(
+                Bucket=f"b-{unique}", Key=f"spores/app/{name}", Body=new
+            ),
+            s3.endpoint,
+        )
     else:
         reg: LocalRegistry = request.getfixturevalue("registry")
-        yield Remote("oci", f"oci://{reg.host}/spores/app{unique}:v1", lambda ref: ref,
-                     lambda name, old, new: reg.blob_file(
-                         "sha256:" + hashlib.sha256(old).hexdigest()).write_bytes(new))
+        yield Remote(
+            "oci",
+            f"oci://{reg.host}/spores/app{unique}:v1",
+            lambda ref: ref,
+            lambda name, old, new: reg.blob_file(
+                "sha256:" + hashlib.sha256(old).hexdigest()
+            ).write_bytes(new),
+        )
 
 
 def test_round_trip_and_child_fetches_only_what_differs(
-        remote: Remote, local: tuple[Spores, Path], tmp_path: Path) -> None:
+    remote: Remote, local: tuple[Spores, Path], tmp_path: Path
+) -> None:
     s, bundle_dir = local
-    res = push(bundle_dir, open_sink(parse_push_uri(remote.push_uri),
-                                     s3_endpoint=remote.s3_endpoint))
+    res = push(
+        bundle_dir, open_sink(parse_push_uri(remote.push_uri), s3_endpoint=remote.s3_endpoint)
+    )
     ref = remote.pull_uri(res.reference)
     store = Store(tmp_path / "clean")
 
@@ -100,14 +119,17 @@ def test_round_trip_and_child_fetches_only_what_differs(
     assert read_spore(str(tmp_path / "c.spore"))[0] == s.child_ids[1]
 
 
-
-@pytest.mark.parametrize("name", ["bundle.json", "chunkpack.index.json", "manifests/",
-                                  "packs/000000.pack", "rootfs/000001.seg"])
-def test_one_flipped_byte_on_the_server_fails(remote: Remote, local: tuple[Spores, Path],
-                                              tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    ["bundle.json", "chunkpack.index.json", "manifests/", "packs/000000.pack", "rootfs/000001.seg"],
+)
+def test_one_flipped_byte_on_the_server_fails(
+    remote: Remote, local: tuple[Spores, Path], tmp_path: Path, name: str
+) -> None:
     s, bundle_dir = local
-    res = push(bundle_dir, open_sink(parse_push_uri(remote.push_uri),
-                                     s3_endpoint=remote.s3_endpoint))
+    res = push(
+        bundle_dir, open_sink(parse_push_uri(remote.push_uri), s3_endpoint=remote.s3_endpoint)
+    )
     if name == "manifests/":
         name = bundle.manifest_name(s.parent_id)
     old = (bundle_dir / name).read_bytes()
@@ -115,8 +137,9 @@ def test_one_flipped_byte_on_the_server_fails(remote: Remote, local: tuple[Spore
     new[len(new) // 2] ^= 0x10
     remote.replace(name, old, bytes(new))
     out = tmp_path / "x.spore"
-    src = open_source(parse_pull_uri(remote.pull_uri(res.reference)),
-                      s3_endpoint=remote.s3_endpoint)
+    src = open_source(
+        parse_pull_uri(remote.pull_uri(res.reference)), s3_endpoint=remote.s3_endpoint
+    )
     try:
         with pytest.raises(SporeError) as err:
             pull(src, Store(tmp_path / "clean"), out)
@@ -128,8 +151,12 @@ def test_one_flipped_byte_on_the_server_fails(remote: Remote, local: tuple[Spore
 
 
 def test_oci_tag_pull_needs_allow_mutable_and_prints_the_pin(
-        registry: LocalRegistry, local: tuple[Spores, Path], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    registry: LocalRegistry,
+    local: tuple[Spores, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import json
 
     from sporevm.cli import main
@@ -140,8 +167,7 @@ def test_oci_tag_pull_needs_allow_mutable_and_prints_the_pin(
     monkeypatch.setenv("SPORE_HOME", str(tmp_path / "home"))
     assert main(["pull", tagged, "--out", str(tmp_path / "a.spore")]) == 2
     assert "pin" in capsys.readouterr().err and not (tmp_path / "a.spore").exists()
-    code = main(["pull", tagged, "--allow-mutable", "--out", str(tmp_path / "a.spore"),
-                 "--json"])
+    code = main(["pull", tagged, "--allow-mutable", "--out", str(tmp_path / "a.spore"), "--json"])
     assert code == 0, capsys.readouterr().err
     doc = json.loads(capsys.readouterr().out)
     assert doc["digest"] == res.digest and doc["manifest_id"] == s.parent_id

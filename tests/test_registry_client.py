@@ -69,7 +69,7 @@ class _Handler(QuietHandler):
             self._send(200, srv.token_body)
             return
         if path.startswith("/redirected/"):
-            path = path[len("/redirected"):]
+            path = path[len("/redirected") :]
         elif srv.token is not None and auth != f"Bearer {srv.token}":
             realm = srv.realm if srv.realm is not None else f"http://{srv.host}/token"
             challenge = srv.challenge or f'Bearer realm="{realm}",service=x'
@@ -89,17 +89,22 @@ class _Handler(QuietHandler):
         if path in srv.trickle_headers:
             self._trickle(b"HTTP/1.1 200 OK\r\n", [b"X-Slow: x\r\n"] * 200, 0.2)
             return
-        ctype = "application/vnd.oci.image.manifest.v1+json" if "/manifests/" in path else \
-            "application/octet-stream"
+        ctype = (
+            "application/vnd.oci.image.manifest.v1+json"
+            if "/manifests/" in path
+            else "application/octet-stream"
+        )
         if path in srv.trickle_body:
-            head_bytes = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n").encode()
-            self._trickle(head_bytes, [data[i:i + 1] for i in range(len(data))], 0.1)
+            head_bytes = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n\r\n"
+            ).encode()
+            self._trickle(head_bytes, [data[i : i + 1] for i in range(len(data))], 0.1)
             return
         self._send(200, data, {"Content-Type": ctype}, head=head)
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-              head: bool = False) -> None:
+    def _send(
+        self, status: int, body: bytes, headers: dict[str, str] | None = None, head: bool = False
+    ) -> None:
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -129,11 +134,11 @@ class _Registry(http.server.ThreadingHTTPServer):
         self.host = f"127.0.0.1:{self.port}"
         self.files: dict[str, bytes] = {}
         self.seen: list[tuple[str, str, str | None]] = []  # method, path, Authorization
-        self.token: str | None = None      # set: every /v2/ request needs this Bearer token
+        self.token: str | None = None  # set: every /v2/ request needs this Bearer token
         self.token_body = b""
-        self.realm: str | None = None      # None: this server's own /token
+        self.realm: str | None = None  # None: this server's own /token
         self.challenge: str | None = None  # None: a Bearer challenge naming the realm
-        self.redirect: str | None = None   # blob GETs are sent to this prefix + their path
+        self.redirect: str | None = None  # blob GETs are sent to this prefix + their path
         self.unavailable: dict[str, int] = {}  # path -> how many more 503s
         self.trickle_headers: set[str] = set()
         self.trickle_body: set[str] = set()
@@ -167,14 +172,15 @@ class User:
     name: str
     error: type[SporeError]
     run: Callable[[], None]  # the whole fetch; raises ``error``
-    manifest: str            # URL path of the first document fetched
-    blob: str                # URL path of a blob it fetches
+    manifest: str  # URL path of the first document fetched
+    blob: str  # URL path of a blob it fetches
 
 
 def _image_user(srv: _Registry, tmp: Path) -> User:
     layout = tmp / "layout"
-    digest = ociimage.write_layout(layout, [ociimage.tar_layer({"hello": b"hi\n" * 1000})],
-                                   tag="t", compression="none")
+    digest = ociimage.write_layout(
+        layout, [ociimage.tar_layer({"hello": b"hi\n" * 1000})], tag="t", compression="none"
+    )
     for blob in (layout / "blobs" / "sha256").iterdir():
         srv.files[f"/v2/{REPO}/blobs/sha256:{blob.name}"] = blob.read_bytes()
     manifest = srv.files.pop(f"/v2/{REPO}/blobs/{digest}")
@@ -190,8 +196,10 @@ def _image_user(srv: _Registry, tmp: Path) -> User:
         except SporeError:
             assert not store.has_blob(layer) and list((store.root / "tmp").iterdir()) == []
             raise
-    return User("image", OCIError, run, f"/v2/{REPO}/manifests/{digest}",
-                f"/v2/{REPO}/blobs/{layer}")
+
+    return User(
+        "image", OCIError, run, f"/v2/{REPO}/manifests/{digest}", f"/v2/{REPO}/blobs/{layer}"
+    )
 
 
 def _bundle_user(srv: _Registry) -> User:
@@ -202,14 +210,19 @@ def _bundle_user(srv: _Registry) -> User:
     def run() -> None:
         src = open_source(parse_pull_uri(f"oci://{srv.host}/{REPO}@{sha(manifest)}"))
         assert src.read_small("bundle.json", 1000) == BLOB
-    return User("bundle", DistError, run, f"/v2/{REPO}/manifests/{sha(manifest)}",
-                f"/v2/{REPO}/blobs/{sha(BLOB)}")
+
+    return User(
+        "bundle",
+        DistError,
+        run,
+        f"/v2/{REPO}/manifests/{sha(manifest)}",
+        f"/v2/{REPO}/blobs/{sha(BLOB)}",
+    )
 
 
 @pytest.fixture(params=["image", "bundle"])
 def user(request: pytest.FixtureRequest, registry: _Registry, tmp_path: Path) -> User:
-    return _image_user(registry, tmp_path) if request.param == "image" else \
-        _bundle_user(registry)
+    return _image_user(registry, tmp_path) if request.param == "image" else _bundle_user(registry)
 
 
 def refused(user: User, pattern: str, within: float = 10) -> str:
@@ -228,8 +241,7 @@ def refused(user: User, pattern: str, within: float = 10) -> str:
 # -- redirects ---------------------------------------------------------------------------
 
 
-def test_blob_redirect_to_another_host_gets_no_credentials(registry: _Registry,
-                                                           user: User) -> None:
+def test_blob_redirect_to_another_host_gets_no_credentials(registry: _Registry, user: User) -> None:
     registry.token = "tok-1"
     registry.token_body = json.dumps({"token": "tok-1"}).encode()
     registry.redirect = f"http://localhost:{registry.port}/redirected"  # another loopback name
@@ -239,15 +251,20 @@ def test_blob_redirect_to_another_host_gets_no_credentials(registry: _Registry,
     assert ("GET", user.blob, "Bearer tok-1") in registry.seen
 
 
-@pytest.mark.parametrize(("target", "pattern"), [
-    ("http://192.0.2.1:9/redirected", r"redirected to http://192\.0\.2\.1:9; only HTTPS "
-                                      r"redirects are followed"),
-    ("ftp://127.0.0.1/redirected", "only HTTPS redirects are followed"),
-    ("http://user:pw@127.0.0.1:{port}/redirected", "redirected to a malformed URL"),
-    ("http://127.0.0.1:{port}", rf"redirected more than {MAX_REDIRECTS} times"),  # a loop
-])
-def test_blob_redirect_refusals(registry: _Registry, user: User, target: str,
-                                pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "pattern"),
+    [
+        (
+            "http://192.0.2.1:9/redirected",
+            r"redirected to http://192\.0\.2\.1:9; only HTTPS "
+            r"redirects are followed",
+        ),
+        ("ftp://127.0.0.1/redirected", "only HTTPS redirects are followed"),
+        ("http://user:pw@127.0.0.1:{port}/redirected", "redirected to a malformed URL"),
+        ("http://127.0.0.1:{port}", rf"redirected more than {MAX_REDIRECTS} times"),  # a loop
+    ],
+)
+def test_blob_redirect_refusals(registry: _Registry, user: User, target: str, pattern: str) -> None:
     registry.redirect = target.format(port=registry.port)
     refused(user, rf"blob|bundle\.json|layer.*{pattern}|{pattern}")
     if "more than" in pattern:
@@ -267,30 +284,38 @@ def test_token_flow_default_scope(registry: _Registry, user: User) -> None:
     assert query == {"service": "x", "scope": f"repository:{REPO}:pull"}
 
 
-@pytest.mark.parametrize("realm", ["http://192.0.2.1/token", "https://u:p@127.0.0.1/token",
-                                   "//127.0.0.1/token"])
-def test_token_realm_refused_before_anything_is_sent(registry: _Registry, user: User,
-                                                     realm: str) -> None:
+@pytest.mark.parametrize(
+    "realm", ["http://192.0.2.1/token", "https://u:p@127.0.0.1/token", "//127.0.0.1/token"]
+)
+def test_token_realm_refused_before_anything_is_sent(
+    registry: _Registry, user: User, realm: str
+) -> None:
     registry.token = "tok-3"
     registry.realm = realm
-    refused(user, r"names the token realm .*; only https realms \(or plain http on "
-                  r"loopback\) are used")
+    refused(
+        user,
+        r"names the token realm .*; only https realms \(or plain http on "
+        r"loopback\) are used",
+    )
     assert len(registry.seen) == 1  # the unauthenticated request, nothing after it
 
 
 def test_every_offered_realm_is_checked(registry: _Registry, user: User) -> None:
     registry.token = "tok-5"
-    registry.challenge = (f'Bearer realm="http://{registry.host}/token",service=x, '
-                          'Bearer realm="http://192.0.2.1/token",service=y')
+    registry.challenge = (
+        f'Bearer realm="http://{registry.host}/token",service=x, '
+        'Bearer realm="http://192.0.2.1/token",service=y'
+    )
     refused(user, r"names the token realm 'http://192\.0\.2\.1/token'")
     assert len(registry.seen) == 1
 
 
-def test_netrc_credentials_are_never_sent(registry: _Registry, user: User,
-                                          tmp_path: Path) -> None:
+def test_netrc_credentials_are_never_sent(registry: _Registry, user: User, tmp_path: Path) -> None:
     netrc = tmp_path / ".netrc"  # HOME is tmp_path
-    netrc.write_text("machine 127.0.0.1 login alice password secret\n"
-                     "machine localhost login alice password secret\n")
+    netrc.write_text(
+        "machine 127.0.0.1 login alice password secret\n"
+        "machine localhost login alice password secret\n"
+    )
     netrc.chmod(0o600)
     user.run()
     assert registry.seen and all(auth is None for _, _, auth in registry.seen)
@@ -332,8 +357,11 @@ def test_uploads_are_not_retried(registry: _Registry, tmp_path: Path) -> None:
     src = tmp_path / "bundle.json"
     src.write_bytes(BLOB)
     sink = OciSink(parse_push_uri(f"oci://{registry.host}/{REPO}"))
-    with pytest.raises(DistError, match=r"starting the upload: registry .* answered HTTP 503 "
-                                        r"\(UNAVAILABLE: busy\)"):
+    with pytest.raises(
+        DistError,
+        match=r"starting the upload: registry .* answered HTTP 503 "
+        r"\(UNAVAILABLE: busy\)",
+    ):
         sink.put("bundle.json", src, len(BLOB), sha(BLOB))
     assert len(registry.paths("POST", "/uploads/")) == 1
 
@@ -350,17 +378,25 @@ def short_deadlines(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("short_deadlines")
 @pytest.mark.parametrize("which", ["manifest", "blob"])
-def test_trickled_headers_fail_by_the_deadline(registry: _Registry, user: User,
-                                               which: str) -> None:
+def test_trickled_headers_fail_by_the_deadline(registry: _Registry, user: User, which: str) -> None:
     registry.trickle_headers.add(getattr(user, which))
-    msg = refused(user, r"registry 127\.0\.0\.1:\d+ sent no complete response headers "
-                        r"within 1 s; it is stalled or too slow", within=6)
-    assert (msg.endswith("then try again") if user.name == "image"
-            else "run the pull again" in msg), msg
+    msg = refused(
+        user,
+        r"registry 127\.0\.0\.1:\d+ sent no complete response headers "
+        r"within 1 s; it is stalled or too slow",
+        within=6,
+    )
+    assert (
+        msg.endswith("then try again") if user.name == "image" else "run the pull again" in msg
+    ), msg
 
 
 @pytest.mark.usefixtures("short_deadlines")
 def test_trickled_body_fails_by_the_deadline(registry: _Registry, user: User) -> None:
     registry.trickle_body.add(user.blob)
-    refused(user, r"registry 127\.0\.0\.1:\d+ sent \d+ of (at most )?\d+ bytes in the 1 s "
-                  r"allowed \(1 s \+ the size at 8192 KiB/s\)", within=6)
+    refused(
+        user,
+        r"registry 127\.0\.0\.1:\d+ sent \d+ of (at most )?\d+ bytes in the 1 s "
+        r"allowed \(1 s \+ the size at 8192 KiB/s\)",
+        within=6,
+    )

@@ -219,8 +219,14 @@ def test_lazy_fails_closed_on_a_corrupt_chunk(tmp_path: Path, evictable: bool) -
     the PermissionError of evicting an immutable entry, leaving the vCPU parked)."""
     try:
         p = subprocess.run(
-            [sys.executable, "-m", "tests.test_restore_strategies", "corrupt", str(tmp_path),
-             "evictable" if evictable else "immutable"],
+            [
+                sys.executable,
+                "-m",
+                "tests.test_restore_strategies",
+                "corrupt",
+                str(tmp_path),
+                "evictable" if evictable else "immutable",
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -247,8 +253,9 @@ def test_lazy_fails_closed_on_a_corrupt_chunk(tmp_path: Path, evictable: bool) -
 
 @needs_kvm
 @pytest.mark.parametrize("evictable", [True, False], ids=["evicted", "immutable"])
-def test_eager_corrupt_chunk_raises_the_chunk_error(spore: Paused, tmp_path: Path,
-                                                    evictable: bool) -> None:
+def test_eager_corrupt_chunk_raises_the_chunk_error(
+    spore: Paused, tmp_path: Path, evictable: bool
+) -> None:
     """The monitor's eager fill fails with the ChunkError naming the chunk, not with a
     BufferError from dropping RAM that the error's traceback still views (issue 11)."""
     store = Store(tmp_path / "store")
@@ -275,14 +282,31 @@ def test_eager_corrupt_chunk_raises_the_chunk_error(spore: Paused, tmp_path: Pat
 
 def _wire(**over: object) -> bytes:
     doc: dict[str, object] = dict(
-        kernel="/k", initrd="/i", rootfs="/r", cmdline="", memory=RAM, vcpus=1, agent_fd=3,
-        serial_log="/s", timeout=None, store="", restore=None, ram="eager", restore_id=None,
-        kernel_digest=None, initrd_digest=None)
+        kernel="/k",
+        initrd="/i",
+        rootfs="/r",
+        cmdline="",
+        memory=RAM,
+        vcpus=1,
+        agent_fd=3,
+        serial_log="/s",
+        timeout=None,
+        store="",
+        restore=None,
+        ram="eager",
+        restore_id=None,
+        kernel_digest=None,
+        initrd_digest=None,
+    )
     return json.dumps({**doc, **over}).encode()
 
 
-RESTORE = dict(restore="/m.json", restore_id="blake3:" + "a" * 64,
-               kernel_digest="blake3:" + "b" * 64, initrd_digest="blake3:" + "c" * 64)
+RESTORE = dict(
+    restore="/m.json",
+    restore_id="blake3:" + "a" * 64,
+    kernel_digest="blake3:" + "b" * 64,
+    initrd_digest="blake3:" + "c" * 64,
+)
 
 
 def test_monitor_config_validates_ram() -> None:
@@ -303,9 +327,11 @@ def test_monitor_config_restore_id_goes_with_restore() -> None:
     ok = MonitorConfig.decode(_wire(**RESTORE))
     assert ok.vm.restore is not None and ok.vm.restore.manifest_id == RESTORE["restore_id"]
     assert MonitorConfig.decode(ok.encode()) == ok
-    for bad in (_wire(**{**RESTORE, "restore_id": None}),
-                _wire(restore_id=RESTORE["restore_id"]),
-                _wire(**{**RESTORE, "restore_id": "blake3:" + "A" * 64})):
+    for bad in (
+        _wire(**{**RESTORE, "restore_id": None}),
+        _wire(restore_id=RESTORE["restore_id"]),
+        _wire(**{**RESTORE, "restore_id": "blake3:" + "A" * 64}),
+    ):
         with pytest.raises(SporeError, match="restore_id"):
             MonitorConfig.decode(bad)
 
@@ -316,9 +342,11 @@ def test_monitor_config_platform_digests_go_with_restore(field: str) -> None:
     never reads the two files); a booting one must not be handed any."""
     ok = MonitorConfig.decode(_wire(**RESTORE))
     assert getattr(ok.vm.restore, field) == RESTORE[field]
-    for bad in (_wire(**{**RESTORE, field: None}),
-                _wire(**{**RESTORE, field: "blake3:" + "B" * 64}),
-                _wire(**{field: RESTORE[field]})):
+    for bad in (
+        _wire(**{**RESTORE, field: None}),
+        _wire(**{**RESTORE, field: "blake3:" + "B" * 64}),
+        _wire(**{field: RESTORE[field]}),
+    ):
         with pytest.raises(SporeError, match=field):
             MonitorConfig.decode(bad)
 

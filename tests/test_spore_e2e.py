@@ -60,14 +60,18 @@ steps:
 """
 
 # Builtins only: the overlay file's line, then every live `sleep` as "sleep /proc/PID".
-CHECK = ('read -r s < /root/state.txt; echo "$s"; '
-         'for f in /proc/[0-9]*/comm; do read -r c < "$f" && [ "$c" = sleep ] && '
-         'echo "sleep ${f%/comm}"; done; true')
+CHECK = (
+    'read -r s < /root/state.txt; echo "$s"; '
+    'for f in /proc/[0-9]*/comm; do read -r c < "$f" && [ "$c" = sleep ] && '
+    'echo "sleep ${f%/comm}"; done; true'
+)
 
 # generation.json through builtins, a separator, then one process reading /dev/urandom.
-GEN_AND_RANDOM = ('while IFS= read -r l || [ -n "$l" ]; do echo "$l"; done '
-                  '< /run/spore/generation.json; echo ---; '
-                  'exec hexdump -n 16 -e \'16/1 "%02x" "\\n"\' /dev/urandom')
+GEN_AND_RANDOM = (
+    'while IFS= read -r l || [ -n "$l" ]; do echo "$l"; done '
+    "< /run/spore/generation.json; echo ---; "
+    'exec hexdump -n 16 -e \'16/1 "%02x" "\\n"\' /dev/urandom'
+)
 
 TIMES: dict[str, float] = {}
 
@@ -88,8 +92,11 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(busybox_image: PushedImage, busybox_rootfs: Path,  # noqa: F811
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+def built(
+    busybox_image: PushedImage,
+    busybox_rootfs: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Built]:
     # A fresh token gives fresh step keys (the kernel store is shared between runs).
     token = uuid.uuid4().hex
     ctx = tmp_path_factory.mktemp("stateful")
@@ -116,8 +123,9 @@ def flipped(path: Path, offset: int) -> Iterator[None]:
     """
     original, mode = path.read_bytes(), path.stat().st_mode & 0o7777
     try:
-        path.write_bytes(original[:offset] + bytes([original[offset] ^ 0x5A])
-                         + original[offset + 1:])
+        path.write_bytes(
+            original[:offset] + bytes([original[offset] ^ 0x5A]) + original[offset + 1 :]
+        )
         yield
     finally:
         path.unlink(missing_ok=True)
@@ -140,8 +148,19 @@ def copy_spore(spore_dir: Path, dest: Path) -> Path:
 
 @pytest.mark.parametrize("strategy", ["eager", "lazy", "local"])
 def test_file_and_background_process_survive_restore(built: Built, strategy: str) -> None:
-    proc = timed(f"spore run --from --restore {strategy}", "run", "-q", "--from",
-                 str(built.spore_dir), "--restore", strategy, "--", "sh", "-c", CHECK)
+    proc = timed(
+        f"spore run --from --restore {strategy}",
+        "run",
+        "-q",
+        "--from",
+        str(built.spore_dir),
+        "--restore",
+        strategy,
+        "--",
+        "sh",
+        "-c",
+        CHECK,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"state {built.token}"
@@ -150,15 +169,32 @@ def test_file_and_background_process_survive_restore(built: Built, strategy: str
 
 
 def test_forked_children_know_they_forked(built: Built, tmp_path: Path) -> None:
-    forks = timed("spore fork --count 2", "fork", str(built.spore_dir), "--count", "2",
-                  "--out", str(tmp_path / "forks"), "--json")
+    forks = timed(
+        "spore fork --count 2",
+        "fork",
+        str(built.spore_dir),
+        "--count",
+        "2",
+        "--out",
+        str(tmp_path / "forks"),
+        "--json",
+    )
     assert forks.returncode == 0, forks.stderr
     doc = json.loads(forks.stdout)
     assert len(doc["children"]) == 2
     gens, randoms = [], []
     for child in doc["children"]:
-        proc = timed(f"spore run --from child {child['index']}", "run", "-q", "--from",
-                     child["path"], "--", "sh", "-c", GEN_AND_RANDOM)
+        proc = timed(
+            f"spore run --from child {child['index']}",
+            "run",
+            "-q",
+            "--from",
+            child["path"],
+            "--",
+            "sh",
+            "-c",
+            GEN_AND_RANDOM,
+        )
         assert proc.returncode == 0, proc.stderr
         gen_text, _, random_text = proc.stdout.partition("---\n")
         info = json.loads(gen_text)
@@ -177,8 +213,17 @@ def test_each_restore_of_one_spore_reads_fresh_random_bytes(built: Built) -> Non
     gen_id = load_manifest(built.spore_dir).generation.id
     randoms = []
     for run in range(2):
-        proc = timed(f"spore run --from (again {run})", "run", "-q", "--from",
-                     str(built.spore_dir), "--", "sh", "-c", GEN_AND_RANDOM)
+        proc = timed(
+            f"spore run --from (again {run})",
+            "run",
+            "-q",
+            "--from",
+            str(built.spore_dir),
+            "--",
+            "sh",
+            "-c",
+            GEN_AND_RANDOM,
+        )
         assert proc.returncode == 0, proc.stderr
         gen_text, _, random_text = proc.stdout.partition("---\n")
         info = json.loads(gen_text)
@@ -212,8 +257,11 @@ def leaves_nothing_behind(runtime: Path) -> Iterator[None]:
     before = set(staging.glob("monitor-*"))
     yield
     assert list(runtime.iterdir()) == []
-    left = [d for d in set(staging.glob("monitor-*")) - before
-            if not Path("/proc", d.name.split("-")[1]).exists()]
+    left = [
+        d
+        for d in set(staging.glob("monitor-*")) - before
+        if not Path("/proc", d.name.split("-")[1]).exists()
+    ]
     assert left == [], left
 
 
@@ -229,9 +277,9 @@ def assert_one_line_naming(proc: subprocess.CompletedProcess[str], cids: list[st
 
 @pytest.mark.parametrize("evictable", [True, False], ids=["evicted", "immutable"])
 @pytest.mark.parametrize("strategy", ["eager", "lazy", "local"])
-def test_corrupt_chunk_fails_fast_in_one_line(built: Built, strategy: str, evictable: bool,
-                                              tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupt_chunk_fails_fast_in_one_line(
+    built: Built, strategy: str, evictable: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every strategy refuses a corrupt chunk with one line naming it and what to do,
     within seconds: no traceback, no VM running on it, nothing left behind. Also when
     the corrupt entry cannot be evicted (issue 11: eager died on a BufferError over
@@ -244,13 +292,24 @@ def test_corrupt_chunk_fails_fast_in_one_line(built: Built, strategy: str, evict
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    with contextmanager_all(paths), immutable([] if evictable else paths), \
-            leaves_nothing_behind(runtime):
+    with (
+        contextmanager_all(paths),
+        immutable([] if evictable else paths),
+        leaves_nothing_behind(runtime),
+    ):
         started = time.monotonic()
-        proc = timed(f"corrupt chunk, --restore {strategy}, "
-                     f"{'evictable' if evictable else 'immutable'} (fails)",
-                     "run", "--from", str(built.spore_dir), "--restore", strategy, "--",
-                     "echo", "RAN")
+        proc = timed(
+            f"corrupt chunk, --restore {strategy}, "
+            f"{'evictable' if evictable else 'immutable'} (fails)",
+            "run",
+            "--from",
+            str(built.spore_dir),
+            "--restore",
+            strategy,
+            "--",
+            "echo",
+            "RAN",
+        )
         took = time.monotonic() - started
         still_there = [p.exists() for p in paths]
     line = assert_one_line_naming(proc, cids)
@@ -271,8 +330,9 @@ def test_verify_names_a_corrupt_chunk_it_cannot_evict(built: Built) -> None:
     m = load_manifest(built.spore_dir)
     (cid,) = chunks_a_restore_reads(m, "eager")
     with contextmanager_all([chunk_file(cid)]), immutable([chunk_file(cid)]):
-        proc = timed("spore verify, immutable corrupt chunk (fails)", "verify",
-                     str(built.spore_dir))
+        proc = timed(
+            "spore verify, immutable corrupt chunk (fails)", "verify", str(built.spore_dir)
+        )
     line = assert_one_line_naming(proc, [cid])
     assert "could not be evicted (Operation not permitted)" in line, line
 
@@ -284,13 +344,23 @@ def test_corrupt_memfile_fails_and_is_rebuilt(built: Built) -> None:
     path = memfile_path(m.memory, Store(KERNEL_STORE))
     c, cid = next((c, cid) for c, cid in enumerate(m.memory.chunks) if cid)
     with flipped(path, c * CHUNK + 4096 + 7):
-        proc = timed("corrupt memfile, --restore local (fails)", "run", "--from",
-                     str(built.spore_dir), "--restore", "local", "--", "echo", "RAN")
+        proc = timed(
+            "corrupt memfile, --restore local (fails)",
+            "run",
+            "--from",
+            str(built.spore_dir),
+            "--restore",
+            "local",
+            "--",
+            "echo",
+            "RAN",
+        )
     assert proc.returncode != 0
     assert cid.split(":", 1)[1][:12] in proc.stderr, proc.stderr
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
-    again = spore("run", "-q", "--from", str(built.spore_dir), "--restore", "local", "--",
-                  "sh", "-c", CHECK)
+    again = spore(
+        "run", "-q", "--from", str(built.spore_dir), "--restore", "local", "--", "sh", "-c", CHECK
+    )
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[0] == f"state {built.token}"
 
@@ -310,7 +380,7 @@ def test_edited_manifest_byte_fails_clearly(built: Built, tmp_path: Path) -> Non
     m = re.search(rb'"memory":(\d+)', data)
     assert m
     at = m.end(1) - 1  # the last digit of platform.memory
-    data = data[:at] + (b"1" if data[at:at + 1] != b"1" else b"3") + data[at + 1:]
+    data = data[:at] + (b"1" if data[at : at + 1] != b"1" else b"3") + data[at + 1 :]
     (bad / "manifest.json").write_bytes(data)
     proc = timed("edited manifest byte (fails)", "run", "--from", str(bad), "--", "echo", "RAN")
     assert proc.returncode != 0
@@ -319,14 +389,15 @@ def test_edited_manifest_byte_fails_clearly(built: Built, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("site", [b'"org.spore.name":"', b'"generation":{"count":1,"id":"'])
-def test_any_edited_byte_fails_on_the_manifest_id(built: Built, tmp_path: Path,
-                                                  site: bytes) -> None:
+def test_any_edited_byte_fails_on_the_manifest_id(
+    built: Built, tmp_path: Path, site: bytes
+) -> None:
     """Even fields the restore does not use: the spore's id file covers every byte."""
     bad = copy_spore(built.spore_dir, tmp_path / "edited.spore")
     data = (bad / "manifest.json").read_bytes()
     assert site in data
     at = data.index(site) + len(site)
-    data = data[:at] + (b"x" if data[at:at + 1] != b"x" else b"y") + data[at + 1:]
+    data = data[:at] + (b"x" if data[at : at + 1] != b"x" else b"y") + data[at + 1 :]
     (bad / "manifest.json").write_bytes(data)
     proc = spore("run", "--from", str(bad), "--", "echo", "RAN")
     assert proc.returncode != 0 and "manifest id is" in proc.stderr, proc.stderr
@@ -347,20 +418,24 @@ def reseal(spore_dir: Path) -> None:
 
 
 # One byte of a field the restore depends on; each fails in about a second.
-@pytest.mark.parametrize(("site", "named"), [
-    (b'"chunks":["blake3:', "memory chunk 0 (blake3:"),       # → not in the store
-    (b'"vm":{"digest":"blake3:', "is not in the store"),     # the vCPU/device state
-    (b'"rootfs":{"blk_slot":0,"builder":"spore-rootfs/1","digest":"blake3:', "rootfs blake3:"),
-    (b'"cmdline":"console=', "platform.cmdline"),
-    (b'"format":"spore/v', "format 'spore/v"),
-])
-def test_edited_manifest_field_fails_clearly(built: Built, tmp_path: Path, site: bytes,
-                                             named: str) -> None:
+@pytest.mark.parametrize(
+    ("site", "named"),
+    [
+        (b'"chunks":["blake3:', "memory chunk 0 (blake3:"),  # → not in the store
+        (b'"vm":{"digest":"blake3:', "is not in the store"),  # the vCPU/device state
+        (b'"rootfs":{"blk_slot":0,"builder":"spore-rootfs/1","digest":"blake3:', "rootfs blake3:"),
+        (b'"cmdline":"console=', "platform.cmdline"),
+        (b'"format":"spore/v', "format 'spore/v"),
+    ],
+)
+def test_edited_manifest_field_fails_clearly(
+    built: Built, tmp_path: Path, site: bytes, named: str
+) -> None:
     bad = copy_spore(built.spore_dir, tmp_path / "edited.spore")
     data = (bad / "manifest.json").read_bytes()
     assert site in data
     at = data.index(site) + len(site)
-    data = data[:at] + (b"2" if data[at:at + 1] != b"2" else b"3") + data[at + 1:]
+    data = data[:at] + (b"2" if data[at : at + 1] != b"2" else b"3") + data[at + 1 :]
     (bad / "manifest.json").write_bytes(data)
     reseal(bad)
     proc = spore("run", "--from", str(bad), "--", "echo", "RAN")
@@ -372,12 +447,12 @@ def test_edited_manifest_field_fails_clearly(built: Built, tmp_path: Path, site:
 def test_different_kernel_digest_fails_naming_the_field(built: Built, tmp_path: Path) -> None:
     bad = copy_spore(built.spore_dir, tmp_path / "kernel.spore")
     m = load_manifest(bad)
-    other = dataclasses.replace(m, platform=dataclasses.replace(
-        m.platform, kernel="blake3:" + "0" * 64))
+    other = dataclasses.replace(
+        m, platform=dataclasses.replace(m.platform, kernel="blake3:" + "0" * 64)
+    )
     (bad / "manifest.json").write_bytes(manifest.encode(other))
     reseal(bad)
-    proc = timed("different kernel digest (fails)", "run", "--from", str(bad), "--",
-                 "echo", "RAN")
+    proc = timed("different kernel digest (fails)", "run", "--from", str(bad), "--", "echo", "RAN")
     assert proc.returncode != 0
     assert "platform.kernel" in proc.stderr, proc.stderr
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
@@ -389,8 +464,9 @@ def test_tampered_rootfs_fails_before_a_vm(built: Built) -> None:
     m = load_manifest(built.spore_dir)
     path = KERNEL_STORE / "rootfs" / "blake3" / m.rootfs.digest.split(":", 1)[1]
     with flipped(path, m.rootfs.size // 2):
-        proc = timed("tampered rootfs (fails)", "run", "--from", str(built.spore_dir), "--",
-                     "echo", "RAN")
+        proc = timed(
+            "tampered rootfs (fails)", "run", "--from", str(built.spore_dir), "--", "echo", "RAN"
+        )
     assert proc.returncode != 0
     assert "rootfs" in proc.stderr and f"needs {m.rootfs.digest}" in proc.stderr, proc.stderr
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
@@ -404,11 +480,14 @@ def test_unchanged_sporefile_rebuilds_without_a_vm(built: Built) -> None:
     assert Path(doc["spore"]) == built.spore_dir
 
 
-def test_until_guest_on_a_new_project_needs_no_lock(busybox_image: PushedImage,  # noqa: F811
-                                                    tmp_path: Path) -> None:
+def test_until_guest_on_a_new_project_needs_no_lock(
+    busybox_image: PushedImage,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     """--until guest stops before resolve: no lock entry, no image, and no crash."""
-    (tmp_path / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout,
-                                                         token="until-guest"))
+    (tmp_path / "Sporefile").write_text(
+        SPOREFILE.format(layout=busybox_image.layout, token="until-guest")
+    )
     proc = spore("build", "--until", "guest", str(tmp_path / "Sporefile"))
     assert proc.returncode == 0, proc.stderr
     assert "stopped after guest" in proc.stderr and "image " not in proc.stderr
@@ -416,6 +495,7 @@ def test_until_guest_on_a_new_project_needs_no_lock(busybox_image: PushedImage, 
 
 def test_guest_clock_stands_still_while_the_spore_sleeps(built: Built) -> None:
     """Monotonic time resumes where it was captured (wall time is set by the agent)."""
+
     def uptime() -> float:
         proc = spore("run", "--from", str(built.spore_dir), "--", "cat", "/proc/uptime")
         assert proc.returncode == 0, proc.stderr

@@ -89,12 +89,16 @@ def test_full_sporefile_model(ctx: Path) -> None:
     assert server.background and server.ready == sporefile.ReadyProbe("tcp", None, 8080, None, 90.0)
     assert watcher.ready == sporefile.ReadyProbe("file", "/run/ready", None, None, 30.0)
     assert poller.ready == sporefile.ReadyProbe(
-        "command", None, None, ("test", "-S", "/run/app.sock"), 1.5)
+        "command", None, None, ("test", "-S", "/run/app.sock"), 1.5
+    )
     assert sf.snapshot_after == "server"
-    assert sf.verify == (sporefile.Check("test -S /run/app.sock", 10.0),
-                         sporefile.Check(("/bin/true",), None))
-    assert sf.output == sporefile.Output(ctx.resolve() / "build/py.spore",
-                                         ctx.resolve() / "build/py.bundle")
+    assert sf.verify == (
+        sporefile.Check("test -S /run/app.sock", 10.0),
+        sporefile.Check(("/bin/true",), None),
+    )
+    assert sf.output == sporefile.Output(
+        ctx.resolve() / "build/py.spore", ctx.resolve() / "build/py.bundle"
+    )
     assert sf.path == path and sf.context == ctx.resolve()
     assert sf.digest == "blake3:" + blake3.blake3(FULL.encode()).hexdigest()
     assert loads(FULL, path) == sf == loads(FULL.encode(), path)
@@ -171,30 +175,82 @@ def test_kernel_file_named_managed(ctx: Path) -> None:
 
 
 # -- sizes and durations ---------------------------------------------------------------------
-@pytest.mark.parametrize(("text", "value"), [
-    ("1", 1), ("512MiB", 512 << 20), ("4KiB", 4096), ("2GiB", 2 << 30), ("10B", 10), (7, 7),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1", 1),
+        ("512MiB", 512 << 20),
+        ("4KiB", 4096),
+        ("2GiB", 2 << 30),
+        ("10B", 10),
+        (7, 7),
+    ],
+)
 def test_parse_size(text: str | int, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["512mb", "512MB", "1.5GiB", "-1", "0", "0MiB", "", " 1MiB",
-                                  "1 MiB", "1TiB", "01MiB", "1MiB\n", 0, -4])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "512mb",
+        "512MB",
+        "1.5GiB",
+        "-1",
+        "0",
+        "0MiB",
+        "",
+        " 1MiB",
+        "1 MiB",
+        "1TiB",
+        "01MiB",
+        "1MiB\n",
+        0,
+        -4,
+    ],
+)
 def test_parse_size_rejects(text: str | int) -> None:
     with pytest.raises(SporefileError):
         parse_size(text)
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("30s", 30.0), ("2m", 120.0), ("1m30s", 90.0), ("1500ms", 1.5), ("1h", 3600.0),
-    ("1h2m3s4ms", 3723.004), ("24h", 86400.0), ("168h", 604800.0),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("30s", 30.0),
+        ("2m", 120.0),
+        ("1m30s", 90.0),
+        ("1500ms", 1.5),
+        ("1h", 3600.0),
+        ("1h2m3s4ms", 3723.004),
+        ("24h", 86400.0),
+        ("168h", 604800.0),
+    ],
+)
 def test_parse_duration(text: str, value: float) -> None:
     assert parse_duration(text) == value
 
 
-@pytest.mark.parametrize("text", ["30", "1.5s", "0s", "0ms", "-1s", "s", "", "1h0", "1d",
-                                  "30 seconds", "2m1h", "1s1s", "30S", "30s\n", " 30s"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "30",
+        "1.5s",
+        "0s",
+        "0ms",
+        "-1s",
+        "s",
+        "",
+        "1h0",
+        "1d",
+        "30 seconds",
+        "2m1h",
+        "1s1s",
+        "30S",
+        "30s\n",
+        " 30s",
+    ],
+)
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(SporefileError):
         parse_duration(text)
@@ -233,115 +289,176 @@ def test_parse_size_and_duration_fail_only_cleanly(text: str) -> None:
 BAD = [
     # unknown keys at every level, reported at the key
     (HEAD + "foo: 1\n", '4:1: foo: unknown key "foo"; allowed keys are: base, env, files'),
-    ("sporefile: 1\nname: a\nbase: {image: d, arch: x}\n",
-     '3:18: base.arch: unknown key "arch"; allowed keys are: image, platform'),
+    (
+        "sporefile: 1\nname: a\nbase: {image: d, arch: x}\n",
+        '3:18: base.arch: unknown key "arch"; allowed keys are: image, platform',
+    ),
     (HEAD + "machine:\n  cpus: 2\n", '5:3: machine.cpus: unknown key "cpus"'),
     (HEAD + "files:\n  - {src: app, dst: /a, owner: root}\n", "5:25: files[0].owner: unknown"),
     (HEAD + "steps:\n  - {name: a, run: x, user: root}\n", "5:23: steps[0].user: unknown key"),
-    (HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n    ready: {tcp: 1, udp: 2}\n",
-     '8:21: steps[0].ready.udp: unknown key "udp"'),
+    (
+        HEAD
+        + "steps:\n  - name: a\n    run: x\n    background: true\n    ready: {tcp: 1, udp: 2}\n",
+        '8:21: steps[0].ready.udp: unknown key "udp"',
+    ),
     (HEAD + "snapshot: {before: a}\n", '4:12: snapshot.before: unknown key "before"'),
     (HEAD + "verify:\n  - {run: x, retries: 3}\n", "5:14: verify[0].retries: unknown key"),
-    (HEAD + "output: {dir: out}\n", '4:10: output.dir: unknown key "dir"; allowed keys are: '
-     "bundle, spore"),
+    (
+        HEAD + "output: {dir: out}\n",
+        '4:10: output.dir: unknown key "dir"; allowed keys are: bundle, spore',
+    ),
     # versions
-    ("sporefile: 2\nname: a\n", "1:12: sporefile: unsupported Sporefile version 2; "
-     "this spore understands 1"),
+    (
+        "sporefile: 2\nname: a\n",
+        "1:12: sporefile: unsupported Sporefile version 2; this spore understands 1",
+    ),
     ("sporefile: '1'\n", 'unsupported Sporefile version "1"'),
     ("sporefile: 1.0\n", "unsupported Sporefile version 1.0"),
     ("sporefile: true\n", "unsupported Sporefile version true"),
     ("name: a\n", '1:1: sporefile: missing required key "sporefile"'),
     ("sporefile: 1\nbase: {image: d}\n", '1:1: name: missing required key "name"'),
-    ("sporefile: 1\nname: a\nbase: {platform: linux/amd64}\n",
-     '3:7: base.image: missing required key "image"'),
+    (
+        "sporefile: 1\nname: a\nbase: {platform: linux/amd64}\n",
+        '3:7: base.image: missing required key "image"',
+    ),
     # names and identifiers
     ("sporefile: 1\nname: App\nbase: {image: d}\n", '2:7: name: "App" is not a valid name'),
     ('sporefile: 1\nname: "a\\n"\nbase: {image: d}\n', '2:7: name: "a\\n" is not a valid name'),
-    ("sporefile: 1\nname: a\nbase: {image: d, platform: amd64}\n",
-     '3:28: base.platform: "amd64" is not a platform'),
+    (
+        "sporefile: 1\nname: a\nbase: {image: d, platform: amd64}\n",
+        '3:28: base.platform: "amd64" is not a platform',
+    ),
     ("sporefile: 1\nname: a\nbase:\n", "3:6: base: is empty; expected a mapping"),
     # sizes
-    (HEAD + "machine:\n  memory: 512mb\n", '5:11: machine.memory: "512mb" is not a size; '
-     "expected an integer with unit B, KiB, MiB or GiB"),
+    (
+        HEAD + "machine:\n  memory: 512mb\n",
+        '5:11: machine.memory: "512mb" is not a size; '
+        "expected an integer with unit B, KiB, MiB or GiB",
+    ),
     (HEAD + "machine:\n  memory: 1.5GiB\n", '5:11: machine.memory: "1.5GiB" is not a size'),
     (HEAD + "machine:\n  memory: -5\n", "5:11: machine.memory: -5 is out of range"),
     (HEAD + "machine:\n  memory: 0\n", "5:11: machine.memory: 0 is out of range"),
-    (HEAD + "machine:\n  memory: 32MiB\n", "5:11: machine.memory: 32MiB is out of range; "
-     "expected 64MiB to 64GiB"),
+    (
+        HEAD + "machine:\n  memory: 32MiB\n",
+        "5:11: machine.memory: 32MiB is out of range; expected 64MiB to 64GiB",
+    ),
     (HEAD + "machine:\n  memory: 65GiB\n", "machine.memory: 65GiB is out of range"),
     (HEAD + "machine:\n  memory: 101MiB\n", "machine.memory: 101MiB is not a multiple of 2MiB"),
-    (HEAD + "machine: {vcpus: 0}\n", "4:18: machine.vcpus: 0 is out of range; expected an "
-     "integer from 1 to 64"),
+    (
+        HEAD + "machine: {vcpus: 0}\n",
+        "4:18: machine.vcpus: 0 is out of range; expected an integer from 1 to 64",
+    ),
     (HEAD + "machine: {vcpus: 65}\n", "machine.vcpus: 65 is out of range"),
     (HEAD + "machine: {vcpus: 1.0}\n", "machine.vcpus: 1.0 is a number, not a vCPU count"),
     (HEAD + "machine: {kernel: missing}\n", 'machine.kernel: "missing" does not exist'),
     (HEAD + "machine: {kernel: app}\n", 'machine.kernel: "app" is not a regular file'),
     # durations
-    (HEAD + "steps:\n  - name: a\n    run: x\n  - name: b\n    run: y\n    timeout: 30 seconds\n",
-     '9:14: steps[1].timeout: "30 seconds" is not a duration; expected e.g. 30s, 2m, 1m30s'),
-    (HEAD + "verify: [{run: x, timeout: 30}]\n", "4:28: verify[0].timeout: 30 is a number, "
-     "not a duration; expected e.g. 30s"),
+    (
+        HEAD
+        + "steps:\n  - name: a\n    run: x\n  - name: b\n    run: y\n    timeout: 30 seconds\n",
+        '9:14: steps[1].timeout: "30 seconds" is not a duration; expected e.g. 30s, 2m, 1m30s',
+    ),
+    (
+        HEAD + "verify: [{run: x, timeout: 30}]\n",
+        "4:28: verify[0].timeout: 30 is a number, not a duration; expected e.g. 30s",
+    ),
     (HEAD + "verify: [{run: x, timeout: 1.5s}]\n", '"1.5s" is not a duration'),
     (HEAD + "verify: [{run: x, timeout: 0s}]\n", 'verify[0].timeout: "0s" is zero'),
     (HEAD + "verify: [{run: x, timeout: 25h}]\n", '"25h" is longer than 24h'),
     (HEAD + "verify: [{run: x, timeout: 24h1ms}]\n", '"24h1ms" is longer than 24h'),
-    (HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n"
-     "    ready: {tcp: 80, timeout: soon}\n", '8:31: steps[0].ready.timeout: "soon" is not a'),
+    (
+        HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n"
+        "    ready: {tcp: 80, timeout: soon}\n",
+        '8:31: steps[0].ready.timeout: "soon" is not a',
+    ),
     # env
-    (HEAD + "env:\n  DEBUG: true\n", '5:10: env.DEBUG: true is a boolean, not a string; '
-     'quote it: "true"'),
+    (
+        HEAD + "env:\n  DEBUG: true\n",
+        '5:10: env.DEBUG: true is a boolean, not a string; quote it: "true"',
+    ),
     (HEAD + "env: {N: 1}\n", 'env.N: 1 is a number, not a string; quote it: "1"'),
     (HEAD + "env: {N: }\n", "4:9: env.N: is empty"),
     (HEAD + "env: {1X: a}\n", '4:7: env.1X: "1X" is not a valid variable name'),
     (HEAD + "env: {yes: a}\n", '4:7: env.yes: key "yes" is read by YAML as a boolean'),
-    (HEAD + "steps:\n  - name: a\n    run: x\n    env: {A-B: x}\n",
-     '7:11: steps[0].env.A-B: "A-B" is not a valid variable name'),
+    (
+        HEAD + "steps:\n  - name: a\n    run: x\n    env: {A-B: x}\n",
+        '7:11: steps[0].env.A-B: "A-B" is not a valid variable name',
+    ),
     # files
-    (HEAD + "files:\n  - {src: ../etc, dst: /x}\n", '5:11: files[0].src: "../etc" leaves the '
-     "build context"),
+    (
+        HEAD + "files:\n  - {src: ../etc, dst: /x}\n",
+        '5:11: files[0].src: "../etc" leaves the build context',
+    ),
     (HEAD + "files:\n  - {src: app/../../x, dst: /x}\n", 'files[0].src: "app/../../x" leaves'),
-    (HEAD + "files:\n  - {src: /etc/passwd, dst: /x}\n", '5:11: files[0].src: "/etc/passwd" is '
-     "not a relative path"),
+    (
+        HEAD + "files:\n  - {src: /etc/passwd, dst: /x}\n",
+        '5:11: files[0].src: "/etc/passwd" is not a relative path',
+    ),
     (HEAD + "files:\n  - {src: nope, dst: /x}\n", 'files[0].src: "nope" does not exist'),
-    (HEAD + "files:\n  - {src: app, dst: app}\n", '5:21: files[0].dst: "app" is not an '
-     "absolute path"),
-    (HEAD + "files:\n  - {src: app, dst: /a/../etc}\n", "files[0].dst: \"/a/../etc\" contains"),
-    (HEAD + "files:\n  - {src: app, dst: /x, mode: 755}\n", "5:31: files[0].mode: 755 is not "
-     'written in octal; write the mode as a quoted octal string, e.g. "0755"'),
-    (HEAD + "files:\n  - {src: app, dst: /x, mode: '0759'}\n", 'files[0].mode: "0759" is not a '
-     "file mode"),
+    (
+        HEAD + "files:\n  - {src: app, dst: app}\n",
+        '5:21: files[0].dst: "app" is not an absolute path',
+    ),
+    (HEAD + "files:\n  - {src: app, dst: /a/../etc}\n", 'files[0].dst: "/a/../etc" contains'),
+    (
+        HEAD + "files:\n  - {src: app, dst: /x, mode: 755}\n",
+        "5:31: files[0].mode: 755 is not "
+        'written in octal; write the mode as a quoted octal string, e.g. "0755"',
+    ),
+    (
+        HEAD + "files:\n  - {src: app, dst: /x, mode: '0759'}\n",
+        'files[0].mode: "0759" is not a file mode',
+    ),
     (HEAD + "files:\n  - {src: app, dst: /x, mode: 010000}\n", "files[0].mode: 010000 is out of"),
     (HEAD + "files:\n  - {src: app}\n", '5:5: files[0].dst: missing required key "dst"'),
     # steps
-    (HEAD + "steps:\n  - {name: a, run: x, ready: {tcp: 80}}\n", "5:23: steps[0].ready: ready is "
-     "only allowed on a background step; add background: true"),
-    (BG + "    ready: {tcp: 1, file: /f}\n",
-     "8:12: steps[0].ready: file and tcp are all set; expected exactly one of file"),
-    (HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n    ready: {timeout: 3s}\n",
-     "steps[0].ready: none of file, tcp, command is set"),
-    (HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n    ready: {tcp: 70000}\n",
-     "8:18: steps[0].ready.tcp: 70000 is out of range; expected a port number"),
+    (
+        HEAD + "steps:\n  - {name: a, run: x, ready: {tcp: 80}}\n",
+        "5:23: steps[0].ready: ready is only allowed on a background step; add background: true",
+    ),
+    (
+        BG + "    ready: {tcp: 1, file: /f}\n",
+        "8:12: steps[0].ready: file and tcp are all set; expected exactly one of file",
+    ),
+    (
+        HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n    ready: {timeout: 3s}\n",
+        "steps[0].ready: none of file, tcp, command is set",
+    ),
+    (
+        HEAD + "steps:\n  - name: a\n    run: x\n    background: true\n    ready: {tcp: 70000}\n",
+        "8:18: steps[0].ready.tcp: 70000 is out of range; expected a port number",
+    ),
     (HEAD + "steps:\n  - {name: a, run: []}\n", "5:20: steps[0].run: has 0 entries"),
     (HEAD + "steps:\n  - {name: a, run: ''}\n", "5:20: steps[0].run: is empty"),
     (HEAD + "steps:\n  - {name: a, run: '  '}\n", 'steps[0].run: "  " is not a command'),
-    (HEAD + "steps:\n  - {name: a, run: [sleep, 10]}\n", '5:28: steps[0].run[1]: 10 is a number, '
-     'not a string; quote it: "10"'),
+    (
+        HEAD + "steps:\n  - {name: a, run: [sleep, 10]}\n",
+        '5:28: steps[0].run[1]: 10 is a number, not a string; quote it: "10"',
+    ),
     (HEAD + "steps:\n  - {name: a, run: ['', x]}\n", "steps[0].run[0]: is empty"),
-    (HEAD + "steps:\n  - {name: a, run: x, background: yes please}\n",
-     'steps[0].background: "yes please" is a string, not a boolean'),
-    (HEAD + "steps:\n  - {name: a, run: x}\n  - {name: a, run: y}\n",
-     '6:12: steps[1].name: duplicate step name "a" (first at line 5)'),
+    (
+        HEAD + "steps:\n  - {name: a, run: x, background: yes please}\n",
+        'steps[0].background: "yes please" is a string, not a boolean',
+    ),
+    (
+        HEAD + "steps:\n  - {name: a, run: x}\n  - {name: a, run: y}\n",
+        '6:12: steps[1].name: duplicate step name "a" (first at line 5)',
+    ),
     (HEAD + "steps:\n  - {name: A, run: x}\n", 'steps[0].name: "A" is not a valid step name'),
     (HEAD + "steps:\n  - {run: x}\n", 'steps[0].name: missing required key "name"'),
-    (HEAD + "steps:\n  - {name: a, run: x}\nsnapshot: {after: b}\n",
-     '6:19: snapshot.after: no step is named "b"; expected one of: a'),
-    (HEAD + "snapshot: {after: b}\n", "snapshot.after: no step is named \"b\"; the Sporefile "
-     "has no steps"),
+    (
+        HEAD + "steps:\n  - {name: a, run: x}\nsnapshot: {after: b}\n",
+        '6:19: snapshot.after: no step is named "b"; expected one of: a',
+    ),
+    (
+        HEAD + "snapshot: {after: b}\n",
+        'snapshot.after: no step is named "b"; the Sporefile has no steps',
+    ),
     (HEAD + "workdir: srv\n", '4:10: workdir: "srv" is not an absolute path'),
     # output
     (HEAD + "output: {spore: ../x.spore}\n", '4:17: output.spore: "../x.spore" leaves the build'),
     (HEAD + "output: {bundle: /tmp/x}\n", 'output.bundle: "/tmp/x" is not a relative path'),
-    (HEAD + "output: {spore: out/a, bundle: out/a}\n", "4:32: output.bundle: \"out/a\" cannot be"),
+    (HEAD + "output: {spore: out/a, bundle: out/a}\n", '4:32: output.bundle: "out/a" cannot be'),
     (HEAD + "output: {spore: ./}\n", 'output.spore: "./" cannot be used as an output path'),
     (HEAD + "output: {spore: Sporefile}\n", 'output.spore: "Sporefile" cannot be used as an'),
     (HEAD + "output: {bundle: app}\n", 'output.bundle: "app" cannot be used as an output path'),
@@ -349,15 +466,17 @@ BAD = [
     (HEAD + "env:\n  A: x\n  A: y\n", '6:3: env.A: duplicate key "A" (first at line 5)'),
     (HEAD + "env: {A: &v x, B: y}\n", "4:10: env.A: YAML anchors (&name) are not allowed"),
     (HEAD + "env: {A: x, B: *v}\n", "4:16: env.B: YAML aliases (*name) are not allowed"),
-    (HEAD + "<<: {name: b}\n", "4:1: [\"<<\"]: YAML merge keys (<<) are not allowed"),
-    (HEAD + "env: {A: !!python/name:os.system x}\n",
-     '4:10: env.A: tag "!!python/name:os.system" is not allowed'),
+    (HEAD + "<<: {name: b}\n", '4:1: ["<<"]: YAML merge keys (<<) are not allowed'),
+    (
+        HEAD + "env: {A: !!python/name:os.system x}\n",
+        '4:10: env.A: tag "!!python/name:os.system" is not allowed',
+    ),
     (HEAD + "env: {A: !custom x}\n", 'env.A: tag "!custom" is not allowed'),
     (HEAD + "env: {A: !!binary aGk=}\n", 'env.A: tag "!!binary" is not allowed'),
     (HEAD + "env: !!set {A: x}\n", 'env: tag "!!set" is not allowed'),
     (HEAD + "---\nname: b\n", "4:1: a second YAML document starts here"),
-    (HEAD + "env: {A: \"\\0\"}\n", "4:10: env.A: contains a NUL character"),
-    (HEAD + "env: {A: \"\\ud800\"}\n", "env.A: contains an unpaired surrogate"),
+    (HEAD + 'env: {A: "\\0"}\n', "4:10: env.A: contains a NUL character"),
+    (HEAD + 'env: {A: "\\ud800"}\n', "env.A: contains an unpaired surrogate"),
     (HEAD + "env: {A: !!int 12x}\n", 'env.A: "12x" is not a number'),
     (HEAD + "machine: {vcpus: " + "1" * 100 + "}\n", "machine.vcpus: number"),
     (HEAD + "env: {A: x\n", "5:1: invalid YAML: while parsing a flow mapping"),
@@ -388,7 +507,7 @@ def test_src_escaping_through_symlink(ctx: Path, tmp_path_factory: pytest.TempPa
     os.symlink("link/secret", ctx / "file-link")
     text = HEAD + "files:\n  - {src: file-link, dst: /x}\n"
     msg = error(ctx, text)
-    assert ":5:11: files[0].src: \"file-link\" resolves to" in msg
+    assert ':5:11: files[0].src: "file-link" resolves to' in msg
     assert "outside the build context" in msg
     msg = error(ctx, HEAD + "files:\n  - {src: link/secret, dst: /x}\n")
     assert "outside the build context" in msg

@@ -90,8 +90,14 @@ def test_layer_is_deterministic_and_pinned(tmp_path: Path) -> None:
     assert b_layer.digest() == "sha256:" + hashlib.sha256(a).hexdigest()
     got = members(a)
     # Sorted, parents first; only what files: names (parents are left to the image).
-    assert list(got) == ["opt/app/hello.txt", "srv/app", "srv/app/main.py", "srv/app/sub",
-                         "srv/app/sub/run.sh", "srv/app/sub/suid"]
+    assert list(got) == [
+        "opt/app/hello.txt",
+        "srv/app",
+        "srv/app/main.py",
+        "srv/app/sub",
+        "srv/app/sub/run.sh",
+        "srv/app/sub/suid",
+    ]
     for m in got.values():
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (ROOTFS_EPOCH, 0, 0, "", "")
         assert m.isdir() or m.isfile()
@@ -105,10 +111,17 @@ def test_modes(tmp_path: Path) -> None:
     assert got["srv/app/main.py"].mode == 0o600
     assert got["srv/app/sub/run.sh"].mode == 0o755
     assert got["srv/app/sub/suid"].mode == 0o755  # setuid is never taken from the host
-    forced = members(tar_bytes(layer_for(tmp_path, """\
+    forced = members(
+        tar_bytes(
+            layer_for(
+                tmp_path,
+                """\
 files:
   - {src: app, dst: /srv/app, mode: "4750"}
-""")))
+""",
+            )
+        )
+    )
     assert {m.mode for m in forced.values()} == {0o4750}  # a directory's mode: covers all
 
 
@@ -157,11 +170,14 @@ def test_symlink_in_the_base_image_is_never_written_through(tmp_path: Path, targ
     outside = tmp_path / "outside"
     outside.mkdir()
     make_context(tmp_path / "ctx")
-    layer = layer_for(tmp_path / "ctx", """\
+    layer = layer_for(
+        tmp_path / "ctx",
+        """\
 files:
   - {src: app, dst: /srv/app}
   - {src: hello.txt, dst: /app/x}
-""")
+""",
+    )
     base = tmp_path / "base.tar"
     link = str(outside) if target == "OUTSIDE" else target
     base.write_bytes(ociimage.tar_layer({"etc": None, "app": link}))
@@ -196,22 +212,36 @@ def test_source_swapped_for_a_symlink_after_loading_is_refused(tmp_path: Path) -
         layer.digest()
 
 
-@pytest.mark.parametrize(("files_yaml", "problem"), [
-    ("  - {src: hello.txt, dst: /x}\n  - {src: app, dst: /x}\n",
-     r"files\[1\]\.dst: \"/x\" is a dir here but files\[0\] puts a file there"),
-    ("  - {src: hello.txt, dst: /x}\n  - {src: hello.txt, dst: /x/y}\n",
-     r"files\[1\]\.dst: \"/x/y\" needs a directory where files\[0\] puts a file"),
-    ("  - {src: app, dst: /x}\n  - {src: hello.txt, dst: /x/sub}\n",
-     r"files\[1\]\.dst: \"/x/sub\" is a file here but files\[0\] puts a dir there"),
-    ("  - {src: hello.txt, dst: /x/y/z}\n  - {src: hello.txt, dst: /x/y}\n",
-     r"files\[1\]\.dst: \"/x/y\" is a file here but files\[0\] puts entries below it"),
-    ("  - {src: hello.txt, dst: /}\n", r"files\[0\]\.dst: / is the root directory"),
-    ("  - {src: ., dst: /ctx}\n",
-     r"files\[0\]\.src: \".\" contains the build output \"out/t.spore\""),
-    ("  - {src: hello.txt, dst: /opt/}\n", r"files\[0\]\.dst: \"/opt/\" ends with '/'"),
-])
-def test_conflicting_destinations_are_refused(tmp_path: Path, files_yaml: str,
-                                              problem: str) -> None:
+@pytest.mark.parametrize(
+    ("files_yaml", "problem"),
+    [
+        (
+            "  - {src: hello.txt, dst: /x}\n  - {src: app, dst: /x}\n",
+            r"files\[1\]\.dst: \"/x\" is a dir here but files\[0\] puts a file there",
+        ),
+        (
+            "  - {src: hello.txt, dst: /x}\n  - {src: hello.txt, dst: /x/y}\n",
+            r"files\[1\]\.dst: \"/x/y\" needs a directory where files\[0\] puts a file",
+        ),
+        (
+            "  - {src: app, dst: /x}\n  - {src: hello.txt, dst: /x/sub}\n",
+            r"files\[1\]\.dst: \"/x/sub\" is a file here but files\[0\] puts a dir there",
+        ),
+        (
+            "  - {src: hello.txt, dst: /x/y/z}\n  - {src: hello.txt, dst: /x/y}\n",
+            r"files\[1\]\.dst: \"/x/y\" is a file here but files\[0\] puts entries below it",
+        ),
+        ("  - {src: hello.txt, dst: /}\n", r"files\[0\]\.dst: / is the root directory"),
+        (
+            "  - {src: ., dst: /ctx}\n",
+            r"files\[0\]\.src: \".\" contains the build output \"out/t.spore\"",
+        ),
+        ("  - {src: hello.txt, dst: /opt/}\n", r"files\[0\]\.dst: \"/opt/\" ends with '/'"),
+    ],
+)
+def test_conflicting_destinations_are_refused(
+    tmp_path: Path, files_yaml: str, problem: str
+) -> None:
     make_context(tmp_path)
     with pytest.raises(SporefileError, match=problem):
         layer_for(tmp_path, "files:\n" + files_yaml).plan()
@@ -219,27 +249,40 @@ def test_conflicting_destinations_are_refused(tmp_path: Path, files_yaml: str,
 
 def test_later_entries_win_like_successive_copies(tmp_path: Path) -> None:
     make_context(tmp_path)
-    layer = layer_for(tmp_path, """\
+    layer = layer_for(
+        tmp_path,
+        """\
 files:
   - {src: app, dst: /app}
   - {src: hello.txt, dst: /app/main.py, mode: "0444"}
-""")
+""",
+    )
     got = members(tar_bytes(layer))
     assert got["app/main.py"].mode == 0o444
     assert got["app/main.py"].size == len("hello from the context\n")
 
 
 def fake_image() -> ResolvedImage:
-    return ResolvedImage(None, None, "sha256:" + "1" * 64, "linux/amd64", "sha256:" + "2" * 64,
-                         (LayerDesc("sha256:" + "3" * 64, ociimage.LAYER_MEDIA["gzip"], 10),), ())
+    return ResolvedImage(
+        None,
+        None,
+        "sha256:" + "1" * 64,
+        "linux/amd64",
+        "sha256:" + "2" * 64,
+        (LayerDesc("sha256:" + "3" * 64, ociimage.LAYER_MEDIA["gzip"], 10),),
+        (),
+    )
 
 
 def test_rootfs_key_without_files_is_unchanged_and_files_change_it(tmp_path: Path) -> None:
     image = fake_image()
     # The key before files: existed, computed the way imagefs.py computed it then.
     before = {
-        "domain": "spore/rootfs-key/v1", "builder": ROOTFS_BUILDER, "e2fsprogs": tool_versions(),
-        "epoch": ROOTFS_EPOCH, "manifest": image.manifest_digest,
+        "domain": "spore/rootfs-key/v1",
+        "builder": ROOTFS_BUILDER,
+        "e2fsprogs": tool_versions(),
+        "epoch": ROOTFS_EPOCH,
+        "manifest": image.manifest_digest,
         "layers": [[d.digest, d.media_type] for d in image.layers],
     }
     old = blake3.blake3(json.dumps(before, sort_keys=True).encode()).hexdigest()
@@ -268,10 +311,16 @@ def test_file_changed_during_the_build_fails_closed(tmp_path: Path) -> None:
 
 # -- through the CLI: `spore build --until rootfs` on an offline busybox layout -------------
 
+
 def spore(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPORE_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "sporevm.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sporevm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +332,10 @@ def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_sporefile(ctx: Path, image: str, files_yaml: str, steps: str = "") -> Path:
     path = ctx / "Sporefile"
-    path.write_text(f"sporefile: 1\nname: files\nbase: {{image: \"{image}\"}}\n"
-                    "machine: {memory: 256MiB}\n" + files_yaml + steps)
+    path.write_text(
+        f'sporefile: 1\nname: files\nbase: {{image: "{image}"}}\n'
+        "machine: {memory: 256MiB}\n" + files_yaml + steps
+    )
     return path
 
 
@@ -295,15 +346,19 @@ def build_rootfs(home: Path, sf: Path) -> dict[str, object]:
     return doc
 
 
-def test_build_copies_files_and_rebuilds_only_on_change(tmp_path: Path,
-                                                        busybox_layout: Path) -> None:
+def test_build_copies_files_and_rebuilds_only_on_change(
+    tmp_path: Path, busybox_layout: Path
+) -> None:
     make_context(tmp_path / "ctx")
     image = f"oci-layout:{busybox_layout}:latest"
     sf = write_sporefile(tmp_path / "ctx", image, APP_FILES)
     home = tmp_path / "home"
     first = build_rootfs(home, sf)
-    assert first["tasks"] == {"resolve:base": "executed", "fetch:base": "executed",
-                              "rootfs": "executed"}
+    assert first["tasks"] == {
+        "resolve:base": "executed",
+        "fetch:base": "executed",
+        "rootfs": "executed",
+    }
     rootfs = first["rootfs"]
     assert isinstance(rootfs, dict)
     with mounted_ro(Path(rootfs["path"])) as mnt:
@@ -327,17 +382,21 @@ def test_build_copies_files_and_rebuilds_only_on_change(tmp_path: Path,
     proc = spore(home, "rootfs", image, "-o", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["digest"] == bare["rootfs"]["digest"]  # type: ignore[index]
-    assert bare["rootfs"]["digest"] not in {rootfs["digest"],  # type: ignore[index]
-                                            edited["rootfs"]["digest"]}  # type: ignore[index]
+    assert bare["rootfs"]["digest"] not in {  # type: ignore[index]
+        rootfs["digest"],
+        edited["rootfs"]["digest"],  # type: ignore[index]
+    }
 
 
 def test_build_refuses_a_write_through_a_base_image_symlink(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
-    ociimage.write_layout(layout, [ociimage.tar_layer({"etc": None, "app": "/etc"})],
-                          tag="latest")
+    ociimage.write_layout(layout, [ociimage.tar_layer({"etc": None, "app": "/etc"})], tag="latest")
     make_context(tmp_path / "ctx")
-    sf = write_sporefile(tmp_path / "ctx", f"oci-layout:{layout}:latest",
-                         "files:\n  - {src: hello.txt, dst: /app/x}\n")
+    sf = write_sporefile(
+        tmp_path / "ctx",
+        f"oci-layout:{layout}:latest",
+        "files:\n  - {src: hello.txt, dst: /app/x}\n",
+    )
     proc = spore(tmp_path / "home", "build", "--until", "rootfs", str(sf))
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if "files[0].dst" in ln]
@@ -345,6 +404,7 @@ def test_build_refuses_a_write_through_a_base_image_symlink(tmp_path: Path) -> N
 
 
 # -- a real guest ------------------------------------------------------------------------
+
 
 @pytest.mark.vm
 @pytest.mark.kernelbuild
@@ -359,10 +419,13 @@ def test_a_step_reads_the_copied_file(tmp_path: Path, busybox_layout: Path) -> N
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "hello.txt").write_text(f"hello {token}\n")
-    sf = write_sporefile(ctx, f"oci-layout:{busybox_layout}:latest",
-                         'files:\n  - {src: hello.txt, dst: /opt/app/hello.txt, mode: "0640"}\n',
-                         "steps:\n  - {name: cat, run: [cat, /opt/app/hello.txt]}\n"
-                         "  - {name: mode, run: [stat, -c, '%a %u', /opt/app/hello.txt]}\n")
+    sf = write_sporefile(
+        ctx,
+        f"oci-layout:{busybox_layout}:latest",
+        'files:\n  - {src: hello.txt, dst: /opt/app/hello.txt, mode: "0640"}\n',
+        "steps:\n  - {name: cat, run: [cat, /opt/app/hello.txt]}\n"
+        "  - {name: mode, run: [stat, -c, '%a %u', /opt/app/hello.txt]}\n",
+    )
     proc = spore(KERNEL_STORE, "build", str(sf))
     assert proc.returncode == 0, proc.stderr
     shown = [ln for ln in proc.stderr.splitlines() if token in ln or "640 0" in ln]

@@ -93,6 +93,7 @@ def test_prune_waits_for_running_build(tmp_path: Path) -> None:
     store.ingest_blob_bytes(digest_of(data), data, what="t")
     done = threading.Event()
     with store.lock():
+
         def prune_all() -> None:
             store.prune(None)
             done.set()

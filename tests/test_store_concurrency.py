@@ -70,13 +70,26 @@ def test_prune_waits_for_a_shared_holder_and_says_so(tmp_path: Path) -> None:
     chunks = ChunkStore(Store(home))
     cid = chunks.put(b"held")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom sporevm.store import Store\n"
-         "with Store().lock():\n print('held', flush=True)\n sys.stdin.readline()"],
-        env=H.spore_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom sporevm.store import Store\n"
+            "with Store().lock():\n print('held', flush=True)\n sys.stdin.readline()",
+        ],
+        env=H.spore_env(home),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None and holder.stdin is not None
     assert holder.stdout.readline() == "held\n"
-    prune = subprocess.Popen(H.spore_argv("cache", "prune", "--all"), env=H.spore_env(home),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prune = subprocess.Popen(
+        H.spore_argv("cache", "prune", "--all"),
+        env=H.spore_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(2.0)
     assert prune.poll() is None  # still waiting
     assert chunks.has(cid)
@@ -111,14 +124,16 @@ def _projects(base: Path, layout: Path, token: str, kernel: Path | None = None) 
         d.mkdir(parents=True)
         if kernel is not None:
             os.link(kernel, d / "vmlinux")  # a Sporefile may only name files in its context
-        (d / "Sporefile").write_text(H.sporefile(layout, name, token, steps,
-                                                 kernel="vmlinux" if kernel else None))
+        (d / "Sporefile").write_text(
+            H.sporefile(layout, name, token, steps, kernel="vmlinux" if kernel else None)
+        )
         out.append(Project(name, d / "Sporefile", steps))
     return out
 
 
-def _all_at_once(fns: list[Callable[[], subprocess.CompletedProcess[str]]]
-                 ) -> list[subprocess.CompletedProcess[str]]:
+def _all_at_once(
+    fns: list[Callable[[], subprocess.CompletedProcess[str]]],
+) -> list[subprocess.CompletedProcess[str]]:
     results: list[subprocess.CompletedProcess[str] | None] = [None] * len(fns)
 
     def one(i: int) -> None:
@@ -157,15 +172,17 @@ def layout(tmp_path_factory: pytest.TempPathFactory, built_kernel: object) -> Pa
 
 
 @pytest.fixture(scope="module")
-def overlap(layout: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[Path, list[Project], dict[str, H.Outcome], float]:
+def overlap(
+    layout: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[Project], dict[str, H.Outcome], float]:
     base = tmp_path_factory.mktemp("overlap")
     home = base / "store"
     H.seed_store(home)
     projects = _projects(base, layout, "ov3rlap")
     started = time.monotonic()
-    results = _all_at_once([partial(H.run_spore, home, "build", str(p.sporefile))
-                            for p in projects])
+    results = _all_at_once(
+        [partial(H.run_spore, home, "build", str(p.sporefile)) for p in projects]
+    )
     took = time.monotonic() - started
     for p, r in zip(projects, results, strict=True):
         assert r.returncode == 0, f"{p.name}: {r.stderr[-3000:]}"
@@ -174,8 +191,9 @@ def overlap(layout: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.mark.vm
 @pytest.mark.kernelbuild
-def test_overlapping_builds_at_once(overlap: tuple[Path, list[Project], dict[str, H.Outcome],
-                                                   float]) -> None:
+def test_overlapping_builds_at_once(
+    overlap: tuple[Path, list[Project], dict[str, H.Outcome], float],
+) -> None:
     home, projects, outcomes, took = overlap
     assert H.store_problems(home) == []
     # Same base and guest: the parts that do not depend on the steps agree everywhere.
@@ -193,20 +211,40 @@ def test_overlapping_builds_at_once(overlap: tuple[Path, list[Project], dict[str
 
 @pytest.mark.vm
 @pytest.mark.kernelbuild
-def test_run_from_racing_prune(overlap: tuple[Path, list[Project], dict[str, H.Outcome],
-                                              float]) -> None:
+def test_run_from_racing_prune(
+    overlap: tuple[Path, list[Project], dict[str, H.Outcome], float],
+) -> None:
     """The run holds the store lock for the VM's life: prune waits, the lazy pager
     finds every chunk, and only afterwards does it prune, keeping all that the live
     spores need (their directories still exist)."""
     home, projects, _, _ = overlap
     p = next(p for p in projects if p.name == "long")
     run = subprocess.Popen(
-        H.spore_argv("run", "-q", "--restore", "lazy", "--from", str(p.spore), "--",
-                     "sh", "-c", "sleep 3; cat /root/log"),
-        env=H.spore_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        H.spore_argv(
+            "run",
+            "-q",
+            "--restore",
+            "lazy",
+            "--from",
+            str(p.spore),
+            "--",
+            "sh",
+            "-c",
+            "sleep 3; cat /root/log",
+        ),
+        env=H.spore_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_until_held(home)  # the run has the lock: it takes it before opening the spore
-    prune = subprocess.Popen(H.spore_argv("cache", "prune", "--all"), env=H.spore_env(home),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prune = subprocess.Popen(
+        H.spore_argv("cache", "prune", "--all"),
+        env=H.spore_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
     assert out == "a ov3rlap\nb ov3rlap\nd ov3rlap\n"
@@ -244,8 +282,9 @@ def test_builds_racing_prune(layout: Path, tmp_path: Path) -> None:
     pruner = threading.Thread(target=prune_loop)
     pruner.start()
     try:
-        results = _all_at_once([partial(H.run_spore, home, "build", str(p.sporefile))
-                                for p in projects])
+        results = _all_at_once(
+            [partial(H.run_spore, home, "build", str(p.sporefile)) for p in projects]
+        )
     finally:
         stop.set()
         pruner.join()

@@ -27,8 +27,10 @@ def _outside(root: Path) -> dict[str, bytes]:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else b"/")
-            for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else b"/")
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _one_error_line(err: str, *needles: str) -> None:
@@ -38,13 +40,19 @@ def _one_error_line(err: str, *needles: str) -> None:
         assert n in err, err
 
 
-@pytest.mark.parametrize("planted", ["tmp", "chunks/blake3", "chunks", "keys/rootfs", "state",
-                                     "blobs/sha256", "roots"])
-@pytest.mark.parametrize("command", [["cache", "prune", "--all", "--no-wait"],
-                                     ["cache", "ls"], ["cache", "verify"]])
-def test_planted_directory_link_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str], planted: str,
-                                           command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "planted", ["tmp", "chunks/blake3", "chunks", "keys/rootfs", "state", "blobs/sha256", "roots"]
+)
+@pytest.mark.parametrize(
+    "command", [["cache", "prune", "--all", "--no-wait"], ["cache", "ls"], ["cache", "verify"]]
+)
+def test_planted_directory_link_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    planted: str,
+    command: list[str],
+) -> None:
     home = tmp_path / "home"
     Store(home)
     outside = tmp_path / "outside"
@@ -60,8 +68,9 @@ def test_planted_directory_link_is_refused(tmp_path: Path, monkeypatch: pytest.M
     assert _tree(outside) == before
 
 
-def test_planted_lock_link_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_planted_lock_link_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     home = tmp_path / "home"
     Store(home)
     victim = tmp_path / "victim-file"

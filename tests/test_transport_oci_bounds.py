@@ -32,7 +32,8 @@ REPO = "spores/bounds"
 BUNDLE_DIGEST = "sha256:" + "cd" * 32
 BLOB = b'{"format":"spore-bundle/v1"}'
 MANIFEST = encode_artifact(
-    [("bundle.json", "sha256:" + hashlib.sha256(BLOB).hexdigest(), len(BLOB))], BUNDLE_DIGEST)
+    [("bundle.json", "sha256:" + hashlib.sha256(BLOB).hexdigest(), len(BLOB))], BUNDLE_DIGEST
+)
 MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 TOKEN = "tok-abc.DEF_123"
 
@@ -49,8 +50,10 @@ class _Handler(QuietHandler):
         if self.headers.get("Authorization") != f"Bearer {srv.token}":
             self.send_response(401)
             realm = srv.realm if srv.realm is not None else f"{srv.url}/token"
-            self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service=x,'
-                                                 f'scope="repository:{REPO}:pull"')
+            self.send_header(
+                "WWW-Authenticate",
+                f'Bearer realm="{realm}",service=x,scope="repository:{REPO}:pull"',
+            )
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -91,7 +94,7 @@ class _Handler(QuietHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             for i in range(0, len(body), 64 << 10):
-                piece = body[i:i + (64 << 10)]
+                piece = body[i : i + (64 << 10)]
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -175,8 +178,11 @@ def test_token_response_at_the_limit_is_accepted(registry: _Server, mode: str) -
 def test_token_response_over_the_limit_is_refused(registry: _Server, mode: str) -> None:
     registry.mode = mode
     registry.token_body = padded(MAX_TOKEN_RESPONSE + 1)
-    msg = refused(registry, r"token response from http://127\.0\.0\.1:\d+/token exceeds "
-                            r"1 MiB; is this a registry\?")
+    msg = refused(
+        registry,
+        r"token response from http://127\.0\.0\.1:\d+/token exceeds "
+        r"1 MiB; is this a registry\?",
+    )
     assert msg.startswith(f"oci://127.0.0.1:{registry.server_address[1]}/{REPO}@")
     assert "?service" not in msg  # the URL is named without its query
     assert not any(auth and auth.startswith("Bearer") for _, auth in registry.seen)
@@ -204,17 +210,31 @@ def test_token_fetch_redirects(registry: _Server) -> None:
     assert sum(path.startswith("/token") for path, _ in registry.seen) == 6
     registry.seen.clear()
     registry.redirects_left = 6
-    refused(registry, r"authentication with registry 127\.0\.0\.1:\d+ failed "
-                      r"\(TooManyRedirects\)")
+    refused(
+        registry,
+        r"authentication with registry 127\.0\.0\.1:\d+ failed "
+        r"\(TooManyRedirects\)",
+    )
     assert sum(path.startswith("/token") for path, _ in registry.seen) == 6
 
 
-@pytest.mark.parametrize("realm", ["http://token.example.invalid/token", "ftp://127.0.0.1/t",
-                                   "//127.0.0.1/token", "http://127.0.0.1:bad/token", ""])
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "http://token.example.invalid/token",
+        "ftp://127.0.0.1/t",
+        "//127.0.0.1/token",
+        "http://127.0.0.1:bad/token",
+        "",
+    ],
+)
 def test_token_realm_must_be_https_or_loopback(registry: _Server, realm: str) -> None:
     # oras-py would send docker-config credentials to whatever realm is named.
     registry.realm = realm
-    refused(registry, r"names the token realm .*; only https realms \(or plain http on "
-                      r"loopback\) are used")
+    refused(
+        registry,
+        r"names the token realm .*; only https realms \(or plain http on "
+        r"loopback\) are used",
+    )
     assert not any(path.startswith("/token") for path, _ in registry.seen)
     assert len(registry.seen) == 1  # the one unauthenticated request, nothing after it

@@ -48,7 +48,7 @@ class Where:
 
     scheme: str
     push_uri: str
-    pull_uri: Callable[[str], str]          # the reference push printed → a pull URI
+    pull_uri: Callable[[str], str]  # the reference push printed → a pull URI
     replace: Callable[[str, bytes], object]  # put other bytes under a file name, server side
     s3_endpoint: str | None = None
 
@@ -84,29 +84,42 @@ def where(request: pytest.FixtureRequest, tmp_path: Path, src_dir: Path) -> Iter
     unique = secrets.token_hex(4)
     if request.param == "file":
         base = tmp_path / "pushed" / "b"
-        yield Where("file", f"file://{base}", lambda ref: ref,
-                    lambda name, data: (base / name).write_bytes(data))
+        yield Where(
+            "file",
+            f"file://{base}",
+            lambda ref: ref,
+            lambda name, data: (base / name).write_bytes(data),
+        )
     elif request.param == "http":
         www: StaticServer = request.getfixturevalue("static_server")
         www.reset()
         base = www.root / unique
-        yield Where("http", f"file://{base}",
-                    lambda ref: f"{www.url}/{unique}@{ref.rpartition('@')[2]}",
-                    lambda name, data: (base / name).write_bytes(data))
+        yield Where(
+            "http",
+            f"file://{base}",
+            lambda ref: f"{www.url}/{unique}@{ref.rpartition('@')[2]}",
+            lambda name, data: (base / name).write_bytes(data),
+        )
         www.reset()
     elif request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         bucket = f"b-{unique}"
         s3.client().create_bucket(Bucket=bucket)
-        yield Where("s3", f"s3://{bucket}/spores/app", lambda ref: ref,
-                    lambda name, data: s3.client().put_object(
-                        Bucket=bucket, Key=f"spores/app/{name}", Body=data),
-                    s3_endpoint=s3.endpoint)
+        yield Where(
+            "s3",
+            f"s3://{bucket}/spores/app",
+            lambda ref: ref,
+            lambda name, data: s3.client().put_object(
+                Bucket=bucket, Key=f"spores/app/{name}", Body=data
+            ),
+            s3_endpoint=s3.endpoint,
+        )
     else:
         reg: LocalRegistry = request.getfixturevalue("registry")
 
         def replace(name: str, data: bytes) -> None:
             reg.blob_file(sha(FILES[name])).write_bytes(data)
+
         yield Where("oci", f"oci://{reg.host}/spores/t{unique}:v1", lambda ref: ref, replace)
 
 
@@ -141,8 +154,7 @@ def test_round_trip(where: Where, src_dir: Path, tmp_path: Path) -> None:
         src.read_small(PACK, 1000)
 
 
-def test_flipped_byte_fails_and_leaves_no_dest(where: Where, src_dir: Path,
-                                               tmp_path: Path) -> None:
+def test_flipped_byte_fails_and_leaves_no_dest(where: Where, src_dir: Path, tmp_path: Path) -> None:
     _, ref = push(where, src_dir)
     data = bytearray(FILES[PACK])
     data[len(data) // 2] ^= 1
@@ -176,8 +188,7 @@ def test_resume_fetches_only_the_tail(where: Where, src_dir: Path, tmp_path: Pat
     assert src.bytes_received - before == len(data) - 1_000_000
 
 
-def test_corrupt_partial_dest_is_not_trusted(where: Where, src_dir: Path,
-                                             tmp_path: Path) -> None:
+def test_corrupt_partial_dest_is_not_trusted(where: Where, src_dir: Path, tmp_path: Path) -> None:
     _, ref = push(where, src_dir)
     data = FILES[PACK]
     dest = tmp_path / "pack"
@@ -197,9 +208,12 @@ def test_names_are_checked_everywhere(where: Where, src_dir: Path, tmp_path: Pat
             src.read_small(bad, 100)
         with pytest.raises(DistError, match="bundle-relative"):
             src.fetch(bad, tmp_path / "x", 1, sha(b"x"))
-    sink2 = open_sink(parse_push_uri(where.push_uri + "x" if where.scheme != "oci"
-                                     else where.push_uri.replace(":v1", ":v2")),
-                      s3_endpoint=where.s3_endpoint)
+    sink2 = open_sink(
+        parse_push_uri(
+            where.push_uri + "x" if where.scheme != "oci" else where.push_uri.replace(":v1", ":v2")
+        ),
+        s3_endpoint=where.s3_endpoint,
+    )
     with pytest.raises(DistError, match="bundle-relative"):
         sink2.put("../escape", src_dir / "bundle.json", 1, sha(b"x"))
     sink2.abort()
@@ -218,8 +232,9 @@ def test_missing_file_is_a_clear_error(where: Where, src_dir: Path, tmp_path: Pa
 def test_file_push_is_atomic_and_idempotent(src_dir: Path, tmp_path: Path) -> None:
     uri = parse_push_uri(f"file://{tmp_path}/out/b")
     sink = open_sink(uri)
-    sink.put("bundle.json", src_dir / "bundle.json", len(FILES["bundle.json"]),
-             sha(FILES["bundle.json"]))
+    sink.put(
+        "bundle.json", src_dir / "bundle.json", len(FILES["bundle.json"]), sha(FILES["bundle.json"])
+    )
     assert not (tmp_path / "out" / "b").exists()  # nothing visible before finish
     sink.abort()
     assert os.listdir(tmp_path / "out") == []
@@ -244,12 +259,18 @@ def test_file_source_refuses_symlinks(src_dir: Path, tmp_path: Path) -> None:
         source(where, ref).read_small("bundle.json", 100)
 
 
-def test_http_broken_transfer_then_resume(static_server: StaticServer, src_dir: Path,  # noqa: F811
-                                          tmp_path: Path) -> None:
+def test_http_broken_transfer_then_resume(
+    static_server: StaticServer,
+    src_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     unique = secrets.token_hex(4)
-    where = Where("http", f"file://{static_server.root}/{unique}",
-                  lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
-                  lambda n, d: None)
+    where = Where(
+        "http",
+        f"file://{static_server.root}/{unique}",
+        lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
+        lambda n, d: None,
+    )
     _, ref = push(where, src_dir)
     data = FILES[PACK]
     dest = tmp_path / "pack"
@@ -268,12 +289,18 @@ def test_http_broken_transfer_then_resume(static_server: StaticServer, src_dir: 
     assert static_server.httpd.log[-1] == (f"/{unique}/{PACK}", f"bytes={kept}-")
 
 
-def test_http_server_ignoring_range_still_verifies(static_server: StaticServer,  # noqa: F811
-                                                   src_dir: Path, tmp_path: Path) -> None:
+def test_http_server_ignoring_range_still_verifies(
+    static_server: StaticServer,  # noqa: F811
+    src_dir: Path,
+    tmp_path: Path,
+) -> None:
     unique = secrets.token_hex(4)
-    where = Where("http", f"file://{static_server.root}/{unique}",
-                  lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
-                  lambda n, d: None)
+    where = Where(
+        "http",
+        f"file://{static_server.root}/{unique}",
+        lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
+        lambda n, d: None,
+    )
     _, ref = push(where, src_dir)
     data = FILES[PACK]
     dest = tmp_path / "pack"
@@ -287,8 +314,11 @@ def test_http_server_ignoring_range_still_verifies(static_server: StaticServer, 
     assert dest.read_bytes() == data and src.bytes_received == len(data)
 
 
-def test_http_redirects_are_refused(static_server: StaticServer, src_dir: Path,  # noqa: F811
-                                    tmp_path: Path) -> None:
+def test_http_redirects_are_refused(
+    static_server: StaticServer,
+    src_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     static_server.httpd.redirect_to = "http://example.com/elsewhere"
     try:
         src = open_source(parse_pull_uri(f"{static_server.url}/x@{BUNDLE_DIGEST}"))
@@ -300,12 +330,16 @@ def test_http_redirects_are_refused(static_server: StaticServer, src_dir: Path, 
 
 def test_oci_artifact_shape_and_mutable_tag(registry: LocalRegistry, src_dir: Path) -> None:
     unique = secrets.token_hex(4)
-    where = Where("oci", f"oci://{registry.host}/spores/m{unique}:v1", lambda r: r,
-                  lambda n, d: None)
+    where = Where(
+        "oci", f"oci://{registry.host}/spores/m{unique}:v1", lambda r: r, lambda n, d: None
+    )
     _, ref = push(where, src_dir)
     digest = ref.rpartition("@")[2]
-    resp = requests.get(f"{registry.url}/v2/spores/m{unique}/manifests/{digest}", timeout=5,
-                        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    resp = requests.get(
+        f"{registry.url}/v2/spores/m{unique}/manifests/{digest}",
+        timeout=5,
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
     doc = json.loads(resp.content)
     assert sha(resp.content) == digest
     assert doc["artifactType"] == "application/vnd.spore.bundle.v1"
@@ -323,11 +357,11 @@ def test_oci_artifact_shape_and_mutable_tag(registry: LocalRegistry, src_dir: Pa
         open_source(parse_pull_uri(f"oci://{registry.host}/spores/m{unique}@{BUNDLE_DIGEST}"))
 
 
-def test_oci_registry_serving_other_bytes_for_the_pin(registry: LocalRegistry,
-                                                      src_dir: Path) -> None:
+def test_oci_registry_serving_other_bytes_for_the_pin(
+    registry: LocalRegistry, src_dir: Path
+) -> None:
     unique = secrets.token_hex(4)
-    where = Where("oci", f"oci://{registry.host}/spores/p{unique}", lambda r: r,
-                  lambda n, d: None)
+    where = Where("oci", f"oci://{registry.host}/spores/p{unique}", lambda r: r, lambda n, d: None)
     _, ref = push(where, src_dir)
     blob = registry.blob_file(ref.rpartition("@")[2])
     doc = json.loads(blob.read_bytes())
@@ -347,16 +381,24 @@ def test_oci_artifact_decoder_is_strict(src_dir: Path) -> None:
         {**doc, "schemaVersion": 1},
         {**doc, "artifactType": "application/vnd.other"},
         {**doc, "layers": doc["layers"] + doc["layers"][:1]},
-        {**doc, "layers": [{**doc["layers"][0], "annotations": {
-            "org.opencontainers.image.title": "../etc/passwd"}}]},
+        {
+            **doc,
+            "layers": [
+                {
+                    **doc["layers"][0],
+                    "annotations": {"org.opencontainers.image.title": "../etc/passwd"},
+                }
+            ],
+        },
         {**doc, "layers": [{**doc["layers"][0], "size": -1}]},
         {**doc, "layers": [{**doc["layers"][0], "urls": ["http://x"]}]},
         {**doc, "annotations": {}},
     ]
     for variant in variants:
         with pytest.raises(DistError):
-            decode_artifact(json.dumps(variant, sort_keys=True, separators=(",", ":")).encode(),
-                            "t")
+            decode_artifact(
+                json.dumps(variant, sort_keys=True, separators=(",", ":")).encode(), "t"
+            )
     with pytest.raises(DistError, match="canonical"):
         decode_artifact(json.dumps(doc, indent=1).encode(), "t")
     with pytest.raises(DistError, match="strict JSON"):
@@ -364,7 +406,8 @@ def test_oci_artifact_decoder_is_strict(src_dir: Path) -> None:
 
 
 def test_oci_blob_redirects_followed_only_to_https_or_loopback(
-        static_server: StaticServer, tmp_path: Path) -> None:  # noqa: F811
+    static_server: StaticServer, tmp_path: Path
+) -> None:  # noqa: F811
     # A registry that sends blob downloads elsewhere (as registries backed by object
     # storage do), served as static files: manifest by digest, blob via a 307.
     data = b'{"format":"spore-bundle/v1"}'
@@ -375,8 +418,9 @@ def test_oci_blob_redirects_followed_only_to_https_or_loopback(
     (mdir / sha(manifest)).write_bytes(manifest)
     (static_server.root / f"{repo}.blob").write_bytes(data)
     blob_path = f"/v2/{repo}/blobs/{sha(data)}"
-    uri = parse_pull_uri(f"oci://{static_server.url.removeprefix('http://')}/{repo}"
-                         f"@{sha(manifest)}")
+    uri = parse_pull_uri(
+        f"oci://{static_server.url.removeprefix('http://')}/{repo}@{sha(manifest)}"
+    )
     try:
         static_server.httpd.redirects[blob_path] = f"{static_server.url}/{repo}.blob"
         src = open_source(uri)
@@ -394,8 +438,9 @@ def test_oci_blob_redirects_followed_only_to_https_or_loopback(
 
 
 @pytest.mark.registry
-def test_oci_basic_auth_registry(src_dir: Path, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_oci_basic_auth_registry(
+    src_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reg = AuthRegistry(tmp_path / "auth-registry", "ci", "s3cret")
     try:
         where = Where("oci", f"oci://{reg.host}/spores/private", lambda r: r, lambda n, d: None)
@@ -405,12 +450,14 @@ def test_oci_basic_auth_registry(src_dir: Path, tmp_path: Path,
         docker = tmp_path / "docker"
         docker.mkdir()
         monkeypatch.setenv("DOCKER_CONFIG", str(docker))
-        (docker / "config.json").write_text(json.dumps(
-            {"auths": {reg.host: {"auth": base64.b64encode(b"ci:wrong").decode()}}}))
+        (docker / "config.json").write_text(
+            json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"ci:wrong").decode()}}})
+        )
         with pytest.raises(DistError, match="HTTP 401"):
             push(where, src_dir)
-        (docker / "config.json").write_text(json.dumps(
-            {"auths": {reg.host: {"auth": base64.b64encode(b"ci:s3cret").decode()}}}))
+        (docker / "config.json").write_text(
+            json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"ci:s3cret").decode()}}})
+        )
         _, ref = push(where, src_dir)
         src = source(where, ref)
         dest = tmp_path / "pack"
@@ -430,16 +477,32 @@ def test_sinks_refuse_bytes_that_do_not_match_their_digest(where: Where, src_dir
     sink.abort()
 
 
-def test_s3_pull_without_credentials_is_unsigned(s3_server: S3Server, src_dir: Path,  # noqa: F811
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_pull_without_credentials_is_unsigned(
+    s3_server: S3Server,
+    src_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     bucket = f"pub-{secrets.token_hex(4)}"
     s3_server.client().create_bucket(Bucket=bucket)
-    s3_server.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-        "Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-            "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
-    where = Where("s3", f"s3://{bucket}", lambda r: r, lambda n, d: None,
-                  s3_endpoint=s3_server.endpoint)
+    s3_server.client().put_bucket_policy(
+        Bucket=bucket,
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": "s3:GetObject",
+                        "Resource": f"arn:aws:s3:::{bucket}/*",
+                    }
+                ],
+            }
+        ),
+    )
+    where = Where(
+        "s3", f"s3://{bucket}", lambda r: r, lambda n, d: None, s3_endpoint=s3_server.endpoint
+    )
     _, ref = push(where, src_dir)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
@@ -453,13 +516,19 @@ def test_s3_pull_without_credentials_is_unsigned(s3_server: S3Server, src_dir: P
         push(Where("s3", f"s3://{bucket}/x", lambda r: r, lambda n, d: None), src_dir)
 
 
-def test_http_never_sends_netrc_credentials(static_server: StaticServer, src_dir: Path,  # noqa: F811
-                                            tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_http_never_sends_netrc_credentials(
+    static_server: StaticServer,
+    src_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     unique = secrets.token_hex(4)
-    where = Where("http", f"file://{static_server.root}/{unique}",
-                  lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
-                  lambda n, d: None)
+    where = Where(
+        "http",
+        f"file://{static_server.root}/{unique}",
+        lambda ref: f"{static_server.url}/{unique}@{ref.rpartition('@')[2]}",
+        lambda n, d: None,
+    )
     _, ref = push(where, src_dir)
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login me password secret\n")
@@ -478,14 +547,21 @@ def test_http_never_sends_netrc_credentials(static_server: StaticServer, src_dir
 def test_oci_small_file_held_to_its_layer_digest(registry: LocalRegistry, src_dir: Path) -> None:
     """bundle.json read from the registry must hash to the pinned manifest's layer digest."""
     unique = os.urandom(4).hex()
-    where = Where("oci", f"oci://{registry.host}/spores/s{unique}:v1", lambda ref: ref,
-                  lambda name, data: registry.blob_file(sha(FILES[name])).write_bytes(data))
+    where = Where(
+        "oci",
+        f"oci://{registry.host}/spores/s{unique}:v1",
+        lambda ref: ref,
+        lambda name, data: registry.blob_file(sha(FILES[name])).write_bytes(data),
+    )
     _, ref = push(where, src_dir)
     good = FILES["bundle.json"]
     try:
         where.replace("bundle.json", good[:-1] + bytes([good[-1] ^ 1]))
-        with pytest.raises(DistError, match=r"bundle\.json: the registry sent .* the manifest "
-                                            r"says"):
+        with pytest.raises(
+            DistError,
+            match=r"bundle\.json: the registry sent .* the manifest "
+            r"says",
+        ):
             source(where, ref).read_small("bundle.json", 1 << 20)
     finally:
         where.replace("bundle.json", good)  # registries share blobs across repositories

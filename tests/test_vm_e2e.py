@@ -22,17 +22,27 @@ from tests.test_kernel import KERNEL_STORE, built_kernel  # noqa: F401  (shared 
 pytestmark = [pytest.mark.vm, pytest.mark.kernelbuild]
 
 
-def spore(*args: str, cwd: Path | None = None,
-          timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def spore(
+    *args: str, cwd: Path | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
     # The kernel store is shared with test_kernel.py so the kernel is built once.
     env = {**os.environ, "SPORE_HOME": str(KERNEL_STORE)}
-    return subprocess.run([sys.executable, "-m", "sporevm.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sporevm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
-def busybox_rootfs(request: pytest.FixtureRequest, busybox_image: PushedImage,
-                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+def busybox_rootfs(
+    request: pytest.FixtureRequest,
+    busybox_image: PushedImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     request.getfixturevalue("built_kernel")  # builds the managed kernel once (minutes)
     out = tmp_path_factory.mktemp("vm") / "busybox.ext4"
     proc = spore("rootfs", f"oci-layout:{busybox_image.layout}:latest", "-o", str(out))
@@ -41,9 +51,20 @@ def busybox_rootfs(request: pytest.FixtureRequest, busybox_image: PushedImage,
 
 
 def test_run_streams_output_and_returns_exit_code(busybox_rootfs: Path) -> None:
-    proc = spore("run", "-q", "--rootfs", str(busybox_rootfs), "-e", "GREETING=hi there",
-                 "-w", "/tmp", "--",
-                 "sh", "-c", 'echo hi; echo "$GREETING"; pwd; echo oops >&2; exit 7')
+    proc = spore(
+        "run",
+        "-q",
+        "--rootfs",
+        str(busybox_rootfs),
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        'echo hi; echo "$GREETING"; pwd; echo oops >&2; exit 7',
+    )
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "hi\nhi there\n/tmp\n"
     assert "oops" in proc.stderr
@@ -72,8 +93,9 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
     who = "spore-" + uuid.uuid4().hex[:8]
     good = tmp_path / "good"
     good.mkdir()
-    (good / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout, who=who,
-                                                     check="[cat, /tmp/greeting]"))
+    (good / "Sporefile").write_text(
+        SPOREFILE.format(layout=busybox_image.layout, who=who, check="[cat, /tmp/greeting]")
+    )
     proc = spore("build", str(good / "Sporefile"))
     assert proc.returncode == 0, proc.stderr
     assert f"check | hello {who}" in proc.stderr  # step output streamed, in order
@@ -90,14 +112,14 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
     assert resumed.stdout == f"hello {who}\n"
 
     # Forked children share the chunks and know they forked.
-    forks = spore("fork", str(spore_dir), "--count", "2", "--out", str(tmp_path / "forks"),
-                  "--json")
+    forks = spore(
+        "fork", str(spore_dir), "--count", "2", "--out", str(tmp_path / "forks"), "--json"
+    )
     assert forks.returncode == 0, forks.stderr
     children = json.loads(forks.stdout)["children"]
     seen = []
     for child in children:
-        gen = spore("run", "-q", "--from", child["path"], "--", "cat",
-                    "/run/spore/generation.json")
+        gen = spore("run", "-q", "--from", child["path"], "--", "cat", "/run/spore/generation.json")
         assert gen.returncode == 0, gen.stderr
         info = json.loads(gen.stdout)
         assert info["generation"] == child["generation"] and info["index"] == child["index"]
@@ -106,8 +128,11 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
     assert len(set(seen)) == 2
 
     # Changing the last step resumes the snapshot taken after the first: no cold boot.
-    (good / "Sporefile").write_text(SPOREFILE.format(
-        layout=busybox_image.layout, who=who, check="[cat, /tmp/greeting, /proc/version]"))
+    (good / "Sporefile").write_text(
+        SPOREFILE.format(
+            layout=busybox_image.layout, who=who, check="[cat, /tmp/greeting, /proc/version]"
+        )
+    )
     inc = spore("build", str(good / "Sporefile"))
     assert inc.returncode == 0, inc.stderr
     assert "resuming from the snapshot after step write (1 of 2 steps cached)" in inc.stderr
@@ -128,8 +153,11 @@ def test_build_runs_steps_then_caches_and_fails_clearly(
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "Sporefile").write_text(SPOREFILE.format(
-        layout=busybox_image.layout, who=who, check="'echo about to fail >&2; exit 3'"))
+    (bad / "Sporefile").write_text(
+        SPOREFILE.format(
+            layout=busybox_image.layout, who=who, check="'echo about to fail >&2; exit 3'"
+        )
+    )
     proc = spore("build", str(bad / "Sporefile"))
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()

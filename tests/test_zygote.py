@@ -41,8 +41,7 @@ def test_children_are_independent_and_stoppable() -> None:
         for k, _ in kids:
             assert k.poll() is None  # waiting for its config line on stdin
             # A fork, not an exec: the child runs the zygote's interpreter image.
-            assert os.readlink(f"/proc/{k.pid}/exe") == os.readlink(
-                f"/proc/{zygote.proc.pid}/exe")
+            assert os.readlink(f"/proc/{k.pid}/exe") == os.readlink(f"/proc/{zygote.proc.pid}/exe")
         victim = kids[0][0]
         victim.terminate()
         assert victim.wait(10) == -signal.SIGTERM
@@ -71,8 +70,9 @@ def test_agent_socket_reaches_the_child_at_the_fixed_fd() -> None:
                 target = os.readlink(f"/proc/{child.pid}/fd/{CHILD_AGENT_FD}")
             except FileNotFoundError:
                 target = ""
-            if (fds == [0, 1, 2, CHILD_AGENT_FD] and target.startswith("socket:")) \
-                    or time.monotonic() > deadline:
+            if (
+                fds == [0, 1, 2, CHILD_AGENT_FD] and target.startswith("socket:")
+            ) or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         assert fds == [0, 1, 2, CHILD_AGENT_FD], fds

@@ -55,8 +55,9 @@ def fetch_kernel() -> Path:
     """Extract the stock kernel package once; return its root (boot/, lib/modules/)."""
     base = cache_dir()
     base.mkdir(parents=True, exist_ok=True)
-    dep = subprocess.run(["apt-cache", "depends", PACKAGE], check=True, capture_output=True,
-                         text=True).stdout
+    dep = subprocess.run(
+        ["apt-cache", "depends", PACKAGE], check=True, capture_output=True, text=True
+    ).stdout
     m = re.search(r"Depends: (linux-image-[0-9][^\s]*)", dep)
     if not m:
         raise SystemExit(f"lane: cannot tell which kernel {PACKAGE} depends on:\n{dep}")
@@ -66,8 +67,9 @@ def fetch_kernel() -> Path:
         return root
     say(f"downloading {pkg} with apt-get download")
     with tempfile.TemporaryDirectory(dir=base) as tmp:
-        subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "download", "-q", pkg], cwd=tmp, check=True, stdout=subprocess.DEVNULL
+        )
         debs = list(Path(tmp).glob("*.deb"))
         unpacked = Path(tmp) / "root"
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True)
@@ -83,8 +85,10 @@ def _modinfo_depends(ko: Path) -> list[str]:
 
 def module_order(root: Path) -> list[Path]:
     """The modules MODULES need, each after its dependencies."""
-    mods = {p.name.removesuffix(".ko").replace("-", "_"): p
-            for p in (root / "lib" / "modules").rglob("*.ko")}
+    mods = {
+        p.name.removesuffix(".ko").replace("-", "_"): p
+        for p in (root / "lib" / "modules").rglob("*.ko")
+    }
     order: list[Path] = []
     seen: set[str] = set()
 
@@ -140,8 +144,10 @@ def build_initramfs(root: Path, cmd: list[str], cwd: str, env: dict[str, str], o
     order = module_order(root)
     script = "set -e\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     script += f"cd {shlex.quote(cwd)}\nset +e\nexec {shlex.join(cmd)}\n"
-    entries = [CpioEntry(n, d) for n in ("bin", "dev", "proc", "sys", "host", "results", "upper",
-                                         "newroot", "modules")]
+    entries = [
+        CpioEntry(n, d)
+        for n in ("bin", "dev", "proc", "sys", "host", "results", "upper", "newroot", "modules")
+    ]
     entries += [
         CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         CpioEntry("bin/busybox", f | 0o755, Path("/bin/busybox").read_bytes()),
@@ -161,13 +167,27 @@ def run(cmd: list[str], cwd: str, results: Path, env: dict[str, str], timeout: f
         initrd = Path(tmp) / "initrd"
         build_initramfs(root, cmd, cwd, env, initrd)
         argv = [
-            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm,+npt",
-            "-m", str(MEMORY_MIB), "-smp", "1", "-nographic", "-no-reboot",
-            "-kernel", str(vmlinuz), "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
-            "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,"
-                       "multidevs=remap",
-            "-virtfs", f"local,path={results},mount_tag=results,security_model=passthrough",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "EPYC,+svm,+npt",
+            "-m",
+            str(MEMORY_MIB),
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            str(vmlinuz),
+            "-initrd",
+            str(initrd),
+            "-append",
+            "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
+            "-virtfs",
+            f"local,path={results},mount_tag=results,security_model=passthrough",
         ]
         say(f"booting L1 ({vmlinuz.name}, {MEMORY_MIB} MiB, TCG with SVM+NPT)")
         started = time.monotonic()
@@ -179,7 +199,7 @@ def run(cmd: list[str], cwd: str, results: Path, env: dict[str, str], timeout: f
             for raw in proc.stdout:
                 line = raw.decode(errors="replace").replace("\r", "")
                 if line.startswith(EXIT_MARK):
-                    code = int(line[len(EXIT_MARK):].strip() or 1)
+                    code = int(line[len(EXIT_MARK) :].strip() or 1)
                 else:
                     sys.stdout.write(line)
                     sys.stdout.flush()
@@ -215,12 +235,14 @@ def prepare_kernel() -> None:
     """Build the ``kvm`` host-class kernel into the tests' kernel store, here on the host
     (a kernel build under nested TCG would take hours); L1 finds it through the overlay."""
     repo = Path(__file__).resolve().parents[1]
-    code = ("import sys; sys.path.insert(0, '.')\n"
-            "from tests.test_kernel import KERNEL_STORE\n"
-            "from sporevm.build.kernel import ensure_kernel\n"
-            "from sporevm.store import Store\n"
-            "a = ensure_kernel(Store(KERNEL_STORE), 'kvm', lambda m: print('lane: kernel:', m))\n"
-            "print('lane: kvm kernel', a.digest)\n")
+    code = (
+        "import sys; sys.path.insert(0, '.')\n"
+        "from tests.test_kernel import KERNEL_STORE\n"
+        "from sporevm.build.kernel import ensure_kernel\n"
+        "from sporevm.store import Store\n"
+        "a = ensure_kernel(Store(KERNEL_STORE), 'kvm', lambda m: print('lane: kernel:', m))\n"
+        "print('lane: kvm kernel', a.digest)\n"
+    )
     subprocess.run([str(repo / ".venv" / "bin" / "python"), "-c", code], cwd=repo, check=True)
 
 
@@ -229,17 +251,29 @@ def ci(results: Path, extra: list[str]) -> int:
     started = time.monotonic()
     prepare_kernel()
     shutil.rmtree(results, ignore_errors=True)
-    cmd = [".venv/bin/pytest", "-p", "no:cacheprovider", "-v", "-ra", "--durations=5",
-           "--junitxml=/lane-results/junit.xml", *(extra or LANE_TESTS)]
+    cmd = [
+        ".venv/bin/pytest",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        "-ra",
+        "--durations=5",
+        "--junitxml=/lane-results/junit.xml",
+        *(extra or LANE_TESTS),
+    ]
     code = run(cmd, str(repo), results, {**_base_env(), "TERM": "dumb"}, timeout=40 * 60)
-    say(f"hardware-KVM lane: exit {code}, {time.monotonic() - started:.0f} s in all "
-        "(kvm_amd nested under QEMU TCG, Debian's stock kernel, jailed)")
+    say(
+        f"hardware-KVM lane: exit {code}, {time.monotonic() - started:.0f} s in all "
+        "(kvm_amd nested under QEMU TCG, Debian's stock kernel, jailed)"
+    )
     return code
 
 
 def _base_env() -> dict[str, str]:
-    return {"HOME": str(Path.home()),
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    return {
+        "HOME": str(Path.home()),
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
 
 
 def main() -> int:

@@ -73,15 +73,28 @@ def _info(name: str, kind: bytes, mode: int, *, size: int = 0, link: str = "") -
 def busybox_layers(busybox: Path = BUSYBOX) -> list[bytes]:
     """One layer: static busybox, applets (hardlinks in bin/, symlinks elsewhere), /etc basics."""
     binary = busybox.read_bytes()
-    listing = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True,
-                             text=True).stdout.split()
+    listing = subprocess.run(
+        [str(busybox), "--list-full"], check=True, capture_output=True, text=True
+    ).stdout.split()
     applets = sorted({p.strip("/") for p in listing} - {"bin/busybox"})
-    dirs = {"bin", "dev", "etc", "proc", "root", "sbin", "sys", "tmp", "usr", "usr/bin",
-            "usr/sbin", "var"}
+    dirs = {
+        "bin",
+        "dev",
+        "etc",
+        "proc",
+        "root",
+        "sbin",
+        "sys",
+        "tmp",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "var",
+    }
     dirs |= {str(Path(a).parent) for a in applets}
     files = {
         "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n"
-                      b"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        b"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
         "etc/group": b"root:x:0:\nnogroup:x:65534:\n",
         "etc/hostname": b"spore\n",
     }
@@ -90,8 +103,9 @@ def busybox_layers(busybox: Path = BUSYBOX) -> list[bytes]:
         for d in sorted(dirs):  # sorted: parents come before children
             mode = {"tmp": 0o1777, "root": 0o700}.get(d, 0o755)
             tar.addfile(_info(d, tarfile.DIRTYPE, mode))
-        tar.addfile(_info("bin/busybox", tarfile.REGTYPE, 0o755, size=len(binary)),
-                    io.BytesIO(binary))
+        tar.addfile(
+            _info("bin/busybox", tarfile.REGTYPE, 0o755, size=len(binary)), io.BytesIO(binary)
+        )
         for name, data in sorted(files.items()):
             tar.addfile(_info(name, tarfile.REGTYPE, 0o644, size=len(data)), io.BytesIO(data))
         for applet in applets:  # the hardlink target was written above
@@ -112,8 +126,7 @@ def tar_layer(entries: dict[str, bytes | str | None]) -> bytes:
             elif isinstance(value, str):
                 tar.addfile(_info(name, tarfile.SYMTYPE, 0o777, link=value))
             else:
-                tar.addfile(_info(name, tarfile.REGTYPE, 0o644, size=len(value)),
-                            io.BytesIO(value))
+                tar.addfile(_info(name, tarfile.REGTYPE, 0o644, size=len(value)), io.BytesIO(value))
     return buf.getvalue()
 
 
@@ -126,8 +139,11 @@ def minbase_rootfs(cache_dir: Path) -> Path:
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     try:
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)  # never leave a half-built tree behind the stamp
         raise
@@ -143,13 +159,27 @@ def minbase_layers(cache_dir: Path) -> list[Path]:
         return [out]
     tmp = out.with_suffix(".tmp")
     subprocess.run(
-        ["tar", "--create", "--file", str(tmp), "--directory", str(root), "--numeric-owner",
-         "--xattrs", "--xattrs-include=*", "--sort=name", "--mtime=@0", "--format=posix",
-         "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
-         # debootstrap keeps the downloaded .debs; an image does not need them
-         "--exclude=var/cache/apt/archives/*.deb", "--exclude=var/lib/apt/lists/*_*",
-         *sorted(os.listdir(root))],
-        check=True)
+        [
+            "tar",
+            "--create",
+            "--file",
+            str(tmp),
+            "--directory",
+            str(root),
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--sort=name",
+            "--mtime=@0",
+            "--format=posix",
+            "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+            # debootstrap keeps the downloaded .debs; an image does not need them
+            "--exclude=var/cache/apt/archives/*.deb",
+            "--exclude=var/lib/apt/lists/*_*",
+            *sorted(os.listdir(root)),
+        ],
+        check=True,
+    )
     os.replace(tmp, out)
     return [out]
 
@@ -197,8 +227,7 @@ def _put_layer(layout: Path, layer: Layer, compression: Compression) -> tuple[di
     with os.fdopen(fd, "wb") as raw:
         out = _HashingWriter(raw)
         if compression == "gzip":
-            with gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0,
-                               compresslevel=6) as gz:
+            with gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0, compresslevel=6) as gz:
                 for block in _chunks(layer):
                     diff.update(block)
                     gz.write(block)
@@ -224,9 +253,13 @@ def _init_layout(layout: Path) -> None:
     (layout / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
 
 
-def _write_image(layout: Path, layers: list[Layer], platform: str,
-                 compression: Compression | list[Compression],
-                 config_extra: dict[str, Any] | None) -> dict[str, Any]:
+def _write_image(
+    layout: Path,
+    layers: list[Layer],
+    platform: str,
+    compression: Compression | list[Compression],
+    config_extra: dict[str, Any] | None,
+) -> dict[str, Any]:
     """Blobs for one image; returns the manifest descriptor (with platform)."""
     os_, arch, *variant = platform.split("/")
     per_layer = compression if isinstance(compression, list) else [compression] * len(layers)
@@ -238,16 +271,21 @@ def _write_image(layout: Path, layers: list[Layer], platform: str,
         descs.append(desc)
         diff_ids.append(diff_id)
     config: dict[str, Any] = {
-        "architecture": arch, "os": os_, "created": "1970-01-01T00:00:00Z",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"]},
+        "architecture": arch,
+        "os": os_,
+        "created": "1970-01-01T00:00:00Z",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+        },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
     if variant:
         config["variant"] = variant[0]
     config.update(config_extra or {})
     manifest = {
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, **_put_blob(layout, _json(config))},
         "layers": descs,
     }
@@ -266,14 +304,20 @@ def _tag(layout: Path, desc: dict[str, Any], tag: str) -> None:
     entries = [e for e in entries if e.get("annotations", {}).get(REF_NAME) != tag]
     entries.append({**desc, "annotations": {REF_NAME: tag}})
     entries.sort(key=lambda e: e["annotations"][REF_NAME])
-    index_path.write_bytes(_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                  "manifests": entries}))
+    index_path.write_bytes(
+        _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+    )
 
 
-def write_layout(layout: Path, layers: list[Layer], *, tag: str,
-                 compression: Compression | list[Compression] = "gzip",
-                 platform: str = "linux/amd64",
-                 config_extra: dict[str, Any] | None = None) -> str:
+def write_layout(
+    layout: Path,
+    layers: list[Layer],
+    *,
+    tag: str,
+    compression: Compression | list[Compression] = "gzip",
+    platform: str = "linux/amd64",
+    config_extra: dict[str, Any] | None = None,
+) -> str:
     """Write (or add a tag to) an OCI image layout; returns the manifest digest.
 
     ``compression`` is one for all layers or one per layer."""
@@ -284,12 +328,15 @@ def write_layout(layout: Path, layers: list[Layer], *, tag: str,
     return str(desc["digest"])
 
 
-def write_index_layout(layout: Path, images: dict[str, list[Layer]], *, tag: str,
-                       compression: Compression = "gzip") -> str:
+def write_index_layout(
+    layout: Path, images: dict[str, list[Layer]], *, tag: str, compression: Compression = "gzip"
+) -> str:
     """A multi-platform image: one manifest per platform under an OCI index; returns its digest."""
     _init_layout(layout)
-    manifests = [_write_image(layout, layers, platform, compression, None)
-                 for platform, layers in sorted(images.items())]
+    manifests = [
+        _write_image(layout, layers, platform, compression, None)
+        for platform, layers in sorted(images.items())
+    ]
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
     desc = {"mediaType": OCI_INDEX, **_put_blob(layout, _json(index))}
     _tag(layout, desc, tag)
@@ -299,9 +346,20 @@ def write_index_layout(layout: Path, images: dict[str, list[Layer]], *, tag: str
 def push_layout(layout: Path, tag: str, dest: str) -> None:
     """Copy ``oci:LAYOUT:TAG`` to ``docker://DEST`` with skopeo, byte for byte."""
     subprocess.run(
-        ["skopeo", "copy", "--quiet", "--insecure-policy", "--all", "--preserve-digests",
-         "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{dest}"],
-        check=True, stdout=subprocess.DEVNULL)
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--insecure-policy",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:{tag}",
+            f"docker://{dest}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--dest", required=True, help="HOST/REPO:TAG")
     args = parser.parse_args(argv)
     if args.cmd == "busybox":
-        digest = write_layout(args.out, list(busybox_layers()), tag=args.tag,
-                              compression=args.compression)
+        digest = write_layout(
+            args.out, list(busybox_layers()), tag=args.tag, compression=args.compression
+        )
     elif args.cmd == "minbase":
         digest = write_layout(args.out, list(minbase_layers(args.cache)), tag=args.tag)
     else:

@@ -32,8 +32,9 @@ class LocalRegistry:
 
     def __init__(self, workdir: Path, *, bind: str = "127.0.0.1", host: str | None = None) -> None:
         if not REGISTRY_BIN.exists():
-            raise RegistryError(f"{REGISTRY_BIN} is missing; run scripts/setup "
-                                "(installs docker-registry)")
+            raise RegistryError(
+                f"{REGISTRY_BIN} is missing; run scripts/setup (installs docker-registry)"
+            )
         self.port = free_port(bind)
         self.host = f"{host or bind}:{self.port}"
         self.url = f"http://{self.host}"
@@ -49,7 +50,8 @@ class LocalRegistry:
         )
         self._log = open(workdir / "registry.log", "wb")
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [str(REGISTRY_BIN), "serve", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
+            [str(REGISTRY_BIN), "serve", str(config)], stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 10
         while True:
             try:

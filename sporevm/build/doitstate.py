@@ -32,5 +32,6 @@ class AtomicJsonDB(JsonDB):  # type: ignore[misc]
         path = Path(self.name)
         # The store's tmp/ when the file lives in <store>/state/: prune sweeps it.
         tmp = path.parent.parent / "tmp"
-        atomic_write(path, self.codec.encode(self._db).encode(),
-                     tmp_dir=tmp if tmp.is_dir() else None)
+        atomic_write(
+            path, self.codec.encode(self._db).encode(), tmp_dir=tmp if tmp.is_dir() else None
+        )

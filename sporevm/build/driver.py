@@ -107,8 +107,9 @@ def build(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -
                     b.result.manifest_id = rec.get("manifest")
                     # A spore published before roots existed (or whose record was
                     # dropped) becomes one now; unchanged records are not rewritten.
-                    storeroots.add(store.root, storeroots.root_for(sf.output.spore,
-                                                                   str(rec["manifest"])))
+                    storeroots.add(
+                        store.root, storeroots.root_for(sf.output.spore, str(rec["manifest"]))
+                    )
         if b.result.bundle is None and options.until in (None, "bundle", "push"):
             b.bundle_uptodate()
     return b.result
@@ -129,7 +130,6 @@ def describe(path: Path, store: Store) -> dict[str, Any]:
     sf = sporefile_mod.load(path)
     b = _Build(sf, store, BuildOptions(), Reporter.quiet())
     nodes: list[dict[str, Any]] = [
-        {"name": t["name"], "doc": t["doc"], "deps": t.get("task_dep", [])}
-        for t in b.tasks()
+        {"name": t["name"], "doc": t["doc"], "deps": t.get("task_dep", [])} for t in b.tasks()
     ]
     return {"sporefile": str(sf.path), "tasks": nodes}

@@ -53,8 +53,13 @@ class _Entry:
 class FilesLayer:
     """``files:`` of one Sporefile: plan, tar bytes, digest, and errors named by field."""
 
-    def __init__(self, specs: tuple[FileSpec, ...], context: Path, sporefile: Path,
-                 outputs: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self,
+        specs: tuple[FileSpec, ...],
+        context: Path,
+        sporefile: Path,
+        outputs: tuple[Path, ...] = (),
+    ) -> None:
         self.specs = specs
         self.context = context
         self.sporefile = sporefile
@@ -80,14 +85,22 @@ class FilesLayer:
         for i, spec in enumerate(self.specs):
             for out in self.outputs:
                 if out.is_relative_to(spec.src):
-                    raise self.fail(i, "src", f"{show(spec.src_rel)} contains the build output "
-                                    f"{show(str(out.relative_to(self.context)))}; copy a "
-                                    "subdirectory instead, or move output: elsewhere")
+                    raise self.fail(
+                        i,
+                        "src",
+                        f"{show(spec.src_rel)} contains the build output "
+                        f"{show(str(out.relative_to(self.context)))}; copy a "
+                        "subdirectory instead, or move output: elsewhere",
+                    )
             try:
                 walked = self._walk(i, spec)
             except OSError as exc:  # e.g. an unreadable directory in the context
-                raise self.fail(i, "src", f"{show(spec.src_rel)}: {exc.strerror or exc}; "
-                                "every copied file must be readable") from None
+                raise self.fail(
+                    i,
+                    "src",
+                    f"{show(spec.src_rel)}: {exc.strerror or exc}; "
+                    "every copied file must be readable",
+                ) from None
             for comps, entry in walked:
                 self._place(entries, below, comps, entry)
                 if len(entries) > MAX_ENTRIES:
@@ -95,23 +108,36 @@ class FilesLayer:
         self._plan = entries
         return entries
 
-    def _place(self, entries: dict[Comps, _Entry], below: dict[Comps, int], comps: Comps,
-               entry: _Entry) -> None:
+    def _place(
+        self, entries: dict[Comps, _Entry], below: dict[Comps, int], comps: Comps, entry: _Entry
+    ) -> None:
         where = show("/" + "/".join(comps))
         old = entries.get(comps)
         if old is not None and old.kind != entry.kind:
-            raise self.fail(entry.index, "dst", f"{where} is a {entry.kind} here but "
-                            f"files[{old.index}] puts a {old.kind} there; copy them to "
-                            "different paths")
+            raise self.fail(
+                entry.index,
+                "dst",
+                f"{where} is a {entry.kind} here but "
+                f"files[{old.index}] puts a {old.kind} there; copy them to "
+                "different paths",
+            )
         if entry.kind == "file" and comps in below:
-            raise self.fail(entry.index, "dst", f"{where} is a file here but files"
-                            f"[{below[comps]}] puts entries below it; copy them to "
-                            "different paths")
+            raise self.fail(
+                entry.index,
+                "dst",
+                f"{where} is a file here but files"
+                f"[{below[comps]}] puts entries below it; copy them to "
+                "different paths",
+            )
         for n in range(len(comps)):
             parent = entries.get(comps[:n])
             if parent is not None and parent.kind == "file":
-                raise self.fail(entry.index, "dst", f"{where} needs a directory where files"
-                                f"[{parent.index}] puts a file; copy them to different paths")
+                raise self.fail(
+                    entry.index,
+                    "dst",
+                    f"{where} needs a directory where files"
+                    f"[{parent.index}] puts a file; copy them to different paths",
+                )
             below.setdefault(comps[:n], entry.index)
         entries[comps] = entry
 
@@ -121,8 +147,9 @@ class FilesLayer:
         try:
             rel = spec.src.relative_to(self.context)
         except ValueError:
-            raise self.fail(i, "src", f"{show(spec.src_rel)} is outside the build context "
-                            f"{self.context}") from None
+            raise self.fail(
+                i, "src", f"{show(spec.src_rel)} is outside the build context {self.context}"
+            ) from None
         src: Comps = rel.parts
         for part in (*base, *src):
             _check_utf8(self, i, part)
@@ -131,24 +158,40 @@ class FilesLayer:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 if not base:
-                    raise self.fail(i, "dst", "/ is the root directory; a file needs a path "
-                                    "such as /NAME")
+                    raise self.fail(
+                        i, "dst", "/ is the root directory; a file needs a path such as /NAME"
+                    )
                 if spec.dst.endswith("/"):
-                    raise self.fail(i, "dst", f"{show(spec.dst)} ends with '/' but src is a "
-                                    f"file; write the file's full path, e.g. {spec.dst}"
-                                    f"{PurePosixPath(spec.src_rel).name}")
+                    raise self.fail(
+                        i,
+                        "dst",
+                        f"{show(spec.dst)} ends with '/' but src is a "
+                        f"file; write the file's full path, e.g. {spec.dst}"
+                        f"{PurePosixPath(spec.src_rel).name}",
+                    )
                 return [(base, _Entry("file", self._mode(spec, st), src, i))]
             if not stat.S_ISDIR(st.st_mode):
-                raise self.fail(i, "src", f"{show(spec.src_rel)} is neither a regular file nor "
-                                "a directory; only files and directories can be copied")
+                raise self.fail(
+                    i,
+                    "src",
+                    f"{show(spec.src_rel)} is neither a regular file nor "
+                    "a directory; only files and directories can be copied",
+                )
             out = [(base, _Entry("dir", self._mode(spec, st), src, i))]
             self._walk_dir(i, spec, fd, base, src, out)
             return out
         finally:
             os.close(fd)
 
-    def _walk_dir(self, i: int, spec: FileSpec, fd: int, dst: Comps, src: Comps,
-                  out: list[tuple[Comps, _Entry]]) -> None:
+    def _walk_dir(
+        self,
+        i: int,
+        spec: FileSpec,
+        fd: int,
+        dst: Comps,
+        src: Comps,
+        out: list[tuple[Comps, _Entry]],
+    ) -> None:
         if len(dst) >= MAX_DEPTH:
             raise self._too_deep(i, src)
         for entry in nofollow.walk(fd):
@@ -156,9 +199,13 @@ class FilesLayer:
             shown = show("/".join((*src, *entry.path)))
             st = entry.lstat()
             if stat.S_ISLNK(st.st_mode):
-                raise self.fail(i, "src", f"{shown} is a symlink; symlinks are not copied "
-                                "(copy its target with its own files entry, or create the "
-                                "link in a step)")
+                raise self.fail(
+                    i,
+                    "src",
+                    f"{shown} is a symlink; symlinks are not copied "
+                    "(copy its target with its own files entry, or create the "
+                    "link in a step)",
+                )
             if stat.S_ISREG(st.st_mode):
                 kind: Kind = "file"
             elif stat.S_ISDIR(st.st_mode):
@@ -166,14 +213,22 @@ class FilesLayer:
                 if len(dst) + len(entry.path) >= MAX_DEPTH:  # before the walk enters it
                     raise self._too_deep(i, (*src, *entry.path))
             else:
-                raise self.fail(i, "src", f"{shown} is neither a regular file nor a directory; "
-                                "only files and directories can be copied")
-            out.append(((*dst, *entry.path),
-                        _Entry(kind, self._mode(spec, st), (*src, *entry.path), i)))
+                raise self.fail(
+                    i,
+                    "src",
+                    f"{shown} is neither a regular file nor a directory; "
+                    "only files and directories can be copied",
+                )
+            out.append(
+                ((*dst, *entry.path), _Entry(kind, self._mode(spec, st), (*src, *entry.path), i))
+            )
 
     def _too_deep(self, i: int, src: Comps) -> SporefileError:
-        return self.fail(i, "src", f"{show('/'.join(src))} is nested more than {MAX_DEPTH} "
-                         "levels deep in the guest")
+        return self.fail(
+            i,
+            "src",
+            f"{show('/'.join(src))} is nested more than {MAX_DEPTH} levels deep in the guest",
+        )
 
     @staticmethod
     def _mode(spec: FileSpec, st: os.stat_result) -> int:
@@ -185,19 +240,25 @@ class FilesLayer:
         try:
             root = nofollow.open_root(self.context, follow=False)
         except OSError as exc:
-            raise self.fail(i, "src", f"cannot open the build context {self.context}: "
-                            f"{exc.strerror}") from None
+            raise self.fail(
+                i, "src", f"cannot open the build context {self.context}: {exc.strerror}"
+            ) from None
         try:
             if directory:
                 return nofollow.open_dir(root, src)
             return nofollow.open_file(root, src, regular=False)
         except OSError as exc:
             rel = getattr(exc, "rel", "/".join(src))
-            reason = "it is a symlink" if getattr(exc, "symlink", False) else \
-                os.strerror(exc.errno or 0)
-            raise self.fail(i, "src", f"{show(spec.src_rel)} cannot be opened at {show(rel)} "
-                            f"without following a symlink ({reason}); did it change since "
-                            "the Sporefile was loaded?") from None
+            reason = (
+                "it is a symlink" if getattr(exc, "symlink", False) else os.strerror(exc.errno or 0)
+            )
+            raise self.fail(
+                i,
+                "src",
+                f"{show(spec.src_rel)} cannot be opened at {show(rel)} "
+                f"without following a symlink ({reason}); did it change since "
+                "the Sporefile was loaded?",
+            ) from None
         finally:
             os.close(root)
 
@@ -206,8 +267,12 @@ class FilesLayer:
         """Write the layer (plain tar, sorted, mtime = rootfs epoch, root:root); its sha256."""
         hashed = _Hashing(out)
         plan = self.plan()
-        with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                          encoding="utf-8") as tar:
+        with tarfile.open(
+            fileobj=hashed,
+            mode="w|",
+            format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
+            encoding="utf-8",
+        ) as tar:
             for comps in sorted(plan, key=lambda c: tuple(os.fsencode(p) for p in c)):
                 entry = plan[comps]
                 info = tarfile.TarInfo("/".join(comps) if comps else ".")
@@ -223,16 +288,23 @@ class FilesLayer:
                 try:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode):
-                        raise self.fail(entry.index, "src", f"{show('/'.join(entry.src))} is "
-                                        "no longer a regular file")
+                        raise self.fail(
+                            entry.index,
+                            "src",
+                            f"{show('/'.join(entry.src))} is no longer a regular file",
+                        )
                     info.size = st.st_size
                     with open(fd, "rb", buffering=0, closefd=False) as fh:
                         tar.addfile(info, fh)
                     if os.read(fd, 1):  # grew while being read: the tar holds a torn copy
                         raise OSError("file grew while being read")
                 except OSError as exc:
-                    raise self.fail(entry.index, "src", f"{show('/'.join(entry.src))} changed "
-                                    f"while being copied ({exc}); rerun the build") from None
+                    raise self.fail(
+                        entry.index,
+                        "src",
+                        f"{show('/'.join(entry.src))} changed "
+                        f"while being copied ({exc}); rerun the build",
+                    ) from None
                 finally:
                     os.close(fd)
         return "sha256:" + hashed.hash.hexdigest()
@@ -249,8 +321,9 @@ class FilesLayer:
             got = self.write(fh)
             size = fh.tell()
         if got != self.digest():
-            raise SporefileError(f"{self.sporefile}: files: the copied files changed during "
-                                 "the build; rerun it")
+            raise SporefileError(
+                f"{self.sporefile}: files: the copied files changed during the build; rerun it"
+            )
         return got, size
 
     def explain(self, exc: LayerError, layer_number: int) -> SporefileError | None:
@@ -263,10 +336,17 @@ class FilesLayer:
             marker = f" member {name!r}: "
             if marker in msg:
                 problem = msg.split(marker, 1)[1].replace("; layers must name real paths", "")
-                hint = ("; files are never written through a symlink of the base image: copy "
-                        "to the path it points to" if "is a symlink" in problem else "")
-                return self.fail(entry.index, "dst", f"cannot place {show('/' + name)} in "
-                                 f"the image: {problem}{hint}")
+                hint = (
+                    "; files are never written through a symlink of the base image: copy "
+                    "to the path it points to"
+                    if "is a symlink" in problem
+                    else ""
+                )
+                return self.fail(
+                    entry.index,
+                    "dst",
+                    f"cannot place {show('/' + name)} in the image: {problem}{hint}",
+                )
         return SporefileError(f"{self.sporefile}: files: {msg}")
 
 
@@ -293,8 +373,9 @@ class _Null:
         return len(data)
 
 
-def files_layer(specs: tuple[FileSpec, ...], context: Path, sporefile: Path,
-                outputs: tuple[Path, ...] = ()) -> FilesLayer | None:
+def files_layer(
+    specs: tuple[FileSpec, ...], context: Path, sporefile: Path, outputs: tuple[Path, ...] = ()
+) -> FilesLayer | None:
     """None without files: the rootfs key and bytes stay exactly those of the image alone."""
     return FilesLayer(specs, context, sporefile, outputs) if specs else None
 

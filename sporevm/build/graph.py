@@ -48,8 +48,10 @@ def _needed(value: _T | None, what: str) -> _T:
     """A task's input that an earlier task makes (doit orders them; ``doit -s TASK`` or a
     store changed under the build can still leave it missing): one line, never an assert."""
     if value is None:
-        raise SporeError(f"build: {what} is not available: the task that makes it did not run "
-                         "(run the whole graph; with doit, not -s)")
+        raise SporeError(
+            f"build: {what} is not available: the task that makes it did not run "
+            "(run the whole graph; with doit, not -s)"
+        )
     return value
 
 
@@ -114,7 +116,8 @@ class _Build:
         self.final_manifest: str | None = None
         self._guest: GuestPlatform | None = None
         self.files: FilesLayer | None = files_layer(
-            sf.files, sf.context, sf.path, (sf.output.spore, sf.output.bundle))
+            sf.files, sf.context, sf.path, (sf.output.spore, sf.output.bundle)
+        )
 
     def guest_platform(self) -> GuestPlatform | None:
         """lookup_guest once per build (it hashes the kernel inputs); reset when built."""
@@ -240,8 +243,10 @@ class _Build:
                 + "; run without --locked to update the lock"
             )
         if old is not None:
-            self.reporter.warn(f"guest for {guest.host_class} changed from the lock "
-                               f"(kernel {old.kernel} → {entry.kernel}); updating the lock")
+            self.reporter.warn(
+                f"guest for {guest.host_class} changed from the lock "
+                f"(kernel {old.kernel} → {entry.kernel}); updating the lock"
+            )
         lockfile.save(self.lock_path, lockfile.load(self.lock_path).with_guest(entry))
 
     def chain_keys(self) -> list[str] | None:
@@ -282,7 +287,8 @@ class _Build:
         except SporeError:
             return None
         ok = all(chunks.has(c) for c in m.memory.stored()) and all(
-            chunks.has(o.digest) for o in m.state.values())
+            chunks.has(o.digest) for o in m.state.values()
+        )
         return mid if ok else None
 
     def cached_prefix(self, keys: list[str]) -> tuple[int, str | None]:
@@ -299,10 +305,12 @@ class _Build:
 
     def spore_key(self, last_key: str) -> str:
         """The published spore depends on the whole chain, snapshot.after and the checks."""
-        checks = [[c.run if isinstance(c.run, str) else list(c.run), c.timeout]
-                  for c in self.sf.verify]
-        material = json.dumps({"chain": last_key, "after": self.after_index(),
-                               "verify": checks}, sort_keys=True)
+        checks = [
+            [c.run if isinstance(c.run, str) else list(c.run), c.timeout] for c in self.sf.verify
+        ]
+        material = json.dumps(
+            {"chain": last_key, "after": self.after_index(), "verify": checks}, sort_keys=True
+        )
         return blake3.blake3(b"spore/spore-key/v1\0" + material.encode()).hexdigest()
 
     def spore_uptodate(self, last_key: str) -> bool:
@@ -332,25 +340,37 @@ class _Build:
         guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         keys = self.chain_keys()
-        guest, record, keys = (_needed(guest, "the guest platform"),
-                               _needed(record, "the rootfs"), _needed(keys, "the step keys"))
+        guest, record, keys = (
+            _needed(guest, "the guest platform"),
+            _needed(record, "the rootfs"),
+            _needed(keys, "the step keys"),
+        )
         self.resume_from, mid = self.cached_prefix(keys)
         if self.resume_from == len(self.sf.steps) and self.sf.steps:
             self.final_manifest = mid  # every step cached: nothing to run, no VM needed
             return
         if mid is not None:
             name = self.sf.steps[self.resume_from - 1].name
-            self.reporter.info(f"resuming from the snapshot after step {name} "
-                               f"({self.resume_from} of {len(self.sf.steps)} steps cached)")
+            self.reporter.info(
+                f"resuming from the snapshot after step {name} "
+                f"({self.resume_from} of {len(self.sf.steps)} steps cached)"
+            )
             from sporevm.build.runner import resume_vm
 
-            self.vm = resume_vm(ChunkStore(self.store).path(mid), self.store, self.reporter,
-                                self.kernel)
+            self.vm = resume_vm(
+                ChunkStore(self.store).path(mid), self.store, self.reporter, self.kernel
+            )
         else:
             from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm
 
-            self.vm = boot_vm(guest, record.path, self.sf.machine.memory, self.sf.machine.vcpus,
-                              DEFAULT_BOOT_TIMEOUT, store_root=self.store.root)
+            self.vm = boot_vm(
+                guest,
+                record.path,
+                self.sf.machine.memory,
+                self.sf.machine.vcpus,
+                DEFAULT_BOOT_TIMEOUT,
+                store_root=self.store.root,
+            )
 
     def _seal_and_record(self, upto: int, res: StepResult | None) -> str:
         """Snapshot the VM after ``upto`` steps; store the manifest in the chunk CAS."""
@@ -358,8 +378,11 @@ class _Build:
         guest = self.guest_platform()
         record = RootfsRecord.lookup(self.store, self.rootfs_cache_key())
         vm = _needed(self.vm, "the build VM")
-        guest, record, keys = (_needed(guest, "the guest platform"),
-                               _needed(record, "the rootfs"), _needed(keys, "the step keys"))
+        guest, record, keys = (
+            _needed(guest, "the guest platform"),
+            _needed(record, "the rootfs"),
+            _needed(keys, "the step keys"),
+        )
         from sporevm.build.sealing import seal
 
         m = seal(vm, self.sf, record, guest, keys[1 : upto + 1], self.lock_path)
@@ -370,9 +393,16 @@ class _Build:
         for cid in [*m.memory.stored(), *(o.digest for o in m.state.values())]:
             self.store.touch(chunks.path(cid))
         if res is not None:
-            self.store.put_key("step", keys[upto], {
-                "step": res.name, "seconds": round(res.seconds, 3), "exit": res.exit_code,
-                "manifest": mid})
+            self.store.put_key(
+                "step",
+                keys[upto],
+                {
+                    "step": res.name,
+                    "seconds": round(res.seconds, 3),
+                    "exit": res.exit_code,
+                    "manifest": mid,
+                },
+            )
         return mid
 
     def run_steps(self) -> None:
@@ -405,8 +435,10 @@ class _Build:
             else:
                 self.final_manifest = self.step_snapshot(keys[self.after_index()])
                 if self.final_manifest is None:
-                    raise SporeError(f"the snapshot after step {self.sf.snapshot_after} "
-                                     "is missing from the store; rebuild with --no-cache")
+                    raise SporeError(
+                        f"the snapshot after step {self.sf.snapshot_after} "
+                        "is missing from the store; rebuild with --no-cache"
+                    )
         finally:
             if self.vm is not None:
                 with contextlib.suppress(SporeError):
@@ -423,11 +455,15 @@ class _Build:
         if self.sf.verify:
             from sporevm.build.runner import resume_vm, shutdown_vm
 
-            vm = resume_vm(chunks.path(final), self.store, self.reporter,
-                           self.kernel)
+            vm = resume_vm(chunks.path(final), self.store, self.reporter, self.kernel)
             try:
-                run_checks(vm.session, self.sf.verify, self.reporter, env=dict(self.sf.env),
-                           workdir=self.sf.workdir)
+                run_checks(
+                    vm.session,
+                    self.sf.verify,
+                    self.reporter,
+                    env=dict(self.sf.env),
+                    workdir=self.sf.workdir,
+                )
                 shutdown_vm(vm)
             finally:
                 vm.close()
@@ -435,8 +471,7 @@ class _Build:
         mid = write_spore(m, self.sf.output.spore, self.store)
         # "steps": the whole chain, so prune keeps the snapshots of steps after
         # snapshot.after too and an unchanged Sporefile stays a no-op build.
-        self.store.put_key("spore", self.spore_key(keys[-1]), {"manifest": mid,
-                                                               "steps": keys[1:]})
+        self.store.put_key("spore", self.spore_key(keys[-1]), {"manifest": mid, "steps": keys[1:]})
         self.result.spore = str(self.sf.output.spore)
         self.result.manifest_id = mid
 
@@ -461,14 +496,16 @@ class _Build:
         out = self.sf.output.bundle
         try:
             files, digest = bundle_mod.read_metadata(
-                lambda name, limit: _read_bounded(out / name, limit))
+                lambda name, limit: _read_bounded(out / name, limit)
+            )
             meta = bundle_mod.assemble(files)
         except (OSError, SporeError):
             return False
         pieces = [(p.name, p.size) for p in meta.chunkpack.packs]
         pieces += [(s.name, s.size) for img in meta.rootfs.images for s in img.segments]
         if digest != rec.get("digest") or not all(
-                (out / n).is_file() and (out / n).stat().st_size == size for n, size in pieces):
+            (out / n).is_file() and (out / n).stat().st_size == size for n, size in pieces
+        ):
             return False
         self.result.bundle, self.result.bundle_digest = str(out), digest
         return True
@@ -481,8 +518,10 @@ class _Build:
         # "manifest": prune keeps this record while the spore it packs is live.
         self.store.put_key("bundle", key, {"digest": res.digest, "manifest": res.parent})
         self.result.bundle, self.result.bundle_digest = str(res.path), res.digest
-        self.reporter.info(f"bundle  {res.path}  {res.digest}  ({res.objects} objects in "
-                           f"{res.packs} pack(s), {res.bytes >> 20} MiB)")
+        self.reporter.info(
+            f"bundle  {res.path}  {res.digest}  ({res.objects} objects in "
+            f"{res.packs} pack(s), {res.bytes >> 20} MiB)"
+        )
 
     def push(self) -> None:
         """Push every time: cheap when the destination has it, and never trusts a record."""
@@ -501,8 +540,10 @@ class _Build:
         def run() -> TaskFailed | None:
             if os.getpid() != self.pid:
                 # doit -n N -P process: a forked worker has none of this state (the VM).
-                return TaskFailed("spore's tasks share one build VM and run in one process; "
-                                  "drop -P process (doit -n N runs them in threads)")
+                return TaskFailed(
+                    "spore's tasks share one build VM and run in one process; "
+                    "drop -P process (doit -n N runs them in threads)"
+                )
             try:
                 fn()
             except SporeError as exc:
@@ -549,7 +590,8 @@ class _Build:
             },
             {
                 "name": "steps",
-                "doc": "run " + (", ".join(s.name for s in self.sf.steps) or "no steps")
+                "doc": "run "
+                + (", ".join(s.name for s in self.sf.steps) or "no steps")
                 + " in order, streaming output",
                 "actions": [self.action(self.run_steps)],
                 "uptodate": [self.steps_uptodate],
@@ -577,13 +619,19 @@ class _Build:
                 "uptodate": [self.bundle_uptodate],
                 "task_dep": ["verify"],
             },
-            *([{
-                "name": "push",
-                "doc": "push the bundle to " + ", ".join(self.sf.push),
-                "actions": [self.action(self.push)],
-                "uptodate": [False],
-                "task_dep": ["bundle"],
-            }] if self.sf.push else []),
+            *(
+                [
+                    {
+                        "name": "push",
+                        "doc": "push the bundle to " + ", ".join(self.sf.push),
+                        "actions": [self.action(self.push)],
+                        "uptodate": [False],
+                        "task_dep": ["bundle"],
+                    }
+                ]
+                if self.sf.push
+                else []
+            ),
         ]
 
 

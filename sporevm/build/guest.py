@@ -29,8 +29,9 @@ def check_vcpus(vcpus: int, host_class: str, setting: str) -> None:
 
     ``setting`` names where the count came from (``--vcpus``, ``machine.vcpus:``)."""
     if vcpus > 1 and host_class not in SMP_HOST_CLASSES:
-        raise UsageError(f"{setting} {vcpus} needs SMP, which host class {host_class} does "
-                         "not support; use 1")
+        raise UsageError(
+            f"{setting} {vcpus} needs SMP, which host class {host_class} does not support; use 1"
+        )
 
 
 @dataclass(frozen=True)

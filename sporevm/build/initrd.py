@@ -37,8 +37,16 @@ GUEST_SRC = Path(__file__).resolve().parents[2] / "guest"
 RECIPE = "spore-initrd/1"  # bump when the packing below changes
 CC = "musl-gcc"
 CFLAGS = (
-    "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-static",
-    "-fstack-protector-strong", "-fno-ident", "-Wl,--build-id=none", "-s",
+    "-std=gnu11",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-static",
+    "-fstack-protector-strong",
+    "-fno-ident",
+    "-Wl,--build-id=none",
+    "-s",
 )
 CPIO_MAGIC = b"070701"
 _TRAILER = "TRAILER!!!"
@@ -77,8 +85,9 @@ def _pad4(n: int) -> bytes:
     return b"\0" * (-n % 4)
 
 
-def _record(ino: int, mode: int, nlink: int, data: bytes, name: str,
-            rdev: tuple[int, int]) -> bytes:
+def _record(
+    ino: int, mode: int, nlink: int, data: bytes, name: str, rdev: tuple[int, int]
+) -> bytes:
     raw = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw), 0)
     head = CPIO_MAGIC + b"".join(_hex8(f) for f in fields) + raw
@@ -212,9 +221,13 @@ def ensure_agent(store: Store) -> tuple[str, Path]:
         out = tmp / "init"
         srcs = _sources()
         argv = [
-            CC, *CFLAGS,
-            f"-ffile-prefix-map={GUEST_SRC}=guest", f"-fdebug-prefix-map={tmp}=build",
-            "-o", str(out), *(str(p) for p in srcs if p.suffix == ".c"),
+            CC,
+            *CFLAGS,
+            f"-ffile-prefix-map={GUEST_SRC}=guest",
+            f"-fdebug-prefix-map={tmp}=build",
+            "-o",
+            str(out),
+            *(str(p) for p in srcs if p.suffix == ".c"),
         ]
         res = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=tmp)
         if res.returncode != 0:

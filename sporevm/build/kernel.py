@@ -180,8 +180,13 @@ def _file_identity(path: Path) -> str:
     return f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
 
 
-def _memo(store: Store | None, kind: str, ident: str, compute: Callable[[], str],
-          valid: Callable[[str], bool] = lambda _v: True) -> str:
+def _memo(
+    store: Store | None,
+    kind: str,
+    ident: str,
+    compute: Callable[[], str],
+    valid: Callable[[str], bool] = lambda _v: True,
+) -> str:
     """``compute()``, remembered in the store under the file identity ``ident``; a
     remembered value that fails ``valid`` is a miss.
 
@@ -248,8 +253,13 @@ def _sha256_memo(path: Path, store: Store | None) -> str:
     Hashing the 130 MB tarball cost ~0.1 s on every no-op build; a file whose inode,
     size, mtime and ctime are unchanged is taken to be unchanged (as make and git do).
     """
-    return _memo(store, "source-sha256", _file_identity(path), lambda: _sha256(path),
-                 valid=lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+    return _memo(
+        store,
+        "source-sha256",
+        _file_identity(path),
+        lambda: _sha256(path),
+        valid=lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    )
 
 
 def build_inputs(
@@ -461,8 +471,7 @@ def build_kernel(
     make = ["make", f"-j{jobs or os.cpu_count() or 1}", f"LOCALVERSION={LOCALVERSION}"]
     say(f"kernel {host_class}: configuring (tinyconfig + {names})")
     _run([*make, "tinyconfig"], src, "tinyconfig", log)
-    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frags)], src, "merge",
-         log)
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frags)], src, "merge", log)
     _run([*make, "olddefconfig"], src, "olddefconfig", log)
     bad = config_mismatches(parse_config((src / ".config").read_text()), fragment_text(host_class))
     if bad:

@@ -113,8 +113,7 @@ class _Tree:
         the result is None (whiteouts of paths that do not exist create nothing).
         """
         keep = 0
-        while (keep < len(self._chain) and keep < len(comps)
-               and self._chain[keep][0] == comps[keep]):
+        while keep < len(self._chain) and keep < len(comps) and self._chain[keep][0] == comps[keep]:
             keep += 1
         for _, fd in self._chain[keep:]:
             os.close(fd)
@@ -256,8 +255,10 @@ class _Applier:
         tree = self.tree
         kind = tarfile.REGTYPE if m.type in tarfile.REGULAR_TYPES else m.type
         if kind not in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE, *_SPECIAL):
-            raise Reject(f"unsupported tar member type {m.type!r} (sparse, volume and "
-                         "vendor types are not layer content)")
+            raise Reject(
+                f"unsupported tar member type {m.type!r} (sparse, volume and "
+                "vendor types are not layer content)"
+            )
         if m.mode < 0 or not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
             raise Reject(f"mode/uid/gid out of range ({m.mode}, {m.uid}, {m.gid})")
         ns = mtime_ns(m)
@@ -269,8 +270,10 @@ class _Applier:
             tree.dir_mtimes[b""] = ns
             return
         if kind == tarfile.REGTYPE and not 0 <= m.size <= tree.limits.max_total_bytes - tree.bytes:
-            raise Reject(f"size {m.size} would exceed the limit of {tree.limits.max_total_bytes} "
-                         "bytes of file content per image")
+            raise Reject(
+                f"size {m.size} would exceed the limit of {tree.limits.max_total_bytes} "
+                "bytes of file content per image"
+            )
         link: tuple[int, bytes] | None = None
         if kind == tarfile.LNKTYPE:
             link = self._link_target(m, comps)
@@ -286,8 +289,13 @@ class _Applier:
             elif link is not None:
                 assert link is not None
                 tfd, tname = link
-                _create(pfd, name, lambda: os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd,
-                                                   follow_symlinks=False))
+                _create(
+                    pfd,
+                    name,
+                    lambda: os.link(
+                        tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False
+                    ),
+                )
             else:
                 self._special(pfd, name, kind, m, ns, xattrs)
         finally:
@@ -295,8 +303,9 @@ class _Applier:
                 os.close(link[0])
 
     def _link_target(self, m: tarfile.TarInfo, comps: tuple[bytes, ...]) -> tuple[int, bytes]:
-        target = split_name(m.linkname.encode("utf-8", "surrogateescape"), self.tree.limits,
-                       "hardlink target")
+        target = split_name(
+            m.linkname.encode("utf-8", "surrogateescape"), self.tree.limits, "hardlink target"
+        )
         if not target:
             raise Reject("hardlink target is the root directory")
         if target[: len(comps)] == comps:
@@ -306,15 +315,18 @@ class _Applier:
             st = os.stat(target[-1], dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             os.close(fd)
-            raise Reject(f"hardlink target '{display(_rel(target))}' does not exist; "
-                         "hardlinks must point to an earlier entry of the image") from None
+            raise Reject(
+                f"hardlink target '{display(_rel(target))}' does not exist; "
+                "hardlinks must point to an earlier entry of the image"
+            ) from None
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             raise Reject(f"hardlink target '{display(_rel(target))}' is a directory")
         return fd, target[-1]
 
-    def _file(self, pfd: int, name: bytes, m: tarfile.TarInfo, ns: int,
-              xattrs: dict[str, bytes]) -> None:
+    def _file(
+        self, pfd: int, name: bytes, m: tarfile.TarInfo, ns: int, xattrs: dict[str, bytes]
+    ) -> None:
         fd = _create(pfd, name, lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd))
         try:
             remaining = m.size
@@ -352,8 +364,15 @@ class _Applier:
         finally:
             os.close(fd)
 
-    def _special(self, pfd: int, name: bytes, kind: bytes, m: tarfile.TarInfo, ns: int,
-                 xattrs: dict[str, bytes]) -> None:
+    def _special(
+        self,
+        pfd: int,
+        name: bytes,
+        kind: bytes,
+        m: tarfile.TarInfo,
+        ns: int,
+        xattrs: dict[str, bytes],
+    ) -> None:
         perm = m.mode & 0o7777
         if kind == tarfile.SYMTYPE:
             target = m.linkname.encode("utf-8", "surrogateescape")
@@ -381,8 +400,9 @@ class _Applier:
         os.utime(name, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
 
     @staticmethod
-    def _meta_fd(fd: int, m: tarfile.TarInfo, xattrs: dict[str, bytes],
-                 replace_xattrs: bool) -> None:
+    def _meta_fd(
+        fd: int, m: tarfile.TarInfo, xattrs: dict[str, bytes], replace_xattrs: bool
+    ) -> None:
         # chown before chmod: chown clears setuid/setgid. xattrs after chown, which
         # drops security.capability.
         os.fchown(fd, m.uid, m.gid)
@@ -405,15 +425,21 @@ def _create(pfd: int, name: bytes, make: Callable[[], _T]) -> _T:
     return make()
 
 
-def _apply_layer(tree: _Tree, layer: Layer, index: int,
-                 progress: Callable[[int], None] | None,
-                 budget: Callable[[int], None]) -> LayerStats:
+def _apply_layer(
+    tree: _Tree,
+    layer: Layer,
+    index: int,
+    progress: Callable[[int], None] | None,
+    budget: Callable[[int], None],
+) -> LayerStats:
     short = short_digest(layer.digest)
     where = f"layer {index + 1} ({short})"
     fmt = MEDIA_TYPES.get(layer.media_type)
     if fmt is None:
-        raise LayerError(f"{where}: unknown media type {layer.media_type!r}; supported: "
-                         + ", ".join(sorted(MEDIA_TYPES)))
+        raise LayerError(
+            f"{where}: unknown media type {layer.media_type!r}; supported: "
+            + ", ".join(sorted(MEDIA_TYPES))
+        )
     if not SHA256_DIGEST.fullmatch(layer.digest):
         raise LayerError(f"{where}: digest {layer.digest!r} is not sha256:<64 lowercase hex>")
     tree.written.clear()
@@ -435,14 +461,22 @@ def _apply_layer(tree: _Tree, layer: Layer, index: int,
             progress(src.consumed - reader.reported)
         got = src.hexdigest()
         if got != layer.digest:
-            raise LayerError(f"{where}: blob sha256 is {got}, expected {layer.digest}; the "
-                             "store entry is corrupt: run `spore cache prune --all` and rebuild")
-    return LayerStats(layer.digest, entries, applier.bytes if applier else 0, src.consumed,
-                      applier.whiteouts if applier else 0)
+            raise LayerError(
+                f"{where}: blob sha256 is {got}, expected {layer.digest}; the "
+                "store entry is corrupt: run `spore cache prune --all` and rebuild"
+            )
+    return LayerStats(
+        layer.digest,
+        entries,
+        applier.bytes if applier else 0,
+        src.consumed,
+        applier.whiteouts if applier else 0,
+    )
 
 
-def _read_members(tree: _Tree, reader: DecompressingReader, state: ParseState,
-                  where: str) -> tuple[int, _Applier | None]:
+def _read_members(
+    tree: _Tree, reader: DecompressingReader, state: ParseState, where: str
+) -> tuple[int, _Applier | None]:
     prev: str | None = None
 
     def context() -> str:
@@ -471,8 +505,10 @@ def _read_members(tree: _Tree, reader: DecompressingReader, state: ParseState,
             entries += 1
             tree.entries += 1
             if tree.entries > tree.limits.max_entries:
-                raise LayerError(f"{where}: more than {tree.limits.max_entries} entries in the "
-                                 "image; refusing (raise Limits.max_entries if expected)")
+                raise LayerError(
+                    f"{where}: more than {tree.limits.max_entries} entries in the "
+                    "image; refusing (raise Limits.max_entries if expected)"
+                )
             prev = m.name
             try:
                 applier.member(m)
@@ -483,14 +519,19 @@ def _read_members(tree: _Tree, reader: DecompressingReader, state: ParseState,
             except (tarfile.TarError, EOFError) as exc:
                 raise LayerError(f"{where} member {m.name!r}: malformed tar: {exc}") from None
             except OSError as exc:
-                raise LayerError(f"{where} member {m.name!r}: {exc.strerror or exc} "
-                                 "(applying layers needs root)") from None
+                raise LayerError(
+                    f"{where} member {m.name!r}: {exc.strerror or exc} (applying layers needs root)"
+                ) from None
         if state.bad_header is not None:
-            raise LayerError(f"{where} {context()}: corrupt tar header ({state.bad_header}); "
-                             "the layer is truncated or damaged")
+            raise LayerError(
+                f"{where} {context()}: corrupt tar header ({state.bad_header}); "
+                "the layer is truncated or damaged"
+            )
         if entries and not _end_marker_ok(tf):
-            raise LayerError(f"{where} {context()}: data after the end-of-archive marker is "
-                             "not zero; the layer is damaged")
+            raise LayerError(
+                f"{where} {context()}: data after the end-of-archive marker is "
+                "not zero; the layer is damaged"
+            )
     # Decompress to the end (ignoring the bytes, as Go's archive/tar users do) so a
     # truncated or corrupt compressed stream is an error, not a silently short layer.
     try:
@@ -511,8 +552,12 @@ def _end_marker_ok(tf: tarfile.TarFile) -> bool:
     return block.count(0) == len(block)
 
 
-def apply_layers(layers: Sequence[Layer], dest: Path, limits: Limits = DEFAULT_LIMITS,
-                 progress: Callable[[int], None] | None = None) -> ApplyStats:
+def apply_layers(
+    layers: Sequence[Layer],
+    dest: Path,
+    limits: Limits = DEFAULT_LIMITS,
+    progress: Callable[[int], None] | None = None,
+) -> ApplyStats:
     """Create ``dest`` and apply ``layers`` in order; on any failure remove ``dest``.
 
     ``progress(n)`` is called with the number of compressed bytes just consumed.
@@ -520,8 +565,9 @@ def apply_layers(layers: Sequence[Layer], dest: Path, limits: Limits = DEFAULT_L
     try:
         os.mkdir(dest, 0o700)
     except FileExistsError:
-        raise LayerError(f"{dest}: already exists; layers are applied into a new "
-                         "directory only") from None
+        raise LayerError(
+            f"{dest}: already exists; layers are applied into a new directory only"
+        ) from None
     except OSError as exc:
         raise LayerError(f"{dest}: cannot create: {exc.strerror}") from None
     try:
@@ -536,11 +582,14 @@ def apply_layers(layers: Sequence[Layer], dest: Path, limits: Limits = DEFAULT_L
                 nonlocal out
                 out += n
                 if out > limits.max_stream_bytes:
-                    raise LayerError(f"more than {limits.max_stream_bytes} bytes of decompressed "
-                                     "tar in the image; refusing (decompression bomb?)")
+                    raise LayerError(
+                        f"more than {limits.max_stream_bytes} bytes of decompressed "
+                        "tar in the image; refusing (decompression bomb?)"
+                    )
 
-            done = [_apply_layer(tree, layer, i, progress, budget)
-                    for i, layer in enumerate(layers)]
+            done = [
+                _apply_layer(tree, layer, i, progress, budget) for i, layer in enumerate(layers)
+            ]
             tree.close()
             tree.set_dir_times()
         finally:

@@ -48,7 +48,13 @@ from sporevm.store import Store
 
 # The public API other floors use; refs and layer descriptors are re-exported from here.
 __all__ = [
-    "ImageConfig", "ImageRef", "LayerDesc", "OCIClient", "Progress", "ResolvedImage", "parse_ref",
+    "ImageConfig",
+    "ImageRef",
+    "LayerDesc",
+    "OCIClient",
+    "Progress",
+    "ResolvedImage",
+    "parse_ref",
 ]
 
 Progress = Callable[[str, int, int], None]  # (blob digest, bytes done, bytes total)
@@ -75,8 +81,9 @@ class _Source:
 
     name: str
 
-    def blob(self, digest: str, *, manifest: bool, size_hint: int | None,
-             what: str) -> contextlib.AbstractContextManager[Blob]:
+    def blob(
+        self, digest: str, *, manifest: bool, size_hint: int | None, what: str
+    ) -> contextlib.AbstractContextManager[Blob]:
         """(chunks, content type, length) of one blob, valid inside the with-block."""
         raise NotImplementedError
 
@@ -85,10 +92,13 @@ class _StoreOnly(_Source):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def blob(self, digest: str, *, manifest: bool, size_hint: int | None,
-             what: str) -> contextlib.AbstractContextManager[Blob]:
-        raise OCIError(f"{what}: not in the local store and no source to fetch it from; "
-                       "fetch the image first (with its registry reachable)")
+    def blob(
+        self, digest: str, *, manifest: bool, size_hint: int | None, what: str
+    ) -> contextlib.AbstractContextManager[Blob]:
+        raise OCIError(
+            f"{what}: not in the local store and no source to fetch it from; "
+            "fetch the image first (with its registry reachable)"
+        )
 
 
 class _LayoutSource(_Source):
@@ -105,8 +115,10 @@ class _LayoutSource(_Source):
         try:
             root_fd = nofollow.open_root(self.root)
         except OSError as exc:
-            raise OCIError(f"{self.name}: cannot open the layout directory ({exc.strerror}); "
-                           "check the path in the reference") from None
+            raise OCIError(
+                f"{self.name}: cannot open the layout directory ({exc.strerror}); "
+                "check the path in the reference"
+            ) from None
         rel = "/".join(parts)
         try:
             return nofollow.open_file(root_fd, parts)
@@ -119,8 +131,10 @@ class _LayoutSource(_Source):
             reason = "a symlink (not followed)" if symlink else os.strerror(exc.errno or 0)
         finally:
             os.close(root_fd)
-        raise OCIError(f"{what}: {rel} in {self.name}: {reason}; the layout is incomplete "
-                       "or not an OCI image layout")
+        raise OCIError(
+            f"{what}: {rel} in {self.name}: {reason}; the layout is incomplete "
+            "or not an OCI image layout"
+        )
 
     def read_small(self, parts: tuple[str, ...], what: str) -> bytes:
         with os.fdopen(self._open(parts, what), "rb") as fh:
@@ -134,10 +148,13 @@ class _LayoutSource(_Source):
         marker = load_json(self.read_small(("oci-layout",), what), f"{what}/oci-layout")
         version = marker.get("imageLayoutVersion")
         if version != "1.0.0":
-            raise OCIError(f"{what}: imageLayoutVersion {str(version)[:20]!r} is not supported "
-                           "(expected 1.0.0)")
-        doc = decode_manifest_or_index(self.read_small(("index.json",), what),
-                                       what=f"{what}/index.json", media_type=OCI_INDEX)
+            raise OCIError(
+                f"{what}: imageLayoutVersion {str(version)[:20]!r} is not supported "
+                "(expected 1.0.0)"
+            )
+        doc = decode_manifest_or_index(
+            self.read_small(("index.json",), what), what=f"{what}/index.json", media_type=OCI_INDEX
+        )
         if not isinstance(doc, ImageIndex):
             raise OCIError(f"{what}/index.json: is not an image index")
         return doc
@@ -148,20 +165,24 @@ class _LayoutSource(_Source):
         if len(digests) == 1:
             return digests.pop()
         if digests:
-            raise OCIError(f"{self.name}: tag {tag!r} names {len(digests)} different images; "
-                           "use @sha256:DIGEST to choose one")
+            raise OCIError(
+                f"{self.name}: tag {tag!r} names {len(digests)} different images; "
+                "use @sha256:DIGEST to choose one"
+            )
         tags = sorted({e.ref_name for e in entries if e.ref_name}) or ["none"]
         raise OCIError(f"{self.name}: no image tagged {tag!r} (tags: {', '.join(tags)[:200]})")
 
     @contextlib.contextmanager
-    def blob(self, digest: str, *, manifest: bool, size_hint: int | None,
-             what: str) -> Iterator[Blob]:
-        with os.fdopen(self._open(("blobs", "sha256", digest[len("sha256:"):]), what),
-                       "rb") as fh:
+    def blob(
+        self, digest: str, *, manifest: bool, size_hint: int | None, what: str
+    ) -> Iterator[Blob]:
+        with os.fdopen(self._open(("blobs", "sha256", digest[len("sha256:") :]), what), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size_hint is not None and size != size_hint:
-                raise OCIError(f"{what}: {self.name} has {size} bytes, its descriptor says "
-                               f"{size_hint}; the layout is inconsistent")
+                raise OCIError(
+                    f"{what}: {self.name} has {size} bytes, its descriptor says "
+                    f"{size_hint}; the layout is inconsistent"
+                )
             yield iter(lambda: fh.read(1 << 20), b""), None, size
 
 
@@ -178,30 +199,42 @@ class _RegistrySource(_Source):
         self.client = client
         self.name = f"{ref.registry}/{ref.repository}"
         self.repo = Repository(
-            api_host(ref.registry), ref.repository, policy=client.policy, error=OCIError,
-            registry=ref.registry, auth_config=client.auth_config, again="try again",
-            unreachable_hint=", or use a digest-pinned ref whose blobs are cached")
+            api_host(ref.registry),
+            ref.repository,
+            policy=client.policy,
+            error=OCIError,
+            registry=ref.registry,
+            auth_config=client.auth_config,
+            again="try again",
+            unreachable_hint=", or use a digest-pinned ref whose blobs are cached",
+        )
 
     @contextlib.contextmanager
-    def blob(self, digest: str, *, manifest: bool, size_hint: int | None,
-             what: str) -> Iterator[Blob]:
+    def blob(
+        self, digest: str, *, manifest: bool, size_hint: int | None, what: str
+    ) -> Iterator[Blob]:
         path = f"manifests/{digest}" if manifest else f"blobs/{digest}"
         limit = MAX_DOC_SIZE if manifest else (size_hint if size_hint is not None else 0)
         expected = size_hint if size_hint is not None else limit
         with contextlib.closing(self.repo.transfer(what, expected)) as deadline:
-            resp = self.repo.request("GET", path, what, deadline=deadline,
-                                     accept=ACCEPT if manifest else None)
+            resp = self.repo.request(
+                "GET", path, what, deadline=deadline, accept=ACCEPT if manifest else None
+            )
             self.repo.check(resp, what, deadline)
             try:
-                yield (self.repo.body(resp, limit, what, deadline),
-                       resp.headers.get("Content-Type"), size_hint)
+                yield (
+                    self.repo.body(resp, limit, what, deadline),
+                    resp.headers.get("Content-Type"),
+                    size_hint,
+                )
             finally:
                 resp.close()
 
     def resolve_tag(self, tag: str, what: str) -> str:
         with contextlib.closing(self.repo.transfer(what, 0)) as deadline:
-            resp = self.repo.request("HEAD", f"manifests/{tag}", what, deadline=deadline,
-                                     accept=ACCEPT)
+            resp = self.repo.request(
+                "HEAD", f"manifests/{tag}", what, deadline=deadline, accept=ACCEPT
+            )
         resp.close()
         header = resp.headers.get("Docker-Content-Digest", "")
         if resp.status_code == 200 and header.startswith("sha256:"):
@@ -212,8 +245,9 @@ class _RegistrySource(_Source):
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         served = resp.headers.get("Docker-Content-Digest")
         if served and served != digest:
-            raise OCIError(f"{what}: {self.repo.server} says the tag is {served[:80]} but "
-                           f"served {digest}")
+            raise OCIError(
+                f"{what}: {self.repo.server} says the tag is {served[:80]} but served {digest}"
+            )
         self.client.store.ingest_blob_bytes(digest, body, what=what)
         return digest
 
@@ -226,8 +260,13 @@ class OCIClient:
     the one registry client (net/registry.py, net/deadline.py); ``insecure_registries``
     (``--insecure-registry``) may be spoken to over plain HTTP, as loopback may."""
 
-    def __init__(self, store: Store, *, insecure_registries: frozenset[str] = frozenset(),
-                 auth_config: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        insecure_registries: frozenset[str] = frozenset(),
+        auth_config: Path | None = None,
+    ) -> None:
         self.store = store
         self.policy = Policy(insecure_registries, insecure_option=True)
         self.auth_config = auth_config  # docker config.json; None: $DOCKER_CONFIG or ~/.docker
@@ -260,21 +299,34 @@ class OCIClient:
             raise OCIError(f"{ref}: nowhere to resolve the tag")
         return source.resolve_tag(ref.tag, str(ref))
 
-    def fetch(self, ref: ImageRef, digest: str, platform: str,
-              progress: Progress | None = None, *, layers: bool = True) -> ResolvedImage:
+    def fetch(
+        self,
+        ref: ImageRef,
+        digest: str,
+        platform: str,
+        progress: Progress | None = None,
+        *,
+        layers: bool = True,
+    ) -> ResolvedImage:
         """Fetch everything the image for ``platform`` needs into the store and decode it.
 
         ``layers=False`` stops after manifests and config (what resolution needs)."""
         return self._load(self._source(ref), ref, digest, platform, progress, layers)
 
-    def load_cached(self, digest: str, platform: str,
-                    ref: ImageRef | None = None) -> ResolvedImage:
+    def load_cached(self, digest: str, platform: str, ref: ImageRef | None = None) -> ResolvedImage:
         """Decode an image purely from the store; raises if any blob is missing."""
         return self._load(_StoreOnly("store"), ref, digest, platform, None, True)
 
     # -- internals -----------------------------------------------------------------
-    def _load(self, source: _Source, ref: ImageRef | None, digest: str, platform: str,
-              progress: Progress | None, layers: bool) -> ResolvedImage:
+    def _load(
+        self,
+        source: _Source,
+        ref: ImageRef | None,
+        digest: str,
+        platform: str,
+        progress: Progress | None,
+        layers: bool,
+    ) -> ResolvedImage:
         name = str(ref) if ref is not None else "local store"
         check_digest(digest, name)
         plat = parse_platform(platform)
@@ -290,22 +342,32 @@ class OCIClient:
             data, _ = self._document(source, entry.digest, entry.size, what, manifest=True)
             doc = decode_manifest_or_index(data, what=what, media_type=entry.media_type)
             if not isinstance(doc, ImageManifest):
-                raise OCIError(f"{what}: the index entry is itself an index; nested indexes "
-                               "are not supported")
+                raise OCIError(
+                    f"{what}: the index entry is itself an index; nested indexes are not supported"
+                )
         manifest: ImageManifest = doc
         cfg_what = f"{name}: config {manifest.config.digest}"
-        cfg_data, _ = self._document(source, manifest.config.digest, manifest.config.size,
-                                     cfg_what, manifest=False)
+        cfg_data, _ = self._document(
+            source, manifest.config.digest, manifest.config.size, cfg_what, manifest=False
+        )
         config = decode_config(cfg_data, what=cfg_what)
         check_config(config, manifest, plat, what=cfg_what)
         for layer in manifest.layers if layers else ():
             self._layer(source, name, layer, progress)
-        return ResolvedImage(ref=ref, index_digest=index_digest, manifest_digest=manifest_digest,
-                             platform=str(plat), config_digest=manifest.config.digest,
-                             layers=manifest.layers, diff_ids=config.diff_ids, config=config)
+        return ResolvedImage(
+            ref=ref,
+            index_digest=index_digest,
+            manifest_digest=manifest_digest,
+            platform=str(plat),
+            config_digest=manifest.config.digest,
+            layers=manifest.layers,
+            diff_ids=config.diff_ids,
+            config=config,
+        )
 
-    def _document(self, source: _Source, digest: str, size: int | None, what: str, *,
-                  manifest: bool) -> tuple[bytes, str | None]:
+    def _document(
+        self, source: _Source, digest: str, size: int | None, what: str, *, manifest: bool
+    ) -> tuple[bytes, str | None]:
         """A small JSON blob: from the store (re-verified) or fetched, verified, stored."""
         ctype: str | None = None
         if not self.store.has_blob(digest):
@@ -318,12 +380,15 @@ class OCIClient:
         except StoreError as exc:
             raise OCIError(str(exc)) from None
         if size is not None and len(data) != size:
-            raise OCIError(f"{what}: is {len(data)} bytes but its descriptor says {size}; "
-                           "the image is inconsistent")
+            raise OCIError(
+                f"{what}: is {len(data)} bytes but its descriptor says {size}; "
+                "the image is inconsistent"
+            )
         return data, ctype
 
-    def _layer(self, source: _Source, name: str, layer: LayerDesc,
-               progress: Progress | None) -> None:
+    def _layer(
+        self, source: _Source, name: str, layer: LayerDesc, progress: Progress | None
+    ) -> None:
         what = f"{name}: layer {layer.digest}"
         if self.store.has_blob(layer.digest):
             if progress:
@@ -331,11 +396,13 @@ class OCIClient:
             return
         if layer.size > MAX_LAYER_SIZE:
             raise OCIError(f"{what}: {layer.size} bytes is above the {MAX_LAYER_SIZE} limit")
-        with source.blob(layer.digest, manifest=False, size_hint=layer.size,
-                         what=what) as (chunks, _, length):
+        with source.blob(layer.digest, manifest=False, size_hint=layer.size, what=what) as (
+            chunks,
+            _,
+            length,
+        ):
             if length is not None and length != layer.size:
-                raise OCIError(f"{what}: source has {length} bytes, descriptor says "
-                               f"{layer.size}")
+                raise OCIError(f"{what}: source has {length} bytes, descriptor says {layer.size}")
 
             def counted() -> Iterator[bytes]:
                 done = 0
@@ -344,10 +411,12 @@ class OCIClient:
                     if progress:
                         progress(layer.digest, done, layer.size)
                     yield block
+
             self._ingest(layer.digest, counted(), layer.size, layer.size, what)
 
-    def _ingest(self, digest: str, chunks: Iterator[bytes], limit: int, size: int | None,
-                what: str) -> None:
+    def _ingest(
+        self, digest: str, chunks: Iterator[bytes], limit: int, size: int | None, what: str
+    ) -> None:
         def exact() -> Iterator[bytes]:
             total = 0
             for block in chunks:
@@ -355,6 +424,7 @@ class OCIClient:
                 yield block
             if size is not None and total != size:  # raised before the blob is published
                 raise OCIError(f"{what}: received {total} bytes, descriptor says {size}")
+
         try:
             self.store.ingest_blob(digest, exact(), max_size=limit, what=what)
         except StoreError as exc:

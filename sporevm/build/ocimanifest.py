@@ -29,10 +29,12 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_SCHEMA1 = frozenset({
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-})
+DOCKER_SCHEMA1 = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 # What resolve/fetch send as Accept: registry 2.8 answers 404 for an index unless asked.
@@ -50,8 +52,10 @@ LAYER_TYPES: dict[str, Compression] = {
     "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
 }
-_FOREIGN_LAYER = re.compile(r"application/vnd\.(docker\.image\.rootfs\.foreign\.diff|"
-                            r"oci\.image\.layer\.nondistributable\.v1)")
+_FOREIGN_LAYER = re.compile(
+    r"application/vnd\.(docker\.image\.rootfs\.foreign\.diff|"
+    r"oci\.image\.layer\.nondistributable\.v1)"
+)
 _PLATFORM_PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 
 
@@ -142,8 +146,11 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_DOC_SIZE:
         raise OCIError(f"{what}: larger than {MAX_DOC_SIZE} bytes; refusing to parse it")
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_constant=reject_constant)
+        obj = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+        )
     except UnicodeDecodeError:
         raise OCIError(f"{what}: not UTF-8 text; the blob is not a JSON document") from None
     except RecursionError:
@@ -196,8 +203,9 @@ def _dict(value: Any, what: str, field: str) -> dict[str, Any]:
 def _str_list(value: Any, what: str, field: str) -> tuple[str, ...]:
     if value is None:
         return ()
-    return tuple(_text(v, what, field, limit=1 << 16)
-                 for v in _list(value, what, field, MAX_CONFIG_LIST))
+    return tuple(
+        _text(v, what, field, limit=1 << 16) for v in _list(value, what, field, MAX_CONFIG_LIST)
+    )
 
 
 # -- descriptors ---------------------------------------------------------------
@@ -214,20 +222,22 @@ def _platform(value: Any, what: str) -> Platform:
 def _descriptor(value: Any, what: str, field: str) -> Descriptor:
     doc = _dict(value, what, field)
     media_type = _text(doc.get("mediaType"), what, f"{field}.mediaType", limit=256)
-    digest = check_digest(_text(doc.get("digest"), what, f"{field}.digest", limit=256),
-                          f"{what} {field}")
+    digest = check_digest(
+        _text(doc.get("digest"), what, f"{field}.digest", limit=256), f"{what} {field}"
+    )
     size = _size(doc.get("size"), what, f"{field}.size")
     urls = doc.get("urls")
     if urls is not None and urls != []:
-        raise OCIError(f"{what}: {field} {digest} must be fetched from external URLs "
-                       "(foreign/non-distributable content); not supported")
+        raise OCIError(
+            f"{what}: {field} {digest} must be fetched from external URLs "
+            "(foreign/non-distributable content); not supported"
+        )
     platform = _platform(doc["platform"], what) if doc.get("platform") is not None else None
     ref_name = None
     annotations = doc.get("annotations")
     if annotations is not None:
         ann = _dict(annotations, what, f"{field}.annotations")
-        ref_name = _opt_text(ann, "org.opencontainers.image.ref.name", what,
-                             limit=1024)
+        ref_name = _opt_text(ann, "org.opencontainers.image.ref.name", what, limit=1024)
     return Descriptor(media_type, digest, size, platform, ref_name)
 
 
@@ -240,8 +250,9 @@ def _content_type(value: str | None) -> str | None:
     return value.split(";", 1)[0].strip().lower() or None
 
 
-def decode_manifest_or_index(data: bytes, *, what: str,
-                             media_type: str | None = None) -> ImageManifest | ImageIndex:
+def decode_manifest_or_index(
+    data: bytes, *, what: str, media_type: str | None = None
+) -> ImageManifest | ImageIndex:
     """Decode a manifest or index; ``media_type`` is the Content-Type or descriptor type."""
     hint = _content_type(media_type)
     if hint in DOCKER_SCHEMA1:
@@ -251,8 +262,10 @@ def decode_manifest_or_index(data: bytes, *, what: str,
     if version == 1:
         raise _schema1(what)
     if type(version) is not int or version != 2:
-        raise OCIError(f"{what}: unsupported schemaVersion {str(version)[:20]!r} "
-                       "(only schema version 2 manifests and indexes are supported)")
+        raise OCIError(
+            f"{what}: unsupported schemaVersion {str(version)[:20]!r} "
+            "(only schema version 2 manifests and indexes are supported)"
+        )
     field = _opt_text(doc, "mediaType", what, limit=256)
     if field in DOCKER_SCHEMA1:
         raise _schema1(what)
@@ -260,8 +273,9 @@ def decode_manifest_or_index(data: bytes, *, what: str,
     has_image = "config" in doc or "layers" in doc
     if has_manifests and has_image:
         # Ambiguous documents are how one digest gets read two ways (CVE-2021-41190).
-        raise OCIError(f"{what}: has both 'manifests' and 'config'/'layers'; "
-                       "ambiguous document rejected")
+        raise OCIError(
+            f"{what}: has both 'manifests' and 'config'/'layers'; ambiguous document rejected"
+        )
     known = MANIFEST_TYPES | INDEX_TYPES
     # The document decides, never the transport: bytes read back from the store (no
     # Content-Type) must decode exactly as they did when fetched.
@@ -274,8 +288,10 @@ def decode_manifest_or_index(data: bytes, *, what: str,
         if hint in known and hint != kind:
             raise OCIError(f"{what}: served as {hint} but the document is shaped like {kind}")
     if kind not in known:
-        raise OCIError(f"{what}: unsupported media type {kind[:120]!r}; expected an OCI or "
-                       "Docker schema 2 image manifest or index (an artifact, not an image?)")
+        raise OCIError(
+            f"{what}: unsupported media type {kind[:120]!r}; expected an OCI or "
+            "Docker schema 2 image manifest or index (an artifact, not an image?)"
+        )
     if kind in INDEX_TYPES:
         if has_image:
             raise OCIError(f"{what}: declared {kind} but has 'config'/'layers'")
@@ -286,21 +302,26 @@ def decode_manifest_or_index(data: bytes, *, what: str,
 
 
 def _schema1(what: str) -> OCIError:
-    return OCIError(f"{what}: Docker schema 1 manifest (deprecated, unsigned digests) is not "
-                    "supported; re-push the image with a current docker/buildah/skopeo")
+    return OCIError(
+        f"{what}: Docker schema 1 manifest (deprecated, unsigned digests) is not "
+        "supported; re-push the image with a current docker/buildah/skopeo"
+    )
 
 
 def _index(doc: dict[str, Any], kind: str, what: str) -> ImageIndex:
     entries = _list(doc.get("manifests"), what, "manifests", MAX_INDEX_ENTRIES)
-    return ImageIndex(kind, tuple(_descriptor(e, what, f"manifests[{i}]")
-                                  for i, e in enumerate(entries)))
+    return ImageIndex(
+        kind, tuple(_descriptor(e, what, f"manifests[{i}]") for i, e in enumerate(entries))
+    )
 
 
 def _manifest(doc: dict[str, Any], kind: str, what: str) -> ImageManifest:
     config = _descriptor(doc.get("config"), what, "config")
     if config.media_type not in CONFIG_TYPES:
-        raise OCIError(f"{what}: config media type {config.media_type[:120]!r} is not a "
-                       "container image config (is this an OCI artifact?)")
+        raise OCIError(
+            f"{what}: config media type {config.media_type[:120]!r} is not a "
+            "container image config (is this an OCI artifact?)"
+        )
     if config.size > MAX_DOC_SIZE:
         raise OCIError(f"{what}: config is {config.size} bytes, above the {MAX_DOC_SIZE} limit")
     layers: list[LayerDesc] = []
@@ -308,14 +329,20 @@ def _manifest(doc: dict[str, Any], kind: str, what: str) -> ImageManifest:
     for i, entry in enumerate(_list(doc.get("layers"), what, "layers", MAX_LAYERS)):
         desc = _descriptor(entry, what, f"layers[{i}]")
         if _FOREIGN_LAYER.match(desc.media_type):
-            raise OCIError(f"{what}: layer {desc.digest} is foreign/non-distributable "
-                           f"({desc.media_type}); not supported")
+            raise OCIError(
+                f"{what}: layer {desc.digest} is foreign/non-distributable "
+                f"({desc.media_type}); not supported"
+            )
         if desc.media_type not in LAYER_TYPES:
-            raise OCIError(f"{what}: layer {desc.digest} has unsupported media type "
-                           f"{desc.media_type[:120]!r}; supported: {', '.join(LAYER_TYPES)}")
+            raise OCIError(
+                f"{what}: layer {desc.digest} has unsupported media type "
+                f"{desc.media_type[:120]!r}; supported: {', '.join(LAYER_TYPES)}"
+            )
         if desc.size > MAX_LAYER_SIZE:
-            raise OCIError(f"{what}: layer {desc.digest} is {desc.size} bytes, above the "
-                           f"{MAX_LAYER_SIZE}-byte limit per layer")
+            raise OCIError(
+                f"{what}: layer {desc.digest} is {desc.size} bytes, above the "
+                f"{MAX_LAYER_SIZE}-byte limit per layer"
+            )
         total += desc.size
         layers.append(LayerDesc(desc.digest, desc.media_type, desc.size))
     if total > MAX_IMAGE_SIZE:
@@ -338,11 +365,14 @@ def select_platform(index: ImageIndex, platform: Platform, *, what: str) -> Desc
             return entry
         nested = nested or entry.media_type in INDEX_TYPES
     if nested:
-        raise OCIError(f"{what}: the {platform} entry is itself an index; nested indexes "
-                       "are not supported")
+        raise OCIError(
+            f"{what}: the {platform} entry is itself an index; nested indexes are not supported"
+        )
     available = ", ".join(sorted(set(offered))) or "none"
-    raise OCIError(f"{what}: no image for platform {platform} (available: {available}); "
-                   "set base.platform to one of these")
+    raise OCIError(
+        f"{what}: no image for platform {platform} (available: {available}); "
+        "set base.platform to one of these"
+    )
 
 
 # -- image config --------------------------------------------------------------
@@ -356,8 +386,10 @@ def decode_config(data: bytes, *, what: str) -> ImageConfig:
     rootfs = _dict(doc.get("rootfs"), what, "rootfs")
     if rootfs.get("type") != "layers":
         raise OCIError(f"{what}: rootfs.type must be 'layers'")
-    diff_ids = tuple(check_digest(_text(d, what, "rootfs.diff_ids", limit=256), what)
-                     for d in _list(rootfs.get("diff_ids"), what, "rootfs.diff_ids", MAX_LAYERS))
+    diff_ids = tuple(
+        check_digest(_text(d, what, "rootfs.diff_ids", limit=256), what)
+        for d in _list(rootfs.get("diff_ids"), what, "rootfs.diff_ids", MAX_LAYERS)
+    )
     run = doc.get("config")
     run = {} if run is None else _dict(run, what, "config")
     env = _str_list(run.get("Env"), what, "config.Env")
@@ -365,7 +397,11 @@ def decode_config(data: bytes, *, what: str) -> ImageConfig:
         if "=" not in entry or "\x00" in entry:
             raise OCIError(f"{what}: config.Env entry {entry[:60]!r} is not KEY=VALUE")
     return ImageConfig(
-        os=os_, architecture=arch, variant=variant, diff_ids=diff_ids, env=env,
+        os=os_,
+        architecture=arch,
+        variant=variant,
+        diff_ids=diff_ids,
+        env=env,
         working_dir=_opt_text(run, "WorkingDir", what) or "",
         user=_opt_text(run, "User", what, limit=256) or "",
         entrypoint=_str_list(run.get("Entrypoint"), what, "config.Entrypoint"),
@@ -373,16 +409,21 @@ def decode_config(data: bytes, *, what: str) -> ImageConfig:
     )
 
 
-def check_config(config: ImageConfig, manifest: ImageManifest, platform: Platform,
-                 *, what: str) -> None:
+def check_config(
+    config: ImageConfig, manifest: ImageManifest, platform: Platform, *, what: str
+) -> None:
     """The config must describe exactly these layers, for the requested platform."""
     if len(config.diff_ids) != len(manifest.layers):
-        raise OCIError(f"{what}: config lists {len(config.diff_ids)} diff_ids but the manifest "
-                       f"has {len(manifest.layers)} layers; the image is inconsistent")
+        raise OCIError(
+            f"{what}: config lists {len(config.diff_ids)} diff_ids but the manifest "
+            f"has {len(manifest.layers)} layers; the image is inconsistent"
+        )
     got = Platform(config.os, config.architecture, config.variant)
     same = (got.os, got.architecture) == (platform.os, platform.architecture)
     if same and config.variant is not None and platform.variant is not None:
         same = got.normalized() == platform.normalized()
     if not same:
-        raise OCIError(f"{what}: image is for {got}, not the requested {platform}; "
-                       f"set base.platform to {got} or pick another image")
+        raise OCIError(
+            f"{what}: image is for {got}, not the requested {platform}; "
+            f"set base.platform to {got} or pick another image"
+        )

@@ -70,10 +70,13 @@ def check_digest(digest: str, where: str) -> str:
     if _DIGEST.fullmatch(digest):
         return digest
     if _ANY_DIGEST.fullmatch(digest) and not digest.startswith("sha256:"):
-        raise OCIError(f"{where}: digest {digest[:80]!r} uses an unsupported algorithm; "
-                       "only sha256 digests are supported")
-    raise OCIError(f"{where}: {digest[:80]!r} is not a valid digest "
-                   "(expected sha256:<64 lowercase hex>)")
+        raise OCIError(
+            f"{where}: digest {digest[:80]!r} uses an unsupported algorithm; "
+            "only sha256 digests are supported"
+        )
+    raise OCIError(
+        f"{where}: {digest[:80]!r} is not a valid digest (expected sha256:<64 lowercase hex>)"
+    )
 
 
 def parse_ref(text: str, base_dir: Path) -> ImageRef:
@@ -81,15 +84,17 @@ def parse_ref(text: str, base_dir: Path) -> ImageRef:
     if len(text) > MAX_REF_LEN:
         raise OCIError(f"image reference {text[:60]!r}...: longer than {MAX_REF_LEN} characters")
     if not text or not text.isprintable() or any(ch.isspace() for ch in text):
-        raise OCIError(f"image reference {text[:200]!r}: empty or contains whitespace/control "
-                       "characters; write it as [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]")
+        raise OCIError(
+            f"image reference {text[:200]!r}: empty or contains whitespace/control "
+            "characters; write it as [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]"
+        )
     if text.startswith(LAYOUT_PREFIX):
         return _parse_layout(text, base_dir)
     return _parse_registry(text)
 
 
 def _parse_layout(text: str, base_dir: Path) -> ImageRef:
-    rest = text[len(LAYOUT_PREFIX):]
+    rest = text[len(LAYOUT_PREFIX) :]
     digest: str | None = None
     tag: str | None = None
     head, sep, candidate = rest.rpartition("@")
@@ -100,12 +105,16 @@ def _parse_layout(text: str, base_dir: Path) -> ImageRef:
     head, sep, candidate = rest.rpartition(":")
     if sep and "/" not in candidate:
         if not _TAG.fullmatch(candidate):
-            raise OCIError(f"image reference {text!r}: {candidate!r} is not a valid tag "
-                           "(letters, digits, '_', '.', '-'; at most 128)")
+            raise OCIError(
+                f"image reference {text!r}: {candidate!r} is not a valid tag "
+                "(letters, digits, '_', '.', '-'; at most 128)"
+            )
         rest, tag = head, candidate
     if not rest:
-        raise OCIError(f"image reference {text!r}: missing layout directory; "
-                       "write oci-layout:PATH[:TAG|@sha256:DIGEST]")
+        raise OCIError(
+            f"image reference {text!r}: missing layout directory; "
+            "write oci-layout:PATH[:TAG|@sha256:DIGEST]"
+        )
     if "\x00" in rest:
         raise OCIError(f"image reference {text!r}: NUL byte in layout path")
     if tag is None and digest is None:
@@ -113,16 +122,20 @@ def _parse_layout(text: str, base_dir: Path) -> ImageRef:
     path = Path(os.path.normpath(Path(base_dir, rest).absolute()))
     if ":" in path.name or "@" in path.name:
         # The canonical form PATH:TAG / PATH@DIGEST would read back differently.
-        raise OCIError(f"image reference {text!r}: the layout directory name {path.name!r} "
-                       "contains ':' or '@'; rename the directory")
+        raise OCIError(
+            f"image reference {text!r}: the layout directory name {path.name!r} "
+            "contains ':' or '@'; rename the directory"
+        )
     return ImageRef("oci-layout", None, None, tag, digest, path)
 
 
 def _parse_registry(text: str) -> ImageRef:
     where = f"image reference {text!r}"
     if "://" in text:
-        raise OCIError(f"{where}: URL schemes are not part of an image reference; "
-                       "drop the scheme (e.g. 127.0.0.1:5000/repo:tag)")
+        raise OCIError(
+            f"{where}: URL schemes are not part of an image reference; "
+            "drop the scheme (e.g. 127.0.0.1:5000/repo:tag)"
+        )
     name, digest = text, None
     if "@" in text:
         name, digest = text.rsplit("@", 1)
@@ -131,10 +144,12 @@ def _parse_registry(text: str) -> ImageRef:
     slash = name.rfind("/")
     colon = name.rfind(":")
     if colon > slash:  # a ':' after the last '/' separates the tag (else it is a port)
-        name, tag = name[:colon], name[colon + 1:]
+        name, tag = name[:colon], name[colon + 1 :]
         if not _TAG.fullmatch(tag):
-            raise OCIError(f"{where}: {tag!r} is not a valid tag "
-                           "(letters, digits, '_', '.', '-'; at most 128; no leading '.'/'-')")
+            raise OCIError(
+                f"{where}: {tag!r} is not a valid tag "
+                "(letters, digits, '_', '.', '-'; at most 128; no leading '.'/'-')"
+            )
     first, sep, remainder = name.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"):
         if not _HOST.fullmatch(first):
@@ -149,8 +164,10 @@ def _parse_registry(text: str) -> ImageRef:
     for component in repository.split("/"):
         if not _PATH_COMPONENT.fullmatch(component):
             hint = " (repository names are lowercase)" if component.lower() != component else ""
-            raise OCIError(f"{where}: {component!r} is not a valid repository path component"
-                           f"{hint}; write [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]")
+            raise OCIError(
+                f"{where}: {component!r} is not a valid repository path component"
+                f"{hint}; write [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]"
+            )
     if len(registry) + 1 + len(repository) > MAX_NAME_LEN:
         raise OCIError(f"{where}: name longer than {MAX_NAME_LEN} characters")
     if tag is None and digest is None:

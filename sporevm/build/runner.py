@@ -47,8 +47,13 @@ class RunRequest:
 
 
 def boot_vm(
-    guest: GuestPlatform, rootfs: Path, memory: int, vcpus: int, boot_timeout: float,
-    store_root: Path | None = None, zygote: bool | None = None,
+    guest: GuestPlatform,
+    rootfs: Path,
+    memory: int,
+    vcpus: int,
+    boot_timeout: float,
+    store_root: Path | None = None,
+    zygote: bool | None = None,
     setting: str = "machine.vcpus:",
 ) -> VmProcess:
     """Start a VM and wait for its agent's READY; on failure report what the VM did.
@@ -56,16 +61,24 @@ def boot_vm(
     ``setting`` names where ``vcpus`` came from, for the one-line refusal of a count
     the host class cannot give (the Sporefile's, unless ``spore run`` says otherwise)."""
     check_vcpus(vcpus, guest.host_class, setting)
-    vm = VmProcess(VmSpec(VmConfig(guest.kernel, guest.initrd, rootfs, guest.cmdline, memory,
-                                   vcpus, store=store_root), zygote=zygote))
+    vm = VmProcess(
+        VmSpec(
+            VmConfig(
+                guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus, store=store_root
+            ),
+            zygote=zygote,
+        )
+    )
     try:
         ready = vm.session.wait_ready(boot_timeout)
         if ready.cpus != vcpus:
             # Never a silent single CPU: a kernel without SMP (a custom --kernel), or
             # APs that did not start, leave the guest with fewer CPUs than asked for.
-            raise VmError(f"the guest kernel brought up {ready.cpus} of the {vcpus} vCPUs "
-                          f"({setting} {vcpus}): it lacks SMP or could not start them; use a "
-                          "kernel with CONFIG_SMP (the managed one has it) or 1 vCPU")
+            raise VmError(
+                f"the guest kernel brought up {ready.cpus} of the {vcpus} vCPUs "
+                f"({setting} {vcpus}): it lacks SMP or could not start them; use a "
+                "kernel with CONFIG_SMP (the managed one has it) or 1 vCPU"
+            )
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         tail = vm.serial_tail().strip().splitlines()[-15:]
@@ -80,9 +93,15 @@ def boot_vm(
     return vm
 
 
-def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None = None,
-              hostname: str = "", ram: RestoreStrategy = RestoreStrategy.EAGER,
-              zygote: bool | None = None) -> VmProcess:
+def resume_vm(
+    spore: Path,
+    store: Store,
+    reporter: Reporter,
+    kernel: Path | None = None,
+    hostname: str = "",
+    ram: RestoreStrategy = RestoreStrategy.EAGER,
+    zygote: bool | None = None,
+) -> VmProcess:
     """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
     clock, and for a forked child its hostname) before anything else runs."""
     spore, pin = split_pin(str(spore))
@@ -91,9 +110,21 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
     check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
     started = time.monotonic()
     restore = Restore(mpath, manifest.id_of(m), guest.kernel_digest, guest.initrd_digest, ram)
-    vm = VmProcess(VmSpec(VmConfig(guest.kernel, guest.initrd, rootfs, guest.cmdline,
-                                   m.platform.memory, m.platform.vcpus, store=store.root,
-                                   restore=restore), zygote=zygote))
+    vm = VmProcess(
+        VmSpec(
+            VmConfig(
+                guest.kernel,
+                guest.initrd,
+                rootfs,
+                guest.cmdline,
+                m.platform.memory,
+                m.platform.vcpus,
+                store=store.root,
+                restore=restore,
+            ),
+            zygote=zygote,
+        )
+    )
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         # Every restore, forked or not, gets fresh entropy and a CRNG reseed:
@@ -108,8 +139,9 @@ def resume_vm(spore: Path, store: Store, reporter: Reporter, kernel: Path | None
         ev = vm.exit_event()
         if isinstance(ev, MonitorError):
             raise VmError(f"{spore}: {ev.message}") from None  # refused before any VM
-        raise VmError(f"the restored guest agent did not answer: {vm.describe_exit()} "
-                      f"({exc})") from None
+        raise VmError(
+            f"the restored guest agent did not answer: {vm.describe_exit()} ({exc})"
+        ) from None
     except BaseException:
         vm.close()
         raise

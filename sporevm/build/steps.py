@@ -50,9 +50,15 @@ def _key(*parts: bytes) -> str:
 
 
 def boot_key(sf: Sporefile, rootfs_digest: str, guest: GuestPlatform) -> str:
-    return _key(b"spore/boot-key/v2", rootfs_digest.encode(), guest.kernel_digest.encode(),
-                guest.initrd_digest.encode(), guest.cmdline.encode(),
-                canonical_machine(sf.machine), DEVICE_MODEL.encode())
+    return _key(
+        b"spore/boot-key/v2",
+        rootfs_digest.encode(),
+        guest.kernel_digest.encode(),
+        guest.initrd_digest.encode(),
+        guest.cmdline.encode(),
+        canonical_machine(sf.machine),
+        DEVICE_MODEL.encode(),
+    )
 
 
 def step_keys(sf: Sporefile, boot: str) -> list[str]:
@@ -118,16 +124,25 @@ def run_steps(session: AgentSession, steps: Sequence[Step], reporter: Reporter) 
         reporter.info(f"[bold]▶ step:{step.name}[/bold]")
         out = _OutputTail(reporter, step.name, "stdout")
         err = _OutputTail(reporter, step.name, "stderr")
-        handle = session.exec(step.run, env=dict(step.env), cwd=step.workdir, timeout=step.timeout,
-                              background=step.background, on_stdout=out, on_stderr=err)
+        handle = session.exec(
+            step.run,
+            env=dict(step.env),
+            cwd=step.workdir,
+            timeout=step.timeout,
+            background=step.background,
+            on_stdout=out,
+            on_stderr=err,
+        )
         if step.background:
             handle.wait_started()
             background.append(handle)
             if step.ready is not None:
                 result = session.probe(_probe_message(step.ready))
                 if not result.ok:
-                    raise StepError(f"step {step.name}: not ready after {step.ready.timeout:g} s "
-                                    f"({step.ready.kind} probe failed)")
+                    raise StepError(
+                        f"step {step.name}: not ready after {step.ready.timeout:g} s "
+                        f"({step.ready.kind} probe failed)"
+                    )
             results.append(StepResult(step.name, time.monotonic() - started, None))
             continue
         status = handle.wait()
@@ -137,8 +152,10 @@ def run_steps(session: AgentSession, steps: Sequence[Step], reporter: Reporter) 
         if status.returncode != 0:
             tail = (err.lines or out.lines)[-TAIL_LINES:]
             shown = "".join(f"\n  | {line}" for line in tail)
-            raise StepError(f"step {step.name} failed: {status.describe()} after {took:.1f} s; "
-                            f"nothing was published{shown}")
+            raise StepError(
+                f"step {step.name} failed: {status.describe()} after {took:.1f} s; "
+                f"nothing was published{shown}"
+            )
         results.append(StepResult(step.name, took, status.returncode))
         reporter.info(f"[green]✓ step:{step.name}[/green] ({took:.2f} s)")
     return results
@@ -148,8 +165,14 @@ def record(results: list[StepResult]) -> str:
     return json.dumps([r.__dict__ for r in results])
 
 
-def run_checks(session: AgentSession, checks: Sequence[Check], reporter: Reporter, *,
-               env: dict[str, str], workdir: str) -> None:
+def run_checks(
+    session: AgentSession,
+    checks: Sequence[Check],
+    reporter: Reporter,
+    *,
+    env: dict[str, str],
+    workdir: str,
+) -> None:
     """The Sporefile's verify: commands, against a fresh restore of the spore, with the
     top-level ``env`` and ``workdir`` (docs/sporefile.md), as the steps have them."""
     for i, check in enumerate(checks):
@@ -157,11 +180,13 @@ def run_checks(session: AgentSession, checks: Sequence[Check], reporter: Reporte
         reporter.info(f"[bold]▶ {label}[/bold]")
         out = _OutputTail(reporter, label, "stdout")
         err = _OutputTail(reporter, label, "stderr")
-        status = session.exec(check.run, env=env, cwd=workdir, timeout=check.timeout,
-                              on_stdout=out, on_stderr=err).wait()
+        status = session.exec(
+            check.run, env=env, cwd=workdir, timeout=check.timeout, on_stdout=out, on_stderr=err
+        ).wait()
         out.flush()
         err.flush()
         if status.returncode != 0:
             tail = "".join(f"\n  | {line}" for line in (err.lines or out.lines))
-            raise StepError(f"{label} failed: {status.describe()}; the spore was not "
-                            f"published{tail}")
+            raise StepError(
+                f"{label} failed: {status.describe()}; the spore was not published{tail}"
+            )

@@ -222,8 +222,13 @@ class DecompressingReader:
     PIECE = 256 << 10
     DEPTH = 8
 
-    def __init__(self, src: HashingSource, fmt: str, budget: Callable[[int], None],
-                 progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        src: HashingSource,
+        fmt: str,
+        budget: Callable[[int], None],
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self._src = src
         self._budget = budget
         self._progress = progress
@@ -244,8 +249,9 @@ class DecompressingReader:
         self._eof = False
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(decode, size),
-                                        name="layer-read-ahead", daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce, args=(decode, size), name="layer-read-ahead", daemon=True
+        )
         self._thread.start()
 
     def _produce(self, decode: Callable[[int], bytes], size: int) -> None:
@@ -443,16 +449,20 @@ class BoundedTarInfo(tarfile.TarInfo):
         if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
             return self._extension(tf, state, "PAX")
         if self.type == tarfile.GNUTYPE_SPARSE:
-            raise _reject(f"member {self.name!r} is a GNU sparse file; sparse files are "
-                          "not supported in layers (re-create the layer without --sparse)")
+            raise _reject(
+                f"member {self.name!r} is a GNU sparse file; sparse files are "
+                "not supported in layers (re-create the layer without --sparse)"
+            )
         result: tarfile.TarInfo = _BASE_PROC_MEMBER(self, tf)
         return result
 
     def _extension(self, tf: tarfile.TarFile, state: ParseState, kind: str) -> tarfile.TarInfo:
         limits = state.limits
         if self.size < 0 or self.size > limits.max_header_bytes:
-            raise _reject(f"{kind} header declares {self.size} bytes, more than the limit of "
-                          f"{limits.max_header_bytes}; the layer is malformed or hostile")
+            raise _reject(
+                f"{kind} header declares {self.size} bytes, more than the limit of "
+                f"{limits.max_header_bytes}; the layer is malformed or hostile"
+            )
         if state.depth >= MAX_HEADER_CHAIN:
             raise _reject(f"more than {MAX_HEADER_CHAIN} chained tar extension headers")
         buf = tf.fileobj.read(_block(self.size))
@@ -489,8 +499,10 @@ def _apply_pax(member: tarfile.TarInfo, records: dict[str, bytes], tf: tarfile.T
     xattrs: dict[str, bytes] = {}
     for key, value in records.items():
         if key.startswith("GNU.sparse."):
-            raise _reject(f"member {member.name!r} is a GNU sparse file (PAX {key}); sparse "
-                          "files are not supported in layers")
+            raise _reject(
+                f"member {member.name!r} is a GNU sparse file (PAX {key}); sparse "
+                "files are not supported in layers"
+            )
         if key.startswith(_XATTR_PREFIX):
             xattrs[key[len(_XATTR_PREFIX) :]] = value
         elif key == "path":
@@ -560,8 +572,10 @@ def split_name(raw: bytes, limits: Limits, what: str) -> tuple[bytes, ...]:
         if comp == b"..":
             raise Reject(f"{what} contains '..'; layers must name paths inside the root")
         if len(comp) > limits.max_component_bytes:
-            raise Reject(f"{what} has a component of {len(comp)} bytes, over the limit of "
-                         f"{limits.max_component_bytes}")
+            raise Reject(
+                f"{what} has a component of {len(comp)} bytes, over the limit of "
+                f"{limits.max_component_bytes}"
+            )
     if len(comps) > limits.max_depth:
         raise Reject(f"{what} is {len(comps)} levels deep, over the limit of {limits.max_depth}")
     return comps
@@ -586,8 +600,7 @@ def member_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
         return {}
     for key, value in found.items():
         if not key.startswith(XATTR_NAMESPACES) or "\0" in key or len(key.encode()) > 255:
-            raise Reject(f"xattr {key!r} is not supported (allowed: security.*, trusted.*, "
-                         "user.*)")
+            raise Reject(f"xattr {key!r} is not supported (allowed: security.*, trusted.*, user.*)")
         if len(value) > 65536:
             raise Reject(f"xattr {key!r} value is {len(value)} bytes, over 65536")
     return found

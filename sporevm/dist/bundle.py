@@ -48,21 +48,29 @@ MAX_CHILDREN = 1024
 MAX_METADATA = 256 * 1024 * 1024  # all metadata files of one bundle together
 _MANIFEST_PATH = r"^manifests/[0-9a-f]{64}\.json$"
 # ``pack --out`` replaces an existing directory only if it is empty or one of these.
-BUNDLE_DIR = DirKind("bundle directory", NAME, frozenset(
-    {NAME, chunkpack.NAME, rootfs_artifact.NAME, "manifests", "packs", "rootfs"}))
+BUNDLE_DIR = DirKind(
+    "bundle directory",
+    NAME,
+    frozenset({NAME, chunkpack.NAME, rootfs_artifact.NAME, "manifests", "packs", "rootfs"}),
+)
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    **obj({
-        "format": {"const": FORMAT},
-        "parent": string(B3),
-        "children": {"type": "array", "maxItems": MAX_CHILDREN, "items": string(B3)},
-        "manifests": {"type": "object", "maxProperties": MAX_CHILDREN + 1,
-                      "propertyNames": {"pattern": B3},
-                      "additionalProperties": string(_MANIFEST_PATH)},
-        "chunkpack": {"const": chunkpack.NAME},
-        "rootfs": {"const": rootfs_artifact.NAME},
-    }),
+    **obj(
+        {
+            "format": {"const": FORMAT},
+            "parent": string(B3),
+            "children": {"type": "array", "maxItems": MAX_CHILDREN, "items": string(B3)},
+            "manifests": {
+                "type": "object",
+                "maxProperties": MAX_CHILDREN + 1,
+                "propertyNames": {"pattern": B3},
+                "additionalProperties": string(_MANIFEST_PATH),
+            },
+            "chunkpack": {"const": chunkpack.NAME},
+            "rootfs": {"const": rootfs_artifact.NAME},
+        }
+    ),
 }
 
 
@@ -81,9 +89,12 @@ class BundleDoc:
 
 def to_document(doc: BundleDoc) -> dict[str, Any]:
     return {
-        "format": FORMAT, "parent": doc.parent, "children": list(doc.children),
+        "format": FORMAT,
+        "parent": doc.parent,
+        "children": list(doc.children),
         "manifests": {m: manifest_name(m) for m in doc.manifest_ids()},
-        "chunkpack": chunkpack.NAME, "rootfs": rootfs_artifact.NAME,
+        "chunkpack": chunkpack.NAME,
+        "rootfs": rootfs_artifact.NAME,
     }
 
 
@@ -95,8 +106,10 @@ def _check(doc: BundleDoc, raw_manifests: Mapping[str, str], what: str) -> None:
             raise BundleError(f"{what}: at children.{i}: the parent cannot be its own child")
     want = {m: manifest_name(m) for m in doc.manifest_ids()}
     if dict(raw_manifests) != want:
-        raise BundleError(f"{what}: at manifests: must map exactly the parent and the children "
-                          "to manifests/<hex>.json")
+        raise BundleError(
+            f"{what}: at manifests: must map exactly the parent and the children "
+            "to manifests/<hex>.json"
+        )
 
 
 def encode(doc: BundleDoc, what: str = NAME) -> bytes:
@@ -117,8 +130,12 @@ def decode(data: bytes, what: str = NAME) -> BundleDoc:
 
 def metadata_names(doc: BundleDoc) -> list[str]:
     """The metadata files in identity order."""
-    return [NAME, chunkpack.NAME, rootfs_artifact.NAME,
-            *sorted(manifest_name(m) for m in doc.manifest_ids())]
+    return [
+        NAME,
+        chunkpack.NAME,
+        rootfs_artifact.NAME,
+        *sorted(manifest_name(m) for m in doc.manifest_ids()),
+    ]
 
 
 def identity(files: list[tuple[str, bytes]]) -> str:
@@ -168,9 +185,11 @@ class Metadata:
         if child is None:
             return self.doc.parent
         if child not in self.doc.children:
-            raise BundleError(f"--child {child[:80]}: not a child of this bundle "
-                              f"({len(self.doc.children)} children; `spore inspect BUNDLE` "
-                              "lists them)")
+            raise BundleError(
+                f"--child {child[:80]}: not a child of this bundle "
+                f"({len(self.doc.children)} children; `spore inspect BUNDLE` "
+                "lists them)"
+            )
         return child
 
 
@@ -179,8 +198,10 @@ def objects_of(m: manifest.Manifest, what: str) -> dict[str, int]:
     out: dict[str, int] = {cid: CHUNK for cid in m.memory.stored()}
     for name, so in sorted(m.state.items()):
         if out.setdefault(so.digest, so.size) != so.size:
-            raise BundleError(f"{what}: state object {name!r} {so.digest} has size {so.size}, "
-                              f"but the same id is used with size {out[so.digest]}")
+            raise BundleError(
+                f"{what}: state object {name!r} {so.digest} has size {so.size}, "
+                f"but the same id is used with size {out[so.digest]}"
+            )
     return out
 
 
@@ -199,8 +220,10 @@ def assemble(files: list[tuple[str, bytes]]) -> Metadata:
         name = manifest_name(mid)
         data = by_name[name]
         if manifest.manifest_id(data) != mid:
-            raise BundleError(f"{name}: manifest id is {manifest.manifest_id(data)}, bundle.json "
-                              f"says {mid}; the manifest was modified")
+            raise BundleError(
+                f"{name}: manifest id is {manifest.manifest_id(data)}, bundle.json "
+                f"says {mid}; the manifest was modified"
+            )
         try:
             m = manifest.decode(data, name)
         except SporeError as exc:
@@ -209,19 +232,24 @@ def assemble(files: list[tuple[str, bytes]]) -> Metadata:
         images.add((m.rootfs.digest, m.rootfs.size))
         for cid, size in objects_of(m, name).items():
             if needed.setdefault(cid, size) != size:
-                raise BundleError(f"{name}: object {cid} has size {size} here and "
-                                  f"{needed[cid]} in another manifest")
+                raise BundleError(
+                    f"{name}: object {cid} has size {size} here and "
+                    f"{needed[cid]} in another manifest"
+                )
     for cid, size in needed.items():
         pl = cp.objects.get(cid)
         if pl is None:
             raise BundleError(f"{chunkpack.NAME}: object {cid} a manifest needs is not packed")
         if pl.size != size:
-            raise BundleError(f"{chunkpack.NAME}: object {cid} is {pl.size} bytes; the "
-                              f"manifests say {size}")
+            raise BundleError(
+                f"{chunkpack.NAME}: object {cid} is {pl.size} bytes; the manifests say {size}"
+            )
     if len(cp.objects) != len(needed):
-        raise BundleError(f"{chunkpack.NAME}: packs {len(cp.objects) - len(needed)} object(s) "
-                          "no manifest uses")
+        raise BundleError(
+            f"{chunkpack.NAME}: packs {len(cp.objects) - len(needed)} object(s) no manifest uses"
+        )
     if {(i.digest, i.size) for i in rf.images} != images:
-        raise BundleError(f"{rootfs_artifact.NAME}: images do not match the manifests' rootfs "
-                          "digests and sizes")
+        raise BundleError(
+            f"{rootfs_artifact.NAME}: images do not match the manifests' rootfs digests and sizes"
+        )
     return Metadata(doc, cp, rf, manifests, tuple(files), identity(files))

@@ -112,8 +112,9 @@ class ChunkCache:
         dest = self.store.rootfs_path(digest)
         try:
             if os.lstat(tmp).st_size != size:
-                raise CacheError(f"rootfs {digest}: assembled {os.lstat(tmp).st_size} bytes, "
-                                 f"expected {size}")
+                raise CacheError(
+                    f"rootfs {digest}: assembled {os.lstat(tmp).st_size} bytes, expected {size}"
+                )
             if dest.is_symlink() or dest.is_dir():
                 _evict(dest)  # os.replace would fail on a directory; never write through a link
             os.chmod(tmp, 0o644)

@@ -38,15 +38,23 @@ _ID = re.compile(r"blake3:[0-9a-f]{64}")
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    **obj({
-        "format": {"const": FORMAT},
-        "packs": {"type": "array", "maxItems": MAX_OBJECTS, "items": obj({
-            "name": string(r"^packs/[0-9]{6}\.pack$"),
-            "size": integer(0, PIECE_MAX),
-            "sha256": string(SHA),
-        })},
-        "objects": {"type": "object"},  # checked by hand below: jsonschema is ~100x slower
-    }),
+    **obj(
+        {
+            "format": {"const": FORMAT},
+            "packs": {
+                "type": "array",
+                "maxItems": MAX_OBJECTS,
+                "items": obj(
+                    {
+                        "name": string(r"^packs/[0-9]{6}\.pack$"),
+                        "size": integer(0, PIECE_MAX),
+                        "sha256": string(SHA),
+                    }
+                ),
+            },
+            "objects": {"type": "object"},  # checked by hand below: jsonschema is ~100x slower
+        }
+    ),
 }
 
 
@@ -94,24 +102,31 @@ def _check(index: ChunkpackIndex, what: str) -> None:
     per_pack: list[list[tuple[int, int, str]]] = [[] for _ in index.packs]
     for cid, pl in index.objects.items():
         if not _ID.fullmatch(cid):
-            raise BundleError(f"{what}: at objects: {cid[:80]!r} is not a chunk id "
-                              "(blake3:<64 lowercase hex>)")
+            raise BundleError(
+                f"{what}: at objects: {cid[:80]!r} is not a chunk id (blake3:<64 lowercase hex>)"
+            )
         if not 0 <= pl.pack < len(index.packs):
             raise BundleError(f"{what}: at objects.{cid}: pack {pl.pack} does not exist")
         if not 0 <= pl.size <= MAX_OBJECT or pl.offset < 0:
-            raise BundleError(f"{what}: at objects.{cid}: offset {pl.offset} / size {pl.size} "
-                              f"out of range (size 0..{MAX_OBJECT})")
+            raise BundleError(
+                f"{what}: at objects.{cid}: offset {pl.offset} / size {pl.size} "
+                f"out of range (size 0..{MAX_OBJECT})"
+            )
         per_pack[pl.pack].append((pl.offset, pl.size, cid))
     for i, items in enumerate(per_pack):
         end = 0
         for offset, size, cid in sorted(items):
             if offset != end:
-                raise BundleError(f"{what}: at objects.{cid}: offset {offset} leaves a gap or "
-                                  f"overlap in {pack_name(i)} (expected {end})")
+                raise BundleError(
+                    f"{what}: at objects.{cid}: offset {offset} leaves a gap or "
+                    f"overlap in {pack_name(i)} (expected {end})"
+                )
             end += size
         if end != index.packs[i].size:
-            raise BundleError(f"{what}: at packs.{i}: size {index.packs[i].size} but its "
-                              f"objects cover {end} bytes")
+            raise BundleError(
+                f"{what}: at packs.{i}: size {index.packs[i].size} but its "
+                f"objects cover {end} bytes"
+            )
 
 
 def to_document(index: ChunkpackIndex) -> dict[str, Any]:
@@ -130,10 +145,12 @@ def encode(index: ChunkpackIndex, what: str = NAME) -> bytes:
 
 
 def _placement(value: Any, cid: str, what: str) -> Placement:
-    if (not isinstance(value, list) or len(value) != 3
-            or not all(type(v) is int for v in value)):  # bools are ints: refuse them too
-        raise BundleError(f"{what}: at objects.{cid[:80]}: expected [pack, offset, size] "
-                          "(three integers)")
+    if (
+        not isinstance(value, list) or len(value) != 3 or not all(type(v) is int for v in value)
+    ):  # bools are ints: refuse them too
+        raise BundleError(
+            f"{what}: at objects.{cid[:80]}: expected [pack, offset, size] (three integers)"
+        )
     return Placement(value[0], value[1], value[2])
 
 
@@ -152,8 +169,9 @@ def decode(data: bytes, what: str = NAME) -> ChunkpackIndex:
     return index
 
 
-def plan(groups: Sequence[Sequence[tuple[str, int]]],
-         limit: int = PIECE_MAX) -> list[list[tuple[str, int]]]:
+def plan(
+    groups: Sequence[Sequence[tuple[str, int]]], limit: int = PIECE_MAX
+) -> list[list[tuple[str, int]]]:
     """Lay objects out in packs: each distinct id once, in first-seen order.
 
     Each group (the parent's objects, then each child's) starts a new pack, so a

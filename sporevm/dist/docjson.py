@@ -34,8 +34,12 @@ class BundleError(SporeError):
 
 def obj(props: dict[str, Any]) -> dict[str, Any]:
     """A closed JSON Schema object: every property required, nothing else allowed."""
-    return {"type": "object", "properties": props, "required": sorted(props),
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": sorted(props),
+        "additionalProperties": False,
+    }
 
 
 def string(pattern: str) -> dict[str, Any]:
@@ -48,8 +52,9 @@ def integer(lo: int, hi: int) -> dict[str, Any]:
 
 def canonical(doc: Any) -> bytes:
     """Sorted keys, ``,``/``:`` separators, ASCII, integers only, no trailing newline."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
 
 
 @functools.lru_cache(maxsize=8)
@@ -62,7 +67,8 @@ def _validator(schema_json: str) -> Any:
 
 def validate(doc: Any, schema: dict[str, Any], what: str) -> None:
     err = jsonschema.exceptions.best_match(
-        _validator(json.dumps(schema, sort_keys=True)).iter_errors(doc))
+        _validator(json.dumps(schema, sort_keys=True)).iter_errors(doc)
+    )
     if err is not None:
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise BundleError(f"{what}: at {where}: {err.message[:200]}")
@@ -70,11 +76,14 @@ def validate(doc: Any, schema: dict[str, Any], what: str) -> None:
 
 def load(data: bytes, what: str, limit: int, fmt: str) -> dict[str, Any]:
     """Parse one metadata file: bounded, strict, a JSON object whose ``format`` is ``fmt``."""
-    return load_versioned_object(data, what, limit=limit, encoding="ascii", fmt=fmt,
-                                 error=BundleError)
+    return load_versioned_object(
+        data, what, limit=limit, encoding="ascii", fmt=fmt, error=BundleError
+    )
 
 
 def require_canonical(doc: Any, data: bytes, what: str) -> None:
     if canonical(doc) != data:
-        raise BundleError(f"{what}: not in canonical form (sorted keys, no whitespace, ASCII, "
-                          "no trailing newline); the file was edited or made by another tool")
+        raise BundleError(
+            f"{what}: not in canonical form (sorted keys, no whitespace, ASCII, "
+            "no trailing newline); the file was edited or made by another tool"
+        )

@@ -36,8 +36,7 @@ def load(text: str) -> tuple[Path, bundle.Metadata]:
     base, sep, pin = text.rpartition("@")
     path, want = (Path(base), pin) if sep and pin.startswith("sha256:") else (Path(text), None)
     root = path.absolute()
-    files, digest = bundle.read_metadata(
-        FileSource(BundleURI("file", path=str(root))).read_small)
+    files, digest = bundle.read_metadata(FileSource(BundleURI("file", path=str(root))).read_small)
     if want is not None and digest != want:
         raise BundleError(f"{root}: bundle digest is {digest}, pinned {want}")
     return root, bundle.assemble(files)
@@ -45,12 +44,18 @@ def load(text: str) -> tuple[Path, bundle.Metadata]:
 
 def describe(root: Path, meta: bundle.Metadata) -> dict[str, Any]:
     return {
-        "bundle": str(root), "digest": meta.digest, "parent": meta.doc.parent,
-        "children": list(meta.doc.children), "objects": len(meta.chunkpack.objects),
-        "packs": [{"name": p.name, "size": p.size, "sha256": p.sha256}
-                  for p in meta.chunkpack.packs],
-        "rootfs": [{"digest": i.digest, "size": i.size, "segments": len(i.segments)}
-                   for i in meta.rootfs.images],
+        "bundle": str(root),
+        "digest": meta.digest,
+        "parent": meta.doc.parent,
+        "children": list(meta.doc.children),
+        "objects": len(meta.chunkpack.objects),
+        "packs": [
+            {"name": p.name, "size": p.size, "sha256": p.sha256} for p in meta.chunkpack.packs
+        ],
+        "rootfs": [
+            {"digest": i.digest, "size": i.size, "segments": len(i.segments)}
+            for i in meta.rootfs.images
+        ],
         "metadata_bytes": sum(len(d) for _, d in meta.files),
     }
 
@@ -62,16 +67,18 @@ def verify(root: Path, meta: bundle.Metadata) -> int:
         path = root / pack.name
         got, size = sha256_file(path)
         if (got, size) != (pack.sha256, pack.size):
-            raise BundleError(f"{path}: is {size} B with {got}; the index says {pack.size} B "
-                              f"with {pack.sha256}")
+            raise BundleError(
+                f"{path}: is {size} B with {got}; the index says {pack.size} B with {pack.sha256}"
+            )
         if pack.size:
             with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 view = memoryview(mm)
                 try:
                     for cid, pl in meta.chunkpack.contents(i):
-                        if chunk_id(view[pl.offset:pl.offset + pl.size]) != cid:
-                            raise BundleError(f"{path}: object {cid} at {pl.offset} does not "
-                                              "hash to its id")
+                        if chunk_id(view[pl.offset : pl.offset + pl.size]) != cid:
+                            raise BundleError(
+                                f"{path}: object {cid} at {pl.offset} does not hash to its id"
+                            )
                 finally:
                     view.release()
         total += size

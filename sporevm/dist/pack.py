@@ -54,8 +54,10 @@ def _children(children_dir: Path) -> list[Path]:
         raise BundleError(f"--children {children_dir}: not a directory")
     found = sorted(p for p in children_dir.iterdir() if (p / MANIFEST).is_file())
     if not found:
-        raise BundleError(f"--children {children_dir}: holds no spore directories "
-                          f"(subdirectories with {MANIFEST})")
+        raise BundleError(
+            f"--children {children_dir}: holds no spore directories "
+            f"(subdirectories with {MANIFEST})"
+        )
     return found
 
 
@@ -75,7 +77,7 @@ class _Writer:
     def write_all(self, fd: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         self.total += len(data)
 
     def small(self, name: str, data: bytes) -> None:
@@ -87,8 +89,9 @@ class _Writer:
             os.close(fd)
 
 
-def _write_packs(w: _Writer, layout: list[list[tuple[str, int]]],
-                 chunks: ChunkStore) -> chunkpack.ChunkpackIndex:
+def _write_packs(
+    w: _Writer, layout: list[list[tuple[str, int]]], chunks: ChunkStore
+) -> chunkpack.ChunkpackIndex:
     packs: list[chunkpack.Pack] = []
     objects: dict[str, chunkpack.Placement] = {}
     for i, contents in enumerate(layout):
@@ -110,8 +113,9 @@ def _write_packs(w: _Writer, layout: list[list[tuple[str, int]]],
     return chunkpack.ChunkpackIndex(tuple(packs), objects)
 
 
-def _write_rootfs(w: _Writer, images: list[tuple[str, int]], store: Store,
-                  limit: int) -> rootfs_artifact.RootfsIndex:
+def _write_rootfs(
+    w: _Writer, images: list[tuple[str, int]], store: Store, limit: int
+) -> rootfs_artifact.RootfsIndex:
     out: list[rootfs_artifact.RootfsImage] = []
     n = 0
     for digest, size in images:
@@ -119,8 +123,10 @@ def _write_rootfs(w: _Writer, images: list[tuple[str, int]], store: Store,
         try:
             fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise BundleError(f"rootfs {digest} is not usable in the store {store.root} "
-                              f"({exc.strerror}); rebuild the spore") from None
+            raise BundleError(
+                f"rootfs {digest} is not usable in the store {store.root} "
+                f"({exc.strerror}); rebuild the spore"
+            ) from None
         whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
         segments: list[rootfs_artifact.Segment] = []
         try:
@@ -150,14 +156,23 @@ def _write_rootfs(w: _Writer, images: list[tuple[str, int]], store: Store,
         finally:
             os.close(fin)
         if "blake3:" + whole.hexdigest() != digest:
-            raise BundleError(f"rootfs {digest}: store entry does not match its digest "
-                              "(corrupt); rebuild the spore")
+            raise BundleError(
+                f"rootfs {digest}: store entry does not match its digest "
+                "(corrupt); rebuild the spore"
+            )
         out.append(rootfs_artifact.RootfsImage(digest, size, tuple(segments)))
     return rootfs_artifact.RootfsIndex(tuple(out))
 
 
-def pack(parent: str, children_dir: Path | None, out: Path, store: Store, *,
-         pack_limit: int = PIECE_MAX, segment_limit: int = PIECE_MAX) -> PackResult:
+def pack(
+    parent: str,
+    children_dir: Path | None,
+    out: Path,
+    store: Store,
+    *,
+    pack_limit: int = PIECE_MAX,
+    segment_limit: int = PIECE_MAX,
+) -> PackResult:
     """Write the bundle of ``parent`` (and the spores in ``children_dir``) to ``out``."""
     if not 1 <= segment_limit <= PIECE_MAX:
         raise BundleError(f"segment size limit {segment_limit} must be 1..{PIECE_MAX}")
@@ -165,15 +180,22 @@ def pack(parent: str, children_dir: Path | None, out: Path, store: Store, *,
         return _pack(parent, children_dir, out, store, pack_limit, segment_limit)
 
 
-def _pack(parent: str, children_dir: Path | None, out: Path, store: Store, pack_limit: int,
-          segment_limit: int) -> PackResult:
+def _pack(
+    parent: str,
+    children_dir: Path | None,
+    out: Path,
+    store: Store,
+    pack_limit: int,
+    segment_limit: int,
+) -> PackResult:
     pid, pm, pdata = read_spore(parent)
     kids: dict[str, tuple[manifest.Manifest, bytes]] = {}
     for path in _children(children_dir) if children_dir is not None else []:
         cid, cm, cdata = read_spore(str(path))
         if cid == pid or cid in kids:
-            raise BundleError(f"{path}: manifest {cid} is already in the bundle (same spore "
-                              "twice?)")
+            raise BundleError(
+                f"{path}: manifest {cid} is already in the bundle (same spore twice?)"
+            )
         kids[cid] = (cm, cdata)
     if len(kids) > bundle.MAX_CHILDREN:
         raise BundleError(f"--children: {len(kids)} spores, at most {bundle.MAX_CHILDREN}")
@@ -192,8 +214,11 @@ def _pack(parent: str, children_dir: Path | None, out: Path, store: Store, pack_
         w = _Writer(tmp)
         index = _write_packs(w, chunkpack.plan(groups, pack_limit), chunks)
         rindex = _write_rootfs(w, images, store, segment_limit)
-        files = [(bundle.NAME, bundle.encode(doc)), (chunkpack.NAME, chunkpack.encode(index)),
-                 (rootfs_artifact.NAME, rootfs_artifact.encode(rindex))]
+        files = [
+            (bundle.NAME, bundle.encode(doc)),
+            (chunkpack.NAME, chunkpack.encode(index)),
+            (rootfs_artifact.NAME, rootfs_artifact.encode(rindex)),
+        ]
         files += sorted((bundle.manifest_name(m), every[m][1]) for m in doc.manifest_ids())
         for name, data in files:
             w.small(name, data)
@@ -205,12 +230,19 @@ def _pack(parent: str, children_dir: Path | None, out: Path, store: Store, pack_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PackResult(out, meta.digest, pid, doc.children, len(index.packs),
-                      len(index.objects), w.total)
+    return PackResult(
+        out, meta.digest, pid, doc.children, len(index.packs), len(index.objects), w.total
+    )
 
 
-def unpack(bundle_text: str, out: Path, store: Store, *, child: str | None = None,
-           progress: Callable[[str], None] | None = None) -> PullResult:
+def unpack(
+    bundle_text: str,
+    out: Path,
+    store: Store,
+    *,
+    child: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PullResult:
     """Materialize one spore of a local bundle (``DIR`` or ``DIR@sha256:<digest>``)."""
     base, sep, pin = bundle_text.rpartition("@")
     path, want = (base, pin) if sep and pin.startswith("sha256:") else (bundle_text, None)

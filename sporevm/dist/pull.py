@@ -50,10 +50,10 @@ class PullResult:
     out: Path
     digest: str
     manifest_id: str
-    objects: int          # objects the spore needs
-    cached: int           # of which the node cache already held
+    objects: int  # objects the spore needs
+    cached: int  # of which the node cache already held
     packs_fetched: int
-    bytes_received: int   # over the wire, metadata included
+    bytes_received: int  # over the wire, metadata included
 
 
 @contextlib.contextmanager
@@ -78,8 +78,7 @@ def _staging(store: Store, digest: str) -> Iterator[Path]:
     while True:
         d.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
+            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
             continue
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -119,13 +118,19 @@ def _mapped(path: Path) -> Iterator[memoryview]:
 def _sha256_of(view: memoryview | bytes) -> str:
     h = hashlib.sha256()
     for off in range(0, len(view), _READ):
-        h.update(view[off:off + _READ])
+        h.update(view[off : off + _READ])
     return "sha256:" + h.hexdigest()
 
 
 class _Puller:
-    def __init__(self, source: Source, store: Store, meta: bundle.Metadata, staging: Path,
-                 progress: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        source: Source,
+        store: Store,
+        meta: bundle.Metadata,
+        staging: Path,
+        progress: Callable[[str], None],
+    ) -> None:
         self.source, self.store, self.meta = source, store, meta
         self.staging, self.say = staging, progress
         self.cache = ChunkCache(store)
@@ -140,8 +145,11 @@ class _Puller:
         pack = self.meta.chunkpack.packs[i]
         with _locked(self.staging / f"pack-{i:06d}.lock", fcntl.LOCK_EX):
             # Re-checked under the lock: a concurrent pull may have installed them.
-            todo = [(c, pl) for c, pl in self.meta.chunkpack.contents(i)
-                    if c in missing and not self.cache.has(c, pl.size)]
+            todo = [
+                (c, pl)
+                for c, pl in self.meta.chunkpack.contents(i)
+                if c in missing and not self.cache.has(c, pl.size)
+            ]
             if not todo:
                 return
             dest = self.staging / f"{i:06d}.pack"
@@ -152,11 +160,13 @@ class _Puller:
                 # The transport verified it; we re-check what we are about to read.
                 if len(view) != pack.size or _sha256_of(view) != pack.sha256:
                     dest.unlink(missing_ok=True)
-                    raise BundleError(f"{pack.name}: content does not match the sha256 in "
-                                      f"the bundle's {chunkpack.NAME}")
+                    raise BundleError(
+                        f"{pack.name}: content does not match the sha256 in "
+                        f"the bundle's {chunkpack.NAME}"
+                    )
                 for cid, pl in todo:
                     # install re-hashes with BLAKE3 and refuses a mismatch
-                    self.cache.install(cid, view[pl.offset:pl.offset + pl.size])
+                    self.cache.install(cid, view[pl.offset : pl.offset + pl.size])
             dest.unlink(missing_ok=True)
 
     def rootfs(self, digest: str, size: int) -> None:
@@ -170,8 +180,7 @@ class _Puller:
             for seg in img.segments:
                 self.say(f"fetch {seg.name} ({seg.size} B)")
                 # a segment fetched by an earlier attempt is re-hashed, not downloaded again
-                self.source.fetch(seg.name, segdir / seg.name.split("/")[-1], seg.size,
-                                  seg.sha256)
+                self.source.fetch(seg.name, segdir / seg.name.split("/")[-1], seg.size, seg.sha256)
             fd, tmp_name = tempfile.mkstemp(prefix="rootfs-", dir=self.store.root / "tmp")
             tmp = Path(tmp_name)
             try:
@@ -185,22 +194,32 @@ class _Puller:
                                 whole.update(block)
                                 out.write(block)
                         if "sha256:" + h.hexdigest() != seg.sha256:
-                            raise BundleError(f"{seg.name}: content does not match the sha256 "
-                                              f"in the bundle's {rootfs_artifact.NAME}")
+                            raise BundleError(
+                                f"{seg.name}: content does not match the sha256 "
+                                f"in the bundle's {rootfs_artifact.NAME}"
+                            )
                     out.flush()
                     os.fsync(out.fileno())
                 if "blake3:" + whole.hexdigest() != digest:
-                    raise BundleError(f"{rootfs_artifact.NAME}: rootfs {digest} "
-                                      "assembles to other content; the bundle is inconsistent")
+                    raise BundleError(
+                        f"{rootfs_artifact.NAME}: rootfs {digest} "
+                        "assembles to other content; the bundle is inconsistent"
+                    )
                 self.cache.install_rootfs(tmp, digest, size)
             finally:
                 tmp.unlink(missing_ok=True)
             shutil.rmtree(segdir, ignore_errors=True)
 
 
-def pull(source: Source, store: Store, out: Path, *, child: str | None = None,
-         require_pin: bool = True,
-         progress: Callable[[str], None] | None = None) -> PullResult:
+def pull(
+    source: Source,
+    store: Store,
+    out: Path,
+    *,
+    child: str | None = None,
+    require_pin: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> PullResult:
     """Materialize the parent (or ``child``) of the bundle ``source`` serves as ``out``."""
     say = progress or (lambda _msg: None)
     out = out.absolute()
@@ -212,16 +231,17 @@ def pull(source: Source, store: Store, out: Path, *, child: str | None = None,
     with store.lock():  # shared: a prune waits until the pull has linked its content
         files, digest = bundle.read_metadata(source.read_small)
         if want is not None and digest != want:
-            raise BundleError(f"{source.reference}: bundle digest is {digest}, pinned {want}; "
-                              "the bundle was modified or is not the one you pinned")
+            raise BundleError(
+                f"{source.reference}: bundle digest is {digest}, pinned {want}; "
+                "the bundle was modified or is not the one you pinned"
+            )
         meta = bundle.assemble(files)
         mid = meta.select(child)
         m, data = meta.manifests[mid]
         needed = bundle.objects_of(m, bundle.manifest_name(mid))
         cache = ChunkCache(store)
         missing = {c: s for c, s in needed.items() if not cache.has(c, s)}
-        say(f"bundle {digest}: {len(needed)} object(s) needed, {len(needed) - len(missing)} "
-            "cached")
+        say(f"bundle {digest}: {len(needed)} object(s) needed, {len(needed) - len(missing)} cached")
         with _staging(store, digest) as staging:
             puller = _Puller(source, store, meta, staging, say)
             puller.objects(missing)
@@ -231,5 +251,12 @@ def pull(source: Source, store: Store, out: Path, *, child: str | None = None,
                 raise BundleError(f"object {cid} vanished from the store during the pull")
         m = manifest.decode(data)  # the exact bytes we publish, decoded once more
         write_spore(m, out, store, replace=False)  # records it as a root of the store
-    return PullResult(out, digest, mid, len(needed), len(needed) - len(missing),
-                      puller.packs_fetched, source.bytes_received)
+    return PullResult(
+        out,
+        digest,
+        mid,
+        len(needed),
+        len(needed) - len(missing),
+        puller.packs_fetched,
+        source.bytes_received,
+    )

@@ -39,12 +39,13 @@ def _check_file(path: Path, size: int, sha256: str, name: str) -> None:
     except OSError as exc:
         raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
     if (total, got) != (size, sha256):
-        raise BundleError(f"{path}: does not match the size and sha256 the bundle index gives "
-                          f"for {name}; the bundle is corrupt, pack it again")
+        raise BundleError(
+            f"{path}: does not match the size and sha256 the bundle index gives "
+            f"for {name}; the bundle is corrupt, pack it again"
+        )
 
 
-def push(bundle_dir: Path, sink: Sink,
-         progress: Callable[[str], None] | None = None) -> PushResult:
+def push(bundle_dir: Path, sink: Sink, progress: Callable[[str], None] | None = None) -> PushResult:
     say = progress or (lambda _msg: None)
     root = bundle_dir.absolute()
     source = FileSource(BundleURI("file", path=str(root)))

@@ -35,19 +35,33 @@ MAX_IMAGE = 2**50  # the manifest's bound on rootfs.size
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    **obj({
-        "format": {"const": FORMAT},
-        "images": {"type": "array", "maxItems": MAX_IMAGES, "items": obj({
-            "digest": string(B3),
-            "size": integer(1, MAX_IMAGE),
-            "segments": {"type": "array", "minItems": 1, "maxItems": MAX_SEGMENTS,
-                         "items": obj({
-                             "name": string(r"^rootfs/[0-9]{6}\.seg$"),
-                             "size": integer(1, PIECE_MAX),
-                             "sha256": string(SHA),
-                         })},
-        })},
-    }),
+    **obj(
+        {
+            "format": {"const": FORMAT},
+            "images": {
+                "type": "array",
+                "maxItems": MAX_IMAGES,
+                "items": obj(
+                    {
+                        "digest": string(B3),
+                        "size": integer(1, MAX_IMAGE),
+                        "segments": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_SEGMENTS,
+                            "items": obj(
+                                {
+                                    "name": string(r"^rootfs/[0-9]{6}\.seg$"),
+                                    "size": integer(1, PIECE_MAX),
+                                    "sha256": string(SHA),
+                                }
+                            ),
+                        },
+                    }
+                ),
+            },
+        }
+    ),
 }
 
 
@@ -84,25 +98,37 @@ def _check(index: RootfsIndex, what: str) -> None:
     n = 0
     for i, img in enumerate(index.images):
         if i and img.digest <= index.images[i - 1].digest:
-            raise BundleError(f"{what}: at images.{i}: images must be sorted by digest, "
-                              "each once")
+            raise BundleError(f"{what}: at images.{i}: images must be sorted by digest, each once")
         for j, seg in enumerate(img.segments):
             if seg.name != segment_name(n):
-                raise BundleError(f"{what}: at images.{i}.segments.{j}: name {seg.name!r} "
-                                  f"must be {segment_name(n)!r}")
+                raise BundleError(
+                    f"{what}: at images.{i}.segments.{j}: name {seg.name!r} "
+                    f"must be {segment_name(n)!r}"
+                )
             n += 1
         if sum(s.size for s in img.segments) != img.size:
-            raise BundleError(f"{what}: at images.{i}: segments add up to "
-                              f"{sum(s.size for s in img.segments)} bytes, image is {img.size}")
+            raise BundleError(
+                f"{what}: at images.{i}: segments add up to "
+                f"{sum(s.size for s in img.segments)} bytes, image is {img.size}"
+            )
     if n > MAX_SEGMENTS:
         raise BundleError(f"{what}: more than {MAX_SEGMENTS} segments")
 
 
 def to_document(index: RootfsIndex) -> dict[str, Any]:
-    return {"format": FORMAT, "images": [
-        {"digest": img.digest, "size": img.size, "segments": [
-            {"name": s.name, "size": s.size, "sha256": s.sha256} for s in img.segments]}
-        for img in index.images]}
+    return {
+        "format": FORMAT,
+        "images": [
+            {
+                "digest": img.digest,
+                "size": img.size,
+                "segments": [
+                    {"name": s.name, "size": s.size, "sha256": s.sha256} for s in img.segments
+                ],
+            }
+            for img in index.images
+        ],
+    }
 
 
 def encode(index: RootfsIndex, what: str = NAME) -> bytes:
@@ -115,10 +141,16 @@ def encode(index: RootfsIndex, what: str = NAME) -> bytes:
 def decode(data: bytes, what: str = NAME) -> RootfsIndex:
     doc = load(data, what, MAX_INDEX, FORMAT)
     validate(doc, SCHEMA, what)
-    index = RootfsIndex(tuple(
-        RootfsImage(img["digest"], img["size"],
-                    tuple(Segment(s["name"], s["size"], s["sha256"]) for s in img["segments"]))
-        for img in doc["images"]))
+    index = RootfsIndex(
+        tuple(
+            RootfsImage(
+                img["digest"],
+                img["size"],
+                tuple(Segment(s["name"], s["size"], s["sha256"]) for s in img["segments"]),
+            )
+            for img in doc["images"]
+        )
+    )
     _check(index, what)
     require_canonical(to_document(index), data, what)
     return index

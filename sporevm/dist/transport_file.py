@@ -36,16 +36,21 @@ def _open_below(root: Path, name: str, what: str) -> int:
     try:
         root_fd = nofollow.open_root(root)
     except OSError as exc:
-        raise DistError(f"{what}: cannot open the bundle directory {root} ({exc.strerror}); "
-                        "check the path") from None
+        raise DistError(
+            f"{what}: cannot open the bundle directory {root} ({exc.strerror}); check the path"
+        ) from None
     try:
         return nofollow.open_file(root_fd, name)
     except FileNotFoundError:
         raise DistError(f"{what}: missing from the bundle directory") from None
     except (nofollow.NotADirectoryInPath, nofollow.NotARegularFile) as exc:
-        reason = "a symlink (not followed)" if exc.symlink else \
-            "not a regular file" if isinstance(exc, nofollow.NotARegularFile) else \
-            f"{exc.rel} is not a directory"
+        reason = (
+            "a symlink (not followed)"
+            if exc.symlink
+            else "not a regular file"
+            if isinstance(exc, nofollow.NotARegularFile)
+            else f"{exc.rel} is not a directory"
+        )
         raise DistError(f"{what}: {reason}") from None
     except OSError as exc:
         raise DistError(f"{what}: {exc.strerror}") from None
@@ -60,14 +65,17 @@ class FileSource(StreamSource):
         self.pinned_bundle_digest = uri.pin
         self.bytes_received = 0
 
-    def _open(self, name: str, start: int, size: int | None,
-              what: str) -> tuple[int, Iterator[bytes]]:
+    def _open(
+        self, name: str, start: int, size: int | None, what: str
+    ) -> tuple[int, Iterator[bytes]]:
         fd = _open_below(self.root, name, what)
         actual = os.fstat(fd).st_size
         if size is not None and actual != size:
             os.close(fd)
-            raise DistError(f"{what}: has {actual} bytes, the bundle metadata says {size}; "
-                            "the bundle is corrupt or was tampered with")
+            raise DistError(
+                f"{what}: has {actual} bytes, the bundle metadata says {size}; "
+                "the bundle is corrupt or was tampered with"
+            )
 
         def blocks() -> Iterator[bytes]:
             try:
@@ -79,6 +87,7 @@ class FileSource(StreamSource):
                 raise DistError(f"{what}: read failed ({exc.strerror})") from None
             finally:
                 os.close(fd)
+
         return start, blocks()
 
 
@@ -95,8 +104,10 @@ def _copy_hashed(src: Path, dest: Path, size: int, want: str, what: str) -> None
         fout.flush()
         os.fsync(fout.fileno())
     if total != size or hasher.hexdigest() != want:
-        raise DistError(f"{what}: {src} does not have the size and sha256 the bundle says; "
-                        "it changed while pushing — pack again")
+        raise DistError(
+            f"{what}: {src} does not have the size and sha256 the bundle says; "
+            "it changed while pushing — pack again"
+        )
 
 
 def _tree_digests(root: Path) -> dict[str, tuple[int, str]]:
@@ -156,12 +167,17 @@ class FileSink:
                 self.abort()
                 raise DistError(f"{self.uri}: cannot publish ({exc.strerror})") from None
             # Pushing the same bundle again is a no-op; anything else must not be clobbered.
-            same = self.dest.is_dir() and not self.dest.is_symlink() \
+            same = (
+                self.dest.is_dir()
+                and not self.dest.is_symlink()
                 and _tree_digests(self.dest) == self.files
+            )
             self.abort()
             if not same:
-                raise DistError(f"{self.uri}: already exists and holds something else; "
-                                "push to a new path or remove it first") from None
+                raise DistError(
+                    f"{self.uri}: already exists and holds something else; "
+                    "push to a new path or remove it first"
+                ) from None
         fsync_dir(self.dest.parent)
         return str(self.uri.with_pin(pin))
 

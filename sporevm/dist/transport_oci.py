@@ -61,8 +61,15 @@ def encode_artifact(files: list[tuple[str, str, int]], bundle_digest: str) -> by
         "mediaType": OCI_MANIFEST,
         "artifactType": ARTIFACT_TYPE,
         "config": _EMPTY_CONFIG,
-        "layers": [{"mediaType": FILE_MEDIA_TYPE, "digest": digest, "size": size,
-                    "annotations": {TITLE: name}} for name, digest, size in files],
+        "layers": [
+            {
+                "mediaType": FILE_MEDIA_TYPE,
+                "digest": digest,
+                "size": size,
+                "annotations": {TITLE: name},
+            }
+            for name, digest, size in files
+        ],
         "annotations": {BUNDLE_DIGEST: bundle_digest},
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -73,18 +80,29 @@ def decode_artifact(data: bytes, what: str) -> tuple[dict[str, tuple[str, int]],
     if len(data) > MAX_MANIFEST:
         raise DistError(f"{what}: OCI manifest larger than {MAX_MANIFEST} bytes")
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_constant=reject_constant, parse_float=reject_float)
+        doc = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+            parse_float=reject_float,
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DistError(f"{what}: OCI manifest is not strict JSON ({str(exc)[:100]})") from None
 
     def fail(why: str) -> DistError:
         return DistError(f"{what}: not a spore bundle artifact: {why}")
 
-    if not isinstance(doc, dict) or set(doc) != {"schemaVersion", "mediaType", "artifactType",
-                                                 "config", "layers", "annotations"}:
-        raise fail("expected exactly schemaVersion, mediaType, artifactType, config, layers, "
-                   "annotations")
+    if not isinstance(doc, dict) or set(doc) != {
+        "schemaVersion",
+        "mediaType",
+        "artifactType",
+        "config",
+        "layers",
+        "annotations",
+    }:
+        raise fail(
+            "expected exactly schemaVersion, mediaType, artifactType, config, layers, annotations"
+        )
     if doc["schemaVersion"] != 2 or isinstance(doc["schemaVersion"], bool):
         raise fail("schemaVersion must be 2")
     if doc["mediaType"] != OCI_MANIFEST or doc["artifactType"] != ARTIFACT_TYPE:
@@ -92,8 +110,11 @@ def decode_artifact(data: bytes, what: str) -> tuple[dict[str, tuple[str, int]],
     if doc["config"] != _EMPTY_CONFIG:
         raise fail("config must be the OCI empty descriptor")
     notes = doc["annotations"]
-    if not isinstance(notes, dict) or set(notes) != {BUNDLE_DIGEST} \
-            or not isinstance(notes[BUNDLE_DIGEST], str):
+    if (
+        not isinstance(notes, dict)
+        or set(notes) != {BUNDLE_DIGEST}
+        or not isinstance(notes[BUNDLE_DIGEST], str)
+    ):
         raise fail(f"annotations must hold exactly {BUNDLE_DIGEST}")
     bundle_digest = "sha256:" + check_sha256(notes[BUNDLE_DIGEST], what)
     if bundle_digest != notes[BUNDLE_DIGEST]:
@@ -103,11 +124,15 @@ def decode_artifact(data: bytes, what: str) -> tuple[dict[str, tuple[str, int]],
         raise fail(f"layers must be a list of at most {MAX_LAYERS}")
     files: dict[str, tuple[str, int]] = {}
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or set(layer) != {"mediaType", "digest", "size",
-                                                         "annotations"} \
-                or layer["mediaType"] != FILE_MEDIA_TYPE:
-            raise fail(f"layers[{i}] must be a {FILE_MEDIA_TYPE} descriptor with exactly "
-                       "mediaType, digest, size, annotations")
+        if (
+            not isinstance(layer, dict)
+            or set(layer) != {"mediaType", "digest", "size", "annotations"}
+            or layer["mediaType"] != FILE_MEDIA_TYPE
+        ):
+            raise fail(
+                f"layers[{i}] must be a {FILE_MEDIA_TYPE} descriptor with exactly "
+                "mediaType, digest, size, annotations"
+            )
         ann = layer["annotations"]
         if not isinstance(ann, dict) or set(ann) != {TITLE} or not isinstance(ann[TITLE], str):
             raise fail(f"layers[{i}].annotations must hold exactly {TITLE}")
@@ -128,28 +153,37 @@ def decode_artifact(data: bytes, what: str) -> tuple[dict[str, tuple[str, int]],
 def _repository(uri: BundleURI, *, push: bool) -> Repository:
     """The one registry client (net/registry.py) for ``uri``: plain HTTP only to loopback
     (bundle commands have no --insecure-registry), DistErrors."""
-    return Repository(uri.netloc, uri.repo, policy=Policy(), error=DistError,
-                      actions="pull,push" if push else "pull",
-                      again="run the push again" if push else "run the pull again")
+    return Repository(
+        uri.netloc,
+        uri.repo,
+        policy=Policy(),
+        error=DistError,
+        actions="pull,push" if push else "pull",
+        again="run the push again" if push else "run the pull again",
+    )
 
 
 class OciSource(StreamSource):
     def __init__(self, uri: BundleURI) -> None:
         ref = uri.pin or uri.tag
         if ref is None:
-            raise DistError(f"{uri}: oci pulls need @sha256:<manifest digest> "
-                            "(or a tag with --allow-mutable)")
+            raise DistError(
+                f"{uri}: oci pulls need @sha256:<manifest digest> (or a tag with --allow-mutable)"
+            )
         self.reg = _repository(uri, push=False)
         self.bytes_received = 0
         what = f"{uri}: manifest"
         self.server = self.reg.server
-        data, resp = self.reg.read(f"manifests/{ref}", what, limit=MAX_MANIFEST,
-                                   accept=OCI_MANIFEST)
+        data, resp = self.reg.read(
+            f"manifests/{ref}", what, limit=MAX_MANIFEST, accept=OCI_MANIFEST
+        )
         self.bytes_received += len(data)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if uri.pin is not None and digest != uri.pin:
-            raise DistError(f"{what}: the registry served a manifest with digest {digest}, "
-                            "not the pinned one; refusing it")
+            raise DistError(
+                f"{what}: the registry served a manifest with digest {digest}, "
+                "not the pinned one; refusing it"
+            )
         served = resp.headers.get("Docker-Content-Digest")
         if served and served != digest:
             raise DistError(f"{what}: {self.reg.server} says {served[:80]} but served {digest}")
@@ -161,8 +195,10 @@ class OciSource(StreamSource):
     def layer(self, name: str, what: str) -> tuple[str, int]:
         entry = self.files.get(name)
         if entry is None:
-            raise DistError(f"{what}: not a layer of the OCI artifact; the bundle and its "
-                            "artifact manifest disagree")
+            raise DistError(
+                f"{what}: not a layer of the OCI artifact; the bundle and its "
+                "artifact manifest disagree"
+            )
         return entry
 
     def read_small(self, name: str, limit: int) -> bytes:
@@ -175,21 +211,26 @@ class OciSource(StreamSource):
         # not only through the bundle digest computed later.
         got = "sha256:" + hashlib.sha256(data).hexdigest()
         if (got, len(data)) != (digest, size):
-            raise DistError(f"{what}: the registry sent {len(data)} bytes hashing to "
-                            f"{got[:23]}…; the manifest says {digest[:23]}… ({size} bytes)")
+            raise DistError(
+                f"{what}: the registry sent {len(data)} bytes hashing to "
+                f"{got[:23]}…; the manifest says {digest[:23]}… ({size} bytes)"
+            )
         return data
 
     def fetch(self, name: str, dest: Path, size: int, sha256: str) -> None:
         what = self._what(check_name(name, self.reference))
         digest, layer_size = self.layer(name, what)
         if (layer_size, check_sha256(digest, what)) != (size, check_sha256(sha256, what)):
-            raise DistError(f"{what}: the bundle metadata (sha256 {check_sha256(sha256, what)[:16]}"
-                            f"…, {size} bytes) and the OCI manifest ({digest[7:23]}…, "
-                            f"{layer_size} bytes) disagree")
+            raise DistError(
+                f"{what}: the bundle metadata (sha256 {check_sha256(sha256, what)[:16]}"
+                f"…, {size} bytes) and the OCI manifest ({digest[7:23]}…, "
+                f"{layer_size} bytes) disagree"
+            )
         super().fetch(name, dest, size, sha256)
 
-    def _open(self, name: str, start: int, size: int | None,
-              what: str) -> tuple[int, Iterator[bytes]]:
+    def _open(
+        self, name: str, start: int, size: int | None, what: str
+    ) -> tuple[int, Iterator[bytes]]:
         digest, layer_size = self.layer(name, what)
         headers = {"Range": f"bytes={start}-"} if start > 0 else {}
         # Inside StreamSource's deadline (deadline=None): the request, an error body and
@@ -223,11 +264,18 @@ class OciSink:
         if not resp.headers.get("Location"):
             raise DistError(f"{start}: {self.reg.server} sent no upload location")
         url = self.reg.same_origin(resp.headers["Location"], what)
-        url += ("&" if urllib.parse.urlsplit(url).query else "?") + \
-            urllib.parse.urlencode({"digest": digest})
+        url += ("&" if urllib.parse.urlsplit(url).query else "?") + urllib.parse.urlencode(
+            {"digest": digest}
+        )
         # An upload: our body, of any size, bounded by the per-read timeout (no deadline).
-        resp = self.reg.request("PUT", url, what, deadline=None, data=data, headers={
-            "Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        resp = self.reg.request(
+            "PUT",
+            url,
+            what,
+            deadline=None,
+            data=data,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
         self.reg.check(resp, f"{what}: upload", ok=(201,))
         resp.close()
         self.bytes_sent += size
@@ -255,22 +303,29 @@ class OciSink:
         manifest = encode_artifact([(n, *self.files[n]) for n in order], pin)
         what = f"{self.uri}: manifest"
         if len(manifest) > MAX_MANIFEST:
-            raise DistError(f"{what}: {len(self.files)} files make a manifest over "
-                            f"{MAX_MANIFEST} bytes; pack with larger segments")
+            raise DistError(
+                f"{what}: {len(self.files)} files make a manifest over "
+                f"{MAX_MANIFEST} bytes; pack with larger segments"
+            )
         self._upload(EMPTY_BLOB, EMPTY_DIGEST, len(EMPTY_BLOB), f"{self.uri}: config")
         digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
         ref = self.uri.tag or digest
-        resp = self.reg.request("PUT", f"manifests/{ref}", what, deadline=None,
-                                data=manifest, headers={"Content-Type": OCI_MANIFEST})
+        resp = self.reg.request(
+            "PUT",
+            f"manifests/{ref}",
+            what,
+            deadline=None,
+            data=manifest,
+            headers={"Content-Type": OCI_MANIFEST},
+        )
         self.reg.check(resp, what, ok=(201,))
         resp.close()
         served = resp.headers.get("Docker-Content-Digest")
         if served and served != digest:
-            raise DistError(f"{what}: {self.reg.server} stored it as {served[:80]}, "
-                            f"not {digest}")
-        return str(BundleURI("oci", host=self.uri.host, port=self.uri.port,
-                             repo=self.uri.repo, pin=digest))
+            raise DistError(f"{what}: {self.reg.server} stored it as {served[:80]}, not {digest}")
+        return str(
+            BundleURI("oci", host=self.uri.host, port=self.uri.port, repo=self.uri.repo, pin=digest)
+        )
 
     def abort(self) -> None:
         """Blobs already pushed stay: without a manifest nothing references them."""
-

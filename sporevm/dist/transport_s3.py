@@ -44,10 +44,18 @@ def resolve_endpoint(endpoint: str | None) -> str | None:
         parts.port  # noqa: B018  (raises ValueError on a malformed port)
     except ValueError:
         raise DistError(f"S3 endpoint {endpoint[:100]!r}: malformed port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname \
-            or parts.username or parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise DistError(f"S3 endpoint {endpoint[:100]!r}: expected http(s)://host[:port] "
-                        f"(from --s3-endpoint or ${ENDPOINT_ENV})")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username
+        or parts.query
+        or parts.fragment
+        or parts.path not in ("", "/")
+    ):
+        raise DistError(
+            f"S3 endpoint {endpoint[:100]!r}: expected http(s)://host[:port] "
+            f"(from --s3-endpoint or ${ENDPOINT_ENV})"
+        )
     return endpoint
 
 
@@ -58,14 +66,17 @@ def _client(endpoint: str | None, *, anonymous_ok: bool) -> Any:
 
     session = boto3.session.Session()
     config = botocore.config.Config(
-        connect_timeout=deadline.TIMEOUT, read_timeout=deadline.TIMEOUT,
+        connect_timeout=deadline.TIMEOUT,
+        read_timeout=deadline.TIMEOUT,
         retries={"max_attempts": 3, "mode": "standard"},
         # Custom endpoints (moto, MinIO, Ceph) rarely serve virtual-host buckets.
-        s3={"addressing_style": "path" if endpoint else "auto"})
+        s3={"addressing_style": "path" if endpoint else "auto"},
+    )
     if anonymous_ok and session.get_credentials() is None:
         config = config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED))
-    return session.client("s3", endpoint_url=endpoint,
-                          region_name=session.region_name or "us-east-1", config=config)
+    return session.client(
+        "s3", endpoint_url=endpoint, region_name=session.region_name or "us-east-1", config=config
+    )
 
 
 def _watch(client: Any) -> None:
@@ -76,22 +87,29 @@ def _watch(client: Any) -> None:
     included), so they are swapped in place for the watched subclasses. Refused if that
     dict is not there: a download whose deadline cannot end a stalled read is not
     bounded in time."""
-    classes = getattr(getattr(getattr(client, "_endpoint", None), "http_session", None),
-                      "_pool_classes_by_scheme", None)
+    classes = getattr(
+        getattr(getattr(client, "_endpoint", None), "http_session", None),
+        "_pool_classes_by_scheme",
+        None,
+    )
     if not isinstance(classes, dict) or set(classes) != {"http", "https"}:
-        raise DistError("this botocore keeps its connection pools where spore cannot watch "
-                        "them (no deadline for S3 downloads); install a botocore version "
-                        "spore supports (see pyproject.toml)")
+        raise DistError(
+            "this botocore keeps its connection pools where spore cannot watch "
+            "them (no deadline for S3 downloads); install a botocore version "
+            "spore supports (see pyproject.toml)"
+        )
     classes.update(deadline.watched_pools(classes))
 
 
 def _errors() -> tuple[type[BaseException], ...]:
     import botocore.exceptions
+
     return (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 def _explain(exc: BaseException, where: str) -> str:
     import botocore.exceptions
+
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", "?"))
@@ -108,8 +126,9 @@ def _explain(exc: BaseException, where: str) -> str:
         return f"{code}: {str(err.get('Message', ''))[:120]}"
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError
-                  | botocore.exceptions.ConnectTimeoutError):
+    if isinstance(
+        exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
+    ):
         return f"cannot reach {where}; check --s3-endpoint / ${ENDPOINT_ENV}"
     return f"{type(exc).__name__}: {str(exc)[:160]}"
 
@@ -137,8 +156,9 @@ class S3Source(_S3Base, StreamSource):
         self.pinned_bundle_digest = uri.pin
         self.bytes_received = 0
 
-    def _open(self, name: str, start: int, size: int | None,
-              what: str) -> tuple[int, Iterator[bytes]]:
+    def _open(
+        self, name: str, start: int, size: int | None, what: str
+    ) -> tuple[int, Iterator[bytes]]:
         args: dict[str, Any] = {"Bucket": self.uri.bucket, "Key": self.key(name)}
         if start > 0:
             args["Range"] = f"bytes={start}-"
@@ -153,8 +173,10 @@ class S3Source(_S3Base, StreamSource):
         length = resp.get("ContentLength")
         if size is not None and isinstance(length, int) and length != size - served:
             body.close()
-            raise DistError(f"{what}: the object has {length + served} bytes, the bundle "
-                            f"metadata says {size}; it does not match")
+            raise DistError(
+                f"{what}: the object has {length + served} bytes, the bundle "
+                f"metadata says {size}; it does not match"
+            )
 
         broken: tuple[type[BaseException], ...] = (*self.errors, OSError)
 
@@ -163,10 +185,13 @@ class S3Source(_S3Base, StreamSource):
                 # Pieces small enough that the deadline sees the bytes as they come.
                 yield from body.iter_chunks(_PIECE)
             except broken as exc:
-                raise DistError(f"{what}: transfer from {self.where} broke "
-                                f"({type(exc).__name__}); run the pull again to resume") from None
+                raise DistError(
+                    f"{what}: transfer from {self.where} broke "
+                    f"({type(exc).__name__}); run the pull again to resume"
+                ) from None
             finally:
                 body.close()
+
         return served, blocks()
 
 
@@ -198,11 +223,18 @@ class S3Sink(_S3Base):
                 while block := fh.read(BLOCK):
                     hasher.update(block)
                 if fh.tell() != size or hasher.hexdigest() != want:
-                    raise DistError(f"{what}: {src} does not have the size and sha256 the "
-                                    "bundle says; it changed since packing — pack again")
+                    raise DistError(
+                        f"{what}: {src} does not have the size and sha256 the "
+                        "bundle says; it changed since packing — pack again"
+                    )
                 fh.seek(0)
-                self.client.put_object(Bucket=self.uri.bucket, Key=key, Body=fh,
-                                       ContentLength=size, ChecksumSHA256=checksum)
+                self.client.put_object(
+                    Bucket=self.uri.bucket,
+                    Key=key,
+                    Body=fh,
+                    ContentLength=size,
+                    ChecksumSHA256=checksum,
+                )
         except self.errors as exc:
             raise DistError(f"{what}: upload failed: {_explain(exc, self.where)}") from None
         self.bytes_sent += size

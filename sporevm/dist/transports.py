@@ -28,14 +28,20 @@ from sporevm.errors import DistError
 from sporevm.net.deadline import Deadline
 
 __all__ = [
-    "DistError", "Sink", "Source", "StreamSource", "check_name", "check_sha256",
-    "open_sink", "open_source",
+    "DistError",
+    "Sink",
+    "Source",
+    "StreamSource",
+    "check_name",
+    "check_sha256",
+    "open_sink",
+    "open_source",
 ]
 
 MAX_NAME = 255
-MAX_SMALL = 64 << 20      # read_small never returns more, whatever the caller asks
-MAX_FETCH = 64 << 30      # one bundle file
-BLOCK = 1 << 20           # the largest piece a transport hands out at once
+MAX_SMALL = 64 << 20  # read_small never returns more, whatever the caller asks
+MAX_FETCH = 64 << 30  # one bundle file
+BLOCK = 1 << 20  # the largest piece a transport hands out at once
 # Time bounds (per read, headers, whole transfer) are in net/deadline.py, shared by all.
 
 # Up to four segments, each starting with a letter or digit: no '..', no '/', no
@@ -46,8 +52,10 @@ _SHA256 = re.compile(r"(?:sha256:)?([0-9a-f]{64})\Z")
 
 def check_name(name: str, where: str) -> str:
     if not isinstance(name, str) or len(name) > MAX_NAME or not _NAME.match(name):
-        raise DistError(f"{where}: file name {str(name)[:80]!r} is not a bundle-relative "
-                        "name (segments of A-Z a-z 0-9 . _ -, no leading '.', '/' or '..')")
+        raise DistError(
+            f"{where}: file name {str(name)[:80]!r} is not a bundle-relative "
+            "name (segments of A-Z a-z 0-9 . _ -, no leading '.', '/' or '..')"
+        )
     return name
 
 
@@ -66,9 +74,9 @@ def check_size(size: int, where: str) -> int:
 
 
 class Source(Protocol):
-    reference: str                    # the pinned reference being pulled (printable)
+    reference: str  # the pinned reference being pulled (printable)
     pinned_bundle_digest: str | None  # 'sha256:<hex>' the bundle's metadata must hash to
-    bytes_received: int               # bytes over the wire so far
+    bytes_received: int  # bytes over the wire so far
 
     def read_small(self, name: str, limit: int) -> bytes: ...
 
@@ -91,12 +99,13 @@ class StreamSource:
     iterator read through ``Deadline.guard``, so no transport can stall a pull."""
 
     reference: str = ""
-    server: str = "the source"        # who serves the bytes, for error messages
+    server: str = "the source"  # who serves the bytes, for error messages
     pinned_bundle_digest: str | None = None
     bytes_received: int = 0
 
-    def _open(self, name: str, start: int, size: int | None,
-              what: str) -> tuple[int, Iterator[bytes]]:
+    def _open(
+        self, name: str, start: int, size: int | None, what: str
+    ) -> tuple[int, Iterator[bytes]]:
         """Bytes of ``name`` from ``start`` (the offset actually served, ``start`` or 0).
 
         ``size`` is the expected full length when known. Transports raise DistError;
@@ -133,20 +142,32 @@ class StreamSource:
                 os.ftruncate(fd, 0)
                 have, hasher = 0, hashlib.sha256()
             if have < size:
-                with contextlib.closing(Deadline(what, self.server, size - have,
-                                                 resume=True)) as deadline:
+                with contextlib.closing(
+                    Deadline(what, self.server, size - have, resume=True)
+                ) as deadline:
                     hasher = self._receive(fd, name, have, size, hasher, what, dest, deadline)
             got = hasher.hexdigest()
             if got != want:
                 _discard(dest)
-                raise DistError(f"{what}: sha256 mismatch (expected {want[:16]}…, got "
-                                f"{got[:16]}…); the source is corrupt or was tampered with")
+                raise DistError(
+                    f"{what}: sha256 mismatch (expected {want[:16]}…, got "
+                    f"{got[:16]}…); the source is corrupt or was tampered with"
+                )
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def _receive(self, fd: int, name: str, have: int, size: int, hasher: hashlib._Hash,
-                 what: str, dest: Path, deadline: Deadline) -> hashlib._Hash:
+    def _receive(
+        self,
+        fd: int,
+        name: str,
+        have: int,
+        size: int,
+        hasher: hashlib._Hash,
+        what: str,
+        dest: Path,
+        deadline: Deadline,
+    ) -> hashlib._Hash:
         try:
             start, blocks = deadline.open(lambda: self._open(name, have, size, what))
         except DistError:
@@ -163,16 +184,19 @@ class StreamSource:
             self.bytes_received += len(block)
             if pos + len(block) > size:
                 _discard(dest)
-                raise DistError(f"{what}: more than the expected {size} bytes; the source "
-                                "does not match the bundle metadata")
+                raise DistError(
+                    f"{what}: more than the expected {size} bytes; the source "
+                    "does not match the bundle metadata"
+                )
             hasher.update(block)
             view = memoryview(block)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             pos += len(block)
         if pos < size:
-            raise DistError(f"{what}: transfer ended after {pos} of {size} bytes; "
-                            "run the pull again to resume")
+            raise DistError(
+                f"{what}: transfer ended after {pos} of {size} bytes; run the pull again to resume"
+            )
         return hasher
 
 
@@ -180,8 +204,9 @@ def _open_partial(dest: Path, what: str) -> int:
     try:
         fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise DistError(f"{what}: cannot write {dest} ({exc.strerror}); it must be a "
-                        "regular file or absent") from None
+        raise DistError(
+            f"{what}: cannot write {dest} ({exc.strerror}); it must be a regular file or absent"
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise DistError(f"{what}: {dest} is not a regular file; remove it")
@@ -215,15 +240,19 @@ def open_source(uri: BundleURI, *, s3_endpoint: str | None = None) -> Source:
     # Imported per scheme: boto3 and oras cost noticeable startup time.
     if uri.scheme == "file":
         from sporevm.dist.transport_file import FileSource
+
         return FileSource(uri)
     if uri.scheme in ("http", "https"):
         from sporevm.dist.transport_http import HttpSource
+
         return HttpSource(uri)
     if uri.scheme == "s3":
         from sporevm.dist.transport_s3 import S3Source
+
         return S3Source(uri, endpoint=s3_endpoint)
     if uri.scheme == "oci":
         from sporevm.dist.transport_oci import OciSource
+
         return OciSource(uri)
     raise DistError(f"{uri}: no transport for scheme {uri.scheme!r}")
 
@@ -234,11 +263,14 @@ def open_sink(uri: BundleURI, *, s3_endpoint: str | None = None) -> Sink:
         raise DistError(f"{uri}: push URIs carry no pin")
     if uri.scheme == "file":
         from sporevm.dist.transport_file import FileSink
+
         return FileSink(uri)
     if uri.scheme == "s3":
         from sporevm.dist.transport_s3 import S3Sink
+
         return S3Sink(uri, endpoint=s3_endpoint)
     if uri.scheme == "oci":
         from sporevm.dist.transport_oci import OciSink
+
         return OciSink(uri)
     raise DistError(f"{uri}: {uri.scheme}:// is read-only; push to file://, oci:// or s3://")

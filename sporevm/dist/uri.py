@@ -44,13 +44,13 @@ class URIError(UsageError):
 class BundleURI:
     """One parsed bundle location. Fields a scheme does not use are empty."""
 
-    scheme: str            # 'file' | 'oci' | 's3' | 'http' | 'https'
-    host: str = ""         # oci, http(s): lowercase DNS name or IP literal (IPv6 without brackets)
+    scheme: str  # 'file' | 'oci' | 's3' | 'http' | 'https'
+    host: str = ""  # oci, http(s): lowercase DNS name or IP literal (IPv6 without brackets)
     port: int | None = None
-    path: str = ""         # file: absolute directory; http(s): URL path without trailing '/'
-    bucket: str = ""       # s3
-    prefix: str = ""       # s3: key prefix, no leading/trailing '/'; '' = bucket root
-    repo: str = ""         # oci: repository
+    path: str = ""  # file: absolute directory; http(s): URL path without trailing '/'
+    bucket: str = ""  # s3
+    prefix: str = ""  # s3: key prefix, no leading/trailing '/'; '' = bucket root
+    repo: str = ""  # oci: repository
     tag: str | None = None  # oci only
     pin: str | None = None  # 'sha256:<64 hex>'; for oci the OCI manifest digest
 
@@ -87,8 +87,10 @@ def _split_pin(text: str) -> tuple[str, str | None]:
         return text, None
     body, _, pin = text.rpartition("@")
     if "@" in body:
-        raise _fail(text, "only one '@' is allowed, the one before the sha256 pin "
-                          "(userinfo is not supported)")
+        raise _fail(
+            text,
+            "only one '@' is allowed, the one before the sha256 pin (userinfo is not supported)",
+        )
     if not _PIN.match(pin):
         raise _fail(text, "the pin after '@' must be sha256: and 64 lowercase hex digits")
     return body, pin
@@ -102,7 +104,7 @@ def _split_host(text: str, netloc: str) -> tuple[str, int | None]:
         end = netloc.find("]")
         if end < 0:
             raise _fail(text, "unterminated IPv6 literal")
-        host, rest = netloc[1:end], netloc[end + 1:]
+        host, rest = netloc[1:end], netloc[end + 1 :]
         try:
             if ipaddress.ip_address(host).version != 6:
                 raise ValueError
@@ -135,8 +137,11 @@ def _segments(text: str, path: str, what: str) -> list[str]:
         if part in ("", ".", ".."):
             raise _fail(text, f"{what} has an empty, '.' or '..' segment")
         if not _SEGMENT.match(part):
-            raise _fail(text, f"{what} segment {part[:60]!r} has characters outside "
-                              "A-Z a-z 0-9 . _ ~ + = , - (percent-encoding is not decoded)")
+            raise _fail(
+                text,
+                f"{what} segment {part[:60]!r} has characters outside "
+                "A-Z a-z 0-9 . _ ~ + = , - (percent-encoding is not decoded)",
+            )
     return parts
 
 
@@ -144,13 +149,19 @@ def _parse_file(text: str, rest: str, pin: str | None) -> BundleURI:
     if not rest.startswith("/"):
         raise _fail(text, "file URIs must be absolute: file:///abs/path (no host)")
     if _FILE_FORBIDDEN.search(rest):
-        raise _fail(text, "file paths may not contain control characters, '?', '#', '@' "
-                          "or '\\' (no query, fragment or percent-decoding)")
+        raise _fail(
+            text,
+            "file paths may not contain control characters, '?', '#', '@' "
+            "or '\\' (no query, fragment or percent-decoding)",
+        )
     if rest != "/":
         for part in rest[1:].split("/"):
             if part in ("", ".", ".."):
-                raise _fail(text, "file path has an empty, '.' or '..' segment; "
-                                  "write the canonical absolute path")
+                raise _fail(
+                    text,
+                    "file path has an empty, '.' or '..' segment; "
+                    "write the canonical absolute path",
+                )
     if rest == "/":
         raise _fail(text, "the bundle directory cannot be '/'")
     return BundleURI("file", path=rest, pin=pin)
@@ -168,16 +179,22 @@ def _parse_oci(text: str, rest: str, pin: str | None) -> BundleURI:
         if not _TAG.match(tag):
             raise _fail(text, "tag must match [A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
     if len(repo) > 255 or not all(_REPO_PART.match(p) for p in repo.split("/")):
-        raise _fail(text, "repository must be lowercase path components "
-                          "(a-z 0-9 separated by . _ __ -), at most 255 characters")
+        raise _fail(
+            text,
+            "repository must be lowercase path components "
+            "(a-z 0-9 separated by . _ __ -), at most 255 characters",
+        )
     return BundleURI("oci", host=host, port=port, repo=repo, tag=tag, pin=pin)
 
 
 def _parse_s3(text: str, rest: str, pin: str | None) -> BundleURI:
     bucket, slash, prefix = rest.partition("/")
     if not _BUCKET.match(bucket) or ".." in bucket:
-        raise _fail(text, "bucket name must be 3-63 characters of a-z 0-9 . - "
-                          "starting and ending with a letter or digit")
+        raise _fail(
+            text,
+            "bucket name must be 3-63 characters of a-z 0-9 . - "
+            "starting and ending with a letter or digit",
+        )
     if slash:
         if not prefix:
             raise _fail(text, "drop the trailing '/' (s3://bucket names the bucket root)")
@@ -202,11 +219,13 @@ def _parse_http(text: str, scheme: str, rest: str, pin: str | None) -> BundleURI
 def parse_uri(text: str) -> BundleURI:
     """Parse any bundle URI (pinned or not) without applying push/pull policy."""
     if not isinstance(text, str) or not text:
-        raise URIError("bundle URI is empty; use file:///abs/dir, oci://host/repo, "
-                       "s3://bucket/prefix or https://host/path")
+        raise URIError(
+            "bundle URI is empty; use file:///abs/dir, oci://host/repo, "
+            "s3://bucket/prefix or https://host/path"
+        )
     if len(text) > MAX_URI:
         raise _fail(text, f"longer than {MAX_URI} characters")
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in text):
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise _fail(text, "whitespace or control characters are not allowed")
     scheme, sep, rest = text.partition("://")
     if not sep or scheme not in SCHEMES:
@@ -231,8 +250,11 @@ def parse_pull_uri(text: str, *, allow_mutable: bool = False) -> BundleURI:
     if allow_mutable:
         if uri.scheme == "oci" and uri.tag:
             return uri
-        raise _fail(text, "--allow-mutable only applies to oci://host/repo:tag; other "
-                          "sources must be pinned with @sha256:<bundle digest>")
+        raise _fail(
+            text,
+            "--allow-mutable only applies to oci://host/repo:tag; other "
+            "sources must be pinned with @sha256:<bundle digest>",
+        )
     what = "OCI manifest digest" if uri.scheme == "oci" else "bundle digest"
     hint = " (or pass --allow-mutable to resolve the tag)" if uri.tag else ""
     raise _fail(text, f"not pinned; append @sha256:<{what}> as printed by `spore push`{hint}")
@@ -242,8 +264,9 @@ def parse_push_uri(text: str) -> BundleURI:
     """A URI to push to: writable schemes only, and no pin (push computes it)."""
     uri = parse_uri(text)
     if uri.scheme in ("http", "https"):
-        raise _fail(text, "http(s) is read-only; push to file://, oci:// or s3:// and serve "
-                          "that over HTTP")
+        raise _fail(
+            text, "http(s) is read-only; push to file://, oci:// or s3:// and serve that over HTTP"
+        )
     if uri.pin is not None:
         raise _fail(text, "push URIs carry no @sha256 pin; push prints the pinned reference")
     return uri

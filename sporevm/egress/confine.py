@@ -32,20 +32,53 @@ import sporevm
 from sporevm.vmm import jail
 
 SYSCALLS = (
-    "read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
-    "poll", "ppoll", "close", "lseek", "fstat", "newfstatat", "statx", "openat",
-    "munmap", "mremap", "madvise", "brk",
-    "futex", "getpid", "gettid", "clock_gettime", "clock_nanosleep", "nanosleep",
-    "gettimeofday", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
-    "restart_syscall", "getrandom", "wait4", "exit", "exit_group",
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvfrom",
+    "sendto",
+    "recvmsg",
+    "sendmsg",
+    "poll",
+    "ppoll",
+    "close",
+    "lseek",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "openat",
+    "munmap",
+    "mremap",
+    "madvise",
+    "brk",
+    "futex",
+    "getpid",
+    "gettid",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "gettimeofday",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "restart_syscall",
+    "getrandom",
+    "wait4",
+    "exit",
+    "exit_group",
 )
 _FCNTL_OK = (1, 2, 3, 4)  # F_GETFD F_SETFD F_GETFL F_SETFL
 _TCGETS = 0x5401
 
 
 def library_dirs() -> list[Path]:
-    libs = {Path(p) for k, p in sysconfig.get_paths().items()
-            if k in ("stdlib", "platstdlib", "purelib", "platlib") and os.path.isdir(p)}
+    libs = {
+        Path(p)
+        for k, p in sysconfig.get_paths().items()
+        if k in ("stdlib", "platstdlib", "purelib", "platlib") and os.path.isdir(p)
+    }
     libs.add(Path(sporevm.__file__).parent)
     return sorted(libs)
 
@@ -88,5 +121,4 @@ def _seccomp(passt_pid: int) -> None:
     try:
         f.load()
     except OSError as exc:
-        raise jail.JailError(f"jail: loading the seccomp filter failed: {exc.strerror}") \
-            from None
+        raise jail.JailError(f"jail: loading the seccomp filter failed: {exc.strerror}") from None

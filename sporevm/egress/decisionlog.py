@@ -34,12 +34,23 @@ class DecisionLog:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.fd is None:
             return
-        line = json.dumps({"ts": round(time.time(), 6), **event}, separators=(",", ":"),
-                          sort_keys=False, ensure_ascii=True).encode() + b"\n"
+        line = (
+            json.dumps(
+                {"ts": round(time.time(), 6), **event},
+                separators=(",", ":"),
+                sort_keys=False,
+                ensure_ascii=True,
+            ).encode()
+            + b"\n"
+        )
         if self.written + len(line) > self.limit:
             if self.suppressed == 0:
-                self._write(json.dumps({"ts": round(time.time(), 6), "event": "log-full",
-                                        "limit": self.limit}).encode() + b"\n")
+                self._write(
+                    json.dumps(
+                        {"ts": round(time.time(), 6), "event": "log-full", "limit": self.limit}
+                    ).encode()
+                    + b"\n"
+                )
             self.suppressed += 1
             return
         self._write(line)

@@ -108,7 +108,7 @@ def read_name(data: bytes, off: int) -> tuple[str, int]:
         wire += n + 1
         if wire > MAX_NAME_WIRE:
             raise DnsError("name-too-long")
-        label = data[pos + 1:pos + 1 + n]
+        label = data[pos + 1 : pos + 1 + n]
         if len(label) != n:
             raise DnsError("name-truncated")
         if not _LABEL.fullmatch(label):
@@ -233,12 +233,17 @@ def encode_name(name: str) -> bytes:
 def build_query(ident: int, name: str, qtype: int = TYPE_A) -> bytes:
     """A recursive query for ``name`` with an EDNS OPT record (payload ``EDNS_PAYLOAD``)."""
     opt = b"\0" + _FIXED.pack(TYPE_OPT, EDNS_PAYLOAD, 0, 0)
-    return (_HEADER.pack(ident, FLAG_RD, 1, 0, 0, 1) + encode_name(name)
-            + struct.pack("!HH", qtype, CLASS_IN) + opt)
+    return (
+        _HEADER.pack(ident, FLAG_RD, 1, 0, 0, 1)
+        + encode_name(name)
+        + struct.pack("!HH", qtype, CLASS_IN)
+        + opt
+    )
 
 
-def build_response(query: Message, rcode: int, addresses: tuple[int, ...] = (),
-                   ttl: int = 0) -> bytes:
+def build_response(
+    query: Message, rcode: int, addresses: tuple[int, ...] = (), ttl: int = 0
+) -> bytes:
     """The gateway's answer to the guest: the question echoed, then A records owned by the
     question's name (a CNAME chain is flattened), as many as fit in 512 bytes."""
     flags = FLAG_QR | FLAG_RA | (query.flags & FLAG_RD) | (rcode & 0xF)
@@ -247,8 +252,11 @@ def build_response(query: Message, rcode: int, addresses: tuple[int, ...] = (),
     q = query.questions[0]
     question = encode_name(q.name) + struct.pack("!HH", q.qtype, q.qclass)
     room = (GUEST_MAX_ANSWER - _HEADER.size - len(question)) // (2 + _FIXED.size + 4)
-    addresses = addresses[:max(room, 0)]
-    body = b"".join(struct.pack("!H", 0xC000 | _HEADER.size) + _FIXED.pack(TYPE_A, CLASS_IN,
-                                                                          ttl, 4)
-                    + a.to_bytes(4, "big") for a in addresses)
+    addresses = addresses[: max(room, 0)]
+    body = b"".join(
+        struct.pack("!H", 0xC000 | _HEADER.size)
+        + _FIXED.pack(TYPE_A, CLASS_IN, ttl, 4)
+        + a.to_bytes(4, "big")
+        for a in addresses
+    )
     return _HEADER.pack(query.id, flags, 1, len(addresses), 0, 0) + question + body

@@ -114,7 +114,7 @@ class EgressFilter:
         if ip.proto == packets.PROTO_UDP:
             udp = packets.parse_udp(frame, ip)
             if ip.dst == self.link.gateway_ip and udp.dport == DNS_PORT:
-                return self._dns_query(frame[udp.payload:udp.end], src_mac, udp.sport, now)
+                return self._dns_query(frame[udp.payload : udp.end], src_mac, udp.sport, now)
             proto: Proto = "udp"
             sport, dport, flags, seq = udp.sport, udp.dport, 0, 0
         elif ip.proto == packets.PROTO_TCP:
@@ -130,17 +130,40 @@ class EgressFilter:
             if len(self.flows) >= MAX_FLOWS:
                 del self.flows[next(iter(self.flows))]  # the oldest decision
             self.flows[key] = decision
-            self.log({"event": "flow", "proto": proto, "sport": sport, "dst": ntoa(ip.dst),
-                      "dport": dport, "allow": decision.allow, "reason": decision.reason,
-                      "rule": decision.rule})
+            self.log(
+                {
+                    "event": "flow",
+                    "proto": proto,
+                    "sport": sport,
+                    "dst": ntoa(ip.dst),
+                    "dport": dport,
+                    "allow": decision.allow,
+                    "reason": decision.reason,
+                    "rule": decision.rule,
+                }
+            )
         if decision.allow:
             return FORWARD
         if flags & packets.TCP_SYN and not flags & packets.TCP_ACK:
             # Refuse a connection at once (RST) rather than let the guest retry for minutes.
-            seg = packets.tcp(ip.dst, ip.src, dport, sport, 0, seq + 1,
-                              packets.TCP_RST | packets.TCP_ACK, window=0)
-            return Reply(packets.ether(src_mac, self.link.gateway_mac, packets.ETHERTYPE_IPV4,
-                                       packets.ipv4(ip.dst, ip.src, packets.PROTO_TCP, seg)))
+            seg = packets.tcp(
+                ip.dst,
+                ip.src,
+                dport,
+                sport,
+                0,
+                seq + 1,
+                packets.TCP_RST | packets.TCP_ACK,
+                window=0,
+            )
+            return Reply(
+                packets.ether(
+                    src_mac,
+                    self.link.gateway_mac,
+                    packets.ETHERTYPE_IPV4,
+                    packets.ipv4(ip.dst, ip.src, packets.PROTO_TCP, seg),
+                )
+            )
         return Drop(decision.reason)
 
     def _drop(self, reason: str) -> Drop:
@@ -152,8 +175,7 @@ class EgressFilter:
 
     # --- DNS ---------------------------------------------------------------------------
 
-    def _dns_query(self, payload: bytes, guest_mac: bytes, guest_port: int,
-                   now: float) -> Verdict:
+    def _dns_query(self, payload: bytes, guest_mac: bytes, guest_port: int, now: float) -> Verdict:
         try:
             query = dns.parse(payload)
         except dns.DnsError as e:
@@ -166,8 +188,15 @@ class EgressFilter:
         q = query.questions[0]
         name = normalize_name(q.name)
         if name is None or q.qclass != dns.CLASS_IN or not self.policy.resolves(name):
-            self.log({"event": "dns", "name": q.name.lower()[:253], "qtype": q.qtype,
-                      "allow": False, "reason": "name-not-allowed"})
+            self.log(
+                {
+                    "event": "dns",
+                    "name": q.name.lower()[:253],
+                    "qtype": q.qtype,
+                    "allow": False,
+                    "reason": "name-not-allowed",
+                }
+            )
             return self._dns_reply(query, guest_mac, guest_port, dns.REFUSED)
         if q.qtype != dns.TYPE_A:
             return self._dns_reply(query, guest_mac, guest_port, dns.NOERROR)  # no data: IPv4 only
@@ -192,18 +221,36 @@ class EgressFilter:
         for e in self.policy.name_rules(task.name):
             for addr in good:
                 self.learned.learn(addr, e.text, e.port, ttl, now)
-        event.update(cname=list(result.names[1:]), addresses=[ntoa(a) for a in good],
-                     refused=refused)
+        event.update(
+            cname=list(result.names[1:]), addresses=[ntoa(a) for a in good], refused=refused
+        )
         if refused and not good:
             self.log({**event, "allow": False, "reason": "rebinding"})
             return self._dns_reply(task.query, task.guest_mac, task.guest_port, dns.REFUSED)
         rules = [e.text for e in self.policy.name_rules(task.name)] or ["public"]
         self.log({**event, "allow": True, "reason": "name-allowed", "rule": rules})
-        return self._dns_reply(task.query, task.guest_mac, task.guest_port, dns.NOERROR,
-                               tuple(good), ttl)
+        return self._dns_reply(
+            task.query, task.guest_mac, task.guest_port, dns.NOERROR, tuple(good), ttl
+        )
 
-    def _dns_reply(self, query: dns.Message, guest_mac: bytes, guest_port: int, rcode: int,
-                   addresses: tuple[int, ...] = (), ttl: int = 0) -> Reply:
+    def _dns_reply(
+        self,
+        query: dns.Message,
+        guest_mac: bytes,
+        guest_port: int,
+        rcode: int,
+        addresses: tuple[int, ...] = (),
+        ttl: int = 0,
+    ) -> Reply:
         payload = dns.build_response(query, rcode, addresses, ttl)
-        return Reply(packets.udp_frame(guest_mac, self.link.gateway_mac, self.link.gateway_ip,
-                                       self.link.guest_ip, DNS_PORT, guest_port, payload))
+        return Reply(
+            packets.udp_frame(
+                guest_mac,
+                self.link.gateway_mac,
+                self.link.gateway_ip,
+                self.link.guest_ip,
+                DNS_PORT,
+                guest_port,
+                payload,
+            )
+        )

@@ -55,7 +55,7 @@ class FrameReader:
                 raise FrameError(self._error)
             if len(buf) - off - 4 < n:
                 break
-            frames.append(bytes(buf[off + 4:off + 4 + n]))
+            frames.append(bytes(buf[off + 4 : off + 4 + n]))
             off += 4 + n
         del buf[:off]
         return frames

@@ -45,8 +45,15 @@ MAX_PASST_STDERR = 64 << 10  # passed on to our stderr over the gateway's life
 
 
 class Gateway:
-    def __init__(self, vm: socket.socket, filt: EgressFilter, upstream: passt.Passt,
-                 res: resolver.Resolver, hosts: HostAddresses | None, log: DecisionLog) -> None:
+    def __init__(
+        self,
+        vm: socket.socket,
+        filt: EgressFilter,
+        upstream: passt.Passt,
+        res: resolver.Resolver,
+        hosts: HostAddresses | None,
+        log: DecisionLog,
+    ) -> None:
         self.vm = vm
         self.filter = filt
         self.passt = upstream
@@ -60,8 +67,13 @@ class Gateway:
         self.stop: str | None = None
         self.status = 0
         self.stderr_budget = MAX_PASST_STDERR
-        self.counts = {"guest_frames": 0, "forwarded": 0, "passt_frames": 0,
-                       "guest_bytes": 0, "passt_bytes": 0}
+        self.counts = {
+            "guest_frames": 0,
+            "forwarded": 0,
+            "passt_frames": 0,
+            "guest_bytes": 0,
+            "passt_bytes": 0,
+        }
         for s in (vm, upstream.sock):
             s.setblocking(False)  # an ioctl (FIONBIO): before the jail, which refuses it
 
@@ -79,13 +91,20 @@ class Gateway:
         if self.hosts is not None:
             poller.register(self.hosts.sock.fileno(), select.POLLIN)
         while self.stop is None:
-            poller.register(vm_fd, (select.POLLIN if len(self.to_passt) < MAX_BUFFERED else 0)
-                            | (select.POLLOUT if self.to_vm else 0))
-            poller.register(passt_fd, (select.POLLIN if len(self.to_vm) < MAX_BUFFERED else 0)
-                            | (select.POLLOUT if self.to_passt else 0))
+            poller.register(
+                vm_fd,
+                (select.POLLIN if len(self.to_passt) < MAX_BUFFERED else 0)
+                | (select.POLLOUT if self.to_vm else 0),
+            )
+            poller.register(
+                passt_fd,
+                (select.POLLIN if len(self.to_vm) < MAX_BUFFERED else 0)
+                | (select.POLLOUT if self.to_passt else 0),
+            )
             deadline = self.resolver.next_deadline()
-            timeout = None if deadline is None else max(0, int((deadline - time.monotonic())
-                                                                * 1000) + 1)
+            timeout = (
+                None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            )
             try:
                 events = poller.poll(timeout)
             except InterruptedError:
@@ -105,8 +124,15 @@ class Gateway:
                 if self.stop is not None:
                     break
             self._answers(self.resolver.expire(now), now)
-        self.log({"event": "stop", "why": self.stop, "drops": self.filter.drops, **self.counts,
-                  "log_suppressed": self.log.suppressed})
+        self.log(
+            {
+                "event": "stop",
+                "why": self.stop,
+                "drops": self.filter.drops,
+                **self.counts,
+                "log_suppressed": self.log.suppressed,
+            }
+        )
         return self.status
 
     def _vm_events(self, ev: int, now: float) -> None:
@@ -179,8 +205,10 @@ class Gateway:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as e:
-            self._end(f"{'vm channel' if sock is self.vm else 'passt'}: {e.strerror}",
-                      0 if sock is self.vm else 1)
+            self._end(
+                f"{'vm channel' if sock is self.vm else 'passt'}: {e.strerror}",
+                0 if sock is self.vm else 1,
+            )
             return 0
 
     def _flush(self, sock: socket.socket, buf: bytearray) -> None:
@@ -202,7 +230,7 @@ class Gateway:
     def _passt_stderr(self, ev: int, poller: Any, fd: int) -> None:
         text = self.passt.drain_stderr()
         if text and self.stderr_budget > 0:
-            out = text[:self.stderr_budget]
+            out = text[: self.stderr_budget]
             self.stderr_budget -= len(out)
             sys.stderr.write("".join(f"spore-egress: passt: {ln}\n" for ln in out.splitlines()))
             sys.stderr.flush()
@@ -218,20 +246,44 @@ class Gateway:
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sporevm.egress.gateway",
-                                description="A guest's egress gateway (docs/network.md).")
-    p.add_argument("--vm-fd", type=int, required=True,
-                   help="the VM side of the frame channel (a connected stream socket)")
-    p.add_argument("--allow", action="append", default=[], metavar="ENTRY",
-                   help="host, host:port, IPv4 CIDR or address, addr:port, or 'public'")
+    p = argparse.ArgumentParser(
+        prog="python -m sporevm.egress.gateway",
+        description="A guest's egress gateway (docs/network.md).",
+    )
+    p.add_argument(
+        "--vm-fd",
+        type=int,
+        required=True,
+        help="the VM side of the frame channel (a connected stream socket)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ENTRY",
+        help="host, host:port, IPv4 CIDR or address, addr:port, or 'public'",
+    )
     p.add_argument("--log", metavar="FILE", help="append JSON-lines decisions to FILE")
-    p.add_argument("--resolver", action="append", default=[], metavar="ADDR[:PORT]",
-                   help="ask this DNS server (default: /etc/resolv.conf's nameservers)")
-    p.add_argument("--hosts", default="/etc/hosts", metavar="FILE",
-                   help="hosts file consulted first ('' for none)")
+    p.add_argument(
+        "--resolver",
+        action="append",
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="ask this DNS server (default: /etc/resolv.conf's nameservers)",
+    )
+    p.add_argument(
+        "--hosts",
+        default="/etc/hosts",
+        metavar="FILE",
+        help="hosts file consulted first ('' for none)",
+    )
     p.add_argument("--passt", default="passt", metavar="BINARY")
-    p.add_argument("--runtime-dir", default="/run", type=Path,
-                   help="where passt's socket lives for the moment it takes to connect")
+    p.add_argument(
+        "--runtime-dir",
+        default="/run",
+        type=Path,
+        help="where passt's socket lives for the moment it takes to connect",
+    )
     p.add_argument("--no-jail", action="store_true", help="debug only: no Landlock, no seccomp")
     return p.parse_args(argv)
 
@@ -265,12 +317,20 @@ def serve(args: argparse.Namespace) -> int:
             jailed = confine.enter(upstream.proc.pid)
         else:
             sys.stderr.write("spore-egress: WARNING: running WITHOUT its jail (--no-jail)\n")
-        log({"event": "start", "policy": policy.canonical(), "guest": ntoa(link.guest_ip),
-             "gateway": ntoa(link.gateway_ip),
-             "host_addresses": sorted(ntoa(a) for a in policy.host_addresses),
-             "resolvers": [f"{h}:{p}" for h, p in servers], "jail": jailed})
-        sys.stdout.write(json.dumps({"event": "ready", "jail": jailed,
-                                     "passt_pid": upstream.proc.pid}) + "\n")
+        log(
+            {
+                "event": "start",
+                "policy": policy.canonical(),
+                "guest": ntoa(link.guest_ip),
+                "gateway": ntoa(link.gateway_ip),
+                "host_addresses": sorted(ntoa(a) for a in policy.host_addresses),
+                "resolvers": [f"{h}:{p}" for h, p in servers],
+                "jail": jailed,
+            }
+        )
+        sys.stdout.write(
+            json.dumps({"event": "ready", "jail": jailed, "passt_pid": upstream.proc.pid}) + "\n"
+        )
         sys.stdout.flush()
         status = gw.run()
         if status:

@@ -57,14 +57,15 @@ def _addresses(data: bytes, off: int, end: int) -> set[int]:
         if rlen < _RTA.size or rlen > end - off:
             break
         if rlen == _RTA.size + 4 and rtype in (IFA_LOCAL, IFA_ADDRESS):
-            addr = int.from_bytes(data[off + 4:off + 8], "big")
+            addr = int.from_bytes(data[off + 4 : off + 8], "big")
             (local if rtype == IFA_LOCAL else other).add(addr)
         off += _align(rlen)
     return local or other  # point-to-point links: IFA_LOCAL is ours, IFA_ADDRESS the peer
 
 
-_DUMP = _NLMSG.pack(_NLMSG.size + _IFADDR.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) \
-    + _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
+_DUMP = _NLMSG.pack(
+    _NLMSG.size + _IFADDR.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+) + _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
 
 
 class HostAddresses:

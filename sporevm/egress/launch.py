@@ -44,9 +44,15 @@ class GatewayProcess:
         return self.proc.returncode
 
 
-def command(vm_fd: int, allow: Sequence[str], log: Path | None = None,
-            resolvers: Sequence[str] = (), hosts: str | None = None,
-            runtime_dir: Path | None = None, jail: bool = True) -> list[str]:
+def command(
+    vm_fd: int,
+    allow: Sequence[str],
+    log: Path | None = None,
+    resolvers: Sequence[str] = (),
+    hosts: str | None = None,
+    runtime_dir: Path | None = None,
+    jail: bool = True,
+) -> list[str]:
     argv = [sys.executable, "-m", "sporevm.egress.gateway", "--vm-fd", str(vm_fd)]
     for entry in allow:
         argv += ["--allow", entry]
@@ -63,13 +69,19 @@ def command(vm_fd: int, allow: Sequence[str], log: Path | None = None,
     return argv
 
 
-def start(vm_fd: int, allow: Sequence[str], *, prefix: Sequence[str] = (),
-          **kwargs: object) -> GatewayProcess:
+def start(
+    vm_fd: int, allow: Sequence[str], *, prefix: Sequence[str] = (), **kwargs: object
+) -> GatewayProcess:
     """Start a gateway on ``vm_fd`` and wait for its ready line. ``prefix`` wraps the
     command (tests: ``ip netns exec NAME``); keyword arguments go to ``command``."""
     argv = [*prefix, *command(vm_fd, allow, **kwargs)]  # type: ignore[arg-type]
-    proc = subprocess.Popen(argv, pass_fds=(vm_fd,), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        pass_fds=(vm_fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + READY_TIMEOUT_S
     line = b""
@@ -110,8 +122,13 @@ def parse_ready(line: bytes) -> tuple[str, int]:
         if not isinstance(msg, dict) or set(msg) != {"event", "jail", "passt_pid"}:
             raise ValueError("keys")
         jail, pid = msg["jail"], msg["passt_pid"]
-        if msg["event"] != "ready" or not isinstance(jail, str) or len(jail) > 64 \
-                or type(pid) is not int or not 0 < pid < 1 << 22:
+        if (
+            msg["event"] != "ready"
+            or not isinstance(jail, str)
+            or len(jail) > 64
+            or type(pid) is not int
+            or not 0 < pid < 1 << 22
+        ):
             raise ValueError("values")
     except (ValueError, RecursionError):
         raise EgressError(f"egress gateway: unexpected ready line {first[:200]!r}") from None

@@ -37,8 +37,10 @@ class Learned:
         grants = self._by_addr.get(addr)
         if not grants:
             return ()
-        return sorted((g for g in grants if self._grants[(addr, *g)] > now),
-                      key=lambda g: (g[1] is not None, g[0], g[1] or 0))
+        return sorted(
+            (g for g in grants if self._grants[(addr, *g)] > now),
+            key=lambda g: (g[1] is not None, g[0], g[1] or 0),
+        )
 
     def addresses(self) -> list[int]:
         """Every address with a grant, live or not yet swept."""

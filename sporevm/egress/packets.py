@@ -109,11 +109,18 @@ def parse_ipv4(frame: bytes, off: int = ETH_HLEN) -> IPv4:
         raise PacketError("ipv4-header-length")
     if total < ihl or total > avail:
         raise PacketError("ipv4-total-length")
-    if checksum(frame[off:off + ihl]) != 0:
+    if checksum(frame[off : off + ihl]) != 0:
         raise PacketError("ipv4-checksum")
-    return IPv4(int.from_bytes(src, "big"), int.from_bytes(dst, "big"), proto, ttl,
-                fragment=bool(frag & 0x3FFF), options=ihl > 20, payload=off + ihl,
-                end=off + total)
+    return IPv4(
+        int.from_bytes(src, "big"),
+        int.from_bytes(dst, "big"),
+        proto,
+        ttl,
+        fragment=bool(frag & 0x3FFF),
+        options=ihl > 20,
+        payload=off + ihl,
+        end=off + total,
+    )
 
 
 def parse_udp(frame: bytes, ip: IPv4) -> Udp:
@@ -154,27 +161,61 @@ def ether(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
 
 def arp_reply(our_mac: bytes, our_ip: int, request: Arp) -> bytes:
     """The answer to ``request``: ``our_ip`` is at ``our_mac``."""
-    body = _ARP.pack(1, ETHERTYPE_IPV4, 6, 4, 2, our_mac, our_ip.to_bytes(4, "big"),
-                     request.sha, request.spa.to_bytes(4, "big"))
+    body = _ARP.pack(
+        1,
+        ETHERTYPE_IPV4,
+        6,
+        4,
+        2,
+        our_mac,
+        our_ip.to_bytes(4, "big"),
+        request.sha,
+        request.spa.to_bytes(4, "big"),
+    )
     return ether(request.sha, our_mac, ETHERTYPE_ARP, body)
 
 
 def arp_request(src_mac: bytes, src_ip: int, target_ip: int) -> bytes:
-    body = _ARP.pack(1, ETHERTYPE_IPV4, 6, 4, 1, src_mac, src_ip.to_bytes(4, "big"),
-                     b"\0" * 6, target_ip.to_bytes(4, "big"))
+    body = _ARP.pack(
+        1,
+        ETHERTYPE_IPV4,
+        6,
+        4,
+        1,
+        src_mac,
+        src_ip.to_bytes(4, "big"),
+        b"\0" * 6,
+        target_ip.to_bytes(4, "big"),
+    )
     return ether(BROADCAST, src_mac, ETHERTYPE_ARP, body)
 
 
 def ipv4(src: int, dst: int, proto: int, payload: bytes, ident: int = 0, ttl: int = 64) -> bytes:
-    header = bytearray(_IPV4.pack(0x45, 0, 20 + len(payload), ident & 0xFFFF, 0x4000, ttl,
-                                  proto, 0, src.to_bytes(4, "big"), dst.to_bytes(4, "big")))
+    header = bytearray(
+        _IPV4.pack(
+            0x45,
+            0,
+            20 + len(payload),
+            ident & 0xFFFF,
+            0x4000,
+            ttl,
+            proto,
+            0,
+            src.to_bytes(4, "big"),
+            dst.to_bytes(4, "big"),
+        )
+    )
     header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
     return bytes(header) + payload
 
 
 def _pseudo(src: int, dst: int, proto: int, length: int) -> bytes:
-    return src.to_bytes(4, "big") + dst.to_bytes(4, "big") + bytes((0, proto)) \
+    return (
+        src.to_bytes(4, "big")
+        + dst.to_bytes(4, "big")
+        + bytes((0, proto))
         + length.to_bytes(2, "big")
+    )
 
 
 def udp(src: int, dst: int, sport: int, dport: int, payload: bytes) -> bytes:
@@ -185,25 +226,60 @@ def udp(src: int, dst: int, sport: int, dport: int, payload: bytes) -> bytes:
     return seg[:6] + csum.to_bytes(2, "big") + seg[8:]
 
 
-def tcp(src: int, dst: int, sport: int, dport: int, seq: int, ack: int, flags: int,
-        payload: bytes = b"", window: int = 65535, mss: int | None = None) -> bytes:
+def tcp(
+    src: int,
+    dst: int,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    payload: bytes = b"",
+    window: int = 65535,
+    mss: int | None = None,
+) -> bytes:
     options = b"" if mss is None else struct.pack("!BBH", 2, 4, mss)
     doff = (_TCP.size + len(options)) // 4
-    seg = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, doff << 4, flags,
-                    window, 0, 0) + options + payload
+    seg = (
+        _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, doff << 4, flags, window, 0, 0)
+        + options
+        + payload
+    )
     csum = checksum(_pseudo(src, dst, PROTO_TCP, len(seg)) + seg)
     return seg[:16] + csum.to_bytes(2, "big") + seg[18:]
 
 
-def udp_frame(dst_mac: bytes, src_mac: bytes, src: int, dst: int, sport: int, dport: int,
-              payload: bytes, ident: int = 0) -> bytes:
-    return ether(dst_mac, src_mac, ETHERTYPE_IPV4,
-                 ipv4(src, dst, PROTO_UDP, udp(src, dst, sport, dport, payload), ident))
+def udp_frame(
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: int,
+    dst: int,
+    sport: int,
+    dport: int,
+    payload: bytes,
+    ident: int = 0,
+) -> bytes:
+    return ether(
+        dst_mac,
+        src_mac,
+        ETHERTYPE_IPV4,
+        ipv4(src, dst, PROTO_UDP, udp(src, dst, sport, dport, payload), ident),
+    )
 
 
-def tcp_frame(dst_mac: bytes, src_mac: bytes, src: int, dst: int, sport: int, dport: int,
-              seq: int, ack: int, flags: int, payload: bytes = b"",
-              mss: int | None = None) -> bytes:
+def tcp_frame(
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: int,
+    dst: int,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    payload: bytes = b"",
+    mss: int | None = None,
+) -> bytes:
     seg = tcp(src, dst, sport, dport, seq, ack, flags, payload, mss=mss)
     return ether(dst_mac, src_mac, ETHERTYPE_IPV4, ipv4(src, dst, PROTO_TCP, seg))
 

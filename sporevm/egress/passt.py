@@ -37,8 +37,14 @@ START_TIMEOUT_S = 5.0
 MAX_STDERR = 64 << 10  # what the gateway passes on of passt's messages
 # What passt prints whatever --quiet says: syslog failures (its sandbox has no /dev/log)
 # and the QEMU command line to use; the rest (errors) is passed on.
-_NOISE = ("Failed to send", "UNIX domain socket bound", "You can now start qemu",
-          "kvm ... -device", "or qrap", "./qrap")
+_NOISE = (
+    "Failed to send",
+    "UNIX domain socket bound",
+    "You can now start qemu",
+    "kvm ... -device",
+    "or qrap",
+    "./qrap",
+)
 
 
 def _messages(data: bytes) -> str:
@@ -71,12 +77,34 @@ class Passt:
 
 
 def argv(binary: str, link: Link, sock_path: Path, runas: str | None) -> list[str]:
-    args = [binary, "--foreground", "--quiet", "--stderr", "--one-off", "--ipv4-only",
-            "--socket", str(sock_path),
-            "--address", ntoa(link.guest_ip), "--netmask", str(link.prefix),
-            "--gateway", ntoa(link.gateway_ip), "--mac-addr", mac_text(link.gateway_mac),
-            "--tcp-ports", "none", "--udp-ports", "none", "--no-map-gw",
-            "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra", "--no-icmp"]
+    args = [
+        binary,
+        "--foreground",
+        "--quiet",
+        "--stderr",
+        "--one-off",
+        "--ipv4-only",
+        "--socket",
+        str(sock_path),
+        "--address",
+        ntoa(link.guest_ip),
+        "--netmask",
+        str(link.prefix),
+        "--gateway",
+        ntoa(link.gateway_ip),
+        "--mac-addr",
+        mac_text(link.gateway_mac),
+        "--tcp-ports",
+        "none",
+        "--udp-ports",
+        "none",
+        "--no-map-gw",
+        "--no-dhcp",
+        "--no-ndp",
+        "--no-dhcpv6",
+        "--no-ra",
+        "--no-icmp",
+    ]
     if runas is not None:
         args += ["--runas", runas]
     return args
@@ -94,8 +122,12 @@ def start(link: Link, runtime_dir: Path, binary: str = "passt") -> Passt:
         runas = f"{PASST_UID}:{PASST_UID}"
     sock_path = private / "passt.sock"
     try:
-        proc = subprocess.Popen(argv(path, link, sock_path, runas), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            argv(path, link, sock_path, runas),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             sock = _connect(proc, sock_path)
         except BaseException:
@@ -113,8 +145,10 @@ def _connect(proc: subprocess.Popen[bytes], sock_path: Path) -> socket.socket:
         if proc.poll() is not None:
             assert proc.stderr is not None
             said = _messages(proc.stderr.read(MAX_STDERR))
-            raise EgressError(f"passt exited with {proc.returncode} at start: "
-                              f"{(said.splitlines() or ['no message'])[-1][:200]}")
+            raise EgressError(
+                f"passt exited with {proc.returncode} at start: "
+                f"{(said.splitlines() or ['no message'])[-1][:200]}"
+            )
         if sock_path.exists():
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -136,5 +170,7 @@ def _check_peer(s: socket.socket, pid: int) -> None:
     peer_pid, _uid, _gid = struct.unpack("3i", creds)
     if peer_pid != pid:
         s.close()
-        raise EgressError(f"the socket passt opened is served by pid {peer_pid}, not by "
-                          f"passt ({pid}); refusing it")
+        raise EgressError(
+            f"the socket passt opened is served by pid {peer_pid}, not by "
+            f"passt ({pid}); refusing it"
+        )

@@ -74,10 +74,18 @@ def cidr(text: str) -> Cidr:
 
 # The floor (issue 14). Each range is named in the decision log.
 FLOOR = (
-    cidr("0.0.0.0/8"), cidr("10.0.0.0/8"), cidr("127.0.0.0/8"), cidr("169.254.0.0/16"),
-    cidr("172.16.0.0/12"), cidr("192.168.0.0/16"), cidr("100.64.0.0/10"),
-    cidr("192.0.0.0/24"), cidr("198.18.0.0/15"), cidr("224.0.0.0/3"),
+    cidr("0.0.0.0/8"),
+    cidr("10.0.0.0/8"),
+    cidr("127.0.0.0/8"),
+    cidr("169.254.0.0/16"),
+    cidr("172.16.0.0/12"),
+    cidr("192.168.0.0/16"),
+    cidr("100.64.0.0/10"),
+    cidr("192.0.0.0/24"),
+    cidr("198.18.0.0/15"),
+    cidr("224.0.0.0/3"),
 )
+
 
 def normalize_name(text: str) -> str | None:
     """Lowercase host name without the trailing dot, or None if it is not one.
@@ -133,8 +141,9 @@ def parse_entry(text: str) -> Entry:
         prefix = int(bits)
         block = Cidr(net, prefix)
         if block.net & ~block.mask & 0xFFFFFFFF:
-            raise PolicyError(f"{where}: host bits are set; did you mean "
-                              f"{ntoa(net & block.mask)}/{prefix}?")
+            raise PolicyError(
+                f"{where}: host bits are set; did you mean {ntoa(net & block.mask)}/{prefix}?"
+            )
         return Entry("cidr", str(block), net=_outside_floor(block, where))
     host, sep, port_text = text.rpartition(":")
     if not sep:
@@ -152,8 +161,10 @@ def parse_entry(text: str) -> Entry:
         return Entry("addrport", f"{host}:{port}", addr=ip, port=port)
     name = normalize_name(host)
     if name is None:
-        raise PolicyError(f"{where}: not a host name, IPv4 address or CIDR, host:port, "
-                          "or 'public' (IPv6 is not supported yet)")
+        raise PolicyError(
+            f"{where}: not a host name, IPv4 address or CIDR, host:port, "
+            "or 'public' (IPv6 is not supported yet)"
+        )
     if port is None:
         return Entry("host", name, name=name)
     return Entry("hostport", f"{name}:{port}", name=name, port=port)
@@ -169,8 +180,10 @@ def _address(text: str, where: str) -> int:
 def _outside_floor(block: Cidr, where: str) -> Cidr:
     floor = in_fixed_floor(block)
     if floor is not None:
-        raise PolicyError(f"{where}: lies inside the floor ({floor}); guests never reach "
-                          "private, loopback, link-local or reserved addresses")
+        raise PolicyError(
+            f"{where}: lies inside the floor ({floor}); guests never reach "
+            "private, loopback, link-local or reserved addresses"
+        )
     return block
 
 
@@ -190,8 +203,10 @@ class Policy:
         if len(self.entries) > MAX_RULES:
             raise PolicyError(f"network: {len(self.entries)} allow entries; at most {MAX_RULES}")
         if len(self.host_addresses) > MAX_FLOOR_ADDRESSES:
-            raise PolicyError(f"network: this machine has {len(self.host_addresses)} "
-                              f"addresses; the floor keeps at most {MAX_FLOOR_ADDRESSES}")
+            raise PolicyError(
+                f"network: this machine has {len(self.host_addresses)} "
+                f"addresses; the floor keeps at most {MAX_FLOOR_ADDRESSES}"
+            )
         names: dict[str, list[Entry]] = {}
         for e in self.entries:
             if e.name is not None:
@@ -199,14 +214,21 @@ class Policy:
         set_ = object.__setattr__  # frozen: derived fields are computed once, here
         set_(self, "public", any(e.kind == "public" for e in self.entries))
         set_(self, "cidrs", tuple(e for e in self.entries if e.kind == "cidr"))
-        set_(self, "addrports", frozenset((e.addr, e.port) for e in self.entries
-                                          if e.kind == "addrport" and e.addr is not None
-                                          and e.port is not None))
+        set_(
+            self,
+            "addrports",
+            frozenset(
+                (e.addr, e.port)
+                for e in self.entries
+                if e.kind == "addrport" and e.addr is not None and e.port is not None
+            ),
+        )
         set_(self, "names", {k: tuple(v) for k, v in names.items()})
 
     @classmethod
-    def parse(cls, texts: Iterable[str], gateway: int,
-              host_addresses: Iterable[int] = ()) -> Policy:
+    def parse(
+        cls, texts: Iterable[str], gateway: int, host_addresses: Iterable[int] = ()
+    ) -> Policy:
         texts = list(texts)
         if len(texts) > MAX_RULES:
             raise PolicyError(f"network: {len(texts)} allow entries; at most {MAX_RULES}")

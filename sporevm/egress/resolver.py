@@ -122,8 +122,12 @@ class _Pending:
 class Resolver:
     """Questions out, ``(task, result)`` pairs back; the caller polls ``sockets``."""
 
-    def __init__(self, sockets: list[socket.socket], hosts: dict[str, tuple[int, ...]],
-                 random16: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        hosts: dict[str, tuple[int, ...]],
+        random16: Callable[[], int] | None = None,
+    ) -> None:
         self.sockets = sockets
         self.hosts = hosts
         self._pending: dict[int, _Pending] = {}

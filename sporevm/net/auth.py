@@ -26,7 +26,7 @@ from sporevm.errors import OCIError
 from sporevm.strictjson import no_duplicate_keys, reject_constant
 
 MAX_TOKEN_RESPONSE = 1 << 20  # bytes of a token server's JSON answer
-MAX_TOKEN_LEN = 64 << 10      # characters of the token itself
+MAX_TOKEN_LEN = 64 << 10  # characters of the token itself
 MAX_CHALLENGE_LEN = 8192
 MAX_CHALLENGE_PARAMS = 32
 MAX_ERROR_BODY = 64 << 10
@@ -43,8 +43,7 @@ def valid_bearer(token: str) -> bool:
     return 0 < len(token) <= MAX_TOKEN_LEN and _BEARER.fullmatch(token) is not None
 
 
-def realm_allowed(realm: str,
-                  plain_http_ok: Callable[[urllib.parse.SplitResult], bool]) -> bool:
+def realm_allowed(realm: str, plain_http_ok: Callable[[urllib.parse.SplitResult], bool]) -> bool:
     """Whether a challenge's token realm may be fetched, credentials included: an
     absolute https URL without userinfo, or http where ``plain_http_ok`` allows it.
     Malformed: no."""
@@ -53,15 +52,20 @@ def realm_allowed(realm: str,
         parts.port  # noqa: B018  (raises ValueError on a malformed port)
     except ValueError:
         return False
-    return bool(parts.hostname) and "@" not in parts.netloc and (
-        parts.scheme == "https" or (parts.scheme == "http" and plain_http_ok(parts)))
+    return (
+        bool(parts.hostname)
+        and "@" not in parts.netloc
+        and (parts.scheme == "https" or (parts.scheme == "http" and plain_http_ok(parts)))
+    )
 
 
 # -- WWW-Authenticate (RFC 7235) ---------------------------------------------------------
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_PARAM = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*"""
-                    r"""(?:"((?:[^"\\]|\\.)*)"|([!#$%&'*+.^_`|~0-9A-Za-z-]+))""")
+_PARAM = re.compile(
+    r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*"""
+    r"""(?:"((?:[^"\\]|\\.)*)"|([!#$%&'*+.^_`|~0-9A-Za-z-]+))"""
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,9 @@ def parse_challenges(header: str) -> list[Challenge]:
             if len(params) >= MAX_CHALLENGE_PARAMS:
                 raise OCIError("registry auth challenge has too many parameters")
             quoted = p.group(2)
-            params[p.group(1).lower()] = (re.sub(r"\\(.)", r"\1", quoted)
-                                          if quoted is not None else p.group(3))
+            params[p.group(1).lower()] = (
+                re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else p.group(3)
+            )
             pos = _skip(header, p.end(), " \t")
             if pos < end and header[pos] == ",":
                 after = _skip(header, pos + 1, " \t")
@@ -130,8 +135,11 @@ def _skip(text: str, pos: int, chars: str) -> int:
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity (bounded by callers)."""
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_constant=reject_constant)
+        obj = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+        )
     except UnicodeDecodeError:
         raise OCIError(f"{what}: not UTF-8 text; not a JSON document") from None
     except RecursionError:
@@ -153,8 +161,10 @@ def decode_token_response(data: bytes, *, what: str) -> str:
     if not isinstance(token, str) or not token:
         raise OCIError(f"{what}: token response has no 'token' or 'access_token'")
     if not valid_bearer(token):
-        raise OCIError(f"{what}: token response carries a malformed token (not 1 to "
-                       f"{MAX_TOKEN_LEN} printable ASCII characters)")
+        raise OCIError(
+            f"{what}: token response carries a malformed token (not 1 to "
+            f"{MAX_TOKEN_LEN} printable ASCII characters)"
+        )
     return token
 
 
@@ -216,8 +226,10 @@ def load_credentials(registry: str, config: Path | None = None) -> str | None:
             try:
                 decoded = base64.b64decode(auth, validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
-                raise OCIError(f"{path}: auths[{key!r}].auth is not base64 of user:password; "
-                               f"run `docker login {registry}` again") from None
+                raise OCIError(
+                    f"{path}: auths[{key!r}].auth is not base64 of user:password; "
+                    f"run `docker login {registry}` again"
+                ) from None
             if ":" not in decoded:
                 raise OCIError(f"{path}: auths[{key!r}].auth is not base64 of user:password")
             return auth

@@ -45,11 +45,11 @@ from typing import Any, TypeVar
 
 from sporevm.errors import DistError, SporeError
 
-TIMEOUT = 30.0        # connect, and each socket read
-HEADERS = 30.0        # request start -> complete response headers
-BASE = 90.0           # request start -> last byte: BASE + expected bytes / MIN_RATE
-MIN_RATE = 64 << 10   # bytes/s
-_POLL = 0.05          # after expiry: how soon a socket that was still connecting is shut
+TIMEOUT = 30.0  # connect, and each socket read
+HEADERS = 30.0  # request start -> complete response headers
+BASE = 90.0  # request start -> last byte: BASE + expected bytes / MIN_RATE
+MIN_RATE = 64 << 10  # bytes/s
+_POLL = 0.05  # after expiry: how soon a socket that was still connecting is shut
 
 T = TypeVar("T")
 _local = threading.local()
@@ -95,8 +95,16 @@ class Deadline:
     (the caller's kind: DistError for pulls, OCIError for image fetches) whose hint
     ends with ``again``, what the user runs to retry."""
 
-    def __init__(self, what: str, server: str, expected: int, *, resume: bool = False,
-                 error: type[SporeError] = DistError, again: str = "run the pull again") -> None:
+    def __init__(
+        self,
+        what: str,
+        server: str,
+        expected: int,
+        *,
+        resume: bool = False,
+        error: type[SporeError] = DistError,
+        again: str = "run the pull again",
+    ) -> None:
         self.what, self.server, self.expected, self.resume = what, server, expected, resume
         self.error_type, self.again = error, again
         self.started = time.monotonic()
@@ -104,7 +112,7 @@ class Deadline:
         self.headers_allowed = min(HEADERS, self.allowed)
         self.received = 0
         self._in_headers = True
-        self._expired: str | None = None   # "headers" or "body" once the deadline passed
+        self._expired: str | None = None  # "headers" or "body" once the deadline passed
         self._socks: list[socket.socket] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -192,14 +200,15 @@ class Deadline:
             return self.error_type(
                 f"{self.what}: {self.server} sent no complete response headers within "
                 f"{self.headers_allowed:g} s; it is stalled or too slow — check it, then "
-                f"{self.again}")
-        hint = f"{self.again} to resume" if self.resume else \
-            f"check the server, then {self.again}"
+                f"{self.again}"
+            )
+        hint = f"{self.again} to resume" if self.resume else f"check the server, then {self.again}"
         bound = "" if self.resume else "at most "
         return self.error_type(
             f"{self.what}: {self.server} sent {self.received} of {bound}{self.expected} bytes "
             f"in the {self.allowed:.0f} s allowed ({BASE:g} s + the size at {rate}); it is "
-            f"stalled or slower than {rate} — {hint}")
+            f"stalled or slower than {rate} — {hint}"
+        )
 
     # -- the watchdog --------------------------------------------------------------------
     def attach(self, sock: Any) -> None:
@@ -215,8 +224,9 @@ class Deadline:
             if isinstance(sock, socket.socket) and all(s is not sock for s in self._socks):
                 self._socks.append(sock)
             if self._watchdog is None:
-                self._watchdog = threading.Thread(target=self._watch, daemon=True,
-                                                  name="spore-deadline")
+                self._watchdog = threading.Thread(
+                    target=self._watch, daemon=True, name="spore-deadline"
+                )
                 self._watchdog.start()
 
     def _watch(self) -> None:
@@ -270,9 +280,11 @@ def _watched_pool(pool: type[Any]) -> type[Any]:
         return pool
     with _watched_lock:  # one subclass per pool class, however many sessions ask
         if pool not in _watched:
-            _watched[pool] = type(f"Watched{pool.__name__}", (pool,), {
-                "ConnectionCls": _watched_connection(pool.ConnectionCls),
-                "_spore_watched": True})
+            _watched[pool] = type(
+                f"Watched{pool.__name__}",
+                (pool,),
+                {"ConnectionCls": _watched_connection(pool.ConnectionCls), "_spore_watched": True},
+            )
         return _watched[pool]
 
 

@@ -40,8 +40,11 @@ class Policy:
     insecure_option: bool = False
 
     def plain_http_allowed(self, hostport: str) -> bool:
-        return (is_loopback(hostport) or hostport in self.insecure
-                or host_name(hostport) in self.insecure)
+        return (
+            is_loopback(hostport)
+            or hostport in self.insecure
+            or host_name(hostport) in self.insecure
+        )
 
     def plain_http_hosts(self) -> str:
         """Where plain HTTP may go, for error messages."""

@@ -28,7 +28,8 @@ class WatchedAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = watched_pools(
-            self.poolmanager.pool_classes_by_scheme)
+            self.poolmanager.pool_classes_by_scheme
+        )
 
     def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
         manager = super().proxy_manager_for(proxy, **kwargs)

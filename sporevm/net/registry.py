@@ -78,10 +78,19 @@ class Repository:
     asked for when a challenge names none; ``again`` what the user runs to retry,
     and ``unreachable_hint`` what else they can do, for error messages."""
 
-    def __init__(self, host: str, repository: str, *, policy: Policy,
-                 error: type[SporeError], registry: str | None = None,
-                 actions: str = "pull", again: str = "try again",
-                 unreachable_hint: str = "", auth_config: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        repository: str,
+        *,
+        policy: Policy,
+        error: type[SporeError],
+        registry: str | None = None,
+        actions: str = "pull",
+        again: str = "try again",
+        unreachable_hint: str = "",
+        auth_config: Path | None = None,
+    ) -> None:
         # Imported here: only registry users need it, and it costs ~0.1 s of startup.
         import oras.provider
 
@@ -102,8 +111,9 @@ class Repository:
     # -- public: one exchange ------------------------------------------------------------
     def transfer(self, what: str, expected: int, *, resume: bool = False) -> Deadline:
         """The deadline of one exchange with this registry (close it when done)."""
-        return Deadline(what, self.server, expected, resume=resume, error=self.error,
-                        again=self.again)
+        return Deadline(
+            what, self.server, expected, resume=resume, error=self.error, again=self.again
+        )
 
     def url(self, path: str, what: str) -> str:
         """``path`` below the repository (``manifests/…``, ``blobs/…``), or an absolute
@@ -112,9 +122,17 @@ class Repository:
             return self.base + path
         return self.same_origin(path, what)
 
-    def request(self, method: str, path: str, what: str, *, deadline: Deadline | None,
-                accept: str | None = None, headers: dict[str, str] | None = None,
-                data: Any = None) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        deadline: Deadline | None,
+        accept: str | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+    ) -> requests.Response:
         """``method`` on ``path``, answering auth challenges; the body is not read.
 
         ``deadline``: the exchange's (the request runs under its header deadline);
@@ -127,23 +145,32 @@ class Repository:
 
         def run() -> requests.Response:
             return self._authorized(method, url, hdrs, data, what)
+
         return deadline.open(run) if deadline is not None else run()
 
-    def body(self, resp: requests.Response, limit: int, what: str,
-             deadline: Deadline | None) -> Iterator[bytes]:
+    def body(
+        self, resp: requests.Response, limit: int, what: str, deadline: Deadline | None
+    ) -> Iterator[bytes]:
         """The raw body, at most ``limit`` bytes (an announced larger length is refused
         before any byte is read), checked against ``deadline`` as bytes arrive."""
         length = resp.headers.get("Content-Length")
         if length is not None and not length.isdigit():
             resp.close()
-            raise self.error(f"{what}: {self.server} sent a malformed Content-Length "
-                             f"{length[:40]!r}")
+            raise self.error(
+                f"{what}: {self.server} sent a malformed Content-Length {length[:40]!r}"
+            )
         if length is not None and int(length) > limit:
             resp.close()
-            raise self.error(f"{what}: {self.server} announces {length[:40]} bytes, more than "
-                             f"the {limit}-byte limit")
-        blocks = raw_stream(resp, lambda name: self.error(
-            f"{what}: connection to {self.server} broke while reading ({name}); {self.again}"))
+            raise self.error(
+                f"{what}: {self.server} announces {length[:40]} bytes, more than "
+                f"the {limit}-byte limit"
+            )
+        blocks = raw_stream(
+            resp,
+            lambda name: self.error(
+                f"{what}: connection to {self.server} broke while reading ({name}); {self.again}"
+            ),
+        )
         total = 0
         for block in deadline.guard(blocks) if deadline is not None else blocks:
             total += len(block)
@@ -152,21 +179,28 @@ class Repository:
                 raise self.error(f"{what}: more than {limit} bytes from {self.server}; refusing")
             yield block
 
-    def read(self, path: str, what: str, *, limit: int,
-             accept: str | None = None) -> tuple[bytes, requests.Response]:
+    def read(
+        self, path: str, what: str, *, limit: int, accept: str | None = None
+    ) -> tuple[bytes, requests.Response]:
         """A small document, whole: GET, status 200, body ≤ ``limit``, one deadline."""
         with contextlib.closing(self.transfer(what, limit)) as d:
             resp = self.request("GET", path, what, deadline=d, accept=accept)
             self.check(resp, what, d)
             return b"".join(self.body(resp, limit, what, d)), resp
 
-    def check(self, resp: requests.Response, what: str, deadline: Deadline | None = None,
-              ok: tuple[int, ...] = (200,)) -> None:
+    def check(
+        self,
+        resp: requests.Response,
+        what: str,
+        deadline: Deadline | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> None:
         if resp.status_code not in ok:
             raise self.status_error(resp, what, deadline)
 
-    def status_error(self, resp: requests.Response, what: str,
-                     deadline: Deadline | None = None) -> SporeError:
+    def status_error(
+        self, resp: requests.Response, what: str, deadline: Deadline | None = None
+    ) -> SporeError:
         """The registry's refusal as one line, with its JSON error summary when the body
         can be read under a deadline (``deadline``, or the one running)."""
         d = deadline or current()
@@ -181,11 +215,15 @@ class Repository:
         status = resp.status_code
         detail = f" ({detail})" if detail else ""
         if status == 404:
-            return self.error(f"{what}: not found in {self.server} (HTTP 404{detail}); check the "
-                              "repository, tag or digest")
+            return self.error(
+                f"{what}: not found in {self.server} (HTTP 404{detail}); check the "
+                "repository, tag or digest"
+            )
         if status in (401, 403):
-            return self.error(f"{what}: access denied by {self.server} (HTTP {status}{detail}); "
-                              f"check your credentials for {self.registry}")
+            return self.error(
+                f"{what}: access denied by {self.server} (HTTP {status}{detail}); "
+                f"check your credentials for {self.registry}"
+            )
         return self.error(f"{what}: {self.server} answered HTTP {status}{detail}")
 
     def same_origin(self, location: str, what: str) -> str:
@@ -194,13 +232,16 @@ class Repository:
         url = urllib.parse.urljoin(self.base, location)
         parts = urllib.parse.urlsplit(url)
         if f"{parts.scheme}://{parts.netloc}" != self.origin:
-            raise self.error(f"{what}: {self.server} sent us to {parts.netloc[:100]!r}; "
-                             "uploads and requests only go to the registry named")
+            raise self.error(
+                f"{what}: {self.server} sent us to {parts.netloc[:100]!r}; "
+                "uploads and requests only go to the registry named"
+            )
         return url
 
     # -- auth --------------------------------------------------------------------------
-    def _authorized(self, method: str, url: str, headers: dict[str, str], data: Any,
-                    what: str) -> requests.Response:
+    def _authorized(
+        self, method: str, url: str, headers: dict[str, str], data: Any, what: str
+    ) -> requests.Response:
         for attempt in (1, 2):
             if self._auth:
                 headers = {**headers, "Authorization": self._auth}
@@ -212,9 +253,11 @@ class Repository:
             challenge = resp.headers.get("WWW-Authenticate", "")
             resp.close()
             if attempt == 2:
-                raise self.error(f"{what}: {self.server} refused our credentials (HTTP 401); "
-                                 f"check `docker login {self.registry}` / "
-                                 "~/.docker/config.json")
+                raise self.error(
+                    f"{what}: {self.server} refused our credentials (HTTP 401); "
+                    f"check `docker login {self.registry}` / "
+                    "~/.docker/config.json"
+                )
             self._auth = self._authenticate(challenge, what)
         raise AssertionError("unreachable")
 
@@ -234,9 +277,11 @@ class Repository:
             if ch.scheme == "basic" and creds:
                 return "Basic " + creds
         schemes = ", ".join(ch.scheme for ch in challenges)
-        raise self.error(f"{what}: {self.server} requires authentication; run `docker login "
-                         f"{self.registry}` or add credentials to ~/.docker/config.json "
-                         f"(challenge: {schemes[:80]})")
+        raise self.error(
+            f"{what}: {self.server} requires authentication; run `docker login "
+            f"{self.registry}` or add credentials to ~/.docker/config.json "
+            f"(challenge: {schemes[:80]})"
+        )
 
     def _credentials(self) -> str | None:
         if self._creds is None:
@@ -248,9 +293,11 @@ class Repository:
 
     def _check_realm(self, realm: str, what: str) -> None:
         if not realm_allowed(realm, lambda p: self.policy.plain_http_allowed(p.netloc)):
-            raise self.error(f"{what}: {self.server} names the token realm {realm[:100]!r}; "
-                             f"only https realms (or plain http on "
-                             f"{self.policy.plain_http_hosts()}) are used")
+            raise self.error(
+                f"{what}: {self.server} names the token realm {realm[:100]!r}; "
+                f"only https realms (or plain http on "
+                f"{self.policy.plain_http_hosts()}) are used"
+            )
 
     def _token(self, params: dict[str, str], creds: str | None, what: str) -> str:
         realm = params.get("realm", "")
@@ -260,27 +307,46 @@ class Repository:
         if params.get("service"):
             query["service"] = params["service"]
         url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query)
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json",
-                   "Accept-Encoding": "identity"}
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+        }
         if creds:
             headers["Authorization"] = "Basic " + creds
         where = f"{parts.scheme}://{parts.netloc}{parts.path}"[:160]  # no query: no secrets
         server = f"token server {parts.netloc[:100]}"
-        too_many = (f"{what}: authentication with {self.server} failed (TooManyRedirects): "
-                    f"{server} redirected more than {MAX_REDIRECTS} times")
-        with contextlib.closing(Deadline(f"{what}: token response", where, MAX_TOKEN_RESPONSE,
-                                         error=self.error, again=self.again)) as d:
-            resp = d.open(lambda: self._attempts("GET", url, headers, None, f"{what}: {server}",
-                                                 too_many=too_many))
+        too_many = (
+            f"{what}: authentication with {self.server} failed (TooManyRedirects): "
+            f"{server} redirected more than {MAX_REDIRECTS} times"
+        )
+        with contextlib.closing(
+            Deadline(
+                f"{what}: token response",
+                where,
+                MAX_TOKEN_RESPONSE,
+                error=self.error,
+                again=self.again,
+            )
+        ) as d:
+            resp = d.open(
+                lambda: self._attempts(
+                    "GET", url, headers, None, f"{what}: {server}", too_many=too_many
+                )
+            )
             if resp.status_code != 200:
                 detail = summarize_errors(self._drain(resp, MAX_ERROR_BODY, what, d))
-                hint = ("credentials rejected" if creds else
-                        f"anonymous access refused; run `docker login {self.registry}`")
-                raise self.error(f"{what}: {server}: HTTP {resp.status_code} "
-                                 f"({detail or hint})")
+                hint = (
+                    "credentials rejected"
+                    if creds
+                    else f"anonymous access refused; run `docker login {self.registry}`"
+                )
+                raise self.error(f"{what}: {server}: HTTP {resp.status_code} ({detail or hint})")
             length = resp.headers.get("Content-Length")
-            too_big = self.error(f"{what}: token response from {where} exceeds "
-                                 f"{MAX_TOKEN_RESPONSE >> 20} MiB; is this a registry?")
+            too_big = self.error(
+                f"{what}: token response from {where} exceeds "
+                f"{MAX_TOKEN_RESPONSE >> 20} MiB; is this a registry?"
+            )
             if length is not None and (not length.isdigit() or int(length) > MAX_TOKEN_RESPONSE):
                 resp.close()
                 raise too_big
@@ -296,8 +362,12 @@ class Repository:
         """At most ``limit`` bytes of a body (the rest is dropped with the connection)."""
         parts: list[bytes] = []
         total = 0
-        blocks = raw_stream(resp, lambda name: self.error(
-            f"{what}: connection to {d.server} broke while reading ({name}); {self.again}"))
+        blocks = raw_stream(
+            resp,
+            lambda name: self.error(
+                f"{what}: connection to {d.server} broke while reading ({name}); {self.again}"
+            ),
+        )
         for block in d.guard(blocks):
             parts.append(block)
             total += len(block)
@@ -307,8 +377,15 @@ class Repository:
         return b"".join(parts)[:limit]
 
     # -- sending: retries and redirects ----------------------------------------------------
-    def _attempts(self, method: str, url: str, headers: dict[str, str], data: Any, what: str,
-                  too_many: str | None = None) -> requests.Response:
+    def _attempts(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        data: Any,
+        what: str,
+        too_many: str | None = None,
+    ) -> requests.Response:
         """One request, retried (GET/HEAD only) while the header deadline allows."""
         delay = 0.1
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -319,11 +396,13 @@ class Repository:
                 raise self._unreachable(what, tls=True) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
                 if not (retry and _time_left(delay)):
-                    raise self._unreachable(what, timeout=isinstance(
-                        exc, requests.exceptions.Timeout)) from None
+                    raise self._unreachable(
+                        what, timeout=isinstance(exc, requests.exceptions.Timeout)
+                    ) from None
             except requests.exceptions.RequestException as exc:
-                raise self.error(f"{what}: request to {self.server} failed "
-                                 f"({type(exc).__name__})") from None
+                raise self.error(
+                    f"{what}: request to {self.server} failed ({type(exc).__name__})"
+                ) from None
             else:
                 if resp.status_code not in RETRY_STATUS or not (retry and _time_left(delay)):
                     return resp
@@ -332,12 +411,25 @@ class Repository:
             delay *= 2
         raise AssertionError("unreachable")
 
-    def _follow(self, method: str, url: str, headers: dict[str, str], data: Any, what: str,
-                too_many: str | None) -> requests.Response:
+    def _follow(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        data: Any,
+        what: str,
+        too_many: str | None,
+    ) -> requests.Response:
         for _ in range(MAX_REDIRECTS + 1):
-            resp = self.session.request(method, url, headers=headers, data=data, stream=True,
-                                        allow_redirects=False,
-                                        timeout=request_timeout())
+            resp = self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                stream=True,
+                allow_redirects=False,
+                timeout=request_timeout(),
+            )
             if method not in _FOLLOWED or resp.status_code not in _REDIRECT_STATUS:
                 return resp
             location = resp.headers.get("Location", "")
@@ -349,27 +441,36 @@ class Repository:
             except ValueError:
                 parts = None
             if parts is None or not parts.hostname or "@" in parts.netloc:
-                raise self.error(f"{what}: {self.server} redirected to a malformed URL "
-                                 f"{location[:100]!r}")
+                raise self.error(
+                    f"{what}: {self.server} redirected to a malformed URL {location[:100]!r}"
+                )
             if parts.scheme != "https" and not (
-                    parts.scheme == "http" and self.policy.plain_http_allowed(parts.netloc)):
-                raise self.error(f"{what}: {self.server} redirected to {parts.scheme}://"
-                                 f"{parts.netloc[:100]}; only HTTPS redirects are followed")
+                parts.scheme == "http" and self.policy.plain_http_allowed(parts.netloc)
+            ):
+                raise self.error(
+                    f"{what}: {self.server} redirected to {parts.scheme}://"
+                    f"{parts.netloc[:100]}; only HTTPS redirects are followed"
+                )
             if parts.netloc != urllib.parse.urlsplit(url).netloc:  # never to another host
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
-        raise self.error(too_many or f"{what}: {self.server} redirected more than "
-                         f"{MAX_REDIRECTS} times")
+        raise self.error(
+            too_many or f"{what}: {self.server} redirected more than {MAX_REDIRECTS} times"
+        )
 
     def _unreachable(self, what: str, *, tls: bool = False, timeout: bool = False) -> SporeError:
         if tls:
-            hint = (f"if it serves plain HTTP, pass --insecure-registry {self.host}"
-                    if self.policy.insecure_option and not self.plain_http
-                    else "check its certificate")
+            hint = (
+                f"if it serves plain HTTP, pass --insecure-registry {self.host}"
+                if self.policy.insecure_option and not self.plain_http
+                else "check its certificate"
+            )
             return self.error(f"{what}: TLS handshake with {self.server} failed; {hint}")
         kind = "timed out" if timeout else "connection failed"
-        return self.error(f"{what}: cannot reach {self.server} ({kind}); check that it is "
-                          f"running and reachable{self.unreachable_hint}")
+        return self.error(
+            f"{what}: cannot reach {self.server} ({kind}); check that it is "
+            f"running and reachable{self.unreachable_hint}"
+        )
 
 
 def _time_left(delay: float) -> bool:

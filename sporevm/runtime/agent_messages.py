@@ -114,8 +114,9 @@ class Exec(Message):
         if flags & ~EXEC_FLAGS:
             raise r.error(f"unknown exec flags 0x{flags:02x}")
         timeout = r.u32()
-        m = cls(Command.read(r), timeout, bool(flags & EXEC_BACKGROUND),
-                bool(flags & EXEC_CLEAR_ENV))
+        m = cls(
+            Command.read(r), timeout, bool(flags & EXEC_BACKGROUND), bool(flags & EXEC_CLEAR_ENV)
+        )
         r.end()
         return m
 
@@ -396,8 +397,22 @@ class Done(Message):
 
 _DECODERS: dict[int, type[Message]] = {
     m.TYPE: m
-    for m in (Hello, Exec, Signal, Probe, SetTime, Generation, Shutdown,
-              Ready, Ack, Started, Exit, Error, ProbeResult, Done)
+    for m in (
+        Hello,
+        Exec,
+        Signal,
+        Probe,
+        SetTime,
+        Generation,
+        Shutdown,
+        Ready,
+        Ack,
+        Started,
+        Exit,
+        Error,
+        ProbeResult,
+        Done,
+    )
 }
 
 

@@ -225,8 +225,9 @@ class ExecHandle:
 
     def wait_started(self, timeout: float = 30.0) -> int:
         """Block until the guest confirmed the exec; the pid in the guest."""
-        self.session._pump_until(lambda: self.pid is not None or self.done, timeout,
-                                 f"start of {self.what}")
+        self.session._pump_until(
+            lambda: self.pid is not None or self.done, timeout, f"start of {self.what}"
+        )
         if self.error:
             raise self.error
         if self.pid is None:  # exited before STARTED cannot happen; be explicit anyway
@@ -280,8 +281,9 @@ class ExecHandle:
             )
 
 
-def _command(run: Command | Sequence[str] | str, env: Mapping[str, str] | None,
-             cwd: str) -> Command:
+def _command(
+    run: Command | Sequence[str] | str, env: Mapping[str, str] | None, cwd: str
+) -> Command:
     if isinstance(run, Command):
         return run
     env_list = tuple(f"{k}={v}" for k, v in (env or {}).items())
@@ -317,9 +319,7 @@ class AgentSession:
         while not cond():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise AgentTimeoutError(
-                    f"guest agent: no answer for {what} within {timeout:.1f} s"
-                )
+                raise AgentTimeoutError(f"guest agent: no answer for {what} within {timeout:.1f} s")
             self.pump(left)
 
     def pump(self, timeout: float | None) -> None:
@@ -350,7 +350,9 @@ class AgentSession:
         target = self._streams.get(frame.stream)
         if target is None:
             if isinstance(msg, Error) and msg.code in (
-                ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE, ErrorCode.BAD_PAYLOAD
+                ErrorCode.BAD_FRAME,
+                ErrorCode.UNKNOWN_TYPE,
+                ErrorCode.BAD_PAYLOAD,
             ):
                 raise AgentProtocolError(f"guest agent rejected a host frame: {msg.message}")
             # Output/exit of streams from before a restore, or a SIGNAL reply after EXIT.
@@ -377,8 +379,9 @@ class AgentSession:
             self._streams.pop(sid, None)
         reply = req.reply
         if isinstance(reply, Error):
-            raise AgentError(f"guest agent: {what} failed: {reply.message}", reply.code,
-                             reply.errno)
+            raise AgentError(
+                f"guest agent: {what} failed: {reply.message}", reply.code, reply.errno
+            )
         assert reply is not None
         return reply
 
@@ -424,13 +427,17 @@ class AgentSession:
         sid = self._alloc()
         what = "command " + (cmd.argv[0] if cmd.shell else " ".join(cmd.argv))[:80]
         handle = ExecHandle(
-            self, sid, what, timeout,
+            self,
+            sid,
+            what,
+            timeout,
             on_stdout or out_tail or (lambda b: None),
             on_stderr or err_tail or (lambda b: None),
             captured=(out_tail, err_tail),
         )
-        msg = Exec(cmd, 0 if timeout is None else max(1, round(timeout * 1000)),
-                   background, clear_env)
+        msg = Exec(
+            cmd, 0 if timeout is None else max(1, round(timeout * 1000)), background, clear_env
+        )
         payload = msg.encode()  # validate before registering the stream
         del payload
         self._streams[sid] = handle
@@ -465,7 +472,20 @@ class AgentSession:
 
 
 __all__ = [
-    "AgentClosedError", "AgentError", "AgentExecError", "AgentSession", "AgentTimeoutError",
-    "Channel", "Command", "ExecHandle", "ExitStatus", "FdChannel", "Generation", "MsgType",
-    "Probe", "ProbeKind", "ProbeResult", "QueueChannel",
+    "AgentClosedError",
+    "AgentError",
+    "AgentExecError",
+    "AgentSession",
+    "AgentTimeoutError",
+    "Channel",
+    "Command",
+    "ExecHandle",
+    "ExitStatus",
+    "FdChannel",
+    "Generation",
+    "MsgType",
+    "Probe",
+    "ProbeKind",
+    "ProbeResult",
+    "QueueChannel",
 ]

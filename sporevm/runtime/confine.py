@@ -36,19 +36,34 @@ NO_JAIL_ENV = "SPORE_NO_JAIL"
 # What the monitor issues once the VM runs: the run loop, IRQ lines, capture for a
 # snapshot, dirty logs, and the lazy pager's fills.
 IOCTLS = (
-    kvm.KVM_RUN, kvm.KVM_SET_SIGNAL_MASK, kvm.KVM_IRQ_LINE,
-    kvm.KVM_GET_REGS, kvm.KVM_GET_SREGS, kvm.KVM_GET_FPU, kvm.KVM_GET_XSAVE,
-    kvm.KVM_GET_XCRS, kvm.KVM_GET_MSRS, kvm.KVM_GET_LAPIC, kvm.KVM_GET_VCPU_EVENTS,
-    kvm.KVM_GET_MP_STATE, kvm.KVM_GET_IRQCHIP, kvm.KVM_GET_PIT2, kvm.KVM_GET_CLOCK,
+    kvm.KVM_RUN,
+    kvm.KVM_SET_SIGNAL_MASK,
+    kvm.KVM_IRQ_LINE,
+    kvm.KVM_GET_REGS,
+    kvm.KVM_GET_SREGS,
+    kvm.KVM_GET_FPU,
+    kvm.KVM_GET_XSAVE,
+    kvm.KVM_GET_XCRS,
+    kvm.KVM_GET_MSRS,
+    kvm.KVM_GET_LAPIC,
+    kvm.KVM_GET_VCPU_EVENTS,
+    kvm.KVM_GET_MP_STATE,
+    kvm.KVM_GET_IRQCHIP,
+    kvm.KVM_GET_PIT2,
+    kvm.KVM_GET_CLOCK,
     kvm.KVM_GET_DIRTY_LOG,
     # kvm_pvm fix-ups (cpu.host_fixup) rewrite a stopped vCPU's registers and events
     # at run time; without these every real-Linux guest dies at its first SYSCALL.
-    kvm.KVM_SET_REGS, kvm.KVM_SET_VCPU_EVENTS,
-    lazy.UFFDIO_COPY, lazy.UFFDIO_ZEROPAGE, lazy.UFFDIO_WAKE,
+    kvm.KVM_SET_REGS,
+    kvm.KVM_SET_VCPU_EVENTS,
+    lazy.UFFDIO_COPY,
+    lazy.UFFDIO_ZEROPAGE,
+    lazy.UFFDIO_WAKE,
 )
 
-STORE_ENTRY = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_MAKE_REG | jail.FS_REMOVE_FILE \
-    | jail.FS_REFER
+STORE_ENTRY = (
+    jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_MAKE_REG | jail.FS_REMOVE_FILE | jail.FS_REFER
+)
 STAGING = STORE_ENTRY | jail.FS_WRITE_FILE | jail.FS_TRUNCATE
 _DEVICE = jail.FS_READ_FILE | jail.FS_WRITE_FILE | jail.FS_IOCTL_DEV
 _LIBRARY = jail.FS_READ_FILE | jail.FS_READ_DIR
@@ -56,8 +71,11 @@ _PUBLISHED_READ = jail.FS_READ_FILE | jail.FS_READ_DIR | jail.FS_REMOVE_FILE
 
 
 def _library_dirs() -> list[Path]:
-    libs = {Path(p) for k, p in sysconfig.get_paths().items()
-            if k in ("stdlib", "platstdlib", "purelib", "platlib") and os.path.isdir(p)}
+    libs = {
+        Path(p)
+        for k, p in sysconfig.get_paths().items()
+        if k in ("stdlib", "platstdlib", "purelib", "platlib") and os.path.isdir(p)
+    }
     libs.add(Path(sporevm.__file__).parent)
     return sorted(libs)
 
@@ -166,8 +184,10 @@ class MonitorJail:
             # read-only and a local restore builds a private one (docs/jail.md).
             in_place = not jail.plan_for(jail.effective_abi()).cross_directory_publish
             rules += [
-                jail.PathRule(root / "chunks" / "blake3",
-                              STORE_ENTRY | jail.FS_WRITE_FILE if in_place else STORE_ENTRY),
+                jail.PathRule(
+                    root / "chunks" / "blake3",
+                    STORE_ENTRY | jail.FS_WRITE_FILE if in_place else STORE_ENTRY,
+                ),
                 jail.PathRule(root / MEMFILES, _PUBLISHED_READ if in_place else STORE_ENTRY),
                 jail.PathRule(self.staging, STAGING),
                 jail.PathRule(root / "tmp", jail.FS_REMOVE_DIR),  # our empty staging dir

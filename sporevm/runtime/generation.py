@@ -25,7 +25,11 @@ def generation_message(m: manifest.Manifest, hostname: str) -> GenerationMessage
     now = time.time_ns()
     g = m.generation
     return GenerationMessage(
-        generation_id=g.id, parent_id=g.parent or "", index=g.index, count=g.count,
-        hostname=hostname, entropy=os.urandom(ENTROPY_BYTES),
+        generation_id=g.id,
+        parent_id=g.parent or "",
+        index=g.index,
+        count=g.count,
+        hostname=hostname,
+        entropy=os.urandom(ENTROPY_BYTES),
         time=(now // 10**9, now % 10**9),
     )

@@ -19,11 +19,18 @@ def cpu_profile() -> str:
     return platform.cpu_profile(host_class())
 
 
-def host_contract(*, memory: int, vcpus: int, kernel: str, initrd: str,
-                  cmdline: str) -> PlatformContract:
+def host_contract(
+    *, memory: int, vcpus: int, kernel: str, initrd: str, cmdline: str
+) -> PlatformContract:
     """What this host provides for a VM of ``memory`` and ``vcpus`` booting ``kernel`` and
     ``initrd`` (their blake3 digests) with ``cmdline``."""
     return PlatformContract(
-        arch=platform.ARCH, cpu_profile=cpu_profile(), device_model=platform.DEVICE_MODEL,
-        memory=memory, vcpus=vcpus, kernel=kernel, initrd=initrd, cmdline=cmdline,
+        arch=platform.ARCH,
+        cpu_profile=cpu_profile(),
+        device_model=platform.DEVICE_MODEL,
+        memory=memory,
+        vcpus=vcpus,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
     )

@@ -93,8 +93,9 @@ class VmProcess:
         os.chmod(self.runtime_dir, 0o700)
         self.serial_log = self.runtime_dir / "serial.log"
         self.proc: MonitorProcess
-        zygote = spec.zygote if spec.zygote is not None else \
-            os.environ.get("SPORE_ZYGOTE", "1") != "0"
+        zygote = (
+            spec.zygote if spec.zygote is not None else os.environ.get("SPORE_ZYGOTE", "1") != "0"
+        )
         if zygote:
             # The zygote's env is fixed at its start; say the jail choice per child.
             jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
@@ -108,7 +109,9 @@ class VmProcess:
         if not zygote:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sporevm.runtime.monitor"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
                 env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
             )
             theirs.close()
@@ -156,13 +159,18 @@ class VmProcess:
         ends = (SnapshotTaken, SnapshotFailed, Exited, MonitorError)
         with self._event:
             self._event.wait_for(
-                lambda: any(isinstance(e, ends) for e in self.events[seen:])
-                or self._exited.is_set(), timeout)
+                lambda: (
+                    any(isinstance(e, ends) for e in self.events[seen:]) or self._exited.is_set()
+                ),
+                timeout,
+            )
         for e in self.events[seen:]:
             if isinstance(e, SnapshotTaken):
                 if len(e.chunks) * e.chunk_size != self.spec.vm.memory:
-                    raise VmError(f"snapshot failed: the monitor indexed {len(e.chunks)} chunks "
-                                  f"of {e.chunk_size} B for {self.spec.vm.memory} B of RAM")
+                    raise VmError(
+                        f"snapshot failed: the monitor indexed {len(e.chunks)} chunks "
+                        f"of {e.chunk_size} B for {self.spec.vm.memory} B of RAM"
+                    )
                 return e
             if isinstance(e, SnapshotFailed):
                 raise VmError(f"snapshot failed: {e.message}")

@@ -44,6 +44,8 @@ UFFDIO_COPY = 0xC028AA03  # _IOWR(0xAA, 0x03, struct uffdio_copy)
 UFFDIO_ZEROPAGE = 0xC020AA04  # _IOWR(0xAA, 0x04, struct uffdio_zeropage)
 UFFD_EVENT_PAGEFAULT = 0x12
 MSG_SIZE = 32  # struct uffd_msg
+
+
 class UffdioRange(ctypes.Structure):
     _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
@@ -151,10 +153,13 @@ class LazyPager:
         if isinstance(exc, ChunkError):
             return ChunkError(f"guest RAM chunk {c} ({cid}) failed verification: {exc}")
         if isinstance(exc, OSError):
-            return ChunkError(f"guest RAM chunk {c} ({cid}): cannot map it in: "
-                              f"{exc.strerror or exc}")
-        return ChunkError(f"guest RAM chunk {c} ({cid}): the pager failed: internal error "
-                          f"({type(exc).__name__}: {exc}); please report this bug")
+            return ChunkError(
+                f"guest RAM chunk {c} ({cid}): cannot map it in: {exc.strerror or exc}"
+            )
+        return ChunkError(
+            f"guest RAM chunk {c} ({cid}): the pager failed: internal error "
+            f"({type(exc).__name__}: {exc}); please report this bug"
+        )
 
     def _copy(self, c: int) -> None:
         """UFFDIO_COPY the fill buffer to chunk ``c``; pages that appeared meanwhile
@@ -205,9 +210,14 @@ class LazyPager:
         try:
             self._serve_faults()
         except Exception as exc:  # noqa: BLE001 - fill() failed (and said so) or a bug
-            self._fail(exc if isinstance(exc, ChunkError) else ChunkError(
-                f"the pager failed: internal error ({type(exc).__name__}: {exc}); "
-                "please report this bug"))
+            self._fail(
+                exc
+                if isinstance(exc, ChunkError)
+                else ChunkError(
+                    f"the pager failed: internal error ({type(exc).__name__}: {exc}); "
+                    "please report this bug"
+                )
+            )
 
     def _serve_faults(self) -> None:
         poller = select.poll()

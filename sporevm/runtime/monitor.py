@@ -98,11 +98,15 @@ def serve(cfg: MonitorConfig) -> ExitResult:
     vm = cfg.vm
     # Held only until loaded: a vmlinux is ~15 MiB, per VM, for nothing. A restore
     # never loads them (the caller vouches for their digests: protocol.Restore).
-    images: dict[str, bytes] = {} if vm.restore is not None else {
-        "kernel": _read_file(vm.kernel, "kernel"), "initrd": _read_file(vm.initrd, "initrd")}
+    images: dict[str, bytes] = (
+        {}
+        if vm.restore is not None
+        else {"kernel": _read_file(vm.kernel, "kernel"), "initrd": _read_file(vm.initrd, "initrd")}
+    )
     rootfs_fd = os.open(vm.rootfs, os.O_RDONLY | os.O_CLOEXEC)
-    serial_fd = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                        0o600)
+    serial_fd = os.open(
+        cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+    )
     room = threading.Event()
     hung_up = threading.Event()
     written = 0
@@ -124,10 +128,11 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         except OSError:
             hung_up.set()  # the caller went away; the pump thread stops the VM
 
-    board_cfg = BoardConfig(vm.memory, vm.vcpus, vm.cmdline, rootfs_fd,
-                            os.fstat(rootfs_fd).st_size)
+    board_cfg = BoardConfig(vm.memory, vm.vcpus, vm.cmdline, rootfs_fd, os.fstat(rootfs_fd).st_size)
     wiring = BoardWiring(
-        on_agent_output=agent_output, on_agent_writable=room.set, serial_output=serial_sink,
+        on_agent_output=agent_output,
+        on_agent_writable=room.set,
+        serial_output=serial_sink,
         dirty_log=True,  # snapshots hash only chunks written since the last one (dirty.py)
     )
     # The jail (docs/jail.md), stage 1: files, while no thread exists (Landlock covers
@@ -193,8 +198,9 @@ def serve(cfg: MonitorConfig) -> ExitResult:
     signal.signal(signal.SIGTERM, lambda _s, _f: machine.pause())
     try:
         if vm.restore is None:
-            machine.load_kernel(images.pop("kernel"), board.cmdline, images.pop("initrd"),
-                                rng_seed=os.urandom(32))
+            machine.load_kernel(
+                images.pop("kernel"), board.cmdline, images.pop("initrd"), rng_seed=os.urandom(32)
+            )
             emit(Booting(text(board.cmdline)))
         else:
             emit(Restored(text(str(vm.restore.manifest))))
@@ -226,8 +232,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         jailed.close()
 
 
-def _snapshot(machine: Machine, board: Board, chunks: ChunkStore,
-              settle: Settle | None) -> None:
+def _snapshot(machine: Machine, board: Board, chunks: ChunkStore, settle: Settle | None) -> None:
     """Capture the paused VM: state object + memory chunks into the store; report ids.
 
     Memory: only chunks written since this VM's previous snapshot (or its restore) are
@@ -246,29 +251,48 @@ def _snapshot(machine: Machine, board: Board, chunks: ChunkStore,
     hashed = len(index.chunks) if todo is None else len(todo)
     state = vmstate.encode(captured)
     state_id = chunks.put(state)
-    emit(SnapshotTaken(
-        state=StateRef(state_id, len(state)), chunk_size=index.chunk_size,
-        chunks=index.chunks, hashed=hashed, seconds=round(time.monotonic() - started, 3),
-        settle_seconds=round(settle.seconds, 3) if settle else 0.0,
-        settled=settle.settled if settle else True,
-    ))
+    emit(
+        SnapshotTaken(
+            state=StateRef(state_id, len(state)),
+            chunk_size=index.chunk_size,
+            chunks=index.chunks,
+            hashed=hashed,
+            seconds=round(time.monotonic() - started, 3),
+            settle_seconds=round(settle.seconds, 3) if settle else 0.0,
+            settled=settle.settled if settle else True,
+        )
+    )
 
 
-def _restored_board(cfg: MonitorConfig, restore: Restore, rootfs_fd: int,
-                    board_cfg: BoardConfig, chunks: ChunkStore, wiring: BoardWiring) -> Board:
+def _restored_board(
+    cfg: MonitorConfig,
+    restore: Restore,
+    rootfs_fd: int,
+    board_cfg: BoardConfig,
+    chunks: ChunkStore,
+    wiring: BoardWiring,
+) -> Board:
     """Check the spore against this host and these files, then rebuild the VM from it."""
     vm = cfg.vm
     with open(restore.manifest, "rb") as fh:
-        m = manifest.decode_vouched(fh.read(manifest.MAX_MANIFEST + 1), restore.manifest_id,
-                                    str(restore.manifest))
-    host = host_contract(memory=vm.memory, vcpus=vm.vcpus, kernel=restore.kernel_digest,
-                         initrd=restore.initrd_digest, cmdline=vm.cmdline)
+        m = manifest.decode_vouched(
+            fh.read(manifest.MAX_MANIFEST + 1), restore.manifest_id, str(restore.manifest)
+        )
+    host = host_contract(
+        memory=vm.memory,
+        vcpus=vm.vcpus,
+        kernel=restore.kernel_digest,
+        initrd=restore.initrd_digest,
+        cmdline=vm.cmdline,
+    )
     manifest.check_platform(m, host)  # before any VM exists
     # The rootfs is verified on the very fd the VM will read.
     digest, size = _blake3_fd(rootfs_fd)
     if (digest, size) != (m.rootfs.digest, m.rootfs.size):
-        raise SporeError(f"monitor: rootfs {vm.rootfs} is {digest} ({size} B); the spore "
-                         f"needs {m.rootfs.digest} ({m.rootfs.size} B)")
+        raise SporeError(
+            f"monitor: rootfs {vm.rootfs} is {digest} ({size} B); the spore "
+            f"needs {m.rootfs.digest} ({m.rootfs.size} B)"
+        )
     vm_obj = m.state.get("vm")
     if vm_obj is None:
         raise SporeError(f"{restore.manifest}: the spore has no 'vm' state object")
@@ -279,10 +303,10 @@ def _restored_board(cfg: MonitorConfig, restore: Restore, rootfs_fd: int,
     # against the index (backing.py), also before any VM exists; lazy hashes each chunk
     # as it is faulted in.
     manifest.verify_chunks(m, chunks, rehash=False)
-    ram = eager_ram(m.memory, chunks, vm.memory) if restore.ram is RestoreStrategy.EAGER \
-        else None
-    memfile = open_local(m.memory, chunks, chunks.store) \
-        if restore.ram is RestoreStrategy.LOCAL else -1
+    ram = eager_ram(m.memory, chunks, vm.memory) if restore.ram is RestoreStrategy.EAGER else None
+    memfile = (
+        open_local(m.memory, chunks, chunks.store) if restore.ram is RestoreStrategy.LOCAL else -1
+    )
 
     def load(mem: GuestMemory) -> None:
         if restore.ram is RestoreStrategy.LOCAL:
@@ -360,8 +384,10 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename is not None else ""
         return f"monitor: {where}{exc.strerror or exc}"
-    return (f"monitor: internal error ({type(exc).__name__}: {exc}); this is a bug — run "
-            "again with SPORE_TRACEBACK=1 and report what it prints")
+    return (
+        f"monitor: internal error ({type(exc).__name__}: {exc}); this is a bug — run "
+        "again with SPORE_TRACEBACK=1 and report what it prints"
+    )
 
 
 def main() -> int:
@@ -382,8 +408,15 @@ def main() -> int:
         return 1
     finally:
         release_staging()  # the jail's staging dir, also when serve() failed early
-    emit(Exited(reason=ExitReason(result.reason.name), status=result.status, rip=result.rip,
-                code=result.code or None, detail=text(result.detail)))
+    emit(
+        Exited(
+            reason=ExitReason(result.reason.name),
+            status=result.status,
+            rip=result.rip,
+            code=result.code or None,
+            detail=text(result.detail),
+        )
+    )
     return 0 if result.reason in (StopReason.POWEROFF, StopReason.PAUSED) else 3
 
 

@@ -108,10 +108,16 @@ class MonitorConfig:
         """The flat JSON object of the config line (the field names are the protocol's)."""
         vm, r = self.vm, self.vm.restore
         return {
-            "kernel": str(vm.kernel), "initrd": str(vm.initrd), "rootfs": str(vm.rootfs),
-            "cmdline": vm.cmdline, "memory": vm.memory, "vcpus": vm.vcpus,
-            "agent_fd": self.agent_fd, "serial_log": str(self.serial_log),
-            "timeout": vm.timeout, "store": str(vm.store) if vm.store is not None else "",
+            "kernel": str(vm.kernel),
+            "initrd": str(vm.initrd),
+            "rootfs": str(vm.rootfs),
+            "cmdline": vm.cmdline,
+            "memory": vm.memory,
+            "vcpus": vm.vcpus,
+            "agent_fd": self.agent_fd,
+            "serial_log": str(self.serial_log),
+            "timeout": vm.timeout,
+            "store": str(vm.store) if vm.store is not None else "",
             "restore": str(r.manifest) if r else None,
             "ram": (r.ram if r else RestoreStrategy.EAGER).value,
             "restore_id": r.manifest_id if r else None,
@@ -138,20 +144,26 @@ class MonitorConfig:
             doc.setdefault("initrd_digest", None)
         if not isinstance(doc, dict) or set(doc) != _CONFIG_FIELDS:
             raise ProtocolError("monitor: config has unexpected or missing fields")
-        paths = {name: _config_str(doc, name, path=True)
-                 for name in ("kernel", "initrd", "rootfs", "serial_log")}
+        paths = {
+            name: _config_str(doc, name, path=True)
+            for name in ("kernel", "initrd", "rootfs", "serial_log")
+        }
         store = _config_str(doc, "store", path=True) if doc["store"] != "" else None
         restoring = doc["restore"] is not None
         manifest = _config_str(doc, "restore", path=True) if restoring else None
         rid = doc["restore_id"]
         if (rid is None) == restoring or (rid is not None and not _digest(rid)):
-            raise ProtocolError("monitor: config restore_id must be the restored manifest's "
-                                "blake3:<64 hex> id, exactly when restore is set")
+            raise ProtocolError(
+                "monitor: config restore_id must be the restored manifest's "
+                "blake3:<64 hex> id, exactly when restore is set"
+            )
         for name in ("kernel_digest", "initrd_digest"):
             value = doc[name]
             if (value is None) == restoring or (value is not None and not _digest(value)):
-                raise ProtocolError(f"monitor: config {name} must be a blake3:<64 hex> digest, "
-                                    "exactly when restore is set")
+                raise ProtocolError(
+                    f"monitor: config {name} must be a blake3:<64 hex> digest, "
+                    "exactly when restore is set"
+                )
         cmdline = _config_str(doc, "cmdline", path=False)
         if doc["ram"] not in _STRATEGIES:
             raise ProtocolError(f"monitor: config ram must be one of {', '.join(_STRATEGIES)}")
@@ -169,20 +181,43 @@ class MonitorConfig:
             raise ProtocolError("monitor: config timeout must be null or a number in (0, 1e9]")
         restore = None
         if manifest is not None:
-            restore = Restore(Path(manifest), rid, doc["kernel_digest"], doc["initrd_digest"],
-                              RestoreStrategy(doc["ram"]))
+            restore = Restore(
+                Path(manifest),
+                rid,
+                doc["kernel_digest"],
+                doc["initrd_digest"],
+                RestoreStrategy(doc["ram"]),
+            )
         vm = VmConfig(
-            kernel=Path(paths["kernel"]), initrd=Path(paths["initrd"]),
-            rootfs=Path(paths["rootfs"]), cmdline=cmdline, memory=memory, vcpus=vcpus,
+            kernel=Path(paths["kernel"]),
+            initrd=Path(paths["initrd"]),
+            rootfs=Path(paths["rootfs"]),
+            cmdline=cmdline,
+            memory=memory,
+            vcpus=vcpus,
             timeout=None if timeout is None else float(timeout),
-            store=Path(store) if store is not None else None, restore=restore,
+            store=Path(store) if store is not None else None,
+            restore=restore,
         )
         return cls(vm, agent_fd, Path(paths["serial_log"]))
 
 
 _CONFIG_FIELDS = {
-    "kernel", "initrd", "rootfs", "cmdline", "memory", "vcpus", "agent_fd", "serial_log",
-    "timeout", "store", "restore", "ram", "restore_id", "kernel_digest", "initrd_digest",
+    "kernel",
+    "initrd",
+    "rootfs",
+    "cmdline",
+    "memory",
+    "vcpus",
+    "agent_fd",
+    "serial_log",
+    "timeout",
+    "store",
+    "restore",
+    "ram",
+    "restore_id",
+    "kernel_digest",
+    "initrd_digest",
 }
 _STRATEGIES = tuple(s.value for s in RestoreStrategy)
 
@@ -328,17 +363,29 @@ def encode_event(ev: Event) -> bytes:
     elif isinstance(ev, Restored):
         doc = {"event": "restored", "manifest": ev.manifest}
     elif isinstance(ev, SnapshotTaken):
-        doc = {"event": "snapshot", "state": {"digest": ev.state.digest, "size": ev.state.size},
-               "chunk_size": ev.chunk_size, "chunks": list(ev.chunks), "hashed": ev.hashed,
-               "seconds": ev.seconds, "settle_seconds": ev.settle_seconds,
-               "settled": ev.settled}
+        doc = {
+            "event": "snapshot",
+            "state": {"digest": ev.state.digest, "size": ev.state.size},
+            "chunk_size": ev.chunk_size,
+            "chunks": list(ev.chunks),
+            "hashed": ev.hashed,
+            "seconds": ev.seconds,
+            "settle_seconds": ev.settle_seconds,
+            "settled": ev.settled,
+        }
     elif isinstance(ev, SnapshotFailed):
         doc = {"event": "snapshot-error", "message": ev.message}
     elif isinstance(ev, MonitorError):
         doc = {"event": "error", "message": ev.message}
     else:
-        doc = {"event": "exit", "reason": ev.reason.value, "status": ev.status, "rip": ev.rip,
-               "code": ev.code.hex() if ev.code else None, "detail": ev.detail}
+        doc = {
+            "event": "exit",
+            "reason": ev.reason.value,
+            "status": ev.status,
+            "rip": ev.rip,
+            "code": ev.code.hex() if ev.code else None,
+            "detail": ev.detail,
+        }
     return json.dumps(doc).encode() + b"\n"
 
 
@@ -352,13 +399,16 @@ def decode_event(line: bytes) -> Event:
     fields, build = decoder
     if set(doc) != fields | {"event"}:
         missing, extra = sorted(fields - set(doc)), sorted(set(doc) - fields - {"event"})
-        raise ProtocolError(f"a {name!r} event with missing fields {missing}, "
-                            f"unknown fields {[e[:40] for e in extra[:5]]}")
+        raise ProtocolError(
+            f"a {name!r} event with missing fields {missing}, "
+            f"unknown fields {[e[:40] for e in extra[:5]]}"
+        )
     return build(doc)
 
 
-def read_events(stream: IO[bytes], *, max_line: int | None = None,
-                max_events: int | None = None) -> Iterator[Event]:
+def read_events(
+    stream: IO[bytes], *, max_line: int | None = None, max_events: int | None = None
+) -> Iterator[Event]:
     """The events on ``stream`` until EOF; ProtocolError at the first line over the size
     bound, beyond the count bound, or not a valid event (the caller stops the monitor)."""
     max_line = MAX_EVENT_LINE if max_line is None else max_line
@@ -380,8 +430,11 @@ def _load(line: bytes, limit: int, what: str) -> dict[str, Any]:
     if len(line) > limit:
         raise ProtocolError(f"{what}: over {limit} bytes")
     try:
-        doc = json.loads(line.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_constant=reject_constant)
+        doc = json.loads(
+            line.decode("utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+        )
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"{what}: not JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict):
@@ -392,8 +445,9 @@ def _load(line: bytes, limit: int, what: str) -> dict[str, Any]:
 def _text(doc: dict[str, Any], name: str) -> str:
     value = doc[name]
     if not isinstance(value, str) or len(value) > MAX_TEXT or _CONTROL.search(value):
-        raise ProtocolError(f"{name}: expected text of <= {MAX_TEXT} characters without "
-                            "control characters")
+        raise ProtocolError(
+            f"{name}: expected text of <= {MAX_TEXT} characters without control characters"
+        )
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -412,8 +466,10 @@ def _opt_int(value: object, name: str, lo: int, hi: int) -> int | None:
 
 
 def _seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-        math.isfinite(value) and 0 <= value <= MAX_TIMEOUT
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and 0 <= value <= MAX_TIMEOUT)
     ):
         raise ProtocolError(f"{name}: expected a number of seconds in [0, {MAX_TIMEOUT:g}]")
     return float(value)
@@ -437,10 +493,12 @@ def _snapshot(doc: dict[str, Any]) -> SnapshotTaken:
         raise ProtocolError("settled: expected a boolean")
     return SnapshotTaken(
         state=StateRef(state["digest"], _int(state["size"], "state.size", 1, MAX_OBJECT)),
-        chunk_size=CHUNK, chunks=tuple(chunks),
+        chunk_size=CHUNK,
+        chunks=tuple(chunks),
         hashed=_int(doc["hashed"], "hashed", 0, len(chunks)),
         seconds=_seconds(doc["seconds"], "seconds"),
-        settle_seconds=_seconds(doc["settle_seconds"], "settle_seconds"), settled=settled,
+        settle_seconds=_seconds(doc["settle_seconds"], "settle_seconds"),
+        settled=settled,
     )
 
 
@@ -465,8 +523,10 @@ _CODE = re.compile(f"(?:[0-9a-f]{{2}}){{1,{MAX_CODE}}}")
 _EVENTS: dict[str, tuple[set[str], Callable[[dict[str, Any]], Event]]] = {
     "booting": ({"cmdline"}, lambda d: Booting(_text(d, "cmdline"))),
     "restored": ({"manifest"}, lambda d: Restored(_text(d, "manifest"))),
-    "snapshot": ({"state", "chunk_size", "chunks", "hashed", "seconds", "settle_seconds",
-                  "settled"}, _snapshot),
+    "snapshot": (
+        {"state", "chunk_size", "chunks", "hashed", "seconds", "settle_seconds", "settled"},
+        _snapshot,
+    ),
     "snapshot-error": ({"message"}, lambda d: SnapshotFailed(_text(d, "message"))),
     "error": ({"message"}, lambda d: MonitorError(_text(d, "message"))),
     "exit": ({"reason", "status", "rip", "code", "detail"}, _exited),

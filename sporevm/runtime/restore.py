@@ -57,8 +57,7 @@ def eager_ram(index: MemoryIndex, chunks: ChunkStore, size: int) -> GuestMemory:
     ram = GuestMemory(size, anonymous=True)
     try:
         with ram.view(0, size, writable=True) as whole:
-            materialize(index, chunks, whole, out_is_zero=True,
-                        workers=min(2, os.cpu_count() or 1))
+            materialize(index, chunks, whole, out_is_zero=True, workers=min(2, os.cpu_count() or 1))
     except BaseException as exc:
         # The frames of the error's traceback hold slices of this RAM (the chunk being
         # read into it); clearing them lets close() unmap it now, not at exit.

@@ -201,7 +201,8 @@ class Zygote:
         self._ctl = ours
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sporevm.runtime.zygote"],
-            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),),
             env={**os.environ, _CTL_FD_ENV: str(theirs.fileno())},
         )
         theirs.close()
@@ -253,18 +254,19 @@ class Zygote:
             with self._spawn_lock:
                 word = b"jail" if jail else b"nojail"
                 try:
-                    socket.send_fds(self._ctl, [b"spawn " + word],
-                                    [in_r, out_w, theirs.fileno()])
+                    socket.send_fds(self._ctl, [b"spawn " + word], [in_r, out_w, theirs.fileno()])
                 except OSError as exc:
                     self._dead = True
-                    raise ZygoteError(f"the monitor zygote is gone ({exc.strerror}; exit "
-                                      f"code {self.proc.poll()})") from None
+                    raise ZygoteError(
+                        f"the monitor zygote is gone ({exc.strerror}; exit code {self.proc.poll()})"
+                    ) from None
                 with self._cond:
                     if not self._cond.wait_for(lambda: self._replies or self._dead, timeout):
                         raise ZygoteError("the monitor zygote did not answer a spawn request")
                     if not self._replies:
-                        raise ZygoteError(f"the monitor zygote is gone (exit code "
-                                          f"{self.proc.poll()})")
+                        raise ZygoteError(
+                            f"the monitor zygote is gone (exit code {self.proc.poll()})"
+                        )
                     msg, fds = self._replies.pop(0)
                     parts = msg.split()
                     if parts[:1] != [b"pid"] or len(parts) != 2 or len(fds) != 1:
@@ -272,8 +274,9 @@ class Zygote:
                             os.close(fd)
                         raise ZygoteError(f"the monitor zygote refused: {msg[:80]!r}")
                     pid = int(parts[1])
-                    child = ForkedMonitor(pid, fds[0], os.fdopen(in_w, "wb"),
-                                          os.fdopen(out_r, "rb"))
+                    child = ForkedMonitor(
+                        pid, fds[0], os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb")
+                    )
                     early = self._early_exits.pop(pid, None)
                     if early is None:
                         self._children[pid] = child

@@ -143,17 +143,20 @@ class ChunkStore:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
-            raise ChunkError(f"chunk {cid} is not in the store {self.store.root}; "
-                             f"{REFETCH}") from None
+            raise ChunkError(
+                f"chunk {cid} is not in the store {self.store.root}; {REFETCH}"
+            ) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 # unlink removes the link, never its target
                 failed = _evict(path)
                 done = "evicted it" if failed is None else f"could not evict it ({failed})"
-                raise ChunkError(f"chunk {cid}: store entry {path} is a symlink; {done}; "
-                                 f"{REFETCH}") from None
-            raise ChunkError(f"chunk {cid}: cannot open store entry {path}: "
-                             f"{exc.strerror}") from None
+                raise ChunkError(
+                    f"chunk {cid}: store entry {path} is a symlink; {done}; {REFETCH}"
+                ) from None
+            raise ChunkError(
+                f"chunk {cid}: cannot open store entry {path}: {exc.strerror}"
+            ) from None
         try:
             st = os.fstat(fd)
         except OSError as exc:
@@ -173,8 +176,9 @@ class ChunkStore:
         path = self.path(cid)
         failed = _evict(path)
         if failed is None:
-            return ChunkError(f"chunk {cid}: store entry does not match its id (corrupt); "
-                              f"evicted it; {REFETCH}")
+            return ChunkError(
+                f"chunk {cid}: store entry does not match its id (corrupt); evicted it; {REFETCH}"
+            )
         return ChunkError(
             f"chunk {cid}: store entry {path} does not match its id (corrupt) and could not "
             f"be evicted ({failed}); delete that file (is the store read-only?), then "
@@ -254,8 +258,10 @@ def _evict(path: Path) -> str | None:
 
 
 def _unreadable(cid: str, path: Path, exc: OSError) -> ChunkError:
-    return ChunkError(f"chunk {cid}: cannot read store entry {path}: {exc.strerror}; check "
-                      f"the disk, then run `spore cache verify`")
+    return ChunkError(
+        f"chunk {cid}: cannot read store entry {path}: {exc.strerror}; check "
+        f"the disk, then run `spore cache verify`"
+    )
 
 
 def snapshot_memory(
@@ -300,7 +306,11 @@ def snapshot_memory(
 
 
 def materialize(
-    index: MemoryIndex, store: ChunkStore, out: memoryview, *, out_is_zero: bool = False,
+    index: MemoryIndex,
+    store: ChunkStore,
+    out: memoryview,
+    *,
+    out_is_zero: bool = False,
     workers: int = 1,
 ) -> None:
     """Write the chunks of ``index`` into ``out``, each verified in place (eager restore).
@@ -340,8 +350,10 @@ def materialize(
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             failures.append(exc)
 
-    threads = [threading.Thread(target=share, args=(stored[w::workers],),
-                                name=f"materialize-{w}") for w in range(workers)]
+    threads = [
+        threading.Thread(target=share, args=(stored[w::workers],), name=f"materialize-{w}")
+        for w in range(workers)
+    ]
     for t in threads:
         t.start()
     for t in threads:

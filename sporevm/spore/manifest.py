@@ -218,8 +218,9 @@ class Manifest:
 def canonical(doc: Any) -> bytes:
     """Sorted keys, no insignificant whitespace, UTF-8 (not \\u escapes), integers only."""
     try:
-        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+        text = json.dumps(
+            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
         return text.encode("utf-8")
     except (UnicodeEncodeError, ValueError) as exc:  # lone surrogates, NaN
         raise ManifestError(f"manifest: cannot be encoded canonically ({exc})") from None
@@ -255,8 +256,9 @@ def _where(err: Any) -> str:
 
 
 def _load(data: bytes, what: str) -> dict[str, Any]:
-    doc = load_versioned_object(data, what, limit=MAX_MANIFEST, encoding="utf-8", fmt=FORMAT,
-                                error=ManifestError)
+    doc = load_versioned_object(
+        data, what, limit=MAX_MANIFEST, encoding="utf-8", fmt=FORMAT, error=ManifestError
+    )
     _validate(doc, what)
     return doc
 
@@ -340,8 +342,9 @@ def from_document(doc: dict[str, Any], what: str = "manifest") -> Manifest:
         state={k: StateObject(**v) for k, v in doc["state"]["objects"].items()},
         generation=Generation(**doc["generation"]),
         annotations=dict(doc["annotations"]),
-        provenance=Provenance(prov["sporefile"], prov["lock"], tuple(prov["steps"]),
-                              prov["builder"]),
+        provenance=Provenance(
+            prov["sporefile"], prov["lock"], tuple(prov["steps"]), prov["builder"]
+        ),
     )
     _check(m, what)
     return m
@@ -377,8 +380,10 @@ def decode_vouched(data: bytes, expect_id: str, what: str = "manifest") -> Manif
         raise ManifestError(f"{what}: larger than {MAX_MANIFEST} bytes; refusing to parse it")
     got = manifest_id(data)
     if got != expect_id:
-        raise ManifestError(f"{what}: changed since it was checked (id {got}, expected "
-                            f"{expect_id}); refusing to restore it")
+        raise ManifestError(
+            f"{what}: changed since it was checked (id {got}, expected "
+            f"{expect_id}); refusing to restore it"
+        )
     try:
         doc = json.loads(data.decode("utf-8"))
         m = from_document(doc, what)

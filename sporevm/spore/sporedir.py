@@ -64,11 +64,15 @@ def _read(path: Path, pin: str | None) -> tuple[str, manifest.Manifest, bytes, P
         try:
             want = (path / ID_FILE).read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError):
-            raise SporeOpenError(f"{path}: no readable {ID_FILE} file; the spore is incomplete "
-                                 "(pass DIR@blake3:<manifest id> to pin it explicitly)") from None
+            raise SporeOpenError(
+                f"{path}: no readable {ID_FILE} file; the spore is incomplete "
+                "(pass DIR@blake3:<manifest id> to pin it explicitly)"
+            ) from None
     if want is not None and mid != want:
-        raise SporeOpenError(f"{mpath}: manifest id is {mid}, expected {want}; the manifest "
-                             "was modified or is not the spore you pinned")
+        raise SporeOpenError(
+            f"{mpath}: manifest id is {mid}, expected {want}; the manifest "
+            "was modified or is not the spore you pinned"
+        )
     return mid, manifest.decode(data, str(mpath)), data, mpath
 
 
@@ -79,8 +83,9 @@ def read_spore(text: str) -> tuple[str, manifest.Manifest, bytes]:
     return mid, m, data
 
 
-def open_spore(path: Path, store: Store,
-               pin: str | None = None) -> tuple[manifest.Manifest, Path, Path]:
+def open_spore(
+    path: Path, store: Store, pin: str | None = None
+) -> tuple[manifest.Manifest, Path, Path]:
     """(manifest, manifest path, rootfs path in the store) — everything checked up front.
 
     One edited byte anywhere fails here, before any VM; so does a rootfs of another
@@ -88,17 +93,21 @@ def open_spore(path: Path, store: Store,
     """
     _, m, _, mpath = _read(path, pin)
     if m.rootfs.kind != ROOTFS_KIND or m.rootfs.blk_slot != SLOT_BLK:
-        raise SporeOpenError(f"{mpath}: rootfs kind {m.rootfs.kind!r} on slot "
-                             f"{m.rootfs.blk_slot} is not supported")
+        raise SporeOpenError(
+            f"{mpath}: rootfs kind {m.rootfs.kind!r} on slot {m.rootfs.blk_slot} is not supported"
+        )
     rootfs = store.rootfs_path(m.rootfs.digest)
     if not rootfs.is_file() or rootfs.is_symlink():
-        raise SporeOpenError(f"{mpath}: rootfs {m.rootfs.digest} is not in the store "
-                             f"{store.root}; pull the spore's bundle or rebuild it")
+        raise SporeOpenError(
+            f"{mpath}: rootfs {m.rootfs.digest} is not in the store "
+            f"{store.root}; pull the spore's bundle or rebuild it"
+        )
     return m, mpath, rootfs
 
 
-def write_spore(m: manifest.Manifest, out: Path, store: Store | None = None, *,
-                replace: bool = True) -> str:
+def write_spore(
+    m: manifest.Manifest, out: Path, store: Store | None = None, *, replace: bool = True
+) -> str:
     """Publish the spore directory ``out`` (``manifest.json`` + ``id``) and record it as a
     root of ``store``, so prune keeps what it names; returns the manifest id.
 
@@ -147,8 +156,9 @@ def keep_spore(text: str, store: Store) -> tuple[storeroots.Root, int]:
 
     path, pin = split_pin(text)
     if not path.is_dir():
-        raise SporeOpenError(f"{path}: not a spore directory (expected {MANIFEST} and "
-                             f"{ID_FILE} in it)")
+        raise SporeOpenError(
+            f"{path}: not a spore directory (expected {MANIFEST} and {ID_FILE} in it)"
+        )
     mid, m, _, _ = _read(path, None)  # the id file, which prune checks, must match
     if pin is not None and pin != mid:
         raise SporeOpenError(f"{path}: manifest id is {mid}, you pinned {pin}")

@@ -109,15 +109,34 @@ MSR_TSC_DEADLINE = 0x6E0
 # from another transport version is refused before any VM exists. The values are
 # checked against the attached device by the backend's transport (VirtioMmio.restore).
 VIRTIO_STATE_VERSION = 1
-VIRTIO_TRANSPORT_FIELDS = frozenset({
-    "version", "device_id", "status", "device_features_sel", "driver_features",
-    "driver_features_sel", "queue_sel", "interrupt_status", "config_generation", "error",
-    "queues", "device",
-})
-VIRTIO_QUEUE_FIELDS = frozenset({
-    "size", "ready", "desc_addr", "avail_addr", "used_addr", "last_avail_idx", "used_idx",
-    "indirect",
-})
+VIRTIO_TRANSPORT_FIELDS = frozenset(
+    {
+        "version",
+        "device_id",
+        "status",
+        "device_features_sel",
+        "driver_features",
+        "driver_features_sel",
+        "queue_sel",
+        "interrupt_status",
+        "config_generation",
+        "error",
+        "queues",
+        "device",
+    }
+)
+VIRTIO_QUEUE_FIELDS = frozenset(
+    {
+        "size",
+        "ready",
+        "desc_addr",
+        "avail_addr",
+        "used_addr",
+        "last_avail_idx",
+        "used_idx",
+        "indirect",
+    }
+)
 
 
 # --- the state objects ------------------------------------------------------------------

@@ -71,8 +71,13 @@ def build_board(
     cfg: BoardConfig, wiring: BoardWiring, *, memory: GuestMemory | None = None
 ) -> Board:
     """``memory``: RAM prepared before the VM exists (an eager restore); the machine owns it."""
-    machine = Machine(cfg.memory, cfg.vcpus, serial_output=wiring.serial_output,
-                      dirty_log=wiring.dirty_log, memory=memory)
+    machine = Machine(
+        cfg.memory,
+        cfg.vcpus,
+        serial_output=wiring.serial_output,
+        dirty_log=wiring.dirty_log,
+        memory=memory,
+    )
     try:
         blk = BlkDevice(cfg.rootfs_fd, cfg.rootfs_size, serial=cfg.rootfs_serial)
         console = ConsoleDevice(wiring.on_agent_output, on_writable=wiring.on_agent_writable)

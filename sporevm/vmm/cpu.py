@@ -294,9 +294,15 @@ class Vcpu:
     def capture(self, msrs: list[int]) -> VcpuState:
         """Every piece of this (stopped) vCPU's state; ``msrs``: the MSRs to read."""
         return VcpuState(
-            regs=self.get_regs(), sregs=self.get_sregs(), fpu=self.get_fpu(),
-            xsave=self.get_xsave(), xcrs=self.get_xcrs(), msrs=self.get_msrs(msrs),
-            lapic=self.get_lapic(), events=self.get_events(), mp_state=self.get_mp_state(),
+            regs=self.get_regs(),
+            sregs=self.get_sregs(),
+            fpu=self.get_fpu(),
+            xsave=self.get_xsave(),
+            xcrs=self.get_xcrs(),
+            msrs=self.get_msrs(msrs),
+            lapic=self.get_lapic(),
+            events=self.get_events(),
+            mp_state=self.get_mp_state(),
         )
 
     def apply(self, s: VcpuState, where: str) -> None:
@@ -321,8 +327,10 @@ class Vcpu:
         if MSR_TSC_DEADLINE in s.msrs:
             deadline = {MSR_TSC_DEADLINE: s.msrs[MSR_TSC_DEADLINE]}
             steps.append(("msrs (TSC_DEADLINE)", lambda: self.set_msrs(deadline)))
-        steps += [("mp_state", lambda: self.set_mp_state(s.mp_state)),
-                  ("events", lambda: self.set_events(s.events))]
+        steps += [
+            ("mp_state", lambda: self.set_mp_state(s.mp_state)),
+            ("events", lambda: self.set_events(s.events)),
+        ]
         for part, fn in steps:
             refused(f"{where}.{part}", fn)
 

@@ -161,8 +161,10 @@ def restrict_filesystem(rules: Sequence[PathRule]) -> LandlockPlan:
             "thread starts (it would not cover them)"
         )
     attr = _RulesetAttr(plan.handled_fs, plan.handled_net, plan.scoped)
-    ruleset = _check(_libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
-                                   plan.attr_size, 0), "landlock_create_ruleset")
+    ruleset = _check(
+        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), plan.attr_size, 0),
+        "landlock_create_ruleset",
+    )
     try:
         for rule in rules:
             _add_path_rule(ruleset, rule, plan.handled_fs)
@@ -177,16 +179,21 @@ def _add_path_rule(ruleset: int, rule: PathRule, handled: int) -> None:
     try:
         fd = os.open(rule.path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
-        raise JailError(f"jail: cannot open {rule.path} for a Landlock rule: {exc.strerror}") \
-            from None
+        raise JailError(
+            f"jail: cannot open {rule.path} for a Landlock rule: {exc.strerror}"
+        ) from None
     try:
         access = rule.access & handled
         if not os.path.isdir(f"/proc/self/fd/{fd}"):
             access &= _FILE_RIGHTS
         if access:
             beneath = _PathBeneath(access, fd)
-            _check(_libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_PATH_BENEATH,
-                                 ctypes.byref(beneath), 0), f"landlock_add_rule({rule.path})")
+            _check(
+                _libc.syscall(
+                    _SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(beneath), 0
+                ),
+                f"landlock_add_rule({rule.path})",
+            )
     finally:
         os.close(fd)
 
@@ -205,17 +212,59 @@ def _check(ret: int, what: str) -> int:
 # trimmed; docs/jail.md lists why each is here). Paths are Landlock's business.
 SYSCALLS = (
     # I/O on descriptors opened before the jail, and files Landlock lets us open
-    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "preadv2",
-    "lseek", "close", "fstat", "newfstatat", "statx", "lstat", "stat",
-    "fsync", "fdatasync", "ftruncate", "rename", "renameat", "renameat2", "unlink",
-    "unlinkat", "rmdir", "poll", "ppoll", "dup",
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "pread64",
+    "pwrite64",
+    "preadv",
+    "preadv2",
+    "lseek",
+    "close",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "lstat",
+    "stat",
+    "fsync",
+    "fdatasync",
+    "ftruncate",
+    "rename",
+    "renameat",
+    "renameat2",
+    "unlink",
+    "unlinkat",
+    "rmdir",
+    "poll",
+    "ppoll",
+    "dup",
     # memory (mmap and mprotect are below: never executable)
-    "munmap", "mremap", "madvise", "brk",
+    "munmap",
+    "mremap",
+    "madvise",
+    "brk",
     # threads, time, signals within the process
-    "futex", "set_robust_list", "rseq", "sched_yield", "sched_getaffinity", "gettid",
-    "getpid", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
-    "rt_sigprocmask", "rt_sigaction", "rt_sigreturn", "rt_sigtimedwait", "sigaltstack",
-    "restart_syscall", "getrandom", "exit", "exit_group",
+    "futex",
+    "set_robust_list",
+    "rseq",
+    "sched_yield",
+    "sched_getaffinity",
+    "gettid",
+    "getpid",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "gettimeofday",
+    "rt_sigprocmask",
+    "rt_sigaction",
+    "rt_sigreturn",
+    "rt_sigtimedwait",
+    "sigaltstack",
+    "restart_syscall",
+    "getrandom",
+    "exit",
+    "exit_group",
 )
 
 # clone: threads only. CLONE_THREAD implies CLONE_SIGHAND and CLONE_VM (the kernel
@@ -249,8 +298,10 @@ def load_seccomp() -> Any:
         try:
             import pyseccomp  # noqa: F401
         except OSError as exc:
-            raise JailError(f"jail: cannot load libseccomp ({exc}); install Debian's "
-                            "libseccomp2 (scripts/setup does)") from None
+            raise JailError(
+                f"jail: cannot load libseccomp ({exc}); install Debian's "
+                "libseccomp2 (scripts/setup does)"
+            ) from None
         finally:
             ctypes.util.find_library = real
     return sys.modules["pyseccomp"]
@@ -283,9 +334,11 @@ def enter_seccomp(ioctls: Iterable[int], *, deny_truncation: bool = False) -> No
     else:
         f.add_rule(sc.ALLOW, _nr("openat"))
     f.add_rule(sc.ERRNO(errno.ENOSYS), _nr("clone3"))
-    f.add_rule(sc.ALLOW, _nr("clone"), sc.Arg(0, sc.MASKED_EQ,
-                                              CLONE_THREAD | _CLONE_NEW | _CLONE_VFORK,
-                                              CLONE_THREAD))
+    f.add_rule(
+        sc.ALLOW,
+        _nr("clone"),
+        sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD | _CLONE_NEW | _CLONE_VFORK, CLONE_THREAD),
+    )
     for name in ("mmap", "mprotect"):
         f.add_rule(sc.ALLOW, _nr(name), sc.Arg(2, sc.MASKED_EQ, PROT_EXEC, 0))
     pid = os.getpid()
@@ -299,4 +352,3 @@ def enter_seccomp(ioctls: Iterable[int], *, deny_truncation: bool = False) -> No
         f.load()
     except OSError as exc:
         raise JailError(f"jail: loading the seccomp filter failed: {exc.strerror}") from None
-

@@ -290,8 +290,9 @@ class Machine:
             raise VmStateError("capture needs a paused machine: run() is in progress")
         try:
             if self._terminal is not None:
-                raise VmStateError(f"machine already stopped ({self._terminal.reason.value}): "
-                                   "nothing to capture")
+                raise VmStateError(
+                    f"machine already stopped ({self._terminal.reason.value}): nothing to capture"
+                )
             yield
         finally:
             self._running.release()
@@ -309,8 +310,7 @@ class Machine:
     def check_state(self, state: VmState) -> None:
         """Refuse, before anything is written, a state this machine cannot take."""
         if len(state.vcpus) != len(self.vcpus):
-            raise VmStateError(
-                f"state has {len(state.vcpus)} vCPUs, the machine {len(self.vcpus)}")
+            raise VmStateError(f"state has {len(state.vcpus)} vCPUs, the machine {len(self.vcpus)}")
         listed = set(self.msr_index_list)
         for i, vs in enumerate(state.vcpus):
             missing = sorted(set(vs.msrs) - listed)

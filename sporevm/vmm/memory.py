@@ -46,7 +46,12 @@ _UFFDIO_COPY_BIT = 1 << 0x03  # ioctls bitmask bit for UFFDIO_COPY
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
 ]
 _libc.ioctl.restype = ctypes.c_int
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -57,13 +62,20 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class UffdApi(ctypes.Structure):
-    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
-                ("ioctls", ctypes.c_uint64)]
+    _fields_ = [
+        ("api", ctypes.c_uint64),
+        ("features", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
 
 
 class UffdioRegister(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64),
-                ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
 
 
 def uffd_ioctl(fd: int, request: int, arg: ctypes.Structure) -> None:
@@ -113,8 +125,9 @@ class GuestMemoryError(SporeError):
 
 
 class GuestMemory:
-    def __init__(self, size: int, *, name: str = "spore-guest-ram",
-                 anonymous: bool = False) -> None:
+    def __init__(
+        self, size: int, *, name: str = "spore-guest-ram", anonymous: bool = False
+    ) -> None:
         """``anonymous``: private anonymous memory with transparent huge pages asked for,
         instead of a memfd (an eager restore, which writes every stored chunk before the
         VM exists: ~30% faster to fill here, and where the host backs it with 2 MiB pages
@@ -124,15 +137,15 @@ class GuestMemory:
         self.size = size
         if anonymous:
             self.fd = -1
-            self.mmap = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mmap = mmap.mmap(
+                -1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE
+            )
             with contextlib.suppress(OSError):  # THP off or unsupported: 4 KiB pages
                 self.mmap.madvise(_MADV_HUGEPAGE)
         else:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
             os.ftruncate(self.fd, size)
-            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._mv = memoryview(self.mmap)
         self.vmm_dirty = bytearray(size // PAGE)  # 1 = the VMM wrote this page
         # Called with (gpa, length) before the VMM touches a range (lazy restore).
@@ -189,8 +202,9 @@ class GuestMemory:
         if os.fstat(fd).st_size != self.size:
             raise GuestMemoryError(f"memory file is {os.fstat(fd).st_size} bytes, RAM {self.size}")
         addr = self.address()
-        got = _libc.mmap(addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
-                         mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        got = _libc.mmap(
+            addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0
+        )
         if got == _MAP_FAILED or got != addr:
             err = ctypes.get_errno()
             raise GuestMemoryError(f"cannot map the memory file: {os.strerror(err)}")

@@ -59,8 +59,7 @@ ENTRY_SIZE = 8  # bus, IOAPIC, interrupt source, local interrupt source
 
 def table_size(vcpus: int) -> int:
     """Bytes of floating pointer + configuration table for ``vcpus`` vCPUs."""
-    return (FLOATING_SIZE + HEADER_SIZE + PROCESSOR_SIZE * vcpus
-            + ENTRY_SIZE * (2 + IOAPIC_PINS + 2))
+    return FLOATING_SIZE + HEADER_SIZE + PROCESSOR_SIZE * vcpus + ENTRY_SIZE * (2 + IOAPIC_PINS + 2)
 
 
 def checksum(data: bytes) -> int:
@@ -81,34 +80,58 @@ def build(vcpus: int, base: int = MPTABLE_ADDR) -> bytes:
         raise ValueError(f"MP table at {base:#x} is not 16-byte aligned inside the BIOS area")
     io_id = ioapic_id(vcpus)
     entries = b"".join(
-        struct.pack("<BBBBII8x", MP_PROCESSOR, cpu, APIC_VERSION,
-                    CPU_ENABLED | (CPU_BOOTPROCESSOR if cpu == 0 else 0),
-                    CPU_SIGNATURE, CPU_FEATURES)
+        struct.pack(
+            "<BBBBII8x",
+            MP_PROCESSOR,
+            cpu,
+            APIC_VERSION,
+            CPU_ENABLED | (CPU_BOOTPROCESSOR if cpu == 0 else 0),
+            CPU_SIGNATURE,
+            CPU_FEATURES,
+        )
         for cpu in range(vcpus)
     )
     entries += struct.pack("<BB6s", MP_BUS, ISA_BUS_ID, ISA_BUS_TYPE)
-    entries += struct.pack("<BBBBI", MP_IOAPIC, io_id, IOAPIC_VERSION, MPC_APIC_USABLE,
-                           IOAPIC_ADDR)
+    entries += struct.pack("<BBBBI", MP_IOAPIC, io_id, IOAPIC_VERSION, MPC_APIC_USABLE, IOAPIC_ADDR)
     # GSI n = IOAPIC pin n, as KVM routes KVM_IRQ_LINE by default.
     entries += b"".join(
         struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, MP_IRQ_DEFAULT, ISA_BUS_ID, pin, io_id, pin)
         for pin in range(IOAPIC_PINS)
     )
     # LINT0 is the 8259's ExtINT (virtual wire), LINT1 NMI, on every LAPIC.
-    entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_EXTINT, MP_IRQ_DEFAULT, ISA_BUS_ID, 0,
-                           MP_APIC_ALL, 0)
-    entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_NMI, MP_IRQ_DEFAULT, ISA_BUS_ID, 0,
-                           MP_APIC_ALL, 1)
+    entries += struct.pack(
+        "<BBHBBBB", MP_LINTSRC, MP_EXTINT, MP_IRQ_DEFAULT, ISA_BUS_ID, 0, MP_APIC_ALL, 0
+    )
+    entries += struct.pack(
+        "<BBHBBBB", MP_LINTSRC, MP_NMI, MP_IRQ_DEFAULT, ISA_BUS_ID, 0, MP_APIC_ALL, 1
+    )
     count = vcpus + 2 + IOAPIC_PINS + 2
     length = HEADER_SIZE + len(entries)
-    header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", length, SPEC_REVISION, 0,
-                                   OEM_ID, PRODUCT_ID, 0, 0, count, LAPIC_ADDR, 0, 0, 0))
+    header = bytearray(
+        struct.pack(
+            "<4sHBB8s12sIHHIHBB",
+            b"PCMP",
+            length,
+            SPEC_REVISION,
+            0,
+            OEM_ID,
+            PRODUCT_ID,
+            0,
+            0,
+            count,
+            LAPIC_ADDR,
+            0,
+            0,
+            0,
+        )
+    )
     table = bytearray(header + entries)
     table[7] = checksum(bytes(table))
     # Floating pointer: physptr, length 1 (16-byte units), revision, checksum, no default
     # configuration (feature1 0: the table is present), no IMCR (feature2 0: virtual wire).
-    floating = bytearray(struct.pack("<4sIBBBBB3x", b"_MP_", base + FLOATING_SIZE, 1,
-                                     SPEC_REVISION, 0, 0, 0))
+    floating = bytearray(
+        struct.pack("<4sIBBBBB3x", b"_MP_", base + FLOATING_SIZE, 1, SPEC_REVISION, 0, 0, 0)
+    )
     floating[10] = checksum(bytes(floating))
     return bytes(floating + table)
 

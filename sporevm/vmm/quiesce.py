@@ -36,8 +36,13 @@ def _cpu_seconds(threads: list[int]) -> float:
     return total
 
 
-def wait_until_idle(vcpu_threads: Callable[[], list[int]], *, window: float = WINDOW,
-                    busy_ratio: float = BUSY_RATIO, limit: float = LIMIT) -> Settle:
+def wait_until_idle(
+    vcpu_threads: Callable[[], list[int]],
+    *,
+    window: float = WINDOW,
+    busy_ratio: float = BUSY_RATIO,
+    limit: float = LIMIT,
+) -> Settle:
     """Block until the vCPU threads are (nearly) idle for one window, or ``limit``."""
     start = time.monotonic()
     while True:

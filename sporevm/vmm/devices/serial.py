@@ -68,17 +68,28 @@ class Serial:
         """Registers and unread input, consistent under the device lock."""
         with self._lock:
             return SerialState(
-                ier=self.ier, lcr=self.lcr, mcr=self.mcr, scr=self.scr, fcr=self.fcr,
-                divisor=self.divisor, rx=bytes(self._rx), thre_pending=self._thre_pending,
+                ier=self.ier,
+                lcr=self.lcr,
+                mcr=self.mcr,
+                scr=self.scr,
+                fcr=self.fcr,
+                divisor=self.divisor,
+                rx=bytes(self._rx),
+                thre_pending=self._thre_pending,
             )
 
     def restore(self, s: SerialState) -> None:
         """Load ``state()`` output; a value this UART cannot hold is a VmStateError and
         changes nothing. The IRQ line is driven to the level the registers imply."""
         w = "devices.serial"
-        for name, value, hi in (("ier", s.ier, 0x0F), ("lcr", s.lcr, 0xFF), ("mcr", s.mcr, 0x1F),
-                                ("scr", s.scr, 0xFF), ("fcr", s.fcr, 0xFF),
-                                ("divisor", s.divisor, 0xFFFF)):
+        for name, value, hi in (
+            ("ier", s.ier, 0x0F),
+            ("lcr", s.lcr, 0xFF),
+            ("mcr", s.mcr, 0x1F),
+            ("scr", s.scr, 0xFF),
+            ("fcr", s.fcr, 0xFF),
+            ("divisor", s.divisor, 0xFFFF),
+        ):
             if not 0 <= value <= hi:
                 raise VmStateError(f"{w}.{name}: expected an integer in [0, {hi}]")
         if s.fcr & ~FCR_KEPT:
