@@ -63,6 +63,27 @@ def load_versioned_object(
 _TEXT = {"ascii": "ASCII", "utf-8": "UTF-8"}
 
 
+def load_object(data: bytes, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity; any defect is one
+    ``error`` line naming ``what`` (callers bound the size first)."""
+    try:
+        obj = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+        )
+    except UnicodeDecodeError:
+        raise error(f"{what}: not UTF-8 text; not a JSON document") from None
+    except RecursionError:
+        raise error(f"{what}: JSON nested too deeply; rejecting it") from None
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise error(f"{what}: invalid JSON ({msg})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def reject_constant(name: str) -> Any:
     """``parse_constant``: NaN, Infinity and -Infinity are not JSON (nor integers)."""
     raise ValueError(f"{name} is not valid JSON (a non-integer constant)")

@@ -9,14 +9,13 @@ are all errors. Unknown *fields* are ignored, as the OCI spec requires.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sporevm.build.ociref import check_digest
 from sporevm.errors import OCIError
-from sporevm.strictjson import no_duplicate_keys, reject_constant
+from sporevm.strictjson import load_object
 
 MAX_DOC_SIZE = 4 << 20  # manifests, indexes, configs, index.json
 MAX_LAYERS = 500  # far above any real image (overlayfs stops at 128)
@@ -145,22 +144,7 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     """Strict JSON object: UTF-8, bounded, no duplicate keys, no NaN/Infinity."""
     if len(data) > MAX_DOC_SIZE:
         raise OCIError(f"{what}: larger than {MAX_DOC_SIZE} bytes; refusing to parse it")
-    try:
-        obj = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=no_duplicate_keys,
-            parse_constant=reject_constant,
-        )
-    except UnicodeDecodeError:
-        raise OCIError(f"{what}: not UTF-8 text; the blob is not a JSON document") from None
-    except RecursionError:
-        raise OCIError(f"{what}: JSON nested too deeply; rejecting it") from None
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise OCIError(f"{what}: invalid JSON ({msg})") from None
-    if not isinstance(obj, dict):
-        raise OCIError(f"{what}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    return load_object(data, what, OCIError)
 
 
 def _text(value: Any, what: str, field: str, *, limit: int = 4096) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sporevm.errors import OCIError
-from sporevm.strictjson import no_duplicate_keys, reject_constant
+from sporevm.strictjson import load_object
 
 MAX_TOKEN_RESPONSE = 1 << 20  # bytes of a token server's JSON answer
 MAX_TOKEN_LEN = 64 << 10  # characters of the token itself
@@ -134,22 +134,7 @@ def _skip(text: str, pos: int, chars: str) -> int:
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity (bounded by callers)."""
-    try:
-        obj = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=no_duplicate_keys,
-            parse_constant=reject_constant,
-        )
-    except UnicodeDecodeError:
-        raise OCIError(f"{what}: not UTF-8 text; not a JSON document") from None
-    except RecursionError:
-        raise OCIError(f"{what}: JSON nested too deeply; rejecting it") from None
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise OCIError(f"{what}: invalid JSON ({msg})") from None
-    if not isinstance(obj, dict):
-        raise OCIError(f"{what}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    return load_object(data, what, OCIError)
 
 
 def decode_token_response(data: bytes, *, what: str) -> str:
