@@ -61,10 +61,24 @@ def memfile_path(index: MemoryIndex, store: Store) -> Path:
     return store.root / MEMFILES / index_id(index)
 
 
-def ensure_memfile(index: MemoryIndex, chunks: ChunkStore, store: Store) -> Path:
-    """The published memory file of ``index``, built from verified chunks if absent."""
+def _check_index(index: MemoryIndex) -> None:
     if index.chunk_size != CHUNK or not index.chunks:
         raise ChunkError(f"memory index: chunk size {index.chunk_size}, expected {CHUNK}")
+
+
+def _fill(fd: int, path: Path, index: MemoryIndex, chunks: ChunkStore) -> None:
+    """Write ``index``'s memory into the new file ``fd``: zero chunks stay holes, every
+    stored chunk is verified (ChunkStore.get) before it is written."""
+    os.ftruncate(fd, index.memory_size)
+    for c, cid in enumerate(index.chunks):
+        if cid is not None:
+            if os.pwrite(fd, chunks.get(cid, size=CHUNK), c * CHUNK) != CHUNK:
+                raise ChunkError(f"memory file {path}: short write")
+
+
+def ensure_memfile(index: MemoryIndex, chunks: ChunkStore, store: Store) -> Path:
+    """The published memory file of ``index``, built from verified chunks if absent."""
+    _check_index(index)
     dest = memfile_path(index, store)
     try:
         st = dest.lstat()
@@ -78,12 +92,7 @@ def ensure_memfile(index: MemoryIndex, chunks: ChunkStore, store: Store) -> Path
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.ftruncate(fd, index.memory_size)  # zero chunks stay holes
-            for c, cid in enumerate(index.chunks):
-                if cid is not None:
-                    data = chunks.get(cid, size=CHUNK)  # verified before it is written
-                    if os.pwrite(fd, data, c * CHUNK) != CHUNK:
-                        raise ChunkError(f"memory file {tmp}: short write")
+            _fill(fd, tmp, index, chunks)
             os.fchmod(fd, 0o444)
         finally:
             os.close(fd)
@@ -155,18 +164,12 @@ def _private_memfile(index: MemoryIndex, chunks: ChunkStore, store: Store) -> in
     """A memfile only this process maps, for a store that cannot publish one (a monitor
     jailed on Landlock ABI 1): built from verified chunks in staging, then unlinked, so
     it lives as long as the fd and is shared with no other VM."""
-    if index.chunk_size != CHUNK or not index.chunks:
-        raise ChunkError(f"memory index: chunk size {index.chunk_size}, expected {CHUNK}")
+    _check_index(index)
     tmp = store.temp_path("memfile")
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:
-            os.ftruncate(fd, index.memory_size)  # zero chunks stay holes
-            for c, cid in enumerate(index.chunks):
-                if cid is not None:
-                    data = chunks.get(cid, size=CHUNK)  # verified before it is written
-                    if os.pwrite(fd, data, c * CHUNK) != CHUNK:
-                        raise ChunkError(f"memory file {tmp}: short write")
+            _fill(fd, tmp, index, chunks)
         except BaseException:
             os.close(fd)
             raise
