@@ -42,9 +42,30 @@ LAYER_MEDIA = {
 }
 REF_NAME = "org.opencontainers.image.ref.name"
 BUSYBOX = Path("/bin/busybox")  # Debian busybox-static: one static binary, all applets
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
+APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
 MINBASE_STAMP = "debootstrap --variant=minbase bookworm v1"
 _BLOCK = 1 << 20
+
+
+def debian_mirror() -> str:
+    """The Debian archive this machine's apt already uses (deb822 ``URIs:`` or a one-line
+    ``deb URI bookworm …``), read at run time: the repository names no mirror host."""
+    files: list[Path] = []
+    for src in APT_SOURCES:
+        if src.is_dir():
+            files += sorted(src.glob("*.sources")) + sorted(src.glob("*.list"))
+        elif src.is_file():
+            files.append(src)
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] and len(words) > 1 and "/debian" in words[1]:
+                return words[1]
+            if words[:1] == ["deb"] and "bookworm" in words and "/debian" in line:
+                uri = next((w for w in words[1:] if "://" in w), None)
+                if uri is not None:
+                    return uri
+    raise SystemExit("ociimage: no Debian archive in /etc/apt/sources*; debootstrap needs one")
 
 
 def _json(obj: Any) -> bytes:
@@ -140,7 +161,7 @@ def minbase_rootfs(cache_dir: Path) -> Path:
     base.mkdir(parents=True)
     try:
         subprocess.run(
-            ["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR],
+            ["debootstrap", "--variant=minbase", "bookworm", str(root), debian_mirror()],
             check=True,
             stdout=subprocess.DEVNULL,
         )
