@@ -126,7 +126,9 @@ def probe_monitor(
         rootfs=files / "rootfs",
         cmdline="probe.tests=virtio_agent",
         memory=32 << 20,
-        timeout=60,
+        # A safety net only: the hardware-KVM lane runs this under nested TCG, where
+        # the whole test takes over a minute (60 s once cut a passing run short).
+        timeout=600,
         store=store,
     )
     cfg = MonitorConfig(vm, agent_fd=theirs.fileno(), serial_log=tmp_path / "serial.log")
@@ -159,6 +161,14 @@ def probe_monitor(
     proc.stdin.flush()
     try:
         yield Monitor(proc, AgentSession(FdChannel(ours.fileno()), grace=10.0), results, store)
+    except BaseException as exc:
+        # Say why the monitor went away, not only that the channel closed.
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate(timeout=30)
+        tail = (out[-2000:] + b"\n" + err[-4000:]).decode(errors="replace")
+        exc.add_note(f"monitor exit {proc.returncode}; its last events and stderr:\n{tail}")
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()
