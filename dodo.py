@@ -5,7 +5,7 @@
     doit sporefile=path/to/Sporefile   another Sporefile (or its directory)
     doit rootfs | info boot | forget steps | -v 0 | -n 2
 
-The tasks are sporevm.build.graph's, taken as they are (driver.prepare also makes the
+The tasks are sporevm.pipeline.driver's, taken as they are (its prepare also makes the
 checks `spore build` makes before any work). Each task decides whether it is up to date
 by asking the store, so doit and `spore build` agree on what is done; the doit database
 (the same file `spore build` uses) only keeps history and never serves a result.
@@ -23,10 +23,10 @@ from typing import Any
 from doit import get_var
 from doit.exceptions import InvalidDodoFile
 
-from sporevm.build.driver import doit_config, prepare
-from sporevm.build.graph import BuildOptions
+from sporevm.build.context import BuildOptions
 from sporevm.build.progress import Reporter
 from sporevm.errors import SporeError
+from sporevm.pipeline.driver import doit_config, prepare
 from sporevm.store import Store
 
 DEFAULT_SPOREFILE = "examples/hello/Sporefile"  # relative to doit's cwd: this file's dir
@@ -65,13 +65,11 @@ except (SporeError, OSError) as exc:
 @atexit.register
 def _close_vm() -> None:
     """A run that stops after boot (`doit boot`) leaves the build VM up: stop it."""
-    if BUILD.vm is not None:
-        BUILD.vm.close()
-        BUILD.vm = None
+    BUILD.close()
 
 
 def task_spore() -> Iterator[dict[str, Any]]:
     """The Sporefile's task graph, one doit task per graph task, named as `spore graph` does."""
-    for task in BUILD.tasks():
+    for task in BUILD.doit_tasks():
         # basename (not name): top-level tasks named resolve:base, rootfs, ..., not subtasks.
         yield {"basename": task["name"], **{k: v for k, v in task.items() if k != "name"}}

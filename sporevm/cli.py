@@ -46,9 +46,9 @@ def _emit_json(doc: Any) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sporevm.build.driver import build
-    from sporevm.build.graph import BuildOptions
+    from sporevm.build.context import BuildOptions
     from sporevm.build.progress import Reporter
+    from sporevm.pipeline.driver import build
 
     if args.file and args.path:
         raise UsageError("give the Sporefile either as PATH or with -f, not both")
@@ -399,7 +399,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from sporevm.build.driver import describe
+    from sporevm.pipeline.driver import describe
 
     dag = describe(_sporefile_path(args.file or args.path), Store())
     if args.json:

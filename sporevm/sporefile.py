@@ -20,7 +20,7 @@ from typing import Any, Literal, NoReturn
 import blake3
 
 from sporevm.errors import SporefileError
-from sporevm.sporefile_schema import first_error
+from sporevm.sporefile_schema import Verdicts, first_error
 from sporevm.sporefile_schema import schema as schema  # re-exported
 from sporevm.sporefile_yaml import Doc, DocPath, compose, kind, show
 
@@ -427,7 +427,7 @@ class _Builder:
 
 
 # -- entry points ------------------------------------------------------------------------------
-def loads(text: bytes | str, path: Path) -> Sporefile:
+def loads(text: bytes | str, path: Path, *, verdicts: Verdicts | None = None) -> Sporefile:
     """Parse and validate Sporefile content; ``path`` names it in errors and fixes the context."""
     name = str(path)
     if isinstance(text, str):
@@ -470,7 +470,7 @@ def loads(text: bytes | str, path: Path) -> Sporefile:
             f"unsupported Sporefile version "
             f"{doc.raw(('sporefile',))}; this spore understands {VERSION}",
         )
-    err = first_error(doc)
+    err = first_error(doc, verdicts)
     if err is not None:
         raise err
     abs_path = Path(os.path.abspath(path))
@@ -485,7 +485,7 @@ def loads(text: bytes | str, path: Path) -> Sporefile:
     return _Builder(doc, context).build(data, abs_path, digest)
 
 
-def load(path: Path) -> Sporefile:
+def load(path: Path, verdicts: Verdicts | None = None) -> Sporefile:
     """Read (at most 1 MiB of) a Sporefile from disk and validate it."""
     try:
         # stat first: opening a FIFO or device named by mistake would block or never end
@@ -497,4 +497,4 @@ def load(path: Path) -> Sporefile:
         raise SporefileError(
             f"{path}: cannot read the Sporefile ({exc.strerror}); check the path given with -f"
         ) from None
-    return loads(data, path)
+    return loads(data, path, verdicts=verdicts)

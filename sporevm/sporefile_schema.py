@@ -10,11 +10,9 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-from typing import Any
+from typing import Any, Protocol
 
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.validators
+import blake3
 
 from sporevm.errors import SporefileError
 from sporevm.sporefile_yaml import Doc, DocPath, kind, show
@@ -27,15 +25,22 @@ def _is_int(_checker: Any, instance: object) -> bool:
 
 
 @functools.cache
+def schema_bytes() -> bytes:
+    return importlib.resources.files("sporevm").joinpath("sporefile.schema.json").read_bytes()
+
+
+@functools.cache
 def schema() -> dict[str, Any]:
     """The Sporefile JSON Schema (2020-12) shipped with the package."""
-    text = importlib.resources.files("sporevm").joinpath("sporefile.schema.json").read_text("utf-8")
-    loaded: dict[str, Any] = json.loads(text)
+    loaded: dict[str, Any] = json.loads(schema_bytes().decode("utf-8"))
     return loaded
 
 
 @functools.cache
 def validator() -> Any:
+    import jsonschema  # here, not at import: a no-op build need not load it (Verdicts)
+    import jsonschema.validators
+
     base = jsonschema.Draft202012Validator
     cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
         base,
@@ -134,8 +139,36 @@ def _describe(doc: Doc, err: Any) -> SporefileError:
     return doc.error(path, str(err.message).splitlines()[0][:200])
 
 
-def first_error(doc: Doc) -> SporefileError | None:
+class Verdicts(Protocol):
+    """Where documents already found valid are remembered (the store, for spore build)."""
+
+    def known_valid(self, key: str) -> bool: ...
+
+    def record_valid(self, key: str) -> None: ...
+
+
+def verdict_key(doc: Doc) -> str | None:
+    """Names exactly this document under exactly this schema (None: not JSON-able)."""
+    try:
+        value = json.dumps(doc.value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    h = blake3.blake3(b"spore/sporefile-valid/v1\0")
+    h.update(blake3.blake3(schema_bytes()).digest())
+    h.update(value.encode())
+    return h.hexdigest()
+
+
+def first_error(doc: Doc, verdicts: Verdicts | None = None) -> SporefileError | None:
+    """The error a reader should see first, or None. A document the schema passed before
+    (same bytes of schema, same value) is not validated again: loading jsonschema is
+    most of an unchanged build's start-up."""
+    key = verdict_key(doc) if verdicts is not None else None
+    if verdicts is not None and key is not None and verdicts.known_valid(key):
+        return None
     errors = list(validator().iter_errors(doc.value))
+    if not errors and verdicts is not None and key is not None:
+        verdicts.record_valid(key)
     if not errors:
         return None
 

@@ -451,21 +451,21 @@ def test_cli_fork_out_never_replaces_a_users_directory(
 
 def test_sporefile_push_list(tmp_path: Path) -> None:
     from sporevm import sporefile
-    from sporevm.build.driver import _check_push_uris
     from sporevm.errors import SporefileError
+    from sporevm.pipeline.driver import check_push_uris
 
     head = "sporefile: 1\nname: app\nbase: {image: busybox}\n"
     sf = sporefile.loads(
         head + "push: [oci://127.0.0.1:5000/spores/app, file:///srv/b]\n", tmp_path / "Sporefile"
     )
     assert sf.push == ("oci://127.0.0.1:5000/spores/app", "file:///srv/b")
-    _check_push_uris(sf)
+    check_push_uris(sf)
     assert sporefile.loads(head, tmp_path / "Sporefile").push == ()
     with pytest.raises(SporefileError, match="push"):
         sporefile.loads(head + "push: [http://example.com/b]\n", tmp_path / "Sporefile")
     bad = sporefile.loads(head + "push: [file://relative/b]\n", tmp_path / "Sporefile")
     with pytest.raises(SporefileError, match=r"push\.0"):
-        _check_push_uris(bad)
+        check_push_uris(bad)
 
 
 def test_cli_inspect_and_verify_bundle(

@@ -1,7 +1,7 @@
 """dodo.py drives the graph `spore graph` describes; sporefile.schema.json is one schema.
 
 No VM here: `doit list` only loads the graph. Building through doit is the same code
-path as `spore build` (driver.prepare + graph._Build), which test_build.py exercises.
+path as `spore build` (pipeline.driver.prepare + Pipeline), which test_build.py exercises.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from sporevm.build.driver import describe
-from sporevm.build.graph import BuildOptions, _Build
-from sporevm.build.progress import Reporter
-from sporevm.sporefile import load
+from sporevm.build.tasks import TaskRunner
+from sporevm.pipeline.driver import describe
 from sporevm.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +75,11 @@ def test_doit_refuses_a_missing_or_bad_sporefile_in_one_line(tmp_path: Path) -> 
 
 def test_actions_refuse_to_run_in_a_forked_doit_worker(tmp_path: Path) -> None:
     # doit -P process forks workers that lack the state tasks hand along (the build VM).
-    sf = load(EXAMPLE)
-    b = _Build(sf, Store(tmp_path), BuildOptions(), Reporter.quiet())
+    runner = TaskRunner()
     ran: list[bool] = []
-    assert b.action(lambda: ran.append(True))() is None and ran == [True]
-    b.pid = -1
-    failed = b.action(lambda: ran.append(True))()
+    assert runner.wrap(lambda: ran.append(True))() is None and ran == [True]
+    runner.pid = -1
+    failed = runner.wrap(lambda: ran.append(True))()
     assert isinstance(failed, TaskFailed) and ran == [True]
     assert "one process" in str(failed)
 

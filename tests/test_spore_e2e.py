@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -478,6 +480,40 @@ def test_unchanged_sporefile_rebuilds_without_a_vm(built: Built) -> None:
     doc = json.loads(proc.stdout)
     assert set(doc["tasks"].values()) == {"up-to-date"}, doc["tasks"]
     assert Path(doc["spore"]) == built.spore_dir
+
+    # Cheap to decide: neither a hypervisor module nor jsonschema is loaded to find
+    # that nothing changed (cached.py and publish.py read only bytes whose ids the
+    # store recorded; the Sporefile's schema verdict is remembered by content).
+    probe = (
+        "import sys; from sporevm.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(m for m in sys.modules "
+        "if m.startswith(('jsonschema', 'sporevm.vmm', 'sporevm.runtime')))); sys.exit(code)"
+    )
+    loaded = spore_probe(probe, "build", "--json", str(built.sporefile))
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().splitlines()[-1] == "[]", loaded.stdout
+
+    # A bundle whose metadata was edited is not the recorded one: packed again.
+    bundle = Path(doc["bundle"])
+    index = bundle / "chunkpack.index.json"
+    original = index.read_bytes()
+    try:
+        index.write_bytes(original.replace(b'"', b" ", 1))
+        redo = spore("build", "--json", str(built.sporefile))
+        assert redo.returncode == 0, redo.stderr
+        tasks = json.loads(redo.stdout)["tasks"]
+        assert tasks["bundle"] == "executed" and tasks["verify"] == "up-to-date", tasks
+        assert index.read_bytes() == original  # same spore, same bytes
+    finally:
+        if index.read_bytes() != original:
+            index.write_bytes(original)
+
+
+def spore_probe(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SPORE_HOME": str(KERNEL_STORE)}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_until_guest_on_a_new_project_needs_no_lock(

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sporevm import sporefile
+from sporevm import sporefile, sporefile_schema, sporefile_yaml
 from sporevm.errors import SporefileError
 from sporevm.sporefile import (
     canonical_machine,
@@ -562,3 +562,49 @@ def test_docs_example_loads(ctx: Path) -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in VALID.glob("*.yaml")))
 def test_valid_fixtures_load(ctx: Path, name: str) -> None:
     load(write(ctx, (VALID / name).read_text()))
+
+
+class _Remembered:
+    """sporefile_schema.Verdicts kept in a set (the build keeps them in its store)."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.asked = 0
+
+    def known_valid(self, key: str) -> bool:
+        self.asked += 1
+        return key in self.keys
+
+    def record_valid(self, key: str) -> None:
+        self.keys.add(key)
+
+
+def test_schema_verdicts_remember_only_valid_documents_by_content(tmp_path: Path) -> None:
+    from sporevm.pipeline.driver import StoreVerdicts
+    from sporevm.store import Store
+
+    good = b"sporefile: 1\nname: app\nbase: {image: busybox}\n"
+    bad = b"sporefile: 1\nname: App\nbase: {image: busybox}\n"
+    seen = _Remembered()
+    sporefile.loads(good, tmp_path / "Sporefile", verdicts=seen)
+    assert len(seen.keys) == 1
+    with pytest.raises(SporefileError, match="name"):
+        sporefile.loads(bad, tmp_path / "Sporefile", verdicts=seen)
+    assert len(seen.keys) == 1  # a refused document is never remembered
+    # The same value spelled differently is the same document; another value is not.
+    sporefile.loads(
+        b"sporefile: 1\nbase: {image: busybox}\nname: app\n", tmp_path / "S", verdicts=seen
+    )
+    assert len(seen.keys) == 1
+    sporefile.loads(good.replace(b"app", b"app2"), tmp_path / "Sporefile", verdicts=seen)
+    assert len(seen.keys) == 2
+    # A planted verdict for a different document cannot pass an invalid one.
+    seen.keys.add("0" * 64)
+    with pytest.raises(SporefileError):
+        sporefile.loads(bad, tmp_path / "Sporefile", verdicts=seen)
+    # In the store: remembered across processes, as records prune may drop.
+    store_verdicts = StoreVerdicts(Store(tmp_path / "home"))
+    sporefile.loads(good, tmp_path / "Sporefile", verdicts=store_verdicts)
+    doc = sporefile_yaml.Doc("S", sporefile_yaml.compose("S", good.decode()))
+    key = sporefile_schema.verdict_key(doc)
+    assert key is not None and key in seen.keys and store_verdicts.known_valid(key)

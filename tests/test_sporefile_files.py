@@ -24,8 +24,8 @@ import ociimage  # tools/, on sys.path via conftest (as in test_oci.py)
 import pytest
 
 from sporevm import sporefile
+from sporevm.build.cachekeys import ROOTFS_BUILDER, rootfs_key
 from sporevm.build.fileslayer import MEDIA_TYPE, FilesLayer, files_layer
-from sporevm.build.imagefs import ROOTFS_BUILDER, rootfs_key
 from sporevm.build.layers import Layer, apply_layers
 from sporevm.build.oci import ResolvedImage
 from sporevm.build.ocimanifest import LayerDesc

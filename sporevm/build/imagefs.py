@@ -7,25 +7,20 @@ never a stale hit).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from sporevm.atomic import atomic_output
+from sporevm.build.cachekeys import ROOTFS_BUILDER, rootfs_key
 from sporevm.build.fileslayer import MEDIA_TYPE as FILES_MEDIA_TYPE
 from sporevm.build.fileslayer import FilesLayer
 from sporevm.build.layers import Layer, apply_layers
 from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
-from sporevm.build.rootfs import ROOTFS_EPOCH, make_ext4, tool_versions
+from sporevm.build.rootfs import make_ext4
 from sporevm.errors import LayerError, StoreError
 from sporevm.store import BLAKE3_DIGEST, SHA256_DIGEST, Store
-
-# Bump whenever the bytes of a rootfs can change for the same image and tools.
-ROOTFS_BUILDER = "spore-rootfs/1"
 
 
 @dataclass(frozen=True)
@@ -72,20 +67,6 @@ class RootfsRecord:
             return None
         store.touch(path)
         return cls(digest, size, path, rec["image"], key, rec["builder"])
-
-
-def rootfs_key(image: ResolvedImage, files: FilesLayer | None = None) -> str:
-    material: dict[str, Any] = {
-        "domain": "spore/rootfs-key/v1",
-        "builder": ROOTFS_BUILDER,
-        "e2fsprogs": tool_versions(),
-        "epoch": ROOTFS_EPOCH,
-        "manifest": image.manifest_digest,
-        "layers": [[d.digest, d.media_type] for d in image.layers],
-    }
-    if files is not None:  # absent, not null: rootfs without files keep their keys
-        material["files"] = files.digest()
-    return blake3.blake3(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 def ensure_rootfs(

@@ -1,12 +1,6 @@
-"""Boot and step keys, and running a Sporefile's steps in a booted VM through the agent.
+"""Running a Sporefile's steps and verify checks in a booted VM through the agent.
 
-    key(boot)   = BLAKE3(domain, rootfs, kernel, initrd, cmdline, machine, device model)
-    key(step i) = BLAKE3(domain, key(step i-1), canonical step i, digests of its files)
-
-Each key names the snapshot taken after that step (graph.py): a changed step
-resumes the snapshot of the step before it. The domain's version changes when
-what a snapshot holds changes, so older cached snapshots become misses, never
-hits: v2 snapshots are taken only once the guest has settled (vmm/quiesce.py).
+(The keys their snapshots are cached under: cachekeys.py.)
 """
 
 from __future__ import annotations
@@ -16,23 +10,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import blake3
-
-from sporevm.build.guest import GuestPlatform
 from sporevm.build.progress import Reporter
 from sporevm.errors import SporeError
 from sporevm.runtime.agent import ProbeKind
 from sporevm.runtime.agent_messages import Command as AgentCommand
 from sporevm.runtime.agent_messages import Probe
 from sporevm.runtime.agent_session import AgentSession, ExecHandle
-from sporevm.spore.platform import DEVICE_MODEL
 from sporevm.sporefile import (
     Check,
     ReadyProbe,
-    Sporefile,
     Step,
-    canonical_machine,
-    canonical_step,
 )
 
 TAIL_LINES = 20
@@ -40,34 +27,6 @@ TAIL_LINES = 20
 
 class StepError(SporeError):
     """A build step failed; nothing of this build was published."""
-
-
-def _key(*parts: bytes) -> str:
-    h = blake3.blake3()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little") + part)
-    return h.hexdigest()
-
-
-def boot_key(sf: Sporefile, rootfs_digest: str, guest: GuestPlatform) -> str:
-    return _key(
-        b"spore/boot-key/v2",
-        rootfs_digest.encode(),
-        guest.kernel_digest.encode(),
-        guest.initrd_digest.encode(),
-        guest.cmdline.encode(),
-        canonical_machine(sf.machine),
-        DEVICE_MODEL.encode(),
-    )
-
-
-def step_keys(sf: Sporefile, boot: str) -> list[str]:
-    keys: list[str] = []
-    prev = boot
-    for step in sf.steps:
-        prev = _key(b"spore/step-key/v1", prev.encode(), canonical_step(step))
-        keys.append(prev)
-    return keys
 
 
 class _OutputTail:

@@ -13,10 +13,6 @@ import functools
 import json
 from typing import Any
 
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.validators
-
 from sporevm.errors import SporeError
 from sporevm.strictjson import (
     ecma_pattern_keyword,
@@ -59,6 +55,8 @@ def canonical(doc: Any) -> bytes:
 
 @functools.lru_cache(maxsize=8)
 def _validator(schema_json: str) -> Any:
+    import jsonschema.validators  # on use: a no-op build reads no bundle metadata
+
     cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
         jsonschema.Draft202012Validator, validators={"pattern": ecma_pattern_keyword}
     )
@@ -66,6 +64,8 @@ def _validator(schema_json: str) -> Any:
 
 
 def validate(doc: Any, schema: dict[str, Any], what: str) -> None:
+    import jsonschema.exceptions
+
     err = jsonschema.exceptions.best_match(
         _validator(json.dumps(schema, sort_keys=True)).iter_errors(doc)
     )
