@@ -60,6 +60,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         update_lock=args.update_lock,
         insecure_registries=frozenset(args.insecure_registry),
         until=args.until,
+        cache_from=tuple(args.cache_from),
+        cache_to=tuple(args.cache_to),
+        cache_mode=args.cache_mode,
+        s3_endpoint=args.s3_endpoint,
     )
     result = build(_sporefile_path(args.file or args.path), Store(), options, reporter)
     took = time.monotonic() - started
@@ -597,6 +601,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--no-cache", action="store_true", help="re-verify cached blobs and rebuild every task"
     )
+    b.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="restore the managed kernel and step snapshots from this remote cache "
+        "(repeatable; file://, oci://, s3://, https://; docs/cache.md)",
+    )
+    b.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="store this build's kernel and step snapshots in this cache (repeatable)",
+    )
+    b.add_argument(
+        "--cache-mode",
+        choices=("min", "max"),
+        help="what --cache-to stores: max, every step's snapshot (default); min, the spore's only",
+    )
+    b.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3:// caches")
     add_insecure(b)
     add_json(b)
     add_no_jail(b)

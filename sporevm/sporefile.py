@@ -95,6 +95,15 @@ class Output:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """``cache:``: URIs as written (parsed by the pipeline when the build starts)."""
+
+    sources: tuple[str, ...] = ()
+    sinks: tuple[str, ...] = ()
+    mode: str | None = None  # "min" | "max"; None: max
+
+
+@dataclass(frozen=True, slots=True)
 class Sporefile:
     version: int
     name: str
@@ -111,6 +120,7 @@ class Sporefile:
     context: Path
     digest: str  # "blake3:<hex>" of the raw file bytes
     push: tuple[str, ...] = ()  # bundle URIs; parsed by sporevm.dist.uri when the build starts
+    cache: CacheSettings = CacheSettings()  # remote build caches (pipeline/remote_cache.py)
 
 
 # -- sizes and durations -----------------------------------------------------------------------
@@ -423,6 +433,11 @@ class _Builder:
             context=self.context,
             digest=digest,
             push=tuple(data.get("push", [])),
+            cache=CacheSettings(
+                tuple(data.get("cache", {}).get("from", [])),
+                tuple(data.get("cache", {}).get("to", [])),
+                data.get("cache", {}).get("mode"),
+            ),
         )
 
 

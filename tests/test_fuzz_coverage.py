@@ -62,6 +62,7 @@ PARSERS = {
     "sporevm/dist/uri.py",
     "sporevm/dist/transport_oci.py",
     "sporevm/storeroots.py",
+    "sporevm/pipeline/cache_entry.py",
 }
 # Decoding toolkits the parsers above are built on: not a surface of their own,
 # but some fuzz target must reach them.

@@ -288,7 +288,7 @@ def test_parse_size_and_duration_fail_only_cleanly(text: str) -> None:
 # -- rejections: each names file:line:col and the path -----------------------------------------
 BAD = [
     # unknown keys at every level, reported at the key
-    (HEAD + "foo: 1\n", '4:1: foo: unknown key "foo"; allowed keys are: base, env, files'),
+    (HEAD + "foo: 1\n", '4:1: foo: unknown key "foo"; allowed keys are: base, cache, env, files'),
     (
         "sporefile: 1\nname: a\nbase: {image: d, arch: x}\n",
         '3:18: base.arch: unknown key "arch"; allowed keys are: image, platform',

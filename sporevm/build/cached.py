@@ -92,16 +92,17 @@ class Cached:
         return mid if _complete(chunks, m) else None
 
     def cached_prefix(self, keys: list[str]) -> tuple[int, str | None]:
-        """How many leading steps have usable snapshots, and the last one's manifest id."""
+        """The deepest step with a usable snapshot (how many steps it holds), and its
+        manifest id. A step's snapshot holds every step before it, so the search goes
+        from the last step down and the earlier ones need not be in the store (a
+        remote cache may have installed only the deepest)."""
         if self.inputs.options.no_cache:
             return 0, None
-        done, last = 0, None
-        for key in keys[1:]:
-            mid = self.step_snapshot(key)
-            if mid is None:
-                break
-            done, last = done + 1, mid
-        return done, last
+        for n in range(len(keys) - 1, 0, -1):
+            mid = self.step_snapshot(keys[n])
+            if mid is not None:
+                return n, mid
+        return 0, None
 
     def published_spore(self, last_step_key: str) -> str | None:
         """The manifest id of the spore in output.spore if it is this chain's and whole."""

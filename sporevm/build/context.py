@@ -11,6 +11,7 @@ from sporevm.build.fileslayer import FilesLayer, files_layer
 from sporevm.build.oci import OCIClient
 from sporevm.build.ociref import ImageRef, parse_ref
 from sporevm.build.progress import Reporter
+from sporevm.build.remote import RemoteCache
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
 
@@ -22,6 +23,10 @@ class BuildOptions:
     update_lock: bool = False
     insecure_registries: frozenset[str] = frozenset()
     until: str | None = None  # stop after this task (and what it depends on)
+    cache_from: tuple[str, ...] = ()  # remote caches to restore from (URIs), flags' or
+    cache_to: tuple[str, ...] = ()  # the Sporefile's; and to publish to
+    cache_mode: str | None = None  # "min" | "max"; None: the Sporefile's, else min
+    s3_endpoint: str | None = None  # for s3:// caches (else $SPORE_S3_ENDPOINT, else AWS's)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class BuildInputs:
     ref: ImageRef
     client: OCIClient
     files: FilesLayer | None
+    remote: RemoteCache | None = None  # --cache-from: consulted before building locally
 
     @property
     def platform(self) -> str:
@@ -45,7 +51,12 @@ class BuildInputs:
 
     @classmethod
     def make(
-        cls, sf: Sporefile, store: Store, options: BuildOptions, reporter: Reporter
+        cls,
+        sf: Sporefile,
+        store: Store,
+        options: BuildOptions,
+        reporter: Reporter,
+        remote: RemoteCache | None = None,
     ) -> BuildInputs:
         return cls(
             sf=sf,
@@ -56,4 +67,5 @@ class BuildInputs:
             ref=parse_ref(sf.base.image, sf.context),
             client=OCIClient(store, insecure_registries=options.insecure_registries),
             files=files_layer(sf.files, sf.context, sf.path, (sf.output.spore, sf.output.bundle)),
+            remote=remote,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 from sporevm.build.cached import Cached
 from sporevm.build.context import BuildInputs, BuildOptions
 from sporevm.build.progress import Reporter
+from sporevm.build.remote import RemoteCache
 from sporevm.build.stage_image import ImageStages
 from sporevm.build.stage_vm import VmStages
 from sporevm.build.tasks import Handoff, TaskRunner, TaskSpec
@@ -28,9 +29,14 @@ class BuildGraph:
     """One build: its inputs, the values its tasks hand along, and its tasks."""
 
     def __init__(
-        self, sf: Sporefile, store: Store, options: BuildOptions, reporter: Reporter
+        self,
+        sf: Sporefile,
+        store: Store,
+        options: BuildOptions,
+        reporter: Reporter,
+        remote: RemoteCache | None = None,
     ) -> None:
-        self.inputs = BuildInputs.make(sf, store, options, reporter)
+        self.inputs = BuildInputs.make(sf, store, options, reporter, remote)
         self.handoff = Handoff()
         self.runner = TaskRunner()
         self.cached = Cached(self.inputs, self.handoff)

@@ -257,6 +257,18 @@ def ensure_initrd(store: Store) -> InitrdArtifact:
     return InitrdArtifact(digest, path, agent_digest, len(data))
 
 
+def install_guest(store: Store, agent_key: str, agent: Path, initrd: Path) -> InitrdArtifact:
+    """Publish an agent and its initramfs made elsewhere (a remote cache) under the keys a
+    local build would use; both files are in the store's staging (same file system)."""
+    agent_digest = _install(store, agent)
+    store.put_key("guest-agent", agent_key, {"agent": agent_digest})
+    size = initrd.stat().st_size
+    digest = _install(store, initrd)
+    key = blake3.blake3(f"{RECIPE}\0{agent_digest}".encode()).hexdigest()
+    store.put_key("initrd", key, {"initrd": digest, "agent": agent_digest, "size": size})
+    return InitrdArtifact(digest, guest_path(store, digest), agent_digest, size)
+
+
 def copy_agent(store: Store, dest: Path) -> Path:
     """A runnable copy of the agent (tests run it with --serve-fd)."""
     _, path = ensure_agent(store)

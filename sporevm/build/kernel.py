@@ -369,36 +369,55 @@ def _build_and_publish(
     with store.lock(), store.staging_dir("kernel") as stage:
         t0 = time.monotonic()
         out = build_kernel(stage, hc, say, jobs=jobs, tarball=tarball)
-        digest = blake3_file(out / "bzImage")[0]
-        vdigest = blake3_file(out / "vmlinux")[0]
-        dest = kernel_dir(store, digest)
-        if not dest.is_dir():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            for name in ("bzImage", "vmlinux", "config"):
-                fd = os.open(out / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(out)
+        art = _publish(store, hc, key, out, {"inputs": dict(inputs)}, t0)
+        say(f"kernel {hc}: built {art.digest[:19]} in {round(time.monotonic() - t0, 1)} s")
+    return art
+
+
+def install_kernel(
+    store: Store, host_class: str, key: str, out: Path, origin: str
+) -> KernelArtifact:
+    """Publish under ``key`` a kernel made elsewhere (a remote cache): ``out`` holds
+    bzImage, vmlinux and config, already checked against the digests the caller trusts
+    for this key; it is moved into the store (same file system: the store's staging)."""
+    hc = _check_class(host_class)
+    with _build_lock(store, key), store.lock():
+        if (art := cached_kernel(store, key, hc)) is not None:
+            return art
+        inputs = build_inputs(hc, store=store)
+        return _publish(store, hc, key, out, {"inputs": dict(inputs), "from": origin}, None)
+
+
+def _publish(
+    store: Store,
+    hc: HostClass,
+    key: str,
+    out: Path,
+    extra: dict[str, object],
+    started: float | None,
+) -> KernelArtifact:
+    digest = blake3_file(out / "bzImage")[0]
+    vdigest = blake3_file(out / "vmlinux")[0]
+    dest = kernel_dir(store, digest)
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for name in ("bzImage", "vmlinux", "config"):
+            fd = os.open(out / name, os.O_RDONLY)
             try:
-                os.rename(out, dest)  # a directory: all three files appear at once
-            except OSError:
-                if not dest.is_dir():  # a concurrent build published the same bytes
-                    raise
-            fsync_dir(dest.parent)
-        seconds = round(time.monotonic() - t0, 1)
-        store.put_key(
-            KEY_KIND,
-            key,
-            {
-                "digest": digest,
-                "vmlinux_digest": vdigest,
-                "inputs": dict(inputs),
-                "seconds": seconds,
-            },
-        )
-        say(f"kernel {hc}: built {digest[:19]} in {seconds} s")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(out)
+        try:
+            os.rename(out, dest)  # a directory: all three files appear at once
+        except OSError:
+            if not dest.is_dir():  # a concurrent build published the same bytes
+                raise
+        fsync_dir(dest.parent)
+    record: dict[str, object] = {"digest": digest, "vmlinux_digest": vdigest, **extra}
+    if started is not None:
+        record["seconds"] = round(time.monotonic() - started, 1)
+    store.put_key(KEY_KIND, key, record)
     art = _artifact(store, {"digest": digest, "vmlinux_digest": vdigest}, hc)
     if art is None:
         raise KernelError(f"kernel {digest}: store entry vanished or changed after publishing")

@@ -121,6 +121,8 @@ class VmStages:
     def guest(self) -> None:
         """Build or find kernel and initramfs; their digests go into the lock."""
         i = self.inputs
+        if i.remote is not None and i.kernel is None and self.cached.guest_platform() is None:
+            i.remote.restore_guest()  # a cache hit makes ensure_guest find it: no compile
         guest = ensure_guest(i.store, i.reporter, i.kernel)
         self.handoff.give(guest)
         entry, old = _guest_entry(guest), self._locked_guest(guest)
@@ -165,6 +167,12 @@ class VmStages:
         if guest is None or record is None:
             raise missing("the rootfs or the guest platform")
         resume_from, mid = self.cached.cached_prefix(keys)
+        if i.remote is not None and resume_from < len(i.sf.steps) and not i.options.no_cache:
+            if i.remote.restore_steps(keys, resume_from) > resume_from:
+                resume_from, mid = self.cached.cached_prefix(keys)
+            after = cachekeys.after_index(i.sf)
+            if resume_from == len(i.sf.steps) and self.cached.step_snapshot(keys[after]) is None:
+                i.remote.restore_steps(keys[: after + 1], 0)  # the spore: snapshot.after
         if resume_from == len(i.sf.steps) and i.sf.steps:
             self.handoff.give(Booted(None, resume_from))  # every step cached: no VM needed
             return

@@ -181,8 +181,9 @@ class Metadata:
     digest: str
 
     def select(self, child: str | None) -> str:
-        """The manifest id to materialize: the parent, or one child by id."""
-        if child is None:
+        """The manifest id to materialize: the parent, or one spore by id (the parent's
+        own id selects the parent)."""
+        if child is None or child == self.doc.parent:
             return self.doc.parent
         if child not in self.doc.children:
             raise BundleError(

@@ -91,8 +91,9 @@ def status_text(status: int, server: str) -> str:
 
 
 class HttpSource(StreamSource):
-    def __init__(self, uri: BundleURI) -> None:
-        if uri.pin is None:
+    def __init__(self, uri: BundleURI, *, mutable: bool = False) -> None:
+        # mutable: a remote cache's pointers (as for S3Source)
+        if uri.pin is None and not mutable:
             raise DistError(f"{uri}: http(s) pulls must be pinned with @sha256:<bundle digest>")
         self.reference = str(uri)
         self.pinned_bundle_digest = uri.pin

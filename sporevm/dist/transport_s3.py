@@ -146,8 +146,12 @@ class _S3Base:
 
 
 class S3Source(_S3Base, StreamSource):
-    def __init__(self, uri: BundleURI, *, endpoint: str | None = None) -> None:
-        if uri.pin is None:
+    def __init__(
+        self, uri: BundleURI, *, endpoint: str | None = None, mutable: bool = False
+    ) -> None:
+        # mutable: a remote cache's pointers (pipeline/remote_cache.py), which are decoded
+        # strictly and only ever name objects that are then pulled pinned.
+        if uri.pin is None and not mutable:
             raise DistError(f"{uri}: s3 pulls must be pinned with @sha256:<bundle digest>")
         super().__init__(uri, endpoint, anonymous_ok=True)
         _watch(self.client)

@@ -235,8 +235,11 @@ def _discard(dest: Path) -> None:
         dest.unlink()
 
 
-def open_source(uri: BundleURI, *, s3_endpoint: str | None = None) -> Source:
-    """A source for a pull URI (already checked by ``parse_pull_uri``)."""
+def open_source(
+    uri: BundleURI, *, s3_endpoint: str | None = None, mutable: bool = False
+) -> Source:
+    """A source for a pull URI (already checked by ``parse_pull_uri``). ``mutable``: an
+    unpinned location is acceptable (a remote cache's pointer; its caller verifies)."""
     # Imported per scheme: boto3 and oras cost noticeable startup time.
     if uri.scheme == "file":
         from sporevm.dist.transport_file import FileSource
@@ -245,11 +248,11 @@ def open_source(uri: BundleURI, *, s3_endpoint: str | None = None) -> Source:
     if uri.scheme in ("http", "https"):
         from sporevm.dist.transport_http import HttpSource
 
-        return HttpSource(uri)
+        return HttpSource(uri, mutable=mutable)
     if uri.scheme == "s3":
         from sporevm.dist.transport_s3 import S3Source
 
-        return S3Source(uri, endpoint=s3_endpoint)
+        return S3Source(uri, endpoint=s3_endpoint, mutable=mutable)
     if uri.scheme == "oci":
         from sporevm.dist.transport_oci import OciSource
 

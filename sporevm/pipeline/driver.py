@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doit import plugin as doit_plugin
 from doit.cmd_base import TaskLoader2
@@ -31,6 +31,9 @@ from sporevm.errors import LockMismatchError, SporeError, SporefileError, UsageE
 from sporevm.pipeline.publish import Bundled, PublishStages, Pushed
 from sporevm.sporefile import Sporefile
 from sporevm.store import Store
+
+if TYPE_CHECKING:  # loaded only when a build names a cache
+    from sporevm.pipeline.remote_cache import CacheLocation, RemoteCaches
 
 
 @dataclass
@@ -67,10 +70,17 @@ class Pipeline(BuildGraph):
     """The build graph followed by the publish stages."""
 
     def __init__(
-        self, sf: Sporefile, store: Store, options: BuildOptions, reporter: Reporter
+        self,
+        sf: Sporefile,
+        store: Store,
+        options: BuildOptions,
+        reporter: Reporter,
+        caches: RemoteCaches | None = None,
     ) -> None:
-        super().__init__(sf, store, options, reporter)
-        self.publish = PublishStages(self.inputs, self.cached, self.handoff)
+        reads = caches if caches is not None and caches.sources else None
+        super().__init__(sf, store, options, reporter, reads)
+        self.caches = caches
+        self.publish = PublishStages(self.inputs, self.cached, self.handoff, caches)
 
     def tasks(self) -> list[TaskSpec]:
         return [*super().tasks(), *self.publish.tasks()]
@@ -122,7 +132,7 @@ class _Loader(TaskLoader2):  # type: ignore[misc]
 def prepare(path: Path, store: Store, options: BuildOptions, reporter: Reporter) -> Pipeline:
     """Load the Sporefile and check what must hold before any task runs."""
     sf = sporefile_mod.load(path, StoreVerdicts(store))
-    p = Pipeline(sf, store, options, reporter)
+    p = Pipeline(sf, store, options, reporter, remote_caches(sf, store, options, reporter))
     names = [t.name for t in p.tasks()]
     if options.until is not None and options.until not in names:
         raise UsageError(f"--until {options.until}: no such task; tasks are: {', '.join(names)}")
@@ -220,6 +230,37 @@ def _result(p: Pipeline, statuses: dict[str, str]) -> BuildResult:
     pushed = p.handoff.get(Pushed)
     res.pushed = list(pushed.references) if pushed else []
     return res
+
+
+def remote_caches(
+    sf: Sporefile, store: Store, options: BuildOptions, reporter: Reporter
+) -> RemoteCaches | None:
+    """--cache-from/--cache-to/--cache-mode, else the Sporefile's cache: (flags win)."""
+    froms = options.cache_from or sf.cache.sources
+    tos = options.cache_to or sf.cache.sinks
+    if not froms and not tos:
+        return None
+    from sporevm.pipeline.remote_cache import RemoteCaches, parse_cache_uri
+
+    def parse(texts: tuple[str, ...], push: bool, flag: bool) -> list[CacheLocation]:
+        out = []
+        for n, text in enumerate(texts):
+            try:
+                out.append(parse_cache_uri(text, for_push=push, s3_endpoint=options.s3_endpoint))
+            except SporeError as exc:
+                if flag:
+                    raise
+                field = "to" if push else "from"
+                raise SporefileError(f"{sf.path}: cache.{field}.{n}: {exc}") from None
+        return out
+
+    return RemoteCaches(
+        store,
+        reporter,
+        parse(froms, False, bool(options.cache_from)),
+        parse(tos, True, bool(options.cache_to)),
+        options.cache_mode or sf.cache.mode or "max",
+    )
 
 
 def check_push_uris(sf: Sporefile) -> None:

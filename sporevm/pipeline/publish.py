@@ -10,16 +10,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from sporevm.build import cachekeys
 from sporevm.build.cached import Cached
 from sporevm.build.context import BuildInputs
 from sporevm.build.stage_vm import Published
 from sporevm.build.tasks import Handoff, TaskSpec
 from sporevm.dist import bundle as bundle_mod
+from sporevm.dist.uri import BundleURI
 from sporevm.errors import SporeError
+
+if TYPE_CHECKING:  # loaded only when a build names a cache
+    from sporevm.pipeline.remote_cache import RemoteCaches
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,15 @@ def bundle_key(manifest_id: str) -> str:
 
 
 class PublishStages:
-    def __init__(self, inputs: BuildInputs, cached: Cached, handoff: Handoff) -> None:
+    def __init__(
+        self,
+        inputs: BuildInputs,
+        cached: Cached,
+        handoff: Handoff,
+        caches: RemoteCaches | None = None,
+    ) -> None:
         self.inputs, self.cached, self.handoff = inputs, cached, handoff
+        self.caches = caches if caches is not None and caches.sinks else None
 
     def tasks(self) -> list[TaskSpec]:
         sf = self.inputs.sf
@@ -68,7 +80,34 @@ class PublishStages:
                     ("bundle",),
                 )
             )
+        if self.caches is not None:
+            # Every time, like push: cheap when the caches have it (pointers are checked
+            # first), and a cache emptied meanwhile is filled again.
+            out.append(
+                TaskSpec(
+                    "cache",
+                    "store the kernel and step snapshots in "
+                    + ", ".join(str(c) for c in self.caches.sinks)
+                    + f" (mode {self.caches.mode})",
+                    self.cache,
+                    False,
+                    ("verify",),
+                )
+            )
         return out
+
+    def cache(self) -> None:
+        caches = self.caches
+        keys = self.cached.chain_keys()
+        if caches is None or keys is None:
+            return
+        caches.publish_guest()
+        steps = len(self.inputs.sf.steps)
+        if caches.mode == "max":
+            wanted = list(range(1, steps + 1))
+        else:
+            wanted = sorted({cachekeys.after_index(self.inputs.sf), steps} - {0})
+        caches.publish_steps(keys, wanted)
 
     def _spore_manifest(self) -> str | None:
         """The spore verify published in this build, else the one it found up to date."""
@@ -134,16 +173,46 @@ class PublishStages:
         )
 
     def push(self) -> None:
+        """Each push: URI, skipped when the destination already holds this very bundle
+        (its metadata hashes to our digest: every transport writes metadata last)."""
         from sporevm.dist.push import push
         from sporevm.dist.transports import open_sink
         from sporevm.dist.uri import parse_push_uri
 
+        bundle_dir = self.inputs.sf.output.bundle
+        digest = self._bundle_digest(bundle_dir)
         refs: list[str] = []
-        for uri in self.inputs.sf.push:
-            res = push(self.inputs.sf.output.bundle, open_sink(parse_push_uri(uri)))
+        for text in self.inputs.sf.push:
+            uri = parse_push_uri(text)
+            there = _already_there(uri, digest) if digest else None
+            if there is not None:
+                refs.append(there)
+                self.inputs.reporter.info(f"pushed  {there} (already there: nothing sent)")
+                continue
+            res = push(bundle_dir, open_sink(uri))
             refs.append(res.reference)
             self.inputs.reporter.info(f"pushed  {res.reference}")
         self.handoff.give(Pushed(tuple(refs)))
+
+    def _bundle_digest(self, bundle_dir: Path) -> str | None:
+        bundled = self.handoff.get(Bundled) or self.existing_bundle()
+        return bundled.digest if bundled is not None else None
+
+
+def _already_there(uri: BundleURI, digest: str) -> str | None:
+    """The pinned reference of ``uri`` if it already holds the bundle ``digest``."""
+    from sporevm.dist.transports import open_source
+
+    if uri.scheme == "oci" and uri.tag is None:
+        return None  # pushed by digest: nothing names it before the push (blobs dedupe)
+    try:
+        source = open_source(uri)
+        _, there = bundle_mod.read_metadata(source.read_small)
+    except (SporeError, OSError):
+        return None
+    if there != digest:
+        return None
+    return source.reference if uri.scheme == "oci" else str(uri.with_pin(digest))
 
 
 # A bundle's own relative names (bundle.json, packs/000000.pack, manifests/<hex>.json):
