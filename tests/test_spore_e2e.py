@@ -325,7 +325,10 @@ def test_corrupt_chunk_fails_fast_in_one_line(
     if strategy == "lazy":
         assert "lazy restore: guest RAM chunk" in line, line
     assert "RAN" not in proc.stdout
-    assert took < 20, f"{took:.1f} s: the failure must end the VM at once"
+    # The bug this guards against waited for the 60 s lazy-fault timeout; a bound well
+    # under it, not a speed goal (the hardware-KVM lane runs this under nested TCG, with
+    # fuzzers beside it, where a CLI start alone takes seconds: 22 s seen once).
+    assert took < 45, f"{took:.1f} s: the failure must end the VM at once, not time out"
 
 
 def test_verify_names_a_corrupt_chunk_it_cannot_evict(built: Built) -> None:
