@@ -49,6 +49,7 @@ class BuildResult:
     bundle: str | None = None
     bundle_digest: str | None = None
     pushed: list[str] = field(default_factory=list)  # pinned references, one per push: URI
+    cache: dict[str, int] | None = None  # bytes received from / sent to remote caches
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +64,7 @@ class BuildResult:
             "bundle": self.bundle,
             "bundle_digest": self.bundle_digest,
             "pushed": self.pushed,
+            "cache": self.cache,
         }
 
 
@@ -229,6 +231,8 @@ def _result(p: Pipeline, statuses: dict[str, str]) -> BuildResult:
         res.bundle, res.bundle_digest = str(bundled.path), bundled.digest
     pushed = p.handoff.get(Pushed)
     res.pushed = list(pushed.references) if pushed else []
+    if p.caches is not None:
+        res.cache = {"received": p.caches.bytes_received, "sent": p.caches.bytes_sent}
     return res
 
 

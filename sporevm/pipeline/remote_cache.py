@@ -168,7 +168,8 @@ class RemoteCaches:
                 want = entry.blake3_of(name)
                 if want and blake3_file(paths[name])[0] != want:
                     raise cache_entry.CacheEntryError(f"{loc}: {name} does not match its BLAKE3")
-            self.bytes_received += source.bytes_received
+            # what was fetched (a file:// source copies without counting)
+            self.bytes_received += len(data) + sum(f.size for f in entry.files.values())
             kernel_mod.install_kernel(self.store, hc, kkey, kdir, str(loc))
             initrd_mod.install_guest(self.store, akey, paths["agent"], paths["initrd"])
 
@@ -195,10 +196,13 @@ class RemoteCaches:
         )
         data = entry.encode()
         digest = cache_entry.digest(data)
+
+        def put(sink: Sink) -> None:
+            _put_guest(sink, paths, files, data)
+            self.bytes_sent += sum(f.size for f in files.values()) + len(data)
+
         for loc in self.sinks:
-            self._publish(
-                loc, name, "guest", digest, None, lambda sink: _put_guest(sink, paths, files, data)
-            )
+            self._publish(loc, name, "guest", digest, None, put)
 
     # -- step snapshots ----------------------------------------------------------------
     def restore_steps(self, keys: list[str], have: int) -> int:
@@ -301,7 +305,7 @@ class RemoteCaches:
         try:
             source = open_source(loc.at(name), s3_endpoint=loc.s3_endpoint, mutable=True)
             data = source.read_small(cache_entry.REF_NAME, cache_entry.MAX_REF)
-            self.bytes_received += source.bytes_received
+            self.bytes_received += len(data)
         except (SporeError, OSError) as exc:
             if not _absent(exc):
                 self.reporter.warn(f"cache {loc}: {name} not read: {_line(exc)}")
