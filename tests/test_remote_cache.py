@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,3 +256,22 @@ def test_two_runners_pushing_the_same_keys_at_once_both_succeed(
 
 
 _ = S3_ENV  # the s3_server fixture exports these credentials to the CLI's environment
+
+
+def test_a_cache_that_is_down_costs_one_warning_then_a_local_build(
+    cached: Cached, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = clean_store(tmp_path / "home")
+    sf = cached.context(tmp_path / "b")
+    started = time.monotonic()
+    proc = spore(home, "build", str(sf), "--cache-from", f"oci://127.0.0.1:{port}/cache/x")
+    ok(proc)
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: cache")]
+    assert len(warnings) == 1 and "not using this cache" in warnings[0], proc.stderr
+    assert "step:write" in proc.stderr and "step:check" in proc.stderr  # built locally
+    assert time.monotonic() - started < 300

@@ -125,6 +125,7 @@ class RemoteCaches:
         self.sources, self.sinks, self.mode = list(sources), list(sinks), mode
         self.bytes_received = 0
         self.bytes_sent = 0
+        self._unreachable: set[str] = set()  # caches that failed once: not asked again
 
     # -- the guest platform ----------------------------------------------------------
     def _guest_keys(self) -> tuple[kernel_mod.HostClass, str, str, str]:
@@ -302,13 +303,19 @@ class RemoteCaches:
 
     # -- pointers and objects ----------------------------------------------------------
     def _read_ref(self, loc: CacheLocation, name: str, kind: str) -> Ref | None:
+        if str(loc) in self._unreachable:
+            return None
         try:
             source = open_source(loc.at(name), s3_endpoint=loc.s3_endpoint, mutable=True)
             data = source.read_small(cache_entry.REF_NAME, cache_entry.MAX_REF)
             self.bytes_received += len(data)
         except (SporeError, OSError) as exc:
             if not _absent(exc):
-                self.reporter.warn(f"cache {loc}: {name} not read: {_line(exc)}")
+                # Down, refusing or misconfigured: one warning, and no further waits on it.
+                self._unreachable.add(str(loc))
+                self.reporter.warn(
+                    f"cache {loc}: {_line(exc)}; not using this cache for the rest of the build"
+                )
             return None
         try:
             ref = cache_entry.decode_ref(data, f"{loc}: {name}")
