@@ -192,10 +192,19 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                     # of this snapshot would redo it before answering (quiesce.py).
                     settle = wait_until_idle(machine.vcpu_threads)
                 commands.put(_Queued(cmd, settle))
-                machine.pause()
+                # RESUME needs no pause: it only ever follows a snapshot, which left the
+                # VM paused. Pausing for it raced the main loop: a pause landing in the run
+                # that RESUME had just started ended the VM (an empty queue means SIGTERM).
+                if cmd is not Command.RESUME:
+                    machine.pause()
         commands.put(_Queued(Command.STOP))
 
-    signal.signal(signal.SIGTERM, lambda _s, _f: machine.pause())
+    def on_sigterm(_sig: int, _frame: object) -> None:
+        terminated.set()
+        machine.pause()
+
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if vm.restore is None:
             machine.load_kernel(
@@ -215,8 +224,12 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                 return result
             try:
                 queued = commands.get_nowait()
+                while queued.cmd is Command.RESUME:  # sent while running: nothing to resume
+                    queued = commands.get_nowait()
             except queue.Empty:
-                return result  # SIGTERM
+                if terminated.is_set():
+                    return result
+                continue  # a pause no command asked for: run on
             while queued.cmd is Command.SNAPSHOT:
                 if chunks is None:
                     emit(SnapshotFailed("no store root in the monitor config"))
