@@ -27,6 +27,9 @@ def TestOneInput(data: bytes) -> None:
     if vm.restore is not None:  # the restore's fields come together or not at all
         for digest in (vm.restore.manifest_id, vm.restore.kernel_digest, vm.restore.initrd_digest):
             assert digest.startswith("blake3:") and len(digest) == 71
+    if cfg.net is not None:  # the NIC's fields come together, in range, never the agent's fd
+        assert cfg.net.fd >= 3 and cfg.net.fd != cfg.agent_fd and 68 <= cfg.net.mtu <= 65522
+        assert len(cfg.net.mac) == 6 and not cfg.net.mac[0] & 1 and any(cfg.net.mac)
     assert MonitorConfig.decode(cfg.encode()) == cfg
 
 

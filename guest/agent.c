@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "copy.h"
 #include "stream.h"
 
 #define PIPE_LIMIT (256u << 10) /* stop reading children above this much queued output */
@@ -34,7 +35,7 @@ static int input_eof;
 static int shutting_down;
 struct wr wbuf; /* scratch payload for replies (single-threaded) */
 
-static struct stream *find(uint32_t id)
+struct stream *find_stream(uint32_t id)
 {
     for (int i = 0; i < MAX_STREAMS; i++)
         if (streams[i].kind != K_FREE && streams[i].id == id)
@@ -48,7 +49,7 @@ struct stream *alloc_stream(uint32_t id)
         send_error(id, E_BAD_STREAM, 0, "stream id 0 is reserved");
         return NULL;
     }
-    if (find(id)) {
+    if (find_stream(id)) {
         send_error(id, E_BAD_STREAM, 0, "stream %u is already in use", id);
         return NULL;
     }
@@ -80,6 +81,10 @@ void free_stream(struct stream *s)
     for (int i = 0; i < 2; i++)
         if (s->fd[i] >= 0)
             add_orphan(s->fd[i]);
+    if (s->kind == K_COPYIN)
+        copyin_free(s);
+    else if (s->kind == K_COPYOUT)
+        copyout_free(s);
     free(s->path);
     cmd_free(&s->cmd);
     memset(s, 0, sizeof *s);
@@ -213,7 +218,12 @@ static void on_signal(uint32_t id, struct rd *r)
         send_error(id, E_BAD_PAYLOAD, 0, "SIGNAL: bad signal number");
         return;
     }
-    struct stream *s = find(id);
+    struct stream *s = find_stream(id);
+    if (s && s->kind == K_COPYOUT) { /* the host refused the archive: stop sending it */
+        free_stream(s);
+        send_done(id);
+        return;
+    }
     if (!s || s->kind != K_EXEC || s->pid <= 0) {
         send_error(id, E_BAD_STREAM, ESRCH, "no running command on stream %u", id);
         return;
@@ -293,7 +303,11 @@ static void dispatch(uint8_t type, uint32_t id, const uint8_t *p, uint32_t len)
     case T_PROBE: on_probe(id, &r); break;
     case T_SET_TIME: on_set_time(id, &r); break;
     case T_GENERATION: on_generation(id, &r, opt); break;
+    case T_NET_CONFIG: on_net_config(id, &r, opt); break;
     case T_SHUTDOWN: on_shutdown(id, &r); break;
+    case T_COPY_IN: on_copy_in(id, &r); break;
+    case T_COPY_DATA: on_copy_data(id, p, len); break;
+    case T_COPY_OUT: on_copy_out(id, &r); break;
     default: send_error(id, E_UNKNOWN_TYPE, 0, "unknown request type 0x%02x", type);
     }
 }
@@ -413,6 +427,8 @@ int agent_serve(const struct agent_opts *o)
                 finish_exec(s);
             else if (s->kind == K_PROBE)
                 probe_step(s, now);
+            else if (s->kind == K_COPYOUT)
+                copyout_step(s, PIPE_LIMIT);
         }
         if (out_flush(0) < 0 && !o->pid1)
             break;
@@ -436,6 +452,8 @@ int agent_serve(const struct agent_opts *o)
                         pf[n++] = (struct pollfd){.fd = s->fd[j], .events = POLLIN};
                     }
             }
+            if (s->kind == K_COPYOUT && out_pending() < PIPE_LIMIT)
+                timeout = 0; /* more archive to produce as soon as the queue has room */
             uint64_t due = s->kind == K_PROBE ? (s->pid > 0 ? s->deadline : s->next)
                                               : (s->timed_out ? 0 : s->deadline);
             if (s->kind == K_PROBE && s->deadline < due)

@@ -22,14 +22,17 @@
 enum msg_type {
     T_HELLO = 0x01, T_EXEC = 0x02, T_SIGNAL = 0x03, T_PROBE = 0x04,
     T_SET_TIME = 0x05, T_GENERATION = 0x06, T_SHUTDOWN = 0x07,
+    T_COPY_IN = 0x08, T_COPY_DATA = 0x09, T_COPY_OUT = 0x0A,
+    T_NET_CONFIG = 0x0E, /* 0x08-0x0D: left to the copy messages (issue 17) */
     T_READY = 0x81, T_ACK = 0x82, T_STARTED = 0x83, T_STDOUT = 0x84,
     T_STDERR = 0x85, T_EXIT = 0x86, T_ERROR = 0x87, T_PROBE_RESULT = 0x88,
-    T_DONE = 0x89,
+    T_DONE = 0x89, T_COPY_OUT_DATA = 0x8A,
 };
 
 enum err_code {
     E_BAD_FRAME = 1, E_UNKNOWN_TYPE = 2, E_BAD_PAYLOAD = 3, E_BAD_STREAM = 4,
     E_EXEC_FAILED = 5, E_SYSTEM = 6, E_BUSY = 7, E_UNSUPPORTED = 8,
+    E_COPY = 9, /* a copy refused by its rules or bounds (a member name, a limit) */
 };
 
 /* ---- payload reader: every access bounds-checked, sticky failure flag ---- */
@@ -100,10 +103,13 @@ struct agent_opts {
 };
 int agent_serve(const struct agent_opts *o);
 void on_generation(uint32_t id, struct rd *r, const struct agent_opts *o);
+void on_net_config(uint32_t id, struct rd *r, const struct agent_opts *o);
 
 /* capabilities announced in READY/ACK: bit n set = request type n understood */
 #define AGENT_CAPS ((1u << T_HELLO) | (1u << T_EXEC) | (1u << T_SIGNAL) | (1u << T_PROBE) | \
-                    (1u << T_SET_TIME) | (1u << T_GENERATION) | (1u << T_SHUTDOWN))
+                    (1u << T_SET_TIME) | (1u << T_GENERATION) | (1u << T_SHUTDOWN) | \
+                    (1u << T_NET_CONFIG) | (1u << T_COPY_IN) | (1u << T_COPY_DATA) | \
+                    (1u << T_COPY_OUT))
 
 /* PID 1 at boot: lo up with 127.0.0.1/8; -1 with errno set on failure */
 int loopback_up(void);

@@ -6,7 +6,7 @@
 
 #include "agent.h"
 
-enum kind { K_FREE = 0, K_EXEC, K_PROBE };
+enum kind { K_FREE = 0, K_EXEC, K_PROBE, K_COPYIN, K_COPYOUT };
 
 struct stream {
     enum kind kind;
@@ -26,10 +26,12 @@ struct stream {
     char *path;
     uint16_t port;
     struct cmd cmd;
+    void *copy; /* copyin.c / copyout.c state */
 };
 
 extern struct wr wbuf;
 struct stream *alloc_stream(uint32_t id);
+struct stream *find_stream(uint32_t id);
 void free_stream(struct stream *s);
 uint64_t ms_to_ns(uint32_t ms);
 void probe_step(struct stream *s, uint64_t now);

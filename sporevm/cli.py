@@ -14,11 +14,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sporevm import __version__
 from sporevm.errors import SporeError, StoreError, UsageError
 from sporevm.store import Store
+
+if TYPE_CHECKING:
+    from sporevm.build.copies import CopyPlan
+    from sporevm.runtime.network import NetworkSpec
 
 
 def parse_duration(text: str) -> float:
@@ -151,8 +155,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         kernel=Path(args.kernel) if args.kernel else None,
         platform=args.platform,
         insecure_registries=frozenset(args.insecure_registry),
+        copies=_run_copies(args),
+        network=_run_network(args),
+        net_log=Path(args.net_log) if args.net_log else None,
     )
     return run(req, Store(), Reporter(enabled=not args.quiet))
+
+
+def _run_copies(args: argparse.Namespace) -> CopyPlan:
+    """--copy-in/--copy-out and their owner and bounds, checked now (docs/cli.md)."""
+    from sporevm.build.copies import make_plan
+    from sporevm.sporefile import parse_size
+
+    return make_plan(
+        args.copy_in,
+        args.copy_out,
+        args.copy_in_owner,
+        parse_size(args.copy_out_max_bytes) if args.copy_out_max_bytes else None,
+        args.copy_out_max_entries,
+    )
+
+
+def _run_network(args: argparse.Namespace) -> NetworkSpec | None:
+    """--net-allow/--net-deny-all as a NetworkSpec (checked now), or None (no NIC for a
+    fresh VM; the spore's recorded policy for --from)."""
+    if args.net_deny_all and args.net_allow:
+        raise UsageError("spore run: --net-deny-all and --net-allow exclude each other")
+    if not (args.net_allow or args.net_deny_all):
+        return None
+    from sporevm.runtime.network import NetworkSpec
+
+    return NetworkSpec.parse(args.net_allow, Path(args.net_log) if args.net_log else None)
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
@@ -238,6 +271,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{p.vcpus} vCPU"
     )
     print(f"kernel      {p.kernel}\ninitrd      {p.initrd}\ncmdline     {p.cmdline}")
+    net = "none (no NIC)" if m.network is None else "allow " + (", ".join(m.network) or "nothing")
+    print(f"network     {net}")
     print(
         f"rootfs      {m.rootfs.digest} ({m.rootfs.size} B, {m.rootfs.kind}) "
         f"from {m.rootfs.source_image}"
@@ -654,10 +689,56 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--timeout", metavar="DURATION", help="kill the command after this long")
     rn.add_argument("--boot-timeout", metavar="DURATION", default="5m")
     rn.add_argument(
+        "--copy-in",
+        action="append",
+        default=[],
+        metavar="HOST_PATH:GUEST_PATH",
+        help="before the command, copy a host file or directory to GUEST_PATH (repeatable)",
+    )
+    rn.add_argument(
+        "--copy-in-owner",
+        metavar="UID:GID",
+        help="owner of everything copied in (default 0:0)",
+    )
+    rn.add_argument(
+        "--copy-out",
+        action="append",
+        default=[],
+        metavar="GUEST_PATH:HOST_DIR",
+        help="after the command (also a failing one), copy GUEST_PATH into HOST_DIR, "
+        "which must be new or empty (repeatable)",
+    )
+    rn.add_argument(
+        "--copy-out-max-bytes",
+        metavar="SIZE",
+        help="file content one copy-out may bring back (default 1GiB)",
+    )
+    rn.add_argument(
+        "--copy-out-max-entries",
+        type=int,
+        metavar="N",
+        help="entries one copy-out may bring back (default 100000)",
+    )
+    rn.add_argument(
         "--kernel", metavar="PATH", help="boot this bzImage/vmlinux, not the managed one"
     )
     rn.add_argument("--platform", default="linux/amd64")
     rn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    rn.add_argument(
+        "--net-allow",
+        action="append",
+        default=[],
+        metavar="ENTRY",
+        help="give the guest a NIC whose gateway allows ENTRY (repeatable): a host name, "
+        "host:port, IPv4 address or CIDR, addr:port, or public; with --from it replaces "
+        "the spore's recorded policy (docs/network.md)",
+    )
+    rn.add_argument(
+        "--net-deny-all",
+        action="store_true",
+        help="with --from: keep the spore's NIC but allow nothing",
+    )
+    rn.add_argument("--net-log", metavar="FILE", help="append the gateway's decisions (JSON lines)")
     add_insecure(rn)
     add_no_jail(rn)
     rn.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")

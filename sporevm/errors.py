@@ -40,6 +40,13 @@ class RootfsError(SporeError):
     """The ext4 root filesystem could not be built."""
 
 
+class CopyError(SporeError):
+    """A copy between the host and a guest (``--copy-in``/``--copy-out``, ``copy_out:``)
+    failed or was refused; its own exit code, so CI tells it from the command's."""
+
+    exit_code = 74  # EX_IOERR (sysexits.h)
+
+
 class LockMismatchError(SporefileError):
     """``--locked`` was given and resolution would change Sporefile.lock."""
 

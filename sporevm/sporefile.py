@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import stat
 from dataclasses import dataclass
@@ -72,6 +73,24 @@ class ReadyProbe:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """``cache:``: URIs as written (parsed by the pipeline when the build starts)."""
+
+    sources: tuple[str, ...] = ()
+    sinks: tuple[str, ...] = ()
+    mode: str | None = None  # "min" | "max"; None: max
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """A step's ``copy_out:`` entry: guest ``src`` into the context's ``out/<dst>``."""
+
+    src: str  # absolute guest path
+    dst: str  # normalised, relative to out/
+    path: Path  # context/out/dst
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     name: str
     run: Command  # str: shell command line; tuple: argv
@@ -80,6 +99,7 @@ class Step:
     timeout: float | None  # seconds
     background: bool
     ready: ReadyProbe | None
+    copy_out: tuple[Artifact, ...] = ()  # collected by the build after the step (steps.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +112,6 @@ class Check:
 class Output:
     spore: Path
     bundle: Path
-
-
-@dataclass(frozen=True, slots=True)
-class CacheSettings:
-    """``cache:``: URIs as written (parsed by the pipeline when the build starts)."""
-
-    sources: tuple[str, ...] = ()
-    sinks: tuple[str, ...] = ()
-    mode: str | None = None  # "min" | "max"; None: max
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +132,9 @@ class Sporefile:
     digest: str  # "blake3:<hex>" of the raw file bytes
     push: tuple[str, ...] = ()  # bundle URIs; parsed by sporevm.dist.uri when the build starts
     cache: CacheSettings = CacheSettings()  # remote build caches (pipeline/remote_cache.py)
+    # network.allow as written (None: no network key, no NIC); checked and made canonical
+    # by the egress policy when the build starts (sporevm.runtime.network).
+    network: tuple[str, ...] | None = None
 
 
 # -- sizes and durations -----------------------------------------------------------------------
@@ -212,6 +226,8 @@ def canonical_step(step: Step) -> bytes:
                 "command": None if ready.command is None else _command_obj(ready.command),
                 "timeout_ms": _ms(ready.timeout),
             },
+            # Only when present: the keys of steps without artifacts stay what they were.
+            **({"copy_out": [[a.src, a.dst] for a in step.copy_out]} if step.copy_out else {}),
         }
     )
 
@@ -359,6 +375,13 @@ class _Builder:
         merged = dict(env)
         merged.update(data.get("env", {}))
         wd = self.guest_path((*p, "workdir"), data["workdir"]) if "workdir" in data else workdir
+        if data.get("background", False) and data.get("copy_out"):
+            self.fail(
+                (*p, "copy_out"),
+                "copy_out is collected when a step exits, and a background step does not; "
+                "move it to a later step",
+                at_key=True,
+            )
         return Step(
             data["name"],
             self.command(data["run"]),
@@ -367,7 +390,16 @@ class _Builder:
             self.duration((*p, "timeout"), data.get("timeout")),
             data.get("background", False),
             ready,
+            tuple(
+                self.artifact((*p, "copy_out", i), a)
+                for i, a in enumerate(data.get("copy_out", []))
+            ),
         )
+
+    def artifact(self, p: DocPath, data: dict[str, Any]) -> Artifact:
+        dst = posixpath.normpath(data["dst"])
+        src = posixpath.normpath(self.guest_path((*p, "src"), data["src"]))
+        return Artifact("/" + src.lstrip("/"), dst, self.context / "out" / dst)
 
     def output(self, data: dict[str, Any], name: str, sporefile: Path) -> Output:
         paths: list[Path] = [self.context, sporefile]  # never the directory or the Sporefile
@@ -385,6 +417,25 @@ class _Builder:
                 )
             paths.append(resolved)
         return Output(paths[2], paths[3])
+
+    def check_artifacts(self, steps: list[Step], output: Output) -> None:
+        """Artifact directories are distinct and apart from the spore and bundle outputs
+        (a step must not replace what the build writes, or another step's artifacts)."""
+        taken: list[tuple[Path, DocPath]] = [
+            (output.spore, ("output",)),
+            (output.bundle, ("output",)),
+        ]
+        for i, step in enumerate(steps):
+            for j, a in enumerate(step.copy_out):
+                here: DocPath = ("steps", i, "copy_out", j, "dst")
+                for other, _ in taken:
+                    if a.path == other or a.path in other.parents or other in a.path.parents:
+                        self.fail(
+                            here,
+                            f"out/{a.dst} overlaps {other}; give each artifact its own "
+                            "directory below out/, apart from output.spore and output.bundle",
+                        )
+                taken.append((a.path, here))
 
     def build(self, data: dict[str, Any], path: Path, digest: str) -> Sporefile:
         env: dict[str, str] = data.get("env", {})
@@ -416,6 +467,8 @@ class _Builder:
             Check(self.command(c["run"]), self.duration(("verify", i, "timeout"), c.get("timeout")))
             for i, c in enumerate(data.get("verify", []))
         )
+        output = self.output(data.get("output", {}), data["name"], path.resolve())
+        self.check_artifacts(steps, output)
         base = data["base"]
         return Sporefile(
             version=VERSION,
@@ -428,7 +481,7 @@ class _Builder:
             steps=tuple(steps),
             snapshot_after=after,
             verify=verify,
-            output=self.output(data.get("output", {}), data["name"], path.resolve()),
+            output=output,
             path=path,
             context=self.context,
             digest=digest,
@@ -438,6 +491,7 @@ class _Builder:
                 tuple(data.get("cache", {}).get("to", [])),
                 data.get("cache", {}).get("mode"),
             ),
+            network=tuple(data["network"]["allow"]) if "network" in data else None,
         )
 
 

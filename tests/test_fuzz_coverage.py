@@ -63,6 +63,8 @@ PARSERS = {
     "sporevm/dist/transport_oci.py",
     "sporevm/storeroots.py",
     "sporevm/pipeline/cache_entry.py",
+    "sporevm/build/copy_extract.py",
+    "sporevm/runtime/copyio.py",
 }
 # Decoding toolkits the parsers above are built on: not a surface of their own,
 # but some fuzz target must reach them.
@@ -73,6 +75,7 @@ SHARED_DECODERS = {
 # Modules that use a decoding primitive on bytes spore wrote itself or the kernel gave it.
 NOT_PARSERS = {
     "sporevm/build/fileslayer.py": "writes a tar of the user's files; never reads one",
+    "sporevm/build/copy_archive.py": "writes the tar of a --copy-in source; never reads one",
     "sporevm/store.py": "its own build-key records; a corrupt one is a cache miss",
     "sporevm/storecheck.py": "re-hashes and re-reads its own store records",
     "sporevm/storegc.py": "its own build-key records (as store.py); one that does not parse "

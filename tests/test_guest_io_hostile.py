@@ -228,6 +228,9 @@ def test_monitor_config_roundtrip() -> None:
             "restore_id": None,
             "kernel_digest": None,
             "initrd_digest": None,
+            "net_fd": None,  # no NIC unless the caller gives one (docs/network.md)
+            "net_mac": None,
+            "net_mtu": None,
         }
         assert MonitorConfig.decode(cfg.encode()) == cfg
 

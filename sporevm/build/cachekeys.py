@@ -1,7 +1,8 @@
 """Every key the build caches a result under, computed here and nowhere else.
 
     rootfs    BLAKE3(json: builder, e2fsprogs, epoch, image manifest, layers[, files])
-    boot      BLAKE3(domain, rootfs, kernel, initrd, cmdline, machine, device model)
+    boot      BLAKE3(domain, rootfs, kernel, initrd, cmdline, machine, device model
+                     [, network policy])
     step i    BLAKE3(domain, key(step i-1), canonical step i, digests of its files)
     spore     BLAKE3(domain, last step key, snapshot.after, verify checks)
 
@@ -25,7 +26,8 @@ from sporevm.build.fileslayer import FilesLayer
 from sporevm.build.guest import GuestPlatform
 from sporevm.build.oci import ResolvedImage
 from sporevm.build.rootfs import ROOTFS_EPOCH, tool_versions
-from sporevm.spore.platform import DEVICE_MODEL
+from sporevm.errors import SporeError
+from sporevm.spore.platform import device_model
 from sporevm.sporefile import Sporefile, canonical_machine, canonical_step
 
 # Bump whenever the bytes of a rootfs can change for the same image and tools.
@@ -53,16 +55,35 @@ def rootfs_key(image: ResolvedImage, files: FilesLayer | None = None) -> str:
     return blake3.blake3(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
+def network_policy(sf: Sporefile) -> list[str] | None:
+    """The Sporefile's network.allow, checked and canonical (None: no network, no NIC)."""
+    if sf.network is None:
+        return None
+    from sporevm.runtime.network import canonical_allow  # the egress policy: only if needed
+
+    try:
+        return canonical_allow(sf.network)
+    except SporeError as exc:
+        raise SporeError(f"{sf.path}: network.allow: {exc}") from None
+
+
 def boot_key(sf: Sporefile, rootfs_digest: str, guest: GuestPlatform) -> str:
-    return _key(
+    """The network policy is part of the key (and so of every step's): a step that ran
+    under another policy may have fetched other things. A Sporefile without network:
+    keeps the key it had before networks existed."""
+    policy = network_policy(sf)
+    parts = [
         b"spore/boot-key/v2",
         rootfs_digest.encode(),
         guest.kernel_digest.encode(),
         guest.initrd_digest.encode(),
         guest.cmdline.encode(),
         canonical_machine(sf.machine),
-        DEVICE_MODEL.encode(),
-    )
+        device_model(policy is not None).encode(),
+    ]
+    if policy is not None:
+        parts.append(json.dumps({"network": policy}, sort_keys=True).encode())
+    return _key(*parts)
 
 
 def step_keys(sf: Sporefile, boot: str) -> list[str]:

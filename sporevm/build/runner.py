@@ -7,21 +7,26 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
+from sporevm.build.copies import CopyPlan, check_plan, copy_in, copy_out
 from sporevm.build.guest import GuestPlatform, check_vcpus, ensure_guest
 from sporevm.build.kernel import detect_host_class
 from sporevm.build.progress import Reporter
 from sporevm.build.sealing import platform_contract
-from sporevm.errors import SporeError, UsageError
+from sporevm.errors import CopyError, SporeError, UsageError
 from sporevm.runtime.agent_session import AgentClosedError, AgentTimeoutError
 from sporevm.runtime.generation import generation_message
 from sporevm.runtime.launcher import VmError, VmProcess, VmSpec
+from sporevm.runtime.network import NetworkSpec, interface_config
 from sporevm.runtime.protocol import MonitorError, Restore, RestoreStrategy, VmConfig
 from sporevm.spore import manifest
 from sporevm.spore.manifest import check_platform
 from sporevm.spore.sporedir import open_spore, split_pin
 from sporevm.store import Store
+
+if TYPE_CHECKING:  # types only: `spore run` does not load the YAML/schema stack
+    from sporevm.sporefile import Sporefile
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
 SHUTDOWN_TIMEOUT = 30.0
@@ -44,6 +49,21 @@ class RunRequest:
     insecure_registries: frozenset[str] = frozenset()
     spore: Path | None = None  # resume this spore instead of booting
     restore: RestoreStrategy = RestoreStrategy.EAGER  # how that resume fills RAM
+    copies: CopyPlan = field(default_factory=CopyPlan)  # --copy-in / --copy-out
+    # Fresh VMs: --net-allow (None: no NIC). --from: None applies the spore's recorded
+    # policy; a spec replaces it (narrowing: list fewer entries, or none at all).
+    network: NetworkSpec | None = None
+    net_log: Path | None = None  # --net-log: the gateway's decisions, JSON lines
+
+
+def sporefile_network(sf: Sporefile) -> NetworkSpec | None:
+    """A Sporefile's network (its canonical policy, as in the step keys), or None: what
+    the build hands ``boot_vm``. A resumed step snapshot carries the same policy in its
+    manifest (the policy is part of every step key), so ``resume_vm`` needs nothing."""
+    from sporevm.build.cachekeys import network_policy
+
+    policy = network_policy(sf)
+    return None if policy is None else NetworkSpec(tuple(policy))
 
 
 def boot_vm(
@@ -55,11 +75,14 @@ def boot_vm(
     store_root: Path | None = None,
     zygote: bool | None = None,
     setting: str = "machine.vcpus:",
+    network: NetworkSpec | None = None,
 ) -> VmProcess:
     """Start a VM and wait for its agent's READY; on failure report what the VM did.
 
     ``setting`` names where ``vcpus`` came from, for the one-line refusal of a count
-    the host class cannot give (the Sporefile's, unless ``spore run`` says otherwise)."""
+    the host class cannot give (the Sporefile's, unless ``spore run`` says otherwise).
+    ``network``: the VM gets a NIC and an egress gateway under that policy, and its
+    interface is configured before this returns (None: no NIC)."""
     check_vcpus(vcpus, guest.host_class, setting)
     vm = VmProcess(
         VmSpec(
@@ -67,6 +90,7 @@ def boot_vm(
                 guest.kernel, guest.initrd, rootfs, guest.cmdline, memory, vcpus, store=store_root
             ),
             zygote=zygote,
+            network=network,
         )
     )
     try:
@@ -79,6 +103,8 @@ def boot_vm(
                 f"({setting} {vcpus}): it lacks SMP or could not start them; use a "
                 "kernel with CONFIG_SMP (the managed one has it) or 1 vCPU"
             )
+        if network is not None:
+            vm.session.configure_network(interface_config())
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         tail = vm.serial_tail().strip().splitlines()[-15:]
@@ -101,13 +127,28 @@ def resume_vm(
     hostname: str = "",
     ram: RestoreStrategy = RestoreStrategy.EAGER,
     zygote: bool | None = None,
+    network: NetworkSpec | None = None,
+    net_log: Path | None = None,
 ) -> VmProcess:
     """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
-    clock, and for a forked child its hostname) before anything else runs."""
+    clock, and for a forked child its hostname) before anything else runs, and a spore
+    with a NIC its network again: the policy recorded in its manifest, or ``network``
+    in its place (``net_log`` applies to the recorded one). Flows open at the snapshot
+    do not survive it (docs/network.md)."""
     spore, pin = split_pin(str(spore))
     m, mpath, rootfs = open_spore(spore, store, pin)
+    if m.network is None and network is not None:
+        raise UsageError(
+            f"{spore}: the spore has no NIC (it was built without network:); "
+            "--net-allow applies only to spores built with one"
+        )
+    if m.network is not None and network is None:
+        network = NetworkSpec(m.network, net_log)
     guest = ensure_guest(store, reporter, kernel)
-    check_platform(m, platform_contract(guest, m.platform.memory, m.platform.vcpus))
+    check_platform(
+        m,
+        platform_contract(guest, m.platform.memory, m.platform.vcpus, net=m.network is not None),
+    )
     started = time.monotonic()
     restore = Restore(mpath, manifest.id_of(m), guest.kernel_digest, guest.initrd_digest, ram)
     vm = VmProcess(
@@ -123,6 +164,7 @@ def resume_vm(
                 restore=restore,
             ),
             zygote=zygote,
+            network=network,
         )
     )
     try:
@@ -133,6 +175,8 @@ def resume_vm(
         if m.generation.parent is not None and not name:
             name = f"{m.annotations.get('org.spore.name', 'spore')}-{m.generation.index}"
         vm.session.apply_generation(generation_message(m, name))
+        if network is not None:  # a new gateway: the guest resolves and connects afresh
+            vm.session.configure_network(interface_config())
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         vm.close()
@@ -174,6 +218,7 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
         raise UsageError("spore run: give exactly one of --image REF, --rootfs FILE, --from SPORE")
     if req.spore is None:  # a resume takes its vCPUs from the spore's platform contract
         check_vcpus(req.vcpus, detect_host_class(), "--vcpus")  # before any image work
+    check_plan(req.copies)  # sources exist, targets new or empty: before any VM
     # Shared store lock for the VM's whole life: a lazy restore reads chunks until the
     # guest exits, so `spore cache prune` waits for this run (docs/publish-protocol.md).
     with store.lock():
@@ -183,7 +228,15 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
 def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
     if req.spore is not None:
         # RestoreStrategy(): the CLI hands the strategy's name (argparse choices)
-        vm = resume_vm(req.spore, store, reporter, req.kernel, ram=RestoreStrategy(req.restore))
+        vm = resume_vm(
+            req.spore,
+            store,
+            reporter,
+            req.kernel,
+            ram=RestoreStrategy(req.restore),
+            network=req.network,
+            net_log=req.net_log,
+        )
         return _run_in(vm, req, reporter)
     if req.rootfs is not None:
         if not req.rootfs.is_file():
@@ -203,13 +256,22 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
             insecure_registries=req.insecure_registries,
         ).path
     guest = ensure_guest(store, reporter, req.kernel)
-    vm = boot_vm(guest, rootfs, req.memory, req.vcpus, req.boot_timeout, setting="--vcpus")
+    vm = boot_vm(
+        guest,
+        rootfs,
+        req.memory,
+        req.vcpus,
+        req.boot_timeout,
+        setting="--vcpus",
+        network=req.network,
+    )
     return _run_in(vm, req, reporter)
 
 
 def _run_in(vm: VmProcess, req: RunRequest, reporter: Reporter) -> int:
     """Run the request's command in a ready VM, stream its output, power the VM off."""
     try:
+        copy_in(vm.session, req.copies, reporter)  # before the command: it may need them
         handle = vm.session.exec(
             list(req.argv),
             env=dict(req.env),
@@ -221,7 +283,12 @@ def _run_in(vm: VmProcess, req: RunRequest, reporter: Reporter) -> int:
         status = handle.wait()
         if status.timed_out:
             reporter.warn(f"command timed out after {req.timeout} s and was killed")
+        failed = copy_out(vm.session, req.copies, reporter)  # also after a failing command
         shutdown_vm(vm)
+        if failed:
+            # Its own code: CI must not take a missing report for the command's verdict.
+            reporter.warn(f"the command {status.describe()}; {failed} copy-out(s) failed")
+            return CopyError.exit_code
         return status.returncode
     except (AgentClosedError, AgentTimeoutError) as exc:
         vm.wait_exit(1.0)

@@ -186,7 +186,7 @@ class VmStages:
 
             vm = resume_vm(ChunkStore(i.store).path(mid), i.store, i.reporter, i.kernel)
         else:
-            from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm
+            from sporevm.build.runner import DEFAULT_BOOT_TIMEOUT, boot_vm, sporefile_network
 
             vm = boot_vm(
                 guest,
@@ -195,6 +195,7 @@ class VmStages:
                 i.sf.machine.vcpus,
                 DEFAULT_BOOT_TIMEOUT,
                 store_root=i.store.root,
+                network=sporefile_network(i.sf),  # resumed snapshots carry their own
             )
         self.handoff.give(Booted(vm, resume_from))
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sporevm.build.artifacts import collect
 from sporevm.build.progress import Reporter
 from sporevm.errors import SporeError
 from sporevm.runtime.agent import ProbeKind
@@ -115,6 +116,8 @@ def run_steps(session: AgentSession, steps: Sequence[Step], reporter: Reporter) 
                 f"step {step.name} failed: {status.describe()} after {took:.1f} s; "
                 f"nothing was published{shown}"
             )
+        if step.copy_out:  # before the snapshot, from the guest as the step left it
+            collect(session, step, reporter)
         results.append(StepResult(step.name, took, status.returncode))
         reporter.info(f"[green]✓ step:{step.name}[/green] ({took:.2f} s)")
     return results

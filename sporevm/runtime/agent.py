@@ -29,6 +29,7 @@ MAX_ERROR_MESSAGE = 1024
 MAX_ENTROPY = 1024
 MAX_GENERATION_ID = 128
 MAX_HOSTNAME = 64
+MAX_PATH = 4096  # a copy's guest path
 
 
 class AgentProtocolError(SporeError):
@@ -44,6 +45,10 @@ class MsgType(IntEnum):
     SET_TIME = 0x05
     GENERATION = 0x06
     SHUTDOWN = 0x07
+    COPY_IN = 0x08
+    COPY_DATA = 0x09  # archive bytes of a COPY_IN; an empty payload ends the archive
+    COPY_OUT = 0x0A
+    NET_CONFIG = 0x0E  # 0x08-0x0D: the copy messages (issue 17)
     # guest -> host
     READY = 0x81
     ACK = 0x82
@@ -54,6 +59,7 @@ class MsgType(IntEnum):
     ERROR = 0x87
     PROBE_RESULT = 0x88
     DONE = 0x89
+    COPY_OUT_DATA = 0x8A  # archive bytes of a COPY_OUT
 
 
 HOST_TYPES = frozenset(t for t in MsgType if t < 0x80)
@@ -69,6 +75,7 @@ class ErrorCode(IntEnum):
     SYSTEM = 6  # a syscall the agent needed failed
     BUSY = 7  # too many live streams
     UNSUPPORTED = 8
+    COPY_REFUSED = 9  # a copy broke its rules or bounds (a member name, a limit)
 
 
 class ExecMode(IntEnum):

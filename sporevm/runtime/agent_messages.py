@@ -17,6 +17,7 @@ from sporevm.runtime.agent import (
     MAX_ERROR_MESSAGE,
     MAX_GENERATION_ID,
     MAX_HOSTNAME,
+    MAX_PATH,
     AgentProtocolError,
     ExecMode,
     Frame,
@@ -225,6 +226,31 @@ class Generation(Message):
 
 
 @dataclass(frozen=True)
+class NetConfig(Message):
+    """The NIC's static setup (docs/network.md): IPv4 address/prefix, default route via
+    ``gateway``, ``/etc/resolv.conf`` naming ``nameserver``, the MTU. Addresses are
+    host-order u32."""
+
+    TYPE = MsgType.NET_CONFIG
+    address: int
+    prefix: int
+    gateway: int
+    nameserver: int
+    mtu: int
+
+    def encode(self) -> bytes:
+        w = Writer().u32(self.address).u8(self.prefix).u32(self.gateway)
+        return w.u32(self.nameserver).u32(self.mtu).done()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> NetConfig:
+        r = Reader(payload, "NET_CONFIG")
+        m = cls(r.u32(), r.u8(), r.u32(), r.u32(), r.u32())
+        r.end()
+        return m
+
+
+@dataclass(frozen=True)
 class Shutdown(Message):
     TYPE = MsgType.SHUTDOWN
     reboot: bool = False
@@ -395,6 +421,77 @@ class Done(Message):
         return cls()
 
 
+@dataclass(frozen=True)
+class CopyIn(Message):
+    """Unpack the tar archive that follows (COPY_DATA frames) at ``dest``."""
+
+    TYPE = MsgType.COPY_IN
+    dest: str  # absolute guest path; the archive's root member lands there
+    uid: int = 0  # owner of every entry created
+    gid: int = 0
+
+    def encode(self) -> bytes:
+        if not self.dest.startswith("/"):
+            raise ValueError(f"copy-in destination {self.dest!r} is not absolute")
+        for v in (self.uid, self.gid):
+            if not 0 <= v < 0xFFFFFFFF:
+                raise ValueError(f"owner id {v} out of range")
+        return Writer().text(self.dest).u32(self.uid).u32(self.gid).done()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CopyIn:
+        r = Reader(payload, "COPY_IN")
+        m = cls(r.text(MAX_PATH), r.u32(), r.u32())
+        r.end()
+        return m
+
+
+@dataclass(frozen=True)
+class CopyOut(Message):
+    """Send ``path`` as a tar archive (COPY_OUT_DATA frames, then DONE)."""
+
+    TYPE = MsgType.COPY_OUT
+    path: str
+    max_bytes: int  # the host's bounds, so an honest guest stops before sending
+    max_entries: int
+
+    def encode(self) -> bytes:
+        if not self.path.startswith("/"):
+            raise ValueError(f"copy-out path {self.path!r} is not absolute")
+        return Writer().text(self.path).u64(self.max_bytes).u64(self.max_entries).done()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CopyOut:
+        r = Reader(payload, "COPY_OUT")
+        m = cls(r.text(MAX_PATH), r.u64(), r.u64())
+        r.end()
+        return m
+
+
+@dataclass(frozen=True)
+class CopyData(Message):
+    """Archive bytes: host to guest (COPY_DATA, empty = end) or guest to host."""
+
+    TYPE = MsgType.COPY_DATA
+    data: bytes
+
+    def encode(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CopyData:
+        return cls(payload)
+
+
+@dataclass(frozen=True)
+class CopyOutData(CopyData):
+    TYPE = MsgType.COPY_OUT_DATA
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CopyOutData:
+        return cls(payload)
+
+
 _DECODERS: dict[int, type[Message]] = {
     m.TYPE: m
     for m in (
@@ -404,6 +501,7 @@ _DECODERS: dict[int, type[Message]] = {
         Probe,
         SetTime,
         Generation,
+        NetConfig,
         Shutdown,
         Ready,
         Ack,
@@ -412,6 +510,10 @@ _DECODERS: dict[int, type[Message]] = {
         Error,
         ProbeResult,
         Done,
+        CopyIn,
+        CopyOut,
+        CopyData,
+        CopyOutData,
     )
 }
 

@@ -39,6 +39,7 @@ from sporevm.runtime.agent_messages import (
     Generation,
     Hello,
     Message,
+    NetConfig,
     Output,
     Probe,
     ProbeResult,
@@ -99,6 +100,12 @@ class FdChannel:
             n = os.write(self.wfd, view)
             view = view[n:]
 
+    def wait_writable(self, timeout: float) -> bool:
+        """Whether a write would not block within ``timeout`` (copies stream many frames
+        and must not hang on a guest that stopped reading)."""
+        _, ready, _ = select.select([], [self.wfd], [], timeout)
+        return bool(ready)
+
     def recv(self, timeout: float | None) -> bytes | None:
         ready, _, _ = select.select([self.rfd], [], [], timeout)
         if not ready:
@@ -145,6 +152,12 @@ class QueueChannel:
             return self._incoming.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+class StreamHandler(Protocol):
+    """Whatever owns a stream: every frame of it is handed over, in order."""
+
+    def _on(self, msg: Message) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -299,7 +312,8 @@ class AgentSession:
         self.ready: Ready | None = None
         self.orphan_frames = 0  # output/exit for streams this session does not know
         self._decoder = FrameDecoder()
-        self._streams: dict[int, ExecHandle | _Request] = {}
+        self._streams: dict[int, StreamHandler | _Request] = {}
+        self.caps: int | None = None  # request types the agent understands (READY/ACK)
         self._next = 1
         self._closed = False
 
@@ -322,13 +336,14 @@ class AgentSession:
                 raise AgentTimeoutError(f"guest agent: no answer for {what} within {timeout:.1f} s")
             self.pump(left)
 
-    def pump(self, timeout: float | None) -> None:
-        """Receive once (waiting at most ``timeout``) and dispatch every complete frame."""
+    def pump(self, timeout: float | None) -> bool:
+        """Receive once (waiting at most ``timeout``) and dispatch every complete frame;
+        False if nothing arrived."""
         if self._closed:
             raise AgentClosedError("guest agent channel is closed")
         data = self.channel.recv(timeout)
         if data is None:
-            return
+            return False
         if data == b"":
             self._closed = True
             raise AgentClosedError(
@@ -336,6 +351,7 @@ class AgentSession:
             )
         for frame in self._decoder.feed(data):
             self._dispatch(frame)
+        return True
 
     def _dispatch(self, frame: Frame) -> None:
         msg = decode_message(frame)
@@ -346,6 +362,7 @@ class AgentSession:
                     f"this host speaks {VERSION}; rebuild the initramfs"
                 )
             self.ready = msg
+            self.caps = msg.caps
             return
         target = self._streams.get(frame.stream)
         if target is None:
@@ -358,7 +375,7 @@ class AgentSession:
             # Output/exit of streams from before a restore, or a SIGNAL reply after EXIT.
             self.orphan_frames += 1
             return
-        if isinstance(target, ExecHandle):
+        if not isinstance(target, _Request):
             target._on(msg)
             return
         if isinstance(msg, Output | Started | Exit):
@@ -385,6 +402,23 @@ class AgentSession:
         assert reply is not None
         return reply
 
+    # -- streams of other modules (copies: copyio.py) ---------------------------
+    def open_stream(self, handler: StreamHandler) -> int:
+        """A fresh stream id whose frames go to ``handler._on``."""
+        sid = self._alloc()
+        self._streams[sid] = handler
+        return sid
+
+    def close_stream(self, sid: int) -> None:
+        """Forget a stream: later frames for it are counted and dropped."""
+        self._streams.pop(sid, None)
+
+    def send(self, msg: Message, stream: int) -> None:
+        self._send(msg, stream)
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float | None, what: str) -> None:
+        self._pump_until(cond, timeout, what)
+
     # -- API -----------------------------------------------------------------
     def wait_ready(self, timeout: float) -> Ready:
         """Wait for the agent's unsolicited READY (sent once, when it starts)."""
@@ -398,6 +432,7 @@ class AgentSession:
         reply = self._request(Hello(nonce), "HELLO", timeout)
         if not isinstance(reply, Ack) or reply.nonce != nonce:
             raise AgentProtocolError("guest agent answered HELLO without a matching ACK")
+        self.caps = reply.caps
         return reply
 
     def exec(
@@ -460,6 +495,11 @@ class AgentSession:
 
     def apply_generation(self, gen: Generation, timeout: float = 10.0) -> None:
         self._expect_done(gen, "GENERATION", timeout)
+
+    def configure_network(self, cfg: NetConfig, timeout: float = 10.0) -> None:
+        """Address, route and resolv.conf of the guest's NIC (before the first command,
+        and again after every restore)."""
+        self._expect_done(cfg, "NET_CONFIG", timeout)
 
     def shutdown(self, reboot: bool = False, timeout: float = 10.0) -> None:
         """Ask the guest to sync and power off; returns once it acknowledged."""

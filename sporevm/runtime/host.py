@@ -20,14 +20,14 @@ def cpu_profile() -> str:
 
 
 def host_contract(
-    *, memory: int, vcpus: int, kernel: str, initrd: str, cmdline: str
+    *, memory: int, vcpus: int, kernel: str, initrd: str, cmdline: str, net: bool = False
 ) -> PlatformContract:
     """What this host provides for a VM of ``memory`` and ``vcpus`` booting ``kernel`` and
-    ``initrd`` (their blake3 digests) with ``cmdline``."""
+    ``initrd`` (their blake3 digests) with ``cmdline``, with a NIC or without (``net``)."""
     return PlatformContract(
         arch=platform.ARCH,
         cpu_profile=cpu_profile(),
-        device_model=platform.DEVICE_MODEL,
+        device_model=platform.device_model(net),
         memory=memory,
         vcpus=vcpus,
         kernel=kernel,

@@ -22,6 +22,7 @@ from typing import IO, Protocol
 
 from sporevm.errors import SporeError
 from sporevm.runtime.agent_session import AgentSession, FdChannel
+from sporevm.runtime.network import Network, NetworkSpec
 from sporevm.runtime.protocol import (
     Command,
     CommandName,
@@ -37,7 +38,7 @@ from sporevm.runtime.protocol import (
     encode_command,
     read_events,
 )
-from sporevm.runtime.zygote import ForkedMonitor, monitor_popen
+from sporevm.runtime.zygote import CHILD_NET_FD, ForkedMonitor, monitor_popen
 
 SERIAL_TAIL = 4000
 
@@ -84,6 +85,9 @@ class VmSpec:
     # Fork the monitor from this process's zygote (shared, pre-imported; zygote.py)
     # rather than exec a fresh interpreter for each VM.
     zygote: bool | None = None  # None: yes, unless SPORE_ZYGOTE=0 in the environment
+    # The VM's network: its egress gateway starts before the monitor, which gets a NIC
+    # wired to it. None: no gateway, no NIC (docs/network.md).
+    network: NetworkSpec | None = None
 
 
 class VmProcess:
@@ -96,25 +100,42 @@ class VmProcess:
         zygote = (
             spec.zygote if spec.zygote is not None else os.environ.get("SPORE_ZYGOTE", "1") != "0"
         )
-        if zygote:
-            # The zygote's env is fixed at its start; say the jail choice per child.
-            jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
-            self.proc, ours, agent_fd = monitor_popen(jail)
-        else:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            agent_fd = theirs.fileno()
-        self._sock = ours
         self.spec = spec
-        cfg = MonitorConfig(spec.vm, agent_fd, self.serial_log)
-        if not zygote:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sporevm.runtime.monitor"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                pass_fds=(theirs.fileno(),),
-                env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
+        # The gateway first: a policy or passt that cannot start fails before any VM.
+        self.network = Network(spec.network) if spec.network is not None else None
+        try:
+            net_fd = self.network.monitor_fd if self.network is not None else None
+            if zygote:
+                # The zygote's env is fixed at its start; say the jail choice per child.
+                jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
+                self.proc, ours, agent_fd = monitor_popen(jail, net_fd)
+                net_in_monitor = CHILD_NET_FD
+            else:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                agent_fd = theirs.fileno()
+                net_in_monitor = net_fd if net_fd is not None else -1
+            self._sock = ours
+            cfg = MonitorConfig(
+                spec.vm,
+                agent_fd,
+                self.serial_log,
+                self.network.wiring(net_in_monitor) if self.network is not None else None,
             )
-            theirs.close()
+            if not zygote:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "sporevm.runtime.monitor"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    pass_fds=(theirs.fileno(),) + ((net_fd,) if net_fd is not None else ()),
+                    env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
+                )
+                theirs.close()
+        except BaseException:
+            if self.network is not None:
+                self.network.stop()
+            raise
+        if self.network is not None:
+            self.network.handed_over()  # the monitor holds the channel now
         assert self.proc.stdin is not None
         self.proc.stdin.write(cfg.encode())
         self.proc.stdin.flush()  # stays open: the control channel (snapshot, resume, stop)
@@ -225,6 +246,8 @@ class VmProcess:
         stop_process(self.proc)
         if isinstance(self.proc, ForkedMonitor):
             self.proc.close()
+        if self.network is not None:
+            self.network.stop()  # after the monitor: the gateway sees its channel end
         self._sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 

@@ -11,6 +11,8 @@ a bug too, never a traceback: that line is what the user reads.
     caller ──stdin: config line, then commands──► monitor
     caller ◄─stdout: event lines───────────────── monitor
     caller ◄═agent socket (fd in config)══► monitor ◄═virtio-console═► guest agent
+    gateway ◄═NIC channel (net_fd in config)═► monitor ◄═virtio-net═► guest eth0
+                                    (a VM with a network only; the caller made it)
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from sporevm.runtime.restore import eager_ram, restore_board
 from sporevm.spore import manifest, vmstate
 from sporevm.spore.backing import open_local
 from sporevm.spore.chunks import ChunkStore, snapshot_memory
-from sporevm.vmm.board import Board, BoardConfig, BoardWiring, build_board
+from sporevm.vmm.board import Board, BoardConfig, BoardWiring, NetConfig, build_board
 from sporevm.vmm.machine import ExitResult, Machine, StopReason
 from sporevm.vmm.memory import GuestMemory
 from sporevm.vmm.quiesce import Settle, wait_until_idle
@@ -128,7 +130,12 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         except OSError:
             hung_up.set()  # the caller went away; the pump thread stops the VM
 
-    board_cfg = BoardConfig(vm.memory, vm.vcpus, vm.cmdline, rootfs_fd, os.fstat(rootfs_fd).st_size)
+    # The NIC's channel is a descriptor the caller opened (the gateway's socketpair end):
+    # the monitor only reads and writes it, and creates no sockets (docs/network.md).
+    net = None if cfg.net is None else NetConfig(cfg.net.fd, cfg.net.mac, cfg.net.mtu)
+    board_cfg = BoardConfig(
+        vm.memory, vm.vcpus, vm.cmdline, rootfs_fd, os.fstat(rootfs_fd).st_size, net=net
+    )
     wiring = BoardWiring(
         on_agent_output=agent_output,
         on_agent_writable=room.set,
@@ -215,6 +222,8 @@ def serve(cfg: MonitorConfig) -> ExitResult:
             emit(Restored(text(str(vm.restore.manifest))))
         release_freed_heap()
         jailed.syscalls()  # the jail, stage 2: seccomp on every thread from here on
+        if board.net is not None:
+            board.net.start()  # its channel threads: jailed like the rest
         threading.Thread(target=pump, name="agent-pump", daemon=True).start()
         threading.Thread(target=control, name="control", daemon=True).start()
         deadline = None if vm.timeout is None else time.monotonic() + vm.timeout
@@ -239,6 +248,8 @@ def serve(cfg: MonitorConfig) -> ExitResult:
             if queued.cmd is Command.STOP:
                 return result
     finally:
+        if board.net is not None:
+            board.net.close()
         machine.close()
         os.close(rootfs_fd)
         os.close(serial_fd)
@@ -297,6 +308,7 @@ def _restored_board(
         kernel=restore.kernel_digest,
         initrd=restore.initrd_digest,
         cmdline=vm.cmdline,
+        net=cfg.net is not None,
     )
     manifest.check_platform(m, host)  # before any VM exists
     # The rootfs is verified on the very fd the VM will read.

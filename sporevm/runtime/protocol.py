@@ -97,12 +97,23 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class NetWiring:
+    """The VM's NIC: the monitor's end of the frame channel to its egress gateway (an
+    already-open socket; the monitor creates none), the guest's MAC and MTU."""
+
+    fd: int
+    mac: bytes
+    mtu: int
+
+
+@dataclass(frozen=True)
 class MonitorConfig:
     """The config line: the VM, plus what the launcher wired for this monitor process."""
 
     vm: VmConfig
     agent_fd: int  # the monitor's end of the agent socket
     serial_log: Path  # where the serial console goes (a private runtime directory)
+    net: NetWiring | None = None  # None: the VM has no NIC
 
     def wire(self) -> dict[str, Any]:
         """The flat JSON object of the config line (the field names are the protocol's)."""
@@ -123,6 +134,9 @@ class MonitorConfig:
             "restore_id": r.manifest_id if r else None,
             "kernel_digest": r.kernel_digest if r else None,
             "initrd_digest": r.initrd_digest if r else None,
+            "net_fd": self.net.fd if self.net else None,
+            "net_mac": self.net.mac.hex() if self.net else None,
+            "net_mtu": self.net.mtu if self.net else None,
         }
 
     def encode(self) -> bytes:
@@ -142,6 +156,8 @@ class MonitorConfig:
             doc.setdefault("restore_id", None)
             doc.setdefault("kernel_digest", None)
             doc.setdefault("initrd_digest", None)
+            for name in ("net_fd", "net_mac", "net_mtu"):
+                doc.setdefault(name, None)
         if not isinstance(doc, dict) or set(doc) != _CONFIG_FIELDS:
             raise ProtocolError("monitor: config has unexpected or missing fields")
         paths = {
@@ -199,7 +215,7 @@ class MonitorConfig:
             store=Path(store) if store is not None else None,
             restore=restore,
         )
-        return cls(vm, agent_fd, Path(paths["serial_log"]))
+        return cls(vm, agent_fd, Path(paths["serial_log"]), _config_net(doc, agent_fd))
 
 
 _CONFIG_FIELDS = {
@@ -218,8 +234,34 @@ _CONFIG_FIELDS = {
     "restore_id",
     "kernel_digest",
     "initrd_digest",
+    "net_fd",
+    "net_mac",
+    "net_mtu",
 }
+MIN_MTU, MAX_MTU = 68, 65522  # virtio-net's bounds (a frame <= 64 KiB with its header)
+_MAC = re.compile(r"[0-9a-f]{12}")
 _STRATEGIES = tuple(s.value for s in RestoreStrategy)
+
+
+def _config_net(doc: dict[str, Any], agent_fd: int) -> NetWiring | None:
+    """net_fd, net_mac, net_mtu: all null (no NIC) or all set."""
+    names = ("net_fd", "net_mac", "net_mtu")
+    if all(doc[n] is None for n in names):
+        return None
+    if any(doc[n] is None for n in names):
+        raise ProtocolError(
+            "monitor: config net_fd, net_mac and net_mtu must be all set or all null"
+        )
+    fd = _config_int(doc, "net_fd", 3, MAX_FD)
+    if fd == agent_fd:
+        raise ProtocolError("monitor: config net_fd must differ from agent_fd")
+    mac = doc["net_mac"]
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
+        raise ProtocolError("monitor: config net_mac must be 12 lowercase hex digits")
+    raw = bytes.fromhex(mac)
+    if raw[0] & 1 or raw == bytes(6):
+        raise ProtocolError("monitor: config net_mac must be a unicast, non-zero MAC")
+    return NetWiring(fd, raw, _config_int(doc, "net_mtu", MIN_MTU, MAX_MTU))
 
 
 def _digest(value: object) -> bool:

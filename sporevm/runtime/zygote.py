@@ -14,7 +14,7 @@ state), and it stays single-threaded so that ``fork`` is safe. Each child runs
 way (docs/jail.md). The protocol is private to one caller: a SOCK_SEQPACKET
 socketpair, one datagram per message.
 
-    caller ── "spawn" + [stdin, stdout, agent socket] (SCM_RIGHTS) ──► zygote
+    caller ── "spawn" + [stdin, stdout, agent socket(, NIC channel)] (SCM_RIGHTS) ──► zygote
     caller ◄── "pid N" + [pidfd] ── zygote          (fork done, child running)
     caller ◄── "exit N CODE" ── zygote              (child reaped)
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import gc
 import os
 import select
@@ -36,6 +37,7 @@ from typing import IO
 from sporevm.errors import SporeError
 
 CHILD_AGENT_FD = 3  # where a child finds its agent socket (the config line says so)
+CHILD_NET_FD = 4  # and its NIC's frame channel, when the VM has a network
 _MAX_MSG = 256
 _CTL_FD_ENV = "SPORE_ZYGOTE_FD"
 
@@ -57,21 +59,20 @@ def _recv_fds(sock: socket.socket, count: int) -> tuple[bytes, list[int]]:
 
 
 def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, int]) -> None:
-    """In the forked child: become a monitor with stdin/stdout/agent at 0/1/3."""
+    """In the forked child: become a monitor with stdin/stdout/agent(/NIC) at 0/1/3(/4)."""
     try:
         ctl.close()
         for fd in wake:
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
-        stdin, stdout, agent = fds
-        os.dup2(stdin, 0)
-        os.dup2(stdout, 1)
-        os.dup2(agent, CHILD_AGENT_FD)
+        # Out of the way of the targets first: a received fd may sit at 3 or 4.
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in fds]
         for fd in fds:
-            if fd > 2 and fd != CHILD_AGENT_FD:
-                os.close(fd)
-        os.set_inheritable(CHILD_AGENT_FD, False)
+            os.close(fd)
+        for fd, target in zip(moved, (0, 1, CHILD_AGENT_FD, CHILD_NET_FD), strict=False):
+            os.dup2(fd, target, inheritable=target < 3)
+            os.close(fd)
         if no_jail:
             os.environ["SPORE_NO_JAIL"] = "1"
         else:
@@ -119,11 +120,12 @@ def serve(ctl: socket.socket) -> int:
                 with contextlib.suppress(OSError):
                     ctl.send(f"exit {pid} {code}".encode())
         if ctl.fileno() in ready:
-            msg, fds = _recv_fds(ctl, 3)
+            msg, fds = _recv_fds(ctl, 4)
             if not msg:
                 return 0  # the caller is gone; running children end when their stdin does
             parts = msg.split()
-            if len(fds) != 3 or not parts or parts[0] != b"spawn" or len(parts) != 2:
+            net = parts[2:] == [b"net"]
+            if len(fds) != 3 + net or not parts or parts[0] != b"spawn" or len(parts) != 2 + net:
                 for fd in fds:
                     os.close(fd)
                 ctl.send(b"error bad request")
@@ -245,16 +247,23 @@ class Zygote:
                 self._replies.append((msg, fds))
                 self._cond.notify_all()
 
-    def spawn(self, *, jail: bool, timeout: float = 10.0) -> tuple[ForkedMonitor, socket.socket]:
-        """Fork a monitor; returns it and the caller's end of its agent socket."""
+    def spawn(
+        self, *, jail: bool, net_fd: int | None = None, timeout: float = 10.0
+    ) -> tuple[ForkedMonitor, socket.socket]:
+        """Fork a monitor; returns it and the caller's end of its agent socket. ``net_fd``:
+        the monitor's end of its NIC channel (duplicated into it at CHILD_NET_FD)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             with self._spawn_lock:
                 word = b"jail" if jail else b"nojail"
+                send = [in_r, out_w, theirs.fileno()]
+                if net_fd is not None:
+                    word += b" net"
+                    send.append(net_fd)
                 try:
-                    socket.send_fds(self._ctl, [b"spawn " + word], [in_r, out_w, theirs.fileno()])
+                    socket.send_fds(self._ctl, [b"spawn " + word], send)
                 except OSError as exc:
                     self._dead = True
                     raise ZygoteError(
@@ -295,9 +304,12 @@ class Zygote:
         return child, ours
 
 
-def monitor_popen(jail: bool) -> tuple[ForkedMonitor, socket.socket, int]:
-    """(process, caller's agent socket, the agent fd number inside the monitor)."""
-    child, sock = Zygote.shared().spawn(jail=jail)
+def monitor_popen(
+    jail: bool, net_fd: int | None = None
+) -> tuple[ForkedMonitor, socket.socket, int]:
+    """(process, caller's agent socket, the agent fd number inside the monitor); with
+    ``net_fd`` the monitor finds its NIC channel at CHILD_NET_FD."""
+    child, sock = Zygote.shared().spawn(jail=jail, net_fd=net_fd)
     return child, sock, CHILD_AGENT_FD
 
 

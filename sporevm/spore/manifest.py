@@ -24,7 +24,7 @@ import blake3
 
 from sporevm.errors import SporeError
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkError, ChunkStore, MemoryIndex
-from sporevm.spore.platform import SLOT_BLK
+from sporevm.spore.platform import DEVICE_MODEL, DEVICE_MODEL_NET, SLOT_BLK
 from sporevm.strictjson import (
     ecma_pattern_keyword,
     load_versioned_object,
@@ -37,6 +37,8 @@ MAX_VCPUS = 64
 MAX_ANNOTATIONS = 64
 MAX_STATE_OBJECTS = 1024
 MAX_STEPS = 256
+MAX_NET_ENTRIES = 256  # egress/policy.py MAX_RULES
+MAX_NET_ENTRY = 260  # and MAX_ENTRY_LEN
 ROOTFS_KIND = "ext4-immutable"
 
 
@@ -138,6 +140,24 @@ SCHEMA: dict[str, Any] = {
                 "propertyNames": {"pattern": _KEY},
                 "additionalProperties": {"type": "string", "maxLength": 4096},
             },
+            # Optional: absent for a spore without a NIC (so older spores keep their
+            # bytes and ids). The policy its VM ran under, canonical (sorted, unique);
+            # `spore run --from` applies it again (docs/network.md).
+            "network": _obj(
+                {
+                    "allow": {
+                        "type": "array",
+                        "maxItems": MAX_NET_ENTRIES,
+                        "uniqueItems": True,
+                        "items": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_NET_ENTRY,
+                            "pattern": "^[a-z0-9_.:/-]+$",
+                        },
+                    }
+                }
+            ),
             "provenance": _obj(
                 {
                     "sporefile": {"anyOf": [{"type": "null"}, _str(_B3)]},
@@ -153,6 +173,9 @@ SCHEMA: dict[str, Any] = {
         }
     ),
 }
+
+
+SCHEMA["required"].remove("network")  # optional: no network, no NIC
 
 
 @dataclass(frozen=True)
@@ -210,6 +233,7 @@ class Manifest:
     generation: Generation
     annotations: dict[str, str]  # treat as read-only
     provenance: Provenance
+    network: tuple[str, ...] | None = None  # allow entries, canonical; None: no NIC
 
 
 # -- JSON -------------------------------------------------------------------------------------
@@ -311,6 +335,17 @@ def _check(m: Manifest, what: str) -> None:
             f"{what}: memory.chunks has {len(m.memory.chunks)} entries; platform.memory "
             f"{p.memory} needs exactly {p.memory // CHUNK} (one per {CHUNK}-byte chunk)"
         )
+    if m.network is not None:
+        if list(m.network) != sorted(set(m.network)):
+            raise ManifestError(f"{what}: network.allow is not sorted and unique")
+        if p.device_model != DEVICE_MODEL_NET:
+            raise ManifestError(
+                f"{what}: a spore with network: needs platform.device_model {DEVICE_MODEL_NET}"
+            )
+    elif p.device_model == DEVICE_MODEL_NET:
+        raise ManifestError(
+            f"{what}: platform.device_model {DEVICE_MODEL_NET} needs a network: entry"
+        )
     g = m.generation
     if g.index >= g.count:
         raise ManifestError(f"{what}: generation.index {g.index} is not below count {g.count}")
@@ -320,7 +355,7 @@ def to_document(m: Manifest) -> dict[str, Any]:
     def plain(obj: Any) -> dict[str, Any]:
         return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
-    return {
+    doc = {
         "format": FORMAT,
         "platform": plain(m.platform),
         "rootfs": plain(m.rootfs),
@@ -330,6 +365,9 @@ def to_document(m: Manifest) -> dict[str, Any]:
         "annotations": dict(m.annotations),
         "provenance": {**plain(m.provenance), "steps": list(m.provenance.steps)},
     }
+    if m.network is not None:
+        doc["network"] = {"allow": list(m.network)}
+    return doc
 
 
 def from_document(doc: dict[str, Any], what: str = "manifest") -> Manifest:
@@ -345,6 +383,7 @@ def from_document(doc: dict[str, Any], what: str = "manifest") -> Manifest:
         provenance=Provenance(
             prov["sporefile"], prov["lock"], tuple(prov["steps"]), prov["builder"]
         ),
+        network=tuple(doc["network"]["allow"]) if "network" in doc else None,
     )
     _check(m, what)
     return m
@@ -401,6 +440,14 @@ def check_platform(m: Manifest, host: PlatformContract) -> None:
     """Fail, naming the first differing field, unless ``host`` is exactly the contract."""
     for f in fields(PlatformContract):
         want, have = getattr(m.platform, f.name), getattr(host, f.name)
+        if f.name == "device_model" and {want, have} == {DEVICE_MODEL, DEVICE_MODEL_NET}:
+            raise PlatformMismatchError(
+                "the spore has a NIC (it was built with network:) but this VM has none; "
+                "restore it with its network (spore run --from applies it)"
+                if want == DEVICE_MODEL_NET
+                else "the spore has no NIC but this VM was given one; "
+                "restore it without --net-allow"
+            )
         if want != have:
             raise PlatformMismatchError(
                 f"spore needs platform.{f.name} = {_show(want)}, this host provides "

@@ -17,6 +17,20 @@ ARCH = "x86_64"
 # or their features change.
 DEVICE_MODEL = "spore-board/1"
 SLOT_BLK, SLOT_CONSOLE, SLOT_RNG = 0, 1, 2
+# A VM with a network has one more slot, the NIC (virtio-net to its egress gateway,
+# docs/network.md), and so a device model of its own: a spore without a NIC keeps
+# "spore-board/1" (and restores as before); one with a NIC restores only where the
+# monitor has one too (manifest.check_platform says so in one line).
+DEVICE_MODEL_NET = "spore-board-net/1"
+SLOT_NET = 3
+GUEST_MAC = b"\x02SPRE\x02"  # 02:53:50:52:45:02, the guest's NIC; the gateway is ...:01
+GUEST_MTU = 65520
+
+
+def device_model(net: bool) -> str:
+    return DEVICE_MODEL_NET if net else DEVICE_MODEL
+
+
 VIRTIO_BASE = 0xD0000000
 VIRTIO_FIRST_GSI = 5
 GUEST_ROOT = "/dev/vda"  # what the guest sees in SLOT_BLK

@@ -7,6 +7,11 @@ the format defines (``sporevm/spore/platform.py``): virtio-mmio window n at
     0  virtio-blk      the immutable rootfs, read-only        (guest: /dev/vda)
     1  virtio-console  the agent channel                      (guest: /dev/hvc0)
     2  virtio-rng      host entropy
+    3  virtio-net      the NIC, only when the VM has a network    (guest: eth0)
+
+A board without a network has no slot 3 at all (and the device model
+``spore-board/1``); with one it is ``spore-board-net/1``. The NIC's host side is a
+descriptor the caller opened (the monitor creates no sockets, docs/network.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sporevm.spore.platform import (
     GUEST_ROOT,
     SLOT_BLK,
     SLOT_CONSOLE,
+    SLOT_NET,
     SLOT_RNG,
     VIRTIO_BASE,
     VIRTIO_FIRST_GSI,
@@ -27,9 +33,21 @@ from sporevm.spore.platform import (
 from sporevm.vmm.devices.virtio import WINDOW, VirtioMmio, kernel_cmdline
 from sporevm.vmm.devices.virtio.blk import BlkDevice
 from sporevm.vmm.devices.virtio.console import ConsoleDevice
+from sporevm.vmm.devices.virtio.device import VirtioDevice
+from sporevm.vmm.devices.virtio.net import NetDevice
 from sporevm.vmm.devices.virtio.rng import RngDevice
 from sporevm.vmm.machine import Machine
 from sporevm.vmm.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """The NIC: the host end of its frame channel (opened by the caller, not owned
+    here), its MAC and MTU (both part of its snapshot state)."""
+
+    fd: int
+    mac: bytes
+    mtu: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,7 @@ class BoardConfig:
     rootfs_fd: int  # opened read-only by the caller
     rootfs_size: int
     rootfs_serial: bytes = b""
+    net: NetConfig | None = None  # None: no NIC, no slot 3
 
 
 @dataclass(frozen=True)
@@ -59,8 +78,9 @@ class Board:
     console: ConsoleDevice
     blk: BlkDevice
     rng: RngDevice
-    transports: list[VirtioMmio]
+    transports: list[VirtioMmio]  # in slot order
     cmdline: str
+    net: NetDevice | None = None
 
 
 def slot_base(slot: int) -> int:
@@ -82,9 +102,18 @@ def build_board(
         blk = BlkDevice(cfg.rootfs_fd, cfg.rootfs_size, serial=cfg.rootfs_serial)
         console = ConsoleDevice(wiring.on_agent_output, on_writable=wiring.on_agent_writable)
         rng = RngDevice()
+        slots: list[tuple[int, VirtioDevice]] = [
+            (SLOT_BLK, blk),
+            (SLOT_CONSOLE, console),
+            (SLOT_RNG, rng),
+        ]
+        net = None
+        if cfg.net is not None:
+            net = NetDevice(cfg.net.fd, cfg.net.mac, mtu=cfg.net.mtu)
+            slots.append((SLOT_NET, net))
         transports: list[VirtioMmio] = []
         decls: list[str] = []
-        for slot, dev in ((SLOT_BLK, blk), (SLOT_CONSOLE, console), (SLOT_RNG, rng)):
+        for slot, dev in slots:
             base, gsi = slot_base(slot), VIRTIO_FIRST_GSI + slot
             t = VirtioMmio(dev, machine.ram, machine.irq_line(gsi), base=base)
             machine.add_mmio(base, WINDOW, t)
@@ -93,7 +122,7 @@ def build_board(
         cmdline = " ".join(
             [cfg.cmdline, *decls, f"spore.root={GUEST_ROOT}", f"spore.agent={GUEST_AGENT}"]
         )
-        return Board(machine, console, blk, rng, transports, cmdline)
+        return Board(machine, console, blk, rng, transports, cmdline, net)
     except BaseException:
         machine.close()
         raise

@@ -18,7 +18,12 @@ are repeated here). The monitor only reads and writes that descriptor: no socket
   in the ring (backpressure: Linux stops its queue) until the writer makes room.
 - host -> guest: a reader thread (``start``) splits frames off the channel and calls
   ``receive``; a frame goes straight into the next rx chain, or waits in a bounded
-  host queue until the guest posts one, and is dropped (counted) beyond it.
+  host queue until the guest posts one. When that queue is full the reader stops
+  reading the channel until the guest takes frames (backpressure: the gateway and
+  passt then hold the data, and passt's TCP resends nothing the guest did not miss);
+  ``receive`` called directly drops (counts) a frame beyond the bound instead. A guest
+  kernel emulated in software takes frames far slower than passt sends them: dropping
+  there turned a 2 MiB download into hundreds of MB of retransmissions.
 
 Every guest-memory write happens under the device lock (shared with the
 transport), so a capture holding every transport lock sees consistent RAM.
@@ -132,6 +137,7 @@ class NetDevice(VirtioDevice):
         self.channel_error = ""
         self._rx: deque[bytes] = deque()
         self._rx_bytes = 0
+        self._rx_room = threading.Condition(self.lock)  # the reader waits here when full
         # The tx queue has its own lock so the writer never needs the device lock to
         # take frames. Order: device lock, then _tx_cond; never the other way round.
         self._tx_cond = threading.Condition(threading.Lock())
@@ -271,9 +277,16 @@ class NetDevice(VirtioDevice):
                 self._channel_down(str(e))
                 return
             if frames:
-                with self.lock:  # one lock round per read, not per frame
+                with self._rx_room:  # the device lock: one round per read, not per frame
                     for f in frames:
+                        while self._backlog_full(len(f)) and not self._closing:
+                            self._rx_room.wait(0.5)  # released while waiting
                         self._receive(f)
+
+    def _backlog_full(self, n: int) -> bool:
+        """The rx queue has no room for ``n`` more bytes while a guest could empty it."""
+        full = len(self._rx) >= self.rx_backlog or self._rx_bytes + n > RX_BACKLOG_BYTES
+        return full and self.active and self.link_up
 
     def _writer(self) -> None:
         while True:
@@ -311,6 +324,7 @@ class NetDevice(VirtioDevice):
         self._count["rx_dropped_inactive"] += len(self._rx)
         self._rx.clear()
         self._rx_bytes = 0
+        self._rx_room.notify_all()
         with self._tx_cond:
             self._tx_stalled = False
 
@@ -327,6 +341,7 @@ class NetDevice(VirtioDevice):
                 break
             frame = self._rx.popleft()
             self._rx_bytes -= len(frame)
+            self._rx_room.notify_all()
             need = HDR + len(frame)
             if chain.writable_len < need:
                 # No mergeable buffers: one chain must hold the whole frame.
