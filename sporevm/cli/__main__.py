@@ -1,0 +1,7 @@
+"""python -m sporevm.cli"""
+
+import sys
+
+from sporevm.cli import main
+
+sys.exit(main())
