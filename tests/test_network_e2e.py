@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import ociimage  # tools/, on sys.path via conftest (as in test_oci.py)
 import pytest
 
 from sporevm.spore import manifest
 from tests import egress_netns as nets
-from tests.conftest import ROOT, PushedImage, ociimage
+from tests.conftest import ROOT, PushedImage
 from tests.test_kernel import KERNEL_STORE, built_kernel  # noqa: F401  (shared fixture)
 from tests.test_vm_e2e import busybox_rootfs, spore  # noqa: F401  (shared fixture)
 

@@ -220,7 +220,7 @@ def test_platform_check_names_the_missing_nic() -> None:
 
 def test_net_config_message() -> None:
     msg = interface_config()
-    assert msg.TYPE is MsgType.NET_CONFIG == 0x0E
+    assert msg.TYPE is MsgType.NET_CONFIG and int(MsgType.NET_CONFIG) == 0x0E
     assert NetConfig.decode(msg.encode()) == msg
     assert len(msg.encode()) == 17
     assert (msg.address, msg.prefix, msg.gateway, msg.nameserver) == (

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 from sporevm.cli.common import one_line, os_error_line
 from sporevm.cli.parser import build_parser
-
 from sporevm.errors import SporeError
 
 _parser = build_parser  # the name tests and tools use

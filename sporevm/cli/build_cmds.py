@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from sporevm.cli.common import emit_json, sporefile_path
-
 from sporevm.errors import UsageError
 from sporevm.store import Store
 

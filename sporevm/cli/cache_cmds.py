@@ -7,7 +7,6 @@ import sys
 import time
 
 from sporevm.cli.common import duration_or_zero, emit_json
-
 from sporevm.errors import StoreError, UsageError
 from sporevm.store import Store
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sporevm import __version__
 from sporevm.cli.build_cmds import cmd_build, cmd_graph, cmd_rootfs
 from sporevm.cli.cache_cmds import (
     cmd_cache_keep,
@@ -15,8 +16,6 @@ from sporevm.cli.cache_cmds import (
 from sporevm.cli.common import PRUNE_WAIT_DEFAULT
 from sporevm.cli.run_cmds import cmd_fork, cmd_run
 from sporevm.cli.spore_cmds import cmd_inspect, cmd_pack, cmd_pull, cmd_push, cmd_unpack, cmd_verify
-
-from sporevm import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sporevm.cli.common import emit_json, env_pairs, parse_duration
-
 from sporevm.errors import UsageError
 from sporevm.store import Store
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from sporevm.cli.common import emit_json, print_pull, progress, pull_doc
-
 from sporevm.errors import SporeError
 from sporevm.store import Store
 
