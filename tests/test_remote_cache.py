@@ -32,7 +32,7 @@ from sporevm.pipeline.remote_cache import RemoteCaches, parse_cache_uri
 from sporevm.store import Store
 from tests.conftest import PushedImage
 from tests.dist_servers import S3_ENV, S3Server, s3_server  # noqa: F401
-from tests.test_dist_e2e import clean_store
+from tests.test_dist_e2e import clean_store, ok, spore
 from tests.test_kernel import KERNEL_STORE, built_kernel  # noqa: F401  (shared fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernelbuild]
@@ -54,22 +54,6 @@ verify:
 CHECK = "[cat, /root/a.txt]"
 
 
-def spore(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPORE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "sporevm.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 @dataclass(frozen=True)
 class Cached:
     layout: Path
@@ -85,6 +69,12 @@ class Cached:
             SPOREFILE.format(layout=self.layout, who=self.who, check=check)
         )
         return root / "Sporefile"
+
+
+def greeting(home: Path, sf: Path) -> str:
+    """What the steps wrote, read in a restore of the spore the build published."""
+    spore_dir = str(sf.parent / "out" / "cachedemo.spore")
+    return ok(spore(home, "run", "-q", "--from", spore_dir, "--", "cat", "/root/a.txt"))
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +124,7 @@ def test_an_empty_store_restores_from_the_cache_instead_of_building(
         ok(spore(home, "inspect", "--json", str(sf.parent / "out" / "cachedemo.spore")))
     )
     assert doc["id"] == cached.spore_id  # the very same spore
-    out = ok(
-        spore(
-            home,
-            "run",
-            "-q",
-            "--from",
-            str(sf.parent / "out" / "cachedemo.spore"),
-            "--",
-            "cat",
-            "/root/a.txt",
-        )
-    )
-    assert out == f"hello {cached.who}\n"
+    assert greeting(home, sf) == f"hello {cached.who}\n"
 
 
 def test_a_changed_last_step_resumes_from_the_cached_step_before_it(
@@ -182,19 +160,7 @@ def test_a_damaged_cache_object_is_a_miss_with_one_warning(cached: Cached, tmp_p
     warnings = [ln for ln in proc.stderr.splitlines() if "step snapshot not used" in ln]
     assert warnings and all("sha256" in w for w in warnings), proc.stderr
     assert "step:write" in proc.stderr and "step:check" in proc.stderr
-    out = ok(
-        spore(
-            home,
-            "run",
-            "-q",
-            "--from",
-            str(sf.parent / "out" / "cachedemo.spore"),
-            "--",
-            "cat",
-            "/root/a.txt",
-        )
-    )
-    assert out == f"hello {cached.who}\n"
+    assert greeting(home, sf) == f"hello {cached.who}\n"
 
     # The guest entry: a flipped initramfs byte is refused before anything is installed
     # (in process: building the kernel locally instead would take minutes).

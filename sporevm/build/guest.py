@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
-
 from sporevm.build.initrd import ensure_initrd
 from sporevm.build.kernel import default_cmdline, detect_host_class, ensure_kernel
 from sporevm.build.progress import Reporter
@@ -66,8 +64,7 @@ def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | No
     agent = initrd_mod.cached_artifact(store, "guest-agent", initrd_mod.build_key(), "agent")
     if agent is None:
         return None
-    ikey = blake3.blake3(f"{initrd_mod.RECIPE}\0{agent[0]}".encode()).hexdigest()
-    hit = initrd_mod.cached_artifact(store, "initrd", ikey, "initrd")
+    hit = initrd_mod.cached_artifact(store, "initrd", initrd_mod.initrd_key(agent[0]), "initrd")
     if hit is None:
         return None
     if kernel is None:

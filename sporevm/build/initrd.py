@@ -186,6 +186,11 @@ def _musl_files() -> list[Path]:
     return [specs, specs.parent / "libc.a"]
 
 
+def initrd_key(agent_digest: str) -> str:
+    """The initramfs's content key: the recipe and the agent it wraps."""
+    return blake3.blake3(f"{RECIPE}\0{agent_digest}".encode()).hexdigest()
+
+
 def guest_path(store: Store, digest: str) -> Path:
     return store.root / "guest" / "blake3" / check_blake3(digest, "guest artifact")
 
@@ -240,7 +245,7 @@ def ensure_agent(store: Store) -> tuple[str, Path]:
 def ensure_initrd(store: Store) -> InitrdArtifact:
     """The initramfs for the current guest sources, built once per content key."""
     agent_digest, agent_path = ensure_agent(store)
-    key = blake3.blake3(f"{RECIPE}\0{agent_digest}".encode()).hexdigest()
+    key = initrd_key(agent_digest)
     hit = cached_artifact(store, "initrd", key, "initrd")
     if hit:
         digest, path = hit
@@ -264,7 +269,7 @@ def install_guest(store: Store, agent_key: str, agent: Path, initrd: Path) -> In
     store.put_key("guest-agent", agent_key, {"agent": agent_digest})
     size = initrd.stat().st_size
     digest = _install(store, initrd)
-    key = blake3.blake3(f"{RECIPE}\0{agent_digest}".encode()).hexdigest()
+    key = initrd_key(agent_digest)
     store.put_key("initrd", key, {"initrd": digest, "agent": agent_digest, "size": size})
     return InitrdArtifact(digest, guest_path(store, digest), agent_digest, size)
 

@@ -45,7 +45,7 @@ from sporevm.pipeline.cache_entry import FILES, FileRef, GuestEntry, Ref
 from sporevm.spore import manifest
 from sporevm.spore.chunks import ChunkStore
 from sporevm.spore.sporedir import MANIFEST, write_spore
-from sporevm.store import Store, blake3_file
+from sporevm.store import Store, blake3_file, sha256_file
 
 MODES = ("min", "max")
 
@@ -180,9 +180,14 @@ class RemoteCaches:
         agent = initrd_mod.cached_artifact(self.store, "guest-agent", akey, "agent")
         if art is None or agent is None:
             return  # a custom kernel (machine.kernel) or nothing built: nothing to share
-        ikey = blake3.blake3(f"{initrd_mod.RECIPE}\0{agent[0]}".encode()).hexdigest()
-        initrd = initrd_mod.cached_artifact(self.store, "initrd", ikey, "initrd")
+        initrd = initrd_mod.cached_artifact(
+            self.store, "initrd", initrd_mod.initrd_key(agent[0]), "initrd"
+        )
         if initrd is None:
+            return
+        todo = [loc for loc in self.sinks if not self._has_ref(loc, name)]
+        if not todo:  # before hashing ~20 MiB of kernel for nothing
+            self.reporter.info("cache   guest entry already in every --cache-to")
             return
         paths = {
             "bzImage": art.path,
@@ -191,7 +196,7 @@ class RemoteCaches:
             "agent": agent[1],
             "initrd": initrd[1],
         }
-        files = {n: FileRef(p.stat().st_size, _sha256(p)) for n, p in paths.items()}
+        files = {n: FileRef(p.stat().st_size, _sha256_hex(p)) for n, p in paths.items()}
         entry = GuestEntry(
             hc, kkey, akey, art.digest, art.vmlinux_digest, agent[0], initrd[0], files
         )
@@ -202,7 +207,7 @@ class RemoteCaches:
             _put_guest(sink, paths, files, data)
             self.bytes_sent += sum(f.size for f in files.values()) + len(data)
 
-        for loc in self.sinks:
+        for loc in todo:
             self._publish(loc, name, "guest", digest, None, put)
 
     # -- step snapshots ----------------------------------------------------------------
@@ -346,7 +351,12 @@ class RemoteCaches:
                 path = stage / cache_entry.REF_NAME
                 path.write_bytes(data)
                 try:
-                    sink.put(cache_entry.REF_NAME, path, len(data), _sha256(path))
+                    sink.put(
+                        cache_entry.REF_NAME,
+                        path,
+                        len(data),
+                        "sha256:" + hashlib.sha256(data).hexdigest(),
+                    )
                     sink.finish(cache_entry.ref_digest(data), [cache_entry.REF_NAME])
                 except BaseException:
                     sink.abort()
@@ -377,10 +387,6 @@ class RemoteCaches:
         mid: str | None,
         put: Callable[[Sink], None],
     ) -> None:
-        if self._has_ref(loc, name):
-            self.reporter.info(f"cache   {name.split('-')[0]} entry already in {loc}")
-            return
-
         def write() -> str:
             sink = open_sink(
                 loc.at(f"objects/{digest.removeprefix('sha256:')}"), s3_endpoint=loc.s3_endpoint
@@ -407,12 +413,8 @@ def _put_guest(sink: Sink, paths: dict[str, Path], files: dict[str, FileRef], da
         sink.put(cache_entry.NAME, meta, len(data), "sha256:" + hashlib.sha256(data).hexdigest())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+def _sha256_hex(path: Path) -> str:
+    return sha256_file(path)[0].removeprefix("sha256:")
 
 
 def _absent(exc: BaseException) -> bool:
