@@ -126,7 +126,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def wait_for_line(proc: subprocess.Popen[bytes], timeout: float = 10) -> bytes:
+def wait_for_line(proc: subprocess.Popen[bytes], timeout: float = 60) -> bytes:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     import select

@@ -264,3 +264,12 @@ def test_trap_listener_saw_nothing(rig: Rig) -> None:
     """Last: no refused connection reached this machine's loopback or its own address."""
     with pytest.raises(AssertionError, match="no line"):
         nets.wait_for_line(rig.trap, timeout=0.5)
+
+
+@pytest.mark.parametrize("prefix", [["false"], ["sh", "-c", "exit 3", "gateway"]])
+def test_a_gateway_that_dies_at_start_is_named_in_the_error(prefix: list[str]) -> None:
+    # The whole process group is gone by the time spore cleans up: that must not turn
+    # into ESRCH ("No such process") in place of the gateway's own failure.
+    ours, theirs = socket.socketpair()
+    with ours, theirs, pytest.raises(launch.EgressError, match=r"egress gateway exited with"):
+        launch.start(theirs.fileno(), [], prefix=prefix)

@@ -37,7 +37,7 @@ from sporevm.build.initrd import CpioEntry, pack_cpio  # noqa: E402
 
 PACKAGE = "linux-image-amd64"  # Debian's metapackage: the current bookworm kernel
 # What L1 needs, leaves only: dependencies are added from each module's .modinfo.
-MODULES = ("kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "overlay")
+MODULES = ("kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_net", "veth")
 MEMORY_MIB = 3072
 EXIT_MARK = "spore-lane-exit="
 
@@ -130,12 +130,16 @@ mkdir -p /newroot/dev/shm /newroot/run && mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
 mkdir -p /newroot/lane-results && mount --bind /results /newroot/lane-results
 cp /lane-cmd /newroot/tmp/lane-cmd
+# QEMU's user-mode network (slirp): L1's way to the package mirror the apt test uses
+if [ -e /sys/class/net/eth0 ]; then
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2
+fi
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 echo "lane: L1 up in $(cut -d' ' -f1 /proc/uptime) s; kvm_amd npt=$npt" >&2
-chroot /newroot /bin/sh /tmp/lane-cmd
-echo "spore-lane-exit=$?"
-sync
-poweroff -f
+# switch_root, not chroot: in a chroot the kernel refuses new user namespaces (EPERM),
+# which passt (the network tests' gateway) creates to sandbox itself
+exec switch_root /newroot /bin/busybox sh -c \
+  '/bin/sh /tmp/lane-cmd; echo "spore-lane-exit=$?"; sync; /bin/busybox poweroff -f'
 """
 
 
@@ -188,6 +192,12 @@ def run(cmd: list[str], cwd: str, results: Path, env: dict[str, str], timeout: f
             "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
             "-virtfs",
             f"local,path={results},mount_tag=results,security_model=passthrough",
+            # L1 reaches what this machine reaches, through QEMU's own sockets (no host
+            # network configuration); the tests' guests stay behind their gateways.
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
         ]
         say(f"booting L1 ({vmlinuz.name}, {MEMORY_MIB} MiB, TCG with SVM+NPT)")
         started = time.monotonic()
@@ -228,6 +238,11 @@ LANE_TESTS = (
     "tests/test_dirty_snapshots.py::test_guest_writes_rehash_only_their_chunks",
     "tests/test_jail.py::test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_running",
     "tests/test_jail.py::test_monitors_the_launcher_starts_are_jailed_by_default",
+    # virtio-net, the gateway and passt, inside namespaces L1 makes (the apt example
+    # needs the mirror: run it by name, see docs/hardware-lane.md)
+    "tests/test_network_e2e.py::test_no_network_means_only_lo",
+    "tests/test_network_e2e.py::test_fresh_vm_under_policy",
+    "tests/test_network_e2e.py::test_networked_spore_resumes_with_its_network",
 )
 
 

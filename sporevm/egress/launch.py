@@ -9,6 +9,7 @@ when the gateway goes (``--one-off``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -39,7 +40,7 @@ class GatewayProcess:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                _kill_group(self.proc.pid)
                 self.proc.wait()
         return self.proc.returncode
 
@@ -93,7 +94,7 @@ def start(
             code = proc.poll()
             if code is None and left > 0:
                 continue
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
             proc.wait()
             why = f"exited with {proc.returncode}" if code is not None else "never became ready"
             raise EgressError(f"egress gateway {why} (its message is on stderr)")
@@ -103,10 +104,18 @@ def start(
     try:
         jail, passt_pid = parse_ready(line)
     except EgressError:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)
         proc.wait()
         raise
     return GatewayProcess(proc, jail, passt_pid)
+
+
+def _kill_group(pid: int) -> None:
+    # A gateway that exited at start may have taken its whole group with it: ESRCH then
+    # means there is nothing left to kill, not a failure (it once surfaced as the run's
+    # error, in place of the gateway's own message).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def parse_ready(line: bytes) -> tuple[str, int]:
