@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sporevm.egress import dns, frames, launch, packets
+from sporevm.egress import EgressError, dns, frames, launch, packets
 from sporevm.egress.policy import aton
 from tests import egress_guest as g
 from tests import egress_netns as nets
@@ -271,5 +271,5 @@ def test_a_gateway_that_dies_at_start_is_named_in_the_error(prefix: list[str]) -
     # The whole process group is gone by the time spore cleans up: that must not turn
     # into ESRCH ("No such process") in place of the gateway's own failure.
     ours, theirs = socket.socketpair()
-    with ours, theirs, pytest.raises(launch.EgressError, match=r"egress gateway exited with"):
+    with ours, theirs, pytest.raises(EgressError, match=r"egress gateway exited with"):
         launch.start(theirs.fileno(), [], prefix=prefix)

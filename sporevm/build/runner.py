@@ -104,7 +104,9 @@ def boot_vm(
                 "kernel with CONFIG_SMP (the managed one has it) or 1 vCPU"
             )
         if network is not None:
-            vm.session.configure_network(interface_config())
+            # The first interface setup runs the guest's driver and netlink paths
+            # cold: seconds of emulated kernel on kvm_pvm under load (10 s was not enough).
+            vm.session.configure_network(interface_config(), timeout=RESTORE_TIMEOUT)
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         tail = vm.serial_tail().strip().splitlines()[-15:]
@@ -174,9 +176,9 @@ def resume_vm(
         name = hostname
         if m.generation.parent is not None and not name:
             name = f"{m.annotations.get('org.spore.name', 'spore')}-{m.generation.index}"
-        vm.session.apply_generation(generation_message(m, name))
+        vm.session.apply_generation(generation_message(m, name), timeout=RESTORE_TIMEOUT)
         if network is not None:  # a new gateway: the guest resolves and connects afresh
-            vm.session.configure_network(interface_config())
+            vm.session.configure_network(interface_config(), timeout=RESTORE_TIMEOUT)
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
         vm.close()
