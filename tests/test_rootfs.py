@@ -107,3 +107,47 @@ def test_size_policy_bounds() -> None:
     assert size > 50_000 * 4096 + 100_000 * 256 and size % (1 << 20) == 0
     with pytest.raises(RootfsError):
         rootfs.size_policy(rootfs.TreeStats(inodes=10, data_blocks=(70 << 30) // 4096))
+
+
+def test_scan_counts_hardlinks_once_and_nothing_else_together(tmp_path: Path) -> None:
+    make_tree(tmp_path / "t")
+    stats = rootfs.scan_tree(tmp_path / "t")
+    entries = sum(len(d) + len(f) for _, d, f in os.walk(tmp_path / "t"))
+    assert stats.inodes == entries - 1  # etc/passwd-hard is etc/passwd
+
+
+def test_scan_sizes_an_overlay_whose_layers_reuse_inode_numbers(tmp_path: Path) -> None:
+    # Overlayfs over two tmpfs mounts reports both layers' own inode numbers: different
+    # files share st_ino. The hardware-KVM lane's /tmp is such an overlay, and counting
+    # by st_ino alone undersized a Debian rootfs there (mke2fs ran out of blocks).
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, merged):
+        d.mkdir()
+    mounted: list[Path] = []
+    try:
+        for d in (lower, upper):
+            if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d)]).returncode:
+                pytest.skip("needs mount (root)")
+            mounted.append(d)
+        work = upper / "work"
+        (upper / "up").mkdir()
+        work.mkdir()
+        for i in range(40):
+            (lower / f"low{i}").write_bytes(b"l" * 5000)
+        (upper / "up" / "sub").mkdir()
+        for i in range(40):
+            (upper / "up" / "sub" / f"up{i}").write_bytes(b"u" * 5000)
+        opts = f"lowerdir={lower},upperdir={upper / 'up'},workdir={work}"
+        if subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)]
+        ).returncode:
+            pytest.skip("needs overlayfs")
+        mounted.append(merged)
+        inos = [os.lstat(p).st_ino for p in merged.rglob("*")]
+        stats = rootfs.scan_tree(merged)
+        assert stats.inodes == 81, (stats, len(set(inos)))
+        out = tmp_path / "img.ext4"
+        rootfs.make_ext4(merged, DIGEST_A, out)  # fits: mke2fs does not run out of blocks
+    finally:
+        for d in reversed(mounted):
+            subprocess.run(["umount", str(d)])

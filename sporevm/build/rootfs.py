@@ -64,7 +64,8 @@ def derived_uuid(domain: str, image_digest: str) -> str:
 
 def scan_tree(tree: Path) -> TreeStats:
     """Count inodes and data blocks so the image is sized to its content."""
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
+    inodes = 0
     blocks = 1  # root directory
     stack = [str(tree)]
     while stack:
@@ -74,9 +75,14 @@ def scan_tree(tree: Path) -> TreeStats:
             for ent in it:
                 st = ent.stat(follow_symlinks=False)
                 dir_bytes += 8 + ((len(ent.name.encode()) + 3) & ~3)
-                if st.st_ino in seen:
-                    continue
-                seen.add(st.st_ino)
+                # Only a hardlink can share an inode. Overlayfs over two file systems
+                # (the hardware-KVM lane's /tmp) hands out colliding st_ino for
+                # different files: deduplicating those undersized the image.
+                if st.st_nlink > 1 and not ent.is_dir(follow_symlinks=False):
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                inodes += 1
                 if ent.is_dir(follow_symlinks=False):
                     stack.append(ent.path)
                 elif ent.is_file(follow_symlinks=False):
@@ -85,7 +91,7 @@ def scan_tree(tree: Path) -> TreeStats:
                 elif ent.is_symlink() and st.st_size >= 60:
                     blocks += 1
         blocks += (dir_bytes + BLOCK - 1) // BLOCK + 1  # +1: htree index block
-    return TreeStats(inodes=len(seen), data_blocks=blocks)
+    return TreeStats(inodes=inodes, data_blocks=blocks)
 
 
 def size_policy(stats: TreeStats) -> tuple[int, int]:
