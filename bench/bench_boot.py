@@ -2,7 +2,7 @@
 
 Both sides boot the same managed kernel build, the same initramfs (our guest
 agent as /init) and the same busybox ext4 rootfs, with the same kernel options,
-and talk to the same agent over a virtio console (guest /dev/hvc0):
+and talk to the same agent over a virtio-serial port named org.spore.agent:
 
   ours (a)   VmProcess(...) + session.wait_ready: spawn of the monitor → READY
   ours (b)   `python -m sporevm.cli run --rootfs X -- true` as a subprocess:
@@ -213,11 +213,11 @@ class QemuVm:
             # microvm has none by default, and without it the reboot never ends QEMU
             "-device",
             "i8042",
-            # the first virtconsole port is the guest's /dev/hvc0
+            # a generic port named like ours: the agent finds it by name
             "-chardev",
             f"socket,id=agent,path={sock_path}",
             "-device",
-            "virtconsole,chardev=agent",
+            f"virtserialport,chardev=agent,name={GUEST_AGENT}",
         ]
         self.proc = subprocess.Popen(
             argv,

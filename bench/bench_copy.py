@@ -17,10 +17,9 @@ One run (the host is shared; the figures are a ratio, not a distribution):
    host tar pipe of the same shape plus ``sync -f`` on the destination (our
    copy-out fsyncs every file); the plain pipe is printed as well.
 
-On kvm_pvm the guest kernel is emulated, and host-to-guest bytes on the agent's
-console pass the hvc layer byte by byte (``__hvc_poll``: 16-byte reads, one
-flip-buffer insert per byte): copy-in runs at tens of KiB/s there, so a 100 MiB
-copy-in takes the better part of an hour; ``--in-mib`` sizes it separately.
+On kvm_pvm the guest kernel is emulated: with the agent on a named virtio port
+(one page per read) a 100 MiB copy-in takes a few minutes there (it took hours
+through hvc, 16 bytes per poll); ``--in-mib`` sizes it separately.
 
 Run: ``SPORE_HOME=~/.cache/spore-tests/kernel-store python bench/bench_copy.py``
 (defaults: 100 MiB each way; SPORE_HOME must hold the managed kernel, or the

@@ -1,9 +1,9 @@
 """Fuzz restoring virtio device snapshots (transport, queues, device fields).
 
 Snapshot state comes from spores, which may come from untrusted peers. The
-input is JSON restored into a blk, console, rng and net transport. Only
-VirtioStateError may escape; an accepted state must round-trip exactly, and
-kicking every queue afterwards must not raise either.
+input is JSON restored into a blk, console (multiport and legacy), rng and net
+transport. Only VirtioStateError may escape; an accepted state must round-trip
+exactly, and kicking every queue afterwards must not raise either.
 """
 
 import json
@@ -41,6 +41,7 @@ def _devices() -> list[VirtioDevice]:
     return [
         BlkDevice(_disk_fd, DISK, serial=b"fuzz"),
         ConsoleDevice(),
+        ConsoleDevice(legacy=True),  # restoring spore-board/1 spores
         RngDevice(),
         NetDevice(_null_fd, bytes.fromhex("525400000001"), mtu=1500),
     ]

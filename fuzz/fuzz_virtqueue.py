@@ -16,6 +16,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from sporevm.spore import blocktable
     from sporevm.vmm.devices.virtio import mmio, net
     from sporevm.vmm.devices.virtio.blk import BlkDevice
     from sporevm.vmm.devices.virtio.console import ConsoleDevice
@@ -35,6 +36,14 @@ _null_fd = os.open(os.devnull, os.O_WRONLY)  # the net channel: takes every writ
 MAC = bytes.fromhex("525400000001")
 os.write(_disk_fd, bytes(range(256)) * (DISK // 256))
 _mem = GuestMemory(RAM)
+# The disk's block table with block 3's digest spoiled: with flag 0x40 the blk device
+# checks blocks on first read, and every read touching block 3 must fail.
+_TABLE = bytearray(blocktable.hash_image(_disk_fd, 4096).table)
+_TABLE[blocktable.HEADER_SIZE + 3 * 32] ^= 1
+
+
+def _drop(_line: str) -> None:
+    """Reports of bad blocks: the fuzzer checks only that nothing escapes."""
 
 
 class _Irq:
@@ -59,9 +68,14 @@ def encode(
     return out + struct.pack("<H", len(host_data)) + host_data + ram
 
 
-def _make_device(device: int, out: list[bytes]) -> "VirtioDevice":
+def _make_device(device: int, out: list[bytes], flags: int) -> "VirtioDevice":
     if device == 0:
-        return BlkDevice(_disk_fd, DISK, serial=b"fuzz")
+        table = None
+        if flags & 0x40:
+            table = blocktable.BlockTable.from_table(
+                bytes(_TABLE), block_size=4096, image_size=DISK
+            )
+        return BlkDevice(_disk_fd, DISK, serial=b"fuzz", table=table, on_bad_block=_drop)
     if device == 1:
         return ConsoleDevice(out.append, host_buffer=4096)
     if device == 3:
@@ -116,7 +130,7 @@ def TestOneInput(data: bytes) -> None:
     _mem.write(0, ram.ljust(RAM, b"\0"))
 
     out: list[bytes] = []
-    dev = _make_device(device, out)
+    dev = _make_device(device, out, flags)
     t = mmio.VirtioMmio(dev, _mem, _Irq())
 
     features = F_VERSION_1 | (F_INDIRECT_DESC if flags & 1 else 0)
@@ -164,7 +178,7 @@ def TestOneInput(data: bytes) -> None:
         assert dev.pending <= 4096
     # Whatever happened, the snapshot must be valid input to restore.
     state = t.state()
-    t2 = mmio.VirtioMmio(_make_device(device, []), _mem, _Irq())
+    t2 = mmio.VirtioMmio(_make_device(device, [], flags), _mem, _Irq())
     t2.restore(state)
     assert t2.state() == state
 

@@ -484,13 +484,15 @@ int agent_serve(const struct agent_opts *o)
         }
 
         if (pf[0].revents & (POLLIN | POLLHUP | POLLERR) && !input_eof) {
-            ssize_t r = read(o->chan, inbuf + inlen, sizeof inbuf - inlen);
-            if (r > 0) {
+            /* A virtio port read returns one receive buffer (a page): drain what
+             * is queued before parsing, not one page per trip round the loop. */
+            ssize_t r = 1;
+            while (inlen < sizeof inbuf &&
+                   (r = read(o->chan, inbuf + inlen, sizeof inbuf - inlen)) > 0)
                 inlen += (uint32_t)r;
-                parse_input();
-            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+            if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
                 input_eof = 1;
-            }
+            parse_input();
         }
         for (int i = 0; i < MAX_STREAMS; i++) {
             struct stream *s = &streams[i];

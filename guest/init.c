@@ -5,6 +5,7 @@
  * channel. With --serve-fd N it skips all of that and serves on fd N as an
  * ordinary process (tests). */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -38,8 +39,10 @@ static void must_mount(const char *src, const char *dst, const char *type, unsig
     }
 }
 
-/* Value of key=... in the kernel cmdline, validated as a /dev/ path. */
-static int cmdline_dev(const char *cmdline, const char *key, char *out, size_t outsz)
+/* Value of key=... in the kernel cmdline: a /dev/ path or, if allow_name, a
+ * virtio port name ([A-Za-z0-9._-]). */
+static int cmdline_dev(const char *cmdline, const char *key, char *out, size_t outsz,
+                       int allow_name)
 {
     size_t kl = strlen(key);
     for (const char *p = cmdline; *p;) {
@@ -51,12 +54,18 @@ static int cmdline_dev(const char *cmdline, const char *key, char *out, size_t o
         if ((size_t)(e - p) > kl && strncmp(p, key, kl) == 0 && p[kl] == '=') {
             size_t vl = (size_t)(e - p) - kl - 1;
             const char *v = p + kl + 1;
-            if (vl >= outsz || vl < 6 || strncmp(v, "/dev/", 5) != 0)
+            if (vl >= outsz || vl == 0)
                 return -1;
             memcpy(out, v, vl);
             out[vl] = 0;
-            if (strstr(out, ".."))
+            if (strncmp(out, "/dev/", 5) == 0)
+                return vl < 6 || strstr(out, "..") ? -1 : 0;
+            if (!allow_name || vl > 64)
                 return -1;
+            for (size_t i = 0; i < vl; i++)
+                if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-",
+                            out[i]))
+                    return -1;
             return 0;
         }
         p = e;
@@ -76,9 +85,55 @@ static void wait_for(const char *path)
     fatal(path);
 }
 
-static int open_channel(const char *dev)
+/* The virtio port whose /sys/class/virtio-ports/<port>/name is `name`: its
+ * /dev/<port> into dev. The driver creates the name attribute once the host
+ * named the port (docs/devices.md). */
+static int find_port(const char *name, char *dev, size_t devsz)
 {
-    wait_for(dev);
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d)
+        return -1;
+    int found = -1;
+    struct dirent *e;
+    while (found < 0 && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.' || strlen(e->d_name) > 64)
+            continue;
+        char path[128], got[80];
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, got, sizeof got - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        got[n] = 0;
+        got[strcspn(got, "\n")] = 0;
+        if (strcmp(got, name) == 0) {
+            snprintf(dev, devsz, "/dev/%s", e->d_name);
+            found = 0;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+/* `chan`: a /dev/ path (a tty such as hvc0 is set raw) or a virtio port name. */
+static int open_channel(const char *chan)
+{
+    char dev[128];
+    if (strncmp(chan, "/dev/", 5) == 0) {
+        snprintf(dev, sizeof dev, "%s", chan);
+    } else {
+        int i = 0;
+        for (; i < 1000 && find_port(chan, dev, sizeof dev) < 0; i++)
+            usleep(10000); /* built-in drivers name their ports during boot; allow 10 s */
+        if (i == 1000) {
+            errno = ENOENT;
+            fatal("no virtio port named by spore.agent=");
+        }
+    }
+    wait_for(dev); /* devtmpfs may create the node a moment after sysfs shows it */
     int fd = open(dev, O_RDWR | O_NOCTTY | O_CLOEXEC);
     if (fd < 0)
         fatal(dev);
@@ -105,10 +160,10 @@ static void boot(char *chan_dev, size_t chan_sz)
         cmdline[n > 0 ? n : 0] = 0;
         close(fd);
     }
-    if (cmdline_dev(cmdline, "spore.root", root, sizeof root) < 0 ||
-        cmdline_dev(cmdline, "spore.agent", chan_dev, chan_sz) < 0) {
+    if (cmdline_dev(cmdline, "spore.root", root, sizeof root, 0) < 0 ||
+        cmdline_dev(cmdline, "spore.agent", chan_dev, chan_sz, 1) < 0) {
         errno = EINVAL;
-        fatal("spore.root= / spore.agent= must be /dev/<name>");
+        fatal("spore.root= must be /dev/<name>, spore.agent= /dev/<name> or a port name");
     }
     wait_for(root);
     must_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
@@ -162,7 +217,7 @@ int main(int argc, char **argv)
     if (nul > 2)
         close(nul);
     if (getpid() == 1) {
-        char chan[256] = "/dev/hvc0";
+        char chan[256] = "org.spore.agent";
         o.pid1 = 1;
         boot(chan, sizeof chan);
         o.chan = open_channel(chan);

@@ -171,11 +171,14 @@ void wr_bytes(struct wr *w, const void *p, uint32_t n)
 /* ---- outgoing queue ----
  * One contiguous buffer; the loop stops reading child pipes well before it is
  * full, so only control frames can push it past OUT_SOFT, and OUT_CAP leaves
- * room for them. If it ever would overflow, we block until the host reads. */
+ * room for them. If it ever would overflow, we block until the host reads.
+ * Bytes obuf[ohead, olen) are queued: a write takes what it can (up to 32 KiB
+ * on a virtio port) and only advances ohead, so streaming never memmoves the
+ * whole queue per write; out_frame compacts when it needs room at the end. */
 #define OUT_CAP (2u << 20)
 
 static uint8_t *obuf;
-static size_t olen;
+static size_t olen, ohead;
 static int ofd = -1;
 
 void out_init(int fd)
@@ -187,18 +190,19 @@ void out_init(int fd)
         logmsg("out of memory for the output queue");
         _exit(1);
     }
-    olen = 0;
+    olen = ohead = 0;
 }
 
-size_t out_pending(void) { return olen; }
+size_t out_pending(void) { return olen - ohead; }
 
 int out_flush(int blocking)
 {
-    while (olen > 0) {
-        ssize_t n = write(ofd, obuf, olen);
+    while (olen > ohead) {
+        ssize_t n = write(ofd, obuf + ohead, olen - ohead);
         if (n > 0) {
-            memmove(obuf, obuf + n, olen - (size_t)n);
-            olen -= (size_t)n;
+            ohead += (size_t)n;
+            if (ohead == olen)
+                olen = ohead = 0;
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -211,7 +215,7 @@ int out_flush(int blocking)
                 return -1;
             continue;
         }
-        olen = 0; /* channel broken: drop what cannot be delivered, never spin on it */
+        olen = ohead = 0; /* channel broken: drop what cannot be delivered, never spin on it */
         return -1;
     }
     return 0;
@@ -221,9 +225,14 @@ void out_frame(uint8_t type, uint32_t stream, const void *payload, uint32_t len)
 {
     if (len > MAX_PAYLOAD)
         len = MAX_PAYLOAD; /* never happens: callers bound their payloads */
+    if (OUT_CAP - olen < HDR_SIZE + (size_t)len && ohead) {
+        memmove(obuf, obuf + ohead, olen - ohead);
+        olen -= ohead;
+        ohead = 0;
+    }
     if (OUT_CAP - olen < HDR_SIZE + (size_t)len) {
         if (out_flush(1) < 0) {
-            olen = 0; /* channel gone: nothing can be delivered any more */
+            olen = ohead = 0; /* channel gone: nothing can be delivered any more */
             return;
         }
     }

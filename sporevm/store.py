@@ -371,7 +371,8 @@ class Store:
         return self.root / "rootfs" / "blake3" / check_blake3(digest, "rootfs")
 
     def install_rootfs(self, tmp: Path) -> tuple[str, int]:
-        """Hash a finished ext4 image and publish it under its BLAKE3 digest."""
+        """Hash a finished ext4 image and publish it under its BLAKE3 digest (a build
+        uses blocktable.install_rootfs: the same, plus the image's block table)."""
         digest, size = blake3_file(tmp)
         publish(tmp, self.rootfs_path(digest))
         return digest, size

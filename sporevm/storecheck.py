@@ -258,7 +258,7 @@ class _Checker:
             self.problem("corrupt", path, f"names a manifest that does not decode: {exc}")
             return
         self.manifests["blake3:" + hexd] = m
-        for cid in [*m.memory.stored(), *(o.digest for o in m.state.values())]:
+        for cid in [c for c, _, _ in manifest.objects(m)]:
             if not self.need(
                 path,
                 f"chunk {cid} (via manifest blake3:{hexd})",
@@ -308,7 +308,7 @@ class _Checker:
                 )
                 continue
             self.manifests[root.manifest] = m
-            needed = [*m.memory.stored(), *(o.digest for o in m.state.values())]
+            needed = [c for c, _, _ in manifest.objects(m)]
             missing = [
                 f"chunk {c}"
                 for c in sorted(set(needed))

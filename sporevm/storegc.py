@@ -175,6 +175,7 @@ class _Marker:
         return ()
 
     def _manifest_refs(self, mid: str) -> list[str]:
+        from sporevm.spore import manifest
         from sporevm.spore.backing import index_id
 
         m = self.manifests.get(mid) or self._manifest_from_chunks(mid)
@@ -182,7 +183,7 @@ class _Marker:
         out = [f"chunks/blake3/{hexd}"]
         if m is None:
             return out
-        objects = [*m.memory.stored(), *(o.digest for o in m.state.values())]
+        objects = [cid for cid, _, _ in manifest.objects(m)]  # chunks, state, block table
         out += [f"chunks/blake3/{c.removeprefix('blake3:')}" for c in objects]
         p = m.platform
         out += [
@@ -233,6 +234,7 @@ class _Marker:
 
         if kind == "rootfs":
             b3("digest", "rootfs/blake3")
+            b3("table", "chunks/blake3", primary=False)  # its block table, kept with it
             image = rec.get("image")
             if isinstance(image, str) and SHA256_DIGEST.fullmatch(image):
                 refs.append(f"blobs/sha256/{image.removeprefix('sha256:')}")

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from sporevm.dist import bundle, chunkpack, rootfs_artifact
 from sporevm.dist.docjson import BundleError
 from sporevm.dist.pack import pack, unpack
+from sporevm.spore import blocktable
 from sporevm.spore import manifest as mf
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkStore, MemoryIndex
 from sporevm.spore.sporedir import SporeOpenError, open_spore, read_spore
@@ -29,6 +30,7 @@ from sporevm.store import Store
 SHA = "sha256:" + "cd" * 32
 SEG = 40_000  # rootfs segment size in these tests: a 100 000-byte image -> 3 segments
 ROOTFS_SIZE = 100_000
+TABLE = 32 + 32 * -(-ROOTFS_SIZE // (64 << 10))  # its block table: 64 KiB blocks
 
 
 def chunk_bytes(tag: int) -> bytes:
@@ -61,15 +63,17 @@ def make_spores(root: Path, n_children: int = 2, store: Store | None = None) -> 
     cs = ChunkStore(store)
     rootfs = root / "rootfs.img"
     rootfs.write_bytes(bytes(range(256)) * (ROOTFS_SIZE // 256) + b"x" * (ROOTFS_SIZE % 256))
-    rdigest, rsize = store.install_rootfs(rootfs)
+    hashed = blocktable.install_rootfs(store, rootfs)  # as a build does: with its block table
+    rdigest, rsize = hashed.digest, hashed.size
+    table = mf.RootfsTable(cs.put(hashed.table), hashed.block_size)
     chunks = (cs.put(chunk_bytes(1)), None, cs.put(chunk_bytes(2)), cs.put(chunk_bytes(3)))
     state = cs.put(b'{"state":"vm"}')
     b3 = "blake3:" + "ab" * 32
     parent = mf.Manifest(
         platform=mf.PlatformContract(
-            "x86_64", "kvm-pvm/v1", "spore-board/1", 4 * CHUNK, 1, b3, b3, "console=ttyS0"
+            "x86_64", "kvm-pvm/v1", "spore-board/2", 4 * CHUNK, 1, b3, b3, "console=ttyS0"
         ),
-        rootfs=mf.RootfsRef("ext4-immutable", rdigest, rsize, SHA, "spore-rootfs/1", 0),
+        rootfs=mf.RootfsRef("ext4-immutable", rdigest, rsize, SHA, "spore-rootfs/1", 0, table),
         memory=MemoryIndex(CHUNK, chunks),
         state={"vm": mf.StateObject(state, 14)},
         generation=mf.Generation(str(uuid.uuid4()), None, 0, 1),
@@ -142,10 +146,11 @@ def test_layout_and_dedup(spores: Spores, tmp_path: Path) -> None:
         "rootfs/000002.seg",
     }
     idx = chunkpack.decode((out / "chunkpack.index.json").read_bytes())
-    # 3 parent chunks + state object, then one private chunk per child: each stored once.
-    assert len(idx.objects) == 4 + 2 == res.objects
-    assert sum(p.size for p in idx.packs) == 5 * CHUNK + 14
-    assert [p.size for p in idx.packs] == [3 * CHUNK + 14, CHUNK, CHUNK]
+    # 3 parent chunks + state object + rootfs block table, then one private chunk per
+    # child: each stored once.
+    assert len(idx.objects) == 5 + 2 == res.objects
+    assert sum(p.size for p in idx.packs) == 5 * CHUNK + 14 + TABLE
+    assert [p.size for p in idx.packs] == [3 * CHUNK + 14 + TABLE, CHUNK, CHUNK]
     # a child's private chunk sits alone in its own pack
     for i, cid in enumerate(spores.child_ids, start=1):
         assert idx.contents(i) == [(spores.private[cid], chunkpack.Placement(i, 0, CHUNK))]
@@ -481,10 +486,10 @@ def test_cli_inspect_and_verify_bundle(
     digest = do_pack(spores, out)
     assert main(["inspect", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert (doc["digest"], doc["parent"], doc["objects"]) == (digest, spores.parent_id, 6)
+    assert (doc["digest"], doc["parent"], doc["objects"]) == (digest, spores.parent_id, 7)
     assert main(["verify", f"{out}@{digest}", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ok"] and doc["bytes_verified"] == 5 * CHUNK + 14 + ROOTFS_SIZE
+    assert doc["ok"] and doc["bytes_verified"] == 5 * CHUNK + 14 + TABLE + ROOTFS_SIZE
     # a pack whose sha256 is right but whose object does not hash to its id cannot be made
     # without breaking sha256; flip a byte and verify names the pack
     pk = out / "packs" / "000001.pack"

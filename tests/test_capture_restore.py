@@ -8,6 +8,7 @@ file): the count must continue exactly where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -343,6 +344,45 @@ def test_restore_board_rebuilds_the_spore_board(disk_fd: int) -> None:
         assert b.console.pending == 11
         assert vmstate.encode(capture(b.machine, b.transports)) != b""  # capturable again
         assert [t.state() for t in b.transports] == state.virtio
+
+
+@needs_kvm
+@pytest.mark.parametrize("legacy", [True, False])
+def test_board_state_restores_only_on_its_own_console(disk_fd: int, legacy: bool) -> None:
+    """A /1 board (legacy console: two queues, no MULTIPORT, the old state keys) restores
+    on a /1 board; on a /2 board it is another device model, refused (and the other way
+    round)."""
+    cfg = BoardConfig(
+        RAM, 1, "console=ttyS0", disk_fd, os.fstat(disk_fd).st_size, b"root", legacy_console=legacy
+    )
+    a = build_board(cfg, BoardWiring(on_agent_output=lambda _b: None))
+    with a.machine:
+        assert a.console.legacy is legacy and len(a.transports[1].queues) == (2 if legacy else 4)
+        assert ("spore.agent=/dev/hvc0" in a.cmdline) is legacy
+        a.console.send(b"pending")
+        state = capture(a.machine, a.transports)
+        ram = a.machine.ram.read(0, RAM)
+    data = vmstate.encode(state)
+    keys = {"pending", "tx_paused"}
+    if not legacy:
+        keys |= {"device_ready", "port_ready", "guest_open", "control"}
+    assert set(state.virtio[1]["device"]) == keys
+    b = restore_board(
+        vmstate.decode(data),
+        cfg,
+        lambda mem: mem.write(0, ram),
+        BoardWiring(on_agent_output=lambda _b: None),
+    )
+    with b.machine:
+        assert b.console.pending == 7 and [t.state() for t in b.transports] == state.virtio
+    other = dataclasses.replace(cfg, legacy_console=not legacy)
+    with pytest.raises(VmStateError, match=r"virtio\[1\].*queues: expected a list of"):
+        restore_board(
+            vmstate.decode(data),
+            other,
+            lambda mem: mem.write(0, ram),
+            BoardWiring(on_agent_output=lambda _b: None),
+        )
 
 
 # --- hostile state ------------------------------------------------------------------------

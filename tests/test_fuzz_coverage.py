@@ -42,6 +42,7 @@ PARSERS = {
     "sporevm/build/tarsafety.py",
     "sporevm/spore/manifest.py",
     "sporevm/spore/chunks.py",
+    "sporevm/spore/blocktable.py",
     "sporevm/spore/vmstate.py",
     "sporevm/runtime/protocol.py",
     "sporevm/runtime/agent.py",

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from sporevm.spore import manifest as mf
+from sporevm.spore import platform
 from sporevm.spore.chunks import CHUNK, ChunkStore, MemoryIndex, chunk_id, snapshot_memory
 from sporevm.store import Store
 
@@ -24,7 +25,7 @@ def sample(chunks: tuple[str | None, ...] = (None, B3)) -> mf.Manifest:
         platform=mf.PlatformContract(
             arch="x86_64",
             cpu_profile="kvm-pvm/v1",
-            device_model="spore-board/1",
+            device_model="spore-board/2",
             memory=len(chunks) * CHUNK,
             vcpus=1,
             kernel=B3,
@@ -331,7 +332,7 @@ def test_check_platform_each_field() -> None:
     other: dict[str, Any] = {
         "arch": "aarch64",
         "cpu_profile": "kvm/v1",
-        "device_model": "spore-board/2",
+        "device_model": "spore-board/3",
         "memory": 4 * CHUNK,
         "vcpus": 2,
         "kernel": "blake3:" + "00" * 32,
@@ -346,6 +347,69 @@ def test_check_platform_each_field() -> None:
     host = dataclasses.replace(m.platform, vcpus=8, kernel="blake3:" + "00" * 32)
     with pytest.raises(mf.PlatformMismatchError, match="platform.vcpus"):
         mf.check_platform(m, host)
+
+
+def with_model(m: mf.Manifest, model: str, network: tuple[str, ...] | None = None) -> mf.Manifest:
+    return dataclasses.replace(
+        m, platform=dataclasses.replace(m.platform, device_model=model), network=network
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "network"),
+    [
+        ("spore-board/1", None),
+        ("spore-board-net/1", ("a.test",)),
+        (platform.DEVICE_MODEL, None),
+        (platform.DEVICE_MODEL_NET, ("a.test",)),
+    ],
+)
+def test_every_restorable_device_model_restores_on_a_host_building_the_new_one(
+    model: str, network: tuple[str, ...] | None
+) -> None:
+    """A host builds /2 and restores /1 too: spores pinned by id survive an upgrade."""
+    m = mf.decode(mf.encode(with_model(sample(), model, network)))
+    assert m.platform.device_model == model
+    host = dataclasses.replace(
+        m.platform, device_model=platform.device_model(net=network is not None)
+    )
+    mf.check_platform(m, host)
+    assert platform.BOARD_MODELS[model].legacy_console == model.endswith("/1")
+
+
+def test_restorable_device_models_are_explicit() -> None:
+    assert set(platform.BOARD_MODELS) == {
+        "spore-board/1",
+        "spore-board-net/1",
+        "spore-board/2",
+        "spore-board-net/2",
+    }
+    assert platform.device_model(False) == "spore-board/2"  # new builds: /2 only
+    assert platform.device_model(True) == "spore-board-net/2"
+
+
+@pytest.mark.parametrize("model", ["spore-board/0", "spore-board/3", "spore-board-net/9", "x/1"])
+def test_unknown_device_model_is_refused_in_one_line(model: str) -> None:
+    m = with_model(sample(), model)
+    host = dataclasses.replace(m.platform, device_model=platform.DEVICE_MODEL)
+    with pytest.raises(mf.PlatformMismatchError) as exc:
+        mf.check_platform(m, host)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"spore needs platform.device_model = {model!r}")
+    assert "spore-board/1" in msg and "spore-board/2" in msg  # what this host restores
+
+
+def test_legacy_device_model_keeps_the_nic_rules() -> None:
+    host = dataclasses.replace(sample().platform, device_model=platform.DEVICE_MODEL)
+    with pytest.raises(mf.PlatformMismatchError, match="^the spore has a NIC"):
+        mf.check_platform(with_model(sample(), "spore-board-net/1", ("a.test",)), host)
+    net_host = dataclasses.replace(host, device_model=platform.DEVICE_MODEL_NET)
+    with pytest.raises(mf.PlatformMismatchError, match="^the spore has no NIC"):
+        mf.check_platform(with_model(sample(), "spore-board/1"), net_host)
+    with pytest.raises(mf.ManifestError, match="spore-board-net/1 needs a network: entry"):
+        mf.encode(with_model(sample(), "spore-board-net/1"))
+    with pytest.raises(mf.ManifestError, match="needs platform.device_model"):
+        mf.encode(with_model(sample(), "spore-board/1", ("a.test",)))
 
 
 @pytest.fixture
@@ -412,3 +476,85 @@ def test_decode_vouched_accepts_only_the_vouched_bytes() -> None:
 def test_id_of_a_decoded_manifest_is_the_id_of_its_bytes() -> None:
     data = mf.encode(sample())
     assert mf.id_of(mf.decode(data)) == mf.manifest_id(data)
+
+
+# -- rootfs.table: the block table (optional; absent in spores sealed before it) -------------
+
+
+def with_table(m: mf.Manifest, digest: str = B3, block_size: int = 65536) -> mf.Manifest:
+    return dataclasses.replace(
+        m, rootfs=dataclasses.replace(m.rootfs, table=mf.RootfsTable(digest, block_size))
+    )
+
+
+def test_table_roundtrips_and_is_absent_not_null_without_one() -> None:
+    plain = sample()
+    assert b'"table"' not in mf.encode(plain)  # older spores keep their bytes and ids
+    m = with_table(plain)
+    data = mf.encode(m)
+    assert b'"table":{"block_size":65536,"digest":"' + B3.encode() in data
+    assert mf.decode(data) == m
+    assert mf.decode_vouched(data, mf.manifest_id(data)) == m
+    assert mf.manifest_id(data) != mf.manifest_id(mf.encode(plain))
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        (None, "rootfs.table"),  # null is not absent
+        ({"digest": B3}, "block_size"),
+        ({"digest": B3, "block_size": 65536, "root": B3}, "Additional properties"),
+        ({"digest": "blake3:AB", "block_size": 65536}, "rootfs.table.digest"),
+        ({"digest": B3, "block_size": 65536.0}, "integers only"),
+        ({"digest": B3, "block_size": 2048}, "rootfs.table.block_size"),
+        ({"digest": B3, "block_size": 3 * 4096}, "power of two"),
+        ({"digest": B3, "block_size": 32 << 20}, "rootfs.table.block_size"),
+    ],
+)
+def test_bad_tables_are_refused(table: Any, match: str) -> None:
+    d = doc()
+    d["rootfs"]["table"] = table
+    data = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    with pytest.raises(mf.ManifestError, match=match):
+        mf.decode(data)
+
+
+def test_a_table_too_large_for_the_image_is_refused() -> None:
+    m = with_table(sample(), block_size=4096)
+    big = dataclasses.replace(m, rootfs=dataclasses.replace(m.rootfs, size=1 << 40))
+    with pytest.raises(mf.ManifestError, match="larger block size"):
+        mf.encode(big)
+
+
+def test_rootfs_table_is_fetched_checked_and_counted(cs: ChunkStore, tmp_path: Path) -> None:
+    from sporevm.spore import blocktable
+
+    img = tmp_path / "img"
+    img.write_bytes(os.urandom(200_000))
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        h = blocktable.hash_image(fd, 65536)
+    finally:
+        os.close(fd)
+    tid = cs.put(h.table)
+    base = stored_manifest(cs)
+    m = with_table(
+        dataclasses.replace(base, rootfs=dataclasses.replace(base.rootfs, size=200_000)), tid
+    )
+    assert mf.rootfs_table(base, cs) is None
+    t = mf.rootfs_table(m, cs)
+    assert t is not None and t.blocks == 4 and t.image_size == 200_000
+    assert (tid, len(h.table), f"rootfs block table ({tid})") in mf.objects(m)
+    mf.verify_chunks(m, cs)
+    # A manifest that says another block size or image size cannot use this table.
+    for wrong in (
+        with_table(m, tid, 4096),
+        dataclasses.replace(m, rootfs=dataclasses.replace(m.rootfs, size=200_001)),
+    ):
+        with pytest.raises(mf.ManifestError, match="rootfs block table"):
+            mf.rootfs_table(wrong, cs)
+    cs.path(tid).write_bytes(h.table[:-1] + b"\0")  # rot: re-hashed against the manifest
+    with pytest.raises(mf.ManifestError, match="rootfs block table .*corrupt"):
+        mf.rootfs_table(m, cs)
+    with pytest.raises(mf.ManifestError, match="rootfs block table .*missing"):
+        mf.verify_chunks(m, cs, rehash=False)

@@ -230,7 +230,7 @@ def test_networked_spore_resumes_with_its_network(
     spore_dir = ctx / "out" / "netspore.spore"
     m = manifest.decode((spore_dir / "manifest.json").read_bytes())
     assert m.network == (f"{nets.SERVER_ADDR[:-1]}0/24", "direct.test")
-    assert m.platform.device_model == "spore-board-net/1"
+    assert m.platform.device_model == "spore-board-net/2"
     # The recorded policy applies again: DNS and egress work after the restore.
     log = tmp_path / "restored.log"
     proc = rig.spore(

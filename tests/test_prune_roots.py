@@ -152,7 +152,7 @@ def test_keep_reports_missing_objects_and_checks_the_pin(tmp_path: Path) -> None
     s = make_spores(tmp_path, 0)
     other = Store(tmp_path / "other")
     _, missing = keep_spore(str(s.parent), other)
-    assert missing == 5  # 3 chunks, the state object and the rootfs
+    assert missing == 6  # 3 chunks, the state object, the rootfs and its block table
     assert keep_spore(str(s.parent), s.store)[1] == 0
     with pytest.raises(Exception, match="you pinned"):
         keep_spore(f"{s.parent}@blake3:{'0' * 64}", s.store)

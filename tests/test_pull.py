@@ -106,7 +106,8 @@ def test_child_after_parent_fetches_only_what_differs(pushed: Pushed, tmp_path: 
     res = do_pull(pushed.ref, store, tmp_path / "c.spore", child=child)
     # metadata plus exactly one 2 MiB chunk (the child's private pack); rootfs cached
     assert res.bytes_received == metadata_bytes(pushed) + CHUNK
-    assert (res.objects, res.cached, res.packs_fetched) == (4, 3, 1)  # 2 shared chunks + state
+    # 2 shared chunks + state + the rootfs block table, and the child's own chunk
+    assert (res.objects, res.cached, res.packs_fetched) == (5, 4, 1)
     assert read_spore(str(tmp_path / "c.spore"))[0] == child
 
 
@@ -247,7 +248,7 @@ def test_corrupt_symlinked_and_odd_cache_entries_are_refetched(
     rootfs = store.rootfs_path(m.rootfs.digest)
     rootfs.write_bytes(b"\0" * m.rootfs.size)  # rotten image
     res = do_pull(pushed.ref, store, tmp_path / "b.spore")
-    assert res.cached == 1  # only the state object survived
+    assert res.cached == 2  # only the state object and the rootfs block table survived
     mf.verify_chunks(m, chunks, rehash=True)
     assert bait.read_bytes() == b"not a chunk"  # the link was removed, never written through
     assert ChunkCache(store).has_rootfs(m.rootfs.digest, m.rootfs.size)

@@ -7,10 +7,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
 from sporevm.build import rootfs
+from sporevm.build.imagefs import RootfsRecord, with_table
 from sporevm.errors import RootfsError
+from sporevm.spore import blocktable
+from sporevm.spore.chunks import ChunkStore
+from sporevm.spore.manifest import RootfsTable
+from sporevm.store import Store, blake3_file
 from tests.ext4mount import mounted_ro
 from tests.treecmp import describe_tree, diff_trees
 
@@ -107,6 +113,41 @@ def test_size_policy_bounds() -> None:
     assert size > 50_000 * 4096 + 100_000 * 256 and size % (1 << 20) == 0
     with pytest.raises(RootfsError):
         rootfs.size_policy(rootfs.TreeStats(inodes=10, data_blocks=(70 << 30) // 4096))
+
+
+def test_installed_rootfs_gets_its_block_table(tmp_path: Path, store: Store) -> None:
+    """Installing an image hashes it once for its digest and its block table; a rootfs
+    record from before tables gets its table on lookup (one read of the image, which
+    also re-checks the digest); a rotten image is a miss, never a table of wrong bytes."""
+    make_tree(tmp_path / "t")
+    out = tmp_path / "img.ext4"
+    rootfs.make_ext4(tmp_path / "t", DIGEST_A, out)
+    data = out.read_bytes()
+    hashed = blocktable.install_rootfs(store, out)
+    assert (hashed.digest, hashed.size) == blake3_file(store.rootfs_path(hashed.digest))
+    assert hashed.block_size == 64 << 10 and len(data) == hashed.size
+    digests = blocktable.decode(hashed.table, block_size=64 << 10, image_size=len(data))
+    assert digests[:32] == blake3.blake3(data[: 64 << 10]).digest()
+    key = "e" * 64
+    old = {"digest": hashed.digest, "size": hashed.size, "image": DIGEST_A, "builder": "b/1"}
+    store.put_key("rootfs", key, old)
+    rec = RootfsRecord.lookup(store, key)
+    assert rec is not None and rec.table is None
+    rec = with_table(store, rec)
+    assert rec is not None and rec.table == RootfsTable(hashed.table_digest, 64 << 10)
+    assert ChunkStore(store).get(rec.table.digest) == hashed.table
+    again = RootfsRecord.lookup(store, key)  # the record now names its table
+    assert again is not None and again.table == rec.table
+    assert with_table(store, again) == again  # present: nothing re-read
+    ChunkStore(store).path(rec.table.digest).unlink()  # pruned: made again
+    assert with_table(store, again) == again
+    path = store.rootfs_path(hashed.digest)
+    path.chmod(0o644)
+    with open(path, "r+b") as fh:  # rot in the image: a miss (rebuilt), not a table
+        fh.seek(70000)
+        fh.write(b"\xff")
+    ChunkStore(store).path(rec.table.digest).unlink()
+    assert with_table(store, again) is None
 
 
 def test_scan_counts_hardlinks_once_and_nothing_else_together(tmp_path: Path) -> None:

@@ -10,7 +10,12 @@ else resumes the sealed spore (~1-3 s each) or fails before a VM exists:
 - a corrupt chunk, an edited manifest byte or a different kernel digest fail closed; a
   corrupt chunk in one line and within seconds for every strategy, also when it cannot
   be evicted;
-- the unchanged Sporefile rebuilds without starting a VM.
+- a restore checks rootfs blocks as the guest first reads them: a corrupt block fails
+  that read with an I/O error and nothing else; a rootfs of another size, or one
+  tampered under a spore sealed before block tables, fails before a VM;
+- the unchanged Sporefile rebuilds without starting a VM;
+- a spore of the previous device model (spore-board/1: the agent on /dev/hvc0), sealed
+  here through the VMM's own API, restores and forks.
 
 Guest commands are single processes or `sh -c` with builtins (docs/vmm.md).
 """
@@ -50,6 +55,8 @@ base:
   image: oci-layout:{layout}:latest
 machine: {{memory: 256MiB}}
 env: {{TOKEN: "{token}"}}
+files:
+  - {{src: blob, dst: /data/blob}}
 steps:
   - name: write
     run: echo "state $TOKEN" > /root/state.txt
@@ -76,6 +83,9 @@ GEN_AND_RANDOM = (
 )
 
 TIMES: dict[str, float] = {}
+# /data/blob in the rootfs, never read while building: its blocks reach the guest
+# only through the blk device, so a corrupt one shows there (the lazy rootfs check).
+BLOB = b"".join(i.to_bytes(4, "little") * 1024 for i in range(256))  # 1 MiB
 
 
 def timed(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,6 +112,7 @@ def built(
     # A fresh token gives fresh step keys (the kernel store is shared between runs).
     token = uuid.uuid4().hex
     ctx = tmp_path_factory.mktemp("stateful")
+    (ctx / "blob").write_bytes(BLOB)
     (ctx / "Sporefile").write_text(SPOREFILE.format(layout=busybox_image.layout, token=token))
     proc = timed("spore build (cold boot, 3 steps, snapshot)", "build", str(ctx / "Sporefile"))
     assert proc.returncode == 0, proc.stderr
@@ -463,14 +474,108 @@ def test_different_kernel_digest_fails_naming_the_field(built: Built, tmp_path: 
     assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
 
 
-def test_tampered_rootfs_fails_before_a_vm(built: Built) -> None:
-    """The monitor hashes the rootfs on the fd the VM would read; one flipped byte in the
-    store entry (same size, same name) refuses the restore naming both digests."""
+def rootfs_file(m: manifest.Manifest) -> Path:
+    return KERNEL_STORE / "rootfs" / "blake3" / m.rootfs.digest.split(":", 1)[1]
+
+
+def image_offset(image: Path, guest_path: str, file_offset: int) -> int:
+    """Where byte ``file_offset`` of ``guest_path`` lies in the ext4 image (debugfs bmap)."""
+    fs_block = 4096  # rootfs.BLOCK
+    out = subprocess.run(
+        ["debugfs", "-R", f"bmap {guest_path} {file_offset // fs_block}", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split()[-1]) * fs_block + file_offset % fs_block
+
+
+def test_corrupt_rootfs_block_fails_the_guests_read_not_the_vm(built: Built) -> None:
+    """Lazy rootfs verification: a restore does not hash the image; the blk device checks
+    each block on first read. One flipped byte in the store's image after sealing: the
+    guest's read of that block fails with an I/O error (its bytes never served), reads
+    of other blocks succeed, the VM runs on, and the block is reported in one line."""
     m = load_manifest(built.spore_dir)
-    path = KERNEL_STORE / "rootfs" / "blake3" / m.rootfs.digest.split(":", 1)[1]
-    with flipped(path, m.rootfs.size // 2):
+    assert m.rootfs.table is not None, "a freshly built spore has a block table"
+    path = rootfs_file(m)
+    at = image_offset(path, "/data/blob", 512 << 10)
+    block = at // m.rootfs.table.block_size
+    script = (
+        "cat /data/blob >/dev/null; echo cat=$?; "
+        "dd if=/data/blob of=/dev/null bs=4096 skip=224 count=1 2>/dev/null && echo dd-ok; "
+        'read -r s < /root/state.txt; echo "$s"'
+    )
+    with flipped(path, at):
         proc = timed(
-            "tampered rootfs (fails)", "run", "--from", str(built.spore_dir), "--", "echo", "RAN"
+            "corrupt rootfs block, guest reads it (I/O error)",
+            "run",
+            "--from",
+            str(built.spore_dir),
+            "--",
+            "sh",
+            "-c",
+            script,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert "cat=1" in proc.stdout, proc.stdout + proc.stderr
+    assert "dd-ok" in proc.stdout, proc.stdout + proc.stderr  # another block: served
+    assert f"state {built.token}" in proc.stdout  # the VM ran on
+    assert re.search(r"(?i)i/o error", proc.stderr), proc.stderr  # the guest's cat said so
+    warnings = [ln for ln in proc.stderr.splitlines() if "does not match" in ln]
+    assert len(warnings) == 1 and f"rootfs block {block} " in warnings[0], proc.stderr
+    # Unchanged image: the same spore reads the whole file (no block stays marked bad).
+    proc = timed(
+        "restore, guest reads /data/blob whole",
+        "run",
+        "--from",
+        str(built.spore_dir),
+        "--",
+        "sh",
+        "-c",
+        "cat /data/blob >/dev/null; echo cat=$?",
+    )
+    assert proc.returncode == 0 and "cat=0" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_rootfs_of_another_size_fails_before_a_vm(built: Built) -> None:
+    """The monitor compares the opened image's size with the manifest before any VM."""
+    m = load_manifest(built.spore_dir)
+    path = rootfs_file(m)
+    original, mode = path.read_bytes(), path.stat().st_mode & 0o7777
+    try:
+        path.write_bytes(original + b"\0")
+        proc = timed(
+            "extended rootfs (fails)", "run", "--from", str(built.spore_dir), "--", "echo", "RAN"
+        )
+    finally:
+        path.unlink(missing_ok=True)
+        path.write_bytes(original)
+        path.chmod(mode)
+    assert proc.returncode != 0
+    assert f"is {m.rootfs.size + 1} B; the spore needs {m.rootfs.digest}" in proc.stderr
+    assert "RAN" not in proc.stdout and "resumed" not in proc.stderr, proc.stderr
+
+
+def test_spore_without_a_block_table_is_hashed_whole(built: Built, tmp_path: Path) -> None:
+    """A spore sealed before block tables (no rootfs.table) still restores, its image
+    hashed whole before the VM as it always was: one flipped byte fails before the VM."""
+    from sporevm.spore.sporedir import write_spore
+
+    m = load_manifest(built.spore_dir)
+    old = dataclasses.replace(m, rootfs=dataclasses.replace(m.rootfs, table=None))
+    out = tmp_path / "old.spore"
+    write_spore(old, out)
+    proc = timed("spore without a block table", "run", "--from", str(out), "--", "echo", "RAN")
+    assert proc.returncode == 0 and "RAN" in proc.stdout, proc.stderr
+    with flipped(rootfs_file(m), m.rootfs.size // 2):
+        proc = timed(
+            "spore without a block table, tampered rootfs (fails)",
+            "run",
+            "--from",
+            str(out),
+            "--",
+            "echo",
+            "RAN",
         )
     assert proc.returncode != 0
     assert "rootfs" in proc.stderr and f"needs {m.rootfs.digest}" in proc.stderr, proc.stderr
@@ -524,6 +629,7 @@ def test_until_guest_on_a_new_project_needs_no_lock(
     tmp_path: Path,
 ) -> None:
     """--until guest stops before resolve: no lock entry, no image, and no crash."""
+    (tmp_path / "blob").write_bytes(BLOB)
     (tmp_path / "Sporefile").write_text(
         SPOREFILE.format(layout=busybox_image.layout, token="until-guest")
     )
@@ -546,3 +652,153 @@ def test_guest_clock_stands_still_while_the_spore_sleeps(built: Built) -> None:
     # Each run lives ~1-2 s and starts from the same captured clock: asleep time never
     # shows up (a TSC clocksource on kvm_pvm added the 6 s and more).
     assert abs(second - first) < 3, (first, second)
+
+
+def seal_legacy_spore(built: Built, out: Path) -> Path:
+    """A spore of the previous device model, ``spore-board/1``, made as that release made
+    one: a fresh boot on the single-port console (the agent on ``/dev/hvc0``), a file
+    written by a command, then RAM and state sealed under a manifest naming /1."""
+    import threading
+
+    from sporevm.build.guest import lookup_guest
+    from sporevm.runtime.agent_session import AgentSession, QueueChannel
+    from sporevm.runtime.capture import capture
+    from sporevm.spore import vmstate
+    from sporevm.spore.chunks import ChunkStore, snapshot_memory
+    from sporevm.spore.sporedir import write_spore
+    from sporevm.vmm.board import BoardConfig, BoardWiring, build_board
+    from sporevm.vmm.machine import ExitResult, StopReason
+
+    store = Store(KERNEL_STORE)
+    guest = lookup_guest(store)
+    assert guest is not None  # the build fixture made it
+    m = load_manifest(built.spore_dir)
+    assert (m.platform.kernel, m.platform.cmdline) == (guest.kernel_digest, guest.cmdline)
+    serial = bytearray()
+    fd = os.open(rootfs_file(m), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        cfg = BoardConfig(
+            m.platform.memory,
+            m.platform.vcpus,
+            guest.cmdline,
+            fd,
+            os.fstat(fd).st_size,
+            legacy_console=True,
+        )
+        board = build_board(
+            cfg,
+            BoardWiring(
+                on_agent_output=lambda data: chan.feed(data),
+                on_agent_writable=lambda: chan.writable(),
+                serial_output=serial.extend,
+            ),
+        )
+        chan = QueueChannel(board.console.send)
+        machine = board.machine
+        with machine:
+            assert "spore.agent=/dev/hvc0" in board.cmdline  # what the /1 guest was told
+            machine.load_kernel(
+                guest.kernel.read_bytes(),
+                board.cmdline,
+                guest.initrd.read_bytes(),
+                rng_seed=os.urandom(32),
+            )
+            outcome: list[ExitResult | BaseException] = []
+
+            def run() -> None:
+                try:
+                    outcome.append(machine.run(time.monotonic() + 600))
+                except BaseException as e:  # surfaced below on the test thread
+                    outcome.append(e)
+                finally:
+                    chan.feed(b"")  # hang-up: a waiting session fails at once
+
+            th = threading.Thread(target=run, name="legacy-vm")
+            th.start()
+            try:
+                session = AgentSession(chan, grace=30.0)
+                session.wait_ready(300)
+                h = session.exec(f"echo legacy {built.token} > /root/legacy.txt", timeout=60)
+                assert h.wait().returncode == 0
+            finally:
+                machine.pause()
+                th.join(60)
+            assert not th.is_alive()
+            (res,) = outcome
+            assert isinstance(res, ExitResult) and res.reason is StopReason.PAUSED, (
+                res,
+                serial[-2000:].decode(errors="replace"),
+            )
+            assert not board.console.multiport  # the guest drove the /1 console
+            state = vmstate.encode(capture(machine, board.transports))
+            chunks = ChunkStore(store)
+            with machine.ram.view(0, machine.ram.size) as ram:
+                index = snapshot_memory(ram, chunks)
+            state_id = chunks.put(state)
+    finally:
+        os.close(fd)
+    legacy = dataclasses.replace(
+        m,
+        platform=dataclasses.replace(m.platform, device_model="spore-board/1"),
+        memory=index,
+        state={"vm": manifest.StateObject(state_id, len(state))},
+        generation=manifest.Generation(str(uuid.uuid4()), None, 0, 1),
+        annotations={"org.spore.name": "legacy"},
+    )
+    write_spore(legacy, out)
+    return out
+
+
+def test_spore_of_the_previous_device_model_restores_and_forks(
+    built: Built, tmp_path: Path
+) -> None:
+    """Spores sealed before the multiport console (spore-board/1) keep working: the
+    monitor rebuilds their board with the /1 console, and the guest's open /dev/hvc0
+    carries the agent again, restored and forked."""
+    out = seal_legacy_spore(built, tmp_path / "legacy.spore")
+    state = json.loads(chunk_file(load_manifest(out).state["vm"].digest).read_bytes())
+    assert set(state["devices"]["virtio"][1]["device"]) == {"pending", "tx_paused"}
+    proc = timed(
+        "spore run --from (spore-board/1)",
+        "run",
+        "-q",
+        "--from",
+        str(out),
+        "--",
+        "sh",
+        "-c",
+        "read -r s < /root/legacy.txt; echo $s",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"legacy {built.token}\n"
+
+    forks = timed(
+        "spore fork (spore-board/1)",
+        "fork",
+        str(out),
+        "--count",
+        "2",
+        "--out",
+        str(tmp_path / "forks"),
+        "--json",
+    )
+    assert forks.returncode == 0, forks.stderr
+    doc = json.loads(forks.stdout)
+    child = doc["children"][1]
+    assert load_manifest(Path(child["path"])).platform.device_model == "spore-board/1"
+    proc = timed(
+        "spore run --from fork child (spore-board/1)",
+        "run",
+        "-q",
+        "--from",
+        child["path"],
+        "--",
+        "sh",
+        "-c",
+        GEN_AND_RANDOM,
+    )
+    assert proc.returncode == 0, proc.stderr
+    gen_text, _, random_text = proc.stdout.partition("---\n")
+    info = json.loads(gen_text)
+    assert (info["generation"], info["index"], info["count"]) == (child["generation"], 1, 2)
+    assert re.fullmatch(r"[0-9a-f]{32}\n", random_text), proc.stdout

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from sporevm.spore import blocktable
 from sporevm.vmm.devices.virtio import blk, mmio
 from sporevm.vmm.devices.virtio.state import VirtioStateError
 from sporevm.vmm.memory import PAGE
@@ -213,3 +215,155 @@ def test_state_carries_disk_identity(disk: int) -> None:
     t3, _, _ = make(blk.BlkDevice(disk, size - 1024, serial=SERIAL))
     with pytest.raises(VirtioStateError, match="different backing disk"):
         t3.restore(state)
+
+
+# -- with a block table: each block checked on the guest's first read --------------------------
+
+TABLE_BLOCK = 4096  # 8 sectors per table block; the disk above is 8 blocks and a 4-byte tail
+
+
+def table_bytes(path: Path, content: bytes) -> bytes:
+    """The block table of ``content`` (written beside ``path`` to hash it)."""
+    src = path.with_suffix(".orig")
+    src.write_bytes(content)
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        return blocktable.hash_image(sfd, TABLE_BLOCK).table
+    finally:
+        os.close(sfd)
+
+
+@dataclass
+class Tabled:
+    dev: blk.BlkDevice
+    d: Driver
+    q: DriverQueue
+    reports: list[str]
+    fd: int
+
+
+def tabled(path: Path, table_of: bytes | None = None) -> Tabled:
+    """A blk device on ``path`` checked against the table of ``table_of`` (default: the
+    file's own bytes), as a restore attaches it: the file opened afresh, its size taken."""
+    table = table_bytes(path, path.read_bytes() if table_of is None else table_of)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    size = os.fstat(fd).st_size
+    try:
+        t = blocktable.BlockTable.from_table(table, block_size=TABLE_BLOCK, image_size=size)
+    except blocktable.BlockTableError:
+        os.close(fd)
+        raise
+    reports: list[str] = []
+    dev = blk.BlkDevice(fd, size, table=t, on_bad_block=reports.append)
+    _, d, _ = make(dev)
+    (q,) = d.bring_up(1)
+    return Tabled(dev, d, q, reports, fd)
+
+
+def corrupt(path: Path, offset: int) -> bytes:
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[offset] ^= 0x5A
+    path.write_bytes(bytes(bad))
+    return good
+
+
+def test_table_reads_verify_each_block_once(tmp_path: Path) -> None:
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(pattern(0, SECTORS) + b"tail")
+    tb = tabled(path)
+    d, q, reports, fd, dev = tb.d, tb.q, tb.reports, tb.fd, tb.dev
+    try:
+        assert dev.table is not None
+        # Sectors 6..17 straddle table blocks 0, 1 and 2: all three checked and remembered.
+        data, status = request(d, q, blk.T_IN, 6, 12 * 512)
+        assert d.mem.read(status, 1) == b"\x00"
+        assert d.mem.read(data, 12 * 512) == pattern(6, 12)
+        assert [dev.table.is_verified(b) for b in range(4)] == [True, True, True, False]
+        data, status = request(d, q, blk.T_IN, 0, 24 * 512)  # now the fast path
+        assert d.mem.read(status, 1) == b"\x00"
+        assert d.mem.read(data, 24 * 512) == pattern(0, 24)
+        data, status = request(d, q, blk.T_IN, SECTORS - 1, 512)  # the last whole sector
+        assert d.mem.read(status, 1) == b"\x00"
+        assert d.mem.read(data, 512) == pattern(SECTORS - 1)
+        assert reports == []
+    finally:
+        os.close(fd)
+
+
+def test_a_corrupt_block_fails_its_reads_and_only_those(tmp_path: Path) -> None:
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(pattern(0, SECTORS) + b"tail")
+    good = corrupt(path, 3 * TABLE_BLOCK + 700)  # inside sector 25, table block 3
+    tb = tabled(path, table_of=good)
+    d, q, reports, fd = tb.d, tb.q, tb.reports, tb.fd
+    try:
+        for sector in (24, 25, 31):  # every sector of block 3 fails, not only sector 25
+            data, status = request(d, q, blk.T_IN, sector, 512)
+            assert d.mem.read(status, 1) == bytes([blk.S_IOERR])
+            assert d.mem.read(data, 512) == bytes(512)  # no unverified byte reached the guest
+        # A request spanning good blocks and the bad one fails whole.
+        data, status = request(d, q, blk.T_IN, 16, 16 * 512)
+        assert d.mem.read(status, 1) == bytes([blk.S_IOERR])
+        # Its neighbours are served.
+        for sector in (16, 23, 32, 40):
+            data, status = request(d, q, blk.T_IN, sector, 512)
+            assert d.mem.read(status, 1) == b"\x00"
+            assert d.mem.read(data, 512) == pattern(sector)
+        assert len(reports) == 1, reports  # once per block, however often the guest retries
+        assert reports[0].startswith("rootfs block 3 (bytes 12288..16383)"), reports
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("change", ["truncated", "extended", "swapped"])
+def test_a_file_changed_between_restores_is_caught(tmp_path: Path, change: str) -> None:
+    """Each restore opens the file again with an empty bitmap: a block verified by an
+    earlier VM is checked again, so a file swapped in between cannot pass."""
+    path = tmp_path / "rootfs.ext4"
+    original = pattern(0, SECTORS) + b"tail"
+    path.write_bytes(original)
+    tb = tabled(path)
+    data, status = request(tb.d, tb.q, blk.T_IN, 0, SECTORS * 512)
+    assert tb.d.mem.read(status, 1) == b"\x00"
+    os.close(tb.fd)
+    if change == "swapped":  # same size, other bytes in block 5
+        path.write_bytes(original[: 5 * TABLE_BLOCK] + bytes(TABLE_BLOCK) + original[24576:])
+        tb = tabled(path, table_of=original)
+        d, q, reports, fd = tb.d, tb.q, tb.reports, tb.fd
+        try:
+            data, status = request(d, q, blk.T_IN, 0, SECTORS * 512)
+            assert d.mem.read(status, 1) == bytes([blk.S_IOERR])
+            assert reports and reports[0].startswith("rootfs block 5 ")
+        finally:
+            os.close(fd)
+        return
+    changed = original[:-5] if change == "truncated" else original + b"more"
+    path.write_bytes(changed)
+    with pytest.raises(blocktable.BlockTableError, match="the manifest says"):
+        tabled(path, table_of=original)  # the table describes another size: refused
+    # The monitor compares the size with the manifest; a device given a table for
+    # another size refuses to exist.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = blocktable.BlockTable.from_table(
+            table_bytes(path, original), block_size=TABLE_BLOCK, image_size=len(original)
+        )
+        with pytest.raises(ValueError, match="block table covers"):
+            blk.BlkDevice(fd, len(changed), table=t)
+    finally:
+        os.close(fd)
+
+
+def test_a_file_shrunk_under_a_running_vm_fails_reads(tmp_path: Path) -> None:
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(pattern(0, SECTORS) + b"tail")
+    tb = tabled(path)
+    d, q, reports, fd = tb.d, tb.q, tb.reports, tb.fd
+    try:
+        os.truncate(path, 6 * TABLE_BLOCK + 100)
+        data, status = request(d, q, blk.T_IN, 48, 8 * 512)  # block 6: now short
+        assert d.mem.read(status, 1) == bytes([blk.S_IOERR])
+        assert reports and reports[0].startswith("rootfs block 6 ")
+    finally:
+        os.close(fd)

@@ -542,8 +542,10 @@ class Guest:
     def _drains(self, q: int) -> bool:
         """Does a kick on queue q consume everything posted (vs. waiting for host data)?"""
         if isinstance(self.dev, ConsoleDevice):
-            if q == 0:
-                return self.dev.pending > 0
+            if q == 0:  # with MULTIPORT, bytes wait for the guest to open the port
+                return self.dev.pending > 0 and self.dev.port_open
+            if q >= 2:  # the control queues exist only with MULTIPORT
+                return self.dev.multiport and (q == 3 or self.dev.control_pending > 0)
             return not self.dev.tx_paused
         if isinstance(self.dev, NetDevice):
             if q == 0:

@@ -129,6 +129,9 @@ mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/run && mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
 mkdir -p /newroot/lane-results && mount --bind /results /newroot/lane-results
+# skopeo's blob-info cache (a bolt database): the host's copy, seen through 9p while
+# the host writes it, read as corrupt in L1 ("invalid page type"); L1 keeps its own
+mkdir -p /newroot/var/lib/containers/cache && mount -t tmpfs tmpfs /newroot/var/lib/containers/cache
 cp /lane-cmd /newroot/tmp/lane-cmd
 # QEMU's user-mode network (slirp): L1's way to the package mirror the apt test uses
 if [ -e /sys/class/net/eth0 ]; then

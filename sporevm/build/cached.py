@@ -11,7 +11,7 @@ from pathlib import Path
 from sporevm.build import cachekeys, lockfile
 from sporevm.build.context import BuildInputs
 from sporevm.build.guest import GuestPlatform, lookup_guest
-from sporevm.build.imagefs import RootfsRecord
+from sporevm.build.imagefs import RootfsRecord, with_table
 from sporevm.build.oci import ResolvedImage
 from sporevm.build.tasks import Handoff
 from sporevm.errors import LockMismatchError, SporeError
@@ -52,7 +52,9 @@ class Cached:
 
     def rootfs(self) -> RootfsRecord | None:
         try:
-            return RootfsRecord.lookup(self.inputs.store, self.rootfs_key())
+            rec = RootfsRecord.lookup(self.inputs.store, self.rootfs_key())
+            # A record from before block tables gets its table here (one read of the image).
+            return None if rec is None else with_table(self.inputs.store, rec)
         except SporeError:
             return None
 

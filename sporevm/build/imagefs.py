@@ -7,7 +7,8 @@ never a stale hit).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,16 @@ from sporevm.build.oci import OCIClient, ResolvedImage, parse_ref
 from sporevm.build.progress import Reporter
 from sporevm.build.rootfs import make_ext4
 from sporevm.errors import LayerError, StoreError
+from sporevm.spore.blocktable import (
+    MAX_BLOCK,
+    MIN_BLOCK,
+    BlockTableError,
+    Hashed,
+    hash_image,
+    install_rootfs,
+)
+from sporevm.spore.chunks import ChunkStore
+from sporevm.spore.manifest import RootfsTable
 from sporevm.store import BLAKE3_DIGEST, SHA256_DIGEST, Store
 
 
@@ -31,9 +42,12 @@ class RootfsRecord:
     image: str  # the image manifest digest it was built from
     key: str
     builder: str
+    # Its block table in the chunk store (blocktable.py); None only for a record
+    # written before tables existed, until ``ensure_rootfs`` adds it.
+    table: RootfsTable | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "digest": self.digest,
             "size": self.size,
             "path": str(self.path),
@@ -41,16 +55,28 @@ class RootfsRecord:
             "key": self.key,
             "builder": self.builder,
         }
+        if self.table is not None:
+            doc["table"] = {"digest": self.table.digest, "block_size": self.table.block_size}
+        return doc
 
     @classmethod
     def lookup(cls, store: Store, key: str) -> RootfsRecord | None:
         """The cached rootfs for ``key``, or None if absent or inconsistent."""
         rec = store.get_key("rootfs", key)
-        if rec is None or set(rec) != {"digest", "size", "image", "builder"}:
+        base = {"digest", "size", "image", "builder"}
+        if rec is None or set(rec) not in (base, base | {"table", "block_size"}):
             return None
         digest, size = rec["digest"], rec["size"]
         if not (isinstance(digest, str) and BLAKE3_DIGEST.fullmatch(digest)):
             return None
+        table = None
+        if "table" in rec:
+            tdig, bs = rec["table"], rec["block_size"]
+            if not (isinstance(tdig, str) and BLAKE3_DIGEST.fullmatch(tdig)):
+                return None
+            if not (isinstance(bs, int) and MIN_BLOCK <= bs <= MAX_BLOCK):
+                return None
+            table = RootfsTable(tdig, bs)
         if not (
             isinstance(size, int)
             and isinstance(rec["image"], str)
@@ -66,7 +92,47 @@ class RootfsRecord:
         if not path.is_file() or path.is_symlink() or st.st_size != size:
             return None
         store.touch(path)
-        return cls(digest, size, path, rec["image"], key, rec["builder"])
+        return cls(digest, size, path, rec["image"], key, rec["builder"], table)
+
+
+def _put_record(store: Store, rec: RootfsRecord) -> None:
+    doc: dict[str, Any] = {
+        "digest": rec.digest,
+        "size": rec.size,
+        "image": rec.image,
+        "builder": rec.builder,
+    }
+    if rec.table is not None:
+        doc.update(table=rec.table.digest, block_size=rec.table.block_size)
+    store.put_key("rootfs", rec.key, doc)
+
+
+def _store_table(store: Store, hashed: Hashed) -> RootfsTable:
+    digest = ChunkStore(store).put(hashed.table, expect=hashed.table_digest)
+    return RootfsTable(digest, hashed.block_size)
+
+
+def with_table(store: Store, rec: RootfsRecord) -> RootfsRecord | None:
+    """``rec`` with its block table in the chunk store: kept if there, else made again
+    from the store's image in one read that also re-checks the image's digest (a record
+    from before tables, or a table pruned away). None if the image is not intact."""
+    if rec.table is not None and ChunkStore(store).has(rec.table.digest):
+        return rec
+    try:
+        fd = os.open(rec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        hashed = hash_image(fd)
+    except (OSError, BlockTableError):
+        return None
+    finally:
+        os.close(fd)
+    if (hashed.digest, hashed.size) != (rec.digest, rec.size):
+        return None  # rot: rebuild it
+    rec = replace(rec, table=_store_table(store, hashed))
+    _put_record(store, rec)
+    return rec
 
 
 def ensure_rootfs(
@@ -81,7 +147,9 @@ def ensure_rootfs(
     key = rootfs_key(image, files)
     previous = RootfsRecord.lookup(store, key)
     if previous is not None and not force:
-        return previous
+        found = with_table(store, previous)
+        if found is not None:
+            return found
     layers = [Layer(d.digest, d.media_type, store.blob_path(d.digest)) for d in image.layers]
     for layer in layers:
         if not store.has_blob(layer.digest):
@@ -105,20 +173,25 @@ def ensure_rootfs(
             raise
         out = stage / "rootfs.ext4"
         make_ext4(tree, image.manifest_digest, out)
-        digest, size = store.install_rootfs(out)
+        hashed = install_rootfs(store, out)
+        table = _store_table(store, hashed)
+    digest = hashed.digest
     if previous is not None and previous.digest != digest:
         reporter.warn(
             f"rebuilt rootfs {digest} differs from the cached {previous.digest} for the "
             "same inputs: the rootfs build is not reproducible on this host"
         )
-    store.put_key(
-        "rootfs",
+    rec = RootfsRecord(
+        digest,
+        hashed.size,
+        store.rootfs_path(digest),
+        image.manifest_digest,
         key,
-        {"digest": digest, "size": size, "image": image.manifest_digest, "builder": ROOTFS_BUILDER},
+        ROOTFS_BUILDER,
+        table,
     )
-    return RootfsRecord(
-        digest, size, store.rootfs_path(digest), image.manifest_digest, key, ROOTFS_BUILDER
-    )
+    _put_record(store, rec)
+    return rec
 
 
 def export_rootfs(record: RootfsRecord, dest: Path) -> None:

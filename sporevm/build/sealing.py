@@ -55,7 +55,13 @@ def seal(
     return manifest.Manifest(
         platform=platform_contract(guest, sf.machine.memory, sf.machine.vcpus, net=net is not None),
         rootfs=manifest.RootfsRef(
-            ROOTFS_KIND, rootfs.digest, rootfs.size, rootfs.image, rootfs.builder, SLOT_BLK
+            ROOTFS_KIND,
+            rootfs.digest,
+            rootfs.size,
+            rootfs.image,
+            rootfs.builder,
+            SLOT_BLK,
+            rootfs.table,
         ),
         memory=MemoryIndex(event.chunk_size, event.chunks),
         state={"vm": manifest.StateObject(event.state.digest, event.state.size)},

@@ -5,12 +5,18 @@ They load no VMM module (tests/test_layering.py checks it end to end)."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sporevm.cli.common import emit_json, print_pull, progress, pull_doc
 from sporevm.errors import SporeError
 from sporevm.store import Store
+
+if TYPE_CHECKING:
+    from sporevm.spore import manifest
+    from sporevm.spore.blocktable import Hashed
 
 
 def inspect_bundle(args: argparse.Namespace, verify: bool) -> int:
@@ -72,6 +78,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"rootfs      {m.rootfs.digest} ({m.rootfs.size} B, {m.rootfs.kind}) "
         f"from {m.rootfs.source_image}"
     )
+    t = m.rootfs.table
+    print(
+        f"rootfs tbl  {t.digest} ({t.block_size >> 10} KiB blocks, each checked on first read)"
+        if t is not None
+        else "rootfs tbl  none (sealed before block tables: the image is hashed whole on restore)"
+    )
     print(
         f"memory      {len(m.memory.chunks)} chunks of {m.memory.chunk_size >> 20} MiB: "
         f"{len(stored)} stored, {zero} zero"
@@ -89,9 +101,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from sporevm.dist.inspect import is_bundle
     from sporevm.spore import manifest
+    from sporevm.spore.blocktable import table_id
     from sporevm.spore.chunks import ChunkStore
     from sporevm.spore.sporedir import open_spore, split_pin
-    from sporevm.store import blake3_file
 
     if is_bundle(args.spore):
         return inspect_bundle(args, verify=True)
@@ -100,12 +112,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with store.lock():  # a prune waits until every chunk has been re-hashed
         m, mpath, rootfs = open_spore(spore_path, store, pin)
-        manifest.verify_chunks(m, ChunkStore(store), rehash=True)
-        digest, size = blake3_file(rootfs)
-    if (digest, size) != (m.rootfs.digest, m.rootfs.size):
+        manifest.verify_chunks(m, ChunkStore(store), rehash=True)  # the block table too
+        hashed = _hash_rootfs(rootfs, m)
+    if (hashed.digest, hashed.size) != (m.rootfs.digest, m.rootfs.size):
         raise SporeError(
-            f"{rootfs}: rootfs is {digest} ({size} B); the spore needs "
+            f"{rootfs}: rootfs is {hashed.digest} ({hashed.size} B); the spore needs "
             f"{m.rootfs.digest} ({m.rootfs.size} B)"
+        )
+    # A full check: the table a restore checks blocks against must describe this image.
+    if m.rootfs.table is not None and table_id(hashed.table) != m.rootfs.table.digest:
+        raise SporeError(
+            f"{mpath}: rootfs.table {m.rootfs.table.digest} does not describe the rootfs "
+            f"{m.rootfs.digest} (its blocks hash to table {table_id(hashed.table)})"
         )
     took = time.monotonic() - started
     doc = {
@@ -125,6 +143,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"object(s) and the rootfs re-hashed and match ({took:.2f} s)"
         )
     return 0
+
+
+def _hash_rootfs(path: Path, m: manifest.Manifest) -> Hashed:
+    """One read of the image: its digest and its block table (in the spore's block size)."""
+    from sporevm.spore.blocktable import hash_image
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return hash_image(fd, m.rootfs.table.block_size if m.rootfs.table else None)
+    finally:
+        os.close(fd)
 
 
 def cmd_pack(args: argparse.Namespace) -> int:

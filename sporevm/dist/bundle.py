@@ -38,7 +38,6 @@ from sporevm.dist.docjson import (
 from sporevm.atomic import DirKind
 from sporevm.errors import SporeError
 from sporevm.spore import manifest
-from sporevm.spore.chunks import CHUNK
 
 FORMAT = "spore-bundle/v1"
 NAME = "bundle.json"
@@ -196,12 +195,11 @@ class Metadata:
 
 def objects_of(m: manifest.Manifest, what: str) -> dict[str, int]:
     """Every stored object a manifest needs: id -> size (chunks first, address order)."""
-    out: dict[str, int] = {cid: CHUNK for cid in m.memory.stored()}
-    for name, so in sorted(m.state.items()):
-        if out.setdefault(so.digest, so.size) != so.size:
+    out: dict[str, int] = {}
+    for cid, size, name in manifest.objects(m):  # chunks, state objects, rootfs block table
+        if out.setdefault(cid, size) != size:
             raise BundleError(
-                f"{what}: state object {name!r} {so.digest} has size {so.size}, "
-                f"but the same id is used with size {out[so.digest]}"
+                f"{what}: {name} has size {size}, but the same id is used with size {out[cid]}"
             )
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import mmap
 import os
 import queue
@@ -57,7 +58,7 @@ from sporevm.runtime.protocol import (
     text,
 )
 from sporevm.runtime.restore import eager_ram, restore_board
-from sporevm.spore import manifest, vmstate
+from sporevm.spore import manifest, platform, vmstate
 from sporevm.spore.backing import open_local
 from sporevm.spore.chunks import ChunkStore, snapshot_memory
 from sporevm.vmm.board import Board, BoardConfig, BoardWiring, NetConfig, build_board
@@ -311,11 +312,24 @@ def _restored_board(
         net=cfg.net is not None,
     )
     manifest.check_platform(m, host)  # before any VM exists
-    # The rootfs is verified on the very fd the VM will read.
-    digest, size = _blake3_fd(rootfs_fd)
+    # The board of the spore's own device model (a /1 spore gets the /1 console).
+    model = platform.BOARD_MODELS[m.platform.device_model]
+    board_cfg = dataclasses.replace(board_cfg, legacy_console=model.legacy_console)
+    # The rootfs is verified on the very fd the VM will read: block by block on the
+    # guest's first read against the spore's block table (itself re-hashed here), or,
+    # for a spore sealed before tables, whole, now (docs/restore.md, "The rootfs").
+    table = manifest.rootfs_table(m, chunks)
+    if table is None:
+        digest, size = _blake3_fd(rootfs_fd)
+        found = f"{digest} ({size} B)"
+    else:
+        digest, size = m.rootfs.digest, os.fstat(rootfs_fd).st_size
+        found = f"{size} B"
+        board_cfg = dataclasses.replace(board_cfg, rootfs_table=table)
+        wiring = dataclasses.replace(wiring, on_bad_block=_report_bad_block)
     if (digest, size) != (m.rootfs.digest, m.rootfs.size):
         raise SporeError(
-            f"monitor: rootfs {vm.rootfs} is {digest} ({size} B); the spore "
+            f"monitor: rootfs {vm.rootfs} is {found}; the spore "
             f"needs {m.rootfs.digest} ({m.rootfs.size} B)"
         )
     vm_obj = m.state.get("vm")
@@ -385,6 +399,13 @@ def _blake3_fd(fd: int) -> tuple[str, int]:
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
             h.update(mapped)
     return "blake3:" + h.hexdigest(), size
+
+
+def _report_bad_block(line: str) -> None:
+    """A rootfs block that failed its check: one line on stderr (the user's terminal);
+    the VM runs on and the guest sees an I/O error for that read."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"spore: warning: {line}; run `spore verify` on the spore\n".encode())
 
 
 def _read_config_line() -> bytes:

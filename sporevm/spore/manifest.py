@@ -23,8 +23,9 @@ from typing import Any
 import blake3
 
 from sporevm.errors import SporeError
+from sporevm.spore import blocktable
 from sporevm.spore.chunks import CHUNK, MAX_OBJECT, ChunkError, ChunkStore, MemoryIndex
-from sporevm.spore.platform import DEVICE_MODEL, DEVICE_MODEL_NET, SLOT_BLK
+from sporevm.spore.platform import BOARD_MODELS, DEVICE_MODEL_NET, SLOT_BLK
 from sporevm.strictjson import (
     ecma_pattern_keyword,
     load_versioned_object,
@@ -55,6 +56,8 @@ _SHA = "^sha256:[0-9a-f]{64}$"
 _VERSIONED = "^[a-z0-9][a-z0-9._-]{0,63}/[a-z0-9][a-z0-9._-]{0,31}$"  # "kvm-pvm/v1"
 _NAME = "^[a-z0-9][a-z0-9._-]{0,63}(/[a-z0-9][a-z0-9._-]{0,63}){0,3}$"  # "vcpu/0"
 _KEY = "^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+# The device models whose board has a NIC: a spore with network: names one of them.
+_NIC_MODELS = frozenset(k for k, b in BOARD_MODELS.items() if b.net)
 _UUID4 = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 
 
@@ -102,6 +105,14 @@ SCHEMA: dict[str, Any] = {
                     "source_image": _str(_SHA),
                     "builder": _str(_VERSIONED),
                     "blk_slot": {"const": SLOT_BLK},
+                    # Optional: absent in spores sealed before block tables existed (they
+                    # keep their bytes and ids, and are verified whole before the VM).
+                    "table": _obj(
+                        {
+                            "digest": _str(_B3),
+                            "block_size": _int(blocktable.MIN_BLOCK, blocktable.MAX_BLOCK),
+                        }
+                    ),
                 }
             ),
             "memory": _obj(
@@ -176,6 +187,7 @@ SCHEMA: dict[str, Any] = {
 
 
 SCHEMA["required"].remove("network")  # optional: no network, no NIC
+SCHEMA["properties"]["rootfs"]["required"].remove("table")  # optional: older spores
 
 
 @dataclass(frozen=True)
@@ -193,6 +205,17 @@ class PlatformContract:
 
 
 @dataclass(frozen=True)
+class RootfsTable:
+    """The rootfs block table (sporevm/spore/blocktable.py), a chunk-store object."""
+
+    digest: str
+    block_size: int
+
+    def size(self, image_size: int) -> int:
+        return blocktable.table_size(image_size, self.block_size)
+
+
+@dataclass(frozen=True)
 class RootfsRef:
     kind: str
     digest: str
@@ -200,6 +223,7 @@ class RootfsRef:
     source_image: str
     builder: str
     blk_slot: int
+    table: RootfsTable | None = None  # None: a spore from before tables; verified whole
 
 
 @dataclass(frozen=True)
@@ -338,14 +362,19 @@ def _check(m: Manifest, what: str) -> None:
     if m.network is not None:
         if list(m.network) != sorted(set(m.network)):
             raise ManifestError(f"{what}: network.allow is not sorted and unique")
-        if p.device_model != DEVICE_MODEL_NET:
+        if p.device_model not in _NIC_MODELS:
             raise ManifestError(
                 f"{what}: a spore with network: needs platform.device_model {DEVICE_MODEL_NET}"
             )
-    elif p.device_model == DEVICE_MODEL_NET:
+    elif p.device_model in _NIC_MODELS:
         raise ManifestError(
-            f"{what}: platform.device_model {DEVICE_MODEL_NET} needs a network: entry"
+            f"{what}: platform.device_model {p.device_model} needs a network: entry"
         )
+    if m.rootfs.table is not None:
+        try:
+            blocktable.check_geometry(m.rootfs.size, m.rootfs.table.block_size, "rootfs.table")
+        except blocktable.BlockTableError as exc:
+            raise ManifestError(f"{what}: {exc}") from None
     g = m.generation
     if g.index >= g.count:
         raise ManifestError(f"{what}: generation.index {g.index} is not below count {g.count}")
@@ -355,10 +384,15 @@ def to_document(m: Manifest) -> dict[str, Any]:
     def plain(obj: Any) -> dict[str, Any]:
         return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
+    rootfs = plain(m.rootfs)
+    if m.rootfs.table is None:
+        del rootfs["table"]  # absent, not null: older spores keep their bytes
+    else:
+        rootfs["table"] = plain(m.rootfs.table)
     doc = {
         "format": FORMAT,
         "platform": plain(m.platform),
-        "rootfs": plain(m.rootfs),
+        "rootfs": rootfs,
         "memory": {"chunk_size": m.memory.chunk_size, "chunks": list(m.memory.chunks)},
         "state": {"objects": {k: plain(v) for k, v in m.state.items()}},
         "generation": plain(m.generation),
@@ -375,7 +409,10 @@ def from_document(doc: dict[str, Any], what: str = "manifest") -> Manifest:
     prov = doc["provenance"]
     m = Manifest(
         platform=PlatformContract(**doc["platform"]),
-        rootfs=RootfsRef(**doc["rootfs"]),
+        rootfs=RootfsRef(
+            **{k: v for k, v in doc["rootfs"].items() if k != "table"},
+            table=RootfsTable(**doc["rootfs"]["table"]) if "table" in doc["rootfs"] else None,
+        ),
         memory=MemoryIndex(doc["memory"]["chunk_size"], tuple(doc["memory"]["chunks"])),
         state={k: StateObject(**v) for k, v in doc["state"]["objects"].items()},
         generation=Generation(**doc["generation"]),
@@ -437,17 +474,31 @@ def decode_vouched(data: bytes, expect_id: str, what: str = "manifest") -> Manif
 
 
 def check_platform(m: Manifest, host: PlatformContract) -> None:
-    """Fail, naming the first differing field, unless ``host`` is exactly the contract."""
+    """Fail, naming the first differing field, unless ``host`` is exactly the contract.
+
+    The one exception is the device model: ``host`` names the model this host builds,
+    and a host restores every model in ``BOARD_MODELS`` with the same NIC-ness (the
+    monitor then builds that model's board)."""
     for f in fields(PlatformContract):
         want, have = getattr(m.platform, f.name), getattr(host, f.name)
-        if f.name == "device_model" and {want, have} == {DEVICE_MODEL, DEVICE_MODEL_NET}:
-            raise PlatformMismatchError(
-                "the spore has a NIC (it was built with network:) but this VM has none; "
-                "restore it with its network (spore run --from applies it)"
-                if want == DEVICE_MODEL_NET
-                else "the spore has no NIC but this VM was given one; "
-                "restore it without --net-allow"
-            )
+        if f.name == "device_model":
+            spore, ours = BOARD_MODELS.get(want), BOARD_MODELS.get(have)
+            if spore is not None and ours is not None:
+                if spore.net != ours.net:
+                    raise PlatformMismatchError(
+                        "the spore has a NIC (it was built with network:) but this VM has "
+                        "none; restore it with its network (spore run --from applies it)"
+                        if spore.net
+                        else "the spore has no NIC but this VM was given one; "
+                        "restore it without --net-allow"
+                    )
+                continue
+            if spore is None:
+                raise PlatformMismatchError(
+                    f"spore needs platform.device_model = {_show(want)}, this host restores "
+                    f"only {', '.join(sorted(BOARD_MODELS))}; rebuild the spore or restore "
+                    "it with a sporevm that knows that model"
+                )
         if want != have:
             raise PlatformMismatchError(
                 f"spore needs platform.{f.name} = {_show(want)}, this host provides "
@@ -460,20 +511,49 @@ def _show(value: object) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def verify_chunks(m: Manifest, store: ChunkStore, *, rehash: bool = True) -> None:
-    """Every chunk and state object the manifest names is present (and, by default, intact).
-
-    With ``rehash`` each entry is read and hashed (``spore verify``); without it only
-    presence is checked and ``ChunkStore.get`` verifies each chunk when it is used.
-    """
+def objects(m: Manifest) -> list[tuple[str, int, str]]:
+    """Every chunk-store object the manifest names: (id, size, what), memory chunks first
+    (address order, each distinct id once), then state objects, then the rootfs table."""
+    out: list[tuple[str, int, str]] = []
     seen: set[str] = set()
     for c, cid in enumerate(m.memory.chunks):
         if cid is None or cid in seen:
             continue
         seen.add(cid)
-        _one(store, cid, CHUNK, f"memory chunk {c} ({cid})", rehash)
+        out.append((cid, CHUNK, f"memory chunk {c} ({cid})"))
     for name, obj in sorted(m.state.items()):
-        _one(store, obj.digest, obj.size, f"state object {name!r} ({obj.digest})", rehash)
+        out.append((obj.digest, obj.size, f"state object {name!r} ({obj.digest})"))
+    t = m.rootfs.table
+    if t is not None:
+        out.append((t.digest, t.size(m.rootfs.size), f"rootfs block table ({t.digest})"))
+    return out
+
+
+def verify_chunks(m: Manifest, store: ChunkStore, *, rehash: bool = True) -> None:
+    """Every chunk-store object the manifest names is present (and, by default, intact).
+
+    With ``rehash`` each entry is read and hashed (``spore verify``); without it only
+    presence is checked and ``ChunkStore.get`` verifies each chunk when it is used.
+    """
+    for cid, size, what in objects(m):
+        _one(store, cid, size, what, rehash)
+
+
+def rootfs_table(m: Manifest, store: ChunkStore) -> blocktable.BlockTable | None:
+    """The rootfs block table, fetched through the chunk store (re-hashed against the
+    manifest's digest) and checked against the manifest's sizes; None for a spore
+    sealed before tables, whose rootfs is verified whole instead."""
+    t = m.rootfs.table
+    if t is None:
+        return None
+    what = f"rootfs block table {t.digest}"
+    try:
+        data = store.get(t.digest, size=t.size(m.rootfs.size))
+        return blocktable.BlockTable.from_table(
+            data, block_size=t.block_size, image_size=m.rootfs.size
+        )
+    except (ChunkError, blocktable.BlockTableError) as exc:
+        raise ManifestError(f"{what}: {exc}") from None
 
 
 def _one(store: ChunkStore, cid: str, size: int, what: str, rehash: bool) -> None:

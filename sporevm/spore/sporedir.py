@@ -165,7 +165,7 @@ def keep_spore(text: str, store: Store) -> tuple[storeroots.Root, int]:
     root = storeroots.Root(storeroots.check_path(os.path.realpath(path), str(path)), mid)
     storeroots.add(store.root, root)
     chunks = ChunkStore(store)
-    objects = [*m.memory.stored(), *(o.digest for o in m.state.values())]
+    objects = [cid for cid, _, _ in manifest.objects(m)]
     missing = sum(not chunks.has(c) for c in set(objects))
     missing += not store.rootfs_path(m.rootfs.digest).is_file()
     return root, missing

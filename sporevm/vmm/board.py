@@ -5,13 +5,17 @@ the format defines (``sporevm/spore/platform.py``): virtio-mmio window n at
 0xd0000000 + n × 4 KiB on GSI 5 + n, in this order:
 
     0  virtio-blk      the immutable rootfs, read-only        (guest: /dev/vda)
-    1  virtio-console  the agent channel                      (guest: /dev/hvc0)
+    1  virtio-console  the agent channel, port org.spore.agent (guest: /dev/vport0p0)
     2  virtio-rng      host entropy
     3  virtio-net      the NIC, only when the VM has a network    (guest: eth0)
 
 A board without a network has no slot 3 at all (and the device model
-``spore-board/1``); with one it is ``spore-board-net/1``. The NIC's host side is a
+``spore-board/2``); with one it is ``spore-board-net/2``. The NIC's host side is a
 descriptor the caller opened (the monitor creates no sockets, docs/network.md).
+
+``legacy_console`` builds the board of the /1 models (``spore-board/1``,
+``spore-board-net/1``), only to restore their spores: slot 1 is then the
+single-port console without MULTIPORT, the guest's ``/dev/hvc0``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sporevm.spore.blocktable import BlockTable
 from sporevm.spore.platform import (
     GUEST_AGENT,
+    GUEST_AGENT_LEGACY,
     GUEST_ROOT,
     SLOT_BLK,
     SLOT_CONSOLE,
@@ -59,6 +65,10 @@ class BoardConfig:
     rootfs_size: int
     rootfs_serial: bytes = b""
     net: NetConfig | None = None  # None: no NIC, no slot 3
+    # A restored spore's rootfs: each block checked on first read (spore/blocktable.py).
+    rootfs_table: BlockTable | None = None
+    # The /1 device models' console (platform.BOARD_MODELS): restoring their spores only.
+    legacy_console: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class BoardWiring:
     on_agent_writable: Callable[[], None] | None = None
     serial_output: Callable[[bytes], None] | None = None
     dirty_log: bool = False
+    on_bad_block: Callable[[str], None] | None = None  # one line per rootfs block that failed
 
 
 @dataclass
@@ -99,8 +110,19 @@ def build_board(
         memory=memory,
     )
     try:
-        blk = BlkDevice(cfg.rootfs_fd, cfg.rootfs_size, serial=cfg.rootfs_serial)
-        console = ConsoleDevice(wiring.on_agent_output, on_writable=wiring.on_agent_writable)
+        blk = BlkDevice(
+            cfg.rootfs_fd,
+            cfg.rootfs_size,
+            serial=cfg.rootfs_serial,
+            table=cfg.rootfs_table,
+            on_bad_block=wiring.on_bad_block,
+        )
+        console = ConsoleDevice(
+            wiring.on_agent_output,
+            on_writable=wiring.on_agent_writable,
+            port_name=GUEST_AGENT.encode(),
+            legacy=cfg.legacy_console,
+        )
         rng = RngDevice()
         slots: list[tuple[int, VirtioDevice]] = [
             (SLOT_BLK, blk),
@@ -119,8 +141,9 @@ def build_board(
             machine.add_mmio(base, WINDOW, t)
             transports.append(t)
             decls.append(kernel_cmdline(base, gsi))
+        agent = GUEST_AGENT_LEGACY if cfg.legacy_console else GUEST_AGENT
         cmdline = " ".join(
-            [cfg.cmdline, *decls, f"spore.root={GUEST_ROOT}", f"spore.agent={GUEST_AGENT}"]
+            [cfg.cmdline, *decls, f"spore.root={GUEST_ROOT}", f"spore.agent={agent}"]
         )
         return Board(machine, console, blk, rng, transports, cmdline, net)
     except BaseException:

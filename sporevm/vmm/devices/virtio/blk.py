@@ -9,12 +9,21 @@ framing: the 16-byte header is the first 16 device-readable bytes, the status
 is the last device-writable byte, data lies in between. A request we can
 answer but not honour gets IOERR or UNSUPP in its status byte; a chain with no
 writable byte at all cannot be answered and resets the device.
+
+With a block table (a restored spore's rootfs, sporevm/spore/blocktable.py), each
+table block is checked on the guest's first read of it: the block is read into a
+host buffer, hashed, and only then copied into guest RAM; later reads of it go
+straight from the file. A block that does not match fails the request with IOERR
+(its bytes never reach the guest) and is reported once through ``on_bad_block``.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
+
+from sporevm.spore.blocktable import BlockTable
 
 from .device import VirtioDevice
 from .queue import ChainError, DescriptorChain
@@ -53,15 +62,28 @@ class BlkDevice(VirtioDevice):
     device_id = DEVICE_ID
     queue_max_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, fd: int, size: int, *, serial: bytes = b"") -> None:
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        *,
+        serial: bytes = b"",
+        table: BlockTable | None = None,
+        on_bad_block: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__()
         if size < 0:
             raise ValueError(f"backing size {size} is negative")
         if len(serial) > ID_BYTES:
             raise ValueError(f"serial is {len(serial)} bytes, at most {ID_BYTES}")
+        if table is not None and table.image_size != size:
+            raise ValueError(f"block table covers {table.image_size} B, the disk is {size} B")
         self.fd = fd
         self.capacity = size // SECTOR  # a trailing partial sector is not exposed
         self.serial = serial
+        self.table = table
+        self.on_bad_block = on_bad_block
+        self.bad_blocks: set[int] = set()  # reported already: a retrying guest says it once
 
     def features(self) -> int:
         return F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH
@@ -122,8 +144,29 @@ class BlkDevice(VirtioDevice):
             return S_IOERR
         if length == 0:
             return S_OK
-        views = chain.writable_views(self.mem, 0, length)
         offset = sector * SECTOR
+        t = self.table
+        if t is None or t.all_verified(
+            offset // t.block_size, (offset + length - 1) // t.block_size
+        ):
+            return self._pread(chain.writable_views(self.mem, 0, length), offset)
+        # Block by block: verified ones straight from the file, the rest through a check.
+        pos, end = offset, offset + length
+        while pos < end:
+            block = pos // t.block_size
+            start, size = t.span(block)
+            n = min(end, start + size) - pos
+            views = chain.writable_views(self.mem, pos - offset, n)
+            if t.is_verified(block):
+                status = self._pread(views, pos)
+            else:
+                status = self._checked(block, start, size, views, pos - start)
+            if status != S_OK:
+                return status
+            pos += n
+        return S_OK
+
+    def _pread(self, views: list[memoryview], offset: int) -> int:
         try:
             while views:
                 n = os.preadv(self.fd, views, offset)
@@ -133,6 +176,30 @@ class BlkDevice(VirtioDevice):
                 views = _advance(views, n)
         except OSError:
             return S_IOERR
+        return S_OK
+
+    def _checked(
+        self, block: int, start: int, size: int, views: list[memoryview], skip: int
+    ) -> int:
+        """Read table block ``block`` whole, check it, then copy from byte ``skip`` of it
+        into ``views``: what the guest gets is exactly what was hashed."""
+        assert self.table is not None
+        try:
+            data = os.pread(self.fd, size, start)
+        except OSError:
+            data = b""
+        if not self.table.check(block, data):
+            if block not in self.bad_blocks and self.on_bad_block is not None:
+                self.on_bad_block(
+                    f"rootfs block {block} (bytes {start}..{start + size - 1}) does not match "
+                    "the spore's block table; the guest's read of it failed with an I/O error"
+                )
+            self.bad_blocks.add(block)
+            return S_IOERR
+        src = memoryview(data)[skip:]
+        for v in views:
+            v[:] = src[: len(v)]
+            src = src[len(v) :]
         return S_OK
 
     def state(self) -> State:
