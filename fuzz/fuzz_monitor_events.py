@@ -39,6 +39,11 @@ def _check(ev: protocol.Event) -> None:
         assert all(c is None or protocol.DIGEST.fullmatch(c) for c in ev.chunks)
     if isinstance(ev, Exited):
         assert ev.code is None or 1 <= len(ev.code) <= protocol.MAX_CODE
+        assert len(ev.exits) <= protocol.MAX_EXIT_CLASSES
+        assert len({e.name for e in ev.exits}) == len(ev.exits)
+        for e in ev.exits:
+            assert protocol.EXIT_CLASS.fullmatch(e.name), e.name
+            assert 0 <= e.count <= protocol.MAX_COUNT and 0 <= e.ns <= protocol.MAX_COUNT
 
 
 def TestOneInput(data: bytes) -> None:

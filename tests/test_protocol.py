@@ -11,6 +11,7 @@ from sporevm.runtime import protocol
 from sporevm.runtime.protocol import (
     Booting,
     Command,
+    ExitClass,
     Exited,
     ExitReason,
     MonitorError,
@@ -38,6 +39,18 @@ EVENTS: list[protocol.Event] = [
     MonitorError("monitor: /k: No such file or directory"),
     Exited(ExitReason.POWEROFF, 0, 0xFFFFFFFF81000000, None, ""),
     Exited(ExitReason.SHUTDOWN, None, 0x100000, bytes.fromhex("0f0b"), "triple fault"),
+    Exited(
+        ExitReason.POWEROFF,
+        0,
+        None,
+        None,
+        "",
+        (
+            ExitClass("MMIO", 3, 1500),
+            ExitClass("mmio:notify", 1, 40),
+            ExitClass("in_kvm_run", 9, 0),
+        ),
+    ),
 ]
 
 
@@ -66,6 +79,11 @@ def _snapshot(**over: object) -> bytes:
     return json.dumps({**doc, **over}).encode()
 
 
+def _exit(**over: object) -> bytes:
+    doc = json.loads(encode_event(EVENTS[-1]))
+    return json.dumps({**doc, **over}).encode()
+
+
 @pytest.mark.parametrize(
     ("line", "words"),
     [
@@ -82,19 +100,26 @@ def _snapshot(**over: object) -> bytes:
         (_snapshot(state={"digest": "sha256:" + "0" * 64, "size": 1}), "state.digest"),
         (
             b'{"event": "exit", "reason": "EXPLODED", "status": null, "rip": null, "code": null, '
-            b'"detail": ""}',
+            b'"detail": "", "exits": []}',
             "reason",
         ),
         (
             b'{"event": "exit", "reason": "POWEROFF", "status": -1, "rip": null, "code": null, '
-            b'"detail": ""}',
+            b'"detail": "", "exits": []}',
             "status",
         ),
         (
             b'{"event": "exit", "reason": "POWEROFF", "status": null, "rip": null, "code": "", '
-            b'"detail": ""}',
+            b'"detail": "", "exits": []}',
             "code",
         ),
+        (_exit(exits={}), "exits"),
+        (_exit(exits=[["IO", 1]]), r"exits\[0\]"),
+        (_exit(exits=[["IO\u001b", 1, 1]]), r"exits\[0\]"),
+        (_exit(exits=[["IO", -1, 1]]), r"exits\[0\].count"),
+        (_exit(exits=[["IO", 1, 1 << 63]]), r"exits\[0\].ns"),
+        (_exit(exits=[["IO", 1, 1], ["IO", 1, 1]]), "named twice"),
+        (_exit(exits=[[f"c{i}", 1, 1] for i in range(protocol.MAX_EXIT_CLASSES + 1)]), "exits"),
         (b'{"event": "error", "message": "\\u0007bell"}', "control characters"),
         (b'{"event": "error", "message": "' + b"x" * (protocol.MAX_TEXT + 1) + b'"}', "message"),
         (b'{"event": "error", "message": 1}', "message"),

@@ -42,6 +42,7 @@ from sporevm.runtime.protocol import (
     Booting,
     Command,
     Event,
+    ExitClass,
     Exited,
     ExitReason,
     MonitorConfig,
@@ -68,6 +69,9 @@ from sporevm.vmm.quiesce import Settle, wait_until_idle
 
 MAX_IMAGE = 256 << 20
 MAX_SERIAL_LOG = 16 << 20
+# SPORE_EXIT_STATS=1: the monitor prints its VM's exits by class and host time on stderr
+# when the VM ends (docs/bench.md); the same counts are always in the exit event.
+EXIT_STATS_ENV = "SPORE_EXIT_STATS"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def serve(cfg: MonitorConfig) -> ExitResult:
+def serve(cfg: MonitorConfig) -> tuple[ExitResult, tuple[ExitClass, ...]]:
+    """Run the VM to its end; how it stopped and its exit counts (``exit_classes``)."""
     vm = cfg.vm
     # Held only until loaded: a vmlinux is ~15 MiB, per VM, for nothing. A restore
     # never loads them (the caller vouches for their digests: protocol.Restore).
@@ -231,14 +236,14 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         while True:
             result = machine.run(deadline)
             if result.reason is not StopReason.PAUSED or hung_up.is_set():
-                return result
+                return result, exit_classes(machine)
             try:
                 queued = commands.get_nowait()
                 while queued.cmd is Command.RESUME:  # sent while running: nothing to resume
                     queued = commands.get_nowait()
             except queue.Empty:
                 if terminated.is_set():
-                    return result
+                    return result, exit_classes(machine)
                 continue  # a pause no command asked for: run on
             while queued.cmd is Command.SNAPSHOT:
                 if chunks is None:
@@ -247,7 +252,7 @@ def serve(cfg: MonitorConfig) -> ExitResult:
                     _snapshot(machine, board, chunks, queued.settle)
                 queued = commands.get()  # stay paused until told to resume or stop
             if queued.cmd is Command.STOP:
-                return result
+                return result, exit_classes(machine)
     finally:
         if board.net is not None:
             board.net.close()
@@ -255,6 +260,22 @@ def serve(cfg: MonitorConfig) -> ExitResult:
         os.close(rootfs_fd)
         os.close(serial_fd)
         jailed.close()
+
+
+def exit_classes(machine: Machine) -> tuple[ExitClass, ...]:
+    """The machine's exit counts and host nanoseconds per class, largest time first."""
+    st = machine.stats
+    names = sorted(st.exits, key=lambda k: (-st.exit_ns[k], k))
+    return tuple(ExitClass(k, st.exits[k], st.exit_ns[k]) for k in names)
+
+
+def format_exits(classes: tuple[ExitClass, ...]) -> str:
+    """A table for a person: class, count, total host ms, µs per exit."""
+    lines = [f"{'exit class':16} {'count':>9} {'host ms':>10} {'us/exit':>9}"]
+    for e in classes:
+        per = e.ns / e.count / 1000 if e.count else 0.0
+        lines.append(f"{e.name:16} {e.count:9} {e.ns / 1e6:10.1f} {per:9.1f}")
+    return "\n".join(lines)
 
 
 def _snapshot(machine: Machine, board: Board, chunks: ChunkStore, settle: Settle | None) -> None:
@@ -439,7 +460,7 @@ def _describe_failure(exc: BaseException) -> str:
 def main() -> int:
     try:
         cfg = MonitorConfig.decode(_read_config_line())
-        result = serve(cfg)
+        result, exits = serve(cfg)
     except SporeError as exc:
         _report_error(str(exc))
         return 1
@@ -461,8 +482,12 @@ def main() -> int:
             rip=result.rip,
             code=result.code or None,
             detail=text(result.detail),
+            exits=exits,
         )
     )
+    if os.environ.get(EXIT_STATS_ENV) == "1":
+        with contextlib.suppress(OSError, ValueError):
+            print(f"spore: VM exits\n{format_exits(exits)}", file=sys.stderr, flush=True)
     return 0 if result.reason in (StopReason.POWEROFF, StopReason.PAUSED) else 3
 
 

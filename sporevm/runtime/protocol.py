@@ -46,6 +46,9 @@ MAX_VCPUS = 64
 MAX_FD = (1 << 31) - 1
 MAX_TIMEOUT = 1e9  # seconds; NaN and infinities fail the range check
 MAX_CODE = 16  # instruction bytes at RIP in an exit event
+MAX_EXIT_CLASSES = 64  # exit classes in an exit event (the VMM has ~20)
+MAX_COUNT = (1 << 63) - 1
+EXIT_CLASS = re.compile(r"[a-z0-9_:]{1,32}", re.IGNORECASE)
 DIGEST = re.compile(r"blake3:[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -376,14 +379,25 @@ class MonitorError:
 
 
 @dataclass(frozen=True)
+class ExitClass:
+    """VM exits of one class over the VM's life and the host time spent handling them
+    (sporevm/vmm/vcpu_loop.py names the classes; docs/bench.md, bench_exits.py)."""
+
+    name: str  # EXIT_CLASS
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True)
 class Exited:
-    """The VM stopped: why, the power-off status, and where vCPU 0 was."""
+    """The VM stopped: why, the power-off status, where vCPU 0 was, and its exit counts."""
 
     reason: ExitReason
     status: int | None
     rip: int | None
     code: bytes | None  # instruction bytes at rip, best effort
     detail: str
+    exits: tuple[ExitClass, ...] = ()
 
 
 Event = Booting | Restored | SnapshotTaken | SnapshotFailed | MonitorError | Exited
@@ -427,6 +441,7 @@ def encode_event(ev: Event) -> bytes:
             "rip": ev.rip,
             "code": ev.code.hex() if ev.code else None,
             "detail": ev.detail,
+            "exits": [[e.name, e.count, e.ns] for e in ev.exits],
         }
     return json.dumps(doc).encode() + b"\n"
 
@@ -557,7 +572,25 @@ def _exited(doc: dict[str, Any]) -> Exited:
         rip=_opt_int(doc["rip"], "rip", 0, (1 << 64) - 1),
         code=bytes.fromhex(code) if code is not None else None,
         detail=_text(doc, "detail"),
+        exits=_exit_classes(doc["exits"]),
     )
+
+
+def _exit_classes(value: object) -> tuple[ExitClass, ...]:
+    if not isinstance(value, list) or len(value) > MAX_EXIT_CLASSES:
+        raise ProtocolError(f"exits: expected a list of at most {MAX_EXIT_CLASSES} classes")
+    out: list[ExitClass] = []
+    for i, item in enumerate(value):
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ProtocolError(f"exits[{i}]: expected [name, count, ns]")
+        name = item[0]
+        if not (isinstance(name, str) and EXIT_CLASS.fullmatch(name)):
+            raise ProtocolError(f"exits[{i}]: expected a name of 1..32 of [A-Za-z0-9_:]")
+        count = _int(item[1], f"exits[{i}].count", 0, MAX_COUNT)
+        out.append(ExitClass(name, count, _int(item[2], f"exits[{i}].ns", 0, MAX_COUNT)))
+    if len({e.name for e in out}) != len(out):
+        raise ProtocolError("exits: a class named twice")
+    return tuple(out)
 
 
 _REASONS = tuple(r.value for r in ExitReason)
@@ -571,5 +604,5 @@ _EVENTS: dict[str, tuple[set[str], Callable[[dict[str, Any]], Event]]] = {
     ),
     "snapshot-error": ({"message"}, lambda d: SnapshotFailed(_text(d, "message"))),
     "error": ({"message"}, lambda d: MonitorError(_text(d, "message"))),
-    "exit": ({"reason", "status", "rip", "code", "detail"}, _exited),
+    "exit": ({"reason", "status", "rip", "code", "detail", "exits"}, _exited),
 }

@@ -6,12 +6,31 @@ raise interrupts through an ``IrqLine`` the machine wires to the irqchip.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class IrqLine(Protocol):
     def set_level(self, high: bool) -> None:
         """Level-triggered line: high while the device has an unacknowledged interrupt."""
+
+
+@runtime_checkable
+class QueueNotifier(Protocol):
+    """A device whose queue kicks and interrupt the machine may move off the exit path
+    (KVM_IOEVENTFD / KVM_IRQFD, notify.py): a virtio-mmio transport."""
+
+    @property
+    def notify_address(self) -> int | None: ...
+
+    @property
+    def queue_count(self) -> int: ...
+
+    @property
+    def irq_gsi(self) -> int | None: ...
+
+    def notify_queue(self, index: int) -> None: ...
+
+    def set_irq_line(self, line: IrqLine) -> None: ...
 
 
 class BusDevice(Protocol):

@@ -175,6 +175,27 @@ class KvmIrqLevel(Structure):
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
 
 
+class KvmIoeventfd(Structure):
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", c_int),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+class KvmIrqfd(Structure):
+    _fields_ = [
+        ("fd", c_uint32),
+        ("gsi", c_uint32),
+        ("flags", c_uint32),
+        ("resamplefd", c_uint32),
+        ("pad", c_uint8 * 16),
+    ]
+
+
 class KvmSignalMask(Structure):
     # struct kvm_signal_mask has a flexible sigset; the kernel's sigset is 8 bytes on x86_64.
     _fields_ = [("len", c_uint32), ("sigset", c_uint8 * 8)]
@@ -304,6 +325,8 @@ _SIZES: dict[type[Structure] | type[Union], int] = {
     KvmUserspaceMemoryRegion: 32,
     KvmDirtyLog: 16,
     KvmIrqLevel: 8,
+    KvmIoeventfd: 64,
+    KvmIrqfd: 32,
     KvmTranslation: 24,
     RunIo: 16,
     RunMmio: 24,
@@ -333,7 +356,9 @@ KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, sizeof(KvmIrqLevel))
 KVM_GET_IRQCHIP = _iowr(0x62, sizeof(KvmIrqchip))
 KVM_SET_IRQCHIP = _ior(0x63, sizeof(KvmIrqchip))  # sic: the uapi header encodes it _IOR
+KVM_IRQFD = _iow(0x76, sizeof(KvmIrqfd))
 KVM_CREATE_PIT2 = _iow(0x77, sizeof(KvmPitConfig))
+KVM_IOEVENTFD = _iow(0x79, sizeof(KvmIoeventfd))
 KVM_SET_CLOCK = _iow(0x7B, sizeof(KvmClockData))
 KVM_GET_CLOCK = _ior(0x7C, sizeof(KvmClockData))
 KVM_GET_PIT2 = _ior(0x9F, sizeof(KvmPitState2))  # same nr as GET_VCPU_EVENTS, other fd
@@ -378,6 +403,9 @@ KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_CAP_IMMEDIATE_EXIT = 136
 
 KVM_API_VERSION = 12
@@ -421,13 +449,29 @@ class IrqLineIoctl:
     """A GSI on the in-kernel irqchip (KVM_IRQ_LINE); redundant levels are not re-sent."""
 
     def __init__(self, vm_fd: int, gsi: int) -> None:
-        self._fd, self._gsi, self._level = vm_fd, gsi, False
+        self._fd, self.gsi, self._level = vm_fd, gsi, False
 
     def set_level(self, high: bool) -> None:
         if high == self._level:
             return
         self._level = high
-        ioctl(self._fd, KVM_IRQ_LINE, KvmIrqLevel(self._gsi, int(high)))
+        ioctl(self._fd, KVM_IRQ_LINE, KvmIrqLevel(self.gsi, int(high)))
+
+
+class IrqLineEventfd:
+    """A GSI driven through KVM_IRQFD: each write to the eventfd pulses the line (up, then
+    down) inside KVM without a VM ioctl. The board's lines are edge-triggered in the guest
+    (PIC in virtual-wire mode, IOAPIC pins declared edge in the MP table), so a pulse on
+    every rising level is what ``IrqLineIoctl`` delivers too; lowering is then a no-op."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self._level = fd, False
+        self._one = (1).to_bytes(8, "little")
+
+    def set_level(self, high: bool) -> None:
+        if high and not self._level:
+            os.write(self.fd, self._one)
+        self._level = high
 
 
 def struct_bytes(s: Structure) -> bytes:

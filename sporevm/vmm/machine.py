@@ -4,7 +4,9 @@ The run loop itself (vCPU threads, kicker, exit dispatch) is in vcpu_loop.py.
 
 Threads. ``run()`` drives vCPU 0 on the calling thread (and vCPUs 1… on helper
 threads). KVM_RUN is entered through ctypes, so the GIL is free while the
-guest runs. Device callbacks run on vCPU threads under one bus lock.
+guest runs. Device callbacks run on vCPU threads under one bus lock; virtqueue
+kicks that KVM takes through an ioeventfd run on the notifier's thread under the
+device's own lock (notify.py), and ``run()`` drains them before it returns.
 
 Kicks. With the in-kernel irqchip a halted guest never exits to us, so a
 kicker thread sends SIGUSR1 to each vCPU thread at the deadline, on pause(),
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import threading
@@ -39,8 +42,8 @@ from dataclasses import dataclass, field
 from sporevm.errors import SporeError
 from sporevm.spore.vmstate import OWNED_MSRS, VcpuState, VmState, VmStateError, VmWideState
 from sporevm.spore.x86 import IoapicState, PicState
-from sporevm.vmm import boot, kvm, mptable
-from sporevm.vmm.bus import Bus, BusDevice, IrqLine
+from sporevm.vmm import boot, kvm, mptable, notify
+from sporevm.vmm.bus import Bus, BusDevice, QueueNotifier
 from sporevm.vmm.cpu import BOOT_MSRS, Vcpu, build_cpuid, code_at, host_fixup, refused
 from sporevm.vmm.devices.power import (
     I8042,
@@ -78,6 +81,9 @@ DEFAULT_KICK_INTERVAL = 0.1
 SERIAL_TAIL = 64 * 1024
 UNHANDLED_KEYS = 1023  # distinct stray addresses counted one by one; the rest share a bucket
 UNHANDLED_OTHER = -1
+# SPORE_IOEVENTFD=0 keeps virtqueue kicks and virtio interrupts on the exit path (the
+# VMM before ioeventfd/irqfd): to compare, or to rule the device thread out.
+IOEVENTFD_ENV = "SPORE_IOEVENTFD"
 
 
 class VmmFault(SporeError):
@@ -99,7 +105,8 @@ TERMINAL = {StopReason.POWEROFF, StopReason.RESET, StopReason.SHUTDOWN}
 
 @dataclass
 class Stats:
-    exits: Counter[str] = field(default_factory=Counter)
+    exits: Counter[str] = field(default_factory=Counter)  # by class (vcpu_loop.py)
+    exit_ns: Counter[str] = field(default_factory=Counter)  # host time per class
     unhandled_pio: Counter[int] = field(default_factory=Counter)
     unhandled_mmio: Counter[int] = field(default_factory=Counter)
     fixups: Counter[str] = field(default_factory=Counter)
@@ -119,9 +126,12 @@ class Machine:
         kick_interval: float = DEFAULT_KICK_INTERVAL,
         host_fixups: bool = True,
         memory: GuestMemory | None = None,
+        ioeventfd: bool | None = None,
     ) -> None:
         """``memory``: RAM to use instead of a fresh memfd (a prepared backing, docs/restore.md);
-        the machine owns it from here on and closes it."""
+        the machine owns it from here on and closes it. ``ioeventfd``: virtio kicks through
+        KVM_IOEVENTFD on a device thread and interrupts through KVM_IRQFD (notify.py);
+        default on unless SPORE_IOEVENTFD=0."""
         if memory is not None and memory.size != memory_bytes:
             raise KvmError(f"memory is {memory.size:#x} bytes, the machine {memory_bytes:#x}")
         if not 1 <= vcpus <= 64:
@@ -132,6 +142,11 @@ class Machine:
         self.host_fixups = host_fixups
         self.kick_interval = kick_interval
         self.stats = Stats()
+        if ioeventfd is None:
+            ioeventfd = os.environ.get(IOEVENTFD_ENV, "1") != "0"
+        self.ioeventfd = ioeventfd
+        self.notifier = notify.Notifier()
+        self.notifier.on_error = self.pause
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.vcpus: list[Vcpu] = []
@@ -142,6 +157,7 @@ class Machine:
         self.run_control = RunControl()  # shared with the run loop (vcpu_loop.py)
         self._terminal: ExitResult | None = None
         self._running = threading.Lock()
+        self._irqfds: list[int] = []
         try:
             self.sys_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -229,8 +245,28 @@ class Machine:
         if base < self.ram.size:
             raise KvmError(f"MMIO window {base:#x} overlaps guest RAM")
         self.mmio.add(base, length, dev)
+        if self.ioeventfd and isinstance(dev, QueueNotifier):
+            self._wire_notifications(dev)
 
-    def irq_line(self, gsi: int) -> IrqLine:
+    def _wire_notifications(self, dev: QueueNotifier) -> None:
+        """Kicks of each of ``dev``'s queues through an ioeventfd (datamatch = the queue
+        index the driver writes) and its interrupt through an irqfd; whatever KVM refuses
+        stays on the exit path (said once, notify.say_once)."""
+        addr = dev.notify_address
+        if addr is not None:
+            for q in range(dev.queue_count):
+                fd = notify.ioeventfd(self.vm_fd, addr, q)
+                if fd is None:
+                    break
+                self.notifier.add(fd, functools.partial(dev.notify_queue, q))
+        gsi = dev.irq_gsi
+        if gsi is not None:
+            fd = notify.irqfd(self.vm_fd, gsi)
+            if fd is not None:
+                self._irqfds.append(fd)
+                dev.set_irq_line(kvm.IrqLineEventfd(fd))
+
+    def irq_line(self, gsi: int) -> kvm.IrqLineIoctl:
         if not 0 <= gsi < 24:
             raise KvmError(f"GSI {gsi} is outside the IOAPIC's 24 pins")
         return kvm.IrqLineIoctl(self.vm_fd, gsi)
@@ -395,7 +431,14 @@ class Machine:
             raise KvmError("run() is already in progress on another thread")
         try:
             self.run_control.begin()
+            self.notifier.start()
             result = run_machine(self, deadline)
+            # Every kick the guest made before it stopped is handled before anyone can
+            # capture devices, dirty pages or RAM (notify.py, "Drain").
+            self.notifier.drain()
+            if self.notifier.error is not None:
+                err = self.notifier.error
+                raise self.fault(0, "virtio device failed", f"on a queue kick: {err!r}") from err
             if result.reason in TERMINAL:
                 self._terminal = result
             return result
@@ -508,6 +551,10 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        self.notifier.close()
+        for fd in self._irqfds:
+            os.close(fd)
+        self._irqfds = []
         for v in self.vcpus:
             v.close()
         self.vcpus = []

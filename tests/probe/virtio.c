@@ -115,11 +115,20 @@ void vq_post(struct vdev *d, int qi, const struct vbuf *b, int n) {
     vq_kick_head(d, qi, 0);
 }
 
+static u64 rdtsc_now(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
 int vq_poll(struct vdev *d, int qi, u32 *len, u64 spins) {
     struct vq *q = &d->q[qi];
     volatile u16 *used_idx = (volatile u16 *)q->used + 1;
+    /* Bounded in TSC cycles, not loop turns: the device may answer from the VMM's own
+       thread (ioeventfd), whose latency does not shrink when the guest spins faster. */
+    u64 start = rdtsc_now(), limit = spins * 4096;
     while (*used_idx == q->last_used) {
-        if (!spins--) return -1;
+        if (rdtsc_now() - start > limit) return -1;
         __asm__ volatile("pause");
     }
     vbarrier();

@@ -166,8 +166,10 @@ PROBE_TEST(virtio_hostile) {
     q->desc[0] = (struct vring_desc){(u64)rng_buf, 16, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1};
     q->desc[1] = (struct vring_desc){(u64)rng_buf + 16, 16, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0};
     vq_kick_head(&d, 0, 0);
-    outl(PROBE_TEST_PORT + 8, 1);
+    /* The kick may be handled on the VMM's device thread (ioeventfd): wait for it. */
     u32 st = vreg(&d, VMMIO_STATUS);
+    for (u32 spins = 100000; !(st & ST_NEEDS_RESET) && spins; spins--) st = vreg(&d, VMMIO_STATUS);
+    outl(PROBE_TEST_PORT + 8, 1);
     if (!(st & ST_NEEDS_RESET)) return 0x301;
     if (!(st & ST_DRIVER_OK)) return 0x302;
     u32 isr = vreg(&d, VMMIO_INTERRUPT_STATUS);

@@ -113,6 +113,24 @@ class VirtioMmio:
         return None if self.base is None else self.base + REG_QUEUE_NOTIFY
 
     @property
+    def queue_count(self) -> int:
+        return len(self.queues)
+
+    @property
+    def irq_gsi(self) -> int | None:
+        """The GSI behind our line when it is a plain KVM_IRQ_LINE one (an irqfd can
+        replace it); None for any other line, e.g. a test's counting wrapper."""
+        gsi = getattr(self.irq, "gsi", None)
+        return gsi if isinstance(gsi, int) else None
+
+    def set_irq_line(self, line: IrqLine) -> None:
+        """Raise interrupts through ``line`` from now on (the machine's irqfd)."""
+        with self.lock:
+            self.irq = line
+            if self._irq_high:
+                line.set_level(True)
+
+    @property
     def needs_reset_pending(self) -> bool:
         return bool(self.status & STATUS_NEEDS_RESET)
 
