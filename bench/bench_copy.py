@@ -29,7 +29,6 @@ build boots after building it). See docs/bench.md ("Copies").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import ociimage  # noqa: E402
+from sporebuild import build_spore_from  # noqa: E402
 
 from sporevm.build.copies import CopyIn, CopyOut, CopyPlan, copy_in, copy_out  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
@@ -65,15 +65,8 @@ def build_spore(work: Path, timeout: float) -> Path:
     layout = work / "layout"
     ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
     (work / "Sporefile").write_text(SPOREFILE.format(layout=layout))
-    proc = subprocess.run(
-        [sys.executable, "-m", "sporevm.cli", "build", "--json", str(work / "Sporefile")],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"spore build failed: {proc.stderr.strip()[-800:]}")
-    return Path(json.loads(proc.stdout)["spore"])
+    spore = build_spore_from(work / "Sporefile", timeout)
+    return spore
 
 
 def make_tree(root: Path, mib: int, files: int) -> int:

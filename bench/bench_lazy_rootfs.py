@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import ociimage  # noqa: E402
+from sporebuild import build_spore_from  # noqa: E402
 
 from sporevm.build.progress import Reporter  # noqa: E402
 from sporevm.build.runner import resume_vm  # noqa: E402
@@ -75,18 +74,9 @@ def build(work: Path, name: str, big_mib: int, timeout: float) -> Path:
         files = "files:\n  - {src: blob, dst: /data/blob}\n"
     text = SPOREFILE.format(name=name, layout=work / "layout", files=files, marker=MARKER)
     (src / "Sporefile").write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sporevm.cli", "build", "--json", str(src / "Sporefile")],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"spore build failed: {proc.stderr.strip()[-800:]}")
+    spore = build_spore_from(src / "Sporefile", timeout)
     (src / "blob").unlink(missing_ok=True)
-    return Path(json.loads(proc.stdout)["spore"])
+    return spore
 
 
 def without_table(spore: Path, out: Path) -> None:

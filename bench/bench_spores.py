@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import select
@@ -60,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import ociimage  # noqa: E402
+from sporebuild import build_spore_from  # noqa: E402
 
 from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
@@ -196,17 +196,8 @@ def build_spore(work: Path, timeout: float, warm_mib: int = 0) -> Path:
     else:
         text = SPOREFILE.format(layout=layout)
     (src / "Sporefile").write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sporevm.cli", "build", "--json", str(src / "Sporefile")],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"spore build failed: {proc.stderr.strip()[-800:]}")
-    return Path(json.loads(proc.stdout)["spore"])
+    spore = build_spore_from(src / "Sporefile", timeout)
+    return spore
 
 
 # -- 1 + 2: cold boot (with snapshots) and restores -------------------------------
