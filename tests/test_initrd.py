@@ -144,10 +144,13 @@ def test_cache_hit_and_corruption(
         raise AssertionError("rebuilt although cached")
 
     monkeypatch.setattr(subprocess, "run", no_compile)
-    monkeypatch.setattr(initrd, "build_key", lambda: _KEY)
+    monkeypatch.setattr(initrd, "build_key", lambda _store=None: _KEY)
     store.put_key("guest-agent", _KEY, {"agent": art.agent_digest})
     assert ensure_initrd(store) == art  # both records hit, no compiler run
     art.path.write_bytes(b"corrupt")  # a damaged entry is a miss, never a result
+    # ...unless the caller only compares digests (a restore): then nothing is re-hashed
+    assert ensure_initrd(store, verify=False).digest == art.digest
+    assert art.path.read_bytes() == b"corrupt"
     again = ensure_initrd(store)
     assert again.digest == art.digest and blake3_file(again.path)[0] == art.digest
 
@@ -164,6 +167,28 @@ def test_key_follows_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     with open(src / "agent.h", "a") as fh:
         fh.write("/* changed */\n")
     assert initrd.build_key() != before
+
+
+def test_key_is_remembered_until_a_source_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "guest"
+    shutil.copytree(initrd.GUEST_SRC, src)
+    monkeypatch.setattr(initrd, "GUEST_SRC", src)
+    store = Store(tmp_path / "store")
+    fresh = initrd.build_key(store)
+    assert fresh == initrd.build_key()  # the same key as computed without a store
+
+    def no_subprocess(*_a: object, **_k: object) -> None:
+        raise AssertionError("a remembered key runs no compiler")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert initrd.build_key(store) == fresh
+    monkeypatch.undo()
+    monkeypatch.setattr(initrd, "GUEST_SRC", src)
+    with open(src / "agent.h", "a") as fh:
+        fh.write("/* changed */\n")
+    assert initrd.build_key(store) == initrd.build_key() != fresh
 
 
 def test_compile_error_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sporevm.build import kernel as K
+from sporevm.build.filememo import file_identity, remember
 from sporevm.store import Store, blake3_file
 
 KERNEL_STORE = Path.home() / ".cache" / "spore-tests" / "kernel-store"
@@ -150,10 +151,10 @@ def test_memo_recomputes_when_the_file_changes(tmp_path: Path) -> None:
         calls.append(tool.read_text())
         return calls[-1]
 
-    assert K._memo(store, "tool-version", K._file_identity(tool), compute) == "v1"
-    assert K._memo(store, "tool-version", K._file_identity(tool), compute) == "v1"
+    assert remember(store, "tool-version", file_identity(tool), compute) == "v1"
+    assert remember(store, "tool-version", file_identity(tool), compute) == "v1"
     tool.write_text("v2!")  # another size and mtime: another identity
-    assert K._memo(store, "tool-version", K._file_identity(tool), compute) == "v2!"
+    assert remember(store, "tool-version", file_identity(tool), compute) == "v2!"
     assert calls == ["v1", "v2!"]
 
 

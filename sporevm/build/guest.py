@@ -61,7 +61,7 @@ def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | No
             image, digest = art.vmlinux_path, art.vmlinux_digest
         else:
             image, digest = art.path, art.digest
-    agent = initrd_mod.cached_artifact(store, "guest-agent", initrd_mod.build_key(), "agent")
+    agent = initrd_mod.cached_artifact(store, "guest-agent", initrd_mod.build_key(store), "agent")
     if agent is None:
         return None
     hit = initrd_mod.cached_artifact(store, "initrd", initrd_mod.initrd_key(agent[0]), "initrd")
@@ -72,20 +72,28 @@ def lookup_guest(store: Store, kernel: Path | None = None) -> GuestPlatform | No
     return GuestPlatform(host_class, image, digest, hit[1], hit[0], default_cmdline(host_class))
 
 
-def ensure_guest(store: Store, reporter: Reporter, kernel: Path | None = None) -> GuestPlatform:
+def ensure_guest(
+    store: Store, reporter: Reporter, kernel: Path | None = None, *, verify: bool = True
+) -> GuestPlatform:
+    """The guest platform, built where missing. ``verify=False`` (a restore: the spore's
+    memory holds its kernel, and the monitor never reads these files) takes the stored
+    kernel's and initramfs's recorded digests without re-hashing their bytes; a boot
+    hashes them before they reach a VM."""
     host_class = detect_host_class()
     if kernel is not None:
         if not kernel.is_file():
             raise UsageError(f"--kernel {kernel}: no such file; give a bzImage or ELF vmlinux")
         image, digest = kernel, blake3_file(kernel)[0]
     else:
-        art = ensure_kernel(store, host_class, lambda msg: reporter.info(f"kernel: {msg}"))
+        art = ensure_kernel(
+            store, host_class, lambda msg: reporter.info(f"kernel: {msg}"), verify=verify
+        )
         # kvm_pvm emulates kernel code: decompressing a bzImage there costs ~28 s.
         if host_class == "kvm-pvm":
             image, digest = art.vmlinux_path, art.vmlinux_digest
         else:
             image, digest = art.path, art.digest
-    initrd = ensure_initrd(store)
+    initrd = ensure_initrd(store, verify)
     if kernel is None:
         store.touch(image.parent)
     return GuestPlatform(

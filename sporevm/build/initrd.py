@@ -30,6 +30,7 @@ from pathlib import Path
 import blake3
 
 from sporevm.atomic import publish
+from sporevm.build.filememo import files_identity, remember
 from sporevm.errors import SporeError
 from sporevm.store import Store, blake3_file, check_blake3
 
@@ -157,10 +158,23 @@ def _tool(argv: list[str]) -> str:
     return out.stdout.strip()
 
 
-def build_key() -> str:
-    """Content key of the agent binary: what its bytes depend on."""
+def build_key(store: Store | None = None) -> str:
+    """Content key of the agent binary: what its bytes depend on; remembered in ``store``
+    while none of the files it reads (sources, compiler, musl) changes (filememo)."""
+    sources = _sources()
+    cc = shutil.which(CC)
+    gcc = shutil.which("gcc")  # what the musl-gcc wrapper runs
+    if cc is None or gcc is None:
+        raise InitrdError(f"{CC} or gcc not found; install gcc and musl-tools (scripts/setup does)")
+    tools = [Path(cc).resolve(), Path(gcc).resolve()]
+    recipe = "\0".join((RECIPE, *CFLAGS))  # the code's own inputs: a change is a miss
+    ident = recipe + "\n" + files_identity([*sources, *tools, *_musl_files()])
+    return remember(store, "guest-agent-key", ident, lambda: _build_key(sources))
+
+
+def _build_key(sources: list[Path]) -> str:
     h = blake3.blake3(RECIPE.encode() + b"\0")
-    for p in _sources():
+    for p in sources:
         data = p.read_bytes()
         h.update(f"{p.name}\0{len(data)}\0".encode() + data)
     h.update(_tool([CC, "--version"]).splitlines()[0].encode() + b"\0")
@@ -201,8 +215,13 @@ def _install(store: Store, tmp: Path) -> str:
     return digest
 
 
-def cached_artifact(store: Store, kind: str, key: str, field: str) -> tuple[str, Path] | None:
-    """The recorded artifact if present and intact (re-hashed: these files are small)."""
+def cached_artifact(
+    store: Store, kind: str, key: str, field: str, verify: bool = True
+) -> tuple[str, Path] | None:
+    """The recorded artifact if present and intact (re-hashed: these files are small).
+
+    ``verify=False``: present is enough, for a caller that only compares the recorded
+    digest and never hands the file to a VM (a restore)."""
     rec = store.get_key(kind, key)
     if rec is None or not isinstance(rec.get(field), str):
         return None
@@ -210,16 +229,16 @@ def cached_artifact(store: Store, kind: str, key: str, field: str) -> tuple[str,
         path = guest_path(store, rec[field])
     except SporeError:
         return None
-    if not path.is_file() or blake3_file(path)[0] != rec[field]:
+    if not path.is_file() or (verify and blake3_file(path)[0] != rec[field]):
         return None
     store.touch(path)
     return rec[field], path
 
 
-def ensure_agent(store: Store) -> tuple[str, Path]:
+def ensure_agent(store: Store, verify: bool = True) -> tuple[str, Path]:
     """Build (or reuse) the static agent; returns (blake3 digest, path in the store)."""
-    key = build_key()
-    hit = cached_artifact(store, "guest-agent", key, "agent")
+    key = build_key(store)
+    hit = cached_artifact(store, "guest-agent", key, "agent", verify)
     if hit:
         return hit
     with store.staging_dir("agent") as tmp:
@@ -242,11 +261,12 @@ def ensure_agent(store: Store) -> tuple[str, Path]:
     return digest, guest_path(store, digest)
 
 
-def ensure_initrd(store: Store) -> InitrdArtifact:
-    """The initramfs for the current guest sources, built once per content key."""
-    agent_digest, agent_path = ensure_agent(store)
+def ensure_initrd(store: Store, verify: bool = True) -> InitrdArtifact:
+    """The initramfs for the current guest sources, built once per content key;
+    ``verify=False`` as for ``cached_artifact``."""
+    agent_digest, agent_path = ensure_agent(store, verify)
     key = initrd_key(agent_digest)
-    hit = cached_artifact(store, "initrd", key, "initrd")
+    hit = cached_artifact(store, "initrd", key, "initrd", verify)
     if hit:
         digest, path = hit
         return InitrdArtifact(digest, path, agent_digest, path.stat().st_size)

@@ -27,6 +27,7 @@ from typing import Literal
 import blake3
 
 from sporevm.atomic import fsync_dir
+from sporevm.build.filememo import file_identity, remember
 from sporevm.errors import SporeError
 from sporevm.store import Store, blake3_file, check_blake3
 
@@ -173,38 +174,6 @@ def patch_series(host_class: str) -> list[Path]:
     return out
 
 
-def _file_identity(path: Path) -> str:
-    """Path, inode, size, mtime and ctime: a file with all of these unchanged is taken to
-    be unchanged (as make and git do)."""
-    st = path.stat()
-    return f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
-
-
-def _memo(
-    store: Store | None,
-    kind: str,
-    ident: str,
-    compute: Callable[[], str],
-    valid: Callable[[str], bool] = lambda _v: True,
-) -> str:
-    """``compute()``, remembered in the store under the file identity ``ident``; a
-    remembered value that fails ``valid`` is a miss.
-
-    Every `spore run --from` and no-op build looks the managed kernel up by its key,
-    whose inputs include tool versions: three subprocesses, ~25 ms, on every call.
-    """
-    if store is None:
-        return compute()
-    key = blake3.blake3(f"{kind}\0{ident}".encode()).hexdigest()
-    rec = store.get_key(kind, key)
-    value = None if rec is None or rec.get("ident") != ident else rec.get("value")
-    if isinstance(value, str) and valid(value):
-        return value
-    value = compute()
-    store.put_key(kind, key, {"ident": ident, "value": value})
-    return value
-
-
 def _tool_version(argv: list[str], store: Store | None = None) -> str:
     """First line of ``argv`` (``gcc --version``), remembered per binary identity."""
     exe = shutil.which(argv[0])
@@ -216,7 +185,7 @@ def _tool_version(argv: list[str], store: Store | None = None) -> str:
         lines = (proc.stdout or proc.stderr).splitlines()
         return lines[0].strip() if lines else ""
 
-    return _memo(store, "tool-version", f"{argv}\0{_file_identity(Path(exe).resolve())}", run)
+    return remember(store, "tool-version", f"{argv}\0{file_identity(Path(exe).resolve())}", run)
 
 
 def source_version(tarball: Path = SOURCE_TARBALL, store: Store | None = None) -> str:
@@ -236,7 +205,7 @@ def source_version(tarball: Path = SOURCE_TARBALL, store: Store | None = None) -
         return proc.stdout.strip() if proc.returncode == 0 else "unpackaged"
 
     # A package upgrade replaces the tarball: a new identity, so dpkg is asked again.
-    return _memo(store, "source-version", _file_identity(tarball), query)
+    return remember(store, "source-version", file_identity(tarball), query)
 
 
 def _sha256(path: Path) -> str:
@@ -253,10 +222,10 @@ def _sha256_memo(path: Path, store: Store | None) -> str:
     Hashing the 130 MB tarball cost ~0.1 s on every no-op build; a file whose inode,
     size, mtime and ctime are unchanged is taken to be unchanged (as make and git do).
     """
-    return _memo(
+    return remember(
         store,
         "source-sha256",
-        _file_identity(path),
+        file_identity(path),
         lambda: _sha256(path),
         valid=lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
     )
@@ -300,8 +269,14 @@ def kernel_dir(store: Store, digest: str) -> Path:
     return store.root / "kernels" / "blake3" / check_blake3(digest, "kernel")
 
 
-def _artifact(store: Store, record: Mapping[str, object], hc: HostClass) -> KernelArtifact | None:
-    """The cached artifact, or None if its entry is missing or damaged (a cache miss)."""
+def _artifact(
+    store: Store, record: Mapping[str, object], hc: HostClass, verify: bool = True
+) -> KernelArtifact | None:
+    """The cached artifact, or None if its entry is missing or damaged (a cache miss).
+
+    ``verify=False`` skips re-hashing the images: for a caller that only compares the
+    recorded digests and never hands the files to a VM (a restore, whose kernel is in
+    the spore's memory)."""
     digest, vdigest = record.get("digest"), record.get("vmlinux_digest")
     if not isinstance(digest, str) or not isinstance(vdigest, str):
         return None
@@ -312,7 +287,7 @@ def _artifact(store: Store, record: Mapping[str, object], hc: HostClass) -> Kern
     paths = (d / "bzImage", d / "vmlinux", d / "config")
     if not all(p.is_file() for p in paths):
         return None
-    if blake3_file(paths[0])[0] != digest or blake3_file(paths[1])[0] != vdigest:
+    if verify and (blake3_file(paths[0])[0] != digest or blake3_file(paths[1])[0] != vdigest):
         return None
     return KernelArtifact(digest, paths[0], paths[2], hc, default_cmdline(hc), paths[1], vdigest)
 
@@ -324,13 +299,15 @@ def ensure_kernel(
     *,
     jobs: int | None = None,
     tarball: Path = SOURCE_TARBALL,
+    verify: bool = True,
 ) -> KernelArtifact:
-    """The managed kernel for ``host_class``: from the store, or built (minutes) and published."""
+    """The managed kernel for ``host_class``: from the store, or built (minutes) and
+    published. ``verify=False``: a stored kernel is not re-hashed (``_artifact``)."""
     hc = _check_class(host_class)
     say = progress or (lambda _msg: None)
     inputs = build_inputs(hc, tarball, store)
     key = cache_key(inputs)
-    if (art := cached_kernel(store, key, hc)) is not None:
+    if (art := cached_kernel(store, key, hc, verify)) is not None:
         return art
     # One build per key at a time: a second process waits here, then finds the result.
     with _build_lock(store, key):
@@ -339,10 +316,12 @@ def ensure_kernel(
         return _build_and_publish(store, hc, key, inputs, say, jobs, tarball)
 
 
-def cached_kernel(store: Store, key: str, hc: HostClass) -> KernelArtifact | None:
+def cached_kernel(
+    store: Store, key: str, hc: HostClass, verify: bool = True
+) -> KernelArtifact | None:
     """The kernel recorded under ``key``, if its record and files are intact (no build)."""
     record = store.get_key(KEY_KIND, key)
-    return None if record is None else _artifact(store, record, hc)
+    return None if record is None else _artifact(store, record, hc, verify)
 
 
 @contextlib.contextmanager

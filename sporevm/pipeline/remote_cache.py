@@ -131,7 +131,7 @@ class RemoteCaches:
     def _guest_keys(self) -> tuple[kernel_mod.HostClass, str, str, str]:
         hc = kernel_mod.detect_host_class()
         kkey = kernel_mod.cache_key(kernel_mod.build_inputs(hc, store=self.store))
-        akey = initrd_mod.build_key()
+        akey = initrd_mod.build_key(self.store)
         return hc, kkey, akey, "guest-" + _entry_key("guest", hc, kkey, akey)
 
     def restore_guest(self) -> bool:
