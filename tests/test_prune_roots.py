@@ -21,7 +21,13 @@ from sporevm.cli import main
 from sporevm.errors import StoreError
 from sporevm.spore import manifest as mf
 from sporevm.spore.chunks import ChunkStore
-from sporevm.spore.sporedir import keep_spore, open_spore, read_spore, write_spore
+from sporevm.spore.sporedir import (
+    SporeOpenError,
+    keep_spore,
+    open_spore,
+    read_spore,
+    write_spore,
+)
 from sporevm.store import Store
 from sporevm.storecheck import verify_store
 from sporevm.storeroots import Root, RootError
@@ -100,7 +106,8 @@ def test_prune_keeps_what_live_spores_reach(tmp_path: Path, older_than: float | 
     for d in [s.parent, *sorted(s.children.iterdir())]:
         restorable(s.store, d)
     assert problems(s.store) == []
-    assert s.store.collect(None).removed == []  # nothing left to take
+    # nothing left to take but cache records (open_spore's checked-manifest records)
+    assert [e for e in s.store.collect(None).removed if not e.kind.startswith("key/")] == []
 
 
 def test_gone_and_replaced_roots_are_dropped_and_their_objects_go(tmp_path: Path) -> None:
@@ -525,3 +532,34 @@ def test_records_that_do_not_parse_reach_nothing(tmp_path: Path) -> None:
     assert sorted(e.name for e in removed) == [f"{i:064x}" for i in range(6)]
     restorable(s.store, s.parent)
     assert problems(s.store) == []
+
+
+def test_open_spore_passes_the_schema_once_per_manifest_and_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --from` pays jsonschema once per manifest: the store remembers which bytes
+    passed it, and only those exact bytes under that very schema skip it."""
+    s = make_spores(tmp_path, 1)
+    schema_passes: list[str] = []
+    real = mf._validate
+
+    def counting(doc: dict[str, object], what: str) -> None:
+        schema_passes.append(what)
+        real(doc, what)
+
+    monkeypatch.setattr(mf, "_validate", counting)
+    first = open_spore(s.parent, s.store)
+    assert open_spore(s.parent, s.store) == first
+    assert len(schema_passes) == 1
+    with pytest.raises(SporeOpenError, match="not in the store"):  # checked, then refused
+        open_spore(s.parent, Store(tmp_path / "other-store"))  # another store: its own record
+    assert len(schema_passes) == 2
+    read_spore(str(s.parent))  # no store: always the full decode
+    assert len(schema_passes) == 3
+    monkeypatch.setattr(mf, "schema_fingerprint", lambda: "another-schema")
+    assert open_spore(s.parent, s.store) == first  # a new schema checks the bytes again
+    assert len(schema_passes) == 4
+    # A record for other bytes vouches for nothing: edited bytes fail the id check first.
+    (s.parent / "manifest.json").write_bytes((s.parent / "manifest.json").read_bytes() + b" ")
+    with pytest.raises(SporeOpenError, match="manifest id is"):
+        open_spore(s.parent, s.store)

@@ -445,6 +445,13 @@ def decode(data: bytes, what: str = "manifest") -> Manifest:
     return m
 
 
+@functools.cache
+def schema_fingerprint() -> str:
+    """Names this code's schema pass: a record that some bytes passed it (sporedir's
+    checked-manifest records) is valid only for the very schema that checked them."""
+    return blake3.blake3(json.dumps(SCHEMA, sort_keys=True).encode()).hexdigest()
+
+
 def decode_vouched(data: bytes, expect_id: str, what: str = "manifest") -> Manifest:
     """Decode bytes a trusted caller already passed through ``decode``.
 
