@@ -7,11 +7,15 @@ and talk to the same agent over a virtio-serial port named org.spore.agent:
   ours (a)   VmProcess(...) + session.wait_ready: spawn of the monitor → READY
   ours (b)   `python -m sporevm.cli run --rootfs X -- true` as a subprocess:
              wall time including Python startup, boot, exec, shutdown, exit
+  ours (c)   `python -m sporevm.cli run --from SPORE -- true` as a subprocess, where
+             SPORE is a one-step spore built (once, before timing) on the same
+             busybox image: Python startup, restore, exec, shutdown, exit
   QEMU (a)   spawn of qemu-system-x86_64 -M microvm,acpi=off → READY, read
              with sporevm.runtime.agent_session.AgentSession over a unix socket
              (QEMU's virtconsole chardev connects to us as a client)
   QEMU (b)   spawn → READY → exec `true` → SHUTDOWN → QEMU exited (no Python
-             startup on this side: the session lives in this process)
+             startup on this side: the session lives in this process); (c) is
+             compared with it too: a warm spore against QEMU's cold boot
 
 QEMU runs in two modes: TCG (pure software emulation) and KVM. Every wait is
 bounded; a QEMU that stops with "KVM internal error" is paused by QEMU, not
@@ -45,8 +49,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import ociimage  # noqa: E402
+from sporebuild import build_spore_from  # noqa: E402
 
 from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.kernel import detect_host_class, ensure_kernel  # noqa: E402
@@ -120,7 +126,16 @@ def ours_boot(guest: GuestPlatform, rootfs: Path, timeout: float) -> float:
 
 
 def ours_run_true(rootfs: Path, timeout: float) -> float:
-    argv = [sys.executable, "-m", "sporevm.cli", "run", "--rootfs", str(rootfs), "--", "true"]
+    return ours_cli_true(["--rootfs", str(rootfs)], timeout)
+
+
+def ours_run_from_true(spore: Path, timeout: float) -> float:
+    return ours_cli_true(["--from", str(spore)], timeout)
+
+
+def ours_cli_true(source: list[str], timeout: float) -> float:
+    """`spore run SOURCE -- true` as a subprocess, spawn to exit."""
+    argv = [sys.executable, "-m", "sporevm.cli", "run", *source, "--", "true"]
     start = time.perf_counter()
     # its own process group, so a timeout or an interrupt also ends its VM monitor
     proc = subprocess.Popen(
@@ -386,6 +401,26 @@ def measure(tasks: list[Task], runs: int) -> None:
             print(f"  {task.what} {s.name} run {i + 1}: {t:.2f} s", file=sys.stderr)
 
 
+SPOREFILE = """\
+sporefile: 1
+name: bench-boot
+base:
+  image: oci-layout:{layout}:latest
+machine: {{memory: 256MiB}}
+steps:
+  - name: marker
+    run: echo bench-boot > /tmp/marker
+"""
+
+
+def make_spore(work: Path, timeout: float) -> Path:
+    """A one-step spore on the busybox layout make_rootfs wrote (built or found cached)."""
+    src = work / "spore-src"
+    src.mkdir()
+    (src / "Sporefile").write_text(SPOREFILE.format(layout=work / "layout"))
+    return build_spore_from(src / "Sporefile", timeout)
+
+
 def make_rootfs(work: Path) -> Path:
     layout = work / "layout"
     ociimage.write_layout(layout, list(ociimage.busybox_layers()), tag="latest")
@@ -432,6 +467,11 @@ def main() -> int:
     )
     ap.add_argument("--skip-kvm", action="store_true", help="do not try QEMU -enable-kvm")
     ap.add_argument(
+        "--skip-from",
+        action="store_true",
+        help="do not build a spore and time `spore run --from SPORE -- true`",
+    )
+    ap.add_argument(
         "--skip-tcg",
         action="store_true",
         help="do not run QEMU TCG (in the hardware-KVM lane: TCG inside TCG)",
@@ -448,7 +488,9 @@ def main() -> int:
     bzimage = ensure_kernel(store, host_class).path
     work = Path(tempfile.mkdtemp(prefix="spore-bench-boot-"))
     try:
-        rootfs = args.rootfs if args.rootfs is not None else make_rootfs(work)
+        made = make_rootfs(work)  # also the layout the spore is built on
+        rootfs = args.rootfs if args.rootfs is not None else made
+        spore = None if args.skip_from else make_spore(work, args.timeout * 4)
         q = (bzimage, guest.initrd, rootfs, guest.cmdline, args.timeout)
         tcg = ["-accel", "tcg"]
 
@@ -461,6 +503,11 @@ def main() -> int:
             Task("boot", boot[0], lambda: ours_boot(guest, rootfs, args.timeout)),
             Task("run-true", runs[0], lambda: ours_run_true(rootfs, args.timeout)),
         ]
+        from_true = Series("ours --from")
+        if spore is not None:
+            tasks.append(
+                Task("run-from-true", from_true, lambda: ours_run_from_true(spore, args.timeout))
+            )
         if args.skip_tcg:
             boot, runs = boot[:1], runs[:1]
         else:
@@ -495,16 +542,22 @@ def main() -> int:
             f"{load_after[0]:.1f} on {os.cpu_count()} CPUs"
         )
         print()
-        for title, ours, peers in (
+        cold_peers = [*runs[1:], *(r for _, r in kvm_series)]
+        rows = [
             ("boot to agent READY", boot[0], [*boot[1:], *(b for b, _ in kvm_series)]),
-            ("run -- true (spawn to exit)", runs[0], [*runs[1:], *(r for _, r in kvm_series)]),
-        ):
+            ("run -- true (spawn to exit)", runs[0], cold_peers),
+        ]
+        if spore is not None:  # a warm spore against each side's cold `run -- true`
+            rows.append(
+                ("run --from SPORE -- true (spawn to exit)", from_true, [runs[0], *cold_peers])
+            )
+        for title, ours, peers in rows:
             print(f"{title}:")
-            print(f"  {'ours':38} {ours.describe()}")
+            print(f"  {ours.name:38} {ours.describe()}")
             for peer in peers:
                 print(f"  {peer.name:38} {peer.describe()}")
             for peer in peers:
-                print(f"  ratio ours/{peer.name}: {ratio(ours, peer)}")
+                print(f"  ratio {ours.name}/{peer.name}: {ratio(ours, peer)}")
             print()
         print(
             "ours `run -- true` is the `spore run` CLI as a subprocess (Python startup "
