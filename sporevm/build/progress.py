@@ -11,21 +11,28 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
-if TYPE_CHECKING:  # rich.progress pulls in decimal (~20 ms): loaded when a bar is drawn
+if TYPE_CHECKING:  # rich (~50 ms to import) is loaded when something is first printed
+    from rich.console import Console
     from rich.progress import Progress
 
 
 class Reporter:
     def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self._console = console
         self.statuses: dict[str, str] = {}
         self.warnings: list[str] = []
         self._progress: Progress | None = None
         self._bars: dict[str, Any] = {}
         self._started: dict[str, float] = {}
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._console
 
     @classmethod
     def quiet(cls) -> Reporter:
@@ -33,7 +40,14 @@ class Reporter:
 
     # -- messages --------------------------------------------------------
     def info(self, msg: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._console is None and "[" not in msg and ":" not in msg:
+            # Plain text, as rich would print it: `run --from` says one line and does
+            # not pay rich's import for it ("[" is markup, ":" may be an emoji code).
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+        else:
             self.console.print(msg)
 
     def warn(self, msg: str) -> None:

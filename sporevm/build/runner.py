@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from sporevm.build.copies import CopyPlan, check_plan, copy_in, copy_out
 from sporevm.build.guest import GuestPlatform, check_vcpus, ensure_guest
 from sporevm.build.kernel import detect_host_class
 from sporevm.build.progress import Reporter
@@ -18,14 +17,16 @@ from sporevm.errors import CopyError, SporeError, UsageError
 from sporevm.runtime.agent_session import AgentClosedError, AgentTimeoutError
 from sporevm.runtime.generation import generation_message
 from sporevm.runtime.launcher import VmError, VmProcess, VmSpec
-from sporevm.runtime.network import NetworkSpec, interface_config
 from sporevm.runtime.protocol import MonitorError, Restore, RestoreStrategy, VmConfig
 from sporevm.spore import manifest
 from sporevm.spore.manifest import check_platform
 from sporevm.spore.sporedir import open_spore, split_pin
 from sporevm.store import Store
 
-if TYPE_CHECKING:  # types only: `spore run` does not load the YAML/schema stack
+if TYPE_CHECKING:  # types only: `spore run` does not load the YAML/schema stack, and
+    # loads the copy (tar) and network (egress) code only when it copies or has a NIC
+    from sporevm.build.copies import CopyPlan
+    from sporevm.runtime.network import NetworkSpec
     from sporevm.sporefile import Sporefile
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
@@ -49,7 +50,7 @@ class RunRequest:
     insecure_registries: frozenset[str] = frozenset()
     spore: Path | None = None  # resume this spore instead of booting
     restore: RestoreStrategy = RestoreStrategy.EAGER  # how that resume fills RAM
-    copies: CopyPlan = field(default_factory=CopyPlan)  # --copy-in / --copy-out
+    copies: CopyPlan | None = None  # --copy-in / --copy-out
     # Fresh VMs: --net-allow (None: no NIC). --from: None applies the spore's recorded
     # policy; a spec replaces it (narrowing: list fewer entries, or none at all).
     network: NetworkSpec | None = None
@@ -61,6 +62,7 @@ def sporefile_network(sf: Sporefile) -> NetworkSpec | None:
     the build hands ``boot_vm``. A resumed step snapshot carries the same policy in its
     manifest (the policy is part of every step key), so ``resume_vm`` needs nothing."""
     from sporevm.build.cachekeys import network_policy
+    from sporevm.runtime.network import NetworkSpec
 
     policy = network_policy(sf)
     return None if policy is None else NetworkSpec(tuple(policy))
@@ -106,6 +108,8 @@ def boot_vm(
         if network is not None:
             # The first interface setup runs the guest's driver and netlink paths
             # cold: seconds of emulated kernel on kvm_pvm under load (10 s was not enough).
+            from sporevm.runtime.network import interface_config
+
             vm.session.configure_network(interface_config(), timeout=RESTORE_TIMEOUT)
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
@@ -145,6 +149,8 @@ def resume_vm(
             "--net-allow applies only to spores built with one"
         )
     if m.network is not None and network is None:
+        from sporevm.runtime.network import NetworkSpec
+
         network = NetworkSpec(m.network, net_log)
     guest = ensure_guest(store, reporter, kernel, verify=False)  # digests compared, not used
     check_platform(
@@ -178,6 +184,8 @@ def resume_vm(
             name = f"{m.annotations.get('org.spore.name', 'spore')}-{m.generation.index}"
         vm.session.apply_generation(generation_message(m, name), timeout=RESTORE_TIMEOUT)
         if network is not None:  # a new gateway: the guest resolves and connects afresh
+            from sporevm.runtime.network import interface_config
+
             vm.session.configure_network(interface_config(), timeout=RESTORE_TIMEOUT)
     except (AgentTimeoutError, AgentClosedError) as exc:
         vm.wait_exit(1.0)
@@ -220,7 +228,10 @@ def run(req: RunRequest, store: Store, reporter: Reporter) -> int:
         raise UsageError("spore run: give exactly one of --image REF, --rootfs FILE, --from SPORE")
     if req.spore is None:  # a resume takes its vCPUs from the spore's platform contract
         check_vcpus(req.vcpus, detect_host_class(), "--vcpus")  # before any image work
-    check_plan(req.copies)  # sources exist, targets new or empty: before any VM
+    if req.copies is not None:
+        from sporevm.build.copies import check_plan
+
+        check_plan(req.copies)  # sources exist, targets new or empty: before any VM
     # Shared store lock for the VM's whole life: a lazy restore reads chunks until the
     # guest exits, so `spore cache prune` waits for this run (docs/publish-protocol.md).
     with store.lock():
@@ -272,8 +283,11 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
 
 def _run_in(vm: VmProcess, req: RunRequest, reporter: Reporter) -> int:
     """Run the request's command in a ready VM, stream its output, power the VM off."""
+    if req.copies is not None:
+        from sporevm.build.copies import copy_in, copy_out
     try:
-        copy_in(vm.session, req.copies, reporter)  # before the command: it may need them
+        if req.copies is not None:  # before the command: it may need them
+            copy_in(vm.session, req.copies, reporter)
         handle = vm.session.exec(
             list(req.argv),
             env=dict(req.env),
@@ -285,7 +299,8 @@ def _run_in(vm: VmProcess, req: RunRequest, reporter: Reporter) -> int:
         status = handle.wait()
         if status.timed_out:
             reporter.warn(f"command timed out after {req.timeout} s and was killed")
-        failed = copy_out(vm.session, req.copies, reporter)  # also after a failing command
+        # also after a failing command
+        failed = copy_out(vm.session, req.copies, reporter) if req.copies is not None else 0
         shutdown_vm(vm)
         if failed:
             # Its own code: CI must not take a missing report for the command's verdict.

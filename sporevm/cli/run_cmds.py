@@ -45,8 +45,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(req, Store(), Reporter(enabled=not args.quiet))
 
 
-def run_copies(args: argparse.Namespace) -> CopyPlan:
-    """--copy-in/--copy-out and their owner and bounds, checked now (docs/cli.md)."""
+def run_copies(args: argparse.Namespace) -> CopyPlan | None:
+    """--copy-in/--copy-out and their owner and bounds, checked now (docs/cli.md); None
+    when no copy option was given (the copy and tar code is then never imported)."""
+    given = (args.copy_in, args.copy_out, args.copy_in_owner, args.copy_out_max_bytes)
+    if not any(given) and args.copy_out_max_entries is None:
+        return None
     from sporevm.build.copies import make_plan
     from sporevm.sporefile import parse_size
 

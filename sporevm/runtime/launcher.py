@@ -18,11 +18,10 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from sporevm.errors import SporeError
 from sporevm.runtime.agent_session import AgentSession, FdChannel
-from sporevm.runtime.network import Network, NetworkSpec
 from sporevm.runtime.protocol import (
     Command,
     CommandName,
@@ -39,6 +38,9 @@ from sporevm.runtime.protocol import (
     read_events,
 )
 from sporevm.runtime.zygote import CHILD_NET_FD, ForkedMonitor, monitor_popen
+
+if TYPE_CHECKING:  # the egress code is loaded only for a VM with a NIC
+    from sporevm.runtime.network import Network, NetworkSpec
 
 SERIAL_TAIL = 4000
 
@@ -102,7 +104,11 @@ class VmProcess:
         )
         self.spec = spec
         # The gateway first: a policy or passt that cannot start fails before any VM.
-        self.network = Network(spec.network) if spec.network is not None else None
+        self.network: Network | None = None
+        if spec.network is not None:
+            from sporevm.runtime.network import Network
+
+            self.network = Network(spec.network)
         try:
             net_fd = self.network.monitor_fd if self.network is not None else None
             if zygote:
