@@ -69,6 +69,7 @@ FLOORS: dict[str, str] = {
             "atomic",
             "nofollow",
             "strictjson",
+            "pyspawn",
             "net",
         )
     },

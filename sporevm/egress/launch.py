@@ -15,13 +15,13 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sporevm.egress import EgressError
+from sporevm.pyspawn import module_argv
 
 READY_TIMEOUT_S = 10.0
 MAX_READY_LINE = 4096
@@ -54,7 +54,7 @@ def command(
     runtime_dir: Path | None = None,
     jail: bool = True,
 ) -> list[str]:
-    argv = [sys.executable, "-m", "sporevm.egress.gateway", "--vm-fd", str(vm_fd)]
+    argv = module_argv("sporevm.egress.gateway", "--vm-fd", str(vm_fd))
     for entry in allow:
         argv += ["--allow", entry]
     for r in resolvers:

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from sporevm.errors import SporeError
+from sporevm.pyspawn import module_argv
 from sporevm.runtime.agent_session import AgentSession, FdChannel
 from sporevm.runtime.protocol import (
     Command,
@@ -129,7 +129,7 @@ class VmProcess:
             )
             if not zygote:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "sporevm.runtime.monitor"],
+                    module_argv("sporevm.runtime.monitor"),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     pass_fds=(theirs.fileno(),) + ((net_fd,) if net_fd is not None else ()),

@@ -35,6 +35,7 @@ import threading
 from typing import IO
 
 from sporevm.errors import SporeError
+from sporevm.pyspawn import module_argv
 
 CHILD_AGENT_FD = 3  # where a child finds its agent socket (the config line says so)
 CHILD_NET_FD = 4  # and its NIC's frame channel, when the VM has a network
@@ -202,7 +203,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ctl = ours
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sporevm.runtime.zygote"],
+            module_argv("sporevm.runtime.zygote"),
             stdin=subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),),
             env={**os.environ, _CTL_FD_ENV: str(theirs.fileno())},
