@@ -8,7 +8,6 @@ and key keeps its start mark so later errors can say ``file:line:col: path: ...`
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -16,6 +15,7 @@ import yaml
 import yaml.reader
 
 from sporevm.errors import SporefileError
+from sporevm.units import show as show  # re-exported: the Sporefile's messages use it
 
 MAX_DEPTH = 16  # the schema needs 6 levels; the bound keeps the recursive composer safe
 MAX_NODES = 10_000  # keys + values; bounds pure-Python parse and validation time to ~1 s
@@ -23,12 +23,6 @@ _MAX_NUMBER_CHARS = 64  # YAML ints like 1:2:3:... (sexagesimal) grow without bo
 
 Seg = str | int
 DocPath = tuple[Seg, ...]
-
-
-def show(value: object, limit: int = 60) -> str:
-    """A user value as one short, escaped line."""
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")

@@ -70,6 +70,7 @@ FLOORS: dict[str, str] = {
             "nofollow",
             "strictjson",
             "pyspawn",
+            "units",
             "net",
         )
     },

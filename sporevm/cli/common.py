@@ -15,7 +15,7 @@ from sporevm.errors import UsageError
 def parse_duration(text: str) -> float:
     # Imported on use: the Sporefile module pulls in jsonschema (~100 ms), which
     # `spore run --from` and the other non-build commands never need.
-    from sporevm.sporefile import parse_duration as parse
+    from sporevm.units import parse_duration as parse
 
     return parse(text)
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def cmd_run(args: argparse.Namespace) -> int:
     from sporevm.build.progress import Reporter
     from sporevm.build.runner import RunRequest, run
-    from sporevm.sporefile import parse_size
+    from sporevm.units import parse_size
 
     argv = list(args.command)
     if argv and argv[0] == "--":
@@ -52,7 +52,7 @@ def run_copies(args: argparse.Namespace) -> CopyPlan | None:
     if not any(given) and args.copy_out_max_entries is None:
         return None
     from sporevm.build.copies import make_plan
-    from sporevm.sporefile import parse_size
+    from sporevm.units import parse_size
 
     return make_plan(
         args.copy_in,
