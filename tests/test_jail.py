@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import pytest
 from sporevm.cli import _parser
 from sporevm.runtime.agent_session import AgentSession, FdChannel
 from sporevm.runtime.protocol import MonitorConfig, MonitorError, Restore, VmConfig
+from sporevm.runtime.zygote import Zygote
 from sporevm.vmm import jail
 from tests.probe_build import build_probe
 
@@ -467,10 +469,12 @@ def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
 
 @needs_kvm
 @needs_landlock
-@pytest.mark.parametrize("zygote", [True, False])
+@pytest.mark.parametrize(("zygote", "fork_here"), [(True, False), (False, False), (True, True)])
 def test_monitors_the_launcher_starts_are_jailed_by_default(
-    tmp_path: Path, zygote: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, zygote: bool, fork_here: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Spawned, forked by the zygote, or forked from the caller itself (`run --from`):
+    the monitor jails itself all the same, and the last holds only its own descriptors."""
     from sporevm.runtime.launcher import VmProcess, VmSpec
 
     monkeypatch.delenv("SPORE_NO_JAIL", raising=False)
@@ -487,11 +491,20 @@ def test_monitors_the_launcher_starts_are_jailed_by_default(
             store=tmp_path / "store",
         ),
         zygote=zygote,
+        fork_here=fork_here,
     )
-    with VmProcess(spec) as vm:
+    marker = tmp_path / "callers-own-file"
+    alone = threading.active_count() == 1  # else (an earlier test's zygote) the zygote forks
+    with open(marker, "w"), VmProcess(spec) as vm:
         vm.session.wait_ready(20)
         status = Path(f"/proc/{vm.proc.pid}/status").read_text()
         assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+        if fork_here:  # a child of this very process (pytest) if it had one thread
+            parent = os.getpid() if alone else Zygote.shared().proc.pid
+            assert f"PPid:\t{parent}\n" in status
+            fd_dir = Path(f"/proc/{vm.proc.pid}/fd")
+            held = {os.readlink(fd_dir / n) for n in os.listdir(fd_dir)}
+            assert str(marker) not in held, held  # the caller's descriptors stay the caller's
         exec_answers(vm.session, "/jailed")
         vm.session.shutdown()
         ev = vm.wait_exit(20)

@@ -135,12 +135,13 @@ def resume_vm(
     zygote: bool | None = None,
     network: NetworkSpec | None = None,
     net_log: Path | None = None,
+    fork_here: bool = False,
 ) -> VmProcess:
     """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
     clock, and for a forked child its hostname) before anything else runs, and a spore
     with a NIC its network again: the policy recorded in its manifest, or ``network``
     in its place (``net_log`` applies to the recorded one). Flows open at the snapshot
-    do not survive it (docs/network.md)."""
+    do not survive it (docs/network.md). ``fork_here``: see ``VmSpec.fork_here``."""
     spore, pin = split_pin(str(spore))
     m, mpath, rootfs = open_spore(spore, store, pin)
     if m.network is None and network is not None:
@@ -173,6 +174,7 @@ def resume_vm(
             ),
             zygote=zygote,
             network=network,
+            fork_here=fork_here,
         )
     )
     try:
@@ -249,6 +251,8 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
             ram=RestoreStrategy(req.restore),
             network=req.network,
             net_log=req.net_log,
+            # One VM, and this process read no credentials: no zygote interpreter.
+            fork_here=True,
         )
         return _run_in(vm, req, reporter)
     if req.rootfs is not None:

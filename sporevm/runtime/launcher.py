@@ -87,6 +87,10 @@ class VmSpec:
     # Fork the monitor from this process's zygote (shared, pre-imported; zygote.py)
     # rather than exec a fresh interpreter for each VM.
     zygote: bool | None = None  # None: yes, unless SPORE_ZYGOTE=0 in the environment
+    # With the zygote on: fork the monitor from this very process instead, if it has a
+    # single thread (zygote.fork_monitor_here). Only for a one-off caller that holds
+    # nothing secret (`spore run --from`): the monitor starts with a copy of its memory.
+    fork_here: bool = False
     # The VM's network: its egress gateway starts before the monitor, which gets a NIC
     # wired to it. None: no gateway, no NIC (docs/network.md).
     network: NetworkSpec | None = None
@@ -114,7 +118,7 @@ class VmProcess:
             if zygote:
                 # The zygote's env is fixed at its start; say the jail choice per child.
                 jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
-                self.proc, ours, agent_fd = monitor_popen(jail, net_fd)
+                self.proc, ours, agent_fd = monitor_popen(jail, net_fd, fork_here=spec.fork_here)
                 net_in_monitor = CHILD_NET_FD
             else:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -67,6 +67,17 @@ def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, i
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+    except BaseException:  # noqa: BLE001 - a child must never return into the zygote loop
+        os._exit(70)
+    _become_monitor(fds, no_jail)
+
+
+def _become_monitor(fds: list[int], no_jail: bool, *, close_others: bool = False) -> None:
+    """In a forked child: put ``fds`` at 0/1/3(/4) (stdin, stdout, agent, NIC), run the
+    monitor, and end the process with its exit code; never returns. ``close_others``:
+    every other descriptor but stderr is closed first (a child of a process that was not
+    made to fork monitors, with descriptors of its own)."""
+    try:
         # Out of the way of the targets first: a received fd may sit at 3 or 4.
         moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in fds]
         for fd in fds:
@@ -74,6 +85,9 @@ def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, i
         for fd, target in zip(moved, (0, 1, CHILD_AGENT_FD, CHILD_NET_FD), strict=False):
             os.dup2(fd, target, inheritable=target < 3)
             os.close(fd)
+        if close_others:
+            last = CHILD_NET_FD if len(fds) > 3 else CHILD_AGENT_FD
+            os.closerange(last + 1, os.sysconf("SC_OPEN_MAX"))
         if no_jail:
             os.environ["SPORE_NO_JAIL"] = "1"
         else:
@@ -306,12 +320,61 @@ class Zygote:
 
 
 def monitor_popen(
-    jail: bool, net_fd: int | None = None
+    jail: bool, net_fd: int | None = None, *, fork_here: bool = False
 ) -> tuple[ForkedMonitor, socket.socket, int]:
     """(process, caller's agent socket, the agent fd number inside the monitor); with
-    ``net_fd`` the monitor finds its NIC channel at CHILD_NET_FD."""
-    child, sock = Zygote.shared().spawn(jail=jail, net_fd=net_fd)
+    ``net_fd`` the monitor finds its NIC channel at CHILD_NET_FD. ``fork_here``: fork
+    the monitor from this process (``fork_monitor_here``) when it has one thread only;
+    from the shared zygote otherwise."""
+    if fork_here and threading.active_count() == 1:
+        child, sock = fork_monitor_here(jail=jail, net_fd=net_fd)
+    else:
+        child, sock = Zygote.shared().spawn(jail=jail, net_fd=net_fd)
     return child, sock, CHILD_AGENT_FD
+
+
+def fork_monitor_here(
+    *, jail: bool, net_fd: int | None = None
+) -> tuple[ForkedMonitor, socket.socket]:
+    """Fork one monitor from this very process, for a one-off `spore run --from`.
+
+    The zygote exists so that a caller with many VMs, or with secrets in memory
+    (registry credentials, build state), never hands its memory to a monitor. A one-off
+    run that only resumes a local spore holds neither, and a zygote would cost it a
+    second interpreter start and the monitor's imports (~2.5 s where host code is
+    emulated, ~0.15 s natively). The caller must be single-threaded (``monitor_popen``
+    checks) and hold nothing secret. The child closes every descriptor it does not
+    need, then runs ``monitor.main`` as a zygote's child does, jail and all.
+    """
+    from sporevm.runtime import monitor  # noqa: F401 - imported before the fork, once
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    fds = [in_r, out_w, theirs.fileno()] + ([net_fd] if net_fd is not None else [])
+    try:
+        pid = os.fork()
+        if pid == 0:
+            gc.freeze()  # the caller's objects are never collected (nor closed) in here
+            _become_monitor(fds, not jail, close_others=True)
+        pidfd = os.pidfd_open(pid)
+    except BaseException:
+        for fd in (in_w, out_r):
+            os.close(fd)
+        ours.close()
+        raise
+    finally:
+        for fd in (in_r, out_w):
+            os.close(fd)
+        theirs.close()
+    child = ForkedMonitor(pid, pidfd, os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb"))
+
+    def reap() -> None:
+        _, status = os.waitpid(pid, 0)
+        child._exited(os.waitstatus_to_exitcode(status))
+
+    threading.Thread(target=reap, name="spore-monitor-reaper", daemon=True).start()
+    return child, ours
 
 
 if __name__ == "__main__":
