@@ -78,13 +78,15 @@ def boot_vm(
     zygote: bool | None = None,
     setting: str = "machine.vcpus:",
     network: NetworkSpec | None = None,
+    fork_here: bool = False,
 ) -> VmProcess:
     """Start a VM and wait for its agent's READY; on failure report what the VM did.
 
     ``setting`` names where ``vcpus`` came from, for the one-line refusal of a count
     the host class cannot give (the Sporefile's, unless ``spore run`` says otherwise).
     ``network``: the VM gets a NIC and an egress gateway under that policy, and its
-    interface is configured before this returns (None: no NIC)."""
+    interface is configured before this returns (None: no NIC). ``fork_here``: see
+    ``VmSpec.fork_here``."""
     check_vcpus(vcpus, guest.host_class, setting)
     vm = VmProcess(
         VmSpec(
@@ -93,6 +95,7 @@ def boot_vm(
             ),
             zygote=zygote,
             network=network,
+            fork_here=fork_here,
         )
     )
     try:
@@ -281,6 +284,9 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
         req.boot_timeout,
         setting="--vcpus",
         network=req.network,
+        # --image may have read registry credentials: then its monitor comes from the
+        # zygote, which never held them; --rootfs read nothing secret.
+        fork_here=req.image is None,
     )
     return _run_in(vm, req, reporter)
 
