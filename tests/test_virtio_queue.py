@@ -78,6 +78,33 @@ def test_avail_and_used_index_wraparound(mem: GuestMemory) -> None:
     assert q.last_avail_idx == q.used_idx == (start + 6) & 0xFFFF
 
 
+def test_a_used_batch_publishes_the_index_once_at_its_end(mem: GuestMemory) -> None:
+    q, dq, alloc = make_queue(mem)
+    buf = alloc(16)
+    heads = [dq.add([(buf, 16, True)]) for _ in range(3)]
+    with q.used_batch():
+        for _ in heads:
+            chain = q.pop()
+            assert chain is not None
+            q.push_used(chain.head, 16)
+            assert mem.read_u16(dq.used + 2) == 0  # the driver sees none of it yet
+    assert mem.read_u16(dq.used + 2) == 3
+    assert [h for h, _ in dq.take_used()] == heads
+    # An error inside still publishes what was returned before it; an empty batch writes
+    # nothing.
+    more = [dq.add([(buf, 16, True)]) for _ in range(2)]
+    with pytest.raises(RuntimeError), q.used_batch():
+        chain = q.pop()
+        assert chain is not None
+        q.push_used(chain.head, 1)
+        raise RuntimeError("a malformed chain, say")
+    assert dq.take_used() == [(more[0], 1)]
+    mem.write_u16(dq.used + 2, 0xBEEF)
+    with q.used_batch():
+        pass
+    assert mem.read_u16(dq.used + 2) == 0xBEEF
+
+
 def test_zero_length_segments_are_dropped(mem: GuestMemory) -> None:
     q, dq, alloc = make_queue(mem)
     w = alloc(8)

@@ -99,12 +99,13 @@ class BlkDevice(VirtioDevice):
         done = False
         # At most one ring's worth per kick: a guest that keeps refilling from
         # another vCPU cannot pin this thread; it kicks again for the rest.
-        for _ in range(q.size):
-            chain = q.pop()
-            if chain is None:
-                break
-            q.push_used(chain.head, self._handle(chain))
-            done = True
+        with q.used_batch():
+            for _ in range(q.size):
+                chain = q.pop()
+                if chain is None:
+                    break
+                q.push_used(chain.head, self._handle(chain))
+                done = True
         if done:
             self.link.signal_used(index)
 

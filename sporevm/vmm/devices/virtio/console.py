@@ -220,17 +220,18 @@ class ConsoleDevice(VirtioDevice):
         if not self._pending or not q.ready or not self.port_open:
             return
         done = False
-        for _ in range(q.size):
-            if not self._pending:
-                break
-            chain = q.pop()
-            if chain is None:
-                break
-            n = min(len(self._pending), chain.writable_len)
-            written = chain.scatter(self.mem, 0, bytes(self._pending[:n]))
-            del self._pending[:written]
-            q.push_used(chain.head, written)
-            done = True
+        with q.used_batch():
+            for _ in range(q.size):
+                if not self._pending:
+                    break
+                chain = q.pop()
+                if chain is None:
+                    break
+                n = min(len(self._pending), chain.writable_len)
+                written = chain.scatter(self.mem, 0, bytes(self._pending[:n]))
+                del self._pending[:written]
+                q.push_used(chain.head, written)
+                done = True
         if done:
             self.link.signal_used(RX_QUEUE)
 
@@ -239,20 +240,23 @@ class ConsoleDevice(VirtioDevice):
         if self.tx_paused or not q.ready:
             return
         done = False
-        for _ in range(q.size):
-            chain = q.pop()
-            if chain is None:
-                break
-            total, off = chain.readable_len, 0
-            if total > MAX_TX_CHAIN:
-                raise ChainError(chain.head, f"transmit buffer of {total} bytes > {MAX_TX_CHAIN}")
-            while off < total:
-                piece = chain.gather(self.mem, off, TX_PIECE)
-                off += len(piece)
-                if self.on_output is not None:
-                    self.on_output(piece)
-            q.push_used(chain.head, 0)
-            done = True
+        with q.used_batch():
+            for _ in range(q.size):
+                chain = q.pop()
+                if chain is None:
+                    break
+                total, off = chain.readable_len, 0
+                if total > MAX_TX_CHAIN:
+                    raise ChainError(
+                        chain.head, f"transmit buffer of {total} bytes > {MAX_TX_CHAIN}"
+                    )
+                while off < total:
+                    piece = chain.gather(self.mem, off, TX_PIECE)
+                    off += len(piece)
+                    if self.on_output is not None:
+                        self.on_output(piece)
+                q.push_used(chain.head, 0)
+                done = True
         if done:
             self.link.signal_used(TX_QUEUE)
 
@@ -277,17 +281,18 @@ class ConsoleDevice(VirtioDevice):
     def _receive_control(self) -> None:
         q = self.queues[CTRL_TX_QUEUE]
         done = False
-        for _ in range(q.size):
-            chain = q.pop()
-            if chain is None:
-                break
-            # Only the 8 header bytes are ever read: a longer chain costs nothing.
-            if chain.readable_len != CONTROL.size:
-                self._refuse(f"control message of {chain.readable_len} bytes")
-            else:
-                self._on_control(*CONTROL.unpack(chain.gather(self.mem, 0, CONTROL.size)))
-            q.push_used(chain.head, 0)
-            done = True
+        with q.used_batch():
+            for _ in range(q.size):
+                chain = q.pop()
+                if chain is None:
+                    break
+                # Only the 8 header bytes are ever read: a longer chain costs nothing.
+                if chain.readable_len != CONTROL.size:
+                    self._refuse(f"control message of {chain.readable_len} bytes")
+                else:
+                    self._on_control(*CONTROL.unpack(chain.gather(self.mem, 0, CONTROL.size)))
+                q.push_used(chain.head, 0)
+                done = True
         if done:
             self.link.signal_used(CTRL_TX_QUEUE)
         self._deliver_control()
@@ -325,20 +330,21 @@ class ConsoleDevice(VirtioDevice):
         if not self._control or not q.ready:
             return
         done = False
-        for _ in range(q.size):
-            if not self._control:
-                break
-            chain = q.pop()
-            if chain is None:
-                break
-            message = self._message(self._control.pop(0))
-            if chain.writable_len < len(message):
-                # A Linux driver posts page-sized buffers; a short one loses the message.
-                self._refuse(f"control buffer of {chain.writable_len} bytes")
-                q.push_used(chain.head, 0)
-            else:
-                q.push_used(chain.head, chain.scatter(self.mem, 0, message))
-            done = True
+        with q.used_batch():
+            for _ in range(q.size):
+                if not self._control:
+                    break
+                chain = q.pop()
+                if chain is None:
+                    break
+                message = self._message(self._control.pop(0))
+                if chain.writable_len < len(message):
+                    # A Linux driver posts page-sized buffers; a short one loses the message.
+                    self._refuse(f"control buffer of {chain.writable_len} bytes")
+                    q.push_used(chain.head, 0)
+                else:
+                    q.push_used(chain.head, chain.scatter(self.mem, 0, message))
+                done = True
         if done:
             self.link.signal_used(CTRL_RX_QUEUE)
 

@@ -333,25 +333,26 @@ class NetDevice(VirtioDevice):
         if not self._rx or not q.ready:
             return
         done = False
-        for _ in range(q.size):
-            if not self._rx:
-                break
-            chain = q.pop()
-            if chain is None:
-                break
-            frame = self._rx.popleft()
-            self._rx_bytes -= len(frame)
-            self._rx_room.notify_all()
-            need = HDR + len(frame)
-            if chain.writable_len < need:
-                # No mergeable buffers: one chain must hold the whole frame.
-                self._count["rx_dropped_short_buffer"] += 1
-                q.push_used(chain.head, 0)
-            else:
-                chain.scatter(self.mem, 0, _RX_HDR + frame)
-                self._count["rx_frames"] += 1
-                q.push_used(chain.head, need)
-            done = True
+        with q.used_batch():
+            for _ in range(q.size):
+                if not self._rx:
+                    break
+                chain = q.pop()
+                if chain is None:
+                    break
+                frame = self._rx.popleft()
+                self._rx_bytes -= len(frame)
+                self._rx_room.notify_all()
+                need = HDR + len(frame)
+                if chain.writable_len < need:
+                    # No mergeable buffers: one chain must hold the whole frame.
+                    self._count["rx_dropped_short_buffer"] += 1
+                    q.push_used(chain.head, 0)
+                else:
+                    chain.scatter(self.mem, 0, _RX_HDR + frame)
+                    self._count["rx_frames"] += 1
+                    q.push_used(chain.head, need)
+                done = True
         if done:
             self.link.signal_used(RX_QUEUE)
 
@@ -360,30 +361,31 @@ class NetDevice(VirtioDevice):
         if not q.ready:
             return
         done = False
-        for _ in range(q.size):
-            with self._tx_cond:
-                if len(self._tx) >= TX_BACKLOG:
-                    self._tx_stalled = q.has_pending()
-                    if self._tx_stalled:
-                        self._tx_cond.notify_all()
+        with q.used_batch():
+            for _ in range(q.size):
+                with self._tx_cond:
+                    if len(self._tx) >= TX_BACKLOG:
+                        self._tx_stalled = q.has_pending()
+                        if self._tx_stalled:
+                            self._tx_cond.notify_all()
+                        break
+                chain = q.pop()
+                if chain is None:
                     break
-            chain = q.pop()
-            if chain is None:
-                break
-            total = chain.readable_len
-            # Nothing is gathered from an oversized chain: the copy stays bounded.
-            ok = HDR + ETH_HLEN <= total <= MAX_TX_CHAIN
-            frame = chain.gather(self.mem, HDR, total - HDR) if ok else b""  # header ignored
-            with self._tx_cond:  # tx counters live under the tx lock (the writer's side)
-                if not ok:
-                    self._count["tx_dropped_bad_length"] += 1
-                elif not self.link_up:
-                    self._count["tx_dropped_channel"] += 1
-                else:
-                    self._tx.append(_LEN.pack(len(frame)) + frame)
-                    self._tx_cond.notify_all()
-            q.push_used(chain.head, 0)
-            done = True
+                total = chain.readable_len
+                # Nothing is gathered from an oversized chain: the copy stays bounded.
+                ok = HDR + ETH_HLEN <= total <= MAX_TX_CHAIN
+                frame = chain.gather(self.mem, HDR, total - HDR) if ok else b""  # header ignored
+                with self._tx_cond:  # tx counters live under the tx lock (the writer's side)
+                    if not ok:
+                        self._count["tx_dropped_bad_length"] += 1
+                    elif not self.link_up:
+                        self._count["tx_dropped_channel"] += 1
+                    else:
+                        self._tx.append(_LEN.pack(len(frame)) + frame)
+                        self._tx_cond.notify_all()
+                q.push_used(chain.head, 0)
+                done = True
         if done:
             self.link.signal_used(TX_QUEUE)
 

@@ -14,6 +14,7 @@ leave the device layer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -130,6 +131,7 @@ class Virtqueue:
         self.last_avail_idx = 0  # next avail ring slot we will consume (free-running u16)
         self.used_idx = 0  # next used ring slot we will fill (free-running u16)
         self.indirect = False  # VIRTIO_F_INDIRECT_DESC negotiated
+        self._batching = False  # inside used_batch(): the used index is written at its end
 
     def layout_error(self) -> str | None:
         """Why the driver's size/addresses cannot be used, or None if they can."""
@@ -257,17 +259,39 @@ class Virtqueue:
     # -- device -> driver -------------------------------------------------
 
     def push_used(self, head: int, written: int) -> None:
-        """Return chain ``head`` to the driver with ``written`` bytes filled in."""
+        """Return chain ``head`` to the driver with ``written`` bytes filled in (published
+        at once, or at the end of the enclosing ``used_batch``)."""
         if not 0 <= written <= U32_MAX:
             raise ValueError(f"used length {written} out of range")
         elem = self.used_addr + 4 + 8 * (self.used_idx % self.size)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         try:
             self.mem.write(elem, head.to_bytes(4, "little") + written.to_bytes(4, "little"))
-            # The element must be visible before the index; x86 keeps store order.
+        except GuestMemoryError as e:
+            raise QueueError(f"used ring unwritable: {e}") from None
+        if not self._batching:
+            self._publish_used()
+
+    def _publish_used(self) -> None:
+        # The elements must be visible before the index; x86 keeps store order.
+        try:
             self.mem.write_u16(self.used_addr + 2, self.used_idx)
         except GuestMemoryError as e:
             raise QueueError(f"used ring unwritable: {e}") from None
+
+    @contextlib.contextmanager
+    def used_batch(self) -> Iterator[None]:
+        """``push_used`` calls inside write their elements only; the used index is
+        written once, at the end, also when the batch ends in an error (what was
+        returned stays returned). The caller holds the device lock throughout, so a
+        snapshot never sees a batch half published."""
+        start, self._batching = self.used_idx, True
+        try:
+            yield
+        finally:
+            self._batching = False
+            if self.used_idx != start:
+                self._publish_used()
 
     def needs_interrupt(self) -> bool:
         """False while the driver asks for no used-buffer interrupts (AVAIL_F_NO_INTERRUPT)."""
