@@ -10,12 +10,17 @@ and talk to the same agent over a virtio-serial port named org.spore.agent:
   ours (c)   `python -m sporevm.cli run --from SPORE -- true` as a subprocess, where
              SPORE is a one-step spore built (once, before timing) on the same
              busybox image: Python startup, restore, exec, shutdown, exit
+  ours (d)   restore -> first output of that spore, eager and local: resume_vm (as
+             `run --from`, its monitor forked from this process's zygote) + `cat` of
+             the file its step wrote, until the first stdout byte
   QEMU (a)   spawn of qemu-system-x86_64 -M microvm,acpi=off → READY, read
              with sporevm.runtime.agent_session.AgentSession over a unix socket
              (QEMU's virtconsole chardev connects to us as a client)
   QEMU (b)   spawn → READY → exec `true` → SHUTDOWN → QEMU exited (no Python
              startup on this side: the session lives in this process); (c) is
              compared with it too: a warm spore against QEMU's cold boot
+  QEMU (d)   spawn → READY → exec `echo` → its first stdout byte: the cold boot -> first
+             output that (d) is compared with (issue 16's restore goal: <= 0.25x)
 
 QEMU runs in two modes: TCG (pure software emulation) and KVM. Every wait is
 bounded; a QEMU that stops with "KVM internal error" is paused by QEMU, not
@@ -57,10 +62,11 @@ from sporebuild import build_spore_from  # noqa: E402
 from sporevm.build.guest import GuestPlatform, ensure_guest  # noqa: E402
 from sporevm.build.kernel import detect_host_class, ensure_kernel  # noqa: E402
 from sporevm.build.progress import Reporter  # noqa: E402
+from sporevm.build.runner import resume_vm  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
 from sporevm.runtime.agent_session import AgentSession, FdChannel  # noqa: E402
 from sporevm.runtime.launcher import VmProcess, VmSpec, stop_process  # noqa: E402
-from sporevm.runtime.protocol import VmConfig  # noqa: E402
+from sporevm.runtime.protocol import RestoreStrategy, VmConfig  # noqa: E402
 from sporevm.spore.platform import GUEST_AGENT, GUEST_ROOT  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 
@@ -131,6 +137,31 @@ def ours_run_true(rootfs: Path, timeout: float) -> float:
 
 def ours_run_from_true(spore: Path, timeout: float) -> float:
     return ours_cli_true(["--from", str(spore)], timeout)
+
+
+def ours_restore_output(spore: Path, ram: RestoreStrategy, timeout: float) -> float:
+    """`spore run --from`'s restore (resume_vm: check the spore, a monitor forked from
+    this process's zygote, restore, HELLO, generation) and then `cat` of the file the
+    spore's step wrote, until its first stdout byte: restore -> first output."""
+    start = time.perf_counter()
+    got: list[float] = []
+    vm = resume_vm(spore, Store(), Reporter.quiet(), ram=ram)
+    try:
+        handle = vm.session.exec(
+            ["cat", "/tmp/marker"], on_stdout=lambda _d: got.append(time.perf_counter())
+        )
+        while not got and not handle.done:
+            vm.session.pump(min(1.0, max(0.01, start + timeout - time.perf_counter())))
+            if time.perf_counter() > start + timeout:
+                raise BootFailed("no output from the restored VM", time.perf_counter() - start)
+        if not got:
+            raise BootFailed(f"`cat` {handle.wait(0).describe()}, no output", 0.0, booted=True)
+        with contextlib.suppress(SporeError):
+            vm.session.shutdown(timeout=30.0)
+        vm.wait_exit(30.0)
+        return got[0] - start
+    finally:
+        vm.close()
 
 
 def ours_cli_true(source: list[str], timeout: float) -> float:
@@ -318,14 +349,21 @@ def qemu_once(
     cmdline: str,
     timeout: float,
     run_true: bool,
+    first_output: bool = False,
 ) -> float:
-    """One QEMU boot: seconds to READY, or (run_true) to `true` done and QEMU exited."""
+    """One QEMU boot: seconds to READY, (first_output) to the first stdout byte of `echo`
+    run once READY, or (run_true) to `true` done and QEMU exited."""
     vm = QemuVm(accel, kernel, initrd, rootfs, cmdline)
     deadline = vm.start + timeout
     session: AgentSession | None = None
     try:
         session = vm.connect(deadline)
         vm.pump_until(session, lambda: session.ready is not None, deadline, "agent READY")
+        if first_output:
+            got: list[float] = []
+            session.exec(["echo", MARKER], on_stdout=lambda _d: got.append(vm.elapsed()))
+            vm.pump_until(session, lambda: bool(got), deadline, "output of `echo`")
+            return got[0]
         if not run_true:
             return vm.elapsed()
         handle = session.exec(["true"])
@@ -409,15 +447,18 @@ base:
 machine: {{memory: 256MiB}}
 steps:
   - name: marker
-    run: echo bench-boot > /tmp/marker
+    run: echo {marker} > /tmp/marker
 """
+MARKER = "bench-boot"
+# Restore strategies timed for restore -> first output: the default, and the fastest here.
+RESTORE_ROWS = (RestoreStrategy.EAGER, RestoreStrategy.LOCAL)
 
 
 def make_spore(work: Path, timeout: float) -> Path:
     """A one-step spore on the busybox layout make_rootfs wrote (built or found cached)."""
     src = work / "spore-src"
     src.mkdir()
-    (src / "Sporefile").write_text(SPOREFILE.format(layout=work / "layout"))
+    (src / "Sporefile").write_text(SPOREFILE.format(layout=work / "layout", marker=MARKER))
     return build_spore_from(src / "Sporefile", timeout)
 
 
@@ -504,10 +545,20 @@ def main() -> int:
             Task("run-true", runs[0], lambda: ours_run_true(rootfs, args.timeout)),
         ]
         from_true = Series("ours --from")
+        restored = [Series(f"ours restore {ram.value}") for ram in RESTORE_ROWS]
         if spore is not None:
             tasks.append(
                 Task("run-from-true", from_true, lambda: ours_run_from_true(spore, args.timeout))
             )
+            for ram, series in zip(RESTORE_ROWS, restored, strict=True):
+                tasks.append(
+                    Task(
+                        "restore-output",
+                        series,
+                        partial(ours_restore_output, spore, ram, args.timeout),
+                    )
+                )
+        outputs: list[Series] = []
         if args.skip_tcg:
             boot, runs = boot[:1], runs[:1]
         else:
@@ -525,6 +576,11 @@ def main() -> int:
                     Task("run-true", r, partial(qemu_once, accel, *q, run_true=True), needs=b)
                 )
                 kvm_series.append((b, r))
+                if spore is not None:
+                    o = Series(f"QEMU-KVM -cpu {cpu} cold")
+                    fn = partial(qemu_once, accel, *q, run_true=False, first_output=True)
+                    tasks.append(Task("boot-output", o, fn, needs=b))
+                    outputs.append(o)
         load_before = os.getloadavg()
         measure(tasks, args.runs)
         load_after = os.getloadavg()
@@ -551,6 +607,10 @@ def main() -> int:
             rows.append(
                 ("run --from SPORE -- true (spawn to exit)", from_true, [runs[0], *cold_peers])
             )
+            for series in restored:  # against QEMU's cold boot -> first output
+                rows.append(
+                    ("restore -> first output vs cold boot -> first output", series, outputs)
+                )
         for title, ours, peers in rows:
             print(f"{title}:")
             print(f"  {ours.name:38} {ours.describe()}")
