@@ -78,6 +78,8 @@ KVM_FIELDS = (
     "hypercalls",
     "nmi_window_exits",
     "pf_taken",
+    "pages_4k",  # guest memory mapped by KVM at the moment read, 4 KiB / 2 MiB pages
+    "pages_2m",
     "pf_fixed",
     "pf_guest",
     "tlb_flush",

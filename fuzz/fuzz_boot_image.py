@@ -15,7 +15,7 @@ with atheris.instrument_imports():
     from sporevm.vmm.memory import GuestMemory
 
 RAM = 64 << 20
-_mem = GuestMemory(RAM, name="fuzz-boot-ram")
+_mem = GuestMemory(RAM)
 _INITRD = bytes(4096)
 _SEED = bytes(boot.RNG_SEED_BYTES)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from sporevm.runtime import confine, monitor
 from sporevm.vmm import kvm
+from sporevm.vmm.machine import Machine
 
 _libc = ctypes.CDLL(None, use_errno=True)
 OUT = int(os.environ["JAIL_PROBE_FD"])
@@ -48,6 +49,11 @@ def _kvm_create_vm() -> None:
         _libc_call(lambda: int(_libc.ioctl(fd, ctypes.c_ulong(kvm.KVM_CREATE_VM), 0)))
     finally:
         os.close(fd)
+
+
+def _set_user_memory_region() -> None:
+    """Past seccomp, on no descriptor: EBADF while the jail allows it, EPERM after."""
+    _libc_call(lambda: int(_libc.ioctl(-1, ctypes.c_ulong(kvm.KVM_SET_USER_MEMORY_REGION), 0)))
 
 
 def _fork() -> None:
@@ -94,6 +100,7 @@ def attempts(unjailed: bool) -> dict[str, Callable[[], object]]:
             ),
             "mmap_exec": lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC),
             "kvm_create_vm": _kvm_create_vm,
+            "kvm_set_user_memory_region": _set_user_memory_region,
             "kill_parent": lambda: os.kill(os.getppid(), 0),
             "open_trunc_staging": _open_trunc_staging,
         }
@@ -109,9 +116,11 @@ def _open_trunc_staging() -> None:
     os.unlink(path)  # the staging directory must be empty when the monitor ends
 
 
-def probe(name: str) -> None:
+def probe(name: str, ops: dict[str, Callable[[], object]] | None = None) -> None:
     results: dict[str, str] = {}
-    for op, fn in attempts(confine.jail_disabled()).items():
+    if ops is None:
+        ops = attempts(confine.jail_disabled())
+    for op, fn in ops.items():
         try:
             fn()
             results[op] = "ok"
@@ -123,7 +132,12 @@ def probe(name: str) -> None:
 
 
 go = threading.Event()
+sealed = threading.Event()
 real_files, real_syscalls = confine.MonitorJail.files, confine.MonitorJail.syscalls
+real_seal = confine.MonitorJail.seal_memory
+AFTER_SEAL: dict[str, Callable[[], object]] = {
+    "kvm_set_user_memory_region": _set_user_memory_region
+}
 
 
 def _early() -> None:
@@ -141,14 +155,29 @@ def files(self: confine.MonitorJail) -> None:
     threading.Thread(target=_early, daemon=True).start()
 
 
-def syscalls(self: confine.MonitorJail) -> None:
-    real_syscalls(self)
+def _late() -> None:
+    probe("late")
+    sealed.wait()  # a thread that predates the third filter: TSYNC must reach it too
+    probe("late-sealed", AFTER_SEAL)
+
+
+def syscalls(self: confine.MonitorJail, machine: Machine) -> None:
+    real_syscalls(self, machine)
     go.set()
-    threading.Thread(target=probe, args=("late",), daemon=True).start()
+    threading.Thread(target=_late, daemon=True).start()
+
+
+def seal_memory(self: confine.MonitorJail) -> None:
+    """Stage 3 (the first snapshot turned the dirty log on): try again, here and in
+    the late thread."""
+    real_seal(self)
+    probe("sealed", AFTER_SEAL)
+    sealed.set()
 
 
 confine.MonitorJail.files = files  # type: ignore[method-assign]
 confine.MonitorJail.syscalls = syscalls  # type: ignore[method-assign]
+confine.MonitorJail.seal_memory = seal_memory  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(monitor.main())

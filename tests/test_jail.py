@@ -178,6 +178,14 @@ def probe_monitor(
         ours.close()
 
 
+def seccomp_filters(status: str) -> int | None:
+    """``Seccomp_filters`` of a /proc/PID/status (Linux 5.9+), None when not shown."""
+    for line in status.splitlines():
+        if line.startswith("Seccomp_filters:"):
+            return int(line.split()[1])
+    return None
+
+
 def exec_answers(session: AgentSession, argv0: str) -> None:
     h = session.exec([argv0], timeout=10)
     st = h.wait(10)
@@ -210,9 +218,13 @@ def test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_runni
             for op, want in truncation_expected(older).items():
                 assert res[op] == want, (thread, op, res)
             assert res["thread"] == "ok", (thread, res)
+            # Allowed until the first snapshot turns the dirty log on: past seccomp, the
+            # call fails on its bad descriptor.
+            assert res["kvm_set_user_memory_region"] == "EBADF", (thread, res)
         assert (mon.store / "chunks" / "blake3" / "victim").read_bytes() == VICTIM
         status = Path(f"/proc/{mon.proc.pid}/status").read_text()
         assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+        filters = seccomp_filters(status)
         assert list((tmp_path / "scratch").iterdir()) == []
         assert list((mon.store / "keys").iterdir()) == []
 
@@ -225,6 +237,13 @@ def test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_runni
         chunk_dir = mon.store / "chunks" / "blake3"
         for cid in [c for c in snap["chunks"] if c] + [snap["state"]["digest"]]:
             assert (chunk_dir / cid.split(":", 1)[1]).is_file()
+        # The snapshot turned the dirty log on, and the jail took the ioctl back: on the
+        # thread that took the snapshot and on one that was already running (TSYNC).
+        results = mon.probe_results(count=4)
+        for thread in ("sealed", "late-sealed"):
+            assert results[thread] == {"kvm_set_user_memory_region": "EPERM"}, results
+        status = Path(f"/proc/{mon.proc.pid}/status").read_text()
+        assert filters is None or seccomp_filters(status) == filters + 1, status
         mon.command("resume")
         exec_answers(mon.session, "/after/the/snapshot")
         mon.session.shutdown()

@@ -15,7 +15,7 @@ from sporevm.vmm import boot, kvm
 from sporevm.vmm.boot import BootError
 from sporevm.vmm.cpu import code_at, translate
 from sporevm.vmm.machine import Machine, StopReason
-from sporevm.vmm.memory import GuestMemory
+from sporevm.vmm.memory import GuestMemory, GuestMemoryError
 from tests.probe_build import ProbeVm
 
 needs_kvm = pytest.mark.skipif(
@@ -123,6 +123,7 @@ def test_vm_state_round_trip(machine: Machine) -> None:
 def test_dirty_log_sees_guest_writes() -> None:
     base, pages = 0x800000, 5
     with ProbeVm("dirty", f"probe.dirty={base:#x},{pages}", dirty_log=True) as vm:
+        vm.machine.get_dirty_log()  # turns the log on (everything dirty so far)
         r = vm.machine.run(time.monotonic() + 5)
         assert (r.reason, r.status) == (StopReason.POWEROFF, 0)
         log = vm.machine.get_dirty_log()
@@ -134,6 +135,41 @@ def test_dirty_log_sees_guest_writes() -> None:
         assert all(bit(first + i) for i in range(pages))
         assert not bit(first + pages) and not bit(first - 1)
         assert not any(vm.machine.get_dirty_log())  # reading cleared it
+
+
+@needs_kvm
+@pytest.mark.parametrize("ram", [64 << 20, (64 << 20) + 3 * 4096])
+def test_first_dirty_log_turns_it_on_and_reports_everything(ram: int) -> None:
+    """The RAM slot starts without KVM_MEM_LOG_DIRTY_PAGES (so KVM may map 2 MiB pages);
+    the first read turns logging on and, relative to nothing, every page is dirty."""
+    with Machine(ram, 1, dirty_log=True) as m:
+        armed: list[bool] = []
+        m.on_log_armed = lambda: armed.append(m.dirty_log_armed)
+        assert not m.dirty_log_armed
+        pages = ram // 4096
+        first = m.get_dirty_log()
+        assert len(first) == (pages + 7) // 8
+        assert sum(bin(b).count("1") for b in first) == pages  # exactly one bit per page
+        assert m.dirty_log_armed and armed == [True]
+        assert not any(m.get_dirty_log())  # on from here: nothing ran, nothing written
+        assert armed == [True]  # the hook runs once
+
+
+def test_guest_ram_is_2mib_aligned() -> None:
+    """Host address ≡ guest physical address mod 2 MiB, so KVM can map 2 MiB pages."""
+    for size in (4 << 20, (64 << 20) + 4096, 1 << 30):
+        mem = GuestMemory(size)
+        try:
+            assert mem.address() % (2 << 20) == 0
+            mem.write(size - 8, b"lastbyte")  # the whole range is usable, and bounded
+            assert mem.read(size - 8, 8) == b"lastbyte" and mem.read(0, 8) == bytes(8)
+            with pytest.raises(GuestMemoryError):
+                mem.read(size - 4, 8)
+            # the view starts at address(): a write through it lands there
+            ctypes.memmove(mem.address() + 4096, b"direct", 6)
+            assert mem.read(4096, 6) == b"direct"
+        finally:
+            mem.close()
 
 
 @needs_kvm

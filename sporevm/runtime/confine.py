@@ -11,7 +11,9 @@ The mechanisms are ``sporevm.vmm.jail``'s; this module decides the policy for
   no other store entry, no home directory, no writes outside the staging dir.
 * Syscalls (seccomp, entered on every thread just before the first KVM_RUN):
   ``jail.SYSCALLS`` plus only the KVM and userfaultfd ioctls the run loop,
-  snapshot and lazy pager issue — no KVM_CREATE_VM, no KVM_SET_USER_MEMORY_REGION.
+  snapshot and lazy pager issue — no KVM_CREATE_VM, and KVM_SET_USER_MEMORY_REGION
+  only until the first snapshot turns the dirty log on (a third filter refuses it
+  from then on: ``MonitorJail.seal_memory``).
 
 ``SPORE_NO_JAIL=1`` (``spore run/build --no-jail``) turns both off for
 debugging, and the monitor says so on stderr every time it starts.
@@ -30,6 +32,7 @@ from sporevm.runtime import lazy
 from sporevm.spore.backing import MEMFILES
 from sporevm.store import Store
 from sporevm.vmm import jail, kvm
+from sporevm.vmm.machine import Machine
 
 NO_JAIL_ENV = "SPORE_NO_JAIL"
 
@@ -201,12 +204,26 @@ class MonitorJail:
             if self.store is not None:
                 self.store.publish_from_staging = self.plan.cross_directory_publish
 
-    def syscalls(self) -> None:
-        """seccomp on every thread: from here on only the allowlist runs."""
+    def syscalls(self, machine: Machine) -> None:
+        """seccomp on every thread: from here on only the allowlist runs.
+
+        While ``machine``'s dirty log is not on yet (a booted VM before its first
+        snapshot), KVM_SET_USER_MEMORY_REGION stays allowed, for the flags-only call
+        that turns it on; once it is on, a third filter refuses it (``seal_memory``)."""
         if self.enabled:
             if self.plan is None:
                 raise jail.JailError("jail: seccomp before Landlock; the file jail comes first")
-            jail.enter_seccomp(IOCTLS, deny_truncation=self.plan.seccomp_denies_truncation)
+            ioctls: tuple[int, ...] = IOCTLS
+            if machine.dirty_log and not machine.dirty_log_armed:
+                ioctls += (kvm.KVM_SET_USER_MEMORY_REGION,)
+                machine.on_log_armed = self.seal_memory
+            jail.enter_seccomp(ioctls, deny_truncation=self.plan.seccomp_denies_truncation)
+
+    def seal_memory(self) -> None:
+        """Refuse KVM_SET_USER_MEMORY_REGION from now on, on every thread (the dirty
+        log is on: nothing needs it any more)."""
+        if self.enabled:
+            jail.refuse_ioctls([kvm.KVM_SET_USER_MEMORY_REGION])
 
     def close(self) -> None:
         if self.staging is not None:

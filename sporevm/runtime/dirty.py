@@ -2,8 +2,10 @@
 
 docs/spore-format.md, "Dirty tracking", is the contract; in short:
 
-* **Guest writes** are in KVM's dirty log (the RAM slot is registered with
-  ``KVM_MEM_LOG_DIRTY_PAGES``: ``BoardWiring(dirty_log=True)``). The
+* **Guest writes** are in KVM's dirty log (``BoardWiring(dirty_log=True)``; the
+  machine turns ``KVM_MEM_LOG_DIRTY_PAGES`` on at its first ``get_dirty_log``,
+  which answers every page dirty: the first snapshot, or ``reset`` right after a
+  restore, so a restored VM's first snapshot is incremental). The
   classic ``KVM_GET_DIRTY_LOG`` (we never enable ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``)
   returns the bitmap *and* clears it, write-protecting the pages again, in one
   ioctl: reading it ends one epoch and starts the next.

@@ -227,7 +227,7 @@ def serve(cfg: MonitorConfig) -> tuple[ExitResult, tuple[ExitClass, ...]]:
         else:
             emit(Restored(text(str(vm.restore.manifest))))
         release_freed_heap()
-        jailed.syscalls()  # the jail, stage 2: seccomp on every thread from here on
+        jailed.syscalls(machine)  # the jail, stage 2: seccomp on every thread from here on
         if board.net is not None:
             board.net.start()  # its channel threads: jailed like the rest
         threading.Thread(target=pump, name="agent-pump", daemon=True).start()

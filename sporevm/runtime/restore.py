@@ -54,7 +54,7 @@ def eager_ram(index: MemoryIndex, chunks: ChunkStore, size: int) -> GuestMemory:
     Private anonymous memory (huge pages asked for), two chunks at a time. On any
     failure the RAM is dropped and the failure raised as it was.
     """
-    ram = GuestMemory(size, anonymous=True)
+    ram = GuestMemory(size)
     try:
         with ram.view(0, size, writable=True) as whole:
             materialize(index, chunks, whole, out_is_zero=True, workers=min(2, os.cpu_count() or 1))

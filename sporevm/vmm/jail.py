@@ -10,6 +10,9 @@ Two stages, because they have different timing constraints (docs/jail.md):
    flags, no executable mappings, signals only to our own threads). Applied to
    every thread at once (SECCOMP_FILTER_FLAG_TSYNC) just before guest code runs.
 
+``refuse_ioctls`` stacks a further filter later, taking back an ioctl the
+allowlist kept only for a while (the monitor's KVM_SET_USER_MEMORY_REGION).
+
 Anything not allowed fails with EPERM rather than killing the process: the code
 that tried it raises OSError and the monitor reports a one-line error, and tests
 can watch a denied call fail while the VM keeps running. A kill would buy nothing
@@ -265,6 +268,8 @@ SYSCALLS = (
     "getrandom",
     "exit",
     "exit_group",
+    # further filters (``refuse_ioctls``): a filter can only narrow what runs, never widen
+    "seccomp",
 )
 
 # clone: threads only. CLONE_THREAD implies CLONE_SIGHAND and CLONE_VM (the kernel
@@ -348,6 +353,28 @@ def enter_seccomp(ioctls: Iterable[int], *, deny_truncation: bool = False) -> No
     for req in sorted(set(ioctls)):
         f.add_rule(sc.ALLOW, _nr("ioctl"), sc.Arg(1, sc.MASKED_EQ, _IOCTL_CMD, req))
     f.add_rule(sc.ERRNO(errno.ENOTTY), _nr("ioctl"), sc.Arg(1, sc.MASKED_EQ, _IOCTL_CMD, _TCGETS))
+    try:
+        f.load()
+    except OSError as exc:
+        raise JailError(f"jail: loading the seccomp filter failed: {exc.strerror}") from None
+
+
+def refuse_ioctls(requests: Iterable[int]) -> None:
+    """Stack a filter on every thread (TSYNC) that refuses ``requests`` with EPERM, as
+    the allowlist refuses what it does not list; irreversible.
+
+    For a jailed process whose allowlist had to keep an ioctl only for a while (the
+    monitor's KVM_SET_USER_MEMORY_REGION, until the dirty log is on). Filters stack,
+    and the strictest answer of all of them wins. No NO_NEW_PRIVS request: the
+    allowlist set it already (the kernel needs it), and prctl is not on the list.
+    """
+    sc = load_seccomp()
+    f = sc.SyscallFilter(sc.ALLOW)
+    f.set_attr(sc.Attr.CTL_TSYNC, 1)
+    f.set_attr(sc.Attr.CTL_NNP, 0)
+    nr = int(sc.resolve_syscall(sc.Arch.NATIVE, "ioctl"))
+    for req in sorted(set(requests)):
+        f.add_rule(sc.ERRNO(errno.EPERM), nr, sc.Arg(1, sc.MASKED_EQ, _IOCTL_CMD, req))
     try:
         f.load()
     except OSError as exc:

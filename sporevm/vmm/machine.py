@@ -128,7 +128,7 @@ class Machine:
         memory: GuestMemory | None = None,
         ioeventfd: bool | None = None,
     ) -> None:
-        """``memory``: RAM to use instead of a fresh memfd (a prepared backing, docs/restore.md);
+        """``memory``: RAM to use instead of fresh RAM (a prepared backing, docs/restore.md);
         the machine owns it from here on and closes it. ``ioeventfd``: virtio kicks through
         KVM_IOEVENTFD on a device thread and interrupts through KVM_IRQFD (notify.py);
         default on unless SPORE_IOEVENTFD=0."""
@@ -158,6 +158,9 @@ class Machine:
         self._terminal: ExitResult | None = None
         self._running = threading.Lock()
         self._irqfds: list[int] = []
+        # Called once, right after the first get_dirty_log() turned KVM's log on (the
+        # monitor's jail stacks a filter refusing KVM_SET_USER_MEMORY_REGION from then).
+        self.on_log_armed: Callable[[], None] | None = None
         try:
             self.sys_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -205,14 +208,10 @@ class Machine:
         self.memory = self._given_memory or GuestMemory(memory_bytes)
         self._given_memory = None
         self.dirty_log = dirty_log
-        region = KvmUserspaceMemoryRegion(
-            0,
-            kvm.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0,
-            0,
-            memory_bytes,
-            self.memory.address(),
-        )
-        ioctl(self.vm_fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
+        # Registered without KVM_MEM_LOG_DIRTY_PAGES even with dirty_log: KVM maps no
+        # 2 MiB page in a logged slot, so the first get_dirty_log() turns the log on.
+        self._dirty_log_armed = False
+        self._set_ram_slot(0)
         supported = kvm.supported_cpuid(sysfd)
         self.msr_index_list = kvm.msr_index_list(sysfd)
         listed = set(self.msr_index_list)
@@ -409,11 +408,35 @@ class Machine:
         clock.clock = captured.clock
         refused("KVM clock", lambda: self.set_clock(clock))
 
+    def _set_ram_slot(self, flags: int) -> None:
+        ram = self.ram
+        region = KvmUserspaceMemoryRegion(0, flags, 0, ram.size, ram.address())
+        ioctl(self.vm_fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
+
+    @property
+    def dirty_log_armed(self) -> bool:
+        """KVM logs guest writes to RAM (since the first ``get_dirty_log``)."""
+        return self._dirty_log_armed
+
     def get_dirty_log(self) -> bytes:
-        """KVM's dirty bitmap for guest RAM since the last call (bit n = page n); clears it."""
+        """KVM's dirty bitmap for guest RAM since the last call (bit n = page n); clears it.
+
+        The RAM slot is registered without logging (KVM maps no 2 MiB page in a logged
+        slot: docs/bench.md, "Nested page faults"), so the first call turns logging on
+        (a flags-only KVM_SET_USER_MEMORY_REGION on the same slot) and answers every
+        page dirty: relative to nothing, everything is. Then ``on_log_armed`` runs
+        (the monitor's jail refuses the ioctl from then on). Call it with the machine
+        paused, as every snapshot does."""
         if not self.dirty_log:
             raise KvmError("dirty logging was not enabled for this machine")
         pages = self.ram.size // 4096
+        if not self._dirty_log_armed:
+            self._set_ram_slot(kvm.KVM_MEM_LOG_DIRTY_PAGES)
+            self._dirty_log_armed = True
+            if self.on_log_armed is not None:
+                self.on_log_armed()
+            full, rest = divmod(pages, 8)
+            return b"\xff" * full + (bytes([(1 << rest) - 1]) if rest else b"")
         buf = (ctypes.c_uint8 * (((pages + 63) // 64) * 8))()
         log = KvmDirtyLog(0, 0, ctypes.addressof(buf))
         ioctl(self.vm_fd, kvm.KVM_GET_DIRTY_LOG, log)

@@ -1,4 +1,4 @@
-"""Guest RAM: one memfd mapping, bounds-checked access, and VMM-write dirty tracking.
+"""Guest RAM: a 2 MiB-aligned anonymous mapping, bounds-checked access, VMM-write dirty tracking.
 
 Guest memory is hostile input. Every access from device code goes through
 ``read``/``write``/``view`` here, which check ``gpa`` and ``length`` against
@@ -9,16 +9,23 @@ KVM's dirty log does not see writes the VMM makes itself (virtio used rings,
 blk reads, the agent channel), so ``write`` and ``view(writable=True)`` mark
 the 4 KiB pages they touch in ``vmm_dirty``; snapshots OR that into KVM's log.
 
-Backings (docs/restore.md). RAM starts as a memfd mapped MAP_SHARED (an eager
-restore uses private anonymous memory with huge pages asked for instead). A restore
-may swap that for a file mapped MAP_PRIVATE at the *same* address
-(``map_file_private``: the KVM memslot keeps pointing at it, clean pages are
-shared with every other mapping of the file, writes stay private), or register
-the range with a userfaultfd (``register_userfaultfd``) and fill it on demand.
-For the latter, ``populate`` is called with every range the VMM is about to
-touch, so that a Python thread (which holds the GIL) never page-faults on
-missing guest RAM: the Python pager thread that would serve the fault could
-never run.
+RAM is private anonymous memory with transparent huge pages asked for, at a host
+address congruent to guest physical 0 modulo 2 MiB: the mapping is 2 MiB larger
+than RAM and RAM starts at its first 2 MiB-aligned address. KVM maps a guest
+2 MiB page with one nested-page-table entry only where host and guest addresses
+agree modulo 2 MiB and the host page is huge (docs/bench.md, "Nested page
+faults"); a memfd (shmem, 4 KiB pages) or an unaligned mapping keeps it at
+4 KiB and costs thousands of nested page faults per boot. Nothing shares RAM by
+descriptor, so there is no memfd.
+
+Backings (docs/restore.md). A restore may swap that for a file mapped
+MAP_PRIVATE at the *same* address (``map_file_private``: the KVM memslot keeps
+pointing at it, clean pages are shared with every other mapping of the file,
+writes stay private), or register the range with a userfaultfd
+(``register_userfaultfd``) and fill it on demand. For the latter, ``populate``
+is called with every range the VMM is about to touch, so that a Python thread
+(which holds the GIL) never page-faults on missing guest RAM: the Python pager
+thread that would serve the fault could never run.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from collections.abc import Callable
 from sporevm.errors import SporeError
 
 PAGE = 4096
+HUGE = 2 << 20  # a transparent huge page, and the alignment of guest RAM
 
 # userfaultfd(2) ABI, x86_64 (linux/userfaultfd.h).
 SYS_USERFAULTFD = 323
@@ -125,33 +133,33 @@ class GuestMemoryError(SporeError):
 
 
 class GuestMemory:
-    def __init__(
-        self, size: int, *, name: str = "spore-guest-ram", anonymous: bool = False
-    ) -> None:
-        """``anonymous``: private anonymous memory with transparent huge pages asked for,
-        instead of a memfd (an eager restore, which writes every stored chunk before the
-        VM exists: ~30% faster to fill here, and where the host backs it with 2 MiB pages
-        KVM can map the guest with 2 MiB pages too)."""
+    def __init__(self, size: int) -> None:
+        """``size`` bytes of private anonymous RAM, zero-filled, 2 MiB-aligned (module doc)."""
         if size <= 0 or size % PAGE:
             raise ValueError(f"guest RAM size {size} is not a positive multiple of {PAGE}")
         self.size = size
-        if anonymous:
-            self.fd = -1
-            self.mmap = mmap.mmap(
-                -1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE
-            )
-            with contextlib.suppress(OSError):  # THP off or unsupported: 4 KiB pages
-                self.mmap.madvise(_MADV_HUGEPAGE)
-        else:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
-            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._mv = memoryview(self.mmap)
+        # Mapped HUGE larger than RAM; RAM is [offset, offset + size) of it, the rest is
+        # never touched (address space only) and goes when the whole mapping is unmapped.
+        self.mmap = mmap.mmap(
+            -1,
+            size + HUGE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        buf = (ctypes.c_char * 1).from_buffer(self.mmap)
+        start = ctypes.addressof(buf)
+        del buf
+        self._offset = -start % HUGE
+        self._base = start + self._offset
+        with contextlib.suppress(OSError):  # THP off or unsupported: 4 KiB pages
+            self.mmap.madvise(_MADV_HUGEPAGE)
+        self._whole = memoryview(self.mmap)
+        self._mv = self._whole[self._offset : self._offset + size]
         self.vmm_dirty = bytearray(size // PAGE)  # 1 = the VMM wrote this page
         # Called with (gpa, length) before the VMM touches a range (lazy restore).
         self.populate: Callable[[int, int], None] | None = None
         self.on_close: list[Callable[[], None]] = []  # e.g. stop a pager first
-        self.backing = "anonymous" if anonymous else "memfd"
+        self.backing = "anonymous"
 
     def close(self) -> None:
         """Drop the RAM; never raises because a view of it is still alive.
@@ -166,22 +174,16 @@ class GuestMemory:
                 fn()
         finally:
             self.on_close = []
+            for mv in (self._mv, self._whole):
+                with contextlib.suppress(BufferError):
+                    mv.release()
             with contextlib.suppress(BufferError):
-                self._mv.release()
-            with contextlib.suppress(BufferError):
-                self.mmap.close()
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+                self.mmap.close()  # the whole mapping, alignment slack included
 
     def address(self) -> int:
-        """Host virtual address of guest physical 0 (for KVM_SET_USER_MEMORY_REGION)."""
-        import ctypes
-
-        buf = (ctypes.c_char * 1).from_buffer(self.mmap)
-        addr = ctypes.addressof(buf)
-        del buf
-        return addr
+        """Host virtual address of guest physical 0 (for KVM_SET_USER_MEMORY_REGION);
+        a multiple of 2 MiB."""
+        return self._base
 
     def check(self, gpa: int, length: int) -> None:
         if gpa < 0 or length < 0 or gpa + length > self.size:
@@ -201,7 +203,7 @@ class GuestMemory:
         """
         if os.fstat(fd).st_size != self.size:
             raise GuestMemoryError(f"memory file is {os.fstat(fd).st_size} bytes, RAM {self.size}")
-        addr = self.address()
+        addr = self._base
         got = _libc.mmap(
             addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0
         )
@@ -212,7 +214,7 @@ class GuestMemory:
 
     def register_userfaultfd(self, uffd: int) -> None:
         """Register all of RAM with ``uffd`` in missing mode (before anything touches it)."""
-        reg = UffdioRegister(self.address(), self.size, UFFDIO_REGISTER_MODE_MISSING, 0)
+        reg = UffdioRegister(self._base, self.size, UFFDIO_REGISTER_MODE_MISSING, 0)
         try:
             uffd_ioctl(uffd, UFFDIO_REGISTER, reg)
         except OSError as e:
