@@ -238,7 +238,12 @@ LANE_TESTS = (
     "tests/test_smp.py",
     "tests/test_dist_e2e.py::test_round_trip[file]",  # the transports are not KVM's business
     "tests/test_dist_e2e.py::test_child_runs_after_pull",
-    "tests/test_dirty_snapshots.py::test_guest_writes_rehash_only_their_chunks",
+    # Issue 16's acceptance: device, restore-strategy and dirty-tracking tests with
+    # ioeventfd/irqfd on, on hardware KVM (probe guests: seconds each).
+    "tests/test_kvm.py",
+    "tests/test_probe_virtio.py",
+    "tests/test_dirty_snapshots.py",
+    "tests/test_restore_strategies.py",
     "tests/test_jail.py::test_denied_operations_fail_inside_the_jailed_monitor_and_the_vm_keeps_running",
     "tests/test_jail.py::test_monitors_the_launcher_starts_are_jailed_by_default",
     # virtio-net, the gateway and passt, inside namespaces L1 makes (the apt example
