@@ -145,7 +145,7 @@ def ours_restore_output(spore: Path, ram: RestoreStrategy, timeout: float) -> fl
     spore's step wrote, until its first stdout byte: restore -> first output."""
     start = time.perf_counter()
     got: list[float] = []
-    vm = resume_vm(spore, Store(), Reporter.quiet(), ram=ram)
+    vm = resume_vm(spore, Store(), Reporter.quiet(), ram=ram, snapshots=False)
     try:
         handle = vm.session.exec(
             ["cat", "/tmp/marker"], on_stdout=lambda _d: got.append(time.perf_counter())

@@ -109,7 +109,7 @@ class Monitor:
 
 @contextmanager
 def probe_monitor(
-    tmp_path: Path, *, unjailed: bool = False, abi_cap: int | None = None
+    tmp_path: Path, *, unjailed: bool = False, abi_cap: int | None = None, snapshots: bool = True
 ) -> Iterator[Monitor]:
     files = tmp_path / "files"
     scratch = tmp_path / "scratch"
@@ -132,6 +132,7 @@ def probe_monitor(
         # the whole test takes over a minute (60 s once cut a passing run short).
         timeout=600,
         store=store,
+        snapshots=snapshots,
     )
     cfg = MonitorConfig(vm, agent_fd=theirs.fileno(), serial_log=tmp_path / "serial.log")
     env = {
@@ -484,6 +485,32 @@ def test_without_landlock_the_monitor_refuses_instead_of_half_jailing() -> None:
     assert proc.returncode != 0
     assert "JailError: jail: this kernel has no Landlock" in proc.stderr
     assert "--no-jail" in proc.stderr
+
+
+@needs_kvm
+@needs_landlock
+def test_a_vm_started_without_snapshots_refuses_the_memory_ioctl_from_the_start(
+    tmp_path: Path,
+) -> None:
+    """`spore run`'s VMs are never snapshotted: no dirty log to turn on, so stage 2 already
+    refuses KVM_SET_USER_MEMORY_REGION, and a snapshot request fails in one line."""
+    with probe_monitor(tmp_path, snapshots=False) as mon:
+        assert mon.next_event()["event"] == "booting"
+        mon.session.wait_ready(20)
+        results = mon.probe_results()
+        for thread, res in results.items():
+            assert res["kvm_set_user_memory_region"] == "EPERM", (thread, res)
+        status = Path(f"/proc/{mon.proc.pid}/status").read_text()
+        filters = seccomp_filters(status)
+        mon.command("snapshot")
+        ev = mon.next_event()
+        assert ev == {"event": "snapshot-error", "message": "this VM was started without snapshots"}
+        later = Path(f"/proc/{mon.proc.pid}/status").read_text()
+        assert filters is None or seccomp_filters(later) == filters  # no third filter
+        mon.command("resume")
+        exec_answers(mon.session, "/no/snapshot")
+        mon.session.shutdown()
+        assert mon.proc.wait(20) == 0
 
 
 @needs_kvm

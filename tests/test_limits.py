@@ -230,6 +230,18 @@ def test_monitor_config_ranges(field: str, at: float, over: float) -> None:
     refused(lambda: MonitorConfig.decode(_line(_config(**{field: over}))), field)
 
 
+def test_monitor_config_snapshots_flag() -> None:
+    """Absent (an older caller): snapshots allowed; otherwise exactly a boolean."""
+    assert MonitorConfig.decode(_line(_config())).vm.snapshots is True
+    assert MonitorConfig.decode(_line(_config(snapshots=False))).vm.snapshots is False
+    doc = _config()
+    del doc["snapshots"]
+    assert MonitorConfig.decode(_line(doc)).vm.snapshots is True
+    for bad in (0, 1, "false", None):
+        line = _line(_config(snapshots=bad))
+        refused(lambda: MonitorConfig.decode(line), "snapshots")  # noqa: B023 - called at once
+
+
 def test_kernel_image_size(tmp_path: Path) -> None:
     """The monitor reads at most 256 MiB of kernel or initrd (sparse files: no disk used)."""
     at, over = tmp_path / "at", tmp_path / "over"

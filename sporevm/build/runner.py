@@ -139,12 +139,14 @@ def resume_vm(
     network: NetworkSpec | None = None,
     net_log: Path | None = None,
     fork_here: bool = False,
+    snapshots: bool = True,
 ) -> VmProcess:
     """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
     clock, and for a forked child its hostname) before anything else runs, and a spore
     with a NIC its network again: the policy recorded in its manifest, or ``network``
     in its place (``net_log`` applies to the recorded one). Flows open at the snapshot
-    do not survive it (docs/network.md). ``fork_here``: see ``VmSpec.fork_here``."""
+    do not survive it (docs/network.md). ``fork_here``: see ``VmSpec.fork_here``;
+    ``snapshots``: see ``VmConfig.snapshots``."""
     spore, pin = split_pin(str(spore))
     m, mpath, rootfs = open_spore(spore, store, pin)
     if m.network is None and network is not None:
@@ -174,6 +176,7 @@ def resume_vm(
                 m.platform.vcpus,
                 store=store.root,
                 restore=restore,
+                snapshots=snapshots,
             ),
             zygote=zygote,
             network=network,
@@ -256,6 +259,7 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
             net_log=req.net_log,
             # One VM, and this process read no credentials: no zygote interpreter.
             fork_here=True,
+            snapshots=False,  # `spore run` never snapshots: no dirty log, a tighter jail
         )
         return _run_in(vm, req, reporter)
     if req.rootfs is not None:

@@ -146,7 +146,9 @@ def serve(cfg: MonitorConfig) -> tuple[ExitResult, tuple[ExitClass, ...]]:
         on_agent_output=agent_output,
         on_agent_writable=room.set,
         serial_output=serial_sink,
-        dirty_log=True,  # snapshots hash only chunks written since the last one (dirty.py)
+        # Snapshots hash only chunks written since the last one (dirty.py); a VM that is
+        # never snapshotted has no log at all (protocol.VmConfig.snapshots).
+        dirty_log=vm.snapshots and vm.store is not None,
     )
     # The jail (docs/jail.md), stage 1: files, while no thread exists (Landlock covers
     # only threads started after it). Stage 2 (syscalls) comes before the first KVM_RUN.
@@ -248,6 +250,8 @@ def serve(cfg: MonitorConfig) -> tuple[ExitResult, tuple[ExitClass, ...]]:
             while queued.cmd is Command.SNAPSHOT:
                 if chunks is None:
                     emit(SnapshotFailed("no store root in the monitor config"))
+                elif not machine.dirty_log:
+                    emit(SnapshotFailed("this VM was started without snapshots"))
                 else:
                     _snapshot(machine, board, chunks, queued.settle)
                 queued = commands.get()  # stay paused until told to resume or stop

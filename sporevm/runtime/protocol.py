@@ -97,6 +97,11 @@ class VmConfig:
     timeout: float | None = None  # wall-clock safety net for the whole VM
     store: Path | None = None  # store root: memory chunks and state objects (spores)
     restore: Restore | None = None
+    # False: this VM is never snapshotted (a one-off `spore run`): KVM's dirty log is never
+    # turned on (its RAM keeps 2 MiB mappings after a restore) and the jail refuses
+    # KVM_SET_USER_MEMORY_REGION from its stage 2 on. A VM without a store cannot be
+    # snapshotted either way.
+    snapshots: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class MonitorConfig:
             "net_fd": self.net.fd if self.net else None,
             "net_mac": self.net.mac.hex() if self.net else None,
             "net_mtu": self.net.mtu if self.net else None,
+            "snapshots": vm.snapshots,
         }
 
     def encode(self) -> bytes:
@@ -161,6 +167,7 @@ class MonitorConfig:
             doc.setdefault("initrd_digest", None)
             for name in ("net_fd", "net_mac", "net_mtu"):
                 doc.setdefault(name, None)
+            doc.setdefault("snapshots", True)
         if not isinstance(doc, dict) or set(doc) != _CONFIG_FIELDS:
             raise ProtocolError("monitor: config has unexpected or missing fields")
         paths = {
@@ -198,6 +205,8 @@ class MonitorConfig:
             or not 0 < timeout <= MAX_TIMEOUT
         ):
             raise ProtocolError("monitor: config timeout must be null or a number in (0, 1e9]")
+        if not isinstance(doc["snapshots"], bool):
+            raise ProtocolError("monitor: config snapshots must be true or false")
         restore = None
         if manifest is not None:
             restore = Restore(
@@ -217,6 +226,7 @@ class MonitorConfig:
             timeout=None if timeout is None else float(timeout),
             store=Path(store) if store is not None else None,
             restore=restore,
+            snapshots=doc["snapshots"],
         )
         return cls(vm, agent_fd, Path(paths["serial_log"]), _config_net(doc, agent_fd))
 
@@ -240,6 +250,7 @@ _CONFIG_FIELDS = {
     "net_fd",
     "net_mac",
     "net_mtu",
+    "snapshots",
 }
 MIN_MTU, MAX_MTU = 68, 65522  # virtio-net's bounds (a frame <= 64 KiB with its header)
 _MAC = re.compile(r"[0-9a-f]{12}")
