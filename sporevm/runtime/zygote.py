@@ -352,6 +352,9 @@ def fork_monitor_here(
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     fds = [in_r, out_w, theirs.fileno()] + ([net_fd] if net_fd is not None else [])
+    for stream in (sys.stdout, sys.stderr):  # or the child could write them out again
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     try:
         pid = os.fork()
         if pid == 0:
