@@ -254,9 +254,11 @@ def restore_once(
 ) -> float:
     """Seconds to the first output; ``resumed`` gets the part up to the agent's answer,
     ``second`` the same exec repeated at once in the same VM. ``zygote=False``: the
-    monitor is a fresh interpreter, as for a one-off ``spore run --from``."""
+    monitor is a fresh interpreter (``SPORE_ZYGOTE=0``; a one-off ``spore run --from``
+    forks its monitor from the CLI instead: bench_boot.py times that whole command).
+    No snapshot follows, so the VM runs without a dirty log, as `spore run`'s do."""
     start = time.perf_counter()
-    vm = resume_vm(spore, store, Reporter.quiet(), ram=strategy, zygote=zygote)
+    vm = resume_vm(spore, store, Reporter.quiet(), ram=strategy, zygote=zygote, snapshots=False)
     resumed.values.append(time.perf_counter() - start)
     try:
         took = first_output(vm, ["cat", "/tmp/marker"], start, timeout)
@@ -355,7 +357,9 @@ def children_memory(
     try:
         start = time.perf_counter()
         for child in children:
-            vm = resume_vm(child, store, Reporter.quiet(), ram=RestoreStrategy.LOCAL)
+            vm = resume_vm(
+                child, store, Reporter.quiet(), ram=RestoreStrategy.LOCAL, snapshots=False
+            )
             vms.append(vm)
             handle = vm.session.exec(list(job), timeout=timeout)
             status = handle.wait(timeout + 5)
@@ -611,8 +615,8 @@ def main() -> int:
         print(
             f"  {'restore local':14} {spawned.describe('ms', 1e3)}   "
             f"cold/restore {cold.median() / spawned.median():.1f}x   with the monitor "
-            f"spawned as a fresh interpreter (a one-off `spore run --from`; the rows above "
-            f"fork it from this process's warm zygote)"
+            f"spawned as a fresh interpreter (SPORE_ZYGOTE=0; the rows above fork it from "
+            f"this process's warm zygote, and a one-off `spore run --from` from the CLI)"
         )
         print(
             f"  floor: a monitor interpreter's start + imports alone: {floor_s.describe('ms', 1e3)}"
