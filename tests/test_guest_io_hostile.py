@@ -231,6 +231,7 @@ def test_monitor_config_roundtrip() -> None:
             "net_fd": None,  # no NIC unless the caller gives one (docs/network.md)
             "net_mac": None,
             "net_mtu": None,
+            "snapshots": True,  # optional: a VM may be snapshotted unless the caller says
         }
         assert MonitorConfig.decode(cfg.encode()) == cfg
 
