@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import IO
 
 from sporevm.errors import SporeError
@@ -167,6 +168,29 @@ def main() -> int:
 # -- the caller's side --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _monitor_channels() -> Iterator[tuple[socket.socket, socket.socket, tuple[int, int, int, int]]]:
+    """A monitor's agent socketpair and its stdin and stdout pipes: (ours, theirs,
+    (in_r, in_w, out_r, out_w)). On leaving, the monitor's ends (theirs, in_r, out_w)
+    are closed here: it holds its own copies by then. If the block raised, the
+    caller's ends (ours, in_w, out_r) are closed too."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        yield ours, theirs, (in_r, in_w, out_r, out_w)
+    except BaseException:
+        for fd in (in_w, out_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        ours.close()
+        raise
+    finally:
+        for fd in (in_r, out_w):
+            os.close(fd)
+        theirs.close()
+
+
 class ForkedMonitor:
     """The subset of ``subprocess.Popen`` VmProcess uses, for a zygote's child."""
 
@@ -267,10 +291,7 @@ class Zygote:
     ) -> tuple[ForkedMonitor, socket.socket]:
         """Fork a monitor; returns it and the caller's end of its agent socket. ``net_fd``:
         the monitor's end of its NIC channel (duplicated into it at CHILD_NET_FD)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        try:
+        with _monitor_channels() as (ours, theirs, (in_r, in_w, out_r, out_w)):
             with self._spawn_lock:
                 word = b"jail" if jail else b"nojail"
                 send = [in_r, out_w, theirs.fileno()]
@@ -306,16 +327,6 @@ class Zygote:
                         self._children[pid] = child
             if early is not None:
                 child._exited(early)
-        except BaseException:
-            for fd in (in_w, out_r):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            ours.close()
-            raise
-        finally:
-            for fd in (in_r, out_w):
-                os.close(fd)
-            theirs.close()
         return child, ours
 
 
@@ -348,28 +359,16 @@ def fork_monitor_here(
     """
     from sporevm.runtime import monitor  # noqa: F401 - imported before the fork, once
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    in_r, in_w = os.pipe2(os.O_CLOEXEC)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    fds = [in_r, out_w, theirs.fileno()] + ([net_fd] if net_fd is not None else [])
     for stream in (sys.stdout, sys.stderr):  # or the child could write them out again
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    try:
+    with _monitor_channels() as (ours, theirs, (in_r, in_w, out_r, out_w)):
+        fds = [in_r, out_w, theirs.fileno()] + ([net_fd] if net_fd is not None else [])
         pid = os.fork()
         if pid == 0:
             gc.freeze()  # the caller's objects are never collected (nor closed) in here
             _become_monitor(fds, not jail, close_others=True)
         pidfd = os.pidfd_open(pid)
-    except BaseException:
-        for fd in (in_w, out_r):
-            os.close(fd)
-        ours.close()
-        raise
-    finally:
-        for fd in (in_r, out_w):
-            os.close(fd)
-        theirs.close()
     child = ForkedMonitor(pid, pidfd, os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb"))
 
     def reap() -> None:
