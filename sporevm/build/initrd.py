@@ -168,17 +168,18 @@ def build_key(store: Store | None = None) -> str:
         raise InitrdError(f"{CC} or gcc not found; install gcc and musl-tools (scripts/setup does)")
     tools = [Path(cc).resolve(), Path(gcc).resolve()]
     recipe = "\0".join((RECIPE, *CFLAGS))  # the code's own inputs: a change is a miss
-    ident = recipe + "\n" + files_identity([*sources, *tools, *_musl_files()])
-    return remember(store, "guest-agent-key", ident, lambda: _build_key(sources))
+    musl = _musl_files()
+    ident = recipe + "\n" + files_identity([*sources, *tools, *musl])
+    return remember(store, "guest-agent-key", ident, lambda: _build_key(sources, musl))
 
 
-def _build_key(sources: list[Path]) -> str:
+def _build_key(sources: list[Path], musl: list[Path]) -> str:
     h = blake3.blake3(RECIPE.encode() + b"\0")
     for p in sources:
         data = p.read_bytes()
         h.update(f"{p.name}\0{len(data)}\0".encode() + data)
     h.update(_tool([CC, "--version"]).splitlines()[0].encode() + b"\0")
-    for dep in _musl_files():
+    for dep in musl:
         h.update(f"{dep.name}\0{blake3_file(dep)[0]}\0".encode())
     h.update("\0".join(CFLAGS).encode())
     return h.hexdigest()
