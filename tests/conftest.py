@@ -7,6 +7,7 @@ offline by tools/ociimage.py and pushed with skopeo, exactly as users would.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,10 @@ import ociimage  # noqa: E402  (tools/ is not a package)
 from registry import LocalRegistry  # noqa: E402
 
 MINBASE_CACHE = Path.home() / ".cache" / "spore-tests"
+
+# Every `spore run` a test starts runs in its own process, whether or not the person
+# running the tests has a resident server up; tests/test_server_e2e.py starts its own.
+os.environ["SPORE_SERVER"] = "off"
 
 
 @dataclass(frozen=True)

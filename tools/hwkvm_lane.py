@@ -251,6 +251,8 @@ LANE_TESTS = (
     "tests/test_network_e2e.py::test_no_network_means_only_lo",
     "tests/test_network_e2e.py::test_fresh_vm_under_policy",
     "tests/test_network_e2e.py::test_networked_spore_resumes_with_its_network",
+    # the resident server: served runs, signals, hang-ups and refusals on hardware KVM
+    "tests/test_server_e2e.py",
 )
 
 

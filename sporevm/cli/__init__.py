@@ -11,19 +11,47 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 
-from sporevm.cli.common import one_line, os_error_line
-from sporevm.cli.parser import build_parser
-from sporevm.errors import SporeError
+TYPE_CHECKING = False  # not typing's: the thin client's path imports no typing, re, enum
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
-_parser = build_parser  # the name tests and tools use
+__all__ = ["build_parser", "main", "os_error_line", "run_here"]
 
-__all__ = ["build_parser", "main", "os_error_line"]
+
+def __getattr__(name: str) -> Any:
+    # Imported on use: `spore run` first asks the resident server (docs/server.md),
+    # and when the server takes the run this process imports nothing else of spore.
+    if name in ("build_parser", "_parser"):
+        from sporevm.cli.parser import build_parser
+
+        return build_parser
+    if name == "os_error_line":
+        from sporevm.cli.common import os_error_line
+
+        return os_error_line
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    from sporevm.cli import client
+
+    if client.wanted(args):
+        code = client.serve_remotely(args)
+        if code is not None:
+            return code
+    return run_here(args)
+
+
+def run_here(argv: Sequence[str]) -> int:
+    """The command, run in this process (also the server's handler's entry)."""
+    from sporevm.cli.common import one_line, os_error_line
+    from sporevm.cli.parser import shared_parser
+    from sporevm.errors import SporeError
+
+    args = shared_parser().parse_args(argv)
     if getattr(args, "no_jail", False):
         os.environ["SPORE_NO_JAIL"] = "1"  # every monitor this process starts inherits it
     if os.environ.get("SPORE_NO_JAIL", "") not in ("", "0"):
