@@ -5,11 +5,13 @@ agent as /init) and the same busybox ext4 rootfs, with the same kernel options,
 and talk to the same agent over a virtio-serial port named org.spore.agent:
 
   ours (a)   VmProcess(...) + session.wait_ready: spawn of the monitor → READY
-  ours (b)   `python -m sporevm.cli run --rootfs X -- true` as a subprocess:
-             wall time including Python startup, boot, exec, shutdown, exit
-  ours (c)   `python -m sporevm.cli run --from SPORE -- true` as a subprocess, where
+  ours (b)   `spore run --rootfs X -- true` as a subprocess (SPORE_SERVER=off):
+             wall time including Python startup, boot, exec, ending the VM, exit
+  ours (c)   `spore run --from SPORE -- true` as a subprocess (SPORE_SERVER=off), where
              SPORE is a one-step spore built (once, before timing) on the same
              busybox image: Python startup, restore, exec, shutdown, exit
+  ours (c')  the same through this user's resident server (`spore server start`
+             before timing; the `spore` process is a thin client, docs/server.md)
   ours (d)   restore -> first output of that spore, eager and local: resume_vm (as
              `run --from`, its monitor forked from this process's zygote) + `cat` of
              the file its step wrote, until the first stdout byte
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -135,8 +138,8 @@ def ours_run_true(rootfs: Path, timeout: float) -> float:
     return ours_cli_true(["--rootfs", str(rootfs)], timeout)
 
 
-def ours_run_from_true(spore: Path, timeout: float) -> float:
-    return ours_cli_true(["--from", str(spore)], timeout)
+def ours_run_from_true(spore: Path, timeout: float, server: bool = False) -> float:
+    return ours_cli_true(["--from", str(spore)], timeout, server)
 
 
 def ours_restore_output(spore: Path, ram: RestoreStrategy, timeout: float) -> float:
@@ -164,9 +167,17 @@ def ours_restore_output(spore: Path, ram: RestoreStrategy, timeout: float) -> fl
         vm.close()
 
 
-def ours_cli_true(source: list[str], timeout: float) -> float:
-    """`spore run SOURCE -- true` as a subprocess, spawn to exit."""
-    argv = [sys.executable, "-m", "sporevm.cli", "run", *source, "--", "true"]
+def spore_argv() -> list[str]:
+    """The `spore` a user runs: the console script beside this interpreter, else -m."""
+    script = Path(sys.executable).with_name("spore")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "sporevm.cli"]
+
+
+def ours_cli_true(source: list[str], timeout: float, server: bool = False) -> float:
+    """`spore run SOURCE -- true` as a subprocess, spawn to exit; ``server``: handed to
+    the resident server (SPORE_SERVER=require), else run in the CLI's own process."""
+    argv = [*spore_argv(), "run", *source, "--", "true"]
+    env = {**os.environ, "SPORE_SERVER": "require" if server else "off"}
     start = time.perf_counter()
     # its own process group, so a timeout or an interrupt also ends its VM monitor
     proc = subprocess.Popen(
@@ -175,6 +186,7 @@ def ours_cli_true(source: list[str], timeout: float) -> float:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env=env,
         start_new_session=True,
     )
     try:
@@ -513,6 +525,11 @@ def main() -> int:
         help="do not build a spore and time `spore run --from SPORE -- true`",
     )
     ap.add_argument(
+        "--skip-server",
+        action="store_true",
+        help="do not time `spore run --from` through the resident server (spore server)",
+    )
+    ap.add_argument(
         "--skip-tcg",
         action="store_true",
         help="do not run QEMU TCG (in the hardware-KVM lane: TCG inside TCG)",
@@ -532,6 +549,7 @@ def main() -> int:
         made = make_rootfs(work)  # also the layout the spore is built on
         rootfs = args.rootfs if args.rootfs is not None else made
         spore = None if args.skip_from else make_spore(work, args.timeout * 4)
+        started_server = None if spore is None or args.skip_server else start_server()
         q = (bzimage, guest.initrd, rootfs, guest.cmdline, args.timeout)
         tcg = ["-accel", "tcg"]
 
@@ -545,11 +563,15 @@ def main() -> int:
             Task("run-true", runs[0], lambda: ours_run_true(rootfs, args.timeout)),
         ]
         from_true = Series("ours --from")
+        served = Series("ours --from, resident server")
         restored = [Series(f"ours restore {ram.value}") for ram in RESTORE_ROWS]
         if spore is not None:
             tasks.append(
                 Task("run-from-true", from_true, lambda: ours_run_from_true(spore, args.timeout))
             )
+            if started_server is not None:
+                fn = partial(ours_run_from_true, spore, args.timeout, server=True)
+                tasks.append(Task("run-from-true", served, fn))
             for ram, series in zip(RESTORE_ROWS, restored, strict=True):
                 tasks.append(
                     Task(
@@ -607,6 +629,14 @@ def main() -> int:
             rows.append(
                 ("run --from SPORE -- true (spawn to exit)", from_true, [runs[0], *cold_peers])
             )
+            if started_server is not None:
+                rows.append(
+                    (
+                        "run --from SPORE -- true, through `spore server` (spawn to exit)",
+                        served,
+                        [from_true, *cold_peers],
+                    )
+                )
             for series in restored:  # against QEMU's cold boot -> first output
                 rows.append(
                     ("restore -> first output vs cold boot -> first output", series, outputs)
@@ -621,13 +651,32 @@ def main() -> int:
             print()
         print(
             "ours `run -- true` is the `spore run` CLI as a subprocess (Python startup "
-            "included); QEMU's is spawn → READY → exec → shutdown → exit."
+            "included; after the command it ends the VM without a guest power-off); "
+            "QEMU's is spawn → READY → exec → shutdown → exit."
         )
         if kvm_series and all(b.failure for b, _ in kvm_series):
             print("QEMU-KVM cannot run this guest here.")
     finally:
+        if started_server:  # only the server this run started
+            subprocess.run([*spore_argv(), "server", "stop", "--now"], check=False)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def start_server() -> bool | None:
+    """`spore server start`: True when this run started it, False when one was already
+    running (then it is left running), None when it cannot start (its row is skipped)."""
+    proc = subprocess.run(
+        [*spore_argv(), "server", "start", "--idle", "30m", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        print(f"no resident server: {proc.stderr.strip()}", file=sys.stderr)
+        return None
+    started: bool = json.loads(proc.stdout)["started"]
+    return started
 
 
 def qemu_version() -> str:
