@@ -8,6 +8,7 @@ worst a ``.tmp-*`` file in the staging directory: the store passes its own
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -137,6 +138,10 @@ def replace_dir(staged: Path, dest: Path, kind: DirKind) -> None:
     checked once more (it could have changed between the check and the swap: then
     it is swapped back) and removed. Both must be on one filesystem (stage beside
     ``dest``).
+
+    Where the swap is refused with EXDEV (overlayfs without ``redirect_dir``: ``dest``
+    comes from a lower layer, e.g. an output directory shipped in a CI container's
+    image), the entries are replaced one by one instead (``_replace_entries``).
     """
     import shutil
 
@@ -154,7 +159,14 @@ def replace_dir(staged: Path, dest: Path, kind: DirKind) -> None:
             f"{dest}: exists and is not a {kind.what} ({why}); nothing was "
             "changed; remove it or choose another output path"
         )
-    _exchange(staged, dest)
+    try:
+        _exchange(staged, dest)
+    except OSError as exc:
+        # one filesystem, yet EXDEV: overlayfs (else: staged elsewhere, a caller's bug)
+        if exc.errno != errno.EXDEV or os.stat(staged).st_dev != os.stat(dest).st_dev:
+            raise
+        _replace_entries(staged, dest, kind)
+        return
     why = kind.refusal(staged)  # the old directory, now at ``staged``
     if why is not None:  # changed under us: put it back, publish nothing
         _exchange(staged, dest)
@@ -164,6 +176,42 @@ def replace_dir(staged: Path, dest: Path, kind: DirKind) -> None:
         )
     fsync_dir(dest.parent)
     shutil.rmtree(staged, ignore_errors=True)
+
+
+def _replace_entries(staged: Path, dest: Path, kind: DirKind) -> None:
+    """Replace what is in ``dest`` by what is in ``staged``, which then goes away.
+
+    Not one atomic step, so ordered for readers: the old marker leaves first and the
+    new marker arrives last. Whoever looks sees the whole old directory, a directory
+    without its marker (refused by every reader, and by ``kind.refusal``: a crash
+    here leaves that, and the next replacement says to remove it), or the whole new
+    one. Only entries named in ``kind`` are ever deleted; the check runs again right
+    before the first deletion.
+    """
+    import shutil
+
+    old = sorted(os.listdir(dest))
+    why = kind.refusal(dest)
+    if why is not None:
+        raise NotReplaceable(
+            f"{dest}: changed while being replaced ({why}); nothing was "
+            "changed; remove it or choose another output path"
+        )
+    for name in sorted(old, key=lambda n: n != kind.marker):  # the marker first
+        path = dest / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        if name == kind.marker:
+            fsync_dir(dest)
+    for name in sorted(os.listdir(staged), key=lambda n: n == kind.marker):  # marker last
+        if name == kind.marker:
+            fsync_dir(dest)
+        os.rename(staged / name, dest / name)
+    fsync_dir(dest)
+    os.rmdir(staged)
+    fsync_dir(dest.parent)
 
 
 def publish_new_dir(staged: Path, dest: Path) -> None:

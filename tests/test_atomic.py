@@ -1,8 +1,12 @@
 """replace_dir: a directory output replaced in one step (renameat2 RENAME_EXCHANGE),
-and only if the old directory is empty or of the kind being written."""
+and only if the old directory is empty or of the kind being written; on overlayfs,
+where a lower-layer directory cannot be swapped, entry by entry."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,48 @@ def test_replace_dir_never_deletes_what_is_not_its_kind(tmp_path: Path, plant: s
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert sorted(set(after) - staged_files) == before
     assert "years of work" in {p.read_text() for p in tmp_path.rglob("thesis.txt")}
+
+
+@pytest.fixture
+def overlay(tmp_path: Path) -> Iterator[Path]:
+    """An overlayfs whose lower layer holds ``out`` (a KIND directory), as in a CI
+    container whose image ships the output directory; yields the merged view."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting overlayfs needs root")
+    for d in ("lower/out/sub", "upper", "work", "merged"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "lower" / "out" / "f").write_text("old")
+    (tmp_path / "lower" / "out" / "sub" / "g").write_text("old too")
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    mounted = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount overlayfs here: {mounted.stderr.strip()}")
+    try:
+        yield tmp_path / "merged"
+    finally:
+        subprocess.run(["umount", str(tmp_path / "merged")], check=False)
+
+
+def test_replace_dir_from_a_lower_overlayfs_layer(overlay: Path) -> None:
+    """renameat2 refuses to swap a lower-layer directory (EXDEV): the entries are
+    replaced one by one, and only the kind's own entries are ever deleted."""
+    staged = _staged(overlay, "staged", "new")
+    replace_dir(staged, overlay / "out", KIND)
+    assert (overlay / "out" / "f").read_text() == "new"
+    assert sorted(os.listdir(overlay / "out")) == ["f"]  # the old sub/ is gone
+    assert sorted(os.listdir(overlay)) == ["out"]
+    # and once more, now that out/ is partly in the upper layer
+    replace_dir(_staged(overlay, "again", "newer"), overlay / "out", KIND)
+    assert (overlay / "out" / "f").read_text() == "newer"
+
+
+def test_replace_dir_in_overlayfs_still_refuses_strangers(overlay: Path) -> None:
+    (overlay / "out" / "thesis.txt").write_text("years of work")
+    with pytest.raises(NotReplaceable, match="thesis.txt"):
+        replace_dir(_staged(overlay, "staged", "new"), overlay / "out", KIND)
+    assert (overlay / "out" / "f").read_text() == "old"
+    assert (overlay / "out" / "thesis.txt").read_text() == "years of work"
