@@ -69,7 +69,8 @@ from sporevm.build.runner import resume_vm  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
 from sporevm.runtime.agent_session import AgentSession, FdChannel  # noqa: E402
 from sporevm.runtime.launcher import VmProcess, VmSpec, stop_process  # noqa: E402
-from sporevm.runtime.protocol import RestoreStrategy, VmConfig  # noqa: E402
+from sporevm.runtime.monitor_config import VmConfig  # noqa: E402
+from sporevm.runtime.protocol import RestoreStrategy  # noqa: E402
 from sporevm.spore.platform import GUEST_AGENT, GUEST_ROOT  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 

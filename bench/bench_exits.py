@@ -56,7 +56,8 @@ from sporevm.build.progress import Reporter  # noqa: E402
 from sporevm.build.runner import resume_vm  # noqa: E402
 from sporevm.errors import SporeError  # noqa: E402
 from sporevm.runtime.launcher import VmProcess, VmSpec  # noqa: E402
-from sporevm.runtime.protocol import Exited, VmConfig  # noqa: E402
+from sporevm.runtime.monitor_config import VmConfig  # noqa: E402
+from sporevm.runtime.protocol import Exited  # noqa: E402
 from sporevm.store import Store  # noqa: E402
 
 ROOT = bench_boot.ROOT

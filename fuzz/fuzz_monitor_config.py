@@ -10,7 +10,7 @@ import atheris
 
 with atheris.instrument_imports():
     from sporevm.errors import SporeError
-    from sporevm.runtime.protocol import MonitorConfig
+    from sporevm.runtime.monitor_config import MonitorConfig
 
 
 def TestOneInput(data: bytes) -> None:

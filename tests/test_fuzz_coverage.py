@@ -45,6 +45,7 @@ PARSERS = {
     "sporevm/spore/blocktable.py",
     "sporevm/spore/vmstate.py",
     "sporevm/runtime/protocol.py",
+    "sporevm/runtime/monitor_config.py",
     "sporevm/runtime/agent.py",
     "sporevm/runtime/agent_messages.py",
     "sporevm/runtime/agent_session.py",

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sporevm.errors import SporeError
-from sporevm.runtime.protocol import MonitorConfig
+from sporevm.runtime.monitor_config import MonitorConfig
 from sporevm.vmm import boot
 from sporevm.vmm.devices import power, serial
 from sporevm.vmm.devices.power import I8042, PowerEvent, PowerPort

@@ -28,7 +28,8 @@ import pytest
 
 from sporevm.cli import _parser
 from sporevm.runtime.agent_session import AgentSession, FdChannel
-from sporevm.runtime.protocol import MonitorConfig, MonitorError, Restore, VmConfig
+from sporevm.runtime.monitor_config import MonitorConfig, Restore, VmConfig
+from sporevm.runtime.protocol import MonitorError
 from sporevm.runtime.zygote import Zygote
 from sporevm.vmm import jail
 from tests.probe_build import build_probe

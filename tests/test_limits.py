@@ -21,8 +21,8 @@ from sporevm.build import lockfile, ocimanifest, ociref
 from sporevm.build.layers import DEFAULT_LIMITS, Limits, apply_layers
 from sporevm.errors import SporeError
 from sporevm.net import auth as ociauth
-from sporevm.runtime import monitor, protocol
-from sporevm.runtime.protocol import MonitorConfig, VmConfig
+from sporevm.runtime import monitor, monitor_config, protocol
+from sporevm.runtime.monitor_config import MonitorConfig, VmConfig
 from sporevm.vmm.devices.virtio.queue import MAX_INDIRECT, MAX_QUEUE_SIZE, ChainError, Virtqueue
 from sporevm.vmm.memory import GuestMemory
 from tests.layer_cases import file, make_tar, write_layers
@@ -220,7 +220,7 @@ def test_monitor_config_line_size() -> None:
 @pytest.mark.parametrize(
     ("field", "at", "over"),
     [
-        ("vcpus", protocol.MAX_VCPUS, protocol.MAX_VCPUS + 1),
+        ("vcpus", monitor_config.MAX_VCPUS, monitor_config.MAX_VCPUS + 1),
         ("memory", protocol.MAX_MEMORY, protocol.MAX_MEMORY + 4096),
         ("timeout", protocol.MAX_TIMEOUT, protocol.MAX_TIMEOUT * (1 + 1e-15)),
     ],

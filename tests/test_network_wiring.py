@@ -25,8 +25,9 @@ from sporevm.runtime.agent import ErrorCode, MsgType
 from sporevm.runtime.agent_messages import NetConfig
 from sporevm.runtime.agent_session import AgentError
 from sporevm.runtime.capture import capture
+from sporevm.runtime.monitor_config import MonitorConfig, NetWiring, VmConfig
 from sporevm.runtime.network import NetworkSpec, interface_config
-from sporevm.runtime.protocol import MonitorConfig, NetWiring, ProtocolError, VmConfig
+from sporevm.runtime.protocol import ProtocolError
 from sporevm.runtime.restore import restore_board
 from sporevm.spore import manifest as mf
 from sporevm.spore import platform, vmstate

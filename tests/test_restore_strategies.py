@@ -20,7 +20,8 @@ from sporevm.errors import SporeError
 from sporevm.runtime.capture import capture
 from sporevm.runtime.lazy import LazyPager, start_pager
 from sporevm.runtime.monitor import _blake3_fd
-from sporevm.runtime.protocol import MonitorConfig, RestoreStrategy
+from sporevm.runtime.monitor_config import MonitorConfig
+from sporevm.runtime.protocol import RestoreStrategy
 from sporevm.runtime.restore import RamLoader, eager_ram, map_local, restore_machine
 from sporevm.spore import vmstate
 from sporevm.spore.backing import ensure_memfile, memfile_path

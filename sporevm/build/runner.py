@@ -17,7 +17,8 @@ from sporevm.errors import CopyError, SporeError, UsageError
 from sporevm.runtime.agent_session import AgentClosedError, AgentTimeoutError
 from sporevm.runtime.generation import generation_message
 from sporevm.runtime.launcher import VmError, VmProcess, VmSpec
-from sporevm.runtime.protocol import MonitorError, Restore, RestoreStrategy, VmConfig
+from sporevm.runtime.monitor_config import Restore, VmConfig
+from sporevm.runtime.protocol import MonitorError, RestoreStrategy
 from sporevm.spore import manifest
 from sporevm.spore.manifest import check_platform
 from sporevm.spore.sporedir import open_spore, split_pin

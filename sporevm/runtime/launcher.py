@@ -2,8 +2,8 @@
 
 Each VM gets a private runtime directory (mode 0700) for its serial log; the
 agent channel is one end of a socketpair whose other end the monitor holds.
-Config, commands and events are the typed protocol's (``protocol.py``); this
-module never imports the monitor.
+Config, commands and events are the typed protocol's (``monitor_config.py``,
+``protocol.py``); this module never imports the monitor.
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ from typing import IO, TYPE_CHECKING, Protocol
 from sporevm.errors import SporeError
 from sporevm.pyspawn import module_argv
 from sporevm.runtime.agent_session import AgentSession, FdChannel
+from sporevm.runtime.monitor_config import MonitorConfig, VmConfig
 from sporevm.runtime.protocol import (
     Command,
     CommandName,
     Event,
     Exited,
     ExitReason,
-    MonitorConfig,
     MonitorError,
     ProtocolError,
     SnapshotFailed,
     SnapshotTaken,
-    VmConfig,
     encode_command,
     read_events,
 )
@@ -78,7 +77,7 @@ class VmError(SporeError):
 
 @dataclass(frozen=True)
 class VmSpec:
-    """A VM to start: what it is (the protocol's ``VmConfig``) and how its monitor runs."""
+    """A VM to start: what it is (the config line's ``VmConfig``) and how its monitor runs."""
 
     vm: VmConfig
     # False only to debug: the monitor runs without its seccomp/Landlock jail and says so

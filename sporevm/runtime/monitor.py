@@ -2,11 +2,12 @@
 
 It opens what it needs (kernel, initrd, rootfs read-only), builds the board,
 boots, and bridges the guest agent's virtio-console port to a socket its
-caller holds. It speaks the typed protocol (``protocol.py``): the config line
-and commands on stdin, events on stdout; nothing here parses OCI, tar or
-Sporefiles. It jails itself (``confine.py``, docs/jail.md). When serving the VM
-fails, the monitor's last word is one ``MonitorError`` event, for an I/O error or
-a bug too, never a traceback: that line is what the user reads.
+caller holds. It speaks the typed protocol (``protocol.py``; the config line is
+``monitor_config.py``): the config line and commands on stdin, events on stdout;
+nothing here parses OCI, tar or Sporefiles. It jails itself (``confine.py``,
+docs/jail.md). When serving the VM fails, the monitor's last word is one
+``MonitorError`` event, for an I/O error or a bug too, never a traceback: that
+line is what the user reads.
 
     caller ──stdin: config line, then commands──► monitor
     caller ◄─stdout: event lines───────────────── monitor
@@ -37,6 +38,7 @@ from sporevm.runtime import dirty
 from sporevm.runtime.capture import capture
 from sporevm.runtime.confine import MonitorJail, release_staging
 from sporevm.runtime.host import host_contract
+from sporevm.runtime.monitor_config import MonitorConfig, Restore
 from sporevm.runtime.protocol import (
     MAX_CONFIG,
     Booting,
@@ -45,10 +47,8 @@ from sporevm.runtime.protocol import (
     ExitClass,
     Exited,
     ExitReason,
-    MonitorConfig,
     MonitorError,
     ProtocolError,
-    Restore,
     Restored,
     RestoreStrategy,
     SnapshotFailed,
@@ -105,7 +105,7 @@ def serve(cfg: MonitorConfig) -> tuple[ExitResult, tuple[ExitClass, ...]]:
     """Run the VM to its end; how it stopped and its exit counts (``exit_classes``)."""
     vm = cfg.vm
     # Held only until loaded: a vmlinux is ~15 MiB, per VM, for nothing. A restore
-    # never loads them (the caller vouches for their digests: protocol.Restore).
+    # never loads them (the caller vouches for their digests: monitor_config.Restore).
     images: dict[str, bytes] = (
         {}
         if vm.restore is not None
@@ -147,7 +147,7 @@ def serve(cfg: MonitorConfig) -> tuple[ExitResult, tuple[ExitClass, ...]]:
         on_agent_writable=room.set,
         serial_output=serial_sink,
         # Snapshots hash only chunks written since the last one (dirty.py); a VM that is
-        # never snapshotted has no log at all (protocol.VmConfig.snapshots).
+        # never snapshotted has no log at all (monitor_config.VmConfig.snapshots).
         dirty_log=vm.snapshots and vm.store is not None,
     )
     # The jail (docs/jail.md), stage 1: files, while no thread exists (Landlock covers

@@ -25,7 +25,7 @@ from sporevm.egress import launch
 from sporevm.egress.filter import Link
 from sporevm.egress.policy import Policy
 from sporevm.runtime.agent_messages import NetConfig
-from sporevm.runtime.protocol import NetWiring
+from sporevm.runtime.monitor_config import NetWiring
 from sporevm.spore.platform import GUEST_MAC, GUEST_MTU
 
 LINK = Link()
