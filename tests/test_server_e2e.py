@@ -49,6 +49,9 @@ steps:
 
 def spore_env(runtime: Path, mode: str | None = "require", **extra: str) -> dict[str, str]:
     env = {**os.environ, "SPORE_HOME": str(KERNEL_STORE), "XDG_RUNTIME_DIR": str(runtime)}
+    # This checkout's spore wherever the client runs (the install id names the package
+    # directory: a client that imported another copy would find no server of its own).
+    env["PYTHONPATH"] = str(ROOT)
     env.pop("SPORE_SERVER", None)
     if mode is not None:
         env["SPORE_SERVER"] = mode
@@ -358,3 +361,29 @@ def test_a_request_carries_exactly_three_descriptors(tmp_path: Path, fds: int) -
     finally:
         stop_server(srv)
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+@needs_kvm
+def test_a_server_that_dies_mid_run_is_outlived_by_its_client(
+    spore_dir: Path, server: Server
+) -> None:
+    """The handler still writes into the client's stdout: the client waits for it to
+    end, then says the outcome is unknown (exit 70)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sporevm.cli", "run", "--from", str(spore_dir), "--"]
+        + ["sh", "-c", "sleep 4; echo after"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=spore_env(server.runtime),
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("resumed "), line + proc.stderr.read()
+    handler = handler_of(server, 1)
+    os.kill(server.pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 70, err
+    assert out == "after\n"  # the run finished: the client did not leave before it
+    assert "went away during the run" in err
+    wait_for(lambda: not group_members(handler), 30, "the handler to end")

@@ -114,6 +114,7 @@ def _wait(sock: _socket.socket) -> int:
                         raise _NotServed(
                             "the server closed the connection before starting the run", say=True
                         )
+                    _outlive(pid)  # it still writes into our stdout: not before it ends
                     print(
                         "spore: error: the resident server went away during the run; its "
                         "outcome is unknown (see `spore server status`)",
@@ -136,6 +137,20 @@ def _wait(sock: _socket.socket) -> int:
     finally:
         for num, previous in forwarded.items():
             _signal.signal(num, previous)
+
+
+def _outlive(pid: int) -> None:
+    """Wait for the handler (not our child) to end; signals are still forwarded."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # already gone
+        return
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
 
 
 def _forward_to(pid: int) -> Callable[[int, FrameType | None], None]:

@@ -45,9 +45,17 @@ NAMESPACES = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
+LOG_MAX = 4 << 20  # the log (stderr) starts over past this: it lives in a tmpfs
+
+
 def log(msg: str) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with contextlib.suppress(OSError, ValueError):
+        if os.fstat(2).st_size > LOG_MAX and not os.isatty(2):
+            os.ftruncate(2, 0)  # opened O_APPEND by `spore server start`
+            print(
+                f"{stamp} [{os.getpid()}] log over {LOG_MAX} bytes; started over", file=sys.stderr
+            )
         print(f"{stamp} [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
