@@ -387,3 +387,25 @@ def test_a_server_that_dies_mid_run_is_outlived_by_its_client(
     assert out == "after\n"  # the run finished: the client did not leave before it
     assert "went away during the run" in err
     wait_for(lambda: not group_members(handler), 30, "the handler to end")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@needs_kvm
+def test_the_server_sleeps_while_a_long_run_goes_on(spore_dir: Path, server: Server) -> None:
+    """Regression: once a run outlived the request deadline (10 s), the server's loop
+    had a deadline in the past and spun at 100% CPU until the run ended."""
+    from sporevm.cli.server import REQUEST_TIMEOUT
+
+    proc = start_sleeper(spore_dir, server)
+    try:
+        time.sleep(REQUEST_TIMEOUT + 1)
+        before = cpu_seconds(server.pid)
+        time.sleep(2.0)
+        assert cpu_seconds(server.pid) - before < 0.2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

@@ -242,14 +242,21 @@ class Server:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 512)
                 else:
-                    self.readable(self.conns[key.fd])
+                    conn = self.conns.get(key.fd)
+                    if conn is not None and conn.sock is key.fileobj:  # not closed meanwhile
+                        self.readable(conn)
             self.reap()
             self.expire(time.monotonic())
 
     def timeout(self, now: float) -> float:
+        """Until the next deadline: the idle timeout, a request's, a hung-up run's kill
+        (a run in progress has none: the loop sleeps until a reply or a signal)."""
         ends = [self.last_active + self.idle]
         for c in self.conns.values():
-            ends.append(c.kill_at if c.handler and c.kill_at else c.deadline)
+            if not c.handler:
+                ends.append(c.deadline)
+            elif c.kill_at:
+                ends.append(c.kill_at)
         return max(0.0, min(min(ends) - now, 60.0))
 
     def accept(self) -> None:
