@@ -216,7 +216,8 @@ TABLE_LINE = re.compile(r"^(\S+)\s+(\d+)\s+([\d.]+)\s+[\d.]+$")
 
 def ours_run_true(rootfs: Path, timeout: float) -> Sample:
     argv = [sys.executable, "-m", "sporevm.cli", "run", "--rootfs", str(rootfs), "--", "true"]
-    env = {**os.environ, "SPORE_EXIT_STATS": "1"}
+    # in this process tree (the watcher follows it), not a resident server's handler
+    env = {**os.environ, "SPORE_EXIT_STATS": "1", "SPORE_SERVER": "off"}
     start = time.perf_counter()
     proc = subprocess.Popen(
         argv,
