@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,6 +87,16 @@ TIMES: dict[str, float] = {}
 # /data/blob in the rootfs, never read while building: its blocks reach the guest
 # only through the blk device, so a corrupt one shows there (the lazy rootfs check).
 BLOB = b"".join(i.to_bytes(4, "little") * 1024 for i in range(256))  # 1 MiB
+
+
+def child_generation(child: dict[str, Any], label: str) -> tuple[dict[str, Any], str]:
+    """`spore run --from` a forked child: its generation.json and 16 random bytes (hex)."""
+    proc = timed(label, "run", "-q", "--from", child["path"], "--", "sh", "-c", GEN_AND_RANDOM)
+    assert proc.returncode == 0, proc.stderr
+    gen_text, _, random_text = proc.stdout.partition("---\n")
+    assert re.fullmatch(r"[0-9a-f]{32}\n", random_text), proc.stdout
+    info: dict[str, Any] = json.loads(gen_text)
+    return info, random_text
 
 
 def timed(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -197,23 +208,9 @@ def test_forked_children_know_they_forked(built: Built, tmp_path: Path) -> None:
     assert len(doc["children"]) == 2
     gens, randoms = [], []
     for child in doc["children"]:
-        proc = timed(
-            f"spore run --from child {child['index']}",
-            "run",
-            "-q",
-            "--from",
-            child["path"],
-            "--",
-            "sh",
-            "-c",
-            GEN_AND_RANDOM,
-        )
-        assert proc.returncode == 0, proc.stderr
-        gen_text, _, random_text = proc.stdout.partition("---\n")
-        info = json.loads(gen_text)
+        info, random_text = child_generation(child, f"spore run --from child {child['index']}")
         assert info["generation"] == child["generation"] and info["index"] == child["index"]
         assert info["parent"] == doc["parent"] and info["count"] == 2
-        assert re.fullmatch(r"[0-9a-f]{32}\n", random_text), proc.stdout
         gens.append(info["generation"])
         randoms.append(random_text)
     assert len(set(gens)) == 2
@@ -786,19 +783,5 @@ def test_spore_of_the_previous_device_model_restores_and_forks(
     doc = json.loads(forks.stdout)
     child = doc["children"][1]
     assert load_manifest(Path(child["path"])).platform.device_model == "spore-board/1"
-    proc = timed(
-        "spore run --from fork child (spore-board/1)",
-        "run",
-        "-q",
-        "--from",
-        child["path"],
-        "--",
-        "sh",
-        "-c",
-        GEN_AND_RANDOM,
-    )
-    assert proc.returncode == 0, proc.stderr
-    gen_text, _, random_text = proc.stdout.partition("---\n")
-    info = json.loads(gen_text)
+    info, _ = child_generation(child, "spore run --from fork child (spore-board/1)")
     assert (info["generation"], info["index"], info["count"]) == (child["generation"], 1, 2)
-    assert re.fullmatch(r"[0-9a-f]{32}\n", random_text), proc.stdout
