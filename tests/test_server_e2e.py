@@ -409,3 +409,37 @@ def test_the_server_sleeps_while_a_long_run_goes_on(spore_dir: Path, server: Ser
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
+
+
+def test_a_large_environment_and_a_lost_working_directory(tmp_path: Path) -> None:
+    """No VM needed: `spore run --help` is served too. A request near the 1 MiB bound
+    goes whole (more than one send); a client whose working directory was deleted
+    has none to hand over and says so."""
+    runtime = Path(tempfile.mkdtemp(prefix="sps", dir="/tmp"))
+    srv = start_server(runtime, tmp_path / "empty-home")
+    try:
+        # one string may be 128 KiB (MAX_ARG_STRLEN): eight of 110 KiB
+        env = spore_env(runtime, **{f"BIG{i}": "x" * (110 << 10) for i in range(8)})
+        proc = spore_cmd(env, "run", "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: spore run" in proc.stdout
+        assert "run 1: run for pid" in srv.log_text()
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        code = (
+            "import os, sys; os.rmdir(sys.argv[1]); from sporevm.cli import main; "
+            "sys.exit(main(sys.argv[2:]))"
+        )
+        lost = subprocess.run(
+            [sys.executable, "-c", code, str(gone), "run", "--help"],
+            capture_output=True,
+            text=True,
+            env=spore_env(runtime),
+            cwd=gone,
+            timeout=60,
+        )
+        assert lost.returncode == 69, lost.stderr
+        assert "no working directory to hand over" in lost.stderr
+    finally:
+        stop_server(srv)
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -72,7 +72,11 @@ def _serve(argv: list[str]) -> int:
         raise _NotServed(problem, say=True)
     umask = os.umask(0o022)
     os.umask(umask)
-    req = wire.Request(install, os.getcwd(), umask, list(argv), dict(os.environ))
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:  # e.g. a working directory deleted under us
+        raise _NotServed(f"no working directory to hand over: {exc.strerror}") from None
+    req = wire.Request(install, cwd, umask, list(argv), dict(os.environ))
     try:
         frame = wire.encode_request(req)
     except wire.WireError as exc:
@@ -85,9 +89,11 @@ def _serve(argv: list[str]) -> int:
             raise _NotServed(f"cannot connect to {path}: {exc.strerror}") from None
         fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in range(wire.FDS))
         try:
-            sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+            sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         except OSError as exc:  # e.g. a closed stdin: EBADF
             raise _NotServed(f"cannot hand over stdin/stdout/stderr: {exc.strerror}") from None
+        if sent < len(frame):  # the descriptors went with the first part
+            sock.sendall(frame[sent:])
         return _wait(sock)
     finally:
         sock.close()
