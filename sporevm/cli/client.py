@@ -64,7 +64,7 @@ class _NotServed(Exception):
 def _serve(argv: list[str]) -> int:
     base = wire.runtime_dir()
     install = wire.install_id()
-    path = os.path.join(base, wire.socket_name(install) + ".sock")
+    path = wire.server_files(base, install)[0]
     if not os.path.exists(path):
         raise _NotServed(f"no server is running (no {path}; start one with `spore server start`)")
     problem = wire.check_runtime_dir(base, create=False)

@@ -102,16 +102,23 @@ def changed_code(files: dict[str, tuple[int, int]]) -> str | None:
     return None
 
 
-def namespace_mismatch(pid: int) -> str | None:
+def own_namespaces() -> dict[str, tuple[int, int]]:
+    """This process's namespaces (device, inode), of each type the kernel has."""
+    out = {}
     for ns in NAMESPACES:
+        with contextlib.suppress(FileNotFoundError):  # a kernel without that type
+            st = os.stat(f"/proc/self/ns/{ns}")
+            out[ns] = (st.st_dev, st.st_ino)
+    return out
+
+
+def namespace_mismatch(pid: int, ours: dict[str, tuple[int, int]]) -> str | None:
+    for ns, ident in ours.items():
         try:
             theirs = os.stat(f"/proc/{pid}/ns/{ns}")
-            ours = os.stat(f"/proc/self/ns/{ns}")
-        except FileNotFoundError:
-            continue  # a kernel without that namespace type
         except OSError as exc:
             return f"cannot read the client's {ns} namespace: {exc.strerror}"
-        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+        if (theirs.st_dev, theirs.st_ino) != ident:
             return (
                 f"the client runs in another {ns} namespace than the server; start a "
                 "server there, or set SPORE_SERVER=off"
@@ -146,12 +153,11 @@ class Conn:
 
 
 class Server:
-    def __init__(self, base: str, name: str, install: str, idle: float) -> None:
-        self.base = base
+    def __init__(self, base: str, install: str, idle: float) -> None:
         self.install = install
         self.idle = idle
-        self.sock_path = os.path.join(base, name + ".sock")
-        self.lock_path = os.path.join(base, name + ".lock")
+        self.sock_path, self.lock_path, _ = wire.server_files(base, install)
+        self.namespaces = own_namespaces()
         self.lock_fd = -1
         self.listener: socket.socket | None = None
         self.listener_ino = 0
@@ -172,9 +178,9 @@ class Server:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = wire.lock_holder(fd)
             os.close(fd)
-            return int(holder) if holder.isdigit() else 0
+            return holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.lock_fd = fd
@@ -336,17 +342,18 @@ class Server:
                 "start it again with `spore server start`",
             )
             return
-        why = namespace_mismatch(c.peer_pid)
+        why = namespace_mismatch(c.peer_pid, self.namespaces)
         if why is not None:
             self.refuse(c, why)
             return
         try:
             theirs = cgroup_of(c.peer_pid)
-            target = None if theirs == cgroup_of("self") else cgroup_dir(theirs)
+            same = theirs == cgroup_of("self")
         except OSError as exc:
             self.refuse(c, f"cannot read the client's cgroup: {exc.strerror}")
             return
-        if theirs != cgroup_of("self") and target is None:
+        target = None if same else cgroup_dir(theirs)
+        if not same and target is None:
             self.refuse(c, "the client is in another cgroup (v1) than the server")
             return
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -503,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         ready(f"error: {problem}")
         return 1
-    server = Server(base, wire.socket_name(install), install, args.idle)
+    server = Server(base, install, args.idle)
     holder = server.lock()
     if holder is not None:
         ready(f"running {holder}")

@@ -26,9 +26,7 @@ class ServerError(SporeError):
 
 def _paths() -> tuple[str, str, str, str]:
     base = wire.runtime_dir()
-    name = wire.socket_name(wire.install_id())
-    sock, lock, log = (os.path.join(base, name + ext) for ext in (".sock", ".lock", ".log"))
-    return base, sock, lock, log
+    return base, *wire.server_files(base, wire.install_id())
 
 
 def running_pid(lock_path: str) -> int | None:
@@ -41,8 +39,7 @@ def running_pid(lock_path: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            return int(text) if text.isdigit() else 0
+            return wire.lock_holder(fd)
         return None
     finally:
         os.close(fd)

@@ -101,9 +101,18 @@ def check_runtime_dir(path: str, *, create: bool) -> str | None:
     return None
 
 
-def socket_name(install: str) -> str:
-    """``server-<crc>``: a name per install; the install itself is checked on connect."""
-    return f"server-{binascii.crc32(install.encode('utf-8', 'surrogateescape')):08x}"
+def server_files(base: str, install: str) -> tuple[str, str, str]:
+    """The server's socket, lock and log in ``base``: ``server-<crc>.{sock,lock,log}``,
+    one name per install (the install itself is checked on connect)."""
+    name = f"server-{binascii.crc32(install.encode('utf-8', 'surrogateescape')):08x}"
+    sock, lock, log = (os.path.join(base, name + ext) for ext in (".sock", ".lock", ".log"))
+    return sock, lock, log
+
+
+def lock_holder(fd: int) -> int:
+    """The pid a server wrote into its lock file (0 when it names none)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else 0
 
 
 # --- the request -------------------------------------------------------------------------
