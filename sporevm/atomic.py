@@ -190,14 +190,13 @@ def _replace_entries(staged: Path, dest: Path, kind: DirKind) -> None:
     """
     import shutil
 
-    old = sorted(os.listdir(dest))
     why = kind.refusal(dest)
     if why is not None:
         raise NotReplaceable(
             f"{dest}: changed while being replaced ({why}); nothing was "
             "changed; remove it or choose another output path"
         )
-    for name in sorted(old, key=lambda n: n != kind.marker):  # the marker first
+    for name in sorted(os.listdir(dest), key=lambda n: n != kind.marker):  # the marker first
         path = dest / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
