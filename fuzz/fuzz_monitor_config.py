@@ -30,6 +30,11 @@ def TestOneInput(data: bytes) -> None:
     if cfg.net is not None:  # the NIC's fields come together, in range, never the agent's fd
         assert cfg.net.fd >= 3 and cfg.net.fd != cfg.agent_fd and 68 <= cfg.net.mtu <= 65522
         assert len(cfg.net.mac) == 6 and not cfg.net.mac[0] & 1 and any(cfg.net.mac)
+    if cfg.ram_image is not None:  # only for an eager restore, on a descriptor of its own
+        assert vm.restore is not None and vm.restore.ram.value == "eager"
+        assert cfg.ram_image.fd >= 3 and cfg.ram_image.fd != cfg.agent_fd
+        assert cfg.net is None or cfg.ram_image.fd != cfg.net.fd
+        assert cfg.ram_image.index.startswith("blake3:") and len(cfg.ram_image.index) == 71
     assert MonitorConfig.decode(cfg.encode()) == cfg
 
 

@@ -5,6 +5,27 @@ member, says what is wrong and what to do. The CLI prints ``str(error)`` and
 exits non-zero; it never prints a traceback for these.
 """
 
+from __future__ import annotations
+
+import traceback
+
+
+def clear_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames in ``exc``'s tracebacks (and its causes').
+
+    A failure while filling a buffer (guest RAM, a RAM image) leaves slices of it in
+    those frames; clearing them lets the caller unmap the buffer at once, instead of
+    ``BufferError`` replacing the failure."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # skips frames still running
+        todo += [e.__cause__, e.__context__]
+
 
 class SporeError(Exception):
     """Base class for errors reported to the user as one clear line."""

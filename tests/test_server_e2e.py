@@ -175,6 +175,41 @@ def test_a_served_run_is_the_run_itself(spore_dir: Path, server: Server) -> None
     assert "run 2: " in server.log_text()
 
 
+@needs_kvm
+def test_served_restores_share_one_verified_ram_image(spore_dir: Path, server: Server) -> None:
+    """The first served restore fills and seals the spore's RAM image and the server
+    keeps it; the next restore maps it without reading a chunk: a chunk corrupted on
+    disk in between does not reach it (what was verified is what runs), while a run
+    without the server still reads that chunk and fails closed in one line."""
+    from sporevm.spore.chunks import ChunkStore
+    from sporevm.store import Store
+
+    env = spore_env(server.runtime)
+    first = spore_cmd(env, "run", "--from", str(spore_dir), "--", "cat", "/tmp/marker")
+    assert (first.returncode, first.stdout) == (0, "served\n"), first.stderr
+    wait_for(lambda: "kept RAM image" in server.log_text(), 10, "the handler's offer")
+    doc = json.loads((spore_dir / "manifest.json").read_text())
+    cid = next(c for c in doc["memory"]["chunks"] if c is not None)
+    chunks = ChunkStore(Store(KERNEL_STORE))
+    original = chunks.get(cid)
+    path = chunks.path(cid)
+    try:
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as fh:
+            fh.write(bytes([original[0] ^ 0xFF]))
+        again = spore_cmd(env, "run", "--from", str(spore_dir), "--", "cat", "/tmp/marker")
+        assert (again.returncode, again.stdout) == (0, "served\n"), again.stderr
+        assert server.log_text().count("kept RAM image") == 1  # a hit: nothing new filled
+        off = spore_cmd(
+            spore_env(server.runtime, "off"), "run", "--from", str(spore_dir), "--", "true"
+        )
+        assert off.returncode != 0 and off.stdout == ""
+        assert cid in off.stderr and len(off.stderr.strip().splitlines()) == 1, off.stderr
+    finally:
+        chunks.put(original)  # repairs (or re-creates) the entry for the other tests
+    assert chunks.get(cid) == original
+
+
 def start_sleeper(spore_dir: Path, srv: Server) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [

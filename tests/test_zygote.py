@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
-from sporevm.runtime.zygote import CHILD_AGENT_FD, Zygote, ZygoteError
+from sporevm.runtime.zygote import (
+    CHILD_AGENT_FD,
+    CHILD_NET_FD,
+    CHILD_RAM_FD,
+    Zygote,
+    ZygoteError,
+)
 
 
 def _events(proc: object) -> list[dict[str, object]]:
@@ -83,6 +90,33 @@ def test_agent_socket_reaches_the_child_at_the_fixed_fd() -> None:
         child.wait(10)
         sock.close()
         child.close()
+
+
+@pytest.mark.parametrize("net", [False, True], ids=["ram", "net+ram"])
+def test_ram_image_reaches_the_child_at_its_fixed_fd(net: bool) -> None:
+    """A sealed RAM image lands at CHILD_RAM_FD, with or without a NIC channel at 4."""
+    ram = os.memfd_create("spore-ram", os.MFD_CLOEXEC)
+    a, b = socket.socketpair()
+    child, sock = Zygote.shared().spawn(jail=True, net_fd=a.fileno() if net else None, ram_fd=ram)
+    try:
+        want = [0, 1, 2, CHILD_AGENT_FD] + ([CHILD_NET_FD] if net else []) + [CHILD_RAM_FD]
+        deadline = time.monotonic() + 5
+        while True:
+            fds = sorted(int(n) for n in os.listdir(f"/proc/{child.pid}/fd"))
+            if fds == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert fds == want, fds
+        assert os.readlink(f"/proc/{child.pid}/fd/{CHILD_RAM_FD}").startswith("/memfd:spore-ram")
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+        sock.close()
+        child.close()
+        a.close()
+        b.close()
+        os.close(ram)
 
 
 def test_wait_times_out_like_popen() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -14,6 +15,7 @@ from sporevm.build.kernel import detect_host_class
 from sporevm.build.progress import Reporter
 from sporevm.build.sealing import platform_contract
 from sporevm.errors import CopyError, SporeError, UsageError
+from sporevm.runtime import ramimage
 from sporevm.runtime.agent_session import AgentClosedError, AgentTimeoutError
 from sporevm.runtime.generation import generation_message
 from sporevm.runtime.launcher import VmError, VmProcess, VmSpec
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # types only: `spore run` does not load the YAML/schema stack
     # loads the copy (tar) and network (egress) code only when it copies or has a NIC
     from sporevm.build.copies import CopyPlan
     from sporevm.runtime.network import NetworkSpec
+    from sporevm.runtime.ramimage import RamImageCache
     from sporevm.sporefile import Sporefile
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # kernel code is emulated on kvm_pvm: boot takes seconds to minutes
@@ -141,13 +144,16 @@ def resume_vm(
     net_log: Path | None = None,
     fork_here: bool = False,
     snapshots: bool = True,
+    ram_images: RamImageCache | None = None,
 ) -> VmProcess:
     """Restore a spore in a fresh monitor; the guest gets its generation (fresh entropy,
     clock, and for a forked child its hostname) before anything else runs, and a spore
     with a NIC its network again: the policy recorded in its manifest, or ``network``
     in its place (``net_log`` applies to the recorded one). Flows open at the snapshot
     do not survive it (docs/network.md). ``fork_here``: see ``VmSpec.fork_here``;
-    ``snapshots``: see ``VmConfig.snapshots``."""
+    ``snapshots``: see ``VmConfig.snapshots``. ``ram_images``: an eager restore takes
+    its RAM from that cache of sealed, verified images (filled on a miss) instead of
+    reading the chunks in the monitor (docs/restore.md, "Sealed RAM images")."""
     spore, pin = split_pin(str(spore))
     m, mpath, rootfs = open_spore(spore, store, pin)
     if m.network is None and network is not None:
@@ -166,24 +172,34 @@ def resume_vm(
     )
     started = time.monotonic()
     restore = Restore(mpath, manifest.id_of(m), guest.kernel_digest, guest.initrd_digest, ram)
-    vm = VmProcess(
-        VmSpec(
-            VmConfig(
-                guest.kernel,
-                guest.initrd,
-                rootfs,
-                guest.cmdline,
-                m.platform.memory,
-                m.platform.vcpus,
-                store=store.root,
-                restore=restore,
-                snapshots=snapshots,
-            ),
-            zygote=zygote,
-            network=network,
-            fork_here=fork_here,
+    image = None
+    if ram_images is not None and ram is RestoreStrategy.EAGER:
+        from sporevm.spore.chunks import ChunkStore
+
+        image = ram_images.image(m.memory, ChunkStore(store), m.platform.memory)
+    try:
+        vm = VmProcess(
+            VmSpec(
+                VmConfig(
+                    guest.kernel,
+                    guest.initrd,
+                    rootfs,
+                    guest.cmdline,
+                    m.platform.memory,
+                    m.platform.vcpus,
+                    store=store.root,
+                    restore=restore,
+                    snapshots=snapshots,
+                ),
+                zygote=zygote,
+                network=network,
+                fork_here=fork_here,
+                ram_image=image,
+            )
         )
-    )
+    finally:
+        if image is not None:
+            os.close(image.fd)  # the monitor holds its own copy by now
     try:
         vm.session.hello(timeout=RESTORE_TIMEOUT)
         # Every restore, forked or not, gets fresh entropy and a CRNG reseed:
@@ -261,6 +277,9 @@ def _run_locked(req: RunRequest, store: Store, reporter: Reporter) -> int:
             # One VM, and this process read no credentials: no zygote interpreter.
             fork_here=True,
             snapshots=False,  # `spore run` never snapshots: no dirty log, a tighter jail
+            # In a long-lived process (the resident server) restores of one spore share
+            # one sealed, verified RAM image instead of re-reading every chunk.
+            ram_images=ramimage.installed(),
         )
         return _run_in(vm, req, reporter)
     if req.rootfs is not None:

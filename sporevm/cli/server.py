@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sporevm.cli import serverwire as wire
+from sporevm.runtime import ramimage
 
 REQUEST_TIMEOUT = 10.0  # to send a whole request after connecting
 KILL_GRACE = 10.0  # SIGTERM to SIGKILL for a handler whose client went away
@@ -169,6 +170,8 @@ class Server:
         self.code: dict[str, tuple[int, int]] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.served = 0
+        # Each handler's channel for offering back a RAM image it filled (ramimage.py).
+        self.offers: dict[int, socket.socket] = {}  # by socket fd
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -247,6 +250,8 @@ class Server:
                 elif key.data == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 512)
+                elif key.data == "offer":
+                    self.take_offer(key.fd)
                 else:
                     conn = self.conns.get(key.fd)
                     if conn is not None and conn.sock is key.fileobj:  # not closed meanwhile
@@ -357,11 +362,17 @@ class Server:
             self.refuse(c, "the client is in another cgroup (v1) than the server")
             return
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        offer_r, offer_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             os.close(go_w)
-            self.become_handler(c, req, go_r)  # never returns
+            offer_r.close()
+            self.become_handler(c, req, go_r, offer_w)  # never returns
         os.close(go_r)
+        offer_w.close()
+        offer_r.setblocking(False)
+        self.offers[offer_r.fileno()] = offer_r
+        self.sel.register(offer_r, selectors.EVENT_READ, "offer")
         if target is not None:
             try:
                 Path(target, "cgroup.procs").write_text(f"{pid}\n")
@@ -383,7 +394,7 @@ class Server:
         log(f"run {self.served}: {' '.join(req.argv[:1])} for pid {c.peer_pid} in handler {pid}")
         self.send(c, wire.started(pid))
 
-    def become_handler(self, c: Conn, req: wire.Request, go_r: int) -> None:
+    def become_handler(self, c: Conn, req: wire.Request, go_r: int, offer: socket.socket) -> None:
         code = 70
         try:
             os.setsid()  # its own group: the client's signals and a hang-up reach all of it
@@ -399,6 +410,11 @@ class Server:
                     os.close(fd)
             for conn in self.conns.values():
                 conn.sock.close()
+            for other in self.offers.values():
+                other.close()
+            cache = ramimage.installed()
+            if cache is not None:
+                cache.offer_to = offer
             if self.listener is not None:
                 self.listener.close()
             self.sel.close()
@@ -424,6 +440,18 @@ class Server:
                 with contextlib.suppress(BaseException):
                     stream.flush()
             os._exit(code if 0 <= code <= 255 else 70)
+
+    def take_offer(self, fd: int) -> None:
+        """A handler offers a RAM image it filled, or its channel ended."""
+        sock = self.offers[fd]
+        cache = ramimage.installed()
+        said = ramimage.receive_offer(sock, cache) if cache is not None else None
+        if said is None:
+            self.sel.unregister(sock)
+            del self.offers[fd]
+            sock.close()
+        elif said != ramimage.NO_OFFER:
+            log(said)
 
     def send(self, c: Conn, data: bytes) -> None:
         try:
@@ -496,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, required=True)
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--install", required=True, help="serverwire.install_id() of the starter")
+    ap.add_argument("--ram-cache", type=int, default=0, help="bytes of RAM images to keep")
     args = ap.parse_args(argv)
 
     def ready(msg: str) -> None:
@@ -517,13 +546,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         warm_imports()
+        if args.ram_cache > 0:
+            ramimage.install(ramimage.RamImageCache(args.ram_cache))
         if threading.active_count() != 1:
             raise RuntimeError("importing spore started a thread; the server forks handlers")
         server.listen()
     except Exception as exc:  # noqa: BLE001 - reported to `spore server start`
         ready(f"error: {type(exc).__name__}: {exc}")
         return 1
-    log(f"serving {server.sock_path} (idle timeout {args.idle:.0f} s)")
+    log(
+        f"serving {server.sock_path} (idle timeout {args.idle:.0f} s, "
+        f"RAM images up to {args.ram_cache >> 20} MiB)"
+    )
     ready(f"ready {os.getpid()}")
     server.serve()
     log("stopped")

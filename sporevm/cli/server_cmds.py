@@ -14,8 +14,9 @@ from pathlib import Path
 
 from sporevm.cli import serverwire as wire
 from sporevm.cli.common import emit_json, parse_duration
-from sporevm.errors import SporeError, UsageError
+from sporevm.errors import SporeError, SporefileError, UsageError
 from sporevm.pyspawn import module_argv
+from sporevm.units import parse_size
 
 START_TIMEOUT = 120.0  # its imports, where host code is emulated, take seconds
 
@@ -45,14 +46,30 @@ def running_pid(lock_path: str) -> int | None:
         os.close(fd)
 
 
+def default_ram_cache() -> int:
+    """A quarter of this machine's memory, at most 4 GiB."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(4 << 30, total // 4)
+
+
 def cmd_server_start(args: argparse.Namespace) -> int:
     idle = parse_duration(args.idle)
     if idle <= 0:
         raise UsageError(f"--idle {args.idle}: give a positive duration, e.g. 3h")
+    if args.ram_cache is None:
+        ram_cache = default_ram_cache()
+    elif args.ram_cache.strip() == "0":
+        ram_cache = 0
+    else:
+        try:
+            ram_cache = parse_size(args.ram_cache)
+        except SporefileError as exc:
+            raise UsageError(f"--ram-cache {args.ram_cache}: {exc}") from None
+    own = ("--idle", str(idle), "--install", wire.install_id(), "--ram-cache", str(ram_cache))
     if args.foreground:
         from sporevm.cli import server
 
-        return server.main(["--idle", str(idle), "--install", wire.install_id()])
+        return server.main(list(own))
     base, sock, lock, log = _paths()
     problem = wire.check_runtime_dir(base, create=True)
     if problem is not None:
@@ -63,10 +80,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     )
     try:
         subprocess.Popen(
-            module_argv(
-                "sporevm.cli.server",
-                *("--idle", str(idle), "--ready-fd", str(w), "--install", wire.install_id()),
-            ),
+            module_argv("sporevm.cli.server", *own, "--ready-fd", str(w)),
             stdin=subprocess.DEVNULL,
             stdout=logfd,
             stderr=logfd,
@@ -89,6 +103,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
             "socket": sock,
             "log": log,
             "idle_seconds": idle,
+            "ram_cache_bytes": ram_cache,
             "started": word == "ready",
         }
         if args.json:
@@ -167,6 +182,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     st = ssub.add_parser("start", help="start it in the background (no-op if it runs)")
     st.add_argument(
         "--idle", default="3h", metavar="DURATION", help="stop after this long without a run"
+    )
+    st.add_argument(
+        "--ram-cache",
+        metavar="SIZE",
+        help="keep verified RAM images of restored spores up to this size "
+        "(default: a quarter of memory, at most 4GiB; 0: none)",
     )
     st.add_argument(
         "--foreground", action="store_true", help="serve from this process (for a service unit)"

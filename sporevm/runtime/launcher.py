@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 from sporevm.errors import SporeError
 from sporevm.pyspawn import module_argv
 from sporevm.runtime.agent_session import AgentSession, FdChannel
-from sporevm.runtime.monitor_config import MonitorConfig, VmConfig
+from sporevm.runtime.monitor_config import MonitorConfig, RamImageWiring, VmConfig
 from sporevm.runtime.protocol import (
     Command,
     CommandName,
@@ -36,10 +36,11 @@ from sporevm.runtime.protocol import (
     encode_command,
     read_events,
 )
-from sporevm.runtime.zygote import CHILD_NET_FD, ForkedMonitor, monitor_popen
+from sporevm.runtime.zygote import CHILD_NET_FD, CHILD_RAM_FD, ForkedMonitor, monitor_popen
 
 if TYPE_CHECKING:  # the egress code is loaded only for a VM with a NIC
     from sporevm.runtime.network import Network, NetworkSpec
+    from sporevm.runtime.ramimage import RamImage
 
 SERIAL_TAIL = 4000
 
@@ -93,6 +94,10 @@ class VmSpec:
     # The VM's network: its egress gateway starts before the monitor, which gets a NIC
     # wired to it. None: no gateway, no NIC (docs/network.md).
     network: NetworkSpec | None = None
+    # An eager restore's RAM, read and verified into a sealed memfd by this process
+    # (ramimage.py): the monitor maps it instead of reading the chunks. The caller
+    # still owns (and closes) the fd.
+    ram_image: RamImage | None = None
 
 
 class VmProcess:
@@ -114,28 +119,38 @@ class VmProcess:
             self.network = Network(spec.network)
         try:
             net_fd = self.network.monitor_fd if self.network is not None else None
+            ram_fd = spec.ram_image.fd if spec.ram_image is not None else None
             if zygote:
                 # The zygote's env is fixed at its start; say the jail choice per child.
                 jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
-                self.proc, ours, agent_fd = monitor_popen(jail, net_fd, fork_here=spec.fork_here)
-                net_in_monitor = CHILD_NET_FD
+                self.proc, ours, agent_fd = monitor_popen(
+                    jail, net_fd, ram_fd=ram_fd, fork_here=spec.fork_here
+                )
+                net_in_monitor, ram_in_monitor = CHILD_NET_FD, CHILD_RAM_FD
             else:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 agent_fd = theirs.fileno()
                 net_in_monitor = net_fd if net_fd is not None else -1
+                ram_in_monitor = ram_fd if ram_fd is not None else -1
             self._sock = ours
             cfg = MonitorConfig(
                 spec.vm,
                 agent_fd,
                 self.serial_log,
                 self.network.wiring(net_in_monitor) if self.network is not None else None,
+                (
+                    RamImageWiring(ram_in_monitor, spec.ram_image.index)
+                    if spec.ram_image is not None
+                    else None
+                ),
             )
             if not zygote:
+                passed = (theirs.fileno(),) + tuple(fd for fd in (net_fd, ram_fd) if fd is not None)
                 self.proc = subprocess.Popen(
                     module_argv("sporevm.runtime.monitor"),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
-                    pass_fds=(theirs.fileno(),) + ((net_fd,) if net_fd is not None else ()),
+                    pass_fds=passed,
                     env=None if spec.jail else {**os.environ, "SPORE_NO_JAIL": "1"},
                 )
                 theirs.close()

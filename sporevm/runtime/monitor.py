@@ -58,6 +58,7 @@ from sporevm.runtime.protocol import (
     encode_event,
     text,
 )
+from sporevm.runtime.ramimage import check_sealed, image_id
 from sporevm.runtime.restore import eager_ram, restore_board
 from sporevm.spore import manifest, platform, vmstate
 from sporevm.spore.backing import open_local
@@ -367,13 +368,24 @@ def _restored_board(
     # against the index (backing.py), also before any VM exists; lazy hashes each chunk
     # as it is faulted in.
     manifest.verify_chunks(m, chunks, rehash=False)
-    ram = eager_ram(m.memory, chunks, vm.memory) if restore.ram is RestoreStrategy.EAGER else None
+    image = cfg.ram_image  # eager, already read and verified by the caller: sealed
+    if image is not None:
+        check_sealed(image.fd, vm.memory)
+        if image.index != image_id(m.memory):
+            raise SporeError(
+                f"monitor: the RAM image handed over holds memory index {image.index}; "
+                f"the spore's is {image_id(m.memory)}"
+            )
+    eager = restore.ram is RestoreStrategy.EAGER and image is None
+    ram = eager_ram(m.memory, chunks, vm.memory) if eager else None
     memfile = (
         open_local(m.memory, chunks, chunks.store) if restore.ram is RestoreStrategy.LOCAL else -1
     )
 
     def load(mem: GuestMemory) -> None:
-        if restore.ram is RestoreStrategy.LOCAL:
+        if image is not None:
+            mem.map_file_private(image.fd)
+        elif restore.ram is RestoreStrategy.LOCAL:
             mem.map_file_private(memfile)
         elif restore.ram is RestoreStrategy.LAZY:
             from sporevm.runtime.lazy import start_pager
@@ -390,12 +402,14 @@ def _restored_board(
 
             start_pager(mem, m.memory, chunks, on_error=fail_closed)
         # eager: ``ram`` was filled and verified above and is this machine's memory
+        # (or the caller's sealed image, verified when it was filled, is mapped above)
 
     try:
         return restore_board(state, board_cfg, load, wiring, memory_index=m.memory, memory=ram)
     finally:
-        if memfile >= 0:
-            os.close(memfile)  # the mapping keeps the file
+        for fd in (memfile, image.fd if image is not None else -1):
+            if fd >= 0:
+                os.close(fd)  # the mapping keeps the file
 
 
 def release_freed_heap() -> None:

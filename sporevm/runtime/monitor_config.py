@@ -7,7 +7,8 @@ commands and events that follow are ``protocol.py``'s).
 A ``MonitorConfig`` is a ``VmConfig`` (paths of kernel, initramfs and rootfs, cmdline,
 memory, vCPUs, a wall-clock bound, the store, and for a restore a ``Restore`` with the
 manifest, its id, the verified kernel/initrd digests and the ``RestoreStrategy``) plus the
-agent socket's fd, the serial log path and, for a VM with a network, ``NetWiring``.
+agent socket's fd, the serial log path, for a VM with a network ``NetWiring``, and for an
+eager restore from a caller's sealed RAM image ``RamImageWiring`` (ramimage.py).
 
 Trust. The config comes from the caller, which the monitor still checks strictly
 (``MonitorConfig.decode``); any defect is one ProtocolError.
@@ -84,6 +85,16 @@ class NetWiring:
 
 
 @dataclass(frozen=True)
+class RamImageWiring:
+    """An eager restore's RAM, already read and verified by the caller into a sealed
+    memfd (``sporevm.runtime.ramimage``): the monitor's fd of it, and the memory index
+    it holds (which must be the restored manifest's)."""
+
+    fd: int
+    index: str  # "blake3:<hex>": ramimage.image_id of the index
+
+
+@dataclass(frozen=True)
 class MonitorConfig:
     """The config line: the VM, plus what the launcher wired for this monitor process."""
 
@@ -91,6 +102,7 @@ class MonitorConfig:
     agent_fd: int  # the monitor's end of the agent socket
     serial_log: Path  # where the serial console goes (a private runtime directory)
     net: NetWiring | None = None  # None: the VM has no NIC
+    ram_image: RamImageWiring | None = None  # None: an eager restore reads the chunks
 
     def wire(self) -> dict[str, Any]:
         """The flat JSON object of the config line (the field names are the protocol's)."""
@@ -115,6 +127,8 @@ class MonitorConfig:
             "net_mac": self.net.mac.hex() if self.net else None,
             "net_mtu": self.net.mtu if self.net else None,
             "snapshots": vm.snapshots,
+            "ram_image_fd": self.ram_image.fd if self.ram_image else None,
+            "ram_image_index": self.ram_image.index if self.ram_image else None,
         }
 
     def encode(self) -> bytes:
@@ -137,6 +151,8 @@ class MonitorConfig:
             for name in ("net_fd", "net_mac", "net_mtu"):
                 doc.setdefault(name, None)
             doc.setdefault("snapshots", True)
+            doc.setdefault("ram_image_fd", None)
+            doc.setdefault("ram_image_index", None)
         if not isinstance(doc, dict) or set(doc) != _CONFIG_FIELDS:
             raise ProtocolError("monitor: config has unexpected or missing fields")
         paths = {
@@ -197,7 +213,9 @@ class MonitorConfig:
             restore=restore,
             snapshots=doc["snapshots"],
         )
-        return cls(vm, agent_fd, Path(paths["serial_log"]), _config_net(doc, agent_fd))
+        net = _config_net(doc, agent_fd)
+        image = _config_ram_image(doc, restore, {agent_fd} | ({net.fd} if net else set()))
+        return cls(vm, agent_fd, Path(paths["serial_log"]), net, image)
 
 
 _CONFIG_FIELDS = {
@@ -220,6 +238,8 @@ _CONFIG_FIELDS = {
     "net_mac",
     "net_mtu",
     "snapshots",
+    "ram_image_fd",
+    "ram_image_index",
 }
 MIN_MTU, MAX_MTU = 68, 65522  # virtio-net's bounds (a frame <= 64 KiB with its header)
 _MAC = re.compile(r"[0-9a-f]{12}")
@@ -245,6 +265,27 @@ def _config_net(doc: dict[str, Any], agent_fd: int) -> NetWiring | None:
     if raw[0] & 1 or raw == bytes(6):
         raise ProtocolError("monitor: config net_mac must be a unicast, non-zero MAC")
     return NetWiring(fd, raw, _config_int(doc, "net_mtu", MIN_MTU, MAX_MTU))
+
+
+def _config_ram_image(
+    doc: dict[str, Any], restore: Restore | None, taken: set[int]
+) -> RamImageWiring | None:
+    """ram_image_fd and ram_image_index: both null, or both set for an eager restore."""
+    fd, index = doc["ram_image_fd"], doc["ram_image_index"]
+    if fd is None and index is None:
+        return None
+    if fd is None or index is None:
+        raise ProtocolError(
+            "monitor: config ram_image_fd and ram_image_index must be both set or both null"
+        )
+    if restore is None or restore.ram is not RestoreStrategy.EAGER:
+        raise ProtocolError("monitor: config ram_image_fd is for an eager restore only")
+    number = _config_int(doc, "ram_image_fd", 3, MAX_FD)
+    if number in taken:
+        raise ProtocolError("monitor: config ram_image_fd must differ from agent_fd and net_fd")
+    if not _digest(index):
+        raise ProtocolError("monitor: config ram_image_index must be a blake3:<64 hex> id")
+    return RamImageWiring(number, index)
 
 
 def _config_str(doc: dict[str, Any], name: str, *, path: bool) -> str:

@@ -30,9 +30,9 @@ KVM needs (each backend call keeps the order inside its part):
 from __future__ import annotations
 
 import os
-import traceback
 from collections.abc import Callable, Sequence
 
+from sporevm.errors import clear_frames
 from sporevm.runtime import dirty
 from sporevm.spore.backend import MachineBackend, VirtioTransport
 from sporevm.spore.backing import open_local
@@ -61,23 +61,10 @@ def eager_ram(index: MemoryIndex, chunks: ChunkStore, size: int) -> GuestMemory:
     except BaseException as exc:
         # The frames of the error's traceback hold slices of this RAM (the chunk being
         # read into it); clearing them lets close() unmap it now, not at exit.
-        _clear_frames(exc)
+        clear_frames(exc)
         ram.close()
         raise
     return ram
-
-
-def _clear_frames(exc: BaseException) -> None:
-    """Drop the locals of the finished frames in ``exc``'s tracebacks (and its causes')."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)  # skips frames still running
-        todo += [e.__cause__, e.__context__]
 
 
 def map_local(mem: GuestMemory, index: MemoryIndex, chunks: ChunkStore, store: Store) -> None:

@@ -14,7 +14,8 @@ state), and it stays single-threaded so that ``fork`` is safe. Each child runs
 way (docs/jail.md). The protocol is private to one caller: a SOCK_SEQPACKET
 socketpair, one datagram per message.
 
-    caller ── "spawn" + [stdin, stdout, agent socket(, NIC channel)] (SCM_RIGHTS) ──► zygote
+    caller ── "spawn" + [stdin, stdout, agent socket(, NIC channel)(, RAM image)] ──► zygote
+              ("spawn jail|nojail [net] [ram]", the descriptors by SCM_RIGHTS)
     caller ◄── "pid N" + [pidfd] ── zygote          (fork done, child running)
     caller ◄── "exit N CODE" ── zygote              (child reaped)
 """
@@ -40,6 +41,9 @@ from sporevm.pyspawn import module_argv
 
 CHILD_AGENT_FD = 3  # where a child finds its agent socket (the config line says so)
 CHILD_NET_FD = 4  # and its NIC's frame channel, when the VM has a network
+CHILD_RAM_FD = 5  # and its sealed RAM image, for an eager restore handed one (ramimage.py)
+_SLOTS = (0, 1, CHILD_AGENT_FD, CHILD_NET_FD, CHILD_RAM_FD)
+_EXTRAS = (b"net", b"ram")  # the optional words of a spawn request, in this order
 _MAX_MSG = 256
 _CTL_FD_ENV = "SPORE_ZYGOTE_FD"
 
@@ -60,8 +64,8 @@ def _recv_fds(sock: socket.socket, count: int) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, int]) -> None:
-    """In the forked child: become a monitor with stdin/stdout/agent(/NIC) at 0/1/3(/4)."""
+def _child(ctl: socket.socket, fds: list[int | None], no_jail: bool, wake: tuple[int, int]) -> None:
+    """In the forked child: become a monitor with its descriptors at ``_SLOTS``."""
     try:
         ctl.close()
         for fd in wake:
@@ -73,22 +77,25 @@ def _child(ctl: socket.socket, fds: list[int], no_jail: bool, wake: tuple[int, i
     _become_monitor(fds, no_jail)
 
 
-def _become_monitor(fds: list[int], no_jail: bool, *, close_others: bool = False) -> None:
-    """In a forked child: put ``fds`` at 0/1/3(/4) (stdin, stdout, agent, NIC), run the
-    monitor, and end the process with its exit code; never returns. ``close_others``:
-    every other descriptor but stderr is closed first (a child of a process that was not
-    made to fork monitors, with descriptors of its own)."""
+def _become_monitor(fds: list[int | None], no_jail: bool, *, close_others: bool = False) -> None:
+    """In a forked child: put ``fds`` (stdin, stdout, agent, NIC or None, RAM image or
+    None) at ``_SLOTS``, run the monitor, and end the process with its exit code; never
+    returns. ``close_others``: every other descriptor but stderr is closed first (a
+    child of a process that was not made to fork monitors, with descriptors of its own)."""
     try:
-        # Out of the way of the targets first: a received fd may sit at 3 or 4.
-        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in fds]
-        for fd in fds:
+        # Out of the way of the targets first: a received fd may sit at 3, 4 or 5.
+        placed = [(fd, slot) for fd, slot in zip(fds, _SLOTS, strict=False) if fd is not None]
+        moved = [(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16), slot) for fd, slot in placed]
+        for fd, _ in placed:
             os.close(fd)
-        for fd, target in zip(moved, (0, 1, CHILD_AGENT_FD, CHILD_NET_FD), strict=False):
+        if close_others:  # all but stderr and the moved ones
+            keep = sorted(fd for fd, _ in moved)
+            starts, ends = [3] + [fd + 1 for fd in keep], keep + [os.sysconf("SC_OPEN_MAX")]
+            for lo, hi in zip(starts, ends, strict=True):
+                os.closerange(lo, hi)
+        for fd, target in moved:
             os.dup2(fd, target, inheritable=target < 3)
             os.close(fd)
-        if close_others:
-            last = CHILD_NET_FD if len(fds) > 3 else CHILD_AGENT_FD
-            os.closerange(last + 1, os.sysconf("SC_OPEN_MAX"))
         if no_jail:
             os.environ["SPORE_NO_JAIL"] = "1"
         else:
@@ -136,20 +143,29 @@ def serve(ctl: socket.socket) -> int:
                 with contextlib.suppress(OSError):
                     ctl.send(f"exit {pid} {code}".encode())
         if ctl.fileno() in ready:
-            msg, fds = _recv_fds(ctl, 4)
+            msg, fds = _recv_fds(ctl, 5)
             if not msg:
                 return 0  # the caller is gone; running children end when their stdin does
             parts = msg.split()
-            net = parts[2:] == [b"net"]
-            if len(fds) != 3 + net or not parts or parts[0] != b"spawn" or len(parts) != 2 + net:
+            extras = parts[2:]
+            if (
+                len(parts) < 2
+                or parts[0] != b"spawn"
+                or parts[1] not in (b"jail", b"nojail")
+                or extras not in ([], [b"net"], [b"ram"], [b"net", b"ram"])
+                or len(fds) != 3 + len(extras)
+            ):
                 for fd in fds:
                     os.close(fd)
                 ctl.send(b"error bad request")
                 continue
             no_jail = parts[1] == b"nojail"
+            slots: list[int | None] = [*fds[:3], None, None]
+            for word, fd in zip(extras, fds[3:], strict=True):
+                slots[3 + _EXTRAS.index(word)] = fd
             pid = os.fork()
             if pid == 0:
-                _child(ctl, fds, no_jail, (wake_r, wake_w))
+                _child(ctl, slots, no_jail, (wake_r, wake_w))
             for fd in fds:
                 os.close(fd)
             pidfd = os.pidfd_open(pid)  # before any reaping: cannot name another process
@@ -287,17 +303,24 @@ class Zygote:
                 self._cond.notify_all()
 
     def spawn(
-        self, *, jail: bool, net_fd: int | None = None, timeout: float = 10.0
+        self,
+        *,
+        jail: bool,
+        net_fd: int | None = None,
+        ram_fd: int | None = None,
+        timeout: float = 10.0,
     ) -> tuple[ForkedMonitor, socket.socket]:
         """Fork a monitor; returns it and the caller's end of its agent socket. ``net_fd``:
-        the monitor's end of its NIC channel (duplicated into it at CHILD_NET_FD)."""
+        the monitor's end of its NIC channel (duplicated into it at CHILD_NET_FD);
+        ``ram_fd``: a sealed RAM image (at CHILD_RAM_FD)."""
         with _monitor_channels() as (ours, theirs, (in_r, in_w, out_r, out_w)):
             with self._spawn_lock:
                 word = b"jail" if jail else b"nojail"
                 send = [in_r, out_w, theirs.fileno()]
-                if net_fd is not None:
-                    word += b" net"
-                    send.append(net_fd)
+                for extra, fd in zip(_EXTRAS, (net_fd, ram_fd), strict=True):
+                    if fd is not None:
+                        word += b" " + extra
+                        send.append(fd)
                 try:
                     socket.send_fds(self._ctl, [b"spawn " + word], send)
                 except OSError as exc:
@@ -331,21 +354,26 @@ class Zygote:
 
 
 def monitor_popen(
-    jail: bool, net_fd: int | None = None, *, fork_here: bool = False
+    jail: bool,
+    net_fd: int | None = None,
+    *,
+    ram_fd: int | None = None,
+    fork_here: bool = False,
 ) -> tuple[ForkedMonitor, socket.socket, int]:
     """(process, caller's agent socket, the agent fd number inside the monitor); with
-    ``net_fd`` the monitor finds its NIC channel at CHILD_NET_FD. ``fork_here``: fork
-    the monitor from this process (``fork_monitor_here``) when it has one thread only;
-    from the shared zygote otherwise."""
+    ``net_fd`` the monitor finds its NIC channel at CHILD_NET_FD, with ``ram_fd`` its
+    RAM image at CHILD_RAM_FD. ``fork_here``: fork the monitor from this process
+    (``fork_monitor_here``) when it has one thread only; from the shared zygote
+    otherwise."""
     if fork_here and threading.active_count() == 1:
-        child, sock = fork_monitor_here(jail=jail, net_fd=net_fd)
+        child, sock = fork_monitor_here(jail=jail, net_fd=net_fd, ram_fd=ram_fd)
     else:
-        child, sock = Zygote.shared().spawn(jail=jail, net_fd=net_fd)
+        child, sock = Zygote.shared().spawn(jail=jail, net_fd=net_fd, ram_fd=ram_fd)
     return child, sock, CHILD_AGENT_FD
 
 
 def fork_monitor_here(
-    *, jail: bool, net_fd: int | None = None
+    *, jail: bool, net_fd: int | None = None, ram_fd: int | None = None
 ) -> tuple[ForkedMonitor, socket.socket]:
     """Fork one monitor from this very process, for a one-off `spore run --from`.
 
@@ -363,7 +391,7 @@ def fork_monitor_here(
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     with _monitor_channels() as (ours, theirs, (in_r, in_w, out_r, out_w)):
-        fds = [in_r, out_w, theirs.fileno()] + ([net_fd] if net_fd is not None else [])
+        fds: list[int | None] = [in_r, out_w, theirs.fileno(), net_fd, ram_fd]
         pid = os.fork()
         if pid == 0:
             gc.freeze()  # the caller's objects are never collected (nor closed) in here
