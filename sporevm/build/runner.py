@@ -201,13 +201,15 @@ def resume_vm(
         if image is not None:
             os.close(image.fd)  # the monitor holds its own copy by now
     try:
-        vm.session.hello(timeout=RESTORE_TIMEOUT)
-        # Every restore, forked or not, gets fresh entropy and a CRNG reseed:
-        # two runs of one spore must never share the guest's random stream.
+        # Every restore, forked or not, gets fresh entropy and a CRNG reseed: two runs
+        # of one spore must never share the guest's random stream. It goes right behind
+        # HELLO (one round trip) and is DONE before any command is sent; made once the
+        # VM is about to run, so that the clock it sets is not behind by the restore.
+        vm.wait_started(RESTORE_TIMEOUT)
         name = hostname
         if m.generation.parent is not None and not name:
             name = f"{m.annotations.get('org.spore.name', 'spore')}-{m.generation.index}"
-        vm.session.apply_generation(generation_message(m, name), timeout=RESTORE_TIMEOUT)
+        vm.session.hello(timeout=RESTORE_TIMEOUT, generation=generation_message(m, name))
         if network is not None:  # a new gateway: the guest resolves and connects afresh
             from sporevm.runtime.network import interface_config
 

@@ -70,8 +70,13 @@ def warm_imports() -> None:
     import sporevm.runtime.zygote  # noqa: F401
     import sporevm.units  # noqa: F401
     from sporevm.cli.parser import shared_parser
+    from sporevm.vmm import jail
 
     shared_parser()
+    # libseccomp too, as the zygote does: each run's monitor is forked from a handler
+    # and would load it again (~4 ms natively, ~40 ms where host code is emulated).
+    with contextlib.suppress(jail.JailError):  # a monitor that needs it reports it
+        jail.load_seccomp()
 
 
 def code_files() -> dict[str, tuple[int, int]]:

@@ -326,7 +326,11 @@ class AgentSession:
     def _send(self, msg: Message, stream: int) -> None:
         if self._closed:
             raise AgentClosedError("guest agent channel is closed")
-        self.channel.send(message_frame(msg, stream))
+        try:
+            self.channel.send(message_frame(msg, stream))
+        except (BrokenPipeError, ConnectionResetError):
+            # The other end (the VM monitor) is gone: as when a read finds it gone.
+            raise AgentClosedError("guest agent channel is closed") from None
 
     def _pump_until(self, cond: Callable[[], bool], timeout: float | None, what: str) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -386,21 +390,31 @@ class AgentSession:
         del self._streams[frame.stream]
 
     def _request(self, msg: Message, what: str, timeout: float) -> Message:
-        sid = self._alloc()
-        req = _Request(what)
-        self._streams[sid] = req
+        return self._requests([(msg, what)], timeout)[0]
+
+    def _requests(self, msgs: Sequence[tuple[Message, str]], timeout: float) -> list[Message]:
+        """Send every request at once, then wait for all their replies: one round trip.
+        The agent handles requests in the order they arrive, one at a time."""
+        reqs = [(self._alloc(), _Request(what)) for _, what in msgs]
         try:
-            self._send(msg, sid)
-            self._pump_until(lambda: req.reply is not None, timeout, what)
+            for (sid, req), (msg, _) in zip(reqs, msgs, strict=True):
+                self._streams[sid] = req
+                self._send(msg, sid)
+            what = " and ".join(req.what for _, req in reqs)
+            self._pump_until(lambda: all(r.reply is not None for _, r in reqs), timeout, what)
         finally:
-            self._streams.pop(sid, None)
-        reply = req.reply
-        if isinstance(reply, Error):
-            raise AgentError(
-                f"guest agent: {what} failed: {reply.message}", reply.code, reply.errno
-            )
-        assert reply is not None
-        return reply
+            for sid, _ in reqs:
+                self._streams.pop(sid, None)
+        replies = []
+        for _, req in reqs:
+            reply = req.reply
+            if isinstance(reply, Error):
+                raise AgentError(
+                    f"guest agent: {req.what} failed: {reply.message}", reply.code, reply.errno
+                )
+            assert reply is not None
+            replies.append(reply)
+        return replies
 
     # -- streams of other modules (copies: copyio.py) ---------------------------
     def open_stream(self, handler: StreamHandler) -> int:
@@ -426,12 +440,22 @@ class AgentSession:
         assert self.ready is not None
         return self.ready
 
-    def hello(self, timeout: float = 10.0) -> Ack:
-        """Handshake that also works after a restore, when no READY will come."""
+    def hello(self, timeout: float = 10.0, *, generation: Generation | None = None) -> Ack:
+        """Handshake that also works after a restore, when no READY will come.
+
+        ``generation``: sent right behind HELLO, so a restore costs one round trip for
+        both; it must be DONE too before this returns (and so before any command)."""
         nonce = int.from_bytes(os.urandom(8), "little")
-        reply = self._request(Hello(nonce), "HELLO", timeout)
+        msgs: list[tuple[Message, str]] = [(Hello(nonce), "HELLO")]
+        if generation is not None:
+            msgs.append((generation, "GENERATION"))
+        reply, *rest = self._requests(msgs, timeout)
         if not isinstance(reply, Ack) or reply.nonce != nonce:
             raise AgentProtocolError("guest agent answered HELLO without a matching ACK")
+        if rest and not isinstance(rest[0], Done):
+            raise AgentProtocolError(
+                f"guest agent answered GENERATION with {type(rest[0]).__name__}"
+            )
         self.caps = reply.caps
         return reply
 

@@ -24,6 +24,7 @@ from sporevm.pyspawn import module_argv
 from sporevm.runtime.agent_session import AgentSession, FdChannel
 from sporevm.runtime.monitor_config import MonitorConfig, RamImageWiring, VmConfig
 from sporevm.runtime.protocol import (
+    Booting,
     Command,
     CommandName,
     Event,
@@ -31,12 +32,19 @@ from sporevm.runtime.protocol import (
     ExitReason,
     MonitorError,
     ProtocolError,
+    Restored,
     SnapshotFailed,
     SnapshotTaken,
     encode_command,
     read_events,
 )
-from sporevm.runtime.zygote import CHILD_NET_FD, CHILD_RAM_FD, ForkedMonitor, monitor_popen
+from sporevm.runtime.zygote import (
+    CHILD_AGENT_FD,
+    CHILD_NET_FD,
+    CHILD_RAM_FD,
+    ForkedMonitor,
+    monitor_popen,
+)
 
 if TYPE_CHECKING:  # the egress code is loaded only for a VM with a NIC
     from sporevm.runtime.network import Network, NetworkSpec
@@ -120,30 +128,37 @@ class VmProcess:
         try:
             net_fd = self.network.monitor_fd if self.network is not None else None
             ram_fd = spec.ram_image.fd if spec.ram_image is not None else None
+
+            def config(agent_fd: int, net_in_monitor: int, ram_in_monitor: int) -> bytes:
+                return MonitorConfig(
+                    spec.vm,
+                    agent_fd,
+                    self.serial_log,
+                    self.network.wiring(net_in_monitor) if self.network is not None else None,
+                    (
+                        RamImageWiring(ram_in_monitor, spec.ram_image.index)
+                        if spec.ram_image is not None
+                        else None
+                    ),
+                ).encode()
+
             if zygote:
                 # The zygote's env is fixed at its start; say the jail choice per child.
                 jail = spec.jail and os.environ.get("SPORE_NO_JAIL", "") in ("", "0")
-                self.proc, ours, agent_fd = monitor_popen(
-                    jail, net_fd, ram_fd=ram_fd, fork_here=spec.fork_here
+                # Its descriptors sit at fixed numbers: the config line goes into its
+                # stdin before the fork, so the monitor starts reading it at once.
+                line = config(CHILD_AGENT_FD, CHILD_NET_FD, CHILD_RAM_FD)
+                self.proc, ours, _ = monitor_popen(
+                    jail, net_fd, ram_fd=ram_fd, config=line, fork_here=spec.fork_here
                 )
-                net_in_monitor, ram_in_monitor = CHILD_NET_FD, CHILD_RAM_FD
             else:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                agent_fd = theirs.fileno()
-                net_in_monitor = net_fd if net_fd is not None else -1
-                ram_in_monitor = ram_fd if ram_fd is not None else -1
+                line = config(
+                    theirs.fileno(),
+                    net_fd if net_fd is not None else -1,
+                    ram_fd if ram_fd is not None else -1,
+                )
             self._sock = ours
-            cfg = MonitorConfig(
-                spec.vm,
-                agent_fd,
-                self.serial_log,
-                self.network.wiring(net_in_monitor) if self.network is not None else None,
-                (
-                    RamImageWiring(ram_in_monitor, spec.ram_image.index)
-                    if spec.ram_image is not None
-                    else None
-                ),
-            )
             if not zygote:
                 passed = (theirs.fileno(),) + tuple(fd for fd in (net_fd, ram_fd) if fd is not None)
                 self.proc = subprocess.Popen(
@@ -161,8 +176,10 @@ class VmProcess:
         if self.network is not None:
             self.network.handed_over()  # the monitor holds the channel now
         assert self.proc.stdin is not None
-        self.proc.stdin.write(cfg.encode())
-        self.proc.stdin.flush()  # stays open: the control channel (snapshot, resume, stop)
+        if not zygote:  # a zygote's or forked child has its config line already
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        # stdin stays open: the control channel (snapshot, resume, stop)
         self.events: list[Event] = []
         self._event = threading.Condition()
         self._exited = threading.Event()
@@ -220,6 +237,18 @@ class VmProcess:
             if isinstance(e, SnapshotFailed):
                 raise VmError(f"snapshot failed: {e.message}")
         raise VmError(f"snapshot failed: {self.describe_exit()}")
+
+    def wait_started(self, timeout: float) -> None:
+        """Until the monitor says its VM is about to run (Booting or Restored), or it
+        ended; either way the agent session says what happened next."""
+        with self._event:
+            self._event.wait_for(
+                lambda: (
+                    any(isinstance(e, Booting | Restored) for e in self.events)
+                    or self._exited.is_set()
+                ),
+                timeout,
+            )
 
     def serial_tail(self) -> str:
         try:

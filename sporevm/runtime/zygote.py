@@ -185,16 +185,27 @@ def main() -> int:
 
 
 @contextlib.contextmanager
-def _monitor_channels() -> Iterator[tuple[socket.socket, socket.socket, tuple[int, int, int, int]]]:
+def _monitor_channels(
+    config: bytes,
+) -> Iterator[tuple[socket.socket, socket.socket, tuple[int, int, int, int], bytes]]:
     """A monitor's agent socketpair and its stdin and stdout pipes: (ours, theirs,
-    (in_r, in_w, out_r, out_w)). On leaving, the monitor's ends (theirs, in_r, out_w)
-    are closed here: it holds its own copies by then. If the block raised, the
-    caller's ends (ours, in_w, out_r) are closed too."""
+    (in_r, in_w, out_r, out_w), rest). ``config`` (its config line) is written into
+    stdin now, as far as the pipe takes it without blocking, so that the monitor reads
+    it the moment it starts; ``rest`` is what the caller writes after the fork. On
+    leaving, the monitor's ends (theirs, in_r, out_w) are closed here: it holds its own
+    copies by then. If the block raised, the caller's ends (ours, in_w, out_r) are
+    closed too."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(in_w, False)
     try:
-        yield ours, theirs, (in_r, in_w, out_r, out_w)
+        written = os.write(in_w, config) if config else 0
+    except BlockingIOError:
+        written = 0
+    os.set_blocking(in_w, True)
+    try:
+        yield ours, theirs, (in_r, in_w, out_r, out_w), config[written:]
     except BaseException:
         for fd in (in_w, out_r):
             with contextlib.suppress(OSError):
@@ -205,6 +216,15 @@ def _monitor_channels() -> Iterator[tuple[socket.socket, socket.socket, tuple[in
         for fd in (in_r, out_w):
             os.close(fd)
         theirs.close()
+
+
+def _stdin(fd: int, rest: bytes) -> IO[bytes]:
+    """The monitor's stdin as a file, with the rest of its config line written."""
+    stdin = os.fdopen(fd, "wb")
+    if rest:
+        stdin.write(rest)
+        stdin.flush()
+    return stdin
 
 
 class ForkedMonitor:
@@ -308,12 +328,14 @@ class Zygote:
         jail: bool,
         net_fd: int | None = None,
         ram_fd: int | None = None,
+        config: bytes = b"",
         timeout: float = 10.0,
     ) -> tuple[ForkedMonitor, socket.socket]:
         """Fork a monitor; returns it and the caller's end of its agent socket. ``net_fd``:
         the monitor's end of its NIC channel (duplicated into it at CHILD_NET_FD);
-        ``ram_fd``: a sealed RAM image (at CHILD_RAM_FD)."""
-        with _monitor_channels() as (ours, theirs, (in_r, in_w, out_r, out_w)):
+        ``ram_fd``: a sealed RAM image (at CHILD_RAM_FD); ``config``: its config line,
+        already written to its stdin when this returns."""
+        with _monitor_channels(config) as (ours, theirs, (in_r, in_w, out_r, out_w), rest):
             with self._spawn_lock:
                 word = b"jail" if jail else b"nojail"
                 send = [in_r, out_w, theirs.fileno()]
@@ -342,9 +364,7 @@ class Zygote:
                             os.close(fd)
                         raise ZygoteError(f"the monitor zygote refused: {msg[:80]!r}")
                     pid = int(parts[1])
-                    child = ForkedMonitor(
-                        pid, fds[0], os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb")
-                    )
+                    child = ForkedMonitor(pid, fds[0], _stdin(in_w, rest), os.fdopen(out_r, "rb"))
                     early = self._early_exits.pop(pid, None)
                     if early is None:
                         self._children[pid] = child
@@ -358,22 +378,24 @@ def monitor_popen(
     net_fd: int | None = None,
     *,
     ram_fd: int | None = None,
+    config: bytes = b"",
     fork_here: bool = False,
 ) -> tuple[ForkedMonitor, socket.socket, int]:
     """(process, caller's agent socket, the agent fd number inside the monitor); with
     ``net_fd`` the monitor finds its NIC channel at CHILD_NET_FD, with ``ram_fd`` its
-    RAM image at CHILD_RAM_FD. ``fork_here``: fork the monitor from this process
-    (``fork_monitor_here``) when it has one thread only; from the shared zygote
-    otherwise."""
+    RAM image at CHILD_RAM_FD; ``config`` is written to its stdin. ``fork_here``: fork
+    the monitor from this process (``fork_monitor_here``) when it has one thread only;
+    from the shared zygote otherwise."""
     if fork_here and threading.active_count() == 1:
-        child, sock = fork_monitor_here(jail=jail, net_fd=net_fd, ram_fd=ram_fd)
+        child, sock = fork_monitor_here(jail=jail, net_fd=net_fd, ram_fd=ram_fd, config=config)
     else:
-        child, sock = Zygote.shared().spawn(jail=jail, net_fd=net_fd, ram_fd=ram_fd)
+        spawn = Zygote.shared().spawn
+        child, sock = spawn(jail=jail, net_fd=net_fd, ram_fd=ram_fd, config=config)
     return child, sock, CHILD_AGENT_FD
 
 
 def fork_monitor_here(
-    *, jail: bool, net_fd: int | None = None, ram_fd: int | None = None
+    *, jail: bool, net_fd: int | None = None, ram_fd: int | None = None, config: bytes = b""
 ) -> tuple[ForkedMonitor, socket.socket]:
     """Fork one monitor from this very process, for a one-off `spore run --from`.
 
@@ -390,14 +412,14 @@ def fork_monitor_here(
     for stream in (sys.stdout, sys.stderr):  # or the child could write them out again
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    with _monitor_channels() as (ours, theirs, (in_r, in_w, out_r, out_w)):
+    with _monitor_channels(config) as (ours, theirs, (in_r, in_w, out_r, out_w), rest):
         fds: list[int | None] = [in_r, out_w, theirs.fileno(), net_fd, ram_fd]
         pid = os.fork()
         if pid == 0:
             gc.freeze()  # the caller's objects are never collected (nor closed) in here
             _become_monitor(fds, not jail, close_others=True)
         pidfd = os.pidfd_open(pid)
-    child = ForkedMonitor(pid, pidfd, os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb"))
+    child = ForkedMonitor(pid, pidfd, _stdin(in_w, rest), os.fdopen(out_r, "rb"))
 
     def reap() -> None:
         _, status = os.waitpid(pid, 0)
