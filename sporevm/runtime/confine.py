@@ -134,7 +134,7 @@ class _PrivateStaging(Store):
     """The store, with temp files in a directory only this monitor writes to."""
 
     def __init__(self, root: Path, staging: Path) -> None:
-        super().__init__(root)
+        super().__init__(root, checked=True)
         self.staging = staging
 
     def temp_path(self, prefix: str) -> Path:
@@ -162,11 +162,13 @@ class MonitorJail:
         self.plan: jail.LandlockPlan | None = None
         if not self.enabled:
             warn_unjailed("this VM monitor")
-            self.store = Store(store_root) if store_root is not None else None
+            self.store = Store(store_root, checked=True) if store_root is not None else None
             return
         if store_root is not None:
-            root = Store(store_root).root
-            for sub in (Path("chunks") / "blake3", MEMFILES):
+            # The caller made and checked the store's layout (Store()) before starting
+            # this monitor; the monitor only makes the directories its rules name.
+            root = Store(store_root, checked=True).root
+            for sub in (Path("chunks") / "blake3", MEMFILES, Path("tmp")):
                 (root / sub).mkdir(parents=True, exist_ok=True)  # Landlock rules need them
             self.staging = _private_dir(root / "tmp", "monitor-")
             self.store = _PrivateStaging(root, self.staging)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -194,11 +195,13 @@ _PADDING = frozenset({"pad", "pad0", "pad1", "pad2", "padding", "padding1", "res
 _S = TypeVar("_S", bound=ctypes.Structure)
 
 
+@functools.cache  # a handful of ctypes types, asked about hundreds of times per state
 def _fields(cls: type[ctypes.Structure]) -> list[tuple[str, Any]]:
     fields: list[tuple[Any, ...]] = getattr(cls, "_fields_")  # noqa: B009  (untyped in stubs)
     return [(f[0], f[1]) for f in fields if f[0] not in _PADDING]
 
 
+@functools.cache
 def _kind(t: Any) -> str:
     """Which JSON shape a ctypes field type maps to: int, bytes, array or struct."""
     # Not narrowed with isinstance on purpose: the ctypes stubs do not type `_type_`.
@@ -213,6 +216,7 @@ def _kind(t: Any) -> str:
     raise TypeError(f"no JSON mapping for {t!r}")  # a layout this codec does not know
 
 
+@functools.cache
 def _int_range(t: Any) -> tuple[int, int]:
     bits = 8 * ctypes.sizeof(t)
     if str(t._type_).islower():  # signed ctypes codes are lowercase
