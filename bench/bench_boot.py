@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -447,6 +448,9 @@ def measure(tasks: list[Task], runs: int) -> None:
                 s.failure = task.needs.failure
             if s.failure is not None:
                 continue
+            # This harness's own garbage is collected between samples, not inside one
+            # (both sides' sessions are Python in this process).
+            gc.collect()
             try:
                 t = task.fn()
             except BootFailed as exc:
