@@ -559,10 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to `spore server start`
         ready(f"error: {type(exc).__name__}: {exc}")
         return 1
-    log(
-        f"serving {server.sock_path} (idle timeout {args.idle:.0f} s, "
-        f"RAM images up to {args.ram_cache >> 20} MiB)"
-    )
+    images = f"RAM images up to {args.ram_cache >> 20} MiB" if args.ram_cache else "no RAM images"
+    log(f"serving {server.sock_path} (idle timeout {args.idle:.0f} s, {images})")
     ready(f"ready {os.getpid()}")
     server.serve()
     log("stopped")
