@@ -232,6 +232,8 @@ def test_monitor_config_roundtrip() -> None:
             "net_mac": None,
             "net_mtu": None,
             "snapshots": True,  # optional: a VM may be snapshotted unless the caller says
+            "ram_image_fd": None,  # optional: an eager restore reads its chunks itself
+            "ram_image_index": None,
         }
         assert MonitorConfig.decode(cfg.encode()) == cfg
 
