@@ -74,6 +74,8 @@ LAYOUT = (
     "tmp",
 )
 LOCK = "lock"
+# A use is recorded (mtime) only when the last recorded one is older: store.touch.
+TOUCH_EVERY = 600.0
 
 
 def default_root() -> Path:
@@ -401,8 +403,7 @@ class Store:
             return None  # a corrupt record is a cache miss, never a result
         if not isinstance(record, dict):
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # last-used time for prune
+        self.touch(path)  # last-used time for prune
         return record
 
     def put_key(self, kind: str, key: str, record: dict[str, Any]) -> None:
@@ -411,8 +412,15 @@ class Store:
         atomic_write(self._key_path(kind, key), data, tmp_dir=self.root / "tmp")
 
     def touch(self, path: Path) -> None:
+        """Record a use of ``path`` for `spore cache prune` (its mtime is its last use).
+
+        Like relatime: only when the recorded use is older than TOUCH_EVERY, so a run
+        does not rewrite a dozen inodes (journal commits, writeback) every time it
+        resolves its kernel, initramfs and memo records; last use is exact to within
+        that, against prune's week by default."""
         with contextlib.suppress(OSError):
-            os.utime(path)
+            if time.time() - os.stat(path).st_mtime > TOUCH_EVERY:
+                os.utime(path)
 
     # -- listing and pruning --------------------------------------------
     def entries(self) -> list[Entry]:

@@ -105,3 +105,22 @@ def test_prune_waits_for_running_build(tmp_path: Path) -> None:
         assert store.has_blob(digest_of(data))
     t.join(5)
     assert done.is_set() and not store.has_blob(digest_of(data))
+
+
+def test_a_use_is_recorded_at_most_every_ten_minutes(tmp_path: Path) -> None:
+    """store.touch is relatime-like: a run does not rewrite the inodes it resolves each
+    time, yet a use after TOUCH_EVERY is recorded (prune's last-use time)."""
+    from sporevm.store import TOUCH_EVERY
+
+    store = Store(tmp_path / "s")
+    key = "a" * 64
+    store.put_key("rootfs", key, {"x": 1})
+    path = store.root / "keys/rootfs" / f"{key}.json"
+    recent = time.time() - TOUCH_EVERY / 2
+    os.utime(path, (recent, recent))
+    assert store.get_key("rootfs", key) == {"x": 1}
+    assert path.stat().st_mtime == pytest.approx(recent)  # recorded recently enough: no write
+    stale = time.time() - TOUCH_EVERY - 60
+    os.utime(path, (stale, stale))
+    assert store.get_key("rootfs", key) == {"x": 1}
+    assert path.stat().st_mtime > time.time() - 60  # a use after TOUCH_EVERY is recorded
