@@ -55,3 +55,35 @@ def test_only_the_boot_image_is_hashed_and_a_damaged_one_is_a_miss(
     calls.clear()
     assert guest.ensure_guest(store, Reporter.quiet(), verify=False).kernel == boots
     assert calls == [False]  # a restore only names it
+
+
+def test_a_restore_resolves_the_platform_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """guest_for_restore remembers ensure_guest(verify=False) per store, host class and
+    PATH, and resolves again once a remembered entry is gone (pruned)."""
+    made: list[guest.GuestPlatform] = []
+
+    def ensure_guest(
+        store: Store, reporter: Reporter, kernel: Path | None = None, *, verify: bool = True
+    ) -> guest.GuestPlatform:
+        assert verify is False and kernel is None
+        k, i = tmp_path / f"kernel{len(made)}", tmp_path / f"initrd{len(made)}"
+        k.write_bytes(b"k")
+        i.write_bytes(b"i")
+        made.append(
+            guest.GuestPlatform("kvm", k, "blake3:" + "a" * 64, i, "blake3:" + "b" * 64, "")
+        )
+        return made[-1]
+
+    monkeypatch.setattr(guest, "ensure_guest", ensure_guest)
+    monkeypatch.setattr(guest, "_for_restore", {})
+    store, quiet = Store(tmp_path / "s"), Reporter.quiet()
+    first = guest.guest_for_restore(store, quiet)
+    assert guest.guest_for_restore(store, quiet) is first and len(made) == 1
+    first.kernel.unlink()  # its entry pruned: resolved again
+    assert guest.guest_for_restore(store, quiet) is made[1]
+    monkeypatch.setenv("PATH", "/elsewhere")  # another toolchain on PATH: another resolution
+    assert guest.guest_for_restore(store, quiet) is made[2]
+    assert guest.guest_for_restore(Store(tmp_path / "t"), quiet) is made[3]  # another store
+    assert len(made) == 4

@@ -6,6 +6,7 @@ later, of a spore's platform contract.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,39 @@ def ensure_guest(
     return GuestPlatform(
         host_class, image, digest, initrd.path, initrd.digest, default_cmdline(host_class)
     )
+
+
+# What restores in this process resolved (guest_for_restore), by store, host class, PATH.
+_for_restore: dict[tuple[str, str, str], GuestPlatform] = {}
+
+
+def guest_for_restore(
+    store: Store, reporter: Reporter, kernel: Path | None = None
+) -> GuestPlatform:
+    """``ensure_guest(verify=False)``, remembered for this process's later restores.
+
+    A restore only compares the platform's digests with the spore's contract (its
+    kernel is in the spore's RAM), and a stored kernel and initramfs, once resolved,
+    stay what they are while their entries exist (content-addressed). So a process that
+    restores again and again (the resident server's handlers, a program on the API)
+    resolves them once, not ~100 file lookups per restore; the entries are checked to
+    still exist each time. A toolchain change that would build a new kernel is seen by
+    the next process (the server restarts when its code changes; builds never use this).
+    """
+    if kernel is not None:
+        return ensure_guest(store, reporter, kernel, verify=False)
+    key = (str(store.root), detect_host_class(), os.environ.get("PATH", ""))
+    hit = _for_restore.get(key)
+    if hit is not None and hit.kernel.is_file() and hit.initrd.is_file():
+        return hit
+    guest = ensure_guest(store, reporter, None, verify=False)
+    _for_restore[key] = guest
+    return guest
+
+
+def remember_for_restore(store: Store) -> None:
+    """Resolve this store's guest platform now, if it is all built (never builds), so
+    that forks of this process (the resident server's handlers) start with it."""
+    guest = lookup_guest(store)
+    if guest is not None:
+        _for_restore[(str(store.root), guest.host_class, os.environ.get("PATH", ""))] = guest

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from sporevm.build.guest import GuestPlatform, check_vcpus, ensure_guest
+from sporevm.build.guest import GuestPlatform, check_vcpus, ensure_guest, guest_for_restore
 from sporevm.build.kernel import detect_host_class
 from sporevm.build.progress import Reporter
 from sporevm.build.sealing import platform_contract
@@ -165,7 +165,7 @@ def resume_vm(
         from sporevm.runtime.network import NetworkSpec
 
         network = NetworkSpec(m.network, net_log)
-    guest = ensure_guest(store, reporter, kernel, verify=False)  # digests compared, not used
+    guest = guest_for_restore(store, reporter, kernel)  # digests compared, not used
     check_platform(
         m,
         platform_contract(guest, m.platform.memory, m.platform.vcpus, net=m.network is not None),

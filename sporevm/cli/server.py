@@ -77,6 +77,14 @@ def warm_imports() -> None:
     # and would load it again (~4 ms natively, ~40 ms where host code is emulated).
     with contextlib.suppress(jail.JailError):  # a monitor that needs it reports it
         jail.load_seccomp()
+    # The guest platform of this user's default store, if built: handlers restoring
+    # from that store with this PATH start with it resolved (guest_for_restore).
+    from sporevm.build.guest import remember_for_restore
+    from sporevm.store import Store, default_root
+
+    if default_root().is_dir():
+        with contextlib.suppress(Exception):  # a run resolves it itself and says why
+            remember_for_restore(Store())
 
 
 def code_files() -> dict[str, tuple[int, int]]:
