@@ -15,6 +15,7 @@ from sporevm.runtime.zygote import (
     CHILD_AGENT_FD,
     CHILD_NET_FD,
     CHILD_RAM_FD,
+    ForkedMonitor,
     Zygote,
     ZygoteError,
 )
@@ -23,6 +24,15 @@ from sporevm.runtime.zygote import (
 def _events(proc: object) -> list[dict[str, object]]:
     stdout = proc.stdout  # type: ignore[attr-defined]
     return [json.loads(line) for line in stdout]
+
+
+def end(child: ForkedMonitor, sock: socket.socket) -> None:
+    """EOF on the child's config line (it refuses and exits), then let go of it."""
+    assert child.stdin is not None
+    child.stdin.close()
+    child.wait(10)
+    sock.close()
+    child.close()
 
 
 def test_forked_monitor_reports_a_bad_config_and_its_exit_code() -> None:
@@ -85,11 +95,7 @@ def test_agent_socket_reaches_the_child_at_the_fixed_fd() -> None:
         assert fds == [0, 1, 2, CHILD_AGENT_FD], fds
         assert target.startswith("socket:"), target
     finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(10)
-        sock.close()
-        child.close()
+        end(child, sock)
 
 
 @pytest.mark.parametrize("net", [False, True], ids=["ram", "net+ram"])
@@ -109,11 +115,7 @@ def test_ram_image_reaches_the_child_at_its_fixed_fd(net: bool) -> None:
         assert fds == want, fds
         assert os.readlink(f"/proc/{child.pid}/fd/{CHILD_RAM_FD}").startswith("/memfd:spore-ram")
     finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(10)
-        sock.close()
-        child.close()
+        end(child, sock)
         a.close()
         b.close()
         os.close(ram)
