@@ -92,9 +92,10 @@ def test_vcpu_mp_state_msrs_cpuid_round_trip(machine: Machine) -> None:
     idx = v.readable_msrs(machine.msr_index_list)
     assert len(idx) >= 10
     values = v.get_msrs(idx)
-    # Counters that keep ticking: the TSC, and Hyper-V's partition reference counter
+    # Counters that keep ticking: the TSC, and Hyper-V's virtual processor run time
+    # (HV_X64_MSR_VP_RUNTIME, the vCPU thread's CPU time) and partition reference counter
     # (HV_X64_MSR_TIME_REF_COUNT), which hardware KVM lists and kvm_pvm does not.
-    ticking = {0x10, 0x4000_0020}
+    ticking = {0x10, 0x4000_0010, 0x4000_0020}
     v.set_msrs({k: values[k] for k in idx if k not in ticking})
     again = v.get_msrs(idx)
     assert {k: again[k] for k in idx if k not in ticking} == {
