@@ -33,7 +33,6 @@ the seals), so the next run finds it.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import mmap
@@ -235,19 +234,14 @@ def send_offer(sock: socket.socket, iid: str, fd: int, size: int) -> None:
 def receive_offer(sock: socket.socket, cache: RamImageCache) -> str | None:
     """Take one offer from ``sock`` into ``cache``: None at end of stream, else what
     happened, for the log. A bad offer is dropped (its descriptors closed)."""
-    fds = array.array("i")
-    try:
-        msg, anc, flags, _ = sock.recvmsg(MAX_OFFER + 1, socket.CMSG_SPACE(4 * fds.itemsize))
+    try:  # room for more than one descriptor, so that extra ones are closed, not lost
+        msg, got, flags, _ = socket.recv_fds(sock, MAX_OFFER + 1, 4)
     except (BlockingIOError, InterruptedError):
         return NO_OFFER
     except OSError:
         return None
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    if not msg and not fds:
+    if not msg and not got:
         return None
-    got = list(fds)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(got) != 1:
             raise RamImageError(f"RAM image offer with {len(got)} descriptors (truncated?)")
